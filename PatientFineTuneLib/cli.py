@@ -1,0 +1,358 @@
+"""The ``patient-finetune`` command line: thin verbs over the library.
+
+Every verb refuses to overwrite existing outputs unless ``--overwrite``, exits non-zero
+with a one-line explanation on bad input, and writes files atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+def _parse_labels(text: str | None):
+    return [int(v) for v in text.split(",")] if text else None
+
+
+# ---------------------------------------------------------------------------------------
+# synth
+
+
+def cmd_synth(args) -> None:
+    from tqdm.auto import tqdm
+
+    from .synth import generate_pair, write_pair
+
+    out = Path(args.out)
+    targets = [out / f"patient{args.seed + i:03d}" for i in range(args.patients)]
+    existing = [t for t in targets if t.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{existing[0]} already exists; choose another --out or pass --overwrite")
+    for i, target in enumerate(tqdm(targets, desc=f"synth {args.preset}", unit="patient")):
+        pair = generate_pair(args.preset, args.seed + i, small=args.small)
+        write_pair(pair, target, overwrite=args.overwrite)
+    print(f"wrote {len(targets)} {args.preset} patient pair(s) under {out}")
+
+
+# ---------------------------------------------------------------------------------------
+# train-base
+
+
+def _load_cases(root, sequences, args, require_lesions: bool):
+    from tqdm.auto import tqdm
+
+    from .cases import find_cases
+    from .images import load_case, prepare_case
+
+    names = [s["name"] for s in sequences]
+    files = find_cases(root, names)
+    cases = []
+    for f in tqdm(files, desc=f"loading {root}", unit="case", leave=False):
+        if require_lesions and f.lesions is None:
+            raise FileNotFoundError(f"case {f.name} has no lesion mask (lesions.nii.gz or a 'lesions' manifest column)")
+        case = load_case(
+            f.sequences,
+            organ_path=f.organ,
+            lesion_path=f.lesions,
+            expected_channels=[s["channels"] for s in sequences],
+            sequence_names=names,
+            resample_to_first=args.resample_to,
+            lesion_labels=_parse_labels(args.lesion_labels),
+            auto_organ=args.auto_organ,
+            name=f.name,
+        )
+        cases.append(prepare_case(case))
+    return cases
+
+
+def cmd_train_base(args) -> None:
+    import torch
+
+    from .inference import resolve_device
+    from .model import LesionNet, count_parameters
+    from .modelfile import ModelBundle, make_metadata, save_model
+    from .presets import get_preset
+    from .training import TrainingConfig, train_base_model
+
+    preset = get_preset(args.preset)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    args.auto_organ = preset.auto_organ_mask
+    sequences = preset.sequence_dicts()
+    train_cases = _load_cases(args.train, sequences, args, require_lesions=True)
+    val_cases = _load_cases(args.val, sequences, args, require_lesions=True) if args.val else []
+    torch.manual_seed(args.seed)  # He-uniform initialisation
+    model = LesionNet([s["channels"] for s in sequences], width=args.width)
+    config = TrainingConfig(
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        patches_per_slice=args.patches_per_slice,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+    )
+    device = resolve_device(args.device)
+    print(f"{count_parameters(model):,} parameters, receptive field {model.receptive_field()} px, device {device}")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".checkpoint")
+    if checkpoint.exists() and not args.resume:
+        raise FileExistsError(f"checkpoint {checkpoint} exists from an earlier run; pass --resume to continue it or delete it")
+    start = time.perf_counter()
+    history = train_base_model(
+        model,
+        train_cases,
+        preset.training_spacing_mm,
+        config,
+        val_cases=val_cases,
+        device=device,
+        checkpoint_path=checkpoint,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        resume=args.resume,
+    )
+    wall = time.perf_counter() - start
+    final_val = [h["val_dice"] for h in history if "val_dice" in h]
+    metadata = make_metadata(
+        model,
+        sequences,
+        preset.training_spacing_mm,
+        preset=preset.name,
+        training={
+            "command": "patient-finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "config": config.identity() | {"iterations": config.iterations},
+            "train_cases": [c.name for c in train_cases],
+            "val_cases": [c.name for c in val_cases],
+            "train_data": str(args.train),
+            "final_loss": history[-1]["loss"] if history else None,
+            "final_val_dice": final_val[-1] if final_val else None,
+            "wall_time_s": round(wall, 1),
+            "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({platform.processor() or platform.machine()})",
+        },
+    )
+    sha = save_model(ModelBundle(model, metadata), out, overwrite=args.overwrite)
+    checkpoint.unlink(missing_ok=True)
+    print(f"saved {out} (sha256 {sha[:16]}..., {wall:.0f} s)")
+
+
+# ---------------------------------------------------------------------------------------
+# segment
+
+
+def cmd_segment(args) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .cases import find_image
+    from .images import load_case, prepare_case, write_image
+    from .inference import segment_case
+    from .modelfile import load_model
+    from .postprocess import write_csv
+    from .presets import PRESETS
+
+    bundle = load_model(args.model)
+    names = [s["name"] for s in bundle.sequences]
+    preset = PRESETS.get(bundle.metadata.get("preset") or "")
+    if args.case:
+        folder = Path(args.case)
+        paths = [find_image(folder, n) for n in names]
+        if not all(paths):
+            missing = [n for n, p in zip(names, paths) if p is None]
+            raise FileNotFoundError(f"{folder} has no image for sequence(s) {', '.join(missing)} (expected {', '.join(n + '.nii.gz' for n in names)})")
+        organ = args.organ or find_image(folder, "organ")
+    else:
+        if not args.images:
+            raise ValueError(f"give --case FOLDER or --images with {len(names)} file(s) in the order {', '.join(names)}")
+        paths, organ = args.images, args.organ
+    out = Path(args.out)
+    outputs = {k: out / f for k, f in (("segmentation", "segmentation.nii.gz"), ("labels", "lesion_labels.nii.gz"), ("probability", "probability.nii.gz"), ("table", "lesions.csv"), ("organ", "organ_mask.nii.gz"))}
+    clash = [p for p in outputs.values() if p.exists()]
+    if clash and not args.overwrite:
+        raise FileExistsError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
+    case = load_case(
+        paths,
+        organ_path=organ,
+        expected_channels=[s["channels"] for s in bundle.sequences],
+        sequence_names=names,
+        resample_to_first=args.resample_to,
+        auto_organ=preset.auto_organ_mask if preset else True,
+    )
+    prepare_case(case)
+    opening = args.opening if args.opening is not None else bool(preset and preset.opening)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=1, desc="segment", unit="slice") as bar:
+
+        def progress(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        result = segment_case(bundle, case, opening=opening, threshold=args.threshold, device=args.device, progress=progress)
+    write_image(case.to_image(result.mask.astype(np.uint8), sitk.sitkUInt8), outputs["segmentation"], overwrite=args.overwrite)
+    write_image(case.to_image(result.labels.astype(np.uint16), sitk.sitkUInt16), outputs["labels"], overwrite=args.overwrite)
+    write_image(case.to_image(result.probability), outputs["probability"], overwrite=args.overwrite)
+    write_csv(result.lesions, outputs["table"], overwrite=args.overwrite)
+    if organ is None:
+        write_image(case.to_image(case.organ.astype(np.uint8), sitk.sitkUInt8), outputs["organ"], overwrite=args.overwrite)
+    volume = sum(r["volume_mm3"] for r in result.lesions) / 1000
+    print(f"{len(result.lesions)} lesion(s), {volume:.2f} mL; outputs in {out}")
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate
+
+
+def cmd_evaluate(args) -> None:
+    import csv
+
+    from .images import read_image
+    from .metrics import METRIC_NAMES, evaluate_images, format_mean_sd, format_median_iqr
+    from .postprocess import write_csv
+
+    if args.pairs:
+        with open(args.pairs, newline="") as f:
+            rows = list(csv.DictReader(f))
+        base = Path(args.pairs).parent
+        pairs = [(r["case"], base / r["pred"], base / r["gt"]) for r in rows]
+    elif args.pred and args.gt:
+        pairs = [(Path(args.pred).name, Path(args.pred), Path(args.gt))]
+    else:
+        raise ValueError("give --pred and --gt, or --pairs CSV with columns case,pred,gt")
+    results = []
+    for name, pred, gt in pairs:
+        metrics = evaluate_images(read_image(pred), read_image(gt))
+        results.append({"case": name} | {k: metrics[k] for k in METRIC_NAMES})
+    for r in results:
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+    if len(results) > 1:
+        for k in ("dice", "avd_percent", "hd95_mm"):
+            print(f"{k}: mean ± SD {format_mean_sd([r[k] for r in results])}")
+        for k in ("lesion_recall", "fp_count", "lesion_f1"):
+            print(f"{k}: median [IQR] {format_median_iqr([r[k] for r in results])}")
+    if args.out:
+        write_csv(results, args.out, columns=["case", *METRIC_NAMES], overwrite=args.overwrite)
+
+
+# ---------------------------------------------------------------------------------------
+# info and demo
+
+
+def cmd_info(args) -> None:
+    from .model import count_parameters
+    from .modelfile import load_model
+
+    bundle = load_model(args.model)
+    print(json.dumps(bundle.metadata | {"parameters": count_parameters(bundle.model)}, indent=2))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), overwrite=args.overwrite, iterations=args.iterations, device=args.device)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .presets import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="patient-finetune",
+        description="Patient-specific fine-tuning of a lesion-segmentation CNN (Jansen et al.).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
+
+    def add(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("synth", cmd_synth, "Generate synthetic baseline/follow-up patient pairs.")
+    p.add_argument("--preset", choices=list(PRESETS), required=True)
+    p.add_argument("--patients", type=int, default=1, help="number of patient pairs (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first patient; patient i uses seed+i")
+    p.add_argument("--out", required=True, help="output folder; patients go to OUT/patientNNN")
+    p.add_argument("--small", action="store_true", help="small, coarse volumes for quick tests")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = add("train-base", cmd_train_base, "Train a base model (paper configuration by default).")
+    p.add_argument("--preset", choices=list(PRESETS), required=True)
+    p.add_argument("--train", required=True, help="folder of cases or CSV manifest")
+    p.add_argument("--val", help="held-out cases (folder or CSV) for validation Dice")
+    p.add_argument("--out", required=True, help="model file to write (.pt)")
+    p.add_argument("--iterations", type=int, default=10_000)
+    p.add_argument("--width", type=int, default=64, help="filters per 3x3 conv (paper 64; 16 for a quick CPU model)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--patches-per-slice", type=int, default=25)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--checkpoint", help="checkpoint file (default OUT.checkpoint)")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--validate-every", type=int, default=1000)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.add_argument("--lesion-labels", help="comma-separated label values counted as lesion (default: any > 0)")
+    p.add_argument("--resample-to", action="store_true", help="resample sequences/masks onto the first sequence's grid")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = add("segment", cmd_segment, "Segment lesions in one case with a model file.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--case", help="case folder with one file per sequence (FLAIR.nii.gz, ...)")
+    p.add_argument("--images", nargs="+", help="sequence files in the model's order (instead of --case)")
+    p.add_argument("--organ", help="organ mask (default: organ.* in the case folder, else automatic brain mask)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--opening", action=argparse.BooleanOptionalAction, default=None, help="per-slice plus opening (default: from the model's preset)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resample-to", action="store_true", help="resample sequences onto the first sequence's grid")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = add("evaluate", cmd_evaluate, "Dice, AVD, HD95 and lesion-wise metrics of predictions against ground truth.")
+    p.add_argument("--pred", help="predicted label image")
+    p.add_argument("--gt", help="ground-truth label image")
+    p.add_argument("--pairs", help="CSV with columns case,pred,gt (paths relative to the CSV)")
+    p.add_argument("--out", help="write per-case metrics CSV here")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = add("info", cmd_info, "Show a model file's metadata (after verifying it).")
+    p.add_argument("model")
+
+    p = add("demo", cmd_demo, "Generate patients, train a small base model on CPU and segment a follow-up.")
+    p.add_argument("--out", default="demo-output")
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .images import ImageError
+    from .inference import Cancelled
+    from .modelfile import ModelFileError
+
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("cancelled; no partial output was left behind", file=sys.stderr)
+        return 130
+    except Cancelled as exc:
+        print(f"cancelled: {exc}", file=sys.stderr)
+        return 130
+    except (ImageError, ModelFileError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"patient-finetune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Safe file writing: outputs appear whole or not at all, and nothing is overwritten by
+accident."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> None:
+    """Write ``path`` through ``write(tmp_path)`` and a rename in the same folder, so a
+    reader, a crash or a cancel never leaves half a file under the final name.
+
+    Refuses to replace an existing file unless ``overwrite``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or pass overwrite (--overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Keep the real suffixes at the end: writers such as SimpleITK pick the format from them.
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix="-" + path.name, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

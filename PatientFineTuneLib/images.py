@@ -1,0 +1,402 @@
+"""Reading and writing images, multi-sequence cases on one grid, slicing, normalisation
+and organ masks.
+
+Conventions
+-----------
+* Every file is read with SimpleITK, so NIfTI, NRRD, MetaImage and any other format it
+  knows work; geometry (origin, spacing, direction) always comes from the header.
+* A case's arrays are kept *slice-first*: ``(channels, slices, rows, cols)`` for images and
+  ``(slices, rows, cols)`` for masks, where the slice axis is the acquisition axis (largest
+  spacing) or, for (near-)isotropic data, the index axis closest to the patient's
+  superior-inferior axis, so isotropic volumes are cut axially whatever their storage order.
+  This is a pure permutation of the stored voxels: results are mapped back onto the input
+  grid exactly, with the input's origin, spacing and direction.
+* Sequences with several channels (DCE phases, DWI b-values) are one file each, stored as a
+  4D image (x, y, z, channel) or as a 3D image with vector pixels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .files import atomic_write
+
+#: Relative in-plane spacing difference below which slices are not resampled.
+SPACING_TOLERANCE = 0.01
+#: Robust z-scores are clipped to this range (lesions are bright outliers; keep them).
+NORMALISED_RANGE = (-5.0, 10.0)
+
+
+class ImageError(ValueError):
+    """An input image is unreadable, inconsistent with the others, or unusable."""
+
+
+class GeometryError(ImageError):
+    """Images that must share one voxel grid do not."""
+
+
+# ---------------------------------------------------------------------------------------
+# Reading and writing
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read any image SimpleITK can read, with a clear error otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise ImageError(f"could not read {path} as an image ({str(exc).strip().splitlines()[-1]})") from None
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False, compress: bool = True) -> None:
+    """Write an image atomically; refuses to replace an existing file unless ``overwrite``."""
+    atomic_write(Path(path), lambda tmp: sitk.WriteImage(image, tmp, compress), overwrite=overwrite)
+
+
+def channels_and_grid(image: sitk.Image) -> tuple[np.ndarray, sitk.Image]:
+    """Split an image into channels and its 3D grid.
+
+    Returns
+    -------
+    channels : ndarray, (C, z, y, x) float32
+    grid : sitk.Image
+        A 3D image carrying the geometry (its pixels are not meaningful).
+    """
+    if image.GetDimension() == 4:
+        size = list(image.GetSize())
+        arr = sitk.GetArrayFromImage(image)  # (t, z, y, x)
+        grid = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
+        return arr.astype(np.float32, copy=False), grid
+    if image.GetDimension() == 2:
+        image = sitk.JoinSeries(image)
+    if image.GetDimension() != 3:
+        raise ImageError(f"expected a 3D or 4D image, got {image.GetDimension()}D")
+    arr = sitk.GetArrayFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        arr = np.moveaxis(arr, -1, 0)
+        grid = sitk.VectorIndexSelectionCast(image, 0)
+    else:
+        arr = arr[None]
+        grid = image
+    return arr.astype(np.float32, copy=False), grid
+
+
+def describe_grid(image: sitk.Image) -> str:
+    fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
+    return (
+        f"size {image.GetSize()}, spacing {fmt(image.GetSpacing())}, origin {fmt(image.GetOrigin())}, "
+        f"direction {fmt(image.GetDirection())}"
+    )
+
+
+def grid_mismatch(a: sitk.Image, b: sitk.Image) -> str | None:
+    """Name the first geometric difference between two 3D grids, or None if they match."""
+    if a.GetSize() != b.GetSize():
+        return f"size {a.GetSize()} vs {b.GetSize()}"
+    sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
+    if not np.allclose(sa, sb, rtol=1e-4, atol=1e-6):
+        return f"spacing {tuple(sa)} vs {tuple(sb)}"
+    tol = 1e-3 * float(sa.min())
+    if not np.allclose(a.GetOrigin(), b.GetOrigin(), atol=max(tol, 1e-5)):
+        return f"origin {a.GetOrigin()} vs {b.GetOrigin()}"
+    if not np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4):
+        return f"direction {a.GetDirection()} vs {b.GetDirection()}"
+    return None
+
+
+def resample_onto(image: sitk.Image, reference: sitk.Image, label: bool = False) -> sitk.Image:
+    """Resample ``image`` onto ``reference``'s grid (identity transform, physical space)."""
+    interp = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
+    if image.GetDimension() == 4:
+        # Resample each channel and stack them back into a 4D image.
+        size = list(image.GetSize())
+        vols = [resample_onto(sitk.Extract(image, size[:3] + [0], [0, 0, 0, t]), reference) for t in range(size[3])]
+        return sitk.JoinSeries(vols)
+    return sitk.Resample(image, reference, sitk.Transform(), interp, 0.0, image.GetPixelID())
+
+
+# ---------------------------------------------------------------------------------------
+# Slicing
+
+
+def slice_axis(grid: sitk.Image) -> int:
+    """ITK index axis (0=i, 1=j, 2=k) along which 2D slices are taken.
+
+    The acquisition axis (largest spacing) when the voxels are clearly anisotropic
+    (> 1.2x); otherwise the index axis most parallel to the superior-inferior direction,
+    so isotropic data is cut axially.
+    """
+    spacing = np.array(grid.GetSpacing())
+    k = int(np.argmax(spacing))
+    if spacing[k] > 1.2 * np.delete(spacing, k).max():
+        return k
+    direction = np.array(grid.GetDirection()).reshape(3, 3)
+    return int(np.argmax(np.abs(direction[2, :])))  # row 2: S component in LPS
+
+
+def to_slices(volume: np.ndarray, axis: int) -> np.ndarray:
+    """(..., z, y, x) array -> (..., slices, rows, cols) with the slice axis first."""
+    return np.moveaxis(volume, volume.ndim - 1 - axis, volume.ndim - 3)
+
+
+def from_slices(slices: np.ndarray, axis: int) -> np.ndarray:
+    """Inverse of :func:`to_slices`."""
+    return np.moveaxis(slices, slices.ndim - 3, slices.ndim - 1 - axis)
+
+
+def inplane_spacing(grid: sitk.Image, axis: int) -> tuple[float, float]:
+    """Spacing (mm) of the (rows, cols) of slices taken along ``axis``."""
+    spacing = grid.GetSpacing()
+    numpy_axes = [j for j in range(3) if j != 2 - axis]
+    return tuple(float(spacing[2 - j]) for j in numpy_axes)
+
+
+def resampled_size(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, int]:
+    """In-plane size after resampling from ``spacing`` to ``target`` (same field of view)."""
+    return tuple(
+        n if abs(s / t - 1) < SPACING_TOLERANCE else max(1, int(round(n * s / t)))
+        for n, s, t in zip(shape, spacing, target)
+    )
+
+
+def resize_slices(x: torch.Tensor, size: Sequence[int], label: bool = False) -> torch.Tensor:
+    """Resize (N, C, H, W) slices to ``size``, keeping the field of view (pixel-centre
+    aligned): bilinear for intensities and probabilities, nearest for labels."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if label:
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Intensities and organ masks
+
+
+def normalise(images: np.ndarray, organ: np.ndarray) -> np.ndarray:
+    """Robust z-score of each channel inside the organ mask; zero outside it.
+
+    ``(x - median) / (IQR / 1.349)`` over organ voxels (the IQR of a normal distribution is
+    1.349 sigma), clipped to ``NORMALISED_RANGE``. Robust statistics keep bright lesions
+    and intensity outliers from setting the scale; the result does not depend on the
+    scanner's intensity units (uint16 raw, z-scored float, ...).
+    """
+    if not organ.any():
+        raise ImageError("the organ mask is empty; cannot normalise intensities inside it")
+    out = np.zeros(images.shape, dtype=np.float32)
+    for c in range(images.shape[0]):
+        values = images[c][organ]
+        p25, median, p75 = np.percentile(values, [25, 50, 75])
+        scale = (p75 - p25) / 1.349
+        if not scale > 0:
+            scale = float(values.std()) or 1.0
+        z = (images[c] - median) / scale
+        np.clip(z, *NORMALISED_RANGE, out=z)
+        out[c] = np.where(organ, z, 0.0)
+    return out
+
+
+def auto_brain_mask(volume: np.ndarray, spacing_zyx: Sequence[float], erosion_mm: float = 4.0) -> np.ndarray:
+    """Approximate brain mask of a T1/T2/FLAIR volume, skull on or off.
+
+    Method: Gaussian smoothing, Otsu threshold (head or brain vs air), erosion by
+    ``erosion_mm`` to cut the thin bridges between brain and scalp, the largest connected
+    component, dilation back by the same distance inside the thresholded head, and hole
+    filling slice by slice.
+
+    Limits: a heuristic, not a skull stripper. On skull-on images the scalp and marrow can
+    stay attached where the skull is thin (temporal bone, vertex) and dark lesions on the
+    brain surface may be cut; the eye balls may be included. For accurate results pass a
+    mask from a dedicated tool (SynthStrip, HD-BET, FSL BET) with ``--organ``.
+
+    Parameters
+    ----------
+    volume : ndarray (z, y, x)
+    spacing_zyx : voxel spacing in mm, numpy order
+    """
+    from skimage.filters import threshold_otsu
+
+    smooth = ndimage.gaussian_filter(volume.astype(np.float32), sigma=[1.0 / s for s in spacing_zyx])
+    head = smooth > threshold_otsu(smooth[::2, ::2, ::2])
+    core = ndimage.distance_transform_edt(head, sampling=spacing_zyx) > erosion_mm
+    labels, n = ndimage.label(core)
+    if n == 0:
+        raise ImageError("automatic brain mask found no brain; provide an organ mask (--organ)")
+    sizes = ndimage.sum_labels(core, labels, index=np.arange(1, n + 1))
+    core = labels == (int(np.argmax(sizes)) + 1)
+    brain = (ndimage.distance_transform_edt(~core, sampling=spacing_zyx) <= erosion_mm) & head
+    for z in range(brain.shape[0]):
+        brain[z] = ndimage.binary_fill_holes(brain[z])
+    return brain
+
+
+# ---------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclass
+class Case:
+    """One timepoint of one patient: co-registered sequences, organ and lesion masks.
+
+    Arrays are slice-first (see module docstring); ``images`` are raw intensities until
+    :func:`prepare_case` normalises them.
+    """
+
+    images: np.ndarray  # (C, S, H, W) float32
+    organ: np.ndarray  # (S, H, W) bool
+    lesions: np.ndarray | None  # (S, H, W) bool
+    grid: sitk.Image  # 3D reference grid of the first sequence
+    axis: int  # ITK index axis of the slices
+    name: str = ""
+    sources: dict = field(default_factory=dict)
+
+    @property
+    def spacing(self) -> tuple[float, float]:
+        """In-plane (row, col) spacing in mm."""
+        return inplane_spacing(self.grid, self.axis)
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(np.prod(self.grid.GetSpacing()))
+
+    def lesion_slices(self) -> list[int]:
+        if self.lesions is None:
+            return []
+        return [int(s) for s in np.flatnonzero(self.lesions.any(axis=(1, 2)))]
+
+    def to_image(self, slices: np.ndarray, pixel_type=None) -> sitk.Image:
+        """A slice-first (S, H, W) array as a SimpleITK image on this case's input grid."""
+        image = sitk.GetImageFromArray(np.ascontiguousarray(from_slices(slices, self.axis)))
+        image.CopyInformation(self.grid)
+        if pixel_type is not None:
+            image = sitk.Cast(image, pixel_type)
+        return image
+
+
+def _binary_mask(path, grid: sitk.Image, what: str, resample: bool, labels: Sequence[int] | None) -> np.ndarray:
+    image = read_image(path)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageError(f"{what} {path} must be a 3D single-channel image")
+    mismatch = grid_mismatch(grid, image)
+    if mismatch:
+        if not resample:
+            raise GeometryError(
+                f"{what} {path} is not on the grid of the first sequence ({mismatch}). "
+                "Resample it onto the first sequence (resample_to / --resample-to) or fix the file."
+            )
+        image = resample_onto(image, grid, label=True)
+    arr = sitk.GetArrayFromImage(image)
+    return np.isin(arr, list(labels)) if labels else arr > 0
+
+
+def load_case(
+    sequence_paths: Sequence[str | os.PathLike],
+    organ_path: str | os.PathLike | None = None,
+    lesion_path: str | os.PathLike | None = None,
+    expected_channels: Sequence[int] | None = None,
+    sequence_names: Sequence[str] | None = None,
+    resample_to_first: bool = False,
+    lesion_labels: Sequence[int] | None = None,
+    auto_organ: bool = True,
+    name: str = "",
+) -> Case:
+    """Read a multi-sequence case onto one grid.
+
+    Parameters
+    ----------
+    sequence_paths : one path per sequence, in the model's pathway order.
+    organ_path : organ mask; if None and ``auto_organ``, an automatic brain mask is
+        computed from the first sequence (brain presets only).
+    lesion_path : lesion mask (any label > 0 is lesion, or only ``lesion_labels``).
+    expected_channels : channel count of each sequence (from the model); checked.
+    resample_to_first : resample every other sequence and mask onto the first sequence's
+        grid instead of refusing mismatched grids.
+
+    Raises
+    ------
+    GeometryError
+        Sequences or masks on different grids (and ``resample_to_first`` is False).
+    ImageError
+        Wrong number of sequences or channels, NaN/inf voxels, empty organ mask.
+    """
+    names = list(sequence_names or [f"sequence {i + 1}" for i in range(len(sequence_paths))])
+    if expected_channels is not None and len(sequence_paths) != len(expected_channels):
+        raise ImageError(
+            f"the model expects {len(expected_channels)} sequences ({', '.join(names)}), "
+            f"but {len(sequence_paths)} were given"
+        )
+    channels: list[np.ndarray] = []
+    grid = None
+    for i, path in enumerate(sequence_paths):
+        image = read_image(path)
+        if grid is not None:
+            ref = grid
+            this_grid = channels_and_grid(image)[1]
+            mismatch = grid_mismatch(ref, this_grid)
+            if mismatch:
+                if not resample_to_first:
+                    raise GeometryError(
+                        f"{names[i]} ({path}) is not on the grid of {names[0]} ({sequence_paths[0]}): "
+                        f"{mismatch}. Register/resample the sequences onto one grid, or pass "
+                        "--resample-to first (resample_to_first=True) to resample onto the first sequence."
+                    )
+                image = resample_onto(image, ref)
+        arr, this_grid = channels_and_grid(image)
+        if grid is None:
+            grid = this_grid
+        if expected_channels is not None and arr.shape[0] != int(expected_channels[i]):
+            raise ImageError(
+                f"{names[i]} ({path}) has {arr.shape[0]} channel(s); the model expects "
+                f"{expected_channels[i]}. Multi-channel sequences are one 4D or vector image."
+            )
+        bad = int((~np.isfinite(arr)).sum())
+        if bad:
+            raise ImageError(f"{names[i]} ({path}) contains {bad} NaN or infinite voxels; fix or mask them first")
+        channels.append(arr)
+    images = np.concatenate(channels, axis=0)
+    spacing_zyx = grid.GetSpacing()[::-1]
+
+    if organ_path is not None:
+        organ = _binary_mask(organ_path, grid, "organ mask", resample_to_first, None)
+    elif auto_organ:
+        organ = auto_brain_mask(images[0], spacing_zyx)
+    else:
+        raise ImageError("this preset needs an organ mask (e.g. a liver mask); pass it with --organ")
+    if not organ.any():
+        raise ImageError(f"the organ mask {organ_path} is empty")
+    lesions = None
+    if lesion_path is not None:
+        lesions = _binary_mask(lesion_path, grid, "lesion mask", resample_to_first, lesion_labels)
+
+    axis = slice_axis(grid)
+    return Case(
+        images=to_slices(images, axis).astype(np.float32, copy=False),
+        organ=to_slices(organ, axis),
+        lesions=None if lesions is None else to_slices(lesions, axis),
+        grid=grid,
+        axis=axis,
+        name=name,
+        sources={
+            "sequences": [str(p) for p in sequence_paths],
+            "organ": str(organ_path) if organ_path else "automatic brain mask",
+            "lesions": str(lesion_path) if lesion_path else None,
+        },
+    )
+
+
+def prepare_case(case: Case) -> Case:
+    """Normalise the case's intensities inside its organ mask (in place); returns it."""
+    case.images = normalise(case.images, case.organ)
+    return case

@@ -1,0 +1,166 @@
+"""One file format for base and patient models: weights plus JSON metadata.
+
+A model file is a ``torch.save`` of a plain dict::
+
+    {"format": "PatientFineTune-model", "format_version": 1,
+     "metadata_json": "<JSON text>", "state_dict": {name: tensor}}
+
+It is read with ``torch.load(weights_only=True)``, so loading never runs code from the
+file. The metadata carries a sha256 of the metadata and the weights together; a file whose
+content no longer matches it (edited, tampered, partly overwritten) is refused.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .files import atomic_write
+from .model import LesionNet
+
+FORMAT_NAME = "PatientFineTune-model"
+FORMAT_VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, unreadable, foreign or fails its integrity check."""
+
+
+@dataclass
+class ModelBundle:
+    """A network together with what is needed to apply it correctly."""
+
+    model: LesionNet
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def sequences(self) -> list[dict]:
+        """``[{"name": "FLAIR", "channels": 1}, ...]`` in pathway order."""
+        return self.metadata["sequences"]
+
+    @property
+    def training_spacing(self) -> tuple[float, float]:
+        """In-plane pixel spacing (mm, row then column) the model was trained at."""
+        return tuple(float(s) for s in self.metadata["training_spacing_mm"])
+
+    @property
+    def sha256(self) -> str:
+        return self.metadata.get("sha256", "")
+
+
+def _content_hash(metadata: dict, state_dict: dict) -> str:
+    h = hashlib.sha256()
+    meta = {k: v for k, v in metadata.items() if k != "sha256"}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def make_metadata(
+    model: LesionNet,
+    sequences: list[dict],
+    training_spacing_mm: tuple[float, float],
+    preset: str | None = None,
+    **extra,
+) -> dict:
+    """Metadata for a model file. ``extra`` holds training provenance (command, data, ...)."""
+    if [int(s["channels"]) for s in sequences] != list(model.in_channels):
+        raise ValueError(
+            f"sequence channel counts {[s['channels'] for s in sequences]} do not match the "
+            f"network's pathways {list(model.in_channels)}"
+        )
+    meta = {
+        "architecture": model.architecture(),
+        "receptive_field_px": model.receptive_field(),
+        "sequences": [{"name": str(s["name"]), "channels": int(s["channels"])} for s in sequences],
+        "normalisation": "robust z-score per channel inside the organ mask, clipped to [-5, 10]",
+        "training_spacing_mm": [float(s) for s in training_spacing_mm],
+        "preset": preset,
+        "software_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    meta.update(extra)
+    return meta
+
+
+def save_model(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = False) -> str:
+    """Save a model file atomically; returns its sha256. Never replaces an existing file
+    unless ``overwrite`` (so a base model cannot be clobbered by accident)."""
+    state_dict = {k: v.detach().cpu().clone() for k, v in bundle.model.state_dict().items()}
+    metadata = dict(bundle.metadata)
+    metadata["architecture"] = bundle.model.architecture()
+    metadata["sha256"] = _content_hash(metadata, state_dict)
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "metadata_json": json.dumps(metadata, sort_keys=True),
+        "state_dict": state_dict,
+    }
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp), overwrite=overwrite)
+    bundle.metadata = metadata
+    return metadata["sha256"]
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBundle:
+    """Load a model file safely (``weights_only=True``) and verify its sha256.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ModelFileError
+        The file is not a PatientFineTune model, is truncated or corrupt, or its content
+        does not match its recorded sha256.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for foreign/corrupt files
+        raise ModelFileError(
+            f"{path} could not be read as a PatientFineTune model file ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}). It may be truncated, "
+            "corrupt or written by other software; nothing from it was executed. Use a model "
+            "file saved by PatientFineTune (train-base / finetune)."
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise ModelFileError(
+            f"{path} is not a PatientFineTune model file (no '{FORMAT_NAME}' header); a bare "
+            "state_dict or another tool's checkpoint cannot be used directly."
+        )
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} has model-file format version {payload.get('format_version')!r}; this "
+            f"software reads version {FORMAT_VERSION}. Update PatientFineTune."
+        )
+    try:
+        metadata = json.loads(payload["metadata_json"])
+        state_dict = payload["state_dict"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path} has unreadable metadata ({exc})") from None
+    if _content_hash(metadata, state_dict) != metadata.get("sha256"):
+        raise ModelFileError(
+            f"{path} failed its integrity check: its weights or metadata do not match the "
+            "sha256 recorded when it was saved (modified or damaged file). Do not use it; "
+            "restore the original file."
+        )
+    try:
+        model = LesionNet(**metadata["architecture"])
+        model.load_state_dict(state_dict, strict=True)
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: weights do not fit the recorded architecture ({exc})") from None
+    model.to(device).eval()
+    return ModelBundle(model=model, metadata=metadata)

@@ -1,0 +1,208 @@
+"""Base-model training (seed 000): weighted cross-entropy (1, 5), Adam 1e-4, batch 4,
+25 overlapping 128x128 patches per lesion slice inside the organ, online rotation in
+[-45, 45] degrees.
+
+Reproducibility: every random draw of iteration ``i`` (which patches, which angles, the
+dropout masks) comes from generators seeded with ``(seed, i)``. A run therefore depends
+only on its inputs and seed, and a run resumed from a checkpoint continues exactly as the
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .files import atomic_write
+from .images import Case, resampled_size, resize_slices
+from .inference import Cancelled, predict_probability, resolve_device
+from .metrics import dice
+from .model import LesionNet
+from .modelfile import ModelBundle
+from .patches import extract_patches, random_patch_centres
+from .postprocess import postprocess
+
+CHECKPOINT_FORMAT = "PatientFineTune-checkpoint"
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of base training; defaults are the paper's."""
+
+    iterations: int = 10_000
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    class_weights: tuple[float, float] = (1.0, 5.0)
+    patches_per_slice: int = 25
+    patch_size: int = 128
+    max_rotation_deg: float = 45.0
+    seed: int = 0
+
+    def identity(self) -> dict:
+        """Settings a resumed run must share with the run that wrote the checkpoint."""
+        d = dataclasses.asdict(self)
+        d.pop("iterations")
+        d["class_weights"] = list(d["class_weights"])
+        return d
+
+
+@dataclass
+class PatchPool:
+    """Training slices at the model's spacing, with fixed patch centres per slice."""
+
+    images: list[torch.Tensor]  # (C, H, W)
+    labels: list[torch.Tensor]  # (1, H, W) float 0/1
+    centres: list[np.ndarray]  # (patches_per_slice, 2)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def build_patch_pool(
+    cases: Sequence[Case], training_spacing: Sequence[float], patches_per_slice: int, seed: int
+) -> PatchPool:
+    """Lesion-containing slices of normalised cases, resampled in-plane to
+    ``training_spacing``, each with ``patches_per_slice`` centres inside the organ."""
+    rng = np.random.default_rng([seed, 0x9A7C4])
+    pool = PatchPool([], [], [])
+    for case in cases:
+        if case.lesions is None:
+            raise ValueError(f"case {case.name or '?'} has no lesion mask; base training needs one")
+        size = resampled_size(case.images.shape[-2:], case.spacing, training_spacing)
+        for s in case.lesion_slices():
+            image = resize_slices(torch.from_numpy(np.ascontiguousarray(case.images[:, s]))[None], size)[0]
+            masks = torch.from_numpy(np.stack([case.lesions[s], case.organ[s]]).astype(np.float32))[None]
+            label, organ = resize_slices(masks, size, label=True)[0]
+            if not organ.any():
+                continue
+            pool.images.append(image)
+            pool.labels.append(label[None])
+            pool.centres.append(random_patch_centres(organ.numpy() > 0, patches_per_slice, rng))
+    if not pool.images:
+        raise ValueError("no lesion-containing organ slices in the training cases; nothing to train on")
+    return pool
+
+
+def sample_batch(pool: PatchPool, config: TrainingConfig, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mini-batch of ``iteration``: random (slice, patch) pairs, random rotations."""
+    rng = np.random.default_rng([config.seed, iteration])
+    xs, ys = [], []
+    for _ in range(config.batch_size):
+        k = int(rng.integers(len(pool)))
+        centre = pool.centres[k][int(rng.integers(len(pool.centres[k])))]
+        angle = rng.uniform(-config.max_rotation_deg, config.max_rotation_deg)
+        xs.append(extract_patches(pool.images[k], centre, [angle], config.patch_size))
+        ys.append(extract_patches(pool.labels[k], centre, [angle], config.patch_size, label=True))
+    return torch.cat(xs), torch.cat(ys)[:, 0].round().long()
+
+
+def _save_checkpoint(path: Path, model, optimizer, iteration: int, config: TrainingConfig) -> None:
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "iteration": iteration,
+        "config_json": json.dumps(config.identity(), sort_keys=True),
+        "architecture_json": json.dumps(model.architecture(), sort_keys=True),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), overwrite=True)
+
+
+def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig) -> int:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a PatientFineTune training checkpoint")
+    if json.loads(payload["config_json"]) != config.identity() or json.loads(payload["architecture_json"]) != model.architecture():
+        raise ValueError(
+            f"checkpoint {path} was written with different settings; resume with the same "
+            "settings (only --iterations may change) or delete the checkpoint to start over"
+        )
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    return int(payload["iteration"])
+
+
+def validation_dice(model: LesionNet, cases: Sequence[Case], training_spacing, device) -> float:
+    """Mean Dice of whole-volume segmentation over validation cases (model left in eval)."""
+    bundle = ModelBundle(model, {"training_spacing_mm": list(training_spacing)})
+    scores = []
+    for case in cases:
+        prob = predict_probability(bundle, case, device=device)
+        scores.append(dice(postprocess(prob, case.organ), case.lesions))
+    return float(np.nanmean(scores)) if scores else float("nan")
+
+
+def train_base_model(
+    model: LesionNet,
+    train_cases: Sequence[Case],
+    training_spacing: Sequence[float],
+    config: TrainingConfig = TrainingConfig(),
+    val_cases: Sequence[Case] = (),
+    device: str | torch.device = "auto",
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
+    validate_every: int = 1000,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    cancel: Callable[[], bool] | None = None,
+) -> list[dict]:
+    """Train ``model`` in place on normalised cases; returns the history.
+
+    Checkpoints (model, optimiser, iteration) are written atomically every
+    ``checkpoint_every`` iterations; ``resume=True`` continues from ``checkpoint_path``.
+    Validation Dice on ``val_cases`` is logged every ``validate_every`` iterations and at
+    the end. ``cancel()`` returning True stops at the next iteration with
+    :class:`Cancelled` (the last checkpoint stays valid).
+    """
+    from tqdm.auto import tqdm
+
+    device = resolve_device(device)
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+    start = 0
+    if resume:
+        if checkpoint_path is None or not checkpoint_path.is_file():
+            raise FileNotFoundError(f"cannot resume: checkpoint {checkpoint_path} does not exist")
+        start = _load_checkpoint(checkpoint_path, model, optimizer, config)
+        model.to(device)
+        log(f"resumed from {checkpoint_path} at iteration {start}")
+    pool = build_patch_pool(train_cases, training_spacing, config.patches_per_slice, config.seed)
+    log(f"training on {len(pool)} lesion slices x {config.patches_per_slice} patches, device {device}")
+
+    history: list[dict] = []
+    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, disable=not progress, desc="train-base", mininterval=2.0)
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        for iteration in bar:
+            if cancel is not None and cancel():
+                raise Cancelled(f"training cancelled at iteration {iteration}")
+            torch.manual_seed(config.seed * 1_000_003 + iteration)  # dropout masks of this iteration
+            x, y = sample_batch(pool, config, iteration)
+            logits = model(x.to(device))
+            loss = F.cross_entropy(logits, y.to(device), weight=weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done = iteration + 1
+            record = {"iteration": done, "loss": loss.item()}
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if checkpoint_path is not None and (done % checkpoint_every == 0 or done == config.iterations):
+                _save_checkpoint(checkpoint_path, model, optimizer, done, config)
+            if val_cases and (done % validate_every == 0 or done == config.iterations):
+                record["val_dice"] = validation_dice(model, val_cases, training_spacing, device)
+                model.train()
+                bar.write(f"iteration {done}: loss {record['loss']:.4f}, validation Dice {record['val_dice']:.3f}")
+            history.append(record)
+    model.eval()
+    return history
