@@ -1,0 +1,47 @@
+"""Shared fixtures: real NIfTI files written by SimpleITK, real (small) torch models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from PatientFineTuneLib.model import LesionNet
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def write_volume(path: Path, array_zyx: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None) -> Path:
+    image = sitk.GetImageFromArray(array_zyx)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def rotation_direction(degrees: float = 30.0) -> tuple:
+    """An oblique direction matrix: rotation about z, then an axis flip."""
+    a = np.deg2rad(degrees)
+    r = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.diag([-1, 1, 1])
+    return tuple(r.ravel())
+
+
+def tiny_model(in_channels=(1, 1), width=4, seed=0) -> LesionNet:
+    torch.manual_seed(seed)
+    return LesionNet(in_channels, width=width, head_width=8).eval()
+
+
+@pytest.fixture(scope="session")
+def small_pair_dir(tmp_path_factory) -> Path:
+    """One small synthetic brain-wmh patient pair on disk."""
+    from PatientFineTuneLib.synth import generate_pair, write_pair
+
+    folder = tmp_path_factory.mktemp("synth") / "patient000"
+    write_pair(generate_pair("brain-wmh", 0, small=True), folder)
+    return folder

@@ -1,0 +1,72 @@
+"""The command line end to end on a tiny generated case, through the real console script."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("verb", ["synth", "train-base", "segment", "evaluate", "info", "demo"])
+def test_every_verb_has_help(verb):
+    out = run(verb, "--help").stdout
+    assert "usage: patient-finetune " + verb in out
+
+
+def test_synth_train_segment_evaluate(tmp_path):
+    data = tmp_path / "data"
+    run("synth", "--preset", "brain-wmh", "--patients", "2", "--small", "--out", data)
+    assert (data / "patient000" / "baseline" / "FLAIR.nii.gz").is_file()
+    # refuses to overwrite
+    again = run("synth", "--preset", "brain-wmh", "--patients", "1", "--small", "--out", data, check=False)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+    model = tmp_path / "base.pt"
+    run("train-base", "--preset", "brain-wmh", "--train", data / "patient001", "--val", data / "patient000" / "baseline",
+        "--out", model, "--iterations", "3", "--width", "4", "--patches-per-slice", "2", "--validate-every", "3")
+    assert model.is_file() and not (tmp_path / "base.pt.checkpoint").exists()
+    info = json.loads(run("info", model).stdout)
+    assert info["preset"] == "brain-wmh" and info["receptive_field_px"] == 123
+    assert info["training"]["config"]["iterations"] == 3 and "train-base" in info["training"]["command"]
+
+    out = tmp_path / "seg"
+    followup = data / "patient000" / "followup"
+    run("segment", "--model", model, "--case", followup, "--out", out)
+    flair = sitk.ReadImage(str(followup / "FLAIR.nii.gz"))
+    for name in ("segmentation.nii.gz", "lesion_labels.nii.gz", "probability.nii.gz"):
+        result = sitk.ReadImage(str(out / name))
+        assert result.GetSize() == flair.GetSize()
+        assert result.GetOrigin() == pytest.approx(flair.GetOrigin())
+        assert result.GetDirection() == pytest.approx(flair.GetDirection())
+    with open(out / "lesions.csv") as f:
+        header = next(csv.reader(f))
+    assert header[:3] == ["id", "voxels", "volume_mm3"] or header == ["id", "voxels", "volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]
+    twice = run("segment", "--model", model, "--case", followup, "--out", out, check=False)
+    assert twice.returncode == 2 and "--overwrite" in twice.stderr
+
+    ev = run("evaluate", "--pred", out / "segmentation.nii.gz", "--gt", followup / "lesions.nii.gz", "--out", tmp_path / "m.csv")
+    metrics = json.loads(ev.stdout.splitlines()[0])
+    assert 0.0 <= metrics["dice"] <= 1.0
+    with open(tmp_path / "m.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["case"] == "segmentation.nii.gz" and "hd95_mm" in rows[0]
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path):
+    bogus = tmp_path / "model.pt"
+    bogus.write_bytes(b"not a model")
+    proc = run("info", bogus, check=False)
+    assert proc.returncode == 2 and "could not be read as a PatientFineTune model file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("segment", "--model", tmp_path / "missing.pt", "--case", tmp_path, "--out", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr

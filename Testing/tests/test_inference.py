@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+import torch
+
+from PatientFineTuneLib.cases import find_cases
+from PatientFineTuneLib.images import load_case, prepare_case
+from PatientFineTuneLib.inference import Cancelled, activation_bytes_per_pixel, predict_logits, predict_probability, segment_case
+from PatientFineTuneLib.modelfile import ModelBundle
+
+from conftest import tiny_model
+
+
+def test_tiled_prediction_equals_one_pass():
+    model = tiny_model((1, 1), width=4)
+    x = torch.randn(2, 2, 150, 170)
+    whole = predict_logits(model, x)
+    # a budget that forces tiles of 32 px cores with 61 px halos
+    budget = 160 * 160 * activation_bytes_per_pixel(model)
+    tiled = predict_logits(model, x, memory_budget=budget)
+    assert torch.allclose(whole, tiled, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def case(small_pair_dir):
+    f = find_cases(small_pair_dir / "followup", ["FLAIR", "T1"])[0]
+    return prepare_case(load_case(f.sequences, f.organ, f.lesions))
+
+
+def test_probability_is_on_the_case_grid_and_zero_outside_the_organ(case):
+    # the model's spacing differs from the case's 2 mm: slices are resampled and back
+    bundle = ModelBundle(tiny_model(), {"training_spacing_mm": [0.958, 0.958]})
+    calls = []
+    p = predict_probability(bundle, case, device="cpu", progress=lambda d, t: calls.append((d, t)))
+    assert p.shape == case.organ.shape and p.dtype == np.float32
+    assert np.all(p[~case.organ] == 0) and 0 <= p.min() and p.max() <= 1
+    assert calls[-1][0] == calls[-1][1]
+    with pytest.raises(Cancelled):
+        predict_probability(bundle, case, device="cpu", cancel=lambda: True)
+
+
+def test_segment_case_produces_mask_labels_and_table(case):
+    bundle = ModelBundle(tiny_model(), {"training_spacing_mm": [2.0, 2.0]})
+    result = segment_case(bundle, case, device="cpu", threshold=0.3)
+    assert result.mask.shape == case.organ.shape
+    assert not (result.mask & ~case.organ).any()
+    assert len(result.lesions) == result.labels.max()
+    assert sum(r["voxels"] for r in result.lesions) == result.mask.sum()

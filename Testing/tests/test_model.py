@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from PatientFineTuneLib.model import PAPER_DILATIONS, LesionNet, count_parameters
+
+from conftest import tiny_model
+
+
+def rf_from_layers(module: nn.Module) -> int:
+    """Receptive field of a chain of stride-1 convolutions, walked independently."""
+    rf, jump = 1, 1
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.stride == (1, 1)
+            rf += (m.kernel_size[0] - 1) * m.dilation[0] * jump
+    return rf
+
+
+def test_paper_receptive_field_is_123():
+    model = LesionNet((1, 1))
+    assert rf_from_layers(model.pathways[0]) == 123
+    assert model.receptive_field() == 123
+    assert 1 + 2 * sum(sum(b) for b in PAPER_DILATIONS) == 123
+
+
+def test_receptive_field_matches_what_each_block_sees():
+    """The input region that influences one output pixel, found by back-propagation,
+    grows block by block exactly as 1 + 2 * (sum of dilations so far), ending at 123."""
+    torch.manual_seed(0)
+    model = LesionNet((1,), width=16).double().eval()
+    size, centre = 131, 65
+    x = torch.randn(1, 1, size, size, dtype=torch.float64, requires_grad=True)
+    reach = 0
+    for block_dilations, output in zip(PAPER_DILATIONS, model.pathways[0](x)):
+        reach += sum(block_dilations)
+        (grad,) = torch.autograd.grad(output[0, :, centre, centre].sum(), x, retain_graph=True)
+        cols = np.flatnonzero(grad[0, 0].abs().sum(axis=0).numpy() > 0)
+        rows = np.flatnonzero(grad[0, 0].abs().sum(axis=1).numpy() > 0)
+        assert (cols.min(), cols.max()) == (centre - reach, centre + reach)
+        assert (rows.min(), rows.max()) == (centre - reach, centre + reach)
+    assert 2 * reach + 1 == model.receptive_field() == 123
+
+
+def test_layer_layout_matches_the_paper():
+    model = LesionNet((1, 1))
+    for pathway in model.pathways:
+        convs = [m for m in pathway.modules() if isinstance(m, nn.Conv2d)]
+        assert len(convs) == 13
+        assert [len(block) for block in pathway.blocks] == [2, 2, 3, 3, 3]
+        assert all(c.kernel_size == (3, 3) and c.out_channels == 64 for c in convs)
+        assert [c.dilation[0] for c in convs] == [d for block in PAPER_DILATIONS for d in block]
+        assert sum(1 for c in convs if c.dilation[0] > 1) == 11
+        bns = [m for m in pathway.modules() if isinstance(m, nn.BatchNorm2d)]
+        relus = [m for m in pathway.modules() if isinstance(m, nn.ReLU)]
+        assert len(bns) == len(relus) == 13
+    head = list(model.classifier)
+    kinds = [type(m) for m in head]
+    assert kinds == [nn.Dropout, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout, nn.Conv2d]
+    assert head[0].p == head[4].p == 0.2
+    assert (head[1].in_channels, head[1].out_channels, head[1].kernel_size) == (640, 128, (1, 1))
+    assert (head[5].in_channels, head[5].out_channels, head[5].kernel_size) == (128, 2, (1, 1))
+
+
+def test_parameter_count_from_the_architecture():
+    model = LesionNet((1, 1))
+    per_pathway = (1 * 9 * 64 + 2 * 64) + 12 * (64 * 9 * 64 + 2 * 64)  # conv (no bias) + BN
+    head = 640 * 128 + 2 * 128 + 128 * 2 + 2
+    assert count_parameters(model) == 2 * per_pathway + head
+    liver = LesionNet((16, 3))
+    assert liver.feature_channels == 640
+    assert count_parameters(liver) == count_parameters(model) + (16 - 1) * 9 * 64 + (3 - 1) * 9 * 64
+
+
+def test_features_then_head_equals_forward_and_keeps_size():
+    model = tiny_model((16, 3))
+    x = torch.randn(2, 19, 40, 36)
+    with torch.no_grad():
+        logits = model(x)
+        assert logits.shape == (2, 2, 40, 36)
+        features = model.features(x)
+        assert features.shape == (2, 2 * 5 * 4, 40, 36)
+        assert torch.equal(model.head(features), logits)
+
+
+def test_pathways_see_only_their_own_channels():
+    model = tiny_model((1, 1))
+    x = torch.randn(1, 2, 32, 32)
+    y = x.clone()
+    y[:, 1] += 5.0  # change the second sequence only
+    with torch.no_grad():
+        fx, fy = model.features(x), model.features(y)
+    first = 5 * model.width
+    assert torch.equal(fx[:, :first], fy[:, :first])
+    assert not torch.equal(fx[:, first:], fy[:, first:])
+
+
+def test_he_uniform_initialisation_bounds():
+    model = LesionNet((1, 1), width=16)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            bound = np.sqrt(6.0 / fan_in)
+            w = m.weight.detach()
+            assert w.abs().max() <= bound + 1e-6
+            assert w.abs().max() > 0.8 * bound  # uniform fills the range
+
+
+def test_wrong_input_channels_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 2"):
+        tiny_model((1, 1))(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError):
+        LesionNet(())

@@ -1,0 +1,98 @@
+import pickle
+
+import pytest
+import torch
+
+from PatientFineTuneLib.modelfile import ModelBundle, ModelFileError, load_model, make_metadata, save_model
+
+from conftest import tiny_model
+
+
+def _bundle():
+    model = tiny_model((1, 1))
+    meta = make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (0.958, 0.958), preset="brain-wmh", training={"command": "test"})
+    return ModelBundle(model, meta)
+
+
+def test_round_trip_gives_the_same_network_and_metadata(tmp_path):
+    bundle = _bundle()
+    path = tmp_path / "m.pt"
+    sha = save_model(bundle, path)
+    loaded = load_model(path)
+    assert loaded.sha256 == sha and len(sha) == 64
+    assert loaded.metadata["sequences"] == [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}]
+    assert loaded.training_spacing == (0.958, 0.958)
+    assert loaded.metadata["receptive_field_px"] == 123
+    x = torch.randn(1, 2, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), bundle.model.eval()(x))
+
+
+def test_never_overwrites_without_permission(tmp_path):
+    path = tmp_path / "m.pt"
+    save_model(_bundle(), path)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError):
+        save_model(_bundle(), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary left behind
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    path = tmp_path / "m.pt"
+    save_model(_bundle(), path)
+    payload = torch.load(path, weights_only=True)
+    name = next(k for k in payload["state_dict"] if k.endswith("weight"))
+    payload["state_dict"][name] = payload["state_dict"][name] + 1e-3
+    torch.save(payload, path)
+    with pytest.raises(ModelFileError, match="integrity"):
+        load_model(path)
+
+
+def test_tampered_metadata_is_refused(tmp_path):
+    path = tmp_path / "m.pt"
+    save_model(_bundle(), path)
+    payload = torch.load(path, weights_only=True)
+    payload["metadata_json"] = payload["metadata_json"].replace("brain-wmh", "liver-metastases")
+    torch.save(payload, path)
+    with pytest.raises(ModelFileError, match="integrity"):
+        load_model(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "m.pt"
+    save_model(_bundle(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated"):
+        load_model(path)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_foreign_pickle_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "was_executed"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": "PatientFineTune-model", "x": _Payload(marker)}, f)
+    with pytest.raises(ModelFileError):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_bare_state_dict_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(tiny_model().state_dict(), path)
+    with pytest.raises(ModelFileError, match="not a PatientFineTune model"):
+        load_model(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "nope.pt")

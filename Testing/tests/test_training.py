@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+
+from PatientFineTuneLib.cases import find_cases
+from PatientFineTuneLib.images import load_case, prepare_case
+from PatientFineTuneLib.inference import Cancelled
+from PatientFineTuneLib.training import TrainingConfig, build_patch_pool, sample_batch, train_base_model
+
+from conftest import tiny_model
+
+SPACING = (2.0, 2.0)
+
+
+@pytest.fixture(scope="module")
+def cases(small_pair_dir):
+    files = find_cases(small_pair_dir, ["FLAIR", "T1"])
+    return [prepare_case(load_case(f.sequences, f.organ, f.lesions, name=f.name)) for f in files]
+
+
+def test_only_lesion_slices_are_used_with_patches_in_the_organ(cases):
+    pool = build_patch_pool(cases, SPACING, 25, seed=0)
+    assert len(pool) == sum(len(c.lesion_slices()) for c in cases)
+    assert all(lab.sum() > 0 for lab in pool.labels)
+    assert all(c.shape == (25, 2) for c in pool.centres)
+
+
+def test_batches_are_reproducible_and_labels_follow_images(cases):
+    pool = build_patch_pool(cases, SPACING, 25, seed=0)
+    config = TrainingConfig(patch_size=64, seed=5)
+    x1, y1 = sample_batch(pool, config, iteration=3)
+    x2, y2 = sample_batch(pool, config, iteration=3)
+    x3, _ = sample_batch(pool, config, iteration=4)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
+    assert x1.shape == (4, 2, 64, 64) and y1.shape == (4, 64, 64) and y1.dtype == torch.long
+    # lesions are FLAIR-bright: labelled pixels are brighter than the rest of the patches
+    flair = x1[:, 0]
+    if (y1 == 1).any():
+        assert flair[y1 == 1].mean() > flair[(y1 == 0) & (flair != 0)].mean()
+
+
+def _train(cases, iterations, tmp_path=None, resume=False, seed=0):
+    model = tiny_model(seed=seed).train()
+    config = TrainingConfig(iterations=iterations, patch_size=64, seed=seed)
+    ckpt = tmp_path / "ckpt.pt" if tmp_path else None
+    history = train_base_model(model, cases, SPACING, config, device="cpu", checkpoint_path=ckpt, checkpoint_every=2, resume=resume, progress=False, log=lambda m: None)
+    return model, history
+
+
+def test_training_changes_weights_and_is_deterministic(cases):
+    before = {k: v.clone() for k, v in tiny_model().state_dict().items()}
+    a, history = _train(cases, 3)
+    b, _ = _train(cases, 3)
+    assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], before[k]) for k in sa if sa[k].is_floating_point())
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(cases, tmp_path):
+    straight, _ = _train(cases, 4)
+    _train(cases, 2, tmp_path)
+    resumed, history = _train(cases, 4, tmp_path, resume=True)
+    assert [h["iteration"] for h in history] == [3, 4]
+    s1, s2 = straight.state_dict(), resumed.state_dict()
+    assert all(torch.allclose(s1[k].float(), s2[k].float(), atol=1e-6) for k in s1)
+
+
+def test_resume_with_other_settings_is_refused(cases, tmp_path):
+    _train(cases, 2, tmp_path)
+    with pytest.raises(ValueError, match="different settings"):
+        _train(cases, 4, tmp_path, resume=True, seed=1)
+
+
+def test_validation_dice_is_reported_and_cancel_stops(cases):
+    model = tiny_model().train()
+    config = TrainingConfig(iterations=2, patch_size=64)
+    history = train_base_model(model, cases[:1], SPACING, config, val_cases=cases[1:], device="cpu", validate_every=2, progress=False, log=lambda m: None)
+    assert 0.0 <= history[-1]["val_dice"] <= 1.0
+    with pytest.raises(Cancelled):
+        train_base_model(model, cases, SPACING, config, device="cpu", progress=False, log=lambda m: None, cancel=lambda: True)
+
+
+def test_cases_without_lesions_are_refused(cases):
+    case = cases[0]
+    case_no_lesions = type(case)(case.images, case.organ, None, case.grid, case.axis, "x")
+    with pytest.raises(ValueError, match="no lesion mask"):
+        build_patch_pool([case_no_lesions], SPACING, 5, 0)
