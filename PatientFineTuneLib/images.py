@@ -350,7 +350,7 @@ def load_case(
                     raise GeometryError(
                         f"{names[i]} ({path}) is not on the grid of {names[0]} ({sequence_paths[0]}): "
                         f"{mismatch}. Register/resample the sequences onto one grid, or pass "
-                        "--resample-to first (resample_to_first=True) to resample onto the first sequence."
+                        "--resample-to (resample_to_first=True) to resample them onto the first sequence."
                     )
                 image = resample_onto(image, ref)
         arr, this_grid = channels_and_grid(image)

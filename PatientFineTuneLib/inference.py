@@ -86,7 +86,7 @@ def predict_probability(
     bundle: ModelBundle,
     case: Case,
     device: str | torch.device = "auto",
-    batch_size: int = 4,
+    batch_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
@@ -95,9 +95,12 @@ def predict_probability(
 
     Only slices containing organ are run. Each batch is resampled in-plane to the model's
     training spacing, predicted, and the lesion softmax resampled back (bilinear) to the
-    case's grid.
+    case's grid. ``batch_size`` defaults to 1 slice on the CPU (larger batches were slower
+    per slice there: 1.32 s vs 0.83 s for 240x240 FLAIR + T1) and 8 on a GPU.
     """
     device = resolve_device(device)
+    if batch_size is None:
+        batch_size = 1 if device.type == "cpu" else 8
     model = bundle.model.to(device).eval()
     _, n_slices, h, w = case.images.shape
     size = resampled_size((h, w), case.spacing, bundle.training_spacing)
