@@ -38,22 +38,21 @@ def test_never_overwrites_without_permission(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary left behind
 
 
-def test_tampered_weights_are_refused(tmp_path):
-    path = tmp_path / "m.pt"
-    save_model(_bundle(), path)
-    payload = torch.load(path, weights_only=True)
+def _nudge_first_weight(payload):
     name = next(k for k in payload["state_dict"] if k.endswith("weight"))
     payload["state_dict"][name] = payload["state_dict"][name] + 1e-3
-    torch.save(payload, path)
-    with pytest.raises(ModelFileError, match="integrity"):
-        load_model(path)
 
 
-def test_tampered_metadata_is_refused(tmp_path):
+def _relabel_preset(payload):
+    payload["metadata_json"] = payload["metadata_json"].replace("brain-wmh", "liver-metastases")
+
+
+@pytest.mark.parametrize("tamper", [_nudge_first_weight, _relabel_preset], ids=["weights", "metadata"])
+def test_tampered_file_is_refused(tmp_path, tamper):
     path = tmp_path / "m.pt"
     save_model(_bundle(), path)
     payload = torch.load(path, weights_only=True)
-    payload["metadata_json"] = payload["metadata_json"].replace("brain-wmh", "liver-metastases")
+    tamper(payload)
     torch.save(payload, path)
     with pytest.raises(ModelFileError, match="integrity"):
         load_model(path)
