@@ -19,12 +19,12 @@ import torch
 
 def run_demo(out: Path, overwrite: bool = False, iterations: int = 300, device: str = "auto", n_train: int = 3) -> dict:
     from .cases import find_cases
-    from .images import load_case, prepare_case, write_image
+    from .images import from_slices, load_case, prepare_case, write_image
     from .inference import resolve_device, segment_case
     from .metrics import evaluate_case
     from .model import LesionNet
     from .modelfile import ModelBundle, make_metadata, save_model
-    from .montage import montage, save_png
+    from .montage import montage, save_png, to_uint8
     from .postprocess import write_csv
     from .presets import get_preset
     from .synth import generate_pair, write_pair
@@ -72,15 +72,13 @@ def run_demo(out: Path, overwrite: bool = False, iterations: int = 300, device: 
     write_image(case.to_image(result.probability), seg_dir / "probability.nii.gz", overwrite=True)
     write_csv(result.lesions, seg_dir / "lesions.csv", overwrite=True)
 
-    from .images import from_slices
-
     metrics = evaluate_case(from_slices(result.mask, case.axis), from_slices(case.lesions, case.axis), case.grid.GetSpacing()[::-1])
     # preview: FLAIR of four lesion slices, ground truth vs prediction outlines
     flair = case.images[0]
     slices = case.lesion_slices()
     picks = [slices[int(i)] for i in np.linspace(0, len(slices) - 1, 4)] if slices else []
-    scaled = np.clip((flair - flair.min()) / (np.percentile(flair, 99.5) - flair.min() + 1e-6), 0, 1) * 255
-    tiles = [scaled[s].astype(np.uint8) for s in picks] * 2
+    scaled = to_uint8(flair, case.organ)
+    tiles = [scaled[s] for s in picks] * 2
     outlines = [case.lesions[s] for s in picks] + [result.mask[s] for s in picks]
     if tiles:
         save_png(montage(tiles, outlines, 4), seg_dir / "preview.png")

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage, stats
+from scipy import stats
 from scipy.spatial import cKDTree
 
 from .postprocess import label_lesions

@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
-def _to_uint8(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    values = image[mask] if mask is not None and mask.any() else image[image > 0] if (image > 0).any() else image
+def to_uint8(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Window an image to 0..255 on the 0.5-99.5 percentiles inside ``mask`` (or of the
+    non-zero voxels)."""
+    if mask is None or not mask.any():
+        mask = image > 0
+    values = image[mask] if mask.any() else image
     lo, hi = np.percentile(values, [0.5, 99.5])
     return (np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
 
@@ -32,7 +36,7 @@ def montage(slices: list[np.ndarray], outlines: list[np.ndarray | None] | None =
 def volume_montage(volume: np.ndarray, lesions: np.ndarray | None, n_slices: int = 4, organ: np.ndarray | None = None) -> list[np.ndarray]:
     """``n_slices`` evenly spaced slices (axis 0) of a volume, windowed, with lesion masks."""
     idx = np.linspace(0.2, 0.8, n_slices) * (volume.shape[0] - 1)
-    scaled = _to_uint8(volume, organ)
+    scaled = to_uint8(volume, organ)
     picks = [int(round(i)) for i in idx]
     return [scaled[i] for i in picks], [None if lesions is None else lesions[i] for i in picks]
 

@@ -79,7 +79,7 @@ def test_foreign_pickle_is_refused_without_running_code(tmp_path):
     marker = tmp_path / "was_executed"
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
-        pickle.dump({"format": "PatientFineTune-model", "x": _Payload(marker)}, f)
+        pickle.dump({"format": "PatientFineTune-model", "x": _Payload(marker)}, f, protocol=2)
     with pytest.raises(ModelFileError):
         load_model(path)
     assert not marker.exists()
