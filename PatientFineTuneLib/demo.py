@@ -24,7 +24,7 @@ def run_demo(out: Path, overwrite: bool = False, iterations: int = 300, device: 
     from .metrics import evaluate_case
     from .model import LesionNet
     from .modelfile import ModelBundle, make_metadata, save_model
-    from .montage import montage, save_png, to_uint8
+    from .montage import montage, radiological, save_png, to_uint8
     from .postprocess import write_csv
     from .presets import get_preset
     from .synth import generate_pair, write_pair
@@ -77,9 +77,10 @@ def run_demo(out: Path, overwrite: bool = False, iterations: int = 300, device: 
     flair = case.images[0]
     slices = case.lesion_slices()
     picks = [slices[int(i)] for i in np.linspace(0, len(slices) - 1, 4)] if slices else []
-    scaled = to_uint8(flair, case.organ)
+    direction = case.grid.GetDirection()
+    scaled = radiological(to_uint8(flair, case.organ), direction)
     tiles = [scaled[s] for s in picks] * 2
-    outlines = [case.lesions[s] for s in picks] + [result.mask[s] for s in picks]
+    outlines = [radiological(m[s], direction) for m in (case.lesions, result.mask) for s in picks]
     if tiles:
         save_png(montage(tiles, outlines, 4), seg_dir / "preview.png")
     summary = {"final_loss": history[-1]["loss"], "timings_s": {k: round(v, 1) for k, v in timings.items()}, "device": str(device),

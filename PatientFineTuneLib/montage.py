@@ -41,6 +41,17 @@ def volume_montage(volume: np.ndarray, lesions: np.ndarray | None, n_slices: int
     return [scaled[i] for i in picks], [None if lesions is None else lesions[i] for i in picks]
 
 
+def radiological(slices: np.ndarray, direction) -> np.ndarray:
+    """Flip axial (..., rows, cols) slices stored with ITK ``direction`` so that anterior
+    is up and the patient's right is on the viewer's left, as radiologists read them."""
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    if d[1, 1] < 0:  # rows run towards anterior (LPS y decreasing)
+        slices = slices[..., ::-1, :]
+    if d[0, 0] < 0:  # columns run towards the patient's right
+        slices = slices[..., :, ::-1]
+    return slices
+
+
 def save_png(rgb: np.ndarray, path) -> None:
     from skimage.io import imsave
 

@@ -43,8 +43,8 @@ def write_pair(pair: dict, folder, overwrite: bool = False, preview: bool = True
     import numpy as np
     import SimpleITK as sitk
 
-    from ..montage import montage, save_png, volume_montage
-    from .common import to_image
+    from ..montage import montage, radiological, save_png, volume_montage
+    from .common import STORAGE_DIRECTION, to_image
 
     folder = Path(folder)
     if folder.exists():
@@ -63,7 +63,8 @@ def write_pair(pair: dict, folder, overwrite: bool = False, preview: bool = True
             sitk.WriteImage(to_image(data["lesions"], grid, sitk.sitkUInt8), str(tmp / visit / "lesions.nii.gz"), True)
             first = next(iter(data["images"].values()))
             first = first if first.ndim == 3 else first[len(first) // 2]
-            t, o = volume_montage(first, data["lesions"], 4, data["organ"])
+            direction = np.diag(STORAGE_DIRECTION)
+            t, o = volume_montage(radiological(first, direction), radiological(data["lesions"], direction), 4)
             tiles += t
             outlines += o
         (tmp / "patient.json").write_text(json.dumps(pair["info"], indent=2, default=lambda v: np.asarray(v).tolist()))

@@ -46,9 +46,23 @@ class Pose:
         return Pose(rz @ ry @ rx, rng.uniform(-max_mm, max_mm, 3))
 
 
+#: How synthetic volumes are stored: like a typical NIfTI from a scanner, RAS-flipped
+#: (diag(-1, -1, 1) in ITK's LPS convention). Index axis i runs towards the patient's
+#: right, j towards anterior, k towards superior.
+STORAGE_DIRECTION = np.array([-1.0, -1.0, 1.0])
+
+
 def coordinates(grid: Grid, pose: Pose) -> np.ndarray:
-    """Canonical (x, y, z) mm coordinates of every voxel centre, shape (3, z, y, x)."""
-    axes = [(np.arange(n, dtype=np.float32) - (n - 1) / 2) * s for n, s in zip(grid.shape, grid.spacing)]
+    """Canonical (x, y, z) mm coordinates of every voxel centre, shape (3, z, y, x).
+
+    With the identity pose these are the voxel's physical LPS coordinates in the written
+    file (origin at the volume centre), so left, posterior and superior in the anatomy
+    code are left, posterior and superior in any viewer.
+    """
+    axes = [
+        (np.arange(n, dtype=np.float32) - (n - 1) / 2) * s * np.float32(sign)
+        for n, s, sign in zip(grid.shape, grid.spacing, STORAGE_DIRECTION[::-1])
+    ]
     z, y, x = np.meshgrid(*axes, indexing="ij")
     scanner = np.stack([x, y, z]).reshape(3, -1)
     canonical = pose.rotation.astype(np.float32) @ scanner + pose.translation.astype(np.float32)[:, None]
@@ -127,7 +141,7 @@ def render_blobs(blobs, xyz: np.ndarray, grid: Grid, pose: Pose, rough: np.ndarr
             continue
         # canonical centre -> scanner mm -> voxel index (x, y, z)
         scanner = inverse @ (b.centre - pose.translation)
-        idx = scanner / spacing + centre_index
+        idx = scanner * STORAGE_DIRECTION / spacing + centre_index
         half = (b.radii.max() * (1 + b.roughness) + 2.0) / spacing
         lo = np.maximum(np.floor(idx - half).astype(int), 0)
         hi = np.minimum(np.ceil(idx + half).astype(int) + 1, np.array(grid.shape[::-1]))
@@ -199,10 +213,10 @@ def add_rician_noise(signal: np.ndarray, sigma: float, rng: np.random.Generator)
 def to_image(array_zyx: np.ndarray, grid: Grid, pixel=sitk.sitkInt16) -> sitk.Image:
     """A volume (or (C, z, y, x) multi-channel volume, stored 4D) on the synthetic grid.
 
-    The grid is stored like a typical NIfTI from a scanner: RAS-flipped direction
-    (diag(-1, -1, 1) in ITK's LPS convention), centred on the origin.
+    Stored with ``STORAGE_DIRECTION`` and the volume centre at physical (0, 0, 0), which
+    makes :func:`coordinates` physical coordinates.
     """
-    direction = np.diag([-1.0, -1.0, 1.0])
+    direction = np.diag(STORAGE_DIRECTION)
     spacing = np.array(grid.spacing[::-1])
     origin = -direction @ ((np.array(grid.shape[::-1]) - 1) / 2 * spacing)
     if array_zyx.ndim == 4:

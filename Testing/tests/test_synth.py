@@ -76,3 +76,27 @@ def test_full_size_brain_grid_matches_the_paper(tmp_path):
     assert info["preset"] == "brain-wmh" and (tmp_path / "p" / "preview.png").is_file()
     with pytest.raises(FileExistsError):
         write_pair(pair, tmp_path / "p")
+
+
+def test_anatomy_coordinates_are_the_written_physical_coordinates():
+    """Anatomy is placed in LPS millimetres; a viewer reading the header must find it
+    there (left is left, anterior is anterior)."""
+    from PatientFineTuneLib.synth.common import Grid, Pose, coordinates, to_image
+
+    grid = Grid((5, 7, 9), (3.0, 1.5, 0.8))
+    xyz = coordinates(grid, Pose())
+    image = to_image(np.zeros(grid.shape, np.float32), grid)
+    for k, j, i in [(0, 0, 0), (4, 6, 8), (2, 1, 7)]:
+        assert np.allclose(image.TransformIndexToPhysicalPoint((i, j, k)), xyz[:, k, j, i], atol=1e-4)
+
+
+def test_liver_is_on_the_patients_right(tmp_path):
+    import SimpleITK as sitk
+
+    from PatientFineTuneLib.synth import write_pair
+
+    write_pair(generate_pair("liver-metastases", 0, small=True), tmp_path / "liver", preview=False)
+    organ = sitk.ReadImage(str(tmp_path / "liver" / "baseline" / "organ.nii.gz"))
+    centre = np.argwhere(sitk.GetArrayFromImage(organ) > 0).mean(axis=0)[::-1]
+    x_lps = organ.TransformContinuousIndexToPhysicalPoint(centre.tolist())[0]
+    assert x_lps < -20  # LPS: negative x is the patient's right
