@@ -212,7 +212,7 @@ def cmd_evaluate(args) -> None:
     import csv
 
     from .images import read_image
-    from .metrics import METRIC_NAMES, evaluate_images, format_mean_sd, format_median_iqr
+    from .metrics import DETECTION_METRICS, METRIC_NAMES, SEGMENTATION_METRICS, compare_cohorts, evaluate_images, format_mean_sd, format_median_iqr
     from .postprocess import write_csv
 
     if args.pairs:
@@ -231,12 +231,20 @@ def cmd_evaluate(args) -> None:
     for r in results:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
     if len(results) > 1:
-        for k in ("dice", "avd_percent", "hd95_mm"):
+        for k in SEGMENTATION_METRICS:
             print(f"{k}: mean ± SD {format_mean_sd([r[k] for r in results])}")
-        for k in ("lesion_recall", "fp_count", "lesion_f1"):
+        for k in DETECTION_METRICS:
             print(f"{k}: median [IQR] {format_median_iqr([r[k] for r in results])}")
     if args.out:
         write_csv(results, args.out, columns=["case", *METRIC_NAMES], overwrite=args.overwrite)
+    if args.compare_to:
+        with open(args.compare_to, newline="") as f:
+            reference = list(csv.DictReader(f))
+        print(f"paired comparison with {args.compare_to} (p < 0.01 marked *, as in the paper):")
+        for row in compare_cohorts(results, reference):
+            mark = "*" if row["p"] < 0.01 else ""
+            print(f"  {row['metric']}: {row['results']} vs {row['reference']} ({row['summary']}; "
+                  f"{row['test']} p = {row['p']:.3g}{mark}, n = {row['n']})")
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", help="ground-truth label image")
     p.add_argument("--pairs", help="CSV with columns case,pred,gt (paths relative to the CSV)")
     p.add_argument("--out", help="write per-case metrics CSV here")
+    p.add_argument("--compare-to", help="per-case metrics CSV of another method (from --out): paired tests by case")
     p.add_argument("--overwrite", action="store_true")
 
     p = add("info", cmd_info, "Show a model file's metadata (after verifying it).")

@@ -171,3 +171,32 @@ def format_median_iqr(values: Sequence[float], digits: int = 2) -> str:
 def format_mean_sd(values: Sequence[float], digits: int = 2) -> str:
     s = summarise(values)
     return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"
+
+
+#: Which summary and test the paper uses for each metric: detection metrics are not
+#: normally distributed (median [IQR], Wilcoxon signed-rank), segmentation metrics are
+#: reported as mean ± SD with a paired t-test.
+SEGMENTATION_METRICS = ("dice", "avd_percent", "hd95_mm")
+DETECTION_METRICS = ("lesion_recall", "fp_count", "lesion_precision", "lesion_f1")
+
+
+def compare_cohorts(results: Sequence[dict], reference: Sequence[dict], key: str = "case") -> list[dict]:
+    """Paired comparison of two methods' per-case metrics, matched by ``key``.
+
+    Returns one row per metric with both summaries (in the paper's form) and the test.
+    Raises ValueError when the two sets share no case.
+    """
+    by_case = {str(r[key]): r for r in reference}
+    pairs = [(r, by_case[str(r[key])]) for r in results if str(r[key]) in by_case]
+    if not pairs:
+        raise ValueError("the two sets of results share no case name; nothing to compare")
+    rows = []
+    for metric in SEGMENTATION_METRICS + DETECTION_METRICS:
+        a = [float(p[0][metric]) for p in pairs]
+        b = [float(p[1][metric]) for p in pairs]
+        segmentation = metric in SEGMENTATION_METRICS
+        fmt = format_mean_sd if segmentation else format_median_iqr
+        test = paired_test(a, b, "ttest" if segmentation else "wilcoxon")
+        rows.append({"metric": metric, "summary": "mean ± SD" if segmentation else "median [IQR]",
+                     "results": fmt(a), "reference": fmt(b), **test})
+    return rows

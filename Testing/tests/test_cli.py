@@ -61,6 +61,14 @@ def test_synth_train_segment_evaluate(tmp_path):
         rows = list(csv.DictReader(f))
     assert rows[0]["case"] == "segmentation.nii.gz" and "hd95_mm" in rows[0]
 
+    # a cohort through a manifest, then a paired comparison against another method's CSV
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"case,pred,gt\nA,{out / 'segmentation.nii.gz'},{followup / 'lesions.nii.gz'}\n"
+                     f"B,{followup / 'lesions.nii.gz'},{followup / 'lesions.nii.gz'}\n")
+    run("evaluate", "--pairs", pairs, "--out", tmp_path / "cohort.csv")
+    compared = run("evaluate", "--pairs", pairs, "--compare-to", tmp_path / "cohort.csv").stdout
+    assert "dice: mean ± SD" in compared and "paired comparison with" in compared and "wilcoxon" in compared
+
 
 def test_bad_inputs_give_one_clear_line(tmp_path):
     bogus = tmp_path / "model.pt"

@@ -132,3 +132,22 @@ def test_cohort_statistics_by_hand():
     assert w["p"] == pytest.approx(2 / 64)
     assert format_mean_sd([1.0, 3.0]) == "2.00 ± 1.41"
     assert format_median_iqr([1.0, 2.0, 3.0, 4.0]) == "2.50 [1.75-3.25]"
+
+
+def test_compare_cohorts_pairs_by_case_and_picks_the_papers_test():
+    from PatientFineTuneLib.metrics import compare_cohorts
+
+    def row(case, dice, recall):
+        return {"case": case, "dice": dice, "avd_percent": 10.0, "hd95_mm": 2.0, "lesion_recall": recall,
+                "fp_count": 1, "lesion_precision": 0.5, "lesion_f1": 0.5}
+
+    new = [row(f"p{i}", 0.80 + 0.01 * i, 0.9) for i in range(6)]
+    old = [row(f"p{i}", 0.70 + 0.02 * i, 0.5) for i in reversed(range(6))]  # order must not matter
+    rows = {r["metric"]: r for r in compare_cohorts(new, old)}
+    d = [0.10 - 0.01 * i for i in range(6)]
+    expected_t = np.mean(d) / (np.std(d, ddof=1) / np.sqrt(6))
+    assert rows["dice"]["test"] == "ttest" and rows["dice"]["statistic"] == pytest.approx(expected_t)
+    assert rows["lesion_recall"]["test"] == "wilcoxon" and rows["lesion_recall"]["n"] == 6
+    assert rows["lesion_recall"]["results"] == "0.90 [0.90-0.90]"
+    with pytest.raises(ValueError, match="share no case"):
+        compare_cohorts(new, [row("other", 0.5, 0.5)])
