@@ -37,7 +37,7 @@ BRAIN_GRID = Grid(shape=(48, 240, 240), spacing=(3.0, 0.958, 0.958))
 # suppressed, GM brighter than WM, lesions bright. T1: WM brightest, lesions hypointense.
 # T1c: T1 with enhancing vessels/dura/choroid plexus and enhancing tumour rim.
 BASE_INTENSITY = {
-    "FLAIR": dict(scalp=0.75, marrow=0.45, skull=0.04, csf=0.12, gm=0.82, wm=0.62, deep_gm=0.72, eye=0.15, orbit_fat=0.7, lesion=1.25, mimic=1.15, core=0.9, oedema=0.95, rim=1.0),
+    "FLAIR": dict(scalp=0.75, marrow=0.45, skull=0.04, csf=0.12, gm=0.73, wm=0.62, deep_gm=0.68, eye=0.15, orbit_fat=0.7, lesion=1.25, mimic=1.15, core=0.9, oedema=0.95, rim=1.0),
     "T1": dict(scalp=1.0, marrow=0.8, skull=0.04, csf=0.15, gm=0.55, wm=0.82, deep_gm=0.62, eye=0.12, orbit_fat=1.0, lesion=0.55, mimic=0.2, core=0.3, oedema=0.62, rim=0.6),
     "T1c": dict(scalp=1.0, marrow=0.8, skull=0.04, csf=0.15, gm=0.55, wm=0.8, deep_gm=0.62, eye=0.12, orbit_fat=1.0, lesion=1.0, mimic=1.05, core=0.25, oedema=0.6, rim=1.15),
 }
