@@ -231,7 +231,8 @@ def render_visit(p: BrainPatient, blobs: list[Blob], intensities: dict, pose: Po
     bias = bias_field({"b": (1 - bias_mix) * f["bias"] + bias_mix * f["bias2"]}, "b", p.bias)
     # scanner gain: white matter at ~1000 in every sequence
     values = [{k: v * 1000.0 / intensities[seq]["wm"] for k, v in intensities[seq].items()} for seq in p.sequences]
-    signal = render_channels(weights, values, texture) * bias
+    signal = render_channels(weights, values, texture)
+    signal *= bias
     return add_rician_noise(signal, p.noise * 1000.0, rng), brain_mask, lesion_mask
 
 

@@ -139,7 +139,7 @@ def render_visit(p: dict, blobs, tissues: dict, pose: Pose, rng, bias_mix: float
         ("kidney", soft(ellipsoid_phi(xyz, [68, 58, -40], [24, 30, 48]), w)),
         ("fat", soft(ellipsoid_phi(xyz, [-65, 60, -55], [8, 10, 20]), w)),
         ("fat", soft(ellipsoid_phi(xyz, [68, 58, -40], [8, 10, 20]), w)),
-        ("muscle", soft(_elliptic_cylinder(xyz, (-32, 90), (22, 28)), w) + soft(_elliptic_cylinder(xyz, (32, 90), (22, 28)), w)),
+        ("muscle", np.maximum(soft(_elliptic_cylinder(xyz, (-32, 90), (22, 28)), w), soft(_elliptic_cylinder(xyz, (32, 90), (22, 28)), w))),
         ("bone", soft(_elliptic_cylinder(xyz, (0, 72), (20, 17)), w)),
         ("csf", soft(_elliptic_cylinder(xyz, (0, 98), (7, 7)), w)),
         ("aorta", soft(_elliptic_cylinder(xyz, (12, 48), (11, 11)), w)),
@@ -149,7 +149,6 @@ def render_visit(p: dict, blobs, tissues: dict, pose: Pose, rng, bias_mix: float
         ("vessel", soft(liver_phi + 15, w) * soft((np.abs(f["vessels2"]) - 0.04) * 40, w)),
         ("fluid", soft(ellipsoid_phi(xyz, p["liver_centre"] + [10, -45, -45], [14, 18, 28]), w)),  # gallbladder
     ]
-    layers = [(n, np.clip(o, 0, 1)) for n, o in layers]
     weights = compose(layers, grid.shape)
     organ = (weights["liver"] + weights["vessel"] * (liver_phi < 0)) > 0.5
     inside = soft(liver_phi, w)
@@ -161,16 +160,18 @@ def render_visit(p: dict, blobs, tissues: dict, pose: Pose, rng, bias_mix: float
         overlay(weights, kind, render_blobs([b for b in blobs if b.kind == kind], xyz, grid, pose, f["rough"], w) * inside)
     lesion_mask = (lesions > 0.5) & organ
 
+    # scanner gain: liver at ~1000 before contrast and at b ~ 0
     names = list(tissues)
-    dce = [{n: tissues[n][0] * (1 + uptake(np.array([t]), *tissues[n][1:4], p["arrival"])[0]) for n in names} for t in DCE_TIMES]
-    dwi = [{n: tissues[n][4] * np.exp(-b * tissues[n][5] * 1e-3) for n in names} for b in B_VALUES]
-    texture = {n: 0.05 * f["tex"] for n in ("liver", "spleen", "kidney", "muscle", "bowel")}
-    texture.update({"lesion": 0.2 * f["tex"], "rim": 0.2 * f["tex"]})
+    dce_gain, dwi_gain = 1000.0 / tissues["liver"][0], 1000.0 / tissues["liver"][4]
+    dce = [{n: dce_gain * tissues[n][0] * (1 + uptake(np.array([t]), *tissues[n][1:4], p["arrival"])[0]) for n in names} for t in DCE_TIMES]
+    dwi = [{n: dwi_gain * tissues[n][4] * np.exp(-b * tissues[n][5] * 1e-3) for n in names} for b in B_VALUES]
+    fine, strong = 0.05 * f["tex"], 0.2 * f["tex"]
+    texture = {n: fine for n in ("liver", "spleen", "kidney", "muscle", "bowel")} | {"lesion": strong, "rim": strong}
     bias = bias_field({"b": (1 - bias_mix) * f["bias"] + bias_mix * f["bias2"]}, "b", p["bias"])
-    signal = render_channels(weights, dce + dwi, texture) * bias
-    gain = float(1000.0 / tissues["liver"][0])
-    dce_img = add_rician_noise(signal[:16] * gain, p["noise"] * 1000.0, rng)
-    dwi_img = add_rician_noise(signal[16:] * float(1000.0 / tissues["liver"][4]), p["dwi_noise"] * 1000.0, rng)
+    signal = render_channels(weights, dce + dwi, texture)
+    signal *= bias
+    dce_img = add_rician_noise(signal[:16], p["noise"] * 1000.0, rng)
+    dwi_img = add_rician_noise(signal[16:], p["dwi_noise"] * 1000.0, rng)
     return {"DCE": dce_img, "DWI": dwi_img}, organ, lesion_mask
 
 
