@@ -208,18 +208,20 @@ def normalise(images: np.ndarray, organ: np.ndarray) -> np.ndarray:
     return out
 
 
-def auto_brain_mask(volume: np.ndarray, spacing_zyx: Sequence[float], erosion_mm: float = 4.0) -> np.ndarray:
+def auto_brain_mask(volume: np.ndarray, spacing_zyx: Sequence[float], erosion_mm: float = 6.0) -> np.ndarray:
     """Approximate brain mask of a T1/T2/FLAIR volume, skull on or off.
 
     Method: Gaussian smoothing, Otsu threshold (head or brain vs air), erosion by
     ``erosion_mm`` to cut the thin bridges between brain and scalp, the largest connected
-    component, dilation back by the same distance inside the thresholded head, and hole
-    filling slice by slice.
+    component, then a geodesic dilation back by the same distance that may only grow
+    through above-threshold voxels (so it cannot jump across the dark skull into scalp or
+    marrow), and hole filling slice by slice.
 
-    Limits: a heuristic, not a skull stripper. On skull-on images the scalp and marrow can
-    stay attached where the skull is thin (temporal bone, vertex) and dark lesions on the
-    brain surface may be cut; the eye balls may be included. For accurate results pass a
-    mask from a dedicated tool (SynthStrip, HD-BET, FSL BET) with ``--organ``.
+    Limits: a heuristic, not a skull stripper. It works well on FLAIR and T1 (skull on or
+    off); on T1 post-contrast the enhancing dura, marrow and scalp fat are as bright as
+    brain and parts of them stay attached; the eyes' surroundings may be included and
+    dark lesions on the brain surface may be cut. For accurate results pass a mask from a
+    dedicated tool (SynthStrip, HD-BET, FSL BET) with ``--organ``.
 
     Parameters
     ----------
@@ -236,7 +238,8 @@ def auto_brain_mask(volume: np.ndarray, spacing_zyx: Sequence[float], erosion_mm
         raise ImageError("automatic brain mask found no brain; provide an organ mask (--organ)")
     sizes = ndimage.sum_labels(core, labels, index=np.arange(1, n + 1))
     core = labels == (int(np.argmax(sizes)) + 1)
-    brain = (ndimage.distance_transform_edt(~core, sampling=spacing_zyx) <= erosion_mm) & head
+    steps = int(np.ceil(erosion_mm / min(spacing_zyx)))
+    brain = ndimage.binary_dilation(core, ndimage.generate_binary_structure(3, 1), iterations=steps, mask=head)
     for z in range(brain.shape[0]):
         brain[z] = ndimage.binary_fill_holes(brain[z])
     return brain
