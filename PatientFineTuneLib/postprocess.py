@@ -77,28 +77,29 @@ def lesion_table(
     in NIfTI/NRRD by SimpleITK; Slicer shows RAS: negate x and y). ``extra_maps`` adds the
     mean of each given slice-first map inside each lesion (e.g. probability, uncertainty).
     """
-    n = int(labels.max(initial=0))
-    if n == 0:
-        return []
-    index = np.arange(1, n + 1)
     labels_zyx = from_slices(labels, axis)
-    counts = ndimage.sum_labels(np.ones_like(labels_zyx, dtype=np.int64), labels_zyx, index)
-    centres = ndimage.center_of_mass(np.ones_like(labels_zyx, dtype=np.uint8), labels_zyx, index)
+    maps_zyx = {name: from_slices(values, axis) for name, values in (extra_maps or {}).items()}
     voxel_mm3 = float(np.prod(grid.GetSpacing()))
-    means = {name: ndimage.mean(values, labels, index) for name, values in (extra_maps or {}).items()}
     rows = []
-    for k, (count, centre) in enumerate(zip(counts, centres)):
+    # one small bounding box per lesion: no volume-sized temporaries (a 512x512x200 label
+    # map would otherwise cost several float64 copies)
+    for k, box in enumerate(ndimage.find_objects(labels_zyx)):
+        if box is None:
+            continue
+        inside = labels_zyx[box] == k + 1
+        count = int(inside.sum())
+        centre = np.argwhere(inside).mean(axis=0) + [b.start for b in box]
         x, y, z = grid.TransformContinuousIndexToPhysicalPoint([float(c) for c in centre[::-1]])
         row = {
             "id": k + 1,
-            "voxels": int(count),
-            "volume_mm3": round(float(count) * voxel_mm3, 3),
+            "voxels": count,
+            "volume_mm3": round(count * voxel_mm3, 3),
             "centroid_x_mm": round(x, 2),
             "centroid_y_mm": round(y, 2),
             "centroid_z_mm": round(z, 2),
         }
-        for name, values in means.items():
-            row[f"mean_{name}"] = round(float(values[k]), 4)
+        for name, values in maps_zyx.items():
+            row[f"mean_{name}"] = round(float(values[box][inside].mean()), 4)
         rows.append(row)
     return rows
 
