@@ -109,7 +109,7 @@ def predict_probability(
     # Keep each batch inside the memory budget too, not only each slice.
     per_slice = size[0] * size[1] * activation_bytes_per_pixel(model)
     batch_size = max(1, min(batch_size, memory_budget // max(per_slice, 1)))
-    for done, start in enumerate(range(0, len(todo), batch_size)):
+    for start in range(0, len(todo), batch_size):
         if cancel is not None and cancel():
             raise Cancelled("prediction cancelled")
         idx = todo[start : start + batch_size]

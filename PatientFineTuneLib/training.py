@@ -144,7 +144,7 @@ def train_base_model(
     model: LesionNet,
     train_cases: Sequence[Case],
     training_spacing: Sequence[float],
-    config: TrainingConfig = TrainingConfig(),
+    config: TrainingConfig | None = None,
     val_cases: Sequence[Case] = (),
     device: str | torch.device = "auto",
     checkpoint_path: str | os.PathLike | None = None,
@@ -165,6 +165,7 @@ def train_base_model(
     """
     from tqdm.auto import tqdm
 
+    config = config or TrainingConfig()
     device = resolve_device(device)
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)

@@ -90,7 +90,7 @@ def make_patient(seed: int) -> dict:
     if rng.random() < 0.3:
         tissues["lesion"] = np.array(HYPERVASCULAR_LESION)
         tissues["rim"] = np.array(HYPERVASCULAR_LESION) * [1, 1.2, 1, 1, 1, 1]
-    for name, v in tissues.items():  # patient-specific contrast
+    for v in tissues.values():  # patient-specific contrast
         v[:2] *= np.exp(0.12 * rng.standard_normal(2))
         v[4:] *= np.exp(0.1 * rng.standard_normal(2))
     return {

@@ -42,7 +42,6 @@ def main() -> None:
         memory_benchmark()
         return
 
-    import numpy as np
     import torch
 
     from PatientFineTuneLib.model import LesionNet, count_parameters
@@ -67,7 +66,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for preset in ("brain-wmh", "brain-tumor", "liver-metastases"):
         generate_pair(preset, 100)  # warm-up (imports, allocator)
-        median, best = timed(lambda: generate_pair(preset, 101), 3)
+        median, best = timed(lambda preset=preset: generate_pair(preset, 101), 3)
         print(f"synth {preset}: {median:.2f} s per pair (best {best:.2f} s), one thread")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,7 +98,7 @@ def memory_benchmark() -> None:
     del images
     bundle = ModelBundle(LesionNet((1, 1)).eval(), {"training_spacing_mm": [0.5, 0.5]})
     t = time.perf_counter()
-    result = segment_case(bundle, case, device="cpu")
+    segment_case(bundle, case, device="cpu")
     elapsed = time.perf_counter() - t
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(f"segment 512x512x200 two-sequence volume ({int(organ.any(axis=(1, 2)).sum())} organ slices): "
