@@ -144,20 +144,16 @@ def cmd_train_base(args) -> None:
 # segment
 
 
-def cmd_segment(args) -> None:
-    import numpy as np
-    import SimpleITK as sitk
-
+def _case_for_model(args, bundle, lesions: bool = False):
+    """Load and normalise the case named by --case/--images (+ --organ, --lesions) in the
+    model's sequence order; returns (case, organ path or None)."""
     from .cases import find_image
-    from .images import load_case, prepare_case, write_image
-    from .inference import segment_case
-    from .modelfile import load_model
-    from .postprocess import write_csv
+    from .images import load_case, prepare_case
     from .presets import PRESETS
 
-    bundle = load_model(args.model)
     names = [s["name"] for s in bundle.sequences]
     preset = PRESETS.get(bundle.metadata.get("preset") or "")
+    lesion_path = getattr(args, "lesions", None)
     if args.case:
         folder = Path(args.case)
         paths = [find_image(folder, n) for n in names]
@@ -165,35 +161,64 @@ def cmd_segment(args) -> None:
             missing = [n for n, p in zip(names, paths) if p is None]
             raise FileNotFoundError(f"{folder} has no image for sequence(s) {', '.join(missing)} (expected {', '.join(n + '.nii.gz' for n in names)})")
         organ = args.organ or find_image(folder, "organ")
+        if lesions:
+            lesion_path = lesion_path or find_image(folder, "lesions")
     else:
         if not args.images:
             raise ValueError(f"give --case FOLDER or --images with {len(names)} file(s) in the order {', '.join(names)}")
         paths, organ = args.images, args.organ
-    out = Path(args.out)
-    outputs = {k: out / f for k, f in (("segmentation", "segmentation.nii.gz"), ("labels", "lesion_labels.nii.gz"), ("probability", "probability.nii.gz"), ("table", "lesions.csv"), ("organ", "organ_mask.nii.gz"))}
-    clash = [p for p in outputs.values() if p.exists()]
-    if clash and not args.overwrite:
-        raise FileExistsError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
+    if lesions and lesion_path is None:
+        raise FileNotFoundError("this needs the baseline annotation: --lesions FILE (or lesions.nii.gz in the --case folder)")
     case = load_case(
         paths,
         organ_path=organ,
+        lesion_path=lesion_path if lesions else None,
         expected_channels=[s["channels"] for s in bundle.sequences],
         sequence_names=names,
         resample_to_first=args.resample_to,
         auto_organ=preset.auto_organ_mask if preset else True,
     )
-    prepare_case(case)
-    opening = args.opening if args.opening is not None else bool(preset and preset.opening)
+    return prepare_case(case), organ
+
+
+def _progress_bar(desc: str, unit: str):
     from tqdm.auto import tqdm
 
-    with tqdm(total=1, desc="segment", unit="slice") as bar:
+    bar = tqdm(total=1, desc=desc, unit=unit, mininterval=1.0)
 
-        def progress(done, total):
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+    def update(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
 
-        result = segment_case(bundle, case, opening=opening, threshold=args.threshold, device=args.device, progress=progress)
+    return bar, update
+
+
+def cmd_segment(args) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .images import write_image
+    from .inference import segment_case
+    from .modelfile import load_model
+    from .postprocess import write_csv
+    from .presets import PRESETS
+
+    bundle = load_model(args.model)
+    preset = PRESETS.get(bundle.metadata.get("preset") or "")
+    out = Path(args.out)
+    names = {"segmentation": "segmentation.nii.gz", "labels": "lesion_labels.nii.gz", "probability": "probability.nii.gz",
+             "table": "lesions.csv", "organ": "organ_mask.nii.gz", "uncertainty": "uncertainty_sd.nii.gz", "summary": "uncertainty.json"}
+    outputs = {k: out / f for k, f in names.items()}
+    clash = [p for p in outputs.values() if p.exists()]
+    if clash and not args.overwrite:
+        raise FileExistsError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
+    case, organ = _case_for_model(args, bundle)
+    opening = args.opening if args.opening is not None else bool(preset and preset.opening)
+    bar, progress = _progress_bar("segment", "slice")
+    with bar:
+        result = segment_case(bundle, case, opening=opening, threshold=args.threshold, mc_samples=args.mc_samples,
+                              seed=args.seed, device=args.device, progress=progress)
     write_image(case.to_image(result.mask.astype(np.uint8), sitk.sitkUInt8), outputs["segmentation"], overwrite=args.overwrite)
     write_image(case.to_image(result.labels.astype(np.uint16), sitk.sitkUInt16), outputs["labels"], overwrite=args.overwrite)
     write_image(case.to_image(result.probability), outputs["probability"], overwrite=args.overwrite)
@@ -202,6 +227,54 @@ def cmd_segment(args) -> None:
         write_image(case.to_image(case.organ.astype(np.uint8), sitk.sitkUInt8), outputs["organ"], overwrite=args.overwrite)
     volume = sum(r["volume_mm3"] for r in result.lesions) / 1000
     print(f"{len(result.lesions)} lesion(s), {volume:.2f} mL; outputs in {out}")
+    if result.uncertainty is not None:
+        write_image(case.to_image(result.uncertainty.sd), outputs["uncertainty"], overwrite=args.overwrite)
+        summary = result.summary | {"mc_samples": args.mc_samples, "seed": args.seed}
+        from .files import atomic_write
+
+        atomic_write(outputs["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)), overwrite=args.overwrite)
+        print(f"uncertainty ({args.mc_samples} MC-dropout samples): max SD {summary['max_sd']:.3f}, "
+              f"mean SD in lesions {summary['mean_sd_in_lesions']:.3f}")
+
+
+def cmd_suggest(args) -> None:
+    from .modelfile import load_model
+    from .suggest import suggest_slices
+
+    bundle = load_model(args.model)
+    case, _ = _case_for_model(args, bundle, lesions=args.candidates == "lesion")
+    suggestions = suggest_slices(bundle, case, k=args.k, candidates=args.candidates, ranking=args.ranking, device=args.device)
+    print(json.dumps([s.as_dict() for s in suggestions], indent=2))
+
+
+def cmd_finetune(args) -> None:
+    from .finetune import FinetuneConfig, finetune_patient_model
+    from .modelfile import load_model, save_model
+
+    out = Path(args.out)
+    if out.resolve() == Path(args.model).resolve():
+        raise ValueError("--out is the base model file; the base model is never overwritten, choose another name")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    bundle = load_model(args.model)
+    case, _ = _case_for_model(args, bundle, lesions=True)
+    config = FinetuneConfig(iterations=args.iterations, weighting=None if args.weighting == "none" else args.weighting,
+                            seed=args.seed, n_angles=args.angles, method=args.method)
+    bar, _ = _progress_bar("finetune", "it")
+    bar.total = config.iterations
+    start = time.perf_counter()
+    with bar:
+
+        def progress(iteration, loss):
+            bar.n = iteration
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+        patient = finetune_patient_model(bundle, case, args.slices, config, device=args.device, progress=progress)
+    info = patient.metadata["finetune"]
+    info["wall_time_s"] = round(time.perf_counter() - start, 1)
+    info["command"] = "patient-finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    sha = save_model(patient, out, overwrite=args.overwrite)
+    print(f"fine-tuned on slices {info['slices']} ({info['method']} path, {info['wall_time_s']} s); saved {out} (sha256 {sha[:16]}...)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,7 +393,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--opening", action=argparse.BooleanOptionalAction, default=None, help="per-slice plus opening (default: from the model's preset)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--mc-samples", type=int, default=0, help="MC-dropout samples for the uncertainty map (paper: 25; 0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout masks")
     p.add_argument("--resample-to", action="store_true", help="resample sequences onto the first sequence's grid")
+    p.add_argument("--overwrite", action="store_true")
+
+    def add_case_options(p):
+        p.add_argument("--model", required=True)
+        p.add_argument("--case", help="case folder with one file per sequence (FLAIR.nii.gz, ...)")
+        p.add_argument("--images", nargs="+", help="sequence files in the model's order (instead of --case)")
+        p.add_argument("--organ", help="organ mask (default: organ.* in the case folder, else automatic brain mask)")
+        p.add_argument("--lesions", help="baseline annotation (default: lesions.* in the case folder)")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--resample-to", action="store_true", help="resample sequences onto the first sequence's grid")
+
+    p = add("suggest", cmd_suggest, "Rank baseline slices to annotate: mean lesion softmax closest to 0.5 first.")
+    add_case_options(p)
+    p.add_argument("-k", type=int, default=2, help="how many slices (0 = all, ranked)")
+    p.add_argument("--candidates", choices=["organ", "lesion"], default="organ", help="all organ slices, or only annotated lesion slices")
+    p.add_argument("--ranking", choices=["softmax", "entropy"], default="softmax")
+
+    p = add("finetune", cmd_finetune, "Fine-tune the last two layers of a base model on a patient's annotated baseline.")
+    add_case_options(p)
+    p.add_argument("--out", required=True, help="patient model file to write (never the base model)")
+    p.add_argument("--slices", default="all-lesion", help="all-lesion (default), all-organ, suggested:K, suggested-lesion:K, or indices like 12,20")
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--weighting", choices=["none", "segmentation", "detection"], default="none")
+    p.add_argument("--angles", type=int, default=8, help="fixed rotation angles spanning [-45, 45] degrees")
+    p.add_argument("--method", choices=["auto", "fast", "naive"], default="auto", help="fast: cached backbone features; naive: the reference loop")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
     p = add("evaluate", cmd_evaluate, "Dice, AVD, HD95 and lesion-wise metrics of predictions against ground truth.")

@@ -3,11 +3,13 @@ and halo tiling so large slices fit a memory budget with results identical to on
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from .images import Case, resampled_size, resize_slices
 from .model import LesionNet
@@ -49,32 +51,61 @@ def _tiles(length: int, core: int):
         yield start, min(start + core, length)
 
 
-@torch.no_grad()
-def predict_logits(model: LesionNet, x: torch.Tensor, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
-    """Logits of (N, C, H, W) slices, tiling in-plane when a slice exceeds the budget.
+def windows(model: LesionNet, h: int, w: int, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+    """In-plane windows covering an (h, w) slice within the activation budget.
 
-    Tiles carry a halo of half the receptive field, so every output pixel sees exactly the
-    inputs it would see in one whole-slice pass (zero padding only at the true slice
-    border): tiled and untiled results agree to float rounding.
+    Yields ``(window, crop, target)`` slice pairs: run the network on ``x[..., window]``,
+    keep ``out[..., crop]`` and store it at ``result[..., target]``. Windows carry a halo of
+    half the receptive field, so every kept pixel sees exactly the inputs it would see in
+    one whole-slice pass (zero padding only at the true slice border): tiled and untiled
+    results agree to float rounding.
     """
-    n, _, h, w = x.shape
     per_pixel = activation_bytes_per_pixel(model)
-    if n * h * w * per_pixel <= memory_budget:
-        return model(x)
-    if n > 1:
-        return torch.cat([predict_logits(model, x[i : i + 1], memory_budget) for i in range(n)])
+    if h * w * per_pixel <= memory_budget:
+        whole = (slice(0, h), slice(0, w))
+        yield whole, whole, whole
+        return
     halo = (model.receptive_field() - 1) // 2
-    # Largest square core whose haloed window fits the budget (at least 32 px).
-    window = int((memory_budget / per_pixel) ** 0.5)
-    core = max(32, window - 2 * halo)
-    out = torch.empty((1, model.n_classes, h, w), dtype=x.dtype, device=x.device)
+    # largest square core whose haloed window fits the budget (at least 32 px)
+    core = max(32, int((memory_budget / per_pixel) ** 0.5) - 2 * halo)
     for r0, r1 in _tiles(h, core):
         for c0, c1 in _tiles(w, core):
             wr0, wr1 = max(0, r0 - halo), min(h, r1 + halo)
             wc0, wc1 = max(0, c0 - halo), min(w, c1 + halo)
-            tile = model(x[:, :, wr0:wr1, wc0:wc1])
-            out[:, :, r0:r1, c0:c1] = tile[:, :, r0 - wr0 : r1 - wr0, c0 - wc0 : c1 - wc0]
+            yield (
+                (slice(wr0, wr1), slice(wc0, wc1)),
+                (slice(r0 - wr0, r1 - wr0), slice(c0 - wc0, c1 - wc0)),
+                (slice(r0, r1), slice(c0, c1)),
+            )
+
+
+@torch.no_grad()
+def predict_logits(model: LesionNet, x: torch.Tensor, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+    """Logits of (N, C, H, W) slices, tiling in-plane when a slice exceeds the budget."""
+    n, _, h, w = x.shape
+    if n * h * w * activation_bytes_per_pixel(model) <= memory_budget:
+        return model(x)
+    out = torch.empty((n, model.n_classes, h, w), dtype=x.dtype, device=x.device)
+    for i in range(n):
+        for window, crop, target in windows(model, h, w, memory_budget):
+            out[i : i + 1, :, target[0], target[1]] = model(x[i : i + 1, :, window[0], window[1]])[:, :, crop[0], crop[1]]
     return out
+
+
+@contextmanager
+def mc_dropout_mode(model: nn.Module):
+    """Monte-Carlo dropout: Dropout layers sample, everything else (BatchNorm) stays in
+    evaluation mode; the previous modes are restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.train()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def organ_slices(case: Case) -> np.ndarray:
@@ -124,6 +155,94 @@ def predict_probability(
 
 
 @dataclass
+class Uncertainty:
+    """Monte-Carlo dropout result (slice-first arrays on the case's grid)."""
+
+    mean: np.ndarray  # mean lesion probability over the samples
+    sd: np.ndarray  # per-voxel standard deviation of the lesion probability
+    n_samples: int
+
+
+@torch.no_grad()
+def predict_with_uncertainty(
+    bundle: ModelBundle,
+    case: Case,
+    n_samples: int = 25,
+    seed: int = 0,
+    method: str = "fast",
+    device: str | torch.device = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, Uncertainty]:
+    """Deterministic lesion probability plus MC-dropout mean and SD, per voxel.
+
+    Only the Dropout layers sample (BatchNorm stays in evaluation mode). Dropout sits only
+    in the head, so the ``"fast"`` method computes the backbone features once per slice
+    and re-runs the head ``n_samples`` times; ``"naive"`` runs the whole network per
+    sample. Dropout masks are drawn from a generator seeded by (seed, slice), so both
+    methods see the same masks and agree to float rounding.
+
+    Returns
+    -------
+    probability : (S, H, W) deterministic lesion probability (as :func:`predict_probability`)
+    uncertainty : :class:`Uncertainty` with the MC mean and SD (population SD over samples)
+    """
+    if method not in ("fast", "naive"):
+        raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
+    if n_samples < 2:
+        raise ValueError("MC dropout needs at least 2 samples")
+    device = resolve_device(device)
+    model = bundle.model.to(device).eval()
+    _, n_slices, h, w = case.images.shape
+    size = resampled_size((h, w), case.spacing, bundle.training_spacing)
+    outputs = {k: np.zeros((n_slices, h, w), dtype=np.float32) for k in ("probability", "mean", "sd")}
+    todo = organ_slices(case)
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        for done, s in enumerate(todo):
+            if cancel is not None and cancel():
+                raise Cancelled("prediction cancelled")
+            _uncertainty_of_slice(model, case, s, size, n_samples, seed, method, memory_budget, outputs, device)
+            if progress is not None:
+                progress(done + 1, len(todo))
+    for v in outputs.values():
+        v[~case.organ] = 0.0
+    return outputs["probability"], Uncertainty(outputs["mean"], outputs["sd"], n_samples)
+
+
+def _uncertainty_of_slice(model, case, s, size, n_samples, seed, method, memory_budget, outputs, device) -> None:
+    """Deterministic, MC mean and MC SD of one slice into ``outputs`` (see
+    :func:`predict_with_uncertainty`)."""
+    h, w = case.images.shape[-2:]
+    x = resize_slices(torch.from_numpy(np.ascontiguousarray(case.images[:, s]))[None].to(device), size)
+    result = {k: torch.empty((1, 1, *size), device=device) for k in outputs}
+    torch.manual_seed(seed * 1_000_003 + int(s))
+    for window, crop, target in windows(model, *size, memory_budget):
+        xw = x[:, :, window[0], window[1]]
+        features = model.features(xw)
+        result["probability"][..., target[0], target[1]] = torch.softmax(model.head(features), 1)[:, 1:2][..., crop[0], crop[1]]
+        with mc_dropout_mode(model):
+            samples = torch.cat([
+                torch.softmax(model.head(features) if method == "fast" else model(xw), 1)[:, 1:2]
+                for _ in range(n_samples)
+            ])
+        result["mean"][..., target[0], target[1]] = samples.mean(0, keepdim=True)[..., crop[0], crop[1]]
+        result["sd"][..., target[0], target[1]] = samples.std(0, unbiased=False, keepdim=True)[..., crop[0], crop[1]]
+    for k, v in result.items():
+        outputs[k][s] = resize_slices(v, (h, w))[0, 0].clamp_(min=0).cpu().numpy()
+
+
+def uncertainty_summary(sd: np.ndarray, lesions: np.ndarray, organ: np.ndarray) -> dict:
+    """The paper's summary numbers: mean SD inside detected lesions (detection) and the
+    maximum SD over the organ (segmentation); NaN when there is nothing to measure."""
+    return {
+        "mean_sd_in_lesions": float(sd[lesions].mean()) if lesions.any() else float("nan"),
+        "max_sd": float(sd[organ].max()) if organ.any() else float("nan"),
+    }
+
+
+@dataclass
 class Segmentation:
     """Result of segmenting one case (slice-first arrays on the case's grid)."""
 
@@ -131,6 +250,8 @@ class Segmentation:
     mask: np.ndarray
     labels: np.ndarray
     lesions: list[dict]
+    uncertainty: Uncertainty | None = None
+    summary: dict | None = None
 
 
 def segment_case(
@@ -138,12 +259,24 @@ def segment_case(
     case: Case,
     opening: bool = False,
     threshold: float = 0.5,
+    mc_samples: int = 0,
+    seed: int = 0,
     **predict_kwargs,
 ) -> Segmentation:
     """Predict, post-process (threshold, 3x3x3 closing, optional plus opening) and label
-    the lesions of a normalised case."""
-    probability = predict_probability(bundle, case, **predict_kwargs)
+    the lesions of a normalised case; with ``mc_samples`` > 0 also the MC-dropout
+    uncertainty (fast path), its summary, and each lesion's mean SD."""
+    uncertainty = None
+    if mc_samples:
+        probability, uncertainty = predict_with_uncertainty(bundle, case, n_samples=mc_samples, seed=seed, **predict_kwargs)
+    else:
+        probability = predict_probability(bundle, case, **predict_kwargs)
     mask = postprocess(probability, case.organ, opening=opening, threshold=threshold)
     labels, _ = label_lesions(mask)
-    table = lesion_table(labels, case.grid, case.axis, extra_maps={"probability": probability})
-    return Segmentation(probability=probability, mask=mask, labels=labels, lesions=table)
+    maps = {"probability": probability}
+    summary = None
+    if uncertainty is not None:
+        maps["sd"] = uncertainty.sd
+        summary = uncertainty_summary(uncertainty.sd, mask, case.organ)
+    table = lesion_table(labels, case.grid, case.axis, extra_maps=maps)
+    return Segmentation(probability=probability, mask=mask, labels=labels, lesions=table, uncertainty=uncertainty, summary=summary)

@@ -16,7 +16,7 @@ def run(*args, check=True):
     return proc
 
 
-@pytest.mark.parametrize("verb", ["synth", "train-base", "segment", "evaluate", "info", "demo"])
+@pytest.mark.parametrize("verb", ["synth", "train-base", "segment", "suggest", "finetune", "evaluate", "info", "demo"])
 def test_every_verb_has_help(verb):
     out = run(verb, "--help").stdout
     assert "usage: patient-finetune " + verb in out
@@ -38,8 +38,22 @@ def test_synth_train_segment_evaluate(tmp_path):
     assert info["preset"] == "brain-wmh" and info["receptive_field_px"] == 123
     assert info["training"]["config"]["iterations"] == 3 and "train-base" in info["training"]["command"]
 
+    baseline = data / "patient000" / "baseline"
+    suggested = json.loads(run("suggest", "--model", model, "--case", baseline, "-k", "2", "--candidates", "lesion").stdout)
+    assert len(suggested) == 2 and {"slice", "score", "centre_ras_mm"} <= set(suggested[0])
+    same = run("finetune", "--model", model, "--case", baseline, "--out", model, check=False)
+    assert same.returncode == 2 and "never overwritten" in same.stderr
+    patient = tmp_path / "patient.pt"
+    run("finetune", "--model", model, "--case", baseline, "--slices", "suggested-lesion:2", "--iterations", "3", "--angles", "2", "--out", patient)
+    tuned = json.loads(run("info", patient).stdout)["finetune"]
+    assert tuned["slices"] == [s["slice"] for s in suggested] and tuned["base_model_sha256"] == info["sha256"]
+
     out = tmp_path / "seg"
     followup = data / "patient000" / "followup"
+    run("segment", "--model", patient, "--case", followup, "--out", tmp_path / "seg-mc", "--mc-samples", "3")
+    summary = json.loads((tmp_path / "seg-mc" / "uncertainty.json").read_text())
+    assert summary["mc_samples"] == 3 and summary["max_sd"] >= 0
+    assert sitk.ReadImage(str(tmp_path / "seg-mc" / "uncertainty_sd.nii.gz")).GetSize() == sitk.ReadImage(str(followup / "FLAIR.nii.gz")).GetSize()
     run("segment", "--model", model, "--case", followup, "--out", out)
     flair = sitk.ReadImage(str(followup / "FLAIR.nii.gz"))
     for name in ("segmentation.nii.gz", "lesion_labels.nii.gz", "probability.nii.gz"):

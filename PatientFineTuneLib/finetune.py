@@ -1,0 +1,273 @@
+"""Patient-specific fine-tuning (seed 000): retrain only the last two layers of the base
+network on the patient's annotated baseline slices.
+
+From each chosen slice five 128x128 patches are taken (the four corners of the organ's
+bounding box and its centre) and rotated. The backbone is frozen, so its output for a
+given (slice, patch, angle) never changes: the *fast* path computes it once, caches it and
+trains only the head on cached features; the *naive* path runs the whole network every
+iteration and is kept as the reference. Both draw the same patches, angles and dropout
+masks from (seed, iteration), so they give the same model up to float rounding.
+
+Difference from the paper: rotation angles come from a fixed set of ``n_angles`` values
+spanning [-45, 45] degrees instead of a continuous uniform draw, so that features can be
+reused. (The naive path uses the same set, to stay comparable.)
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .images import Case, resampled_size, resize_slices
+from .inference import Cancelled, predict_probability, resolve_device
+from .modelfile import ModelBundle
+from .patches import corner_and_centre_patch_centres, extract_patches
+from .postprocess import postprocess
+from .weighting import weight_map
+
+#: Default upper bound for the fast path's feature cache (bytes).
+DEFAULT_CACHE_BUDGET = 4 << 30
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of patient-specific fine-tuning; defaults are the paper's."""
+
+    iterations: int = 100
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    class_weights: tuple[float, float] = (1.0, 5.0)
+    patch_size: int = 128
+    max_rotation_deg: float = 45.0
+    n_angles: int = 8
+    weighting: str | None = None  # None, "segmentation" or "detection"
+    seed: int = 0
+    method: str = "auto"  # "fast", "naive" or "auto"
+
+    def angles(self) -> np.ndarray:
+        if self.n_angles == 1:
+            return np.zeros(1)
+        return np.linspace(-self.max_rotation_deg, self.max_rotation_deg, self.n_angles)
+
+
+@dataclass
+class FinetuneData:
+    """The chosen slices at the model's spacing, with their patch centres."""
+
+    slices: list[int]
+    images: list[torch.Tensor]  # (C, H, W)
+    labels: list[torch.Tensor]  # (1, H, W) 0/1
+    weights: list[torch.Tensor] | None  # (1, H, W) pixel weights, or None for class weights
+    centres: list[np.ndarray]  # (5, 2)
+    angles: np.ndarray
+
+
+def select_slices(spec: str | Sequence[int], case: Case, bundle: ModelBundle | None = None, **predict_kwargs) -> list[int]:
+    """Slice indices from a selection: ``"all-lesion"`` (default of the paper),
+    ``"all-organ"``, ``"suggested:K"`` (K suggested among organ slices),
+    ``"suggested-lesion:K"`` (K suggested among annotated lesion slices), explicit indices
+    (``"3,7"`` or a list)."""
+    from .suggest import suggest_slices
+
+    if not isinstance(spec, str):
+        return [int(s) for s in spec]
+    if spec == "all-lesion":
+        return case.lesion_slices()
+    if spec == "all-organ":
+        return [int(s) for s in np.flatnonzero(case.organ.any(axis=(1, 2)))]
+    for prefix, candidates in (("suggested:", "organ"), ("suggested-lesion:", "lesion")):
+        if spec.startswith(prefix):
+            if bundle is None:
+                raise ValueError("suggested slices need the base model")
+            k = int(spec[len(prefix):])
+            return [s.index for s in suggest_slices(bundle, case, k=k, candidates=candidates, **predict_kwargs)]
+    try:
+        return [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"unknown slice selection {spec!r}: use all-lesion, all-organ, suggested:K, suggested-lesion:K or indices like 3,7") from None
+
+
+def prepare_finetune_data(
+    bundle: ModelBundle,
+    case: Case,
+    slices: Sequence[int],
+    config: FinetuneConfig,
+    allow_empty: bool = False,
+    device: str | torch.device = "cpu",
+) -> FinetuneData:
+    """Check the chosen slices and cut them out at the model's spacing.
+
+    Raises ValueError before any training for: no annotation, a slice outside the volume,
+    a slice without organ, or (unless ``allow_empty``) a slice without annotated lesion.
+    """
+    if case.lesions is None:
+        raise ValueError("fine-tuning needs the baseline annotation (lesion mask)")
+    if not slices:
+        raise ValueError("no slice chosen for fine-tuning (the baseline annotation has no lesion slice?)")
+    n = case.organ.shape[0]
+    for s in slices:
+        if not 0 <= s < n:
+            raise ValueError(f"slice {s} is outside the volume (slices 0..{n - 1})")
+        if not case.organ[s].any():
+            raise ValueError(f"slice {s} has no organ pixels; choose a slice inside the organ")
+        if not allow_empty and not case.lesions[s].any():
+            raise ValueError(f"slice {s} has no annotated lesion; annotate the lesions on it (or choose another slice) before fine-tuning")
+    pixel_weights = None
+    if config.weighting:
+        # the base model's own result on the baseline decides where it must learn most
+        prediction = postprocess(predict_probability(bundle, case, device=device), case.organ, opening=_opening(bundle))
+        pixel_weights = weight_map(config.weighting, prediction, case.lesions)
+    size = resampled_size(case.images.shape[-2:], case.spacing, bundle.training_spacing)
+    data = FinetuneData(list(slices), [], [], [] if pixel_weights is not None else None, [], config.angles())
+    for s in slices:
+        data.images.append(resize_slices(torch.from_numpy(np.ascontiguousarray(case.images[:, s]))[None], size)[0])
+        masks = [case.lesions[s], case.organ[s]] + ([pixel_weights[s]] if pixel_weights is not None else [])
+        resized = resize_slices(torch.from_numpy(np.stack(masks).astype(np.float32))[None], size, label=True)[0]
+        data.labels.append(resized[0:1])
+        if data.weights is not None:
+            data.weights.append(resized[2:3])
+        data.centres.append(corner_and_centre_patch_centres(resized[1].numpy() > 0, config.patch_size))
+    return data
+
+
+def _opening(bundle: ModelBundle) -> bool:
+    from .presets import PRESETS
+
+    preset = PRESETS.get(bundle.metadata.get("preset") or "")
+    return bool(preset and preset.opening)
+
+
+def draw_batch(data: FinetuneData, config: FinetuneConfig, iteration: int) -> list[tuple[int, int, int]]:
+    """(slice, patch, angle) index triples of one iteration, from (seed, iteration)."""
+    rng = np.random.default_rng([config.seed, iteration, 0xF1])
+    return [
+        (int(rng.integers(len(data.images))), int(rng.integers(len(data.centres[0]))), int(rng.integers(len(data.angles))))
+        for _ in range(config.batch_size)
+    ]
+
+
+def _patch(data: FinetuneData, pick: tuple[int, int, int], size: int, what: str) -> torch.Tensor:
+    k, j, a = pick
+    source = {"image": data.images, "label": data.labels, "weight": data.weights}[what][k]
+    return extract_patches(source, data.centres[k][j], [data.angles[a]], size, label=what != "image")
+
+
+def choose_method(data: FinetuneData, config: FinetuneConfig, feature_bytes: int, cache_budget: int = DEFAULT_CACHE_BUDGET) -> str:
+    """``"fast"`` when caching is worth it and fits in memory, else ``"naive"``.
+
+    The fast path computes each distinct (slice, patch, angle) input once; the naive path
+    computes one per draw. With many slices most draws are distinct, the cache gains
+    nothing and would need memory for every input.
+    """
+    if config.method in ("fast", "naive"):
+        return config.method
+    distinct = len(data.images) * len(data.centres[0]) * len(data.angles)
+    draws = config.iterations * config.batch_size
+    expected_distinct = distinct * (1 - (1 - 1 / distinct) ** draws)
+    if expected_distinct * feature_bytes > cache_budget or expected_distinct > 0.7 * draws:
+        return "naive"
+    return "fast"
+
+
+def finetune_patient_model(
+    bundle: ModelBundle,
+    case: Case,
+    slices: str | Sequence[int] = "all-lesion",
+    config: FinetuneConfig | None = None,
+    device: str | torch.device = "auto",
+    progress: Callable[[int, float], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    allow_empty: bool = False,
+) -> ModelBundle:
+    """Fine-tune a copy of the base model to one patient; the base model is untouched.
+
+    Parameters
+    ----------
+    case : the normalised baseline with its annotation.
+    slices : a selection understood by :func:`select_slices`.
+    progress : called as ``progress(iteration, loss)`` after every iteration.
+    cancel : checked before every iteration; if it returns True, :class:`Cancelled` is
+        raised and nothing is returned or written.
+
+    Returns
+    -------
+    ModelBundle
+        The patient model with provenance in ``metadata["finetune"]``.
+    """
+    config = config or FinetuneConfig()
+    device = resolve_device(device)
+    chosen = select_slices(slices, case, bundle, device=device)
+    data = prepare_finetune_data(bundle, case, chosen, config, allow_empty, device)
+
+    model = copy.deepcopy(bundle.model).to(device).eval()  # backbone BN keeps its statistics
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = model.head_modules()
+    head.train()
+    for p in head.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.learning_rate)
+    class_weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
+    feature_bytes = 4 * model.feature_channels * config.patch_size**2
+    method = choose_method(data, config, feature_bytes)
+    cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def features_of(picks):
+        if method == "naive":
+            x = torch.cat([_patch(data, p, config.patch_size, "image") for p in picks]).to(device)
+            with torch.no_grad():
+                return model.features(x)
+        missing = list(dict.fromkeys(p for p in picks if p not in cache))
+        if missing:
+            x = torch.cat([_patch(data, p, config.patch_size, "image") for p in missing]).to(device)
+            with torch.no_grad():
+                for p, f in zip(missing, model.features(x)):
+                    cache[p] = f
+        return torch.stack([cache[p] for p in picks])
+
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    losses = []
+    with torch.random.fork_rng(devices=fork_devices):
+        for iteration in range(config.iterations):
+            if cancel is not None and cancel():
+                raise Cancelled(f"fine-tuning cancelled at iteration {iteration}")
+            picks = draw_batch(data, config, iteration)
+            features = features_of(picks)
+            target = torch.cat([_patch(data, p, config.patch_size, "label") for p in picks])[:, 0].round().long().to(device)
+            torch.manual_seed(config.seed * 1_000_003 + iteration)  # dropout masks of this iteration
+            logits = model.head(features)
+            if data.weights is None:
+                loss = F.cross_entropy(logits, target, weight=class_weights)
+            else:
+                w = torch.cat([_patch(data, p, config.patch_size, "weight") for p in picks])[:, 0].to(device)
+                loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum().clamp_min(1e-6)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if progress is not None:
+                progress(iteration + 1, losses[-1])
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    metadata = copy.deepcopy(bundle.metadata)
+    metadata.pop("sha256", None)
+    metadata["finetune"] = {
+        "base_model_sha256": bundle.sha256,
+        "slices": chosen,
+        "slice_selection": slices if isinstance(slices, str) else "explicit",
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "method": method,
+        "final_loss": losses[-1] if losses else None,
+        "case": case.sources,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "software_version": __version__,
+    }
+    return ModelBundle(model, metadata)

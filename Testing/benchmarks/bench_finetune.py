@@ -1,0 +1,102 @@
+"""Fine-tuning and MC-dropout speed: fast paths against the naive reference, in one run.
+
+    python Testing/benchmarks/bench_finetune.py [--iterations 100] [--width 64] [--mc-slices 8]
+
+On one synthetic brain-wmh patient (240x240x48, FLAIR + T1) with a paper-width network
+(weights untrained: speed does not depend on them):
+  (a) fine-tuning, 2 suggested-size slice set and all lesion slices: naive loop (whole
+      network every iteration) vs the fast path (cached backbone features), and the floor
+      (the same number of head-only iterations on precomputed features);
+  (b) 25-sample MC dropout: naive (25 full passes) vs fast (backbone once, head 25 times)
+      vs one deterministic pass, on ``--mc-slices`` slices.
+Prints times, ratios and the peak resident memory of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--mc-slices", type=int, default=8, help="slices used for the MC-dropout timing")
+    parser.add_argument("--samples", type=int, default=25)
+    parser.add_argument("--skip-all-lesion", action="store_true")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model, prepare_finetune_data
+    from PatientFineTuneLib.images import Case
+    from PatientFineTuneLib.inference import predict_probability, predict_with_uncertainty
+    from PatientFineTuneLib.model import LesionNet
+    from PatientFineTuneLib.modelfile import ModelBundle
+    from PatientFineTuneLib.synth import generate_pair
+    from PatientFineTuneLib.synth.common import to_image
+    from PatientFineTuneLib.images import normalise, slice_axis, to_slices
+
+    pair = generate_pair("brain-wmh", 0)
+    visit = pair["visits"]["baseline"]
+    grid = to_image(visit["organ"].astype(np.float32), pair["grid"])
+    axis = slice_axis(grid)
+    images = np.stack([visit["images"]["FLAIR"], visit["images"]["T1"]])
+    case = Case(normalise(to_slices(images, axis), to_slices(visit["organ"], axis)), to_slices(visit["organ"], axis),
+                to_slices(visit["lesions"], axis), grid, axis)
+    torch.manual_seed(0)
+    bundle = ModelBundle(LesionNet((1, 1), width=args.width).eval(), {"training_spacing_mm": [0.958, 0.958]})
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), width {args.width}, {args.iterations} iterations")
+
+    lesion_slices = case.lesion_slices()
+    # two slices with the most lesion: stands in for "2 suggested slices" (the choice does not change speed)
+    two = sorted(lesion_slices, key=lambda s: -case.lesions[s].sum())[:2]
+    sets = [("2 slices", two)] + ([] if args.skip_all_lesion else [(f"all {len(lesion_slices)} lesion slices", lesion_slices)])
+    for name, slices in sets:
+        times = {}
+        for method in ("naive", "fast", "auto"):
+            config = FinetuneConfig(iterations=args.iterations, method=method)
+            t = time.perf_counter()
+            finetune_patient_model(bundle, case, slices, config, device="cpu")
+            times[method] = time.perf_counter() - t
+        # floor: the head's own training on features that are already there
+        config = FinetuneConfig(iterations=args.iterations)
+        data = prepare_finetune_data(bundle, case, slices, config)
+        head = LesionNet((1, 1), width=args.width).classifier.train()
+        optimizer = torch.optim.Adam(head.parameters(), lr=1e-4)
+        features = torch.randn(4, bundle.model.feature_channels, 128, 128)
+        target = torch.randint(0, 2, (4, 128, 128))
+        t = time.perf_counter()
+        for _ in range(args.iterations):
+            loss = F.cross_entropy(head(features), target, weight=torch.tensor([1.0, 5.0]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        floor = time.perf_counter() - t
+        print(f"fine-tune, {name}: naive {times['naive']:.1f} s, fast {times['fast']:.1f} s, auto {times['auto']:.1f} s, "
+              f"head-only floor {floor:.1f} s -> naive/fast {times['naive'] / times['fast']:.2f}x, "
+              f"fast/floor {times['fast'] / floor:.2f}x, naive/auto {times['naive'] / times['auto']:.2f}x "
+              f"({len(data.images) * 5 * len(data.angles)} distinct patch inputs)")
+
+    organ_slices = np.flatnonzero(case.organ.any(axis=(1, 2)))
+    keep = organ_slices[len(organ_slices) // 2 - args.mc_slices // 2:][: args.mc_slices]
+    sub = Case(case.images, case.organ & np.isin(np.arange(case.organ.shape[0]), keep)[:, None, None], None, grid, axis)
+    t = time.perf_counter()
+    predict_probability(bundle, sub, device="cpu")
+    one = time.perf_counter() - t
+    mc = {}
+    for method in ("naive", "fast"):
+        t = time.perf_counter()
+        predict_with_uncertainty(bundle, sub, n_samples=args.samples, method=method, device="cpu")
+        mc[method] = time.perf_counter() - t
+    print(f"MC dropout, {args.samples} samples, {len(keep)} slices of 240x240: one deterministic pass {one:.1f} s, "
+          f"naive {mc['naive']:.1f} s ({mc['naive'] / one:.1f}x), fast {mc['fast']:.1f} s ({mc['fast'] / one:.2f}x)")
+    print(f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

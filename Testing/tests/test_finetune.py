@@ -1,0 +1,172 @@
+"""Patient-specific fine-tuning, slice suggestion, weighting and MC dropout."""
+
+import numpy as np
+import pytest
+import torch
+
+from PatientFineTuneLib.cases import find_cases
+from PatientFineTuneLib.finetune import FinetuneConfig, draw_batch, finetune_patient_model, prepare_finetune_data, select_slices
+from PatientFineTuneLib.images import load_case, prepare_case
+from PatientFineTuneLib.inference import Cancelled, predict_probability, predict_with_uncertainty, segment_case
+from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata, save_model
+from PatientFineTuneLib.suggest import rank_slices, suggest_slices
+from PatientFineTuneLib.weighting import detection_weights, segmentation_weights
+
+from conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def baseline(small_pair_dir):
+    f = find_cases(small_pair_dir / "baseline", ["FLAIR", "T1"])[0]
+    return prepare_case(load_case(f.sequences, f.organ, f.lesions))
+
+
+@pytest.fixture()
+def bundle():
+    model = tiny_model(width=4)
+    meta = make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0), preset="brain-wmh")
+    return ModelBundle(model, meta)
+
+
+CONFIG = dict(iterations=4, patch_size=64, n_angles=3)
+
+
+def test_only_the_last_two_layers_change(bundle, baseline):
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    patient = finetune_patient_model(bundle, baseline, baseline.lesion_slices()[:2], FinetuneConfig(**CONFIG), device="cpu")
+    after = patient.model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("classifier.") for k in changed)
+    assert {"classifier.1.weight", "classifier.5.weight"} <= changed
+    # every backbone parameter and BatchNorm running statistic is bit-identical
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("pathways."))
+    # the base model object itself is untouched
+    assert all(torch.equal(bundle.model.state_dict()[k], before[k]) for k in before)
+    assert patient.metadata["finetune"]["slices"] == baseline.lesion_slices()[:2]
+
+
+def test_fast_and_naive_paths_agree(bundle, baseline):
+    slices = baseline.lesion_slices()[:2]
+    fast = finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**CONFIG, method="fast"), device="cpu")
+    naive = finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**CONFIG, method="naive"), device="cpu")
+    a, b = fast.model.state_dict(), naive.model.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    assert fast.metadata["finetune"]["method"] == "fast" and naive.metadata["finetune"]["method"] == "naive"
+
+
+def test_same_seed_same_model_and_progress_is_reported(bundle, baseline):
+    calls = []
+    a = finetune_patient_model(bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG), device="cpu", progress=lambda i, loss: calls.append((i, loss)))
+    b = finetune_patient_model(bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG), device="cpu")
+    assert all(torch.equal(a.model.state_dict()[k], b.model.state_dict()[k]) for k in a.model.state_dict())
+    assert [i for i, _ in calls] == [1, 2, 3, 4] and all(np.isfinite(loss) for _, loss in calls)
+
+
+def test_cancel_returns_nothing_and_writes_nothing(bundle, baseline, tmp_path):
+    with pytest.raises(Cancelled):
+        finetune_patient_model(bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG), device="cpu", cancel=lambda: True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_slice_choices_fail_before_training(bundle, baseline):
+    empty = next(s for s in range(baseline.organ.shape[0]) if baseline.organ[s].any() and not baseline.lesions[s].any())
+    outside = baseline.lesion_slices()[0]
+    organ = baseline.organ.copy()
+    organ[outside] = False  # the organ mask says this slice lies outside the organ
+    cut = type(baseline)(baseline.images, organ, baseline.lesions, baseline.grid, baseline.axis)
+    config = FinetuneConfig(**CONFIG)
+    with pytest.raises(ValueError, match=f"slice {empty} has no annotated lesion"):
+        finetune_patient_model(bundle, baseline, [empty], config, device="cpu")
+    with pytest.raises(ValueError, match=f"slice {outside} has no organ"):
+        finetune_patient_model(bundle, cut, [outside], config, device="cpu")
+    with pytest.raises(ValueError, match="outside the volume"):
+        finetune_patient_model(bundle, baseline, [999], config, device="cpu")
+    with pytest.raises(ValueError, match="unknown slice selection"):
+        select_slices("best", baseline)
+
+
+def test_patches_are_the_bbox_corners_and_centre_at_fixed_angles(bundle, baseline):
+    config = FinetuneConfig(**CONFIG)
+    data = prepare_finetune_data(bundle, baseline, baseline.lesion_slices()[:1], config)
+    assert data.centres[0].shape == (5, 2)
+    assert np.allclose(data.angles, [-45, 0, 45])
+    picks = draw_batch(data, config, 0)
+    assert picks == draw_batch(data, config, 0) and len(picks) == 4
+
+
+def test_weighted_fine_tuning_runs(bundle, baseline):
+    for scheme in ("segmentation", "detection"):
+        patient = finetune_patient_model(bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG, weighting=scheme), device="cpu")
+        assert patient.metadata["finetune"]["config"]["weighting"] == scheme
+
+
+def test_segmentation_weights_by_hand():
+    gt = np.array([[[0, 1, 1, 0]]], bool)
+    pred = np.array([[[1, 1, 0, 0]]], bool)
+    assert segmentation_weights(pred, gt).tolist() == [[[5, 2, 5, 1]]]
+
+
+def test_detection_weights_by_hand():
+    z = np.zeros((1, 3, 12), bool)
+    gt, pred = z.copy(), z.copy()
+    gt[0, 1, 1:4] = True  # lesion A, detected
+    pred[0, 1, 2:6] = True  # overlaps A, over-segments to the right
+    gt[0, 1, 8] = True  # lesion B, missed
+    pred[0, 1, 10:12] = True  # a false-positive object
+    w = detection_weights(pred, gt)[0, 1]
+    #            0  1  2  3  4  5  6  7  8  9 10 11
+    expected = [1, 0, 2, 2, 0, 0, 1, 1, 5, 1, 1, 1]
+    assert w.tolist() == expected
+
+
+def test_slice_ranking_by_hand():
+    organ = np.ones((4, 2, 2), bool)
+    p = np.stack([np.full((2, 2), v) for v in (0.1, 0.45, 0.62, 0.5)]).astype(np.float32)
+    ranked = rank_slices(p, organ, np.arange(4))
+    assert [r[0] for r in ranked] == [3, 1, 2, 0]
+    assert ranked[1][1] == pytest.approx(0.05)
+    # entropy: the slice at 0.5 is the most uncertain
+    assert rank_slices(p, organ, np.arange(4), "entropy")[0][0] == 3
+
+
+def test_suggest_slices_returns_positions(bundle, baseline):
+    suggestions = suggest_slices(bundle, baseline, k=2, device="cpu")
+    assert len(suggestions) == 2 and suggestions[0].score <= suggestions[1].score
+    for s in suggestions:
+        assert baseline.organ[s.index].any()
+        d = s.as_dict()
+        assert d["centre_ras_mm"][0] == -d["centre_lps_mm"][0]
+    lesion_only = suggest_slices(bundle, baseline, k=0, candidates="lesion", device="cpu")
+    assert sorted(s.index for s in lesion_only) == baseline.lesion_slices()
+
+
+def test_mc_dropout_fast_equals_naive_and_has_spread(bundle, baseline):
+    fast_p, fast = predict_with_uncertainty(bundle, baseline, n_samples=5, seed=3, method="fast", device="cpu")
+    naive_p, naive = predict_with_uncertainty(bundle, baseline, n_samples=5, seed=3, method="naive", device="cpu")
+    assert np.allclose(fast.mean, naive.mean, atol=1e-5) and np.allclose(fast.sd, naive.sd, atol=1e-5)
+    assert np.allclose(fast_p, predict_probability(bundle, baseline, device="cpu"), atol=1e-5)
+    assert fast.sd.max() > 0 and np.all(fast.sd[~baseline.organ] == 0)
+    # BatchNorm stayed in evaluation mode and modes were restored
+    assert not any(m.training for m in bundle.model.modules())
+
+
+def test_segment_with_uncertainty_summary(bundle, baseline):
+    result = segment_case(bundle, baseline, mc_samples=3, device="cpu", threshold=0.3)
+    assert set(result.summary) == {"mean_sd_in_lesions", "max_sd"}
+    assert result.summary["max_sd"] == pytest.approx(result.uncertainty.sd[baseline.organ].max())
+    if result.lesions:
+        assert "mean_sd" in result.lesions[0]
+
+
+def test_patient_model_saves_with_provenance_and_base_is_kept(bundle, baseline, tmp_path):
+    base_path = tmp_path / "base.pt"
+    save_model(bundle, base_path)
+    base_bytes = base_path.read_bytes()
+    base = load_model(base_path)
+    patient = finetune_patient_model(base, baseline, "all-lesion", FinetuneConfig(**CONFIG), device="cpu")
+    with pytest.raises(FileExistsError):
+        save_model(patient, base_path)
+    save_model(patient, tmp_path / "patient.pt")
+    assert base_path.read_bytes() == base_bytes
+    loaded = load_model(tmp_path / "patient.pt")
+    assert loaded.metadata["finetune"]["base_model_sha256"] == base.sha256
