@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("info", cmd_info, "Show a model file's metadata (after verifying it).")
     p.add_argument("model")
 
-    p = add("demo", cmd_demo, "Generate patients, train a small base model on CPU and segment a follow-up.")
+    p = add("demo", cmd_demo, "The whole workflow on a synthetic patient: suggest, fine-tune, segment the follow-up with uncertainty.")
     p.add_argument("--out", default="demo-output")
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--device", default="auto")

@@ -1,9 +1,14 @@
 """The end-to-end demo on generated data (README's first command).
 
-Generates synthetic ``brain-wmh`` patients, trains a small base model on three of them on
-the CPU (a reduced configuration: width 16, a few hundred iterations), segments the
-fourth patient's follow-up and scores it against the known lesions. The fine-tuning
-steps join this demo when the fine-tuning engine lands.
+1. Generate synthetic ``brain-wmh`` patients; patient 0 is the demo patient, the others
+   train a small base model on the CPU (a reduced configuration: width 16, a few hundred
+   iterations; no trained base model ships yet).
+2. Suggest 2 baseline slices of patient 0 (mean lesion softmax closest to 0.5) and take the
+   generator's ground truth on them as the radiologist's annotation.
+3. Fine-tune the last two layers (100 iterations) and segment the follow-up with the base
+   and with the patient model, each with 25-sample MC-dropout uncertainty.
+4. Print base vs fine-tuned Dice, AVD and lesion F1 with the time of every step; write
+   NIfTI results and PNG overlays.
 """
 
 from __future__ import annotations
@@ -17,16 +22,18 @@ import SimpleITK as sitk
 import torch
 
 
-def run_demo(out: Path, overwrite: bool = False, iterations: int = 300, device: str = "auto", n_train: int = 3) -> dict:
+def run_demo(out: Path, overwrite: bool = False, iterations: int = 300, device: str = "auto", n_train: int = 3,
+             finetune_iterations: int = 100, mc_samples: int = 25) -> dict:
     from .cases import find_cases
+    from .finetune import FinetuneConfig, finetune_patient_model
     from .images import from_slices, load_case, prepare_case, write_image
     from .inference import resolve_device, segment_case
     from .metrics import evaluate_case
     from .model import LesionNet
     from .modelfile import ModelBundle, make_metadata, save_model
-    from .montage import montage, radiological, save_png, to_uint8
     from .postprocess import write_csv
     from .presets import get_preset
+    from .suggest import suggest_slices
     from .synth import generate_pair, write_pair
     from .training import TrainingConfig, train_base_model
 
@@ -36,56 +43,100 @@ def run_demo(out: Path, overwrite: bool = False, iterations: int = 300, device: 
     preset = get_preset("brain-wmh")
     names = [n for n, _ in preset.sequences]
     device = resolve_device(device)
-    timings = {}
+    timings: dict[str, float] = {}
 
-    t = time.perf_counter()
+    def step(name):
+        timings[name] = time.perf_counter()
+
+    def done(name, message):
+        timings[name] = time.perf_counter() - timings[name]
+        print(f"[{timings[name]:6.1f} s] {message}")
+
+    step("synth")
     for seed in range(n_train + 1):
         write_pair(generate_pair(preset.name, seed), out / "patients" / f"patient{seed:03d}", overwrite=True)
-    timings["synth_s"] = time.perf_counter() - t
-    print(f"generated {n_train + 1} synthetic brain-wmh patients in {timings['synth_s']:.1f} s -> {out / 'patients'}")
+    done("synth", f"generated {n_train + 1} synthetic brain-wmh patients -> {out / 'patients'}")
 
     def load(files):
         return prepare_case(load_case(files.sequences, files.organ, files.lesions, sequence_names=names, name=files.name))
 
+    step("train_base")
     train = [load(f) for f in find_cases(out / "patients", names) if not f.name.startswith("patient000")]
     torch.manual_seed(0)
     model = LesionNet([1, 1], width=16)
-    config = TrainingConfig(iterations=iterations, seed=0)
-    t = time.perf_counter()
-    history = train_base_model(model, train, preset.training_spacing_mm, config, device=device, log=print)
-    timings["train_s"] = time.perf_counter() - t
+    history = train_base_model(model, train, preset.training_spacing_mm, TrainingConfig(iterations=iterations, seed=0), device=device, log=lambda m: None)
     metadata = make_metadata(
         model, preset.sequence_dicts(), preset.training_spacing_mm, preset=preset.name,
         training={"command": f"patient-finetune demo --iterations {iterations}", "train_cases": [c.name for c in train],
-                  "note": "reduced CPU demo configuration (width 16); not the paper configuration"},
+                  "final_loss": history[-1]["loss"], "note": "reduced CPU demo configuration (width 16); not the paper configuration"},
     )
-    bundle = ModelBundle(model, metadata)
-    save_model(bundle, out / "demo-base-model.pt", overwrite=True)
+    base = ModelBundle(model, metadata)
+    save_model(base, out / "demo-base-model.pt", overwrite=True)
+    done("train_base", f"trained a width-16 base model for {iterations} iterations on {len(train)} scans (stand-in for a shipped base model)")
 
-    followup = find_cases(out / "patients" / "patient000" / "followup", names)[0]
-    case = load(followup)
-    t = time.perf_counter()
-    result = segment_case(bundle, case, device=device)
-    timings["segment_s"] = time.perf_counter() - t
-    seg_dir = out / "patient000-followup"
-    write_image(case.to_image(result.mask.astype(np.uint8), sitk.sitkUInt8), seg_dir / "segmentation.nii.gz", overwrite=True)
-    write_image(case.to_image(result.probability), seg_dir / "probability.nii.gz", overwrite=True)
-    write_csv(result.lesions, seg_dir / "lesions.csv", overwrite=True)
+    patient_dir = out / "patients" / "patient000"
+    baseline = load(find_cases(patient_dir / "baseline", names)[0])
+    followup = load(find_cases(patient_dir / "followup", names)[0])
 
-    metrics = evaluate_case(from_slices(result.mask, case.axis), from_slices(case.lesions, case.axis), case.grid.GetSpacing()[::-1])
-    # preview: FLAIR of four lesion slices, ground truth vs prediction outlines
-    flair = case.images[0]
+    step("suggest")
+    suggestions = suggest_slices(base, baseline, k=2, device=device)
+    chosen = [s.index for s in suggestions]
+    done("suggest", f"suggested baseline slices {chosen} (mean lesion softmax {', '.join(f'{s.mean_probability:.2f}' for s in suggestions)})")
+
+    step("finetune")
+    # the generator's truth on the suggested slices plays the radiologist's annotation; it is
+    # a real annotation even where a slice has no lesion, hence allow_empty
+    patient = finetune_patient_model(base, baseline, chosen, FinetuneConfig(iterations=finetune_iterations, seed=0), device=device, allow_empty=True)
+    save_model(patient, out / "patient000-model.pt", overwrite=True)
+    done("finetune", f"fine-tuned the last two layers for {finetune_iterations} iterations ({patient.metadata['finetune']['method']} path)")
+
+    results, metrics = {}, {}
+    spacing = followup.grid.GetSpacing()[::-1]
+    for name, bundle in (("base", base), ("finetuned", patient)):
+        step(f"segment_{name}")
+        result = segment_case(bundle, followup, mc_samples=mc_samples, device=device)
+        results[name] = result
+        metrics[name] = evaluate_case(from_slices(result.mask, followup.axis), from_slices(followup.lesions, followup.axis), spacing)
+        folder = out / f"patient000-followup-{name}"
+        write_image(followup.to_image(result.mask.astype(np.uint8), sitk.sitkUInt8), folder / "segmentation.nii.gz", overwrite=True)
+        write_image(followup.to_image(result.probability), folder / "probability.nii.gz", overwrite=True)
+        write_image(followup.to_image(result.uncertainty.sd), folder / "uncertainty_sd.nii.gz", overwrite=True)
+        write_csv(result.lesions, folder / "lesions.csv", overwrite=True)
+        done(f"segment_{name}", f"segmented the follow-up with the {name} model and {mc_samples} MC-dropout samples -> {folder}")
+
+    _write_overlays(out, followup, results)
+    print("\nfollow-up of patient000, against the known lesions:")
+    print(f"{'':12s}{'Dice':>8s}{'AVD %':>9s}{'lesion F1':>11s}{'recall':>8s}{'FP':>6s}{'max SD':>8s}")
+    for name in ("base", "finetuned"):
+        m, s = metrics[name], results[name].summary
+        print(f"{name:12s}{m['dice']:8.3f}{m['avd_percent']:9.1f}{m['lesion_f1']:11.3f}{m['lesion_recall']:8.2f}{m['fp_count']:6d}{s['max_sd']:8.3f}")
+    summary = {
+        "device": str(device),
+        "suggested_slices": [s.as_dict() for s in suggestions],
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "followup_metrics": {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()} for name, m in metrics.items()},
+        "uncertainty": {name: {k: round(v, 4) for k, v in r.summary.items()} for name, r in results.items()},
+    }
+    (out / "demo-summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nresults, PNG overlays and demo-summary.json in {out}")
+    return summary
+
+
+def _write_overlays(out: Path, case, results: dict) -> None:
+    """PNGs a person wants to see: the follow-up with truth / base / fine-tuned contours,
+    and the two uncertainty maps, on four lesion slices (radiological orientation)."""
+    from .montage import montage, radiological, save_png, to_uint8
+
+    direction = case.grid.GetDirection()
     slices = case.lesion_slices()
     picks = [slices[int(i)] for i in np.linspace(0, len(slices) - 1, 4)] if slices else []
-    direction = case.grid.GetDirection()
-    scaled = radiological(to_uint8(flair, case.organ), direction)
-    tiles = [scaled[s] for s in picks] * 2
-    outlines = [radiological(m[s], direction) for m in (case.lesions, result.mask) for s in picks]
+    flair = radiological(to_uint8(case.images[0], case.organ), direction)
+    rows = [("truth", case.lesions), ("base", results["base"].mask), ("finetuned", results["finetuned"].mask)]
+    tiles = [flair[s] for _ in rows for s in picks]
+    outlines = [radiological(mask[s], direction) for _, mask in rows for s in picks]
     if tiles:
-        save_png(montage(tiles, outlines, 4), seg_dir / "preview.png")
-    summary = {"final_loss": history[-1]["loss"], "timings_s": {k: round(v, 1) for k, v in timings.items()}, "device": str(device),
-               "followup_metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}}
-    (out / "demo-summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    print(f"follow-up segmentation, probability, lesion table and preview.png (top: truth, bottom: prediction) in {seg_dir}")
-    return summary
+        save_png(montage(tiles, outlines, 4), out / "overlay_truth_base_finetuned.png")
+        top = max(float(r.uncertainty.sd.max()) for r in results.values()) or 1.0
+        sd_tiles = [radiological((np.clip(results[n].uncertainty.sd[s] / top, 0, 1) * 255).astype(np.uint8), direction)
+                    for n in ("base", "finetuned") for s in picks]
+        save_png(montage(sd_tiles, None, 4), out / "uncertainty_base_finetuned.png")

@@ -218,6 +218,9 @@ def finetune_patient_model(
     feature_bytes = 4 * model.feature_channels * config.patch_size**2
     method = choose_method(data, config, feature_bytes)
     cache: dict[tuple[int, int, int], torch.Tensor] = {}
+    # one reused batch buffer: a fresh 170 MB tensor per iteration costs more in page
+    # faults than the copy itself
+    batch = torch.empty((config.batch_size, model.feature_channels, config.patch_size, config.patch_size), device=device).contiguous(memory_format=torch.channels_last)
 
     def features_of(picks):
         if method == "naive":
@@ -228,9 +231,12 @@ def finetune_patient_model(
         if missing:
             x = torch.cat([_patch(data, p, config.patch_size, "image") for p in missing]).to(device)
             with torch.no_grad():
-                for p, f in zip(missing, model.features(x)):
+                features = model.features(x).contiguous(memory_format=torch.channels_last)
+                for p, f in zip(missing, features):
                     cache[p] = f
-        return torch.stack([cache[p] for p in picks])
+        for i, p in enumerate(picks):
+            batch[i].copy_(cache[p])
+        return batch
 
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     losses = []

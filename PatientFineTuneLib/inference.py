@@ -220,7 +220,7 @@ def _uncertainty_of_slice(model, case, s, size, n_samples, seed, method, memory_
     torch.manual_seed(seed * 1_000_003 + int(s))
     for window, crop, target in windows(model, *size, memory_budget):
         xw = x[:, :, window[0], window[1]]
-        features = model.features(xw)
+        features = model.features(xw).contiguous(memory_format=torch.channels_last)
         result["probability"][..., target[0], target[1]] = torch.softmax(model.head(features), 1)[:, 1:2][..., crop[0], crop[1]]
         with mc_dropout_mode(model):
             samples = torch.cat([

@@ -29,6 +29,33 @@ def _conv_bn_relu(in_channels: int, out_channels: int, dilation: int) -> nn.Sequ
     )
 
 
+class ByteDropout(nn.Dropout):
+    """Element-wise dropout whose mask costs one random byte per element.
+
+    ``torch.nn.Dropout`` draws a Bernoulli variable per element, which on a CPU costs more
+    than the 1x1 convolution after it (640 channels x every pixel, 25 times for MC
+    dropout). Here each element is dropped when its byte is below ``round(256 p)``: the
+    drop probability is that over 256 (p = 0.2 -> 51/256 = 0.199) and kept elements are
+    scaled by 1 / (1 - that). The bytes come from the global torch generator, so
+    ``torch.manual_seed`` fixes the masks as usual.
+    """
+
+    def __init__(self, p: float = 0.5):
+        super().__init__(p)
+        self.threshold = int(round(256 * p))
+        self.scale = 256.0 / (256 - self.threshold) if self.threshold < 256 else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        n = x.numel()
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
+        drop = words.view(torch.uint8)[:n].view(x.shape) < self.threshold
+        out = x * self.scale
+        out.masked_fill_(drop, 0.0)
+        return out
+
+
 class Pathway(nn.Module):
     """One sequence's feature extractor: blocks of dilated 3x3 conv + BN + ReLU."""
 
@@ -66,7 +93,8 @@ class LesionNet(nn.Module):
     head_width : int
         Filters of the first 1x1 convolution of the head (paper: 128).
     dropout : float
-        Rate of both dropout layers in the head (paper: 0.2).
+        Rate of both dropout layers in the head (paper: 0.2; applied as 51/256 = 0.199,
+        see :class:`ByteDropout`).
     dilations : sequence of sequence of int
         Dilation of each 3x3 layer, grouped by block (paper: ``PAPER_DILATIONS``).
     n_classes : int
@@ -96,11 +124,11 @@ class LesionNet(nn.Module):
         n_features = self.feature_channels
         # "The last two layers" of the paper: the two 1x1 convolutions (and the BN between).
         self.classifier = nn.Sequential(
-            nn.Dropout(self.dropout),
+            ByteDropout(self.dropout),
             nn.Conv2d(n_features, self.head_width, 1, bias=False),
             nn.BatchNorm2d(self.head_width),
             nn.ReLU(inplace=True),
-            nn.Dropout(self.dropout),
+            ByteDropout(self.dropout),
             nn.Conv2d(self.head_width, self.n_classes, 1),
         )
         self.reset_parameters()
@@ -165,8 +193,12 @@ class LesionNet(nn.Module):
         return torch.cat(outputs, dim=1)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
-        """Head: logits (N, n_classes, H, W) from backbone features."""
-        return self.classifier(features)
+        """Head: logits (N, n_classes, H, W) from backbone features.
+
+        The head runs channels-last: its 1x1 convolutions are then plain matrix products
+        (about 2x faster on a CPU); features already in that layout are not copied.
+        """
+        return self.classifier(features.contiguous(memory_format=torch.channels_last))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, n_classes, H, W); apply softmax for probabilities."""

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from PatientFineTuneLib.model import PAPER_DILATIONS, LesionNet, count_parameters
+from PatientFineTuneLib.model import PAPER_DILATIONS, ByteDropout, LesionNet, count_parameters
 
 from conftest import tiny_model
 
@@ -57,7 +57,8 @@ def test_layer_layout_matches_the_paper():
         assert len(bns) == len(relus) == 13
     head = list(model.classifier)
     kinds = [type(m) for m in head]
-    assert kinds == [nn.Dropout, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout, nn.Conv2d]
+    assert kinds == [ByteDropout, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, ByteDropout, nn.Conv2d]
+    assert all(isinstance(m, nn.Dropout) for m in (head[0], head[4]))
     assert head[0].p == head[4].p == 0.2
     assert (head[1].in_channels, head[1].out_channels, head[1].kernel_size) == (640, 128, (1, 1))
     assert (head[5].in_channels, head[5].out_channels, head[5].kernel_size) == (128, 2, (1, 1))
@@ -112,3 +113,18 @@ def test_wrong_input_channels_is_a_clear_error():
         tiny_model((1, 1))(torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError):
         LesionNet(())
+
+
+def test_byte_dropout_rate_scale_and_seeding():
+    drop = ByteDropout(0.2).train()
+    x = torch.ones(1, 64, 128, 128)
+    torch.manual_seed(1)
+    a = drop(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, drop(x))  # masks follow torch.manual_seed
+    dropped = (a == 0).float().mean().item()
+    assert dropped == pytest.approx(51 / 256, abs=0.005)
+    values = a.unique()
+    assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(256 / 205)
+    assert a.mean().item() == pytest.approx(1.0, abs=0.01)  # expectation preserved
+    assert torch.equal(drop.eval()(x), x)
