@@ -76,3 +76,19 @@ def write_pair(pair: dict, folder, overwrite: bool = False, preview: bool = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def visit_case(pair: dict, visit: str):
+    """One visit of a generated pair as a normalised :class:`~PatientFineTuneLib.images.Case`,
+    without writing files (benchmarks and experiments)."""
+    import numpy as np
+
+    from ..images import Case, normalise, slice_axis, to_slices
+    from .common import to_image
+
+    data = pair["visits"][visit]
+    grid = to_image(data["organ"].astype(np.float32), pair["grid"])
+    axis = slice_axis(grid)
+    images = np.concatenate([a if a.ndim == 4 else a[None] for a in data["images"].values()])
+    organ = to_slices(data["organ"], axis)
+    return Case(normalise(to_slices(images, axis), organ), organ, to_slices(data["lesions"], axis), grid, axis, name=f"{pair['info']['seed']}/{visit}")

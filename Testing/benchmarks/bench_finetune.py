@@ -37,17 +37,10 @@ def main() -> None:
     from PatientFineTuneLib.inference import predict_probability, predict_with_uncertainty
     from PatientFineTuneLib.model import LesionNet
     from PatientFineTuneLib.modelfile import ModelBundle
-    from PatientFineTuneLib.synth import generate_pair
-    from PatientFineTuneLib.synth.common import to_image
-    from PatientFineTuneLib.images import normalise, slice_axis, to_slices
+    from PatientFineTuneLib.synth import generate_pair, visit_case
 
-    pair = generate_pair("brain-wmh", 0)
-    visit = pair["visits"]["baseline"]
-    grid = to_image(visit["organ"].astype(np.float32), pair["grid"])
-    axis = slice_axis(grid)
-    images = np.stack([visit["images"]["FLAIR"], visit["images"]["T1"]])
-    case = Case(normalise(to_slices(images, axis), to_slices(visit["organ"], axis)), to_slices(visit["organ"], axis),
-                to_slices(visit["lesions"], axis), grid, axis)
+    case = visit_case(generate_pair("brain-wmh", 0), "baseline")
+    grid, axis = case.grid, case.axis
     torch.manual_seed(0)
     bundle = ModelBundle(LesionNet((1, 1), width=args.width).eval(), {"training_spacing_mm": [0.958, 0.958]})
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), width {args.width}, {args.iterations} iterations")
