@@ -170,3 +170,17 @@ def test_patient_model_saves_with_provenance_and_base_is_kept(bundle, baseline, 
     assert base_path.read_bytes() == base_bytes
     loaded = load_model(tmp_path / "patient.pt")
     assert loaded.metadata["finetune"]["base_model_sha256"] == base.sha256
+
+
+def test_auto_picks_the_cheaper_path():
+    from PatientFineTuneLib.finetune import FinetuneData, choose_method
+
+    def data(n_slices):
+        return FinetuneData(list(range(n_slices)), [None] * n_slices, [], None, [np.zeros((5, 2))] * n_slices, np.zeros(8))
+
+    config = FinetuneConfig(iterations=100)
+    mb = 42 << 20  # one cached 640 x 128 x 128 float32 feature map
+    assert choose_method(data(2), config, mb) == "fast"  # 80 inputs, 400 draws: reuse
+    assert choose_method(data(30), config, mb) == "naive"  # 1200 inputs, 400 draws: little reuse
+    assert choose_method(data(2), config, mb, cache_budget=1 << 30) == "naive"  # cache would not fit
+    assert choose_method(data(30), FinetuneConfig(method="fast"), mb) == "fast"  # explicit choice wins
