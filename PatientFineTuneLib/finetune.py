@@ -30,6 +30,7 @@ from .inference import Cancelled, predict_probability, resolve_device
 from .modelfile import ModelBundle
 from .patches import corner_and_centre_patch_centres, extract_patches
 from .postprocess import postprocess
+from .training import PatchTrainingConfig
 from .weighting import weight_map
 
 #: Default upper bound for the fast path's feature cache (bytes).
@@ -37,18 +38,12 @@ DEFAULT_CACHE_BUDGET = 4 << 30
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(PatchTrainingConfig):
     """Settings of patient-specific fine-tuning; defaults are the paper's."""
 
     iterations: int = 100
-    batch_size: int = 4
-    learning_rate: float = 1e-4
-    class_weights: tuple[float, float] = (1.0, 5.0)
-    patch_size: int = 128
-    max_rotation_deg: float = 45.0
     n_angles: int = 8
     weighting: str | None = None  # None, "segmentation" or "detection"
-    seed: int = 0
     method: str = "auto"  # "fast", "naive" or "auto"
 
     def angles(self) -> np.ndarray:

@@ -34,17 +34,24 @@ CHECKPOINT_FORMAT = "PatientFineTune-checkpoint"
 
 
 @dataclass
-class TrainingConfig:
-    """Hyper-parameters of base training; defaults are the paper's."""
+class PatchTrainingConfig:
+    """What base training and fine-tuning share (the paper uses the same loss, optimiser,
+    learning rate, batch, patch size and rotation range for both)."""
 
     iterations: int = 10_000
     batch_size: int = 4
     learning_rate: float = 1e-4
     class_weights: tuple[float, float] = (1.0, 5.0)
-    patches_per_slice: int = 25
     patch_size: int = 128
     max_rotation_deg: float = 45.0
     seed: int = 0
+
+
+@dataclass
+class TrainingConfig(PatchTrainingConfig):
+    """Hyper-parameters of base training; defaults are the paper's."""
+
+    patches_per_slice: int = 25
 
     def identity(self) -> dict:
         """Settings a resumed run must share with the run that wrote the checkpoint."""
