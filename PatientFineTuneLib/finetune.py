@@ -213,9 +213,11 @@ def finetune_patient_model(
     feature_bytes = 4 * model.feature_channels * config.patch_size**2
     method = choose_method(data, config, feature_bytes)
     cache: dict[tuple[int, int, int], torch.Tensor] = {}
-    # one reused batch buffer: a fresh 170 MB tensor per iteration costs more in page
-    # faults than the copy itself
-    batch = torch.empty((config.batch_size, model.feature_channels, config.patch_size, config.patch_size), device=device).contiguous(memory_format=torch.channels_last)
+    if method == "fast":
+        # one reused batch buffer: a fresh 170 MB tensor per iteration costs more in page
+        # faults than the copy itself
+        shape = (config.batch_size, model.feature_channels, config.patch_size, config.patch_size)
+        batch = torch.empty(shape, device=device, memory_format=torch.channels_last)
 
     def features_of(picks):
         if method == "naive":
