@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .images import Case, resampled_size, resize_slices
-from .inference import Cancelled, predict_probability, resolve_device
+from .inference import Cancelled, predict_probability, private_rng, reseed, resolve_device
 from .modelfile import ModelBundle
 from .patches import corner_and_centre_patch_centres, extract_patches
 from .postprocess import postprocess
@@ -122,7 +122,7 @@ def prepare_finetune_data(
     size = resampled_size(case.images.shape[-2:], case.spacing, bundle.training_spacing)
     data = FinetuneData(list(slices), [], [], [] if pixel_weights is not None else None, [], config.angles())
     for s in slices:
-        data.images.append(resize_slices(torch.from_numpy(np.ascontiguousarray(case.images[:, s]))[None], size)[0])
+        data.images.append(resize_slices(case.slice_tensor(s)[None], size)[0])
         masks = [case.lesions[s], case.organ[s]] + ([pixel_weights[s]] if pixel_weights is not None else [])
         resized = resize_slices(torch.from_numpy(np.stack(masks).astype(np.float32))[None], size, label=True)[0]
         data.labels.append(resized[0:1])
@@ -235,16 +235,15 @@ def finetune_patient_model(
             batch[i].copy_(cache[p])
         return batch
 
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
     losses = []
-    with torch.random.fork_rng(devices=fork_devices):
+    with private_rng(device):
         for iteration in range(config.iterations):
             if cancel is not None and cancel():
                 raise Cancelled(f"fine-tuning cancelled at iteration {iteration}")
             picks = draw_batch(data, config, iteration)
             features = features_of(picks)
             target = torch.cat([_patch(data, p, config.patch_size, "label") for p in picks])[:, 0].round().long().to(device)
-            torch.manual_seed(config.seed * 1_000_003 + iteration)  # dropout masks of this iteration
+            reseed(config.seed, iteration)
             logits = model.head(features)
             if data.weights is None:
                 loss = F.cross_entropy(logits, target, weight=class_weights)

@@ -274,6 +274,16 @@ class Case:
     def voxel_volume_mm3(self) -> float:
         return float(np.prod(self.grid.GetSpacing()))
 
+    def slice_tensor(self, s: int) -> torch.Tensor:
+        """Slice ``s`` of every channel as a (C, H, W) float tensor."""
+        return torch.from_numpy(np.ascontiguousarray(self.images[:, s]))
+
+    def physical_point(self, s: int, row: float, col: float) -> tuple[float, float, float]:
+        """Physical (LPS mm) position of a slice-first index."""
+        index = [row, col]
+        index.insert(2 - self.axis, s)  # undo to_slices: the slice axis back to its numpy place
+        return tuple(float(c) for c in self.grid.TransformContinuousIndexToPhysicalPoint([float(i) for i in index[::-1]]))
+
     def lesion_slices(self) -> list[int]:
         if self.lesions is None:
             return []

@@ -40,6 +40,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
+@contextmanager
+def private_rng(device: torch.device):
+    """Fork torch's global generators (CPU and the CUDA device in use) so that seeding
+    inside the block does not leak to the caller."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        yield
+
+
+def reseed(seed: int, step: int) -> None:
+    """Seed torch for one step (iteration, slice) of a seeded run: the dropout masks of
+    that step depend only on (seed, step), whatever ran before."""
+    torch.manual_seed(seed * 1_000_003 + int(step))
+
+
 def activation_bytes_per_pixel(model: LesionNet) -> int:
     """Rough peak float32 activation memory per pixel of one forward pass: the
     concatenated features and their copy, one pathway's working layers, and the head."""
@@ -198,8 +212,7 @@ def predict_with_uncertainty(
     size = resampled_size((h, w), case.spacing, bundle.training_spacing)
     outputs = {k: np.zeros((n_slices, h, w), dtype=np.float32) for k in ("probability", "mean", "sd")}
     todo = organ_slices(case)
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
+    with private_rng(device):
         for done, s in enumerate(todo):
             if cancel is not None and cancel():
                 raise Cancelled("prediction cancelled")
@@ -215,9 +228,9 @@ def _uncertainty_of_slice(model, case, s, size, n_samples, seed, method, memory_
     """Deterministic, MC mean and MC SD of one slice into ``outputs`` (see
     :func:`predict_with_uncertainty`)."""
     h, w = case.images.shape[-2:]
-    x = resize_slices(torch.from_numpy(np.ascontiguousarray(case.images[:, s]))[None].to(device), size)
+    x = resize_slices(case.slice_tensor(s)[None].to(device), size)
     result = {k: torch.empty((1, 1, *size), device=device) for k in outputs}
-    torch.manual_seed(seed * 1_000_003 + int(s))
+    reseed(seed, s)
     for window, crop, target in windows(model, *size, memory_budget):
         xw = x[:, :, window[0], window[1]]
         features = model.features(xw).contiguous(memory_format=torch.channels_last)

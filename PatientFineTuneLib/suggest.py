@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .images import Case, from_slices
+from .images import Case
 from .modelfile import ModelBundle
 
 RANKINGS = ("softmax", "entropy")
@@ -92,11 +92,6 @@ def suggest_slices(
     chosen = ranked if k <= 0 else ranked[:k]
     out = []
     for s, score, mean in chosen:
-        # centre of the organ in this slice, back in the file's index order
-        marker = np.zeros(case.organ.shape, dtype=bool)
-        rows, cols = np.nonzero(case.organ[s])
-        marker[s, int(round(rows.mean())), int(round(cols.mean()))] = True
-        z, y, x = np.argwhere(from_slices(marker, case.axis))[0]
-        centre = case.grid.TransformIndexToPhysicalPoint([int(x), int(y), int(z)])
-        out.append(SliceSuggestion(s, score, mean, tuple(float(c) for c in centre), case.axis))
+        rows, cols = np.nonzero(case.organ[s])  # centre of the organ in this slice
+        out.append(SliceSuggestion(s, score, mean, case.physical_point(s, rows.mean(), cols.mean()), case.axis))
     return out

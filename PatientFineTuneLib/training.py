@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .files import atomic_write
 from .images import Case, resampled_size, resize_slices
-from .inference import Cancelled, predict_probability, resolve_device
+from .inference import Cancelled, predict_probability, private_rng, reseed, resolve_device
 from .metrics import dice
 from .model import LesionNet
 from .modelfile import ModelBundle
@@ -85,7 +85,7 @@ def build_patch_pool(
             raise ValueError(f"case {case.name or '?'} has no lesion mask; base training needs one")
         size = resampled_size(case.images.shape[-2:], case.spacing, training_spacing)
         for s in case.lesion_slices():
-            image = resize_slices(torch.from_numpy(np.ascontiguousarray(case.images[:, s]))[None], size)[0]
+            image = resize_slices(case.slice_tensor(s)[None], size)[0]
             masks = torch.from_numpy(np.stack([case.lesions[s], case.organ[s]]).astype(np.float32))[None]
             label, organ = resize_slices(masks, size, label=True)[0]
             if not organ.any():
@@ -190,12 +190,11 @@ def train_base_model(
 
     history: list[dict] = []
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, disable=not progress, desc="train-base", mininterval=2.0)
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
+    with private_rng(device):
         for iteration in bar:
             if cancel is not None and cancel():
                 raise Cancelled(f"training cancelled at iteration {iteration}")
-            torch.manual_seed(config.seed * 1_000_003 + iteration)  # dropout masks of this iteration
+            reseed(config.seed, iteration)
             x, y = sample_batch(pool, config, iteration)
             logits = model(x.to(device))
             loss = F.cross_entropy(logits, y.to(device), weight=weights)

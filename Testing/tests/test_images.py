@@ -142,3 +142,19 @@ def test_in_plane_resampling_keeps_the_field_of_view():
     assert torch.allclose(back, x, atol=0.3) and up.shape[-1] == 40
     labels = resize_slices(x, (40, 40), label=True)
     assert set(labels.unique().tolist()) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_physical_point_of_a_slice_first_index(axis):
+    from PatientFineTuneLib.images import Case, from_slices, to_slices
+
+    grid = sitk.Image(7, 9, 11, sitk.sitkUInt8)
+    grid.SetSpacing((0.5, 1.5, 2.5))
+    grid.SetOrigin((3.0, 4.0, 5.0))
+    grid.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))
+    shape = to_slices(np.zeros((11, 9, 7)), axis).shape
+    case = Case(np.zeros((1, *shape), np.float32), np.ones(shape, bool), None, grid, axis)
+    marker = np.zeros(shape, bool)
+    marker[2, 3, 4] = True
+    z, y, x = np.argwhere(from_slices(marker, axis))[0]
+    assert case.physical_point(2, 3, 4) == pytest.approx(grid.TransformIndexToPhysicalPoint([int(x), int(y), int(z)]))
