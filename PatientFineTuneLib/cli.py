@@ -45,7 +45,9 @@ def cmd_synth(args) -> None:
 # train-base
 
 
-def _load_cases(root, sequences, args, require_lesions: bool):
+def _load_cases(root, sequences, args, require_lesions: bool, shard: tuple[int, int] = (0, 1)):
+    """Load and normalise the cases under ``root``; ``shard=(rank, world)`` keeps every
+    world-th case starting at rank (each distributed training process loads only its own)."""
     from tqdm.auto import tqdm
 
     from .cases import find_cases
@@ -53,6 +55,10 @@ def _load_cases(root, sequences, args, require_lesions: bool):
 
     names = [s["name"] for s in sequences]
     files = find_cases(root, names)
+    rank, world = shard
+    if len(files) < world:
+        raise ValueError(f"{len(files)} training case(s) cannot be shared among {world} processes; use at most {len(files)}")
+    files = files[rank::world]
     cases = []
     for f in tqdm(files, desc=f"loading {root}", unit="case", leave=False):
         if require_lesions and f.lesions is None:
@@ -75,34 +81,38 @@ def _load_cases(root, sequences, args, require_lesions: bool):
 def cmd_train_base(args) -> None:
     import torch
 
-    from .inference import resolve_device
     from .model import LesionNet, count_parameters
     from .modelfile import ModelBundle, make_metadata, save_model
     from .presets import get_preset
-    from .training import TrainingConfig, train_base_model
+    from .training import TrainingConfig, distributed_rank_and_size, init_distributed, train_base_model
 
     preset = get_preset(args.preset)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    args.auto_organ = preset.auto_organ_mask
-    sequences = preset.sequence_dicts()
-    train_cases = _load_cases(args.train, sequences, args, require_lesions=True)
-    val_cases = _load_cases(args.val, sequences, args, require_lesions=True) if args.val else []
-    torch.manual_seed(args.seed)  # He-uniform initialisation
-    model = LesionNet([s["channels"] for s in sequences], width=args.width)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".checkpoint")
+    if checkpoint.exists() and not args.resume:
+        raise FileExistsError(f"checkpoint {checkpoint} exists from an earlier run; pass --resume to continue it or delete it")
     config = TrainingConfig(
         iterations=args.iterations,
         batch_size=args.batch_size,
         patches_per_slice=args.patches_per_slice,
         learning_rate=args.learning_rate,
         seed=args.seed,
+        precision=args.precision,
+        channels_last=args.channels_last,
     )
-    device = resolve_device(args.device)
-    print(f"{count_parameters(model):,} parameters, receptive field {model.receptive_field()} px, device {device}")
-    checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".checkpoint")
-    if checkpoint.exists() and not args.resume:
-        raise FileExistsError(f"checkpoint {checkpoint} exists from an earlier run; pass --resume to continue it or delete it")
+    device = init_distributed(args.device)  # joins the process group under torchrun
+    rank, world = distributed_rank_and_size()
+    args.auto_organ = preset.auto_organ_mask
+    sequences = preset.sequence_dicts()
+    train_cases = _load_cases(args.train, sequences, args, require_lesions=True, shard=(rank, world))
+    val_cases = _load_cases(args.val, sequences, args, require_lesions=True) if args.val and rank == 0 else []
+    torch.manual_seed(args.seed)  # He-uniform initialisation, identical on every process
+    model = LesionNet([s["channels"] for s in sequences], width=args.width)
+    if rank == 0:
+        print(f"{count_parameters(model):,} parameters, receptive field {model.receptive_field()} px, device {device}"
+              + (f", {world} processes" if world > 1 else ""))
     start = time.perf_counter()
     history = train_base_model(
         model,
@@ -115,8 +125,16 @@ def cmd_train_base(args) -> None:
         checkpoint_every=args.checkpoint_every,
         validate_every=args.validate_every,
         resume=args.resume,
+        log=print if rank == 0 else (lambda message: None),
     )
     wall = time.perf_counter() - start
+    if world > 1:
+        train_names = _gather_names([c.name for c in train_cases])
+        torch.distributed.destroy_process_group()
+    else:
+        train_names = [c.name for c in train_cases]
+    if rank > 0:
+        return
     final_val = [h["val_dice"] for h in history if "val_dice" in h]
     metadata = make_metadata(
         model,
@@ -126,18 +144,29 @@ def cmd_train_base(args) -> None:
         training={
             "command": "patient-finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "config": config.identity() | {"iterations": config.iterations},
-            "train_cases": [c.name for c in train_cases],
+            "train_cases": train_names,
+            "processes": world,
             "val_cases": [c.name for c in val_cases],
             "train_data": str(args.train),
             "final_loss": history[-1]["loss"] if history else None,
             "final_val_dice": final_val[-1] if final_val else None,
             "wall_time_s": round(wall, 1),
-            "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({platform.processor() or platform.machine()})",
+            "hardware": (torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({platform.processor() or platform.machine()})")
+            + (f" x {world} processes" if world > 1 else ""),
         },
     )
     sha = save_model(ModelBundle(model, metadata), out, overwrite=args.overwrite)
     checkpoint.unlink(missing_ok=True)
     print(f"saved {out} (sha256 {sha[:16]}..., {wall:.0f} s)")
+
+
+def _gather_names(names: list[str]) -> list[str]:
+    """Every process's training case names, in case order (rank 0 records them all)."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, names)
+    return sorted(n for part in gathered for n in part)
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,6 +210,20 @@ def _case_for_model(args, bundle, lesions: bool = False):
     return prepare_case(case), organ
 
 
+def _model_path(name: str) -> Path:
+    """A model file, or the shipped base model of a preset named instead of a file."""
+    from .modelcard import shipped_models
+    from .presets import PRESETS
+
+    path = Path(name)
+    if path.exists() or name not in PRESETS:
+        return path
+    shipped = shipped_models().get(name)
+    if shipped is None:
+        raise FileNotFoundError(f"no base model for preset {name} is installed in Resources/Models; give a model file instead")
+    return shipped
+
+
 def _progress_bar(desc: str, unit: str):
     from tqdm.auto import tqdm
 
@@ -204,7 +247,7 @@ def cmd_segment(args) -> None:
     from .postprocess import write_csv
     from .presets import PRESETS
 
-    bundle = load_model(args.model)
+    bundle = load_model(_model_path(args.model))
     preset = PRESETS.get(bundle.metadata.get("preset") or "")
     out = Path(args.out)
     names = {"segmentation": "segmentation.nii.gz", "labels": "lesion_labels.nii.gz", "probability": "probability.nii.gz",
@@ -241,7 +284,7 @@ def cmd_suggest(args) -> None:
     from .modelfile import load_model
     from .suggest import suggest_slices
 
-    bundle = load_model(args.model)
+    bundle = load_model(_model_path(args.model))
     case, _ = _case_for_model(args, bundle, lesions=args.candidates == "lesion")
     suggestions = suggest_slices(bundle, case, k=args.k, candidates=args.candidates, ranking=args.ranking, device=args.device)
     print(json.dumps([s.as_dict() for s in suggestions], indent=2))
@@ -256,7 +299,7 @@ def cmd_finetune(args) -> None:
         raise ValueError("--out is the base model file; the base model is never overwritten, choose another name")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    bundle = load_model(args.model)
+    bundle = load_model(_model_path(args.model))
     case, _ = _case_for_model(args, bundle, lesions=True)
     config = FinetuneConfig(iterations=args.iterations, weighting=None if args.weighting == "none" else args.weighting,
                             seed=args.seed, n_angles=args.angles, method=args.method)
@@ -267,7 +310,7 @@ def cmd_finetune(args) -> None:
 
         def progress(iteration, loss):
             bar.n = iteration
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
         patient = finetune_patient_model(bundle, case, args.slices, config, device=args.device, progress=progress)
     info = patient.metadata["finetune"]
@@ -328,7 +371,12 @@ def cmd_info(args) -> None:
     from .model import count_parameters
     from .modelfile import load_model
 
-    bundle = load_model(args.model)
+    bundle = load_model(_model_path(args.model))
+    if args.card:
+        from .modelcard import render_card
+
+        print(render_card(bundle.metadata, count_parameters(bundle.model)))
+        return
     print(json.dumps(bundle.metadata | {"parameters": count_parameters(bundle.model)}, indent=2))
 
 
@@ -375,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patches-per-slice", type=int, default=25)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps; under torchrun each process uses cuda:LOCAL_RANK")
+    p.add_argument("--precision", choices=["fp32", "amp"], default="fp32", help="amp: mixed precision (float16 on GPUs, bfloat16 on CPUs)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last tensors (faster convolutions on recent GPUs)")
     p.add_argument("--checkpoint", help="checkpoint file (default OUT.checkpoint)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--validate-every", type=int, default=1000)
@@ -385,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
 
     p = add("segment", cmd_segment, "Segment lesions in one case with a model file.")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="model file, or a preset name for its shipped base model")
     p.add_argument("--case", help="case folder with one file per sequence (FLAIR.nii.gz, ...)")
     p.add_argument("--images", nargs="+", help="sequence files in the model's order (instead of --case)")
     p.add_argument("--organ", help="organ mask (default: organ.* in the case folder, else automatic brain mask)")
@@ -399,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
 
     def add_case_options(p):
-        p.add_argument("--model", required=True)
+        p.add_argument("--model", required=True, help="model file, or a preset name for its shipped base model")
         p.add_argument("--case", help="case folder with one file per sequence (FLAIR.nii.gz, ...)")
         p.add_argument("--images", nargs="+", help="sequence files in the model's order (instead of --case)")
         p.add_argument("--organ", help="organ mask (default: organ.* in the case folder, else automatic brain mask)")
@@ -433,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
 
     p = add("info", cmd_info, "Show a model file's metadata (after verifying it).")
-    p.add_argument("model")
+    p.add_argument("model", help="model file, or a shipped preset name (brain-wmh, brain-tumor, liver-metastases)")
+    p.add_argument("--card", action="store_true", help="print the model card (Markdown) instead of the metadata")
 
     p = add("demo", cmd_demo, "The whole workflow on a synthetic patient: suggest, fine-tune, segment the follow-up with uncertainty.")
     p.add_argument("--out", default="demo-output")

@@ -3,9 +3,16 @@
 [-45, 45] degrees.
 
 Reproducibility: every random draw of iteration ``i`` (which patches, which angles, the
-dropout masks) comes from generators seeded with ``(seed, i)``. A run therefore depends
-only on its inputs and seed, and a run resumed from a checkpoint continues exactly as the
-uninterrupted run would have.
+dropout masks) comes from generators seeded with ``(seed, i, rank)``. A run therefore
+depends only on its inputs and seed, and a run resumed from a checkpoint continues exactly
+as the uninterrupted run would have.
+
+Scaling out: under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`init_distributed` joins the
+process group and :func:`train_base_model` wraps the network in DistributedDataParallel.
+Each process trains on its own shard of the cases (the caller passes ``cases[rank::world]``,
+as a distributed sampler would) and draws its own batch of ``batch_size`` patches, so the
+global batch is ``world * batch_size``; gradients are averaged across processes, and only
+rank 0 logs, validates and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -52,6 +59,14 @@ class TrainingConfig(PatchTrainingConfig):
     """Hyper-parameters of base training; defaults are the paper's."""
 
     patches_per_slice: int = 25
+    #: "fp32", or "amp": autocast to float16 with loss scaling on CUDA, bfloat16 on CPU.
+    precision: str = "fp32"
+    #: Run the network on channels-last tensors (helps convolutions on recent GPUs).
+    channels_last: bool = False
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "amp"):
+            raise ValueError(f"precision must be 'fp32' or 'amp', not {self.precision!r}")
 
     def identity(self) -> dict:
         """Settings a resumed run must share with the run that wrote the checkpoint."""
@@ -98,9 +113,10 @@ def build_patch_pool(
     return pool
 
 
-def sample_batch(pool: PatchPool, config: TrainingConfig, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mini-batch of ``iteration``: random (slice, patch) pairs, random rotations."""
-    rng = np.random.default_rng([config.seed, iteration])
+def sample_batch(pool: PatchPool, config: TrainingConfig, iteration: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mini-batch of ``iteration`` (on process ``rank``): random (slice, patch) pairs,
+    random rotations."""
+    rng = np.random.default_rng([config.seed, iteration, rank])
     xs, ys = [], []
     for _ in range(config.batch_size):
         k = int(rng.integers(len(pool)))
@@ -109,6 +125,73 @@ def sample_batch(pool: PatchPool, config: TrainingConfig, iteration: int) -> tup
         xs.append(extract_patches(pool.images[k], centre, [angle], config.patch_size))
         ys.append(extract_patches(pool.labels[k], centre, [angle], config.patch_size, label=True))
     return torch.cat(xs), torch.cat(ys)[:, 0].round().long()
+
+
+def distributed_rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, or (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str | torch.device = "auto") -> torch.device:
+    """Join the process group that ``torchrun`` describes in the environment and return
+    this process's device; without ``torchrun`` (``WORLD_SIZE`` unset or 1) just resolve
+    ``device``. NCCL with one GPU per process (``cuda:LOCAL_RANK``) when the device is CUDA,
+    gloo otherwise (CPU processes, e.g. to test on a laptop)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return resolve_device(device)
+    device = resolve_device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+class TrainingStep:
+    """One optimisation step of weighted cross-entropy, in fp32 or mixed precision.
+
+    Shared by base training and the throughput benchmark, so what the benchmark times is
+    what training runs. ``network`` may be a DistributedDataParallel wrapper.
+    """
+
+    def __init__(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainingConfig, device: torch.device):
+        self.network, self.optimizer, self.device = network, optimizer, device
+        self.weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        amp = config.precision == "amp"
+        if amp and config.channels_last and device.type == "cpu":
+            # Measured with torch 2.13: the first bfloat16 channels-last backward pass of
+            # the dilated convolutions on CPU already gives non-finite weights.
+            raise ValueError("mixed precision with channels-last is not supported on CPU (non-finite gradients); use one of the two")
+        # bfloat16 keeps float32's exponent range, so it needs no loss scaling; float16
+        # (the fast type on CUDA and MPS) does.
+        self.autocast_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+        self.autocast = amp
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp and self.autocast_dtype == torch.float16)
+        if config.channels_last:
+            network.to(memory_format=torch.channels_last)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        x = x.to(self.device, memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
+            logits = self.network(x)
+        loss = F.cross_entropy(logits.float(), y.to(self.device), weight=self.weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        value = loss.item()
+        if not np.isfinite(value):
+            raise RuntimeError("training diverged (non-finite loss); lower the learning rate or train in fp32")
+        return value
 
 
 def _save_checkpoint(path: Path, model, optimizer, iteration: int, config: TrainingConfig) -> None:
@@ -169,14 +252,18 @@ def train_base_model(
     Validation Dice on ``val_cases`` is logged every ``validate_every`` iterations and at
     the end. ``cancel()`` returning True stops at the next iteration with
     :class:`Cancelled` (the last checkpoint stays valid).
+
+    Inside an initialised process group (see :func:`init_distributed`) ``train_cases``
+    is this process's shard; the model is trained with DistributedDataParallel and only
+    rank 0 writes checkpoints, validates and shows progress.
     """
     from tqdm.auto import tqdm
 
     config = config or TrainingConfig()
     device = resolve_device(device)
+    rank, world = distributed_rank_and_size()
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     start = 0
     if resume:
@@ -185,25 +272,31 @@ def train_base_model(
         start = _load_checkpoint(checkpoint_path, model, optimizer, config)
         model.to(device)
         log(f"resumed from {checkpoint_path} at iteration {start}")
-    pool = build_patch_pool(train_cases, training_spacing, config.patches_per_slice, config.seed)
-    log(f"training on {len(pool)} lesion slices x {config.patches_per_slice} patches, device {device}")
+    pool = build_patch_pool(train_cases, training_spacing, config.patches_per_slice, config.seed + rank)
+    where = f"process {rank} of {world}, " if world > 1 else ""
+    log(f"training on {len(pool)} lesion slices x {config.patches_per_slice} patches, {where}device {device}")
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        network = model
+    step = TrainingStep(network, optimizer, config, device)
 
     history: list[dict] = []
-    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, disable=not progress, desc="train-base", mininterval=2.0)
+    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, disable=not progress or rank > 0, desc="train-base", mininterval=2.0)
     with private_rng(device):
         for iteration in bar:
             if cancel is not None and cancel():
                 raise Cancelled(f"training cancelled at iteration {iteration}")
-            reseed(config.seed, iteration)
-            x, y = sample_batch(pool, config, iteration)
-            logits = model(x.to(device))
-            loss = F.cross_entropy(logits, y.to(device), weight=weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            reseed(config.seed, iteration * world + rank)
+            x, y = sample_batch(pool, config, iteration, rank)
             done = iteration + 1
-            record = {"iteration": done, "loss": loss.item()}
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            record = {"iteration": done, "loss": step(x, y)}
+            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            if rank > 0:
+                history.append(record)
+                continue
             if checkpoint_path is not None and (done % checkpoint_every == 0 or done == config.iterations):
                 _save_checkpoint(checkpoint_path, model, optimizer, done, config)
             if val_cases and (done % validate_every == 0 or done == config.iterations):

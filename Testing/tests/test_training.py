@@ -86,3 +86,39 @@ def test_cases_without_lesions_are_refused(cases):
     case_no_lesions = type(case)(case.images, case.organ, None, case.grid, case.axis, "x")
     with pytest.raises(ValueError, match="no lesion mask"):
         build_patch_pool([case_no_lesions], SPACING, 5, 0)
+
+
+def _train_with(cases, **settings):
+    model = tiny_model().train()
+    config = TrainingConfig(iterations=3, patch_size=64, **settings)
+    history = train_base_model(model, cases, SPACING, config, device="cpu", progress=False, log=lambda m: None)
+    return model.state_dict(), [h["loss"] for h in history]
+
+
+def test_channels_last_and_mixed_precision_train_the_same_network(cases):
+    reference, ref_losses = _train_with(cases)
+    channels_last, cl_losses = _train_with(cases, channels_last=True)
+    amp, amp_losses = _train_with(cases, precision="amp")
+    # channels-last only changes memory layout: same numbers up to summation order. Adam
+    # moves a weight by about the learning rate (1e-4) whatever the gradient's size, so a
+    # rounding-level gradient difference can move a weight by 2e-4 over three steps.
+    assert np.allclose(cl_losses, ref_losses, rtol=1e-4)
+    assert all(torch.allclose(channels_last[k].float(), reference[k].float(), atol=1e-3) for k in reference)
+    # bfloat16 autocast on CPU: close to fp32, but really computed in lower precision
+    assert np.allclose(amp_losses, ref_losses, rtol=0.05) and amp_losses != ref_losses
+    assert all(torch.isfinite(v).all() for v in amp.values() if v.is_floating_point())
+
+
+def test_unsupported_precision_settings_are_refused(cases):
+    with pytest.raises(ValueError, match="precision"):
+        TrainingConfig(precision="fp16")
+    with pytest.raises(ValueError, match="not supported on CPU"):
+        _train_with(cases, precision="amp", channels_last=True)
+
+
+def test_resume_with_other_precision_is_refused(cases, tmp_path):
+    _train(cases, 2, tmp_path)
+    model = tiny_model().train()
+    config = TrainingConfig(iterations=4, patch_size=64, precision="amp")
+    with pytest.raises(ValueError, match="different settings"):
+        train_base_model(model, cases, SPACING, config, device="cpu", checkpoint_path=tmp_path / "ckpt.pt", resume=True, progress=False, log=lambda m: None)

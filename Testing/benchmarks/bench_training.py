@@ -1,0 +1,79 @@
+"""Base-training throughput on this machine, every variant measured in one run.
+
+    python Testing/benchmarks/bench_training.py [--preset brain-wmh] [--widths 64 16]
+        [--iterations 10] [--threads N] [--device auto]
+
+For each network width, times whole training iterations (batch sampling with rotation,
+forward, weighted cross-entropy, backward, Adam step: the code ``train-base`` runs) in the
+paper configuration (batch 4, 128x128 patches) with fp32, channels-last, mixed precision
+(bfloat16 autocast on CPU, float16 with loss scaling on CUDA) and both, and prints
+iterations/s and the speed-up over fp32 of the same width. The training slices are one
+generated patient of the preset. The iterations/s also give the wall time of the paper's
+10,000 iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+VARIANTS = (("fp32", False), ("fp32", True), ("amp", False), ("amp", True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="brain-wmh")
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 16])
+    parser.add_argument("--iterations", type=int, default=10, help="timed iterations per variant (after 2 warm-up)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    import torch
+
+    from PatientFineTuneLib.inference import resolve_device
+    from PatientFineTuneLib.model import LesionNet
+    from PatientFineTuneLib.presets import get_preset
+    from PatientFineTuneLib.synth import generate_pair, visit_case
+    from PatientFineTuneLib.training import TrainingConfig, TrainingStep, build_patch_pool, sample_batch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    preset = get_preset(args.preset)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU thread(s)"
+    print(f"torch {torch.__version__}, device {device} ({name}), preset {preset.name}, batch 4, 128x128 patches")
+    case = visit_case(generate_pair(preset.name, seed=0), "baseline")
+    pool = build_patch_pool([case], preset.training_spacing_mm, 25, seed=0)
+
+    def synchronise():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for width in args.widths:
+        baseline = None
+        for precision, channels_last in VARIANTS:
+            config = TrainingConfig(precision=precision, channels_last=channels_last)
+            label = precision + (" + channels-last" if channels_last else "")
+            torch.manual_seed(0)
+            model = LesionNet([c for _, c in preset.sequences], width=width).to(device).train()
+            try:
+                step = TrainingStep(model, torch.optim.Adam(model.parameters(), lr=config.learning_rate), config, device)
+            except ValueError as exc:
+                print(f"width {width:3d}  {label:24s} skipped: {exc}")
+                continue
+            for i in range(2):
+                step(*sample_batch(pool, config, i))
+            synchronise()
+            start = time.perf_counter()
+            for i in range(args.iterations):
+                loss = step(*sample_batch(pool, config, 2 + i))
+            synchronise()
+            rate = args.iterations / (time.perf_counter() - start)
+            baseline = baseline or rate
+            print(f"width {width:3d}  {label:24s} {rate:7.2f} it/s  x{rate / baseline:4.2f}  "
+                  f"10,000 iterations in {10_000 / rate / 60:6.1f} min  (last loss {loss:.3f})")
+
+
+if __name__ == "__main__":
+    main()
