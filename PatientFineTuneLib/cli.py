@@ -211,17 +211,9 @@ def _case_for_model(args, bundle, lesions: bool = False):
 
 
 def _model_path(name: str) -> Path:
-    """A model file, or the shipped base model of a preset named instead of a file."""
-    from .modelcard import shipped_models
-    from .presets import PRESETS
+    from .modelcard import resolve_model_path
 
-    path = Path(name)
-    if path.exists() or name not in PRESETS:
-        return path
-    shipped = shipped_models().get(name)
-    if shipped is None:
-        raise FileNotFoundError(f"no base model for preset {name} is installed in Resources/Models; give a model file instead")
-    return shipped
+    return resolve_model_path(name)
 
 
 def _progress_bar(desc: str, unit: str):
@@ -383,7 +375,8 @@ def cmd_info(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out), overwrite=args.overwrite, iterations=args.iterations, device=args.device)
+    run_demo(Path(args.out), overwrite=args.overwrite, model=_model_path(args.model), device=args.device,
+             finetune_iterations=args.iterations, mc_samples=args.mc_samples, seed=args.seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -488,7 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "The whole workflow on a synthetic patient: suggest, fine-tune, segment the follow-up with uncertainty.")
     p.add_argument("--out", default="demo-output")
-    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--model", default="brain-wmh", help="base model file (default: the shipped brain-wmh model)")
+    p.add_argument("--iterations", type=int, default=100, help="fine-tuning iterations")
+    p.add_argument("--mc-samples", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated patient, the fine-tuning and the MC masks")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
     return parser

@@ -1,9 +1,8 @@
-"""The end-to-end demo on generated data (README's first command).
+"""The end-to-end demo on a generated patient (README's first command).
 
-1. Generate synthetic ``brain-wmh`` patients; patient 0 is the demo patient, the others
-   train a small base model on the CPU (a reduced configuration: width 16, a few hundred
-   iterations; no trained base model ships yet).
-2. Suggest 2 baseline slices of patient 0 (mean lesion softmax closest to 0.5) and take the
+1. Generate one synthetic ``brain-wmh`` patient (baseline + follow-up; seed 0, which no
+   shipped model was trained on) and load the shipped ``brain-wmh`` base model.
+2. Suggest 2 baseline slices (mean lesion softmax closest to 0.5) and take the
    generator's ground truth on them as the radiologist's annotation.
 3. Fine-tune the last two layers (100 iterations) and segment the follow-up with the base
    and with the patient model, each with 25-sample MC-dropout uncertainty.
@@ -19,23 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 
-def run_demo(out: Path, overwrite: bool = False, iterations: int = 300, device: str = "auto", n_train: int = 3,
-             finetune_iterations: int = 100, mc_samples: int = 25) -> dict:
+def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None, device: str = "auto",
+             finetune_iterations: int = 100, mc_samples: int = 25, seed: int = 0) -> dict:
+    """Run the demo into ``out``; ``model`` is a base-model file (default: the shipped
+    ``brain-wmh`` model). Returns the summary also written to ``demo-summary.json``."""
     from .cases import find_cases
     from .finetune import FinetuneConfig, finetune_patient_model
     from .images import from_slices, load_case, prepare_case, write_image
     from .inference import resolve_device, segment_case
     from .metrics import evaluate_case
-    from .model import LesionNet
-    from .modelfile import ModelBundle, make_metadata, save_model
+    from .modelcard import resolve_model_path
+    from .modelfile import load_model, save_model
     from .postprocess import write_csv
     from .presets import get_preset
     from .suggest import suggest_slices
     from .synth import generate_pair, write_pair
-    from .training import TrainingConfig, train_base_model
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -52,27 +51,19 @@ def run_demo(out: Path, overwrite: bool = False, iterations: int = 300, device: 
         timings[name] = time.perf_counter() - timings[name]
         print(f"[{timings[name]:6.1f} s] {message}")
 
+    step("load_base")
+    model = resolve_model_path(model or preset.name)
+    base = load_model(model, device=device)
+    if [s["name"] for s in base.sequences] != names:
+        raise ValueError(f"the demo needs a brain-wmh model (FLAIR + T1); {model} reads {', '.join(s['name'] for s in base.sequences)}")
+    done("load_base", f"loaded base model {model} (sha256 {base.sha256[:12]}...)")
+
     step("synth")
-    for seed in range(n_train + 1):
-        write_pair(generate_pair(preset.name, seed), out / "patients" / f"patient{seed:03d}", overwrite=True)
-    done("synth", f"generated {n_train + 1} synthetic brain-wmh patients -> {out / 'patients'}")
+    write_pair(generate_pair(preset.name, seed), out / "patients" / "patient000", overwrite=True)
+    done("synth", f"generated a synthetic brain-wmh patient (seed {seed}) -> {out / 'patients' / 'patient000'}")
 
     def load(files):
         return prepare_case(load_case(files.sequences, files.organ, files.lesions, sequence_names=names, name=files.name))
-
-    step("train_base")
-    train = [load(f) for f in find_cases(out / "patients", names) if not f.name.startswith("patient000")]
-    torch.manual_seed(0)
-    model = LesionNet([1, 1], width=16)
-    history = train_base_model(model, train, preset.training_spacing_mm, TrainingConfig(iterations=iterations, seed=0), device=device, log=lambda m: None)
-    metadata = make_metadata(
-        model, preset.sequence_dicts(), preset.training_spacing_mm, preset=preset.name,
-        training={"command": f"patient-finetune demo --iterations {iterations}", "train_cases": [c.name for c in train],
-                  "final_loss": history[-1]["loss"], "note": "reduced CPU demo configuration (width 16); not the paper configuration"},
-    )
-    base = ModelBundle(model, metadata)
-    save_model(base, out / "demo-base-model.pt", overwrite=True)
-    done("train_base", f"trained a width-16 base model for {iterations} iterations on {len(train)} scans (stand-in for a shipped base model)")
 
     patient_dir = out / "patients" / "patient000"
     baseline = load(find_cases(patient_dir / "baseline", names)[0])
@@ -86,7 +77,7 @@ def run_demo(out: Path, overwrite: bool = False, iterations: int = 300, device: 
     step("finetune")
     # the generator's truth on the suggested slices plays the radiologist's annotation; it is
     # a real annotation even where a slice has no lesion, hence allow_empty
-    patient = finetune_patient_model(base, baseline, chosen, FinetuneConfig(iterations=finetune_iterations, seed=0), device=device, allow_empty=True)
+    patient = finetune_patient_model(base, baseline, chosen, FinetuneConfig(iterations=finetune_iterations, seed=seed), device=device, allow_empty=True)
     save_model(patient, out / "patient000-model.pt", overwrite=True)
     done("finetune", f"fine-tuned the last two layers for {finetune_iterations} iterations ({patient.metadata['finetune']['method']} path)")
 
@@ -112,6 +103,7 @@ def run_demo(out: Path, overwrite: bool = False, iterations: int = 300, device: 
         print(f"{name:12s}{m['dice']:8.3f}{m['avd_percent']:9.1f}{m['lesion_f1']:11.3f}{m['lesion_recall']:8.2f}{m['fp_count']:6d}{s['max_sd']:8.3f}")
     summary = {
         "device": str(device),
+        "base_model": {"file": str(model), "sha256": base.sha256},
         "suggested_slices": [s.as_dict() for s in suggestions],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "followup_metrics": {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()} for name, m in metrics.items()},

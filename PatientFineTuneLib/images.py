@@ -48,8 +48,11 @@ class GeometryError(ImageError):
 # Reading and writing
 
 
-def read_image(path: str | os.PathLike) -> sitk.Image:
-    """Read any image SimpleITK can read, with a clear error otherwise."""
+def read_image(path: str | os.PathLike | sitk.Image) -> sitk.Image:
+    """Read any image SimpleITK can read, with a clear error otherwise (an image already
+    in memory, e.g. from a Slicer volume node, is returned as it is)."""
+    if isinstance(path, sitk.Image):
+        return path
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
@@ -298,8 +301,14 @@ class Case:
         return image
 
 
-def _binary_mask(path, grid: sitk.Image, what: str, resample: bool, labels: Sequence[int] | None) -> np.ndarray:
-    image = read_image(path)
+def source_name(source) -> str:
+    """How to name an image source in messages: its path, or that it was given in memory."""
+    return "(image in memory)" if isinstance(source, sitk.Image) else str(source)
+
+
+def _binary_mask(source, grid: sitk.Image, what: str, resample: bool, labels: Sequence[int] | None) -> np.ndarray:
+    image = read_image(source)
+    path = source_name(source)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageError(f"{what} {path} must be a 3D single-channel image")
     mismatch = grid_mismatch(grid, image)
@@ -315,7 +324,7 @@ def _binary_mask(path, grid: sitk.Image, what: str, resample: bool, labels: Sequ
 
 
 def load_case(
-    sequence_paths: Sequence[str | os.PathLike],
+    sequence_paths: Sequence[str | os.PathLike | sitk.Image],
     organ_path: str | os.PathLike | None = None,
     lesion_path: str | os.PathLike | None = None,
     expected_channels: Sequence[int] | None = None,
@@ -329,7 +338,7 @@ def load_case(
 
     Parameters
     ----------
-    sequence_paths : one path per sequence, in the model's pathway order.
+    sequence_paths : one path (or SimpleITK image) per sequence, in the model's pathway order.
     organ_path : organ mask; if None and ``auto_organ``, an automatic brain mask is
         computed from the first sequence (brain presets only).
     lesion_path : lesion mask (any label > 0 is lesion, or only ``lesion_labels``).
@@ -352,8 +361,9 @@ def load_case(
         )
     channels: list[np.ndarray] = []
     grid = None
-    for i, path in enumerate(sequence_paths):
-        image = read_image(path)
+    sources = [source_name(p) for p in sequence_paths]
+    for i, path in enumerate(sources):
+        image = read_image(sequence_paths[i])
         if grid is not None:
             ref = grid
             this_grid = channels_and_grid(image)[1]
@@ -361,7 +371,7 @@ def load_case(
             if mismatch:
                 if not resample_to_first:
                     raise GeometryError(
-                        f"{names[i]} ({path}) is not on the grid of {names[0]} ({sequence_paths[0]}): "
+                        f"{names[i]} ({path}) is not on the grid of {names[0]} ({sources[0]}): "
                         f"{mismatch}. Register/resample the sequences onto one grid, or pass "
                         "--resample-to (resample_to_first=True) to resample them onto the first sequence."
                     )
@@ -388,7 +398,7 @@ def load_case(
     else:
         raise ImageError("this preset needs an organ mask (e.g. a liver mask); pass it with --organ")
     if not organ.any():
-        raise ImageError(f"the organ mask {organ_path} is empty")
+        raise ImageError(f"the organ mask {source_name(organ_path)} is empty")
     lesions = None
     if lesion_path is not None:
         lesions = _binary_mask(lesion_path, grid, "lesion mask", resample_to_first, lesion_labels)
@@ -402,9 +412,9 @@ def load_case(
         axis=axis,
         name=name,
         sources={
-            "sequences": [str(p) for p in sequence_paths],
-            "organ": str(organ_path) if organ_path else "automatic brain mask",
-            "lesions": str(lesion_path) if lesion_path else None,
+            "sequences": sources,
+            "organ": source_name(organ_path) if organ_path is not None else "automatic brain mask",
+            "lesions": source_name(lesion_path) if lesion_path is not None else None,
         },
     )
 

@@ -1,0 +1,162 @@
+"""Model cards: what a base model reads, how it was trained, how well it does on data it
+never saw. The card lives in the model file's metadata (``metadata["card"]``) and is
+rendered to Markdown next to the file, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from .files import atomic_write
+from .model import count_parameters
+from .modelfile import ModelBundle, load_model, save_model
+from .presets import PRESETS
+
+PAPER_WIDTH = 64
+PAPER_ITERATIONS = 10_000
+RESOURCES = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+
+
+def shipped_models(folder: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The base models in ``Resources/Models`` (or ``folder``), by preset name."""
+    folder = Path(folder) if folder else RESOURCES
+    return {name: folder / f"{name}.pt" for name in PRESETS if (folder / f"{name}.pt").is_file()}
+
+
+def resolve_model_path(name: str | os.PathLike) -> Path:
+    """A model file, or the shipped base model when ``name`` is a preset name (and no
+    file of that name exists)."""
+    path = Path(name)
+    if path.exists() or str(name) not in PRESETS:
+        return path
+    shipped = shipped_models().get(str(name))
+    if shipped is None:
+        raise FileNotFoundError(f"no base model for preset {name} is installed in {RESOURCES}; give a model file instead")
+    return shipped
+
+
+def training_data_entries(entries: Sequence[tuple[str, str, str]]) -> list[dict]:
+    """``[(source, cases, licence), ...]`` as card rows."""
+    return [{"source": source, "cases": cases, "licence": licence} for source, cases, licence in entries]
+
+
+def is_paper_configuration(metadata: dict) -> bool:
+    config = metadata.get("training", {}).get("config", {})
+    return metadata["architecture"]["width"] == PAPER_WIDTH and config.get("iterations") == PAPER_ITERATIONS
+
+
+def _fmt(summary: dict, digits: int = 2) -> str:
+    if not summary or summary.get("n", 0) == 0:
+        return "n/a"
+    return f"{summary['mean']:.{digits}f} ± {summary['sd']:.{digits}f}"
+
+
+def render_card(metadata: dict, parameters: int | None = None) -> str:
+    """Markdown model card from a model file's metadata (with ``metadata["card"]``)."""
+    card = metadata.get("card", {})
+    training = metadata.get("training", {})
+    config = training.get("config", {})
+    arch = metadata["architecture"]
+    preset = PRESETS.get(metadata.get("preset") or "")
+    inputs = ", ".join(
+        f"{i + 1}. {s['name']} ({s['channels']} channel{'s' if s['channels'] > 1 else ''})" for i, s in enumerate(metadata["sequences"])
+    )
+    lines = [f"# Base model `{metadata.get('preset')}`", ""]
+    if preset:
+        lines += [preset.description + ".", ""]
+    if not is_paper_configuration(metadata):
+        lines += [
+            f"> **Reduced configuration.** Trained on a CPU with width {arch['width']} and "
+            f"{config.get('iterations')} iterations instead of the paper's width {PAPER_WIDTH} and "
+            f"{PAPER_ITERATIONS:,} iterations (no GPU was available). The paper-configuration "
+            "weights are still owed; the build command below with its defaults produces them.",
+            "",
+        ]
+    lines += [
+        "## Inputs",
+        "",
+        f"- Sequences, in pathway order: {inputs}. Multi-channel sequences are one 4D or vector image.",
+        "- All sequences on one grid (co-registered); any orientation: geometry is read from the header and "
+        "2D slices are taken along the acquisition axis (largest spacing).",
+        f"- In-plane spacing: slices are resampled to {metadata['training_spacing_mm'][0]:.3f} x "
+        f"{metadata['training_spacing_mm'][1]:.3f} mm for the network and results are resampled back.",
+        f"- Normalisation: {metadata.get('normalisation')}.",
+        f"- Organ mask: {preset.organ + (' (computed automatically when none is given)' if preset.auto_organ_mask else ' (required)') if preset else 'as trained'}.",
+        "",
+        "## Network",
+        "",
+        f"Multi-pathway dilated 2D CNN (seed 000): width {arch['width']}, head width {arch['head_width']}, "
+        f"dropout {arch['dropout']}, dilations {arch['dilations']}, receptive field {metadata.get('receptive_field_px')} px"
+        + (f", {parameters:,} parameters" if parameters else "")
+        + ".",
+        "",
+        "## Training",
+        "",
+        f"- Build command: `{card.get('build_command', 'n/a')}`",
+        f"- Training command: `{training.get('command', 'n/a')}`",
+        f"- Configuration: {json.dumps(config, sort_keys=True)}",
+        f"- Hardware: {training.get('hardware', 'n/a')}; wall time {training.get('wall_time_s', 0) / 60:.1f} min",
+        f"- Final training loss {training.get('final_loss', float('nan')):.4f}; validation Dice {training.get('final_val_dice') or float('nan'):.3f} (one synthetic follow-up)",
+        "",
+        "| training data | cases | licence |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {d['source']} | {d['cases']} | {d['licence']} |" for d in card.get("training_data", [])]
+    lines += ["", f"Training cases recorded in the file: {', '.join(training.get('train_cases', []))}.", ""]
+    lines += [
+        "## Held-out results",
+        "",
+        "Whole-volume segmentation (threshold 0.5, 3x3x3 closing" + (", per-slice opening" if preset and preset.opening else "")
+        + ") of cases not used for training; mean ± SD over cases.",
+        "",
+        "| set | cases | Dice | AVD % | HD95 mm | lesion recall | lesion precision | lesion F1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for row in card.get("evaluation", []):
+        m = row["metrics"]
+        lines.append(
+            f"| {row['set']} | {row['cases']} | {_fmt(m['dice'])} | {_fmt(m['avd_percent'], 0)} | {_fmt(m['hd95_mm'], 1)} | "
+            f"{_fmt(m['lesion_recall'])} | {_fmt(m['lesion_precision'])} | {_fmt(m['lesion_f1'])} |"
+        )
+        if row.get("note"):
+            notes.append(f"- {row['set']}: {row['note']}")
+    lines += ["", *notes] if notes else []
+    if card.get("longitudinal"):
+        lines += [
+            "",
+            "Longitudinal MS studies (`ljubljana_ms_longitudinal`, FLAIR + T1W in native space, skull on, brain mask "
+            "mapped from the common space). Their reference marks only lesion *change* between the two studies, so what "
+            "can be checked is that the two segmentations together cover the changed voxels:",
+            "",
+            "| patient | change voxels covered | change regions touched | lesion volume study 1 / 2 (ml) |",
+            "|---|---|---|---|",
+        ]
+        for r in card["longitudinal"]:
+            v = r["lesion_volume_ml"]
+            lines.append(f"| {r['case']} | {100 * r['change_voxels_covered']:.0f}% | {r['change_regions_touched']} / {r['change_regions']} | "
+                         f"{v['study1']:.1f} / {v['study2']:.1f} |")
+    lines += ["", "Per-case numbers are in the file's metadata (`patient-finetune info`).", ""]
+    lines += ["## File", "", f"sha256 `{metadata.get('sha256', '')}` (metadata and weights; checked on every load).", ""]
+    return "\n".join(lines)
+
+
+def write_shipped_model(source: str | os.PathLike, card: dict, model_out: str | os.PathLike, card_out: str | os.PathLike) -> list[Path]:
+    """Copy a trained model to ``model_out`` with ``card`` in its metadata and write the
+    rendered card to ``card_out``. Both are replaced atomically."""
+    bundle = load_model(source)
+    metadata = dict(bundle.metadata)
+    metadata["card"] = card
+    shipped = ModelBundle(bundle.model, metadata)
+    save_model(shipped, model_out, overwrite=True)
+    text = render_card(shipped.metadata, count_parameters(bundle.model))
+    atomic_write(Path(card_out), lambda tmp: Path(tmp).write_text(text), overwrite=True)
+    return [Path(model_out), Path(card_out)]
+
+
+def card_of(path: str | os.PathLike) -> str:
+    """The rendered card of a model file (verified on load)."""
+    bundle = load_model(path)
+    return render_card(bundle.metadata, count_parameters(bundle.model))

@@ -1,0 +1,48 @@
+"""Model cards: written into the model file and next to it, from a real trained model."""
+
+import pytest
+import torch
+
+from PatientFineTuneLib.modelcard import render_card, training_data_entries, write_shipped_model
+from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata, save_model
+
+from conftest import tiny_model
+
+
+@pytest.fixture
+def trained_file(tmp_path):
+    model = tiny_model()
+    meta = make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (0.958, 0.958), preset="brain-wmh",
+                         training={"command": "patient-finetune train-base --preset brain-wmh", "config": {"iterations": 50},
+                                   "train_cases": ["a", "b"], "final_loss": 0.3, "final_val_dice": 0.5, "wall_time_s": 60.0, "hardware": "cpu"})
+    path = tmp_path / "trained.pt"
+    save_model(ModelBundle(model, meta), path)
+    return path
+
+
+def _card(dice_values):
+    from PatientFineTuneLib.metrics import summarise
+
+    keys = ("dice", "avd_percent", "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1")
+    return {
+        "training_data": training_data_entries([("synthetic", "2 volumes", "generated")]),
+        "evaluation": [{"set": "held out", "cases": len(dice_values), "note": "a note",
+                        "metrics": {k: summarise(dice_values) for k in keys}, "per_case": []}],
+        "longitudinal": [],
+        "build_command": "python Resources/Models/build_models.py --preset brain-wmh",
+    }
+
+
+def test_card_goes_into_the_file_and_next_to_it(trained_file, tmp_path):
+    source_bytes = trained_file.read_bytes()
+    out_pt, out_md = tmp_path / "shipped" / "brain-wmh.pt", tmp_path / "shipped" / "brain-wmh.md"
+    write_shipped_model(trained_file, _card([0.6, 0.8]), out_pt, out_md)
+    assert trained_file.read_bytes() == source_bytes  # the trained file is left alone
+    shipped = load_model(out_pt)  # integrity checked with the card inside
+    assert shipped.metadata["card"]["evaluation"][0]["cases"] == 2
+    text = out_md.read_text()
+    assert text == render_card(shipped.metadata, sum(p.numel() for p in shipped.model.parameters()))
+    assert "Reduced configuration" in text and "width 4" in text  # not the paper's width 64
+    assert "| held out | 2 | 0.70 ± 0.14 |" in text
+    assert shipped.metadata["sha256"] in text
+    assert torch.equal(shipped.model.state_dict()["classifier.5.weight"], load_model(trained_file).model.state_dict()["classifier.5.weight"])

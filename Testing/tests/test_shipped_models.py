@@ -1,0 +1,75 @@
+"""The base models in Resources/Models: present for every preset, intact, described by
+their cards, and able to segment a generated patient of their preset."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from PatientFineTuneLib.inference import segment_case
+from PatientFineTuneLib.metrics import lesion_detection
+from PatientFineTuneLib.model import count_parameters
+from PatientFineTuneLib.modelcard import RESOURCES, render_card, shipped_models
+from PatientFineTuneLib.modelfile import load_model
+from PatientFineTuneLib.presets import PRESETS
+from PatientFineTuneLib.synth import generate_pair, visit_case
+
+
+@pytest.fixture(scope="module", params=list(PRESETS))
+def shipped(request):
+    name = request.param
+    path = shipped_models().get(name)
+    assert path is not None, f"{RESOURCES / (name + '.pt')} is missing; build it with Resources/Models/build_models.py"
+    return name, path, load_model(path)  # load_model checks the sha256
+
+
+def test_metadata_matches_the_preset_and_the_network(shipped):
+    name, path, bundle = shipped
+    meta, preset = bundle.metadata, PRESETS[name]
+    assert meta["preset"] == name
+    assert [(s["name"], s["channels"]) for s in meta["sequences"]] == list(preset.sequences)
+    assert tuple(bundle.model.in_channels) == tuple(c for _, c in preset.sequences)
+    assert meta["receptive_field_px"] == bundle.model.receptive_field() == 123
+    assert tuple(meta["training_spacing_mm"]) == preset.training_spacing_mm
+    assert path.stat().st_size < 10 * 2**20
+    assert meta["training"]["command"].startswith("patient-finetune train-base")
+
+
+def test_card_has_held_out_results_and_matches_the_file(shipped):
+    name, path, bundle = shipped
+    card = bundle.metadata["card"]
+    assert card["training_data"] and card["build_command"].startswith("python Resources/Models/build_models.py")
+    assert card["evaluation"] and all(row["cases"] > 0 for row in card["evaluation"])
+    for row in card["evaluation"]:
+        assert 0.0 <= row["metrics"]["dice"]["mean"] <= 1.0
+        assert len(row["per_case"]) == row["cases"]
+    # the Markdown card next to the file is exactly what the metadata renders to
+    assert path.with_suffix(".md").read_text() == render_card(bundle.metadata, count_parameters(bundle.model))
+
+
+def test_segments_a_generated_patient_of_its_preset(shipped):
+    name, _, bundle = shipped
+    case = visit_case(generate_pair(name, seed=4242, small=True), "followup")
+    result = segment_case(bundle, case, opening=PRESETS[name].opening, device="cpu")
+    assert result.probability.shape == case.organ.shape
+    assert 0.0 <= result.probability.min() and result.probability.max() <= 1.0
+    assert not (result.mask & ~case.organ).any()
+    detection = lesion_detection(result.mask, case.lesions)
+    assert detection["detected_gt_lesions"] >= 1, detection
+
+
+def test_cli_finds_shipped_models_by_preset_name():
+    name = next(iter(shipped_models()))
+    out = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "info", name, "--card"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith(f"# Base model `{name}`") and "Held-out results" in out
+    missing = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "info", "not-a-model.pt"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_shipped_probabilities_are_reproducible():
+    name, path = next(iter(shipped_models().items()))
+    case = visit_case(generate_pair(name, seed=7, small=True), "followup")
+    a = segment_case(load_model(path), case, device="cpu").probability
+    b = segment_case(load_model(path), case, device="cpu").probability
+    assert np.array_equal(a, b)
