@@ -261,6 +261,7 @@ def finetune_patient_model(
         p.requires_grad_(False)
     metadata = copy.deepcopy(bundle.metadata)
     metadata.pop("sha256", None)
+    metadata.pop("card", None)  # the base model's card describes the base model, not this one
     metadata["finetune"] = {
         "base_model_sha256": bundle.sha256,
         "slices": chosen,
