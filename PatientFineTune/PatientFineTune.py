@@ -71,6 +71,7 @@ WIDGET_CLASSES = {
     "compareWithBaseCheckBox": "QCheckBox",
     "segmentButton": "QPushButton",
     "overlayComboBox": "QComboBox",
+    "resultComboBox": "QComboBox",
     "lesionTableView": "qMRMLTableView",
     "patientModelLabel": "QLabel",
     "saveModelButton": "QPushButton",
@@ -241,6 +242,7 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.overlayComboBox.connect("currentIndexChanged(int)", lambda index: self.showOverlay())
+        self.ui.resultComboBox.connect("currentIndexChanged(int)", lambda index: self.showOverlay())
         self.ui.saveModelButton.connect("clicked(bool)", self.onSaveModel)
         self.ui.loadPatientModelButton.connect("clicked(bool)", self.onLoadPatientModel)
         self.initializeParameterNode()
@@ -394,15 +396,20 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSegmentDone(self, results) -> None:
         self._results = self.logic.addFollowupNodes(results, self._volumes("followup")[0])
-        main = self._results[-1]
-        self.ui.lesionTableView.setMRMLTableNode(main.table)
         self.showOverlay()
         self.ui.statusLabel.text = self.logic.describeResults(self._results)
 
     def showOverlay(self) -> None:
+        """Show the chosen result (fine-tuned, base, or both segmentations) and its
+        uncertainty or probability map over the follow-up."""
         if not self._results:
             return
-        main = self._results[-1]
+        shown = self.ui.resultComboBox.currentText
+        byLabel = {r.segmentation.GetName().split("(")[-1].rstrip(")"): r for r in self._results}
+        main = byLabel.get(shown, self._results[-1])
+        for label, r in byLabel.items():
+            r.segmentation.GetDisplayNode().SetVisibility(shown == "both" or label == shown or len(byLabel) == 1)
+        self.ui.lesionTableView.setMRMLTableNode(main.table)
         choice = self.ui.overlayComboBox.currentText
         node = {"uncertainty": main.uncertainty, "probability": main.probability}.get(choice)
         self.logic.showOverlay(node, self._volumes("followup")[0])

@@ -139,9 +139,15 @@ def segment_followup(scene, bundle: ModelBundle, volume_nodes: Sequence, organ: 
     return add_followup_nodes(scene, case, result, volume_nodes[0], label)
 
 
+#: Segment colour per result label, so base and fine-tuned results can be told apart when
+#: shown together (anything else: the lesion yellow).
+RESULT_COLOURS = {"base": (0.3, 0.75, 1.0)}
+
+
 def add_followup_nodes(scene, case: Case, result: Segmentation, reference_node, label: str) -> FollowupNodes:
     """Scene nodes for a follow-up result (main thread only)."""
-    segmentation = mrml.add_lesion_segmentation(scene, from_slices(result.mask, case.axis), reference_node, f"Follow-up lesions ({label})")
+    segmentation = mrml.add_lesion_segmentation(scene, from_slices(result.mask, case.axis), reference_node, f"Follow-up lesions ({label})",
+                                                colour=RESULT_COLOURS.get(label, mrml.LESION_COLOUR))
     probability = mrml.add_probability_volume(scene, from_slices(result.probability, case.axis), reference_node, f"Lesion probability ({label})")
     uncertainty = None
     if result.uncertainty is not None:

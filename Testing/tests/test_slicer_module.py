@@ -47,6 +47,12 @@ def test_every_widget_the_code_uses_exists_with_its_class():
             assert f"{prefix}Volume{i}Selector" in declared and f"{prefix}Volume{i}Label" in declared
 
 
+def test_only_containers_hold_widgets():
+    for w in ET.parse(UI).iter("widget"):
+        if w.get("class") not in ("qMRMLWidget", "ctkCollapsibleButton", "QWidget", "QGroupBox"):
+            assert not w.findall(".//widget"), f"{w.get('name')} ({w.get('class')}) contains widgets"
+
+
 def test_custom_widgets_are_declared():
     tree = ET.parse(UI)
     custom = {c.findtext("class") for c in tree.iter("customwidget")}

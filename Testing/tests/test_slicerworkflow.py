@@ -68,6 +68,10 @@ def test_three_steps_on_nodes_match_the_file_workflow(scene, bundle, small_pair_
     assert np.array_equal(lesion, from_slices(nodes.result.mask, file_case.axis))
     assert nodes.table.GetNumberOfRows() == len(nodes.result.lesions)
     assert nodes.segmentation.GetName() == "Follow-up lesions (fine-tuned)"
+    base = segment_followup(scene, bundle, followup_nodes, followup_organ, mc_samples=0, label="base", device="cpu")
+    colours = [n.segmentation.GetSegmentation().GetNthSegment(0).GetColor() for n in (nodes, base)]
+    assert colours[0] != colours[1]  # base and fine-tuned results are told apart in the views
+    assert base.uncertainty is None
 
 
 def test_bad_inputs_give_clear_errors_and_cancel_stops(scene, bundle, small_pair_dir):  # noqa: F811
