@@ -9,6 +9,15 @@ from pathlib import Path
 from typing import Callable
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; read once, at import (os.umask is process-wide)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> None:
     """Write ``path`` through ``write(tmp_path)`` and a rename in the same folder, so a
     reader, a crash or a cancel never leaves half a file under the final name.
@@ -24,6 +33,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file private (0600); give it the permissions a plain open()
+        # would have (0666 minus the umask), as users and installers expect.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

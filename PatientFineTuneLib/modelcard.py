@@ -50,6 +50,8 @@ def is_paper_configuration(metadata: dict) -> bool:
 def _fmt(summary: dict, digits: int = 2) -> str:
     if not summary or summary.get("n", 0) == 0:
         return "n/a"
+    if summary["n"] == 1:
+        return f"{summary['mean']:.{digits}f}"
     return f"{summary['mean']:.{digits}f} ± {summary['sd']:.{digits}f}"
 
 
@@ -74,6 +76,13 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
             "weights are still owed; the build command below with its defaults produces them.",
             "",
         ]
+    lines += [
+        "Intended use: research, and the patient-specific fine-tuning workflow of this project (the base model is the "
+        "starting point that fine-tuning adapts to each patient). Not a medical device; not for diagnosis.",
+        "",
+    ]
+    if card.get("notes"):
+        lines += ["## Notes", "", *(f"- {note}" for note in card["notes"]), ""]
     lines += [
         "## Inputs",
         "",
@@ -109,7 +118,7 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
         "## Held-out results",
         "",
         "Whole-volume segmentation (threshold 0.5, 3x3x3 closing" + (", per-slice opening" if preset and preset.opening else "")
-        + ") of cases not used for training; mean ± SD over cases.",
+        + ") of cases not used for training; mean ± SD over cases (one value where there is one case).",
         "",
         "| set | cases | Dice | AVD % | HD95 mm | lesion recall | lesion precision | lesion F1 |",
         "|---|---|---|---|---|---|---|---|",

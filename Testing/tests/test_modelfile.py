@@ -38,6 +38,15 @@ def test_never_overwrites_without_permission(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary left behind
 
 
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    from PatientFineTuneLib.files import _UMASK
+
+    path = tmp_path / "m.pt"
+    save_model(_bundle(), path)
+    # as a plain open() would create it, not the private 0600 of the temporary file
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_UMASK != 0o600
+
+
 def _nudge_first_weight(payload):
     name = next(k for k in payload["state_dict"] if k.endswith("weight"))
     payload["state_dict"][name] = payload["state_dict"][name] + 1e-3

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-slicer = pytest.importorskip("slicer", reason="slicer-core is a test dependency: pip install -e '.[test]'")
-import vtk  # noqa: E402  (from slicer-core's vtk)
+import slicer  # (slicer-core, a pinned test dependency: these tests must run in CI, never skip)
+import vtk  # from slicer-core's vtk
 
-from PatientFineTuneLib import mrml  # noqa: E402
-from PatientFineTuneLib.images import Case, from_slices, slice_axis, to_slices  # noqa: E402
-from PatientFineTuneLib.postprocess import label_lesions, lesion_table  # noqa: E402
-from PatientFineTuneLib.suggest import SliceSuggestion  # noqa: E402
+from PatientFineTuneLib import mrml  
+from PatientFineTuneLib.images import Case, from_slices, slice_axis, to_slices  
+from PatientFineTuneLib.postprocess import label_lesions, lesion_table  
+from PatientFineTuneLib.suggest import SliceSuggestion  
 
-from conftest import rotation_direction  # noqa: E402
+from conftest import rotation_direction  
 
 
 @pytest.fixture

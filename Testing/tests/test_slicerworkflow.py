@@ -6,18 +6,18 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-slicer = pytest.importorskip("slicer", reason="slicer-core is a test dependency: pip install -e '.[test]'")
+import slicer  # noqa: F401  (slicer-core, a pinned test dependency: these tests must run in CI, never skip)
 
-from PatientFineTuneLib import mrml  # noqa: E402
-from PatientFineTuneLib.cases import find_cases  # noqa: E402
-from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model  # noqa: E402
-from PatientFineTuneLib.images import from_slices, load_case, prepare_case  # noqa: E402
-from PatientFineTuneLib.inference import Cancelled, segment_case  # noqa: E402
-from PatientFineTuneLib.modelfile import ModelBundle, make_metadata  # noqa: E402
-from PatientFineTuneLib.slicerworkflow import MaskSource, analyse_baseline, finetune_from_nodes, segment_followup  # noqa: E402
+from PatientFineTuneLib import mrml  
+from PatientFineTuneLib.cases import find_cases  
+from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model  
+from PatientFineTuneLib.images import from_slices, load_case, prepare_case  
+from PatientFineTuneLib.inference import Cancelled, segment_case  
+from PatientFineTuneLib.modelfile import ModelBundle, make_metadata  
+from PatientFineTuneLib.slicerworkflow import MaskSource, analyse_baseline, finetune_from_nodes, segment_followup  
 
-from conftest import tiny_model  # noqa: E402
-from test_mrml import scene  # noqa: E402,F401  (the MRML scene fixture)
+from conftest import tiny_model  
+from test_mrml import scene  # noqa: F401  (the MRML scene fixture)
 
 
 @pytest.fixture
