@@ -762,7 +762,7 @@ class PatientFineTuneTest(ScriptedLoadableModuleTest):
         for s in analysis.suggestions:
             editedSlices[s.index] = truthSlices[s.index]
         mrml.set_segment_from_array(analysis.segmentation_node, "Lesion", from_slices(editedSlices, axis), baseline[0])
-        logic.finetune(baseline, None, analysis.segmentation_node, "suggested", [s.index for s in analysis.suggestions], iterations=30, forceCpu=True)
+        logic.finetune(baseline, None, analysis.segmentation_node, "suggested", [s.index for s in analysis.suggestions], iterations=100, forceCpu=True)
         self.assertIsNotNone(logic.patientBundle)
 
         self.delayDisplay("Step 3: segment the follow-up with both models")
