@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Sequence
 
 from .files import atomic_write
-from .model import count_parameters
-from .modelfile import ModelBundle, load_model, save_model
 from .presets import PRESETS
+
+# torch is imported inside the functions that need it: the Slicer module lists the shipped
+# models before PyTorch is installed.
 
 PAPER_WIDTH = 64
 PAPER_ITERATIONS = 10_000
@@ -155,6 +156,9 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
 def write_shipped_model(source: str | os.PathLike, card: dict, model_out: str | os.PathLike, card_out: str | os.PathLike) -> list[Path]:
     """Copy a trained model to ``model_out`` with ``card`` in its metadata and write the
     rendered card to ``card_out``. Both are replaced atomically."""
+    from .model import count_parameters
+    from .modelfile import ModelBundle, load_model, save_model
+
     bundle = load_model(source)
     metadata = dict(bundle.metadata)
     metadata["card"] = card
@@ -167,5 +171,8 @@ def write_shipped_model(source: str | os.PathLike, card: dict, model_out: str | 
 
 def card_of(path: str | os.PathLike) -> str:
     """The rendered card of a model file (verified on load)."""
+    from .model import count_parameters
+    from .modelfile import load_model
+
     bundle = load_model(path)
     return render_card(bundle.metadata, count_parameters(bundle.model))

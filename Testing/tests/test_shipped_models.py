@@ -73,3 +73,10 @@ def test_shipped_probabilities_are_reproducible():
     a = segment_case(load_model(path), case, device="cpu").probability
     b = segment_case(load_model(path), case, device="cpu").probability
     assert np.array_equal(a, b)
+
+
+def test_shipped_models_are_listed_without_torch():
+    # the Slicer module lists them before PyTorch is installed
+    code = "import sys; sys.modules['torch'] = None; from PatientFineTuneLib.modelcard import shipped_models; print(sorted(shipped_models()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted(PRESETS))
