@@ -316,6 +316,52 @@ def cmd_finetune(args) -> None:
 # evaluate
 
 
+def cmd_compare(args) -> None:
+    import SimpleITK as sitk
+
+    from .change import ChangeThresholds, lesion_changes
+    from .files import atomic_write
+    from .images import GeometryError, grid_mismatch, read_image, write_image
+    from .postprocess import write_csv
+    from .registration import register_followup, resample_mask
+
+    out = Path(args.out)
+    targets = [out / n for n in ("changes.csv", "changes.json", "followup_lesions_on_baseline.nii.gz")]
+    if any(t.exists() for t in targets) and not args.overwrite:
+        raise FileExistsError(f"{out} already holds compare outputs; choose another --out or pass --overwrite")
+    baseline_lesions = read_image(args.baseline_lesions) > 0
+    followup_lesions = read_image(args.followup_lesions) > 0
+    registration = None
+    if args.baseline_image and args.followup_image:
+        baseline, followup = read_image(args.baseline_image), read_image(args.followup_image)
+        organ = read_image(args.baseline_organ) if args.baseline_organ else None
+        registration = register_followup(baseline, followup, organ, bspline=args.bspline, seed=args.seed)
+        print(f"registered the follow-up onto the baseline: correlation {registration.correlation_before:.3f} -> {registration.correlation_after:.3f}")
+        if registration.warning:
+            print(f"warning: {registration.warning}", file=sys.stderr)
+        followup_lesions = resample_mask(sitk.Cast(followup_lesions, sitk.sitkUInt8), baseline_lesions, registration.transform) > 0
+    elif args.baseline_image or args.followup_image:
+        raise ValueError("give both --baseline-image and --followup-image to register, or neither (masks already on one grid)")
+    mismatch = grid_mismatch(baseline_lesions, followup_lesions)
+    if mismatch:
+        raise GeometryError(f"the lesion masks are on different grids ({mismatch}); give --baseline-image and --followup-image to register them")
+    thresholds = ChangeThresholds(args.relative_change, args.min_change_mm3)
+    rows, summary = lesion_changes(sitk.GetArrayFromImage(baseline_lesions), sitk.GetArrayFromImage(followup_lesions),
+                                   baseline_lesions.GetSpacing()[::-1], thresholds, grid=baseline_lesions)
+    if registration is not None:
+        summary["registration"] = {"correlation_before": registration.correlation_before, "correlation_after": registration.correlation_after,
+                                   "warning": registration.warning}
+    out.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        r["centroid_lps_mm"] = " ".join(f"{c:.2f}" for c in r.pop("centroid"))
+    write_csv(rows, out / "changes.csv", columns=["change", "baseline_ids", "followup_ids", "baseline_mm3", "followup_mm3", "change_mm3",
+                                                  "change_relative", "centroid_lps_mm"], overwrite=args.overwrite)
+    atomic_write(out / "changes.json", lambda tmp: Path(tmp).write_text(json.dumps({"summary": summary, "lesions": rows}, indent=2)), overwrite=args.overwrite)
+    write_image(sitk.Cast(followup_lesions, sitk.sitkUInt8), out / "followup_lesions_on_baseline.nii.gz", overwrite=args.overwrite)
+    counts = ", ".join(f"{summary[c]} {c}" for c in ("new", "enlarged", "stable", "shrinking", "resolved"))
+    print(f"{counts}; lesion load {summary['baseline_load_mm3'] / 1000:.2f} -> {summary['followup_load_mm3'] / 1000:.2f} mL; outputs in {out}")
+
+
 def cmd_evaluate(args) -> None:
     import csv
 
@@ -465,6 +511,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--angles", type=int, default=8, help="fixed rotation angles spanning [-45, 45] degrees")
     p.add_argument("--method", choices=["auto", "fast", "naive"], default="auto", help="fast: cached backbone features; naive: the reference loop")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = add("compare", cmd_compare, "What changed between baseline and follow-up: new, enlarged, stable, shrinking and resolved lesions.")
+    p.add_argument("--baseline-lesions", required=True, help="baseline lesion mask (any label > 0)")
+    p.add_argument("--followup-lesions", required=True, help="follow-up lesion mask")
+    p.add_argument("--baseline-image", help="baseline image (e.g. FLAIR) to register the follow-up onto")
+    p.add_argument("--followup-image", help="follow-up image of the same sequence")
+    p.add_argument("--baseline-organ", help="organ mask on the baseline grid: registration looks only inside it")
+    p.add_argument("--bspline", action="store_true", help="add a B-spline stage after rigid and affine")
+    p.add_argument("--relative-change", type=float, default=0.5, help="enlarged/shrinking: relative volume change at least this (default 0.5)")
+    p.add_argument("--min-change-mm3", type=float, default=10.0, help="... and an absolute change at least this (default 10 mm3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the registration's metric sampling")
+    p.add_argument("--out", required=True, help="output folder: changes.csv, changes.json, followup_lesions_on_baseline.nii.gz")
     p.add_argument("--overwrite", action="store_true")
 
     p = add("evaluate", cmd_evaluate, "Dice, AVD, HD95 and lesion-wise metrics of predictions against ground truth.")

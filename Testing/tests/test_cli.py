@@ -16,7 +16,7 @@ def run(*args, check=True):
     return proc
 
 
-@pytest.mark.parametrize("verb", ["synth", "train-base", "segment", "suggest", "finetune", "evaluate", "info", "demo"])
+@pytest.mark.parametrize("verb", ["synth", "train-base", "segment", "suggest", "finetune", "compare", "evaluate", "info", "demo"])
 def test_every_verb_has_help(verb):
     out = run(verb, "--help").stdout
     assert "usage: patient-finetune " + verb in out
