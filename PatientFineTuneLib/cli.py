@@ -362,6 +362,38 @@ def cmd_compare(args) -> None:
     print(f"{counts}; lesion load {summary['baseline_load_mm3'] / 1000:.2f} -> {summary['followup_load_mm3'] / 1000:.2f} mL; outputs in {out}")
 
 
+def cmd_experiment(args) -> None:
+    from .experiment import paper_arms, read_cohort, run_experiment, summary_table, write_folder_cohort, write_tumor_progression_cohort
+    from .files import atomic_write
+    from .modelfile import load_model
+    from .presets import PRESETS
+
+    model = _model_path(args.model)
+    bundle = load_model(model)
+    names = [s["name"] for s in bundle.sequences]
+    out = Path(args.out)
+    cohort_path = Path(args.cohort)
+    if cohort_path.is_dir() and any(cohort_path.glob("*/Pre_Scan_T1.nii.gz")):
+        cohort_path = write_tumor_progression_cohort(cohort_path, out / "cohort.csv", names[0])
+    elif cohort_path.is_dir():
+        cohort_path = write_folder_cohort(cohort_path, names, out / "cohort.csv")
+    cohort = read_cohort(cohort_path, names)
+    preset = PRESETS.get(bundle.metadata.get("preset") or "")
+    arms = paper_arms(preset.weighting if preset else None, args.iterations_axis, args.default_iterations)
+    if args.arms:
+        wanted = args.arms.split(",")
+        unknown = [a for a in wanted if a not in {arm.name for arm in arms}]
+        if unknown:
+            raise ValueError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(a.name for a in arms)}")
+        arms = [a for a in arms if a.name in wanted]
+    print(f"{len(cohort)} patients x {len(arms)} arms ({', '.join(a.name for a in arms)}), {args.workers} worker(s)")
+    rows = run_experiment(cohort, str(model), arms, out / "results.csv", workers=args.workers, seed=args.seed, mc_samples=args.mc_samples)
+    table = summary_table(rows)
+    text = f"# Experiment\n\nModel `{model}` (sha256 {bundle.sha256[:16]}...), cohort `{cohort_path}`, {len(cohort)} patients.\n\n{table}\n"
+    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text), overwrite=True)
+    print(table)
+
+
 def cmd_evaluate(args) -> None:
     import csv
 
@@ -525,6 +557,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the registration's metric sampling")
     p.add_argument("--out", required=True, help="output folder: changes.csv, changes.json, followup_lesions_on_baseline.nii.gz")
     p.add_argument("--overwrite", action="store_true")
+
+    p = add("experiment", cmd_experiment, "The paper's experiments on a cohort: base vs fine-tuned follow-ups along each axis, with references.")
+    p.add_argument("--model", required=True, help="base model file, or a preset name for its shipped base model")
+    p.add_argument("--cohort", required=True, help="cohort CSV (patient, visit, sequences, lesions[, organ]), a folder of patient/{baseline,followup}, or the brain_tumor_progression folder")
+    p.add_argument("--out", required=True, help="output folder: results.csv (resumable), summary.md")
+    p.add_argument("--arms", help="comma-separated subset of the arms (default: all)")
+    p.add_argument("--iterations-axis", type=int, nargs="+", default=[50, 100, 500, 1000], help="fine-tuning iterations compared (default 50 100 500 1000)")
+    p.add_argument("--default-iterations", type=int, default=100, help="iterations of the slice, weighting and naive arms (paper: 100)")
+    p.add_argument("--mc-samples", type=int, default=0, help="MC-dropout samples for the uncertainty numbers (0 = off)")
+    p.add_argument("--workers", type=int, default=1, help="patients run in parallel processes")
+    p.add_argument("--seed", type=int, default=0)
 
     p = add("evaluate", cmd_evaluate, "Dice, AVD, HD95 and lesion-wise metrics of predictions against ground truth.")
     p.add_argument("--pred", help="predicted label image")

@@ -68,9 +68,14 @@ def register_followup(
     fixed = sitk.Cast(baseline, sitk.sitkFloat32)
     moving = sitk.Cast(followup, sitk.sitkFloat32)
     mask = sitk.Cast(baseline_mask > 0, sitk.sitkUInt8) if baseline_mask is not None else None
-    shrink, smooth = (4, 2, 1), (2.0, 1.0, 0.0)
+    # coarsest level no smaller than ~8 voxels along the shortest axis (thick-slice scans
+    # may have only a dozen slices)
+    cap = max(1, min(min(fixed.GetSize()), min(moving.GetSize())) // 8)
+    shrink, smooth = tuple(min(f, cap) for f in (4, 2, 1)), (2.0, 1.0, 0.0)
 
-    rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    # start from the grid centres (two scans of one patient overlap largely): an intensity-
+    # moments start is undefined on z-scored images, whose values are negative inside
+    rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY)
     method = _method(mask, shrink, smooth, seed, iterations)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()

@@ -1,0 +1,285 @@
+"""The paper's experiments on a cohort of patient pairs: base model vs fine-tuned on the
+follow-up, one axis at a time (iterations, slices, weighting), plus references: the naive
+fine-tuning loop (same accuracy as the fast path?) and copying the registered baseline
+lesion mask forward.
+
+A *cohort* is a CSV manifest, one row per visit: ``patient``, ``visit`` (``baseline`` or
+``followup``), one column per sequence of the model, ``lesions`` (the follow-up's is
+needed for scoring, the baseline's for fine-tuning) and optionally ``organ``; relative
+paths are taken from the manifest's folder. :func:`write_folder_cohort` makes one for the
+``patientNNN/{baseline,followup}`` folders that ``patient-finetune synth`` writes.
+
+Results go to one CSV row per (patient, arm) as soon as they exist, so an interrupted run
+resumes where it stopped; patients run in parallel worker processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+VISITS = ("baseline", "followup")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of producing the follow-up segmentation."""
+
+    name: str
+    kind: str  # "base", "finetune" or "copy-forward"
+    slices: str = "all-lesion"
+    iterations: int = 100
+    weighting: str | None = None
+    method: str = "auto"
+
+
+def paper_arms(weighting: str | None, iterations: Sequence[int] = (50, 100, 500, 1000), default_iterations: int = 100) -> list[Arm]:
+    """The base model, fine-tuning varied one axis at a time around the paper's default
+    (all lesion slices, ``default_iterations``, no weighting), the naive loop and
+    copy-forward."""
+    arms = [Arm("base", "base"), Arm("copy-forward", "copy-forward")]
+    arms += [Arm(f"ft-iter{n}", "finetune", iterations=n) for n in iterations]
+    for spec in ("suggested:1", "suggested:2", "suggested-lesion:1", "suggested-lesion:2", "all-organ"):
+        arms.append(Arm(f"ft-{spec.replace(':', '')}", "finetune", slices=spec, iterations=default_iterations))
+    if weighting:
+        arms.append(Arm(f"ft-{weighting}", "finetune", weighting=weighting, iterations=default_iterations))
+    arms.append(Arm("ft-naive", "finetune", method="naive", iterations=default_iterations))
+    return arms
+
+
+@dataclass
+class PatientPair:
+    patient: str
+    visits: dict = field(default_factory=dict)  # visit -> {"sequences": [...], "lesions": path|None, "organ": path|None}
+
+
+def read_cohort(manifest: str | os.PathLike, sequence_names: Sequence[str]) -> list[PatientPair]:
+    """Patients of a cohort manifest, in manifest order; checks what scoring needs."""
+    manifest = Path(manifest)
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [c for c in ("patient", "visit", *sequence_names, "lesions") if rows and c not in rows[0]]
+    if not rows or missing:
+        raise ValueError(f"cohort manifest {manifest} needs columns patient, visit, {', '.join(sequence_names)}, lesions[, organ]"
+                         + (f"; missing {', '.join(missing)}" if missing else "; it has no rows"))
+    pairs: dict[str, PatientPair] = {}
+    for row in rows:
+        if row["visit"] not in VISITS:
+            raise ValueError(f"{manifest}: visit must be baseline or followup, not {row['visit']!r}")
+
+        def path(value):
+            return (manifest.parent / value).resolve() if value else None
+
+        pair = pairs.setdefault(row["patient"], PatientPair(row["patient"]))
+        pair.visits[row["visit"]] = {"sequences": [path(row[s]) for s in sequence_names], "lesions": path(row["lesions"]), "organ": path(row.get("organ"))}
+    for pair in pairs.values():
+        if set(pair.visits) != set(VISITS):
+            raise ValueError(f"patient {pair.patient} needs a baseline and a followup row in {manifest}")
+        if pair.visits["followup"]["lesions"] is None:
+            raise ValueError(f"patient {pair.patient}: the follow-up lesion mask is needed for scoring")
+    return list(pairs.values())
+
+
+def write_folder_cohort(root: str | os.PathLike, sequence_names: Sequence[str], manifest: str | os.PathLike) -> Path:
+    """A cohort manifest for ``root/<patient>/{baseline,followup}/`` case folders."""
+    from .cases import find_image
+
+    root, manifest = Path(root), Path(manifest)
+    rows = []
+    for patient in sorted(p for p in root.iterdir() if (p / "followup").is_dir() and (p / "baseline").is_dir()):
+        for visit in VISITS:
+            folder = patient / visit
+            row = {"patient": patient.name, "visit": visit}
+            for name in (*sequence_names, "lesions", "organ"):
+                found = find_image(folder, name)
+                row[name] = os.path.relpath(found, manifest.parent) if found else ""
+            rows.append(row)
+    if not rows:
+        raise FileNotFoundError(f"no patient folder with baseline/ and followup/ under {root}")
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["patient", "visit", *sequence_names, "lesions", "organ"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def write_tumor_progression_cohort(root: str | os.PathLike, manifest: str | os.PathLike, sequence_name: str = "T1c") -> Path:
+    """A cohort manifest for TCIA Brain-Tumor-Progression as shipped in ``../shared/data``:
+    ``NN/{Pre,Post}_Scan_T1.nii.gz`` (T1 post-contrast) with ``{Pre,Post}_Mask.nii.gz``
+    (enhancing tumour); Pre is the baseline, Post the follow-up; no brain mask."""
+    root, manifest = Path(root), Path(manifest)
+    rows = []
+    for patient in sorted(p for p in root.iterdir() if (p / "Pre_Scan_T1.nii.gz").is_file() and (p / "Post_Scan_T1.nii.gz").is_file()):
+        for visit, prefix in (("baseline", "Pre"), ("followup", "Post")):
+            rows.append({"patient": patient.name, "visit": visit,
+                         sequence_name: os.path.relpath(patient / f"{prefix}_Scan_T1.nii.gz", manifest.parent),
+                         "lesions": os.path.relpath(patient / f"{prefix}_Mask.nii.gz", manifest.parent), "organ": ""})
+    if not rows:
+        raise FileNotFoundError(f"no NN/Pre_Scan_T1.nii.gz + Post_Scan_T1.nii.gz under {root}")
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["patient", "visit", sequence_name, "lesions", "organ"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------
+# Running
+
+
+def _load(visit: dict, bundle, auto_organ: bool, with_lesions: bool = True):
+    from .images import load_case, prepare_case
+
+    return prepare_case(load_case(visit["sequences"], visit["organ"], visit["lesions"] if with_lesions else None,
+                                  expected_channels=[s["channels"] for s in bundle.sequences], resample_to_first=True,
+                                  auto_organ=auto_organ))
+
+
+def _copy_forward(baseline_case, followup_case) -> tuple[np.ndarray, float]:
+    """The baseline lesion mask carried onto the follow-up grid through registration (the
+    trivial method fine-tuning must beat), and the registration's quality figure."""
+    import SimpleITK as sitk
+
+    from .images import to_slices
+    from .registration import register_followup, resample_mask
+
+    fixed = followup_case.to_image(followup_case.images[0])
+    moving = baseline_case.to_image(baseline_case.images[0])
+    organ = followup_case.to_image(followup_case.organ.astype(np.uint8), sitk.sitkUInt8)
+    registration = register_followup(fixed, moving, organ)
+    lesions = baseline_case.to_image(baseline_case.lesions.astype(np.uint8), sitk.sitkUInt8)
+    carried = sitk.GetArrayFromImage(resample_mask(lesions, fixed, registration.transform)) > 0
+    return to_slices(carried, followup_case.axis) & followup_case.organ, registration.correlation_after
+
+
+def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: set, seed: int = 0, mc_samples: int = 0) -> list[dict]:
+    """Every arm not in ``done`` for one patient; one result row per arm."""
+    import torch
+
+    from .finetune import FinetuneConfig, finetune_patient_model
+    from .images import from_slices
+    from .inference import segment_case
+    from .metrics import evaluate_case
+    from .modelfile import load_model
+    from .presets import PRESETS
+
+    if os.environ.get("PFT_WORKER"):  # parallel patients: one thread each
+        torch.set_num_threads(1)
+    base = load_model(model_path)
+    preset = PRESETS.get(base.metadata.get("preset") or "")
+    opening, auto_organ = bool(preset and preset.opening), preset.auto_organ_mask if preset else True
+    baseline = _load(pair.visits["baseline"], base, auto_organ)
+    followup = _load(pair.visits["followup"], base, auto_organ)
+    spacing = followup.grid.GetSpacing()[::-1]
+    rows = []
+    for arm in arms:
+        if (pair.patient, arm.name) in done:
+            continue
+        start = time.perf_counter()
+        extra = {}
+        if arm.kind == "copy-forward":
+            mask, extra["registration_correlation"] = _copy_forward(baseline, followup)
+            summary = None
+        else:
+            bundle = base
+            if arm.kind == "finetune":
+                config = FinetuneConfig(iterations=arm.iterations, weighting=arm.weighting, method=arm.method, seed=seed)
+                bundle = finetune_patient_model(base, baseline, arm.slices, config, device="cpu", allow_empty=True)
+                extra["finetune_method"] = bundle.metadata["finetune"]["method"]
+                extra["slices"] = " ".join(map(str, bundle.metadata["finetune"]["slices"]))
+            result = segment_case(bundle, followup, opening=opening, mc_samples=mc_samples, seed=seed, device="cpu")
+            mask, summary = result.mask, result.summary
+        metrics = evaluate_case(from_slices(mask, followup.axis), from_slices(followup.lesions, followup.axis), spacing)
+        row = {"patient": pair.patient, "arm": arm.name, **metrics, "seconds": round(time.perf_counter() - start, 2), **extra}
+        if summary:
+            row.update({"mean_sd_in_lesions": summary["mean_sd_in_lesions"], "max_sd": summary["max_sd"]})
+        rows.append(row)
+    return rows
+
+
+RESULT_COLUMNS = ["patient", "arm", "dice", "avd_percent", "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1", "fp_count",
+                  "gt_lesions", "pred_lesions", "volume_pred_ml", "volume_gt_ml", "seconds", "mean_sd_in_lesions", "max_sd",
+                  "finetune_method", "slices", "registration_correlation"]
+
+
+def _worker(job):
+    os.environ["PFT_WORKER"] = "1"
+    return run_patient(*job)
+
+
+def run_experiment(cohort: Sequence[PatientPair], model_path: str, arms: Sequence[Arm], results_csv: str | os.PathLike,
+                   workers: int = 1, seed: int = 0, mc_samples: int = 0, progress: bool = True) -> list[dict]:
+    """Run every (patient, arm) not yet in ``results_csv``, appending rows as patients
+    finish; returns all rows. ``workers`` > 1 runs patients in parallel processes (one
+    torch thread each)."""
+    from tqdm.auto import tqdm
+
+    results_csv = Path(results_csv)
+    existing = read_results(results_csv) if results_csv.is_file() else []
+    done = {(r["patient"], r["arm"]) for r in existing}
+    todo = [p for p in cohort if any((p.patient, a.name) not in done for a in arms)]
+    jobs = [(p, str(model_path), list(arms), done, seed, mc_samples) for p in todo]
+    results_csv.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not results_csv.is_file()
+    with open(results_csv, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+        bar = tqdm(total=len(jobs), desc="patients", unit="patient", disable=not progress)
+        if workers > 1:
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                for rows in pool.imap_unordered(_worker, jobs):
+                    writer.writerows(rows)
+                    f.flush()
+                    bar.update()
+        else:
+            for job in jobs:
+                writer.writerows(run_patient(*job))
+                f.flush()
+                bar.update()
+        bar.close()
+    return read_results(results_csv)
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def summary_table(rows: Sequence[dict], reference_arm: str = "base") -> str:
+    """Markdown table in the paper's form: every arm against ``reference_arm`` (mean ± SD
+    and paired t-test for segmentation metrics, median [IQR] and Wilcoxon for detection;
+    * marks p < 0.01 as in the paper)."""
+    from .metrics import DETECTION_METRICS, compare_cohorts, format_mean_sd, format_median_iqr
+
+    by_arm: dict[str, list[dict]] = {}
+    for r in rows:
+        by_arm.setdefault(r["arm"], []).append(dict(r, case=r["patient"]))
+    if reference_arm not in by_arm:
+        raise ValueError(f"no results for the reference arm {reference_arm!r}")
+    metrics = ["dice", "avd_percent", "hd95_mm", "lesion_recall", "fp_count", "lesion_precision", "lesion_f1"]
+    lines = ["| arm | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    reference = by_arm[reference_arm]
+    for arm, results in by_arm.items():
+        cells = []
+        comparison = {c["metric"]: c for c in compare_cohorts(results, reference)} if arm != reference_arm else {}
+        for metric in metrics:
+            if arm == reference_arm:
+                fmt = format_median_iqr if metric in DETECTION_METRICS else format_mean_sd
+                cells.append(fmt([float(r[metric]) for r in results]))
+            else:
+                c = comparison[metric]
+                mark = "*" if np.isfinite(c["p"]) and c["p"] < 0.01 else ""
+                cells.append(f"{c['results']}{mark} (p={c['p']:.2g})")
+        lines.append(f"| {arm} | {len(results)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""The experiment runner in a small configuration: 2 synthetic pairs, 20 iterations."""
+
+import csv
+import math
+import subprocess
+import sys
+
+import pytest
+
+from PatientFineTuneLib.experiment import RESULT_COLUMNS, read_cohort, write_folder_cohort
+from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
+from PatientFineTuneLib.synth import generate_pair, write_pair
+
+from conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def cohort_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    for seed in (0, 1):
+        write_pair(generate_pair("brain-wmh", seed, small=True), root / f"patient{seed:03d}", preview=False)
+    return root
+
+
+def test_folder_cohort_manifest(cohort_dir, tmp_path):
+    manifest = write_folder_cohort(cohort_dir, ["FLAIR", "T1"], tmp_path / "cohort.csv")
+    pairs = read_cohort(manifest, ["FLAIR", "T1"])
+    assert [p.patient for p in pairs] == ["patient000", "patient001"]
+    assert all(p.visits["followup"]["lesions"].is_file() and p.visits["baseline"]["organ"].is_file() for p in pairs)
+    rows = list(csv.DictReader(open(manifest)))
+    rows = [r for r in rows if not (r["patient"] == "patient001" and r["visit"] == "followup")]
+    broken = tmp_path / "broken.csv"
+    with open(broken, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ValueError, match="needs a baseline and a followup"):
+        read_cohort(broken, ["FLAIR", "T1"])
+
+
+def test_small_experiment_runs_resumes_and_summarises(cohort_dir, tmp_path):
+    model = tiny_model()
+    path = tmp_path / "base.pt"
+    save_model(ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0), preset="brain-wmh")), path)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "PatientFineTuneLib.cli", "experiment", "--model", str(path), "--cohort", str(cohort_dir), "--out", str(out),
+           "--iterations-axis", "20", "--default-iterations", "20", "--arms", "base,copy-forward,ft-iter20,ft-suggested1,ft-segmentation,ft-naive",
+           "--mc-samples", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert list(rows[0]) == RESULT_COLUMNS
+    assert len(rows) == 2 * 6 and {r["arm"] for r in rows} == {"base", "copy-forward", "ft-iter20", "ft-suggested1", "ft-segmentation", "ft-naive"}
+    for r in rows:
+        for metric in ("dice", "avd_percent", "lesion_recall", "lesion_precision", "lesion_f1", "seconds"):
+            assert math.isfinite(float(r[metric])), (r["arm"], metric, r[metric])
+        if r["arm"] != "copy-forward":
+            assert math.isfinite(float(r["max_sd"]))
+    assert {r["finetune_method"] for r in rows if r["arm"] == "ft-naive"} == {"naive"}
+    assert all(float(r["registration_correlation"]) > 0.5 for r in rows if r["arm"] == "copy-forward")
+    summary = (out / "summary.md").read_text()
+    assert "| base | 2 |" in summary and "| ft-naive | 2 |" in summary
+    # resuming: nothing is recomputed, nothing duplicated
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0 and len(list(csv.DictReader(open(out / "results.csv")))) == 12
