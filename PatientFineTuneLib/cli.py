@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", default="all-lesion", help="all-lesion (default), all-organ, suggested:K, suggested-lesion:K, or indices like 12,20")
     p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--weighting", choices=["none", "segmentation", "detection"], default="none")
-    p.add_argument("--angles", type=int, default=8, help="fixed rotation angles spanning [-45, 45] degrees")
+    p.add_argument("--angles", type=int, default=8, help="fixed rotation angles spanning [-45, 45] degrees (0: a continuous uniform angle per patch, as in the paper; naive path)")
     p.add_argument("--method", choices=["auto", "fast", "naive"], default="auto", help="fast: cached backbone features; naive: the reference loop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")

@@ -10,7 +10,9 @@ masks from (seed, iteration), so they give the same model up to float rounding.
 
 Difference from the paper: rotation angles come from a fixed set of ``n_angles`` values
 spanning [-45, 45] degrees instead of a continuous uniform draw, so that features can be
-reused. (The naive path uses the same set, to stay comparable.)
+reused. (The naive path uses the same set, to stay comparable.) ``n_angles=0`` restores
+the paper's continuous draw (every patch its own uniform angle; nothing repeats, so it
+always runs the naive path); the evaluation compares the two.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ class FinetuneConfig(PatchTrainingConfig):
     method: str = "auto"  # "fast", "naive" or "auto"
 
     def angles(self) -> np.ndarray:
+        """The fixed angle set; with ``n_angles=0`` one uniform angle per draw of the run,
+        in draw order (iteration-major), from the seed."""
+        if self.n_angles == 0:
+            rng = np.random.default_rng([self.seed, 0xA9])
+            return rng.uniform(-self.max_rotation_deg, self.max_rotation_deg, self.iterations * self.batch_size)
         if self.n_angles == 1:
             return np.zeros(1)
         return np.linspace(-self.max_rotation_deg, self.max_rotation_deg, self.n_angles)
@@ -142,10 +149,13 @@ def _opening(bundle: ModelBundle) -> bool:
 def draw_batch(data: FinetuneData, config: FinetuneConfig, iteration: int) -> list[tuple[int, int, int]]:
     """(slice, patch, angle) index triples of one iteration, from (seed, iteration)."""
     rng = np.random.default_rng([config.seed, iteration, 0xF1])
-    return [
-        (int(rng.integers(len(data.images))), int(rng.integers(len(data.centres[0]))), int(rng.integers(len(data.angles))))
-        for _ in range(config.batch_size)
-    ]
+    picks = []
+    for b in range(config.batch_size):
+        k, j, a = int(rng.integers(len(data.images))), int(rng.integers(len(data.centres[0]))), int(rng.integers(len(data.angles)))
+        if config.n_angles == 0:  # continuous: this draw's own angle
+            a = iteration * config.batch_size + b
+        picks.append((k, j, a))
+    return picks
 
 
 def _patch(data: FinetuneData, pick: tuple[int, int, int], size: int, what: str) -> torch.Tensor:

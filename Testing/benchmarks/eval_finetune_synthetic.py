@@ -2,7 +2,7 @@
 synthetic brain-wmh pairs (the paper's WMH experiment in miniature).
 
     python Testing/benchmarks/eval_finetune_synthetic.py --model brain-wmh [--pairs 10] [--seed 400]
-        [--slices all-lesion] [--iterations 100] [--out results.csv]
+        [--slices all-lesion] [--iterations 100] [--angles 8] [--out results.csv]
 
 Pairs are generated in memory with seeds seed..seed+pairs-1 (keep them apart from the
 seeds the base model was trained on: the shipped models used 100-107, 200 and 300-304). Prints per-pair Dice / AVD / lesion F1 for both
@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=400)
     parser.add_argument("--slices", default="all-lesion")
     parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--angles", type=int, default=8, help="fixed angle set size; 0 = continuous angles as in the paper")
     parser.add_argument("--out", help="per-pair CSV")
     args = parser.parse_args()
 
@@ -40,7 +41,7 @@ def main() -> None:
         t = time.perf_counter()
         pair = generate_pair("brain-wmh", seed)
         baseline, followup = visit_case(pair, "baseline"), visit_case(pair, "followup")
-        patient = finetune_patient_model(base, baseline, args.slices, FinetuneConfig(iterations=args.iterations, seed=0), device="cpu", allow_empty=True)
+        patient = finetune_patient_model(base, baseline, args.slices, FinetuneConfig(iterations=args.iterations, n_angles=args.angles, seed=0), device="cpu", allow_empty=True)
         spacing = followup.grid.GetSpacing()[::-1]
         line = [f"pair {seed}"]
         for name, bundle in (("base", base), ("finetuned", patient)):

@@ -94,6 +94,18 @@ def test_patches_are_the_bbox_corners_and_centre_at_fixed_angles(bundle, baselin
     assert picks == draw_batch(data, config, 0) and len(picks) == 4
 
 
+def test_continuous_angles_give_every_draw_its_own_angle(bundle, baseline):
+    config = FinetuneConfig(**{**CONFIG, "n_angles": 0})
+    data = prepare_finetune_data(bundle, baseline, baseline.lesion_slices()[:2], config)
+    assert data.angles.shape == (config.iterations * config.batch_size,)
+    assert np.all(np.abs(data.angles) <= 45) and len(np.unique(data.angles)) == data.angles.size
+    assert np.array_equal(data.angles, FinetuneConfig(**{**CONFIG, "n_angles": 0}).angles())  # seeded
+    used = [a for i in range(config.iterations) for _, _, a in draw_batch(data, config, i)]
+    assert used == list(range(config.iterations * config.batch_size))  # each draw its own angle, none reused
+    patient = finetune_patient_model(bundle, baseline, baseline.lesion_slices()[:2], config, device="cpu")
+    assert patient.metadata["finetune"]["method"] == "naive"  # nothing to cache
+
+
 def test_weighted_fine_tuning_runs(bundle, baseline):
     for scheme in ("segmentation", "detection"):
         patient = finetune_patient_model(bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG, weighting=scheme), device="cpu")
