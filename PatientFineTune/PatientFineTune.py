@@ -605,7 +605,6 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
         """Read the baseline and its edited segment now (main thread); returns the work to
         run in the background: ``work(progress, cancelled) -> patient model``."""
         from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model
-        from PatientFineTuneLib.presets import PRESETS
         from PatientFineTuneLib.slicerworkflow import MaskSource, read_case
 
         segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName("Lesion") or None
@@ -614,8 +613,7 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
         if selection == "suggested" and not suggested:
             raise ValueError(_("No suggested slices yet: run 'Analyse baseline' first, or train on all lesion slices."))
         if weighting == "preset":
-            preset = PRESETS.get(self.baseBundle.metadata.get("preset") or "")
-            weighting = preset.weighting if preset else "none"
+            weighting = self.baseBundle.preset.weighting if self.baseBundle.preset else "none"
         config = FinetuneConfig(iterations=iterations, weighting=None if weighting == "none" else weighting)
         base, device = self.baseBundle, self.device(forceCpu)
 
@@ -631,7 +629,6 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
     def prepareFollowup(self, volumes, organNode, mcSamples, compareWithBase, forceCpu):
         """Read the follow-up now; returns (work, total steps). The work segments with the
         base model (if asked, or if there is no patient model) and the patient model."""
-        from PatientFineTuneLib.presets import PRESETS
         from PatientFineTuneLib.slicerworkflow import read_case
 
         case = read_case(self.baseBundle, volumes, self._mask(organNode), name="follow-up")
@@ -640,8 +637,7 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
             models.append(("base", self.baseBundle))
         if self.patientBundle is not None:
             models.append(("fine-tuned", self.patientBundle))
-        preset = PRESETS.get(self.baseBundle.metadata.get("preset") or "")
-        opening, device = bool(preset and preset.opening), self.device(forceCpu)
+        opening, device = self.baseBundle.opening, self.device(forceCpu)
         organSlices = int(case.organ.any(axis=(1, 2)).sum())
 
         def work(progress, cancelled):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .modelcard import resolve_model_path  # torch-free: the CLI starts fast
 
 
 def _parse_labels(text: str | None):
@@ -178,10 +179,8 @@ def _case_for_model(args, bundle, lesions: bool = False):
     model's sequence order; returns (case, organ path or None)."""
     from .cases import find_image
     from .images import load_case, prepare_case
-    from .presets import PRESETS
 
     names = [s["name"] for s in bundle.sequences]
-    preset = PRESETS.get(bundle.metadata.get("preset") or "")
     lesion_path = getattr(args, "lesions", None)
     if args.case:
         folder = Path(args.case)
@@ -205,15 +204,9 @@ def _case_for_model(args, bundle, lesions: bool = False):
         expected_channels=[s["channels"] for s in bundle.sequences],
         sequence_names=names,
         resample_to_first=args.resample_to,
-        auto_organ=preset.auto_organ_mask if preset else True,
+        auto_organ=bundle.auto_organ_mask,
     )
     return prepare_case(case), organ
-
-
-def _model_path(name: str) -> Path:
-    from .modelcard import resolve_model_path
-
-    return resolve_model_path(name)
 
 
 def _progress_bar(desc: str, unit: str):
@@ -237,10 +230,8 @@ def cmd_segment(args) -> None:
     from .inference import segment_case
     from .modelfile import load_model
     from .postprocess import write_csv
-    from .presets import PRESETS
 
-    bundle = load_model(_model_path(args.model))
-    preset = PRESETS.get(bundle.metadata.get("preset") or "")
+    bundle = load_model(resolve_model_path(args.model))
     out = Path(args.out)
     names = {"segmentation": "segmentation.nii.gz", "labels": "lesion_labels.nii.gz", "probability": "probability.nii.gz",
              "table": "lesions.csv", "organ": "organ_mask.nii.gz", "uncertainty": "uncertainty_sd.nii.gz", "summary": "uncertainty.json"}
@@ -249,7 +240,7 @@ def cmd_segment(args) -> None:
     if clash and not args.overwrite:
         raise FileExistsError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
     case, organ = _case_for_model(args, bundle)
-    opening = args.opening if args.opening is not None else bool(preset and preset.opening)
+    opening = args.opening if args.opening is not None else bundle.opening
     bar, progress = _progress_bar("segment", "slice")
     with bar:
         result = segment_case(bundle, case, opening=opening, threshold=args.threshold, mc_samples=args.mc_samples,
@@ -276,7 +267,7 @@ def cmd_suggest(args) -> None:
     from .modelfile import load_model
     from .suggest import suggest_slices
 
-    bundle = load_model(_model_path(args.model))
+    bundle = load_model(resolve_model_path(args.model))
     case, _ = _case_for_model(args, bundle, lesions=args.candidates == "lesion")
     suggestions = suggest_slices(bundle, case, k=args.k, candidates=args.candidates, ranking=args.ranking, device=args.device)
     print(json.dumps([s.as_dict() for s in suggestions], indent=2))
@@ -287,11 +278,12 @@ def cmd_finetune(args) -> None:
     from .modelfile import load_model, save_model
 
     out = Path(args.out)
-    if out.resolve() == Path(args.model).resolve():
+    model = resolve_model_path(args.model)
+    if out.resolve() == model.resolve():
         raise ValueError("--out is the base model file; the base model is never overwritten, choose another name")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    bundle = load_model(_model_path(args.model))
+    bundle = load_model(model)
     case, _ = _case_for_model(args, bundle, lesions=True)
     config = FinetuneConfig(iterations=args.iterations, weighting=None if args.weighting == "none" else args.weighting,
                             seed=args.seed, n_angles=args.angles, method=args.method)
@@ -366,9 +358,8 @@ def cmd_experiment(args) -> None:
     from .experiment import paper_arms, read_cohort, run_experiment, summary_table, write_folder_cohort, write_tumor_progression_cohort
     from .files import atomic_write
     from .modelfile import load_model
-    from .presets import PRESETS
 
-    model = _model_path(args.model)
+    model = resolve_model_path(args.model)
     bundle = load_model(model)
     names = [s["name"] for s in bundle.sequences]
     out = Path(args.out)
@@ -378,8 +369,7 @@ def cmd_experiment(args) -> None:
     elif cohort_path.is_dir():
         cohort_path = write_folder_cohort(cohort_path, names, out / "cohort.csv")
     cohort = read_cohort(cohort_path, names)
-    preset = PRESETS.get(bundle.metadata.get("preset") or "")
-    arms = paper_arms(preset.weighting if preset else None, args.iterations_axis, args.default_iterations)
+    arms = paper_arms(bundle.preset.weighting if bundle.preset else None, args.iterations_axis, args.default_iterations)
     if args.arms:
         wanted = args.arms.split(",")
         unknown = [a for a in wanted if a not in {arm.name for arm in arms}]
@@ -441,7 +431,7 @@ def cmd_info(args) -> None:
     from .model import count_parameters
     from .modelfile import load_model
 
-    bundle = load_model(_model_path(args.model))
+    bundle = load_model(resolve_model_path(args.model))
     if args.card:
         from .modelcard import render_card
 
@@ -453,7 +443,7 @@ def cmd_info(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out), overwrite=args.overwrite, model=_model_path(args.model), device=args.device,
+    run_demo(Path(args.out), overwrite=args.overwrite, model=resolve_model_path(args.model), device=args.device,
              finetune_iterations=args.iterations, mc_samples=args.mc_samples, seed=args.seed)
 
 

@@ -135,12 +135,11 @@ def write_tumor_progression_cohort(root: str | os.PathLike, manifest: str | os.P
 # Running
 
 
-def _load(visit: dict, bundle, auto_organ: bool, with_lesions: bool = True):
+def _load(visit: dict, bundle):
     from .images import load_case, prepare_case
 
-    return prepare_case(load_case(visit["sequences"], visit["organ"], visit["lesions"] if with_lesions else None,
-                                  expected_channels=[s["channels"] for s in bundle.sequences], resample_to_first=True,
-                                  auto_organ=auto_organ))
+    return prepare_case(load_case(visit["sequences"], visit["organ"], visit["lesions"], expected_channels=[s["channels"] for s in bundle.sequences],
+                                  resample_to_first=True, auto_organ=bundle.auto_organ_mask))
 
 
 def _copy_forward(baseline_case, followup_case) -> tuple[np.ndarray, float]:
@@ -162,22 +161,15 @@ def _copy_forward(baseline_case, followup_case) -> tuple[np.ndarray, float]:
 
 def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: set, seed: int = 0, mc_samples: int = 0) -> list[dict]:
     """Every arm not in ``done`` for one patient; one result row per arm."""
-    import torch
-
     from .finetune import FinetuneConfig, finetune_patient_model
     from .images import from_slices
     from .inference import segment_case
     from .metrics import evaluate_case
     from .modelfile import load_model
-    from .presets import PRESETS
 
-    if os.environ.get("PFT_WORKER"):  # parallel patients: one thread each
-        torch.set_num_threads(1)
     base = load_model(model_path)
-    preset = PRESETS.get(base.metadata.get("preset") or "")
-    opening, auto_organ = bool(preset and preset.opening), preset.auto_organ_mask if preset else True
-    baseline = _load(pair.visits["baseline"], base, auto_organ)
-    followup = _load(pair.visits["followup"], base, auto_organ)
+    baseline = _load(pair.visits["baseline"], base)
+    followup = _load(pair.visits["followup"], base)
     spacing = followup.grid.GetSpacing()[::-1]
     rows = []
     for arm in arms:
@@ -195,7 +187,7 @@ def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: s
                 bundle = finetune_patient_model(base, baseline, arm.slices, config, device="cpu", allow_empty=True)
                 extra["finetune_method"] = bundle.metadata["finetune"]["method"]
                 extra["slices"] = " ".join(map(str, bundle.metadata["finetune"]["slices"]))
-            result = segment_case(bundle, followup, opening=opening, mc_samples=mc_samples, seed=seed, device="cpu")
+            result = segment_case(bundle, followup, opening=base.opening, mc_samples=mc_samples, seed=seed, device="cpu")
             mask, summary = result.mask, result.summary
         metrics = evaluate_case(from_slices(mask, followup.axis), from_slices(followup.lesions, followup.axis), spacing)
         row = {"patient": pair.patient, "arm": arm.name, **metrics, "seconds": round(time.perf_counter() - start, 2), **extra}
@@ -211,7 +203,9 @@ RESULT_COLUMNS = ["patient", "arm", "dice", "avd_percent", "hd95_mm", "lesion_re
 
 
 def _worker(job):
-    os.environ["PFT_WORKER"] = "1"
+    import torch
+
+    torch.set_num_threads(1)  # patients run in parallel processes: one thread each
     return run_patient(*job)
 
 

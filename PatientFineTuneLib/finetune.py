@@ -124,7 +124,7 @@ def prepare_finetune_data(
     pixel_weights = None
     if config.weighting:
         # the base model's own result on the baseline decides where it must learn most
-        prediction = postprocess(predict_probability(bundle, case, device=device), case.organ, opening=_opening(bundle))
+        prediction = postprocess(predict_probability(bundle, case, device=device), case.organ, opening=bundle.opening)
         pixel_weights = weight_map(config.weighting, prediction, case.lesions)
     size = resampled_size(case.images.shape[-2:], case.spacing, bundle.training_spacing)
     data = FinetuneData(list(slices), [], [], [] if pixel_weights is not None else None, [], config.angles())
@@ -137,13 +137,6 @@ def prepare_finetune_data(
             data.weights.append(resized[2:3])
         data.centres.append(corner_and_centre_patch_centres(resized[1].numpy() > 0, config.patch_size))
     return data
-
-
-def _opening(bundle: ModelBundle) -> bool:
-    from .presets import PRESETS
-
-    preset = PRESETS.get(bundle.metadata.get("preset") or "")
-    return bool(preset and preset.opening)
 
 
 def draw_batch(data: FinetuneData, config: FinetuneConfig, iteration: int) -> list[tuple[int, int, int]]:

@@ -24,6 +24,7 @@ import torch
 from . import __version__
 from .files import atomic_write
 from .model import LesionNet
+from .presets import PRESETS, Preset
 
 FORMAT_NAME = "PatientFineTune-model"
 FORMAT_VERSION = 1
@@ -53,6 +54,22 @@ class ModelBundle:
     @property
     def sha256(self) -> str:
         return self.metadata.get("sha256", "")
+
+    @property
+    def preset(self) -> Preset | None:
+        """The task preset the model was trained for (None for a model without one)."""
+        return PRESETS.get(self.metadata.get("preset") or "")
+
+    @property
+    def opening(self) -> bool:
+        """Whether segmentations get the preset's per-slice opening (liver)."""
+        return bool(self.preset and self.preset.opening)
+
+    @property
+    def auto_organ_mask(self) -> bool:
+        """Whether a missing organ mask may be computed (brain presets; models without a
+        preset are treated as brain models, as before presets existed)."""
+        return self.preset.auto_organ_mask if self.preset else True
 
 
 def _content_hash(metadata: dict, state_dict: dict) -> str:

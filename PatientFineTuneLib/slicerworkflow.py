@@ -25,7 +25,6 @@ from . import mrml
 from .images import Case, from_slices, load_case, prepare_case
 from .inference import Segmentation, segment_case
 from .modelfile import ModelBundle
-from .presets import PRESETS
 from .suggest import SliceSuggestion, suggest_slices
 
 
@@ -57,22 +56,16 @@ def read_case(bundle: ModelBundle, volume_nodes: Sequence, organ: MaskSource | N
     if len(volume_nodes) != len(names) or any(n is None for n in volume_nodes):
         raise ValueError(f"the model reads {len(names)} sequence(s) ({', '.join(names)}); select a volume for each")
     reference = volume_nodes[0]
-    preset = PRESETS.get(bundle.metadata.get("preset") or "")
     case = load_case(
         [mrml.volume_to_image(n) for n in volume_nodes],
         organ_path=organ.image(reference) if organ else None,
         lesion_path=lesions.image(reference) if lesions else None,
         expected_channels=[s["channels"] for s in bundle.sequences],
         sequence_names=[f"{n} ({node.GetName()})" for n, node in zip(names, volume_nodes)],
-        auto_organ=preset.auto_organ_mask if preset else True,
+        auto_organ=bundle.auto_organ_mask,
         name=name,
     )
     return prepare_case(case)
-
-
-def _opening(bundle: ModelBundle) -> bool:
-    preset = PRESETS.get(bundle.metadata.get("preset") or "")
-    return bool(preset and preset.opening)
 
 
 # ---------------------------------------------------------------------------------------
@@ -92,7 +85,7 @@ def analyse_baseline(scene, bundle: ModelBundle, volume_nodes: Sequence, organ: 
     """Segment the baseline with the base model into a new segmentation node (segment
     "Lesion", ready to edit) and suggest the ``k`` slices to check and correct first."""
     case = read_case(bundle, volume_nodes, organ, name="baseline")
-    result = segment_case(bundle, case, opening=_opening(bundle), device=device, progress=progress, cancel=cancel)
+    result = segment_case(bundle, case, opening=bundle.opening, device=device, progress=progress, cancel=cancel)
     suggestions = suggest_slices(bundle, case, k=k, probability=result.probability)
     node = mrml.add_lesion_segmentation(scene, from_slices(result.mask, case.axis), volume_nodes[0], "Baseline lesions")
     segment_id = node.GetSegmentation().GetSegmentIdBySegmentName("Lesion")
@@ -134,7 +127,7 @@ def segment_followup(scene, bundle: ModelBundle, volume_nodes: Sequence, organ: 
     (<label>)" segmentation, probability and uncertainty (SD over ``mc_samples``
     MC-dropout passes) volumes on the follow-up's grid, and a lesion table."""
     case = read_case(bundle, volume_nodes, organ, name="follow-up")
-    result = segment_case(bundle, case, opening=_opening(bundle), mc_samples=mc_samples, seed=seed, device=device,
+    result = segment_case(bundle, case, opening=bundle.opening, mc_samples=mc_samples, seed=seed, device=device,
                           progress=progress, cancel=cancel)
     return add_followup_nodes(scene, case, result, volume_nodes[0], label)
 
