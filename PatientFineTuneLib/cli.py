@@ -286,7 +286,7 @@ def cmd_finetune(args) -> None:
     bundle = load_model(model)
     case, _ = _case_for_model(args, bundle, lesions=True)
     config = FinetuneConfig(iterations=args.iterations, weighting=None if args.weighting == "none" else args.weighting,
-                            seed=args.seed, n_angles=args.angles, method=args.method)
+                            seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers)
     bar, _ = _progress_bar("finetune", "it")
     bar.total = config.iterations
     start = time.perf_counter()
@@ -358,6 +358,7 @@ def cmd_experiment(args) -> None:
     from .experiment import paper_arms, read_cohort, run_experiment, summary_table, write_folder_cohort, write_tumor_progression_cohort
     from .files import atomic_write
     from .modelfile import load_model
+    from .plots import box_plots
 
     model = resolve_model_path(args.model)
     bundle = load_model(model)
@@ -376,10 +377,13 @@ def cmd_experiment(args) -> None:
         if unknown:
             raise ValueError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(a.name for a in arms)}")
         arms = [a for a in arms if a.name in wanted]
+    mc_arms = args.mc_arms.split(",") if args.mc_arms else ["base", f"ft-iter{args.default_iterations}"]
     print(f"{len(cohort)} patients x {len(arms)} arms ({', '.join(a.name for a in arms)}), {args.workers} worker(s)")
-    rows = run_experiment(cohort, str(model), arms, out / "results.csv", workers=args.workers, seed=args.seed, mc_samples=args.mc_samples)
+    rows = run_experiment(cohort, str(model), arms, out, workers=args.workers, seed=args.seed, mc_samples=args.mc_samples, mc_arms=mc_arms)
     table = summary_table(rows)
-    text = f"# Experiment\n\nModel `{model}` (sha256 {bundle.sha256[:16]}...), cohort `{cohort_path}`, {len(cohort)} patients.\n\n{table}\n"
+    box_plots(rows, out / "boxplots.png", title=f"{bundle.preset.name if bundle.preset else model.name}: {len(cohort)} patients")
+    text = (f"# Experiment\n\nModel `{model}` (sha256 {bundle.sha256[:16]}...), cohort `{cohort_path}`, {len(cohort)} patients.\n\n{table}\n\n"
+            "![box plots](boxplots.png)\n\nPer patient: `results.csv`, masks in `masks/`, outlines in `overlays/`.\n")
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text), overwrite=True)
     print(table)
 
@@ -532,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weighting", choices=["none", "segmentation", "detection"], default="none")
     p.add_argument("--angles", type=int, default=8, help="fixed rotation angles spanning [-45, 45] degrees (0: a continuous uniform angle per patch, as in the paper; naive path)")
     p.add_argument("--method", choices=["auto", "fast", "naive"], default="auto", help="fast: cached backbone features; naive: the reference loop")
+    p.add_argument("--layers", choices=["head", "all"], default="head", help="head: the last two layers (the paper); all: every layer (seed 002's FT_All; naive loop, slower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
@@ -556,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations-axis", type=int, nargs="+", default=[50, 100, 500, 1000], help="fine-tuning iterations compared (default 50 100 500 1000)")
     p.add_argument("--default-iterations", type=int, default=100, help="iterations of the slice, weighting and naive arms (paper: 100)")
     p.add_argument("--mc-samples", type=int, default=0, help="MC-dropout samples for the uncertainty numbers (0 = off)")
+    p.add_argument("--mc-arms", help="comma-separated arms that get the MC samples (default: base and ft-iter<default-iterations>)")
     p.add_argument("--workers", type=int, default=1, help="patients run in parallel processes")
     p.add_argument("--seed", type=int, default=0)
 

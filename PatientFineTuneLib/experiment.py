@@ -10,7 +10,9 @@ paths are taken from the manifest's folder. :func:`write_folder_cohort` makes on
 ``patientNNN/{baseline,followup}`` folders that ``patient-finetune synth`` writes.
 
 Results go to one CSV row per (patient, arm) as soon as they exist, so an interrupted run
-resumes where it stopped; patients run in parallel worker processes.
+resumes where it stopped; patients run in parallel worker processes. Each arm's follow-up
+segmentation is kept as NIfTI (``masks/<patient>/<arm>.nii.gz``) and drawn with the truth
+in ``overlays/<patient>.png``; :func:`plot_results` makes the box plots.
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ class Arm:
     iterations: int = 100
     weighting: str | None = None
     method: str = "auto"
+    layers: str = "head"
 
 
 def paper_arms(weighting: str | None, iterations: Sequence[int] = (50, 100, 500, 1000), default_iterations: int = 100) -> list[Arm]:
     """The base model, fine-tuning varied one axis at a time around the paper's default
-    (all lesion slices, ``default_iterations``, no weighting), the naive loop and
-    copy-forward."""
+    (all lesion slices, ``default_iterations``, no weighting), the naive loop, fine-tuning
+    every layer (``ft-all``) and copy-forward."""
     arms = [Arm("base", "base"), Arm("copy-forward", "copy-forward")]
     arms += [Arm(f"ft-iter{n}", "finetune", iterations=n) for n in iterations]
     for spec in ("suggested:1", "suggested:2", "suggested-lesion:1", "suggested-lesion:2", "all-organ"):
@@ -50,6 +53,7 @@ def paper_arms(weighting: str | None, iterations: Sequence[int] = (50, 100, 500,
     if weighting:
         arms.append(Arm(f"ft-{weighting}", "finetune", weighting=weighting, iterations=default_iterations))
     arms.append(Arm("ft-naive", "finetune", method="naive", iterations=default_iterations))
+    arms.append(Arm("ft-all", "finetune", layers="all", iterations=default_iterations))
     return arms
 
 
@@ -159,10 +163,18 @@ def _copy_forward(baseline_case, followup_case) -> tuple[np.ndarray, float]:
     return to_slices(carried, followup_case.axis) & followup_case.organ, registration.correlation_after
 
 
-def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: set, seed: int = 0, mc_samples: int = 0) -> list[dict]:
-    """Every arm not in ``done`` for one patient; one result row per arm."""
+def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: set, seed: int = 0, mc_samples: int = 0,
+                mc_arms: Sequence[str] | None = None, out: str | os.PathLike | None = None) -> list[dict]:
+    """Every arm not in ``done`` for one patient; one result row per arm.
+
+    ``mc_samples`` MC-dropout samples are drawn for the arms named in ``mc_arms`` (all
+    when None). With ``out``, each arm's mask goes to ``out/masks/<patient>/<arm>.nii.gz``
+    and the patient's overlay to ``out/overlays/<patient>.png``.
+    """
+    import SimpleITK as sitk
+
     from .finetune import FinetuneConfig, finetune_patient_model
-    from .images import from_slices
+    from .images import from_slices, write_image
     from .inference import segment_case
     from .metrics import evaluate_case
     from .modelfile import load_model
@@ -183,18 +195,49 @@ def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: s
         else:
             bundle = base
             if arm.kind == "finetune":
-                config = FinetuneConfig(iterations=arm.iterations, weighting=arm.weighting, method=arm.method, seed=seed)
+                config = FinetuneConfig(iterations=arm.iterations, weighting=arm.weighting, method=arm.method, layers=arm.layers, seed=seed)
                 bundle = finetune_patient_model(base, baseline, arm.slices, config, device="cpu", allow_empty=True)
                 extra["finetune_method"] = bundle.metadata["finetune"]["method"]
                 extra["slices"] = " ".join(map(str, bundle.metadata["finetune"]["slices"]))
-            result = segment_case(bundle, followup, opening=base.opening, mc_samples=mc_samples, seed=seed, device="cpu")
+            samples = mc_samples if mc_arms is None or arm.name in mc_arms else 0
+            result = segment_case(bundle, followup, opening=base.opening, mc_samples=samples, seed=seed, device="cpu")
             mask, summary = result.mask, result.summary
+        seconds = round(time.perf_counter() - start, 2)
         metrics = evaluate_case(from_slices(mask, followup.axis), from_slices(followup.lesions, followup.axis), spacing)
-        row = {"patient": pair.patient, "arm": arm.name, **metrics, "seconds": round(time.perf_counter() - start, 2), **extra}
+        row = {"patient": pair.patient, "arm": arm.name, **metrics, "seconds": seconds, **extra}
         if summary:
             row.update({"mean_sd_in_lesions": summary["mean_sd_in_lesions"], "max_sd": summary["max_sd"]})
         rows.append(row)
+        if out is not None:
+            write_image(followup.to_image(mask.astype(np.uint8), sitk.sitkUInt8), _mask_path(out, pair.patient, arm.name), overwrite=True)
+    if out is not None:
+        save_patient_overlay(followup, out, pair.patient, [a.name for a in arms])
     return rows
+
+
+def _mask_path(out, patient: str, arm: str) -> Path:
+    return Path(out) / "masks" / patient / f"{arm}.nii.gz"
+
+
+def save_patient_overlay(followup, out: str | os.PathLike, patient: str, arm_names: Sequence[str]) -> Path:
+    """PNG of the follow-up slice with the most true lesion: the truth's outline, then each
+    arm's (from its saved mask); written to ``out/overlays/<patient>.png``."""
+    import SimpleITK as sitk
+
+    from .images import to_slices
+    from .montage import radiological, to_uint8
+    from .plots import overlay_figure
+
+    s = int(np.argmax(followup.lesions.sum(axis=(1, 2))))
+    direction = followup.grid.GetDirection()
+    masks = {"truth": followup.lesions[s]}
+    for arm in arm_names:
+        path = _mask_path(out, patient, arm)
+        if path.is_file():
+            masks[arm] = to_slices(sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0, followup.axis)[s]
+    image = radiological(to_uint8(followup.images[0], followup.organ)[s], direction)
+    masks = {name: radiological(m, direction) for name, m in masks.items()}
+    return overlay_figure(image, masks, Path(out) / "overlays" / f"{patient}.png", title=f"{patient}, follow-up slice {s}")
 
 
 RESULT_COLUMNS = ["patient", "arm", "dice", "avd_percent", "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1", "fp_count",
@@ -209,18 +252,19 @@ def _worker(job):
     return run_patient(*job)
 
 
-def run_experiment(cohort: Sequence[PatientPair], model_path: str, arms: Sequence[Arm], results_csv: str | os.PathLike,
-                   workers: int = 1, seed: int = 0, mc_samples: int = 0, progress: bool = True) -> list[dict]:
-    """Run every (patient, arm) not yet in ``results_csv``, appending rows as patients
+def run_experiment(cohort: Sequence[PatientPair], model_path: str, arms: Sequence[Arm], out: str | os.PathLike,
+                   workers: int = 1, seed: int = 0, mc_samples: int = 0, mc_arms: Sequence[str] | None = None,
+                   progress: bool = True) -> list[dict]:
+    """Run every (patient, arm) not yet in ``out/results.csv``, appending rows as patients
     finish; returns all rows. ``workers`` > 1 runs patients in parallel processes (one
-    torch thread each)."""
+    torch thread each). Masks and overlays go under ``out`` (see :func:`run_patient`)."""
     from tqdm.auto import tqdm
 
-    results_csv = Path(results_csv)
+    results_csv = Path(out) / "results.csv"
     existing = read_results(results_csv) if results_csv.is_file() else []
     done = {(r["patient"], r["arm"]) for r in existing}
     todo = [p for p in cohort if any((p.patient, a.name) not in done for a in arms)]
-    jobs = [(p, str(model_path), list(arms), done, seed, mc_samples) for p in todo]
+    jobs = [(p, str(model_path), list(arms), done, seed, mc_samples, mc_arms, str(out)) for p in todo]
     results_csv.parent.mkdir(parents=True, exist_ok=True)
     new_file = not results_csv.is_file()
     with open(results_csv, "a", newline="") as f:

@@ -13,6 +13,11 @@ spanning [-45, 45] degrees instead of a continuous uniform draw, so that feature
 reused. (The naive path uses the same set, to stay comparable.) ``n_angles=0`` restores
 the paper's continuous draw (every patch its own uniform angle; nothing repeats, so it
 always runs the naive path); the evaluation compares the two.
+
+``layers="all"`` trains every layer instead (seed 002's FT_All, a reference the paper
+lacks). Nothing is frozen, so nothing can be cached: it always runs the naive loop. The
+backbone's BatchNorm layers keep their base-model statistics (a batch of 4 patches of one
+patient is too small to re-estimate them); their scale and shift train.
 """
 
 from __future__ import annotations
@@ -47,6 +52,11 @@ class FinetuneConfig(PatchTrainingConfig):
     n_angles: int = 8
     weighting: str | None = None  # None, "segmentation" or "detection"
     method: str = "auto"  # "fast", "naive" or "auto"
+    layers: str = "head"  # "head" (the paper's last two layers) or "all" (FT_All)
+
+    def __post_init__(self):
+        if self.layers not in ("head", "all"):
+            raise ValueError(f"layers must be 'head' (the last two layers) or 'all', not {self.layers!r}")
 
     def angles(self) -> np.ndarray:
         """The fixed angle set; with ``n_angles=0`` one uniform angle per draw of the run,
@@ -164,6 +174,8 @@ def choose_method(data: FinetuneData, config: FinetuneConfig, feature_bytes: int
     computes one per draw. With many slices most draws are distinct, the cache gains
     nothing and would need memory for every input.
     """
+    if config.layers == "all":
+        return "naive"
     if config.method in ("fast", "naive"):
         return config.method
     distinct = len(data.images) * len(data.centres[0]) * len(data.angles)
@@ -205,13 +217,14 @@ def finetune_patient_model(
     data = prepare_finetune_data(bundle, case, chosen, config, allow_empty, device)
 
     model = copy.deepcopy(bundle.model).to(device).eval()  # backbone BN keeps its statistics
+    train_all = config.layers == "all"
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(train_all)
     head = model.head_modules()
     head.train()
     for p in head.parameters():
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(head.parameters(), lr=config.learning_rate)
+    optimizer = torch.optim.Adam((model if train_all else head).parameters(), lr=config.learning_rate)
     class_weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
     feature_bytes = 4 * model.feature_channels * config.patch_size**2
     method = choose_method(data, config, feature_bytes)
@@ -225,7 +238,7 @@ def finetune_patient_model(
     def features_of(picks):
         if method == "naive":
             x = torch.cat([_patch(data, p, config.patch_size, "image") for p in picks]).to(device)
-            with torch.no_grad():
+            with torch.set_grad_enabled(train_all):
                 return model.features(x)
         missing = list(dict.fromkeys(p for p in picks if p not in cache))
         if missing:

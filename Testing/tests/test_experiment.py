@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import SimpleITK as sitk
+import skimage.io
 
 from PatientFineTuneLib.experiment import RESULT_COLUMNS, read_cohort, write_folder_cohort
+from PatientFineTuneLib.metrics import dice
 from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
 from PatientFineTuneLib.synth import generate_pair, write_pair
 
@@ -44,22 +47,31 @@ def test_small_experiment_runs_resumes_and_summarises(cohort_dir, tmp_path):
     save_model(ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0), preset="brain-wmh")), path)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "PatientFineTuneLib.cli", "experiment", "--model", str(path), "--cohort", str(cohort_dir), "--out", str(out),
-           "--iterations-axis", "20", "--default-iterations", "20", "--arms", "base,copy-forward,ft-iter20,ft-suggested1,ft-segmentation,ft-naive",
-           "--mc-samples", "2"]
+           "--iterations-axis", "20", "--default-iterations", "20", "--arms", "base,copy-forward,ft-iter20,ft-suggested1,ft-segmentation,ft-naive,ft-all",
+           "--mc-samples", "2", "--mc-arms", "base,ft-iter20,ft-all"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert list(rows[0]) == RESULT_COLUMNS
-    assert len(rows) == 2 * 6 and {r["arm"] for r in rows} == {"base", "copy-forward", "ft-iter20", "ft-suggested1", "ft-segmentation", "ft-naive"}
+    arms = ["base", "copy-forward", "ft-iter20", "ft-suggested1", "ft-segmentation", "ft-naive", "ft-all"]
+    assert len(rows) == 2 * 7 and {r["arm"] for r in rows} == set(arms)
     for r in rows:
         for metric in ("dice", "avd_percent", "lesion_recall", "lesion_precision", "lesion_f1", "seconds"):
             assert math.isfinite(float(r[metric])), (r["arm"], metric, r[metric])
-        if r["arm"] != "copy-forward":
-            assert math.isfinite(float(r["max_sd"]))
-    assert {r["finetune_method"] for r in rows if r["arm"] == "ft-naive"} == {"naive"}
+        # MC dropout only where asked
+        assert math.isfinite(float(r["max_sd"])) if r["arm"] in ("base", "ft-iter20", "ft-all") else r["max_sd"] == ""
+    assert {r["finetune_method"] for r in rows if r["arm"] in ("ft-naive", "ft-all")} == {"naive"}
+    # each arm's mask is kept and scores as the CSV says
+    for r in rows:
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "masks" / r["patient"] / f"{r['arm']}.nii.gz"))) > 0
+        gt = sitk.GetArrayFromImage(sitk.ReadImage(str(cohort_dir / r["patient"] / "followup" / "lesions.nii.gz"))) > 0
+        assert abs(dice(pred, gt) - float(r["dice"])) < 1e-3, r["arm"]
+    for png in [out / "boxplots.png", *(out / "overlays" / f"patient{k:03d}.png" for k in (0, 1))]:
+        image = skimage.io.imread(png)
+        assert image.ndim == 3 and image.shape[1] > 400 and image[..., :3].std() > 10, png
     assert all(float(r["registration_correlation"]) > 0.5 for r in rows if r["arm"] == "copy-forward")
     summary = (out / "summary.md").read_text()
     assert "| base | 2 |" in summary and "| ft-naive | 2 |" in summary
     # resuming: nothing is recomputed, nothing duplicated
     again = subprocess.run(cmd, capture_output=True, text=True)
-    assert again.returncode == 0 and len(list(csv.DictReader(open(out / "results.csv")))) == 12
+    assert again.returncode == 0 and len(list(csv.DictReader(open(out / "results.csv")))) == 14

@@ -45,6 +45,20 @@ def test_only_the_last_two_layers_change(bundle, baseline):
     assert patient.metadata["finetune"]["slices"] == baseline.lesion_slices()[:2]
 
 
+def test_all_layers_train_everything_but_the_backbone_statistics(bundle, baseline):
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    patient = finetune_patient_model(bundle, baseline, baseline.lesion_slices()[:2], FinetuneConfig(**CONFIG, layers="all", method="fast"), device="cpu")
+    after = patient.model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    # every convolution and BatchNorm weight, backbone included, has trained
+    assert all(n in changed for n, _ in patient.model.named_parameters() if n.endswith("weight"))
+    # backbone BatchNorm statistics stay the base model's
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("pathways.") and ("running_" in k or "num_batches" in k))
+    assert patient.metadata["finetune"]["method"] == "naive"  # nothing frozen, nothing to cache
+    with pytest.raises(ValueError, match="layers"):
+        FinetuneConfig(layers="decoder")
+
+
 def test_fast_and_naive_paths_agree(bundle, baseline):
     slices = baseline.lesion_slices()[:2]
     fast = finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**CONFIG, method="fast"), device="cpu")
