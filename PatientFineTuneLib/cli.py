@@ -431,6 +431,16 @@ def cmd_evaluate(args) -> None:
 # info and demo
 
 
+def cmd_web(args) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("trame_slicer") is None:
+        raise RuntimeError('the web app needs trame-slicer: pip install -e ".[web]"')
+    from .web import main as serve
+
+    serve(host=args.host, port=args.port, model=args.model, work_dir=args.work, device=args.device)
+
+
 def cmd_info(args) -> None:
     from .model import count_parameters
     from .modelfile import load_model
@@ -585,6 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated patient, the fine-tuning and the MC masks")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
+
+    p = add("web", cmd_web, "Serve the workflow as a web app (trame-slicer; needs the web extra).")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--model", default="brain-wmh", help="base model file or shipped preset name")
+    p.add_argument("--work", default=".", help="folder for the generated sample patient")
+    p.add_argument("--device", default="auto")
     return parser
 
 

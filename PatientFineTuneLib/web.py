@@ -1,0 +1,418 @@
+"""The patient-specific workflow in a web browser, on Kitware's trame-slicer.
+
+The same three steps as the Slicer module, on the same MRML bridge
+(:mod:`.slicerworkflow`): analyse the baseline (base-model segmentation, suggested slices
+with jump-to), correct the baseline annotation with trame-slicer's segment editor (paint /
+erase in the baseline view), fine-tune with a progress bar and Cancel, and segment the
+follow-up with the uncertainty overlay and the lesion table.
+
+Needs the ``web`` extra (``pip install -e ".[web]"``); started by
+``patient-finetune web --host 127.0.0.1 --port N``. Rendering happens on the server; on a
+machine without a display VTK renders through EGL (``VTK_DEFAULT_OPENGL_WINDOW=
+vtkEGLRenderWindow``, which :func:`main` sets unless the variable is already set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+#: The three views: the baseline (view group 0, where the annotation is edited), the
+#: follow-up (group 1, where results go) and a 3D view of the baseline's segments.
+BASELINE_VIEW, FOLLOWUP_VIEW, THREED_VIEW = "Baseline", "Followup", "ThreeD"  # state names: no hyphens
+
+LESION_HEADERS = [
+    {"title": "Lesion", "key": "id"},
+    {"title": "Volume (mm³)", "key": "volume"},
+    {"title": "R, A, S (mm)", "key": "ras"},
+    {"title": "Mean p", "key": "probability"},
+    {"title": "Mean SD", "key": "sd"},
+]
+
+
+def reattach_effect_pipelines(slicer_app) -> int:
+    """Work around trame-slicer 2.0.0: segment-editor effect pipelines created for a view
+    before the view manager knows that view are left without it, and activating Paint
+    then fails with ``'NoneType' object has no attribute 'paint_interaction_stopped'``.
+    Give every such pipeline its view; returns how many needed it (0 once upstream is
+    fixed, which ``test_web.py`` watches)."""
+    editor, views = slicer_app.segmentation_editor, slicer_app.view_manager
+    fixed = 0
+    for effect in editor._effects.values():
+        for weak in effect.pipelines:
+            pipeline = weak()
+            if pipeline is not None and pipeline._view is None and pipeline.GetViewNode() is not None:
+                pipeline.SetView(views.get_view(pipeline.GetViewNode()))
+                fixed += 1
+    return fixed
+
+
+def sample_patient(folder: str | os.PathLike, seed: int = 0) -> dict[str, list[Path]]:
+    """The synthetic sample patient (brain-wmh, as the demo's), generated once into
+    ``folder``; returns the sequence files per visit."""
+    from .synth import generate_pair, write_pair
+
+    folder = Path(folder) / f"sample-wmh-{seed}"
+    if not (folder / "followup" / "lesions.nii.gz").is_file():
+        write_pair(generate_pair("brain-wmh", seed), folder, overwrite=True, preview=False)
+    return {visit: [folder / visit / f"{s}.nii.gz" for s in ("FLAIR", "T1")] for visit in ("baseline", "followup")}
+
+
+def lesion_table_rows(lesions: Sequence[dict]) -> list[dict]:
+    """Rows for the browser's lesion table (RAS centroids, as Slicer shows them)."""
+    from .mrml import lesion_rows_in_ras
+
+    def fmt(value, digits):
+        return "" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+    return [{"id": r["id"], "volume": fmt(r["volume_mm3"], 1),
+             "ras": ", ".join(f"{r[k]:.1f}" for k in ("centroid_r_mm", "centroid_a_mm", "centroid_s_mm")),
+             "probability": fmt(r.get("mean_probability"), 2), "sd": fmt(r.get("mean_sd"), 3)}
+            for r in lesion_rows_in_ras(lesions)]
+
+
+class PatientFineTuneWeb:
+    """The web application: one trame server, one MRML scene, one patient at a time.
+
+    Parameters
+    ----------
+    model : base model file or shipped preset name.
+    work_dir : where the sample patient is generated.
+    device : torch device for the model ("auto": CUDA when available).
+    """
+
+    def __init__(self, server=None, model: str = "brain-wmh", work_dir: str | os.PathLike = ".", device: str = "auto"):
+        from trame.app import get_server
+        from trame_slicer import module as trame_slicer_module
+        from trame_slicer.core import LayoutManager, SlicerApp
+        from trame_slicer.rca_view import register_rca_factories
+
+        from .modelcard import resolve_model_path
+        from .modelfile import load_model
+
+        self.server = get_server(server, client_type="vue3")
+        self.server.enable_module(trame_slicer_module)
+        self.state, self.ctrl = self.server.state, self.server.controller
+        self.slicer = SlicerApp()
+        register_rca_factories(self.slicer.view_manager, self.server)
+        self.layout_manager = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
+        self.base_bundle = load_model(resolve_model_path(model))
+        self.patient_bundle = None
+        self.work_dir, self.device = Path(work_dir), device
+        self.volumes: dict[str, list] = {}
+        self.organs: dict[str, object] = {}
+        self.baseline_segmentation = None
+        self.suggestions = []
+        self._cancel = threading.Event()
+        self._set_initial_state()
+        self._build_layout()
+        self._build_ui()
+        self.slicer.segmentation_editor.segmentation_modified.connect(self._count_annotation)
+
+    # -- state and layout ----------------------------------------------------------------
+
+    def _set_initial_state(self):
+        names = [s["name"] for s in self.base_bundle.sequences]
+        self.state.update({
+            "trame__title": "PatientFineTune",
+            "trame__favicon": None,  # the stock favicon points at an outside host
+            "model_info": f"{self.base_bundle.preset.name if self.base_bundle.preset else 'model'}: reads {', '.join(names)}",
+            "baseline_paths": "", "followup_paths": "", "sequence_names": ", ".join(names),
+            "status": "Load the sample patient or a study.", "error": "",
+            "loaded": False, "analysed": False, "finetuned": False, "busy": False,
+            "progress": 0, "progress_text": "",
+            "suggestions": [], "current_slice": "",
+            "annotation_voxels": 0, "tool": "none",
+            "slice_selection": "suggested", "iterations": 100, "mc_samples": 25,
+            "lesion_headers": LESION_HEADERS, "lesion_rows": [], "result_text": "", "uncertainty_shown": False,
+        })
+
+    def _build_layout(self):
+        from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition, ViewProps, ViewType
+
+        def axial(tag, group, colour):
+            return ViewLayoutDefinition(tag, ViewType.SLICE_VIEW, ViewProps(orientation="Axial", label=tag, color=colour, group=group))
+
+        threed = ViewLayoutDefinition(THREED_VIEW, ViewType.THREE_D_VIEW, ViewProps(label="3D", group=0, background_color=("#1f2020", "#3c3c3c")))
+        layout = Layout(LayoutDirection.Horizontal, [axial(BASELINE_VIEW, 0, "#F34A33"), axial(FOLLOWUP_VIEW, 1, "#6DAD4A"),
+                                                     Layout(LayoutDirection.Vertical, [threed])])
+        self.layout_manager.register_layout("baseline-followup", layout)
+        self.layout_manager.set_layout("baseline-followup")
+
+    def _build_ui(self):
+        from trame.ui.vuetify3 import SinglePageWithDrawerLayout
+        from trame.widgets import html
+        from trame.widgets import vuetify3 as v
+
+        with SinglePageWithDrawerLayout(self.server, theme="dark") as self.ui:
+            self.ui.title.set_text("PatientFineTune")
+            with self.ui.toolbar:
+                v.VSpacer()
+                html.Span("{{ model_info }}", classes="text-caption mr-4", id="model-info")
+            with self.ui.drawer as drawer:
+                drawer.width = 460
+                with html.Div(classes="pa-3 d-flex flex-column ga-2"):
+                    html.Div("1. Patient", classes="text-subtitle-1")
+                    v.VBtn("Load sample patient", id="load-sample", click=self.load_sample, disabled=("busy",), block=True)
+                    v.VTextField(v_model=("baseline_paths",), label=("`Baseline files (${sequence_names}), comma-separated`",), density="compact", hide_details=True)
+                    v.VTextField(v_model=("followup_paths",), label="Follow-up files, same order", density="compact", hide_details=True)
+                    v.VBtn("Load study from files", id="load-files", click=self.load_files, disabled=("busy",), block=True, variant="tonal")
+
+                    html.Div("2. Baseline", classes="text-subtitle-1 mt-2")
+                    v.VBtn("Analyse baseline", id="analyse", click=self.analyse, disabled=("busy || !loaded",), block=True)
+                    with html.Div(v_if=("suggestions.length",), classes="d-flex flex-wrap ga-1", id="suggestions"):
+                        v.VBtn("{{ s.label }}", v_for=("s in suggestions",), key="s.index", size="small", variant="outlined",
+                               classes="suggestion", click=(self.jump_to, "[s.index]"))
+                    html.Div("{{ current_slice }}", classes="text-caption", id="current-slice")
+                    with v.VBtnToggle(v_model=("tool",), mandatory=True, density="compact", divided=True, disabled=("!analysed || busy",)):
+                        v.VBtn("View", value="none", id="tool-none")
+                        v.VBtn("Paint", value="paint", id="tool-paint")
+                        v.VBtn("Erase", value="erase", id="tool-erase")
+                    html.Div("Annotation: <span id='annotation-voxels'>{{ annotation_voxels }}</span> voxels", classes="text-caption")
+
+                    html.Div("3. Fine-tune and segment the follow-up", classes="text-subtitle-1 mt-2")
+                    v.VSelect(v_model=("slice_selection",), items=("[{title: 'suggested slices', value: 'suggested'}, {title: 'all lesion slices', value: 'all-lesion'}]",),
+                              label="Train on", density="compact", hide_details=True)
+                    with html.Div(classes="d-flex ga-2"):
+                        v.VTextField(v_model_number=("iterations",), type="number", label="Iterations", density="compact", hide_details=True, id="iterations")
+                        v.VTextField(v_model_number=("mc_samples",), type="number", label="MC samples", density="compact", hide_details=True, id="mc-samples")
+                    with html.Div(classes="d-flex ga-2"):
+                        v.VBtn("Fine-tune", id="finetune", click=self.finetune, disabled=("busy || !analysed",), color="primary")
+                        v.VBtn("Cancel", id="cancel", click=self.cancel, disabled=("!busy",), variant="outlined")
+                    v.VProgressLinear(model_value=("progress",), v_show=("busy",), height=8, id="progress")
+                    html.Div("{{ progress_text }}", v_show=("busy",), classes="text-caption")
+                    html.Div("{{ status }}", classes="text-body-2", id="status")
+                    v.VAlert(text=("error",), v_if=("error",), type="error", density="compact", id="error")
+                    html.Div("{{ result_text }}", v_if=("result_text",), classes="text-body-2", id="result-text", style="white-space: pre-line")
+                    v.VSwitch(v_model=("uncertainty_shown",), label="Uncertainty overlay (follow-up view)", v_if=("finetuned",),
+                              density="compact", hide_details=True, id="uncertainty-switch")
+                    v.VDataTable(v_if=("lesion_rows.length",), headers=("lesion_headers",), items=("lesion_rows",), density="compact",
+                                 items_per_page=8, id="lesion-table")
+            with self.ui.content:
+                self.layout_manager.initialize_layout_grid(self.ui)
+        reattach_effect_pipelines(self.slicer)
+        self.state.change("tool")(self._on_tool)
+        self.state.change("uncertainty_shown")(self._on_uncertainty_shown)
+
+    # -- views ---------------------------------------------------------------------------
+
+    def view(self, tag: str):
+        return next(v for v in self.slicer.view_manager.get_views() if v.get_singleton_tag() == tag)
+
+    def _show(self, tag: str, background, foreground=None, opacity: float = 0.0):
+        view = self.view(tag)
+        view.set_background_volume_id(background.GetID() if background else None)
+        view.set_foreground_volume_id(foreground.GetID() if foreground else None)
+        view.set_foreground_opacity(opacity)
+
+    def _show_only_in(self, node, tags: Sequence[str]):
+        ids = [self.view(t).get_view_node_id() for t in tags]
+        for i in range(node.GetNumberOfDisplayNodes()):
+            node.GetNthDisplayNode(i).SetViewNodeIDs(ids)
+
+    # -- loading -------------------------------------------------------------------------
+
+    def load_sample(self):
+        files = sample_patient(self.work_dir, seed=0)
+        self.load_study(files["baseline"], files["followup"], name="sample patient (synthetic brain-wmh, seed 0)")
+
+    def load_files(self):
+        split = [[p.strip() for p in str(self.state[k]).split(",") if p.strip()] for k in ("baseline_paths", "followup_paths")]
+        self.load_study(*split, name="study from files")
+
+    def load_study(self, baseline: Sequence, followup: Sequence, name: str = ""):
+        """Read both visits into the scene (a new scene each time)."""
+        from .images import read_image
+        from .mrml import image_to_volume
+
+        self.state.error = ""
+        n = len(self.base_bundle.sequences)
+        try:
+            if len(baseline) != n or len(followup) != n:
+                raise ValueError(f"the model reads {n} sequence(s) ({self.state.sequence_names}); give that many files for each visit, in that order")
+            images = {visit: [read_image(p) for p in paths] for visit, paths in (("baseline", baseline), ("followup", followup))}
+        except Exception as error:  # shown to the user, who can fix the paths
+            self.state.error = str(error)
+            return
+        self.slicer.scene.Clear(0)
+        self.volumes = {visit: [image_to_volume(image, self.slicer.scene, f"{visit} {s['name']}") for image, s in zip(imgs, self.base_bundle.sequences)]
+                        for visit, imgs in images.items()}
+        self.baseline_segmentation, self.patient_bundle, self.suggestions = None, None, []
+        self._show(BASELINE_VIEW, self.volumes["baseline"][0])
+        self._show(FOLLOWUP_VIEW, self.volumes["followup"][0])
+        for tag in (BASELINE_VIEW, FOLLOWUP_VIEW):
+            self.view(tag).fit_view_to_content()
+        self.state.update({"loaded": True, "analysed": False, "finetuned": False, "suggestions": [], "lesion_rows": [],
+                           "result_text": "", "annotation_voxels": 0, "tool": "none", "uncertainty_shown": False,
+                           "status": f"Loaded {name}. Next: analyse the baseline."})
+
+    # -- long work -------------------------------------------------------------------------
+
+    async def _run(self, label: str, work: Callable, total: int) -> object:
+        """Run ``work(progress, cancelled)`` in a worker thread while the page shows its
+        progress; returns its result, or None when it failed (message shown) or was
+        cancelled (nothing kept)."""
+        from .inference import Cancelled
+
+        self._cancel.clear()
+        done = [0]
+
+        def progress(step, *_):
+            done[0] = step
+
+        with self.state:
+            self.state.update({"busy": True, "error": "", "progress": 0, "progress_text": label, "status": f"{label}..."})
+        future = asyncio.get_running_loop().run_in_executor(None, work, progress, self._cancel.is_set)
+        while not future.done():
+            await asyncio.sleep(0.25)
+            with self.state:
+                self.state.progress = 100.0 * done[0] / max(total, 1)
+                self.state.progress_text = f"{label}: {done[0]} / {total}"
+        result = None
+        try:
+            result = future.result()
+        except Cancelled:
+            self.state.status = f"{label} cancelled; nothing was changed."
+        except Exception as error:  # shown in the page: bad input is the user's to fix
+            self.state.error = f"{label} failed: {error}"
+        with self.state:
+            self.state.busy = False
+        return result
+
+    def cancel(self):
+        self._cancel.set()
+
+    # -- step 1: the baseline --------------------------------------------------------------
+
+    async def analyse(self):
+        from .inference import segment_case
+        from .mrml import add_lesion_segmentation
+        from .slicerworkflow import read_case
+        from .suggest import suggest_slices
+
+        case = read_case(self.base_bundle, self.volumes["baseline"], name="baseline")
+        bundle, device = self.base_bundle, self.device
+        slices = int(case.organ.any(axis=(1, 2)).sum())
+
+        def work(progress, cancelled):
+            result = segment_case(bundle, case, opening=bundle.opening, device=device, progress=progress, cancel=cancelled)
+            return result, suggest_slices(bundle, case, k=2, probability=result.probability)
+
+        outcome = await self._run("Segmenting the baseline", work, slices)
+        if outcome is None:
+            return
+        result, self.suggestions = outcome
+        from .images import from_slices
+
+        node = add_lesion_segmentation(self.slicer.scene, from_slices(result.mask, case.axis), self.volumes["baseline"][0], "Baseline lesions")
+        self._show_only_in(node, [BASELINE_VIEW, THREED_VIEW])
+        self.baseline_segmentation = node
+        editor = self.slicer.segmentation_editor
+        editor.set_active_segmentation(node, self.volumes["baseline"][0])
+        editor.set_active_segment_id(node.GetSegmentation().GetSegmentIdBySegmentName("Lesion"))
+        editor.show_3d(True)
+        self._count_annotation()
+        with self.state:
+            self.state.suggestions = [{"index": i, "label": f"slice {s.index} (mean p {s.mean_probability:.2f})"} for i, s in enumerate(self.suggestions)]
+            self.state.analysed = True
+            self.state.status = ("The base model's lesions are on the baseline. Check and correct them on the suggested slices "
+                                 "(Paint / Erase), then fine-tune.")
+        if self.suggestions:
+            self.jump_to(0)
+
+    def jump_to(self, index: int):
+        """Both slice views to a suggested baseline slice (the follow-up view to the same
+        physical position, which is the same anatomy once the visits are aligned)."""
+        from .mrml import jump_to_suggestion
+
+        suggestion = self.suggestions[int(index)]
+        for tag in (BASELINE_VIEW, FOLLOWUP_VIEW):
+            view = self.view(tag)
+            jump_to_suggestion(view.get_view_node(), suggestion)
+            view.schedule_render()
+        self.state.current_slice = f"Baseline view at suggested slice {suggestion.index}"
+
+    def _on_tool(self, tool, **_):
+        from trame_slicer.segmentation import SegmentationEffectErase, SegmentationEffectNoTool, SegmentationEffectPaint
+
+        if self.baseline_segmentation is None:
+            return
+        effect = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}.get(tool, SegmentationEffectNoTool)
+        reattach_effect_pipelines(self.slicer)
+        self.slicer.segmentation_editor.set_active_effect_type(effect)
+
+    def annotation_mask(self) -> np.ndarray:
+        """The baseline's "Lesion" segment on the baseline grid (z, y, x)."""
+        from .mrml import segment_to_array
+
+        node = self.baseline_segmentation
+        return segment_to_array(node, node.GetSegmentation().GetSegmentIdBySegmentName("Lesion"), self.volumes["baseline"][0])
+
+    def _count_annotation(self, *_):
+        if self.baseline_segmentation is not None:
+            with self.state:
+                self.state.annotation_voxels = int(self.annotation_mask().sum())
+
+    # -- steps 2 and 3: fine-tune, segment the follow-up -------------------------------------
+
+    async def finetune(self):
+        from .finetune import FinetuneConfig, finetune_patient_model
+        from .inference import segment_case
+        from .slicerworkflow import MaskSource, add_followup_nodes, read_case
+
+        self.state.tool = "none"
+        try:
+            segment_id = self.baseline_segmentation.GetSegmentation().GetSegmentIdBySegmentName("Lesion")
+            baseline = read_case(self.base_bundle, self.volumes["baseline"], lesions=MaskSource(self.baseline_segmentation, segment_id), name="baseline")
+            followup = read_case(self.base_bundle, self.volumes["followup"], name="follow-up")
+            slices = [s.index for s in self.suggestions] if self.state.slice_selection == "suggested" else "all-lesion"
+            config = FinetuneConfig(iterations=int(self.state.iterations))
+            mc_samples = int(self.state.mc_samples)
+        except Exception as error:
+            self.state.error = str(error)
+            return
+        base, device = self.base_bundle, self.device
+        followup_slices = int(followup.organ.any(axis=(1, 2)).sum())
+
+        def work(progress, cancelled):
+            patient = finetune_patient_model(base, baseline, slices, config, device=device, progress=progress, cancel=cancelled)
+            result = segment_case(patient, followup, opening=base.opening, mc_samples=mc_samples, device=device,
+                                  progress=lambda done, _total: progress(config.iterations + done), cancel=cancelled)
+            return patient, result
+
+        outcome = await self._run("Fine-tuning, then segmenting the follow-up", work, config.iterations + followup_slices)
+        if outcome is None:
+            return
+        self.patient_bundle, result = outcome
+        nodes = add_followup_nodes(self.slicer.scene, followup, result, self.volumes["followup"][0], "fine-tuned")
+        self._show_only_in(nodes.segmentation, [FOLLOWUP_VIEW])
+        self.followup_nodes = nodes
+        volume_ml = sum(r["volume_mm3"] for r in result.lesions) / 1000
+        text = f"Follow-up: {len(result.lesions)} lesions, {volume_ml:.1f} ml"
+        if result.summary:
+            text += f"; uncertainty: max SD {result.summary['max_sd']:.3f}, mean SD in lesions {result.summary['mean_sd_in_lesions']:.3f}"
+        with self.state:
+            self.state.update({"finetuned": True, "lesion_rows": lesion_table_rows(result.lesions), "result_text": text,
+                               "status": f"Fine-tuned on slices {self.patient_bundle.metadata['finetune']['slices']}; the follow-up is segmented.",
+                               "uncertainty_shown": nodes.uncertainty is not None})
+        self._on_uncertainty_shown(self.state.uncertainty_shown)
+
+    def _on_uncertainty_shown(self, uncertainty_shown, **_):
+        nodes = getattr(self, "followup_nodes", None)
+        if nodes is None:
+            return
+        overlay = nodes.uncertainty if uncertainty_shown and nodes.uncertainty is not None else None
+        self._show(FOLLOWUP_VIEW, self.volumes["followup"][0], overlay, 0.5 if overlay else 0.0)
+
+
+def main(host: str = "127.0.0.1", port: int = 8080, model: str = "brain-wmh", work_dir: str = ".", device: str = "auto",
+         open_browser: bool = False) -> None:
+    """Serve the app until interrupted."""
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    app = PatientFineTuneWeb(model=model, work_dir=work_dir, device=device)
+    app.server.start(host=host, port=port, open_browser=open_browser)
