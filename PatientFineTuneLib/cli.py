@@ -466,6 +466,7 @@ def cmd_demo(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
+    from .synth import PRESET_GENERATORS
 
     parser = argparse.ArgumentParser(
         prog="patient-finetune",
@@ -480,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("synth", cmd_synth, "Generate synthetic baseline/follow-up patient pairs.")
-    p.add_argument("--preset", choices=list(PRESETS), required=True)
+    p.add_argument("--preset", choices=PRESET_GENERATORS, required=True)
     p.add_argument("--patients", type=int, default=1, help="number of patient pairs (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first patient; patient i uses seed+i")
     p.add_argument("--out", required=True, help="output folder; patients go to OUT/patientNNN")

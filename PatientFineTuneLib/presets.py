@@ -51,6 +51,16 @@ PRESETS: dict[str, Preset] = {
             description="Enhancing + necrotic brain tumour on T1 post-contrast",
         ),
         Preset(
+            name="brain-new-lesions",
+            sequences=(("FLAIR", 1), ("FLAIR_subtraction", 1)),
+            training_spacing_mm=(0.958, 0.958),
+            opening=False,
+            weighting="detection",
+            organ="brain",
+            auto_organ_mask=True,
+            description="New MS lesions on the follow-up FLAIR + the FLAIR subtraction (follow-up minus registered baseline; seed 001)",
+        ),
+        Preset(
             name="liver-metastases",
             sequences=(("DCE", 16), ("DWI", 3)),
             training_spacing_mm=(1.543, 1.543),

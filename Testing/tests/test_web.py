@@ -190,3 +190,17 @@ def test_whole_workflow_in_headless_chromium(web_server):
         browser.close()
     print(f"\nweb workflow step times (s): {timings}; annotation {before} -> {after} voxels; {rows} table rows; {result}")
     assert not outside, f"the page asked for outside hosts: {outside}"
+
+
+def test_loading_a_study_checks_the_files_and_fills_both_views(small_pair_dir, tmp_path):
+    from PatientFineTuneLib.web import BASELINE_VIEW, FOLLOWUP_VIEW, PatientFineTuneWeb
+
+    app = PatientFineTuneWeb(server=f"load-{time.monotonic_ns()}", work_dir=tmp_path, device="cpu")
+    app.load_study([small_pair_dir / "baseline" / "FLAIR.nii.gz"], [small_pair_dir / "followup" / "FLAIR.nii.gz"])
+    assert "2 sequence(s) (FLAIR, T1)" in app.state.error and not app.state.loaded
+    app.load_study([small_pair_dir / "baseline" / "FLAIR.nii.gz", tmp_path / "missing.nii.gz"], [small_pair_dir / "followup" / s for s in ("FLAIR.nii.gz", "T1.nii.gz")])
+    assert "missing.nii.gz" in app.state.error and not app.state.loaded
+    app.load_study(*[[small_pair_dir / visit / f"{s}.nii.gz" for s in ("FLAIR", "T1")] for visit in ("baseline", "followup")])
+    assert app.state.loaded and not app.state.error
+    assert app.view(BASELINE_VIEW).get_background_volume_id() == app.volumes["baseline"][0].GetID()
+    assert app.view(FOLLOWUP_VIEW).get_background_volume_id() == app.volumes["followup"][0].GetID()
