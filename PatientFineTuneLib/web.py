@@ -107,6 +107,7 @@ class PatientFineTuneWeb:
         self.volumes: dict[str, list] = {}
         self.organs: dict[str, object] = {}
         self.baseline_segmentation = None
+        self.followup_nodes = None
         self.suggestions = []
         self._cancel = threading.Event()
         self._set_initial_state()
@@ -242,7 +243,7 @@ class PatientFineTuneWeb:
         self.slicer.scene.Clear(0)
         self.volumes = {visit: [image_to_volume(image, self.slicer.scene, f"{visit} {s['name']}") for image, s in zip(imgs, self.base_bundle.sequences)]
                         for visit, imgs in images.items()}
-        self.baseline_segmentation, self.patient_bundle, self.suggestions = None, None, []
+        self.baseline_segmentation, self.followup_nodes, self.patient_bundle, self.suggestions = None, None, None, []
         self._show(BASELINE_VIEW, self.volumes["baseline"][0])
         self._show(FOLLOWUP_VIEW, self.volumes["followup"][0])
         for tag in (BASELINE_VIEW, FOLLOWUP_VIEW):
@@ -289,13 +290,24 @@ class PatientFineTuneWeb:
 
     # -- step 1: the baseline --------------------------------------------------------------
 
-    async def analyse(self):
+    def analyse(self):
+        """Button handler: the work runs as its own task, so that the page's next request
+        (Cancel) is served meanwhile (trame handles one client's requests in order)."""
+        from trame_server.utils.asynchronous import create_task
+
+        create_task(self.analyse_baseline())
+
+    async def analyse_baseline(self):
         from .inference import segment_case
         from .mrml import add_lesion_segmentation
         from .slicerworkflow import read_case
         from .suggest import suggest_slices
 
-        case = read_case(self.base_bundle, self.volumes["baseline"], name="baseline")
+        try:
+            case = read_case(self.base_bundle, self.volumes["baseline"], name="baseline")
+        except Exception as error:  # e.g. no brain found: the user's to fix
+            self.state.error = str(error)
+            return
         bundle, device = self.base_bundle, self.device
         slices = int(case.organ.any(axis=(1, 2)).sum())
 
@@ -360,7 +372,13 @@ class PatientFineTuneWeb:
 
     # -- steps 2 and 3: fine-tune, segment the follow-up -------------------------------------
 
-    async def finetune(self):
+    def finetune(self):
+        """Button handler (see :meth:`analyse`)."""
+        from trame_server.utils.asynchronous import create_task
+
+        create_task(self.finetune_and_segment())
+
+    async def finetune_and_segment(self):
         from .finetune import FinetuneConfig, finetune_patient_model
         from .inference import segment_case
         from .slicerworkflow import MaskSource, add_followup_nodes, read_case
@@ -403,7 +421,7 @@ class PatientFineTuneWeb:
         self._on_uncertainty_shown(self.state.uncertainty_shown)
 
     def _on_uncertainty_shown(self, uncertainty_shown, **_):
-        nodes = getattr(self, "followup_nodes", None)
+        nodes = self.followup_nodes
         if nodes is None:
             return
         overlay = nodes.uncertainty if uncertainty_shown and nodes.uncertainty is not None else None

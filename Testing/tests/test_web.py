@@ -116,7 +116,11 @@ def web_server(tmp_path_factory):
             time.sleep(0.5)
     yield url
     server.terminate()
-    server.wait(timeout=30)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # a worker thread still busy: do not leave it running
+        server.kill()
+        server.wait()
     log.close()
 
 
@@ -177,6 +181,11 @@ def test_whole_workflow_in_headless_chromium(web_server):
         after = int(page.inner_text("#annotation-voxels"))
         assert after > before
 
+        page.fill("#iterations", "5000")
+        step("cancel", lambda: (page.click("#finetune"), page.wait_for_selector("#progress", state="visible"), page.click("#cancel")),
+             "() => document.querySelector('#status').innerText.includes('cancelled')", 60)
+        assert page.locator("#lesion-table").count() == 0  # nothing kept
+
         page.fill("#iterations", "10")
         page.fill("#mc-samples", "3")
         step("finetune-and-segment", lambda: page.click("#finetune"), "#lesion-table", 600)
@@ -186,7 +195,7 @@ def test_whole_workflow_in_headless_chromium(web_server):
         rows = page.locator("#lesion-table tbody tr").count()
         assert rows >= 1
         page.locator("#lesion-table").scroll_into_view_if_needed()
-        page.screenshot(path=str(ARTIFACTS / "6-lesion-table.png"))
+        page.screenshot(path=str(ARTIFACTS / f"{len(timings)}-lesion-table.png"))
         browser.close()
     print(f"\nweb workflow step times (s): {timings}; annotation {before} -> {after} voxels; {rows} table rows; {result}")
     assert not outside, f"the page asked for outside hosts: {outside}"
