@@ -128,7 +128,7 @@ class PatientFineTuneWeb:
             "loaded": False, "analysed": False, "finetuned": False, "busy": False,
             "progress": 0, "progress_text": "",
             "suggestions": [], "current_slice": "",
-            "annotation_voxels": 0, "tool": "none",
+            "annotation_voxels": 0, "tool": "none", "brush_mm": 5.0, "overlay": "",
             "slice_selection": "suggested", "iterations": 100, "mc_samples": 25,
             "lesion_headers": LESION_HEADERS, "lesion_rows": [], "result_text": "", "uncertainty_shown": False,
         })
@@ -174,6 +174,8 @@ class PatientFineTuneWeb:
                         v.VBtn("View", value="none", id="tool-none")
                         v.VBtn("Paint", value="paint", id="tool-paint")
                         v.VBtn("Erase", value="erase", id="tool-erase")
+                    v.VSlider(v_model=("brush_mm",), min=1, max=20, step=0.5, label="Brush (mm)", density="compact", hide_details=True,
+                              thumb_label=True, disabled=("!analysed || busy",))
                     html.Div("Annotation: <span id='annotation-voxels'>{{ annotation_voxels }}</span> voxels", classes="text-caption")
 
                     html.Div("3. Fine-tune and segment the follow-up", classes="text-subtitle-1 mt-2")
@@ -192,12 +194,13 @@ class PatientFineTuneWeb:
                     html.Div("{{ result_text }}", v_if=("result_text",), classes="text-body-2", id="result-text", style="white-space: pre-line")
                     v.VSwitch(v_model=("uncertainty_shown",), label="Uncertainty overlay (follow-up view)", v_if=("finetuned",),
                               density="compact", hide_details=True, id="uncertainty-switch")
+                    html.Div("Follow-up view overlay: {{ overlay }}", v_if=("overlay",), classes="text-caption", id="overlay")
                     v.VDataTable(v_if=("lesion_rows.length",), headers=("lesion_headers",), items=("lesion_rows",), density="compact",
                                  items_per_page=8, id="lesion-table")
             with self.ui.content:
                 self.layout_manager.initialize_layout_grid(self.ui)
         reattach_effect_pipelines(self.slicer)
-        self.state.change("tool")(self._on_tool)
+        self.state.change("tool", "brush_mm")(self._on_tool)
         self.state.change("uncertainty_shown")(self._on_uncertainty_shown)
 
     # -- views ---------------------------------------------------------------------------
@@ -349,14 +352,16 @@ class PatientFineTuneWeb:
             view.schedule_render()
         self.state.current_slice = f"Baseline view at suggested slice {suggestion.index}"
 
-    def _on_tool(self, tool, **_):
-        from trame_slicer.segmentation import SegmentationEffectErase, SegmentationEffectNoTool, SegmentationEffectPaint
+    def _on_tool(self, tool, brush_mm, **_):
+        from trame_slicer.segmentation import BrushDiameterMode, SegmentationEffectErase, SegmentationEffectNoTool, SegmentationEffectPaint
 
         if self.baseline_segmentation is None:
             return
-        effect = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}.get(tool, SegmentationEffectNoTool)
+        effect_type = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}.get(tool, SegmentationEffectNoTool)
         reattach_effect_pipelines(self.slicer)
-        self.slicer.segmentation_editor.set_active_effect_type(effect)
+        effect = self.slicer.segmentation_editor.set_active_effect_type(effect_type)
+        if effect_type is not SegmentationEffectNoTool:
+            effect.set_brush_diameter(float(brush_mm), BrushDiameterMode.Absolute)
 
     def annotation_mask(self) -> np.ndarray:
         """The baseline's "Lesion" segment on the baseline grid (z, y, x)."""
@@ -426,6 +431,8 @@ class PatientFineTuneWeb:
             return
         overlay = nodes.uncertainty if uncertainty_shown and nodes.uncertainty is not None else None
         self._show(FOLLOWUP_VIEW, self.volumes["followup"][0], overlay, 0.5 if overlay else 0.0)
+        shown = self.slicer.scene.GetNodeByID(self.view(FOLLOWUP_VIEW).get_foreground_volume_id() or "")
+        self.state.overlay = shown.GetName() if shown is not None else ""
 
 
 def main(host: str = "127.0.0.1", port: int = 8080, model: str = "brain-wmh", work_dir: str = ".", device: str = "auto",

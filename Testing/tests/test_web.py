@@ -190,6 +190,7 @@ def test_whole_workflow_in_headless_chromium(web_server):
         page.fill("#mc-samples", "3")
         step("finetune-and-segment", lambda: page.click("#finetune"), "#lesion-table", 600)
         assert page.is_checked("#uncertainty-switch")
+        assert "Uncertainty SD" in page.inner_text("#overlay")  # what the server's follow-up view shows
         result = page.inner_text("#result-text")
         assert "lesions" in result and "max SD" in result
         rows = page.locator("#lesion-table tbody tr").count()
