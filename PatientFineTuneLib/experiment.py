@@ -235,7 +235,8 @@ def save_patient_overlay(followup, out: str | os.PathLike, patient: str, arm_nam
         path = _mask_path(out, patient, arm)
         if path.is_file():
             masks[arm] = to_slices(sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0, followup.axis)[s]
-    image = radiological(to_uint8(followup.images[0], followup.organ)[s], direction)
+    image = np.where(followup.organ[s], to_uint8(followup.images[0], followup.organ)[s], 0)  # black outside the organ
+    image = radiological(image, direction)
     masks = {name: radiological(m, direction) for name, m in masks.items()}
     return overlay_figure(image, masks, Path(out) / "overlays" / f"{patient}.png", title=f"{patient}, follow-up slice {s}")
 
