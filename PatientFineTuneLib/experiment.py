@@ -298,22 +298,22 @@ def read_results(path: str | os.PathLike) -> list[dict]:
 def summary_table(rows: Sequence[dict], reference_arm: str = "base") -> str:
     """Markdown table in the paper's form: every arm against ``reference_arm`` (mean ± SD
     and paired t-test for segmentation metrics, median [IQR] and Wilcoxon for detection;
-    * marks p < 0.01 as in the paper)."""
+    * marks p < 0.01 as in the paper). Without results for the reference arm (a run of
+    extra arms only) the arms are summarised without tests."""
     from .metrics import DETECTION_METRICS, compare_cohorts, format_mean_sd, format_median_iqr
 
     by_arm: dict[str, list[dict]] = {}
     for r in rows:
         by_arm.setdefault(r["arm"], []).append(dict(r, case=r["patient"]))
-    if reference_arm not in by_arm:
-        raise ValueError(f"no results for the reference arm {reference_arm!r}")
     metrics = ["dice", "avd_percent", "hd95_mm", "lesion_recall", "fp_count", "lesion_precision", "lesion_f1"]
     lines = ["| arm | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    reference = by_arm[reference_arm]
+    reference = by_arm.get(reference_arm)
     for arm, results in by_arm.items():
         cells = []
-        comparison = {c["metric"]: c for c in compare_cohorts(results, reference)} if arm != reference_arm else {}
+        tested = reference is not None and arm != reference_arm
+        comparison = {c["metric"]: c for c in compare_cohorts(results, reference)} if tested else {}
         for metric in metrics:
-            if arm == reference_arm:
+            if not tested:
                 fmt = format_median_iqr if metric in DETECTION_METRICS else format_mean_sd
                 cells.append(fmt([float(r[metric]) for r in results]))
             else:

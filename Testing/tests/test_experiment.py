@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import skimage.io
 
-from PatientFineTuneLib.experiment import RESULT_COLUMNS, read_cohort, write_folder_cohort
+from PatientFineTuneLib.experiment import RESULT_COLUMNS, read_cohort, summary_table, write_folder_cohort
 from PatientFineTuneLib.metrics import dice
 from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
 from PatientFineTuneLib.synth import generate_pair, write_pair
@@ -75,3 +75,12 @@ def test_small_experiment_runs_resumes_and_summarises(cohort_dir, tmp_path):
     # resuming: nothing is recomputed, nothing duplicated
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0 and len(list(csv.DictReader(open(out / "results.csv")))) == 14
+
+
+def test_summary_without_the_reference_arm_has_no_tests():
+    rows = [{"patient": f"p{k}", "arm": arm, "dice": 0.5 + 0.1 * k, "avd_percent": 10, "hd95_mm": 3, "lesion_recall": 1, "fp_count": k,
+             "lesion_precision": 1, "lesion_f1": 1} for k in range(3) for arm in ("ft-all", "ft-naive")]
+    table = summary_table(rows)
+    assert "| ft-all | 3 | 0.60 ± 0.10 |" in table and "p=" not in table
+    with_base = summary_table(rows + [dict(r, arm="base", dice=0.4) for r in rows if r["arm"] == "ft-all"])
+    assert "| ft-all | 3 | 0.60 ± 0.10" in with_base and "(p=" in with_base
