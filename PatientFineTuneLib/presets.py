@@ -22,6 +22,9 @@ class Preset:
     organ: str
     auto_organ_mask: bool
     description: str
+    #: Whether Resources/Models ships a base model for it (the research preset
+    #: brain-new-lesions is trained by Testing/benchmarks/eval_new_lesions.py instead).
+    ships_base_model: bool = True
 
     def sequence_dicts(self) -> list[dict]:
         return [{"name": n, "channels": c} for n, c in self.sequences]
@@ -59,6 +62,7 @@ PRESETS: dict[str, Preset] = {
             organ="brain",
             auto_organ_mask=True,
             description="New MS lesions on the follow-up FLAIR + the FLAIR subtraction (follow-up minus registered baseline; seed 001)",
+            ships_base_model=False,
         ),
         Preset(
             name="liver-metastases",
