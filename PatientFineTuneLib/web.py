@@ -301,6 +301,7 @@ class PatientFineTuneWeb:
         create_task(self.analyse_baseline())
 
     async def analyse_baseline(self):
+        from .images import from_slices
         from .inference import segment_case
         from .mrml import add_lesion_segmentation
         from .slicerworkflow import read_case
@@ -309,7 +310,8 @@ class PatientFineTuneWeb:
         try:
             case = read_case(self.base_bundle, self.volumes["baseline"], name="baseline")
         except Exception as error:  # e.g. no brain found: the user's to fix
-            self.state.error = str(error)
+            with self.state:  # a task outside any request: flush to the page
+                self.state.error = str(error)
             return
         bundle, device = self.base_bundle, self.device
         slices = int(case.organ.any(axis=(1, 2)).sum())
@@ -322,8 +324,6 @@ class PatientFineTuneWeb:
         if outcome is None:
             return
         result, self.suggestions = outcome
-        from .images import from_slices
-
         node = add_lesion_segmentation(self.slicer.scene, from_slices(result.mask, case.axis), self.volumes["baseline"][0], "Baseline lesions")
         self._show_only_in(node, [BASELINE_VIEW, THREED_VIEW])
         self.baseline_segmentation = node
@@ -396,8 +396,9 @@ class PatientFineTuneWeb:
             slices = [s.index for s in self.suggestions] if self.state.slice_selection == "suggested" else "all-lesion"
             config = FinetuneConfig(iterations=int(self.state.iterations))
             mc_samples = int(self.state.mc_samples)
-        except Exception as error:
-            self.state.error = str(error)
+        except Exception as error:  # e.g. an empty annotation, a non-number: the user's to fix
+            with self.state:
+                self.state.error = str(error)
             return
         base, device = self.base_bundle, self.device
         followup_slices = int(followup.organ.any(axis=(1, 2)).sum())
