@@ -12,7 +12,7 @@ paths are taken from the manifest's folder. :func:`write_folder_cohort` makes on
 Results go to one CSV row per (patient, arm) as soon as they exist, so an interrupted run
 resumes where it stopped; patients run in parallel worker processes. Each arm's follow-up
 segmentation is kept as NIfTI (``masks/<patient>/<arm>.nii.gz``) and drawn with the truth
-in ``overlays/<patient>.png``; :func:`plot_results` makes the box plots.
+in ``overlays/<patient>.png``; :func:`.plots.box_plots` draws the box plots.
 """
 
 from __future__ import annotations

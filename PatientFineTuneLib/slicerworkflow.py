@@ -85,9 +85,20 @@ def analyse_baseline(scene, bundle: ModelBundle, volume_nodes: Sequence, organ: 
     """Segment the baseline with the base model into a new segmentation node (segment
     "Lesion", ready to edit) and suggest the ``k`` slices to check and correct first."""
     case = read_case(bundle, volume_nodes, organ, name="baseline")
+    result, suggestions = segment_and_suggest(bundle, case, k, device, progress, cancel)
+    return add_baseline_nodes(scene, case, result, suggestions, volume_nodes[0])
+
+
+def segment_and_suggest(bundle: ModelBundle, case: Case, k: int = 2, device="auto", progress: Callable | None = None,
+                        cancel: Callable | None = None) -> tuple[Segmentation, list[SliceSuggestion]]:
+    """The long part of :func:`analyse_baseline` (no scene access: may run in a worker)."""
     result = segment_case(bundle, case, opening=bundle.opening, device=device, progress=progress, cancel=cancel)
-    suggestions = suggest_slices(bundle, case, k=k, probability=result.probability)
-    node = mrml.add_lesion_segmentation(scene, from_slices(result.mask, case.axis), volume_nodes[0], "Baseline lesions")
+    return result, suggest_slices(bundle, case, k=k, probability=result.probability)
+
+
+def add_baseline_nodes(scene, case: Case, result: Segmentation, suggestions: list[SliceSuggestion], reference_node) -> BaselineAnalysis:
+    """The baseline's editable "Baseline lesions" segmentation node (main thread only)."""
+    node = mrml.add_lesion_segmentation(scene, from_slices(result.mask, case.axis), reference_node, "Baseline lesions")
     segment_id = node.GetSegmentation().GetSegmentIdBySegmentName("Lesion")
     return BaselineAnalysis(node, segment_id, suggestions, result)
 

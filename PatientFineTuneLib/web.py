@@ -301,11 +301,7 @@ class PatientFineTuneWeb:
         create_task(self.analyse_baseline())
 
     async def analyse_baseline(self):
-        from .images import from_slices
-        from .inference import segment_case
-        from .mrml import add_lesion_segmentation
-        from .slicerworkflow import read_case
-        from .suggest import suggest_slices
+        from .slicerworkflow import add_baseline_nodes, read_case, segment_and_suggest
 
         try:
             case = read_case(self.base_bundle, self.volumes["baseline"], name="baseline")
@@ -317,19 +313,18 @@ class PatientFineTuneWeb:
         slices = int(case.organ.any(axis=(1, 2)).sum())
 
         def work(progress, cancelled):
-            result = segment_case(bundle, case, opening=bundle.opening, device=device, progress=progress, cancel=cancelled)
-            return result, suggest_slices(bundle, case, k=2, probability=result.probability)
+            return segment_and_suggest(bundle, case, 2, device, progress, cancelled)
 
         outcome = await self._run("Segmenting the baseline", work, slices)
         if outcome is None:
             return
-        result, self.suggestions = outcome
-        node = add_lesion_segmentation(self.slicer.scene, from_slices(result.mask, case.axis), self.volumes["baseline"][0], "Baseline lesions")
+        analysis = add_baseline_nodes(self.slicer.scene, case, *outcome, self.volumes["baseline"][0])
+        node, self.suggestions = analysis.segmentation_node, analysis.suggestions
         self._show_only_in(node, [BASELINE_VIEW, THREED_VIEW])
         self.baseline_segmentation = node
         editor = self.slicer.segmentation_editor
         editor.set_active_segmentation(node, self.volumes["baseline"][0])
-        editor.set_active_segment_id(node.GetSegmentation().GetSegmentIdBySegmentName("Lesion"))
+        editor.set_active_segment_id(analysis.segment_id)
         editor.show_3d(True)
         self._count_annotation()
         with self.state:
