@@ -44,6 +44,11 @@ from .weighting import weight_map
 DEFAULT_CACHE_BUDGET = 4 << 30
 
 
+#: What trains: "head" (the paper's last two layers; the 3D U-Net's output layer), "all"
+#: (FT_All); for the 3D U-Net also "decoder" and "last-layers" (seed 002).
+LAYER_CHOICES = ("head", "all", "decoder", "last-layers")
+
+
 @dataclass
 class FinetuneConfig(PatchTrainingConfig):
     """Settings of patient-specific fine-tuning; defaults are the paper's."""
@@ -52,11 +57,11 @@ class FinetuneConfig(PatchTrainingConfig):
     n_angles: int = 8
     weighting: str | None = None  # None, "segmentation" or "detection"
     method: str = "auto"  # "fast", "naive" or "auto"
-    layers: str = "head"  # "head" (the paper's last two layers) or "all" (FT_All)
+    layers: str = "head"  # see LAYER_CHOICES
 
     def __post_init__(self):
-        if self.layers not in ("head", "all"):
-            raise ValueError(f"layers must be 'head' (the last two layers) or 'all', not {self.layers!r}")
+        if self.layers not in LAYER_CHOICES:
+            raise ValueError(f"layers must be one of {', '.join(LAYER_CHOICES)}, not {self.layers!r}")
 
     def angles(self) -> np.ndarray:
         """The fixed angle set; with ``n_angles=0`` one uniform angle per draw of the run,
@@ -213,10 +218,15 @@ def finetune_patient_model(
     """
     config = config or FinetuneConfig()
     device = resolve_device(device)
+    if bundle.is_volume_model:
+        return _finetune_volume(bundle, case, slices, config, device, progress, cancel)
+    if config.layers not in ("head", "all"):
+        raise ValueError(f"the 2D network has no decoder; fine-tune its 'head' (the paper's last two layers) or 'all' layers, not {config.layers!r}")
     chosen = select_slices(slices, case, bundle, device=device)
     data = prepare_finetune_data(bundle, case, chosen, config, allow_empty, device)
 
-    model = copy.deepcopy(bundle.model).to(device).eval()  # backbone BN keeps its statistics
+    # channels-last: the backbone runs 1.5x faster on a CPU; BN keeps its statistics (eval)
+    model = copy.deepcopy(bundle.model).to(device, memory_format=torch.channels_last).eval()
     train_all = config.layers == "all"
     for p in model.parameters():
         p.requires_grad_(train_all)
@@ -260,7 +270,7 @@ def finetune_patient_model(
             features = features_of(picks)
             target = torch.cat([_patch(data, p, config.patch_size, "label") for p in picks])[:, 0].round().long().to(device)
             reseed(config.seed, iteration)
-            logits = model.head(features)
+            logits = model.head(features, scratch=True)  # the features are this iteration's own copy
             if data.weights is None:
                 loss = F.cross_entropy(logits, target, weight=class_weights)
             else:
@@ -290,3 +300,21 @@ def finetune_patient_model(
         "software_version": __version__,
     }
     return ModelBundle(model, metadata)
+
+
+def _finetune_volume(bundle, case, slices, config: FinetuneConfig, device, progress, cancel) -> ModelBundle:
+    """A 3D U-Net learns from the whole annotated baseline volume (lesion-inclusive and
+    -exclusive patches of it), so a slice selection does not apply."""
+    from .volume_training import VolumeTrainingConfig, finetune_volume_model
+
+    if slices != "all-lesion":
+        raise ValueError(
+            f"a 3D U-Net is fine-tuned on the whole annotated baseline volume; the slice selection {slices!r} "
+            "applies to the 2D network (annotate every lesion of the baseline and use all-lesion)"
+        )
+    if case.lesions is None or not case.lesions.any():
+        raise ValueError("fine-tuning needs the baseline annotation (lesion mask) with at least one lesion")
+    volume_config = VolumeTrainingConfig(
+        iterations=config.iterations, learning_rate=config.learning_rate, strategy=config.layers, seed=config.seed
+    )
+    return finetune_volume_model(bundle, [case], volume_config, device, progress, cancel)

@@ -274,6 +274,11 @@ class Case:
         return inplane_spacing(self.grid, self.axis)
 
     @property
+    def volume_spacing(self) -> tuple[float, float, float]:
+        """Spacing (mm) of the (slices, rows, cols) axes of the arrays."""
+        return (float(self.grid.GetSpacing()[self.axis]), *self.spacing)
+
+    @property
     def voxel_volume_mm3(self) -> float:
         return float(np.prod(self.grid.GetSpacing()))
 

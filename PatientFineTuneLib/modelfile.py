@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -25,6 +26,7 @@ from . import __version__
 from .files import atomic_write
 from .model import LesionNet
 from .presets import PRESETS, Preset
+from .unet3d import ARCHITECTURE_TYPE as UNET3D, UNet3D
 
 FORMAT_NAME = "PatientFineTune-model"
 FORMAT_VERSION = 1
@@ -38,8 +40,14 @@ class ModelFileError(ValueError):
 class ModelBundle:
     """A network together with what is needed to apply it correctly."""
 
-    model: LesionNet
+    model: LesionNet | UNet3D
     metadata: dict = field(default_factory=dict)
+
+    @property
+    def is_volume_model(self) -> bool:
+        """Whether the network is the 3D U-Net (whole-volume windows) rather than the 2D
+        slice network."""
+        return isinstance(self.model, UNet3D)
 
     @property
     def sequences(self) -> list[dict]:
@@ -47,8 +55,9 @@ class ModelBundle:
         return self.metadata["sequences"]
 
     @property
-    def training_spacing(self) -> tuple[float, float]:
-        """In-plane pixel spacing (mm, row then column) the model was trained at."""
+    def training_spacing(self) -> tuple[float, ...]:
+        """Spacing (mm) the model was trained at: in-plane (row, column) for the 2D
+        network, (slice, row, column) for the 3D U-Net."""
         return tuple(float(s) for s in self.metadata["training_spacing_mm"])
 
     @property
@@ -72,6 +81,18 @@ class ModelBundle:
         return self.preset.auto_organ_mask if self.preset else True
 
 
+def build_network(architecture: dict) -> LesionNet | UNet3D:
+    """The network a model file's ``architecture`` describes (files without a ``type``
+    predate the 3D U-Net and hold the 2D network)."""
+    arguments = dict(architecture)
+    kind = arguments.pop("type", "lesionnet")
+    if kind == UNET3D:
+        return UNet3D(**arguments)
+    if kind == "lesionnet":
+        return LesionNet(**arguments)
+    raise ModelFileError(f"unknown network type {kind!r}; this software knows 'lesionnet' and '{UNET3D}'")
+
+
 def _content_hash(metadata: dict, state_dict: dict) -> str:
     h = hashlib.sha256()
     meta = {k: v for k, v in metadata.items() if k != "sha256"}
@@ -86,13 +107,14 @@ def _content_hash(metadata: dict, state_dict: dict) -> str:
 
 
 def make_metadata(
-    model: LesionNet,
+    model: LesionNet | UNet3D,
     sequences: list[dict],
-    training_spacing_mm: tuple[float, float],
+    training_spacing_mm: Sequence[float],
     preset: str | None = None,
     **extra,
 ) -> dict:
-    """Metadata for a model file. ``extra`` holds training provenance (command, data, ...)."""
+    """Metadata for a model file. ``extra`` holds training provenance (command, data, ...);
+    a 3D U-Net's also its window size, ``patch_voxels``."""
     if [int(s["channels"]) for s in sequences] != list(model.in_channels):
         raise ValueError(
             f"sequence channel counts {[s['channels'] for s in sequences]} do not match the "
@@ -100,7 +122,7 @@ def make_metadata(
         )
     meta = {
         "architecture": model.architecture(),
-        "receptive_field_px": model.receptive_field(),
+        **({"receptive_field_px": model.receptive_field()} if isinstance(model, LesionNet) else {}),
         "sequences": [{"name": str(s["name"]), "channels": int(s["channels"])} for s in sequences],
         "normalisation": "robust z-score per channel inside the organ mask, clipped to [-5, 10]",
         "training_spacing_mm": [float(s) for s in training_spacing_mm],
@@ -175,7 +197,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
             "restore the original file."
         )
     try:
-        model = LesionNet(**metadata["architecture"])
+        model = build_network(metadata["architecture"])
         model.load_state_dict(state_dict, strict=True)
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise ModelFileError(f"{path}: weights do not fit the recorded architecture ({exc})") from None

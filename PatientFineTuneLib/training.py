@@ -176,8 +176,8 @@ class TrainingStep:
         self.autocast_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
         self.autocast = amp
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp and self.autocast_dtype == torch.float16)
-        if config.channels_last:
-            network.to(memory_format=torch.channels_last)
+        # explicit either way: a network loaded for inference is channels-last already
+        network.to(memory_format=self.memory_format)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
         x = x.to(self.device, memory_format=self.memory_format)

@@ -56,7 +56,9 @@ def test_all_layers_train_everything_but_the_backbone_statistics(bundle, baselin
     assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("pathways.") and ("running_" in k or "num_batches" in k))
     assert patient.metadata["finetune"]["method"] == "naive"  # nothing frozen, nothing to cache
     with pytest.raises(ValueError, match="layers"):
-        FinetuneConfig(layers="decoder")
+        FinetuneConfig(layers="encoder")
+    with pytest.raises(ValueError, match="2D network has no decoder"):
+        finetune_patient_model(bundle, baseline, baseline.lesion_slices()[:2], FinetuneConfig(**CONFIG, layers="decoder"), device="cpu")
 
 
 def test_fast_and_naive_paths_agree(bundle, baseline):
@@ -174,6 +176,19 @@ def test_mc_dropout_fast_equals_naive_and_has_spread(bundle, baseline):
     assert fast.sd.max() > 0 and np.all(fast.sd[~baseline.organ] == 0)
     # BatchNorm stayed in evaluation mode and modes were restored
     assert not any(m.training for m in bundle.model.modules())
+
+
+@pytest.mark.parametrize("model_spacing", [1.3, 3.1])
+def test_mc_dropout_on_a_resampled_slice_matches_a_whole_slice_pass(baseline, model_spacing):
+    # the head runs only where the result is kept: inside the organ the values must be
+    # those of a whole-slice pass whether the model grid is finer or coarser
+    model = tiny_model(width=4)
+    meta = make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (model_spacing, model_spacing))
+    resampled = ModelBundle(model, meta)
+    probability, _ = predict_with_uncertainty(resampled, baseline, n_samples=2, device="cpu")
+    whole = predict_probability(resampled, baseline, device="cpu")
+    assert whole[baseline.organ].std() > 0.01
+    assert np.allclose(probability, whole, atol=1e-5)
 
 
 def test_segment_with_uncertainty_summary(bundle, baseline):
