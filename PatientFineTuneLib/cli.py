@@ -107,6 +107,10 @@ def cmd_train_base(args) -> None:
     rank, world = distributed_rank_and_size()
     args.auto_organ = preset.auto_organ_mask
     sequences = preset.sequence_dicts()
+    if args.architecture == "unet3d":
+        if world > 1 or args.resume:
+            raise ValueError("the 3D U-Net trains in one process without checkpoints; drop torchrun / --resume")
+        return _train_unet3d(args, preset, device, out)
     train_cases = _load_cases(args.train, sequences, args, require_lesions=True, shard=(rank, world))
     val_cases = _load_cases(args.val, sequences, args, require_lesions=True) if args.val and rank == 0 else []
     torch.manual_seed(args.seed)  # He-uniform initialisation, identical on every process
@@ -158,6 +162,53 @@ def cmd_train_base(args) -> None:
     )
     sha = save_model(ModelBundle(model, metadata), out, overwrite=args.overwrite)
     checkpoint.unlink(missing_ok=True)
+    print(f"saved {out} (sha256 {sha[:16]}..., {wall:.0f} s)")
+
+
+def _training_progress(description: str, iterations: int):
+    """A tqdm bar and the ``progress(iteration, loss)`` callback that moves it."""
+    bar, _ = _progress_bar(description, "it")
+    bar.total = iterations
+
+    def progress(iteration, loss):
+        bar.n = iteration
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    return bar, progress
+
+
+def _train_unet3d(args, preset, device, out: Path) -> None:
+    """``train-base --architecture unet3d``: the 3D U-Net on whole volumes (seed 001)."""
+    from .modelfile import ModelBundle, make_metadata, save_model
+    from .volume_training import VolumeTrainingConfig, new_volume_model, train_volume_model, volume_model_metadata
+
+    sequences = preset.sequence_dicts()
+    cases = _load_cases(args.train, sequences, args, require_lesions=True)
+    config = VolumeTrainingConfig(
+        iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        spacing_mm=args.spacing_mm, patch_mm=args.patch_mm, seed=args.seed,
+    )
+    model = new_volume_model([s["channels"] for s in sequences], width=args.width, seed=args.seed)
+    print(f"3D U-Net, {sum(p.numel() for p in model.parameters()):,} parameters, {config.patch_voxels(model.size_multiple)}^3-voxel patches "
+          f"at {config.spacing_mm} mm, {len(cases)} case(s), device {device}")
+    bar, progress = _training_progress("train-base", config.iterations)
+    start = time.perf_counter()
+    with bar:
+        losses = train_volume_model(model, cases, config, device=device, progress=progress)
+    wall = time.perf_counter() - start
+    metadata = make_metadata(
+        model, sequences, (config.spacing_mm,) * 3, preset=preset.name, **volume_model_metadata(config, model),
+        training={
+            "command": "patient-finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
+            "train_cases": [c.name for c in cases],
+            "train_data": str(args.train),
+            "final_loss": losses[-1] if losses else None,
+            "wall_time_s": round(wall, 1),
+            "hardware": device.type,
+        },
+    )
+    sha = save_model(ModelBundle(model.cpu(), metadata), out, overwrite=args.overwrite)
     print(f"saved {out} (sha256 {sha[:16]}..., {wall:.0f} s)")
 
 
@@ -287,21 +338,45 @@ def cmd_finetune(args) -> None:
     case, _ = _case_for_model(args, bundle, lesions=True)
     config = FinetuneConfig(iterations=args.iterations, weighting=None if args.weighting == "none" else args.weighting,
                             seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers)
-    bar, _ = _progress_bar("finetune", "it")
-    bar.total = config.iterations
+    bar, progress = _training_progress("finetune", config.iterations)
     start = time.perf_counter()
     with bar:
-
-        def progress(iteration, loss):
-            bar.n = iteration
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-
         patient = finetune_patient_model(bundle, case, args.slices, config, device=args.device, progress=progress)
     info = patient.metadata["finetune"]
     info["wall_time_s"] = round(time.perf_counter() - start, 1)
     info["command"] = "patient-finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     sha = save_model(patient, out, overwrite=args.overwrite)
-    print(f"fine-tuned on slices {info['slices']} ({info['method']} path, {info['wall_time_s']} s); saved {out} (sha256 {sha[:16]}...)")
+    what = f"slices {info['slices']} ({info['method']} path" if "slices" in info else f"the whole baseline volume ({info['strategy']} layers"
+    print(f"fine-tuned on {what}, {info['wall_time_s']} s); saved {out} (sha256 {sha[:16]}...)")
+
+
+def cmd_transfer(args) -> None:
+    """Adapt a trained 3D U-Net to a new disease or site with a few studies (seed 002)."""
+    from .modelfile import load_model, save_model
+    from .volume_training import VolumeTrainingConfig, finetune_volume_model
+
+    out = Path(args.out)
+    model = resolve_model_path(args.model)
+    if out.resolve() == model.resolve():
+        raise ValueError("--out is the source model file; it is never overwritten, choose another name")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    bundle = load_model(model)
+    if not bundle.is_volume_model:
+        raise ValueError(f"{model} holds the 2D network; transfer strategies apply to the 3D U-Net (train-base --architecture unet3d)")
+    args.auto_organ = bundle.auto_organ_mask
+    cases = _load_cases(args.train, bundle.sequences, args, require_lesions=True)
+    config = VolumeTrainingConfig(iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                  strategy=args.strategy, reset_last_layers=args.reset_last_layers, seed=args.seed)
+    bar, progress = _training_progress("transfer", config.iterations)
+    start = time.perf_counter()
+    with bar:
+        target = finetune_volume_model(bundle, cases, config, device=args.device, progress=progress)
+    info = target.metadata["finetune"]
+    info["wall_time_s"] = round(time.perf_counter() - start, 1)
+    info["command"] = "patient-finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    sha = save_model(target, out, overwrite=args.overwrite)
+    print(f"trained the {args.strategy} layers on {len(cases)} case(s) in {info['wall_time_s']} s; saved {out} (sha256 {sha[:16]}...)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -494,7 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", help="held-out cases (folder or CSV) for validation Dice")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
     p.add_argument("--iterations", type=int, default=10_000)
-    p.add_argument("--width", type=int, default=64, help="filters per 3x3 conv (paper 64; 16 for a quick CPU model)")
+    p.add_argument("--architecture", choices=["lesionnet", "unet3d"], default="lesionnet",
+                   help="lesionnet: the paper's 2D multi-pathway network; unet3d: the 3D U-Net of seed 001 (whole volumes, no checkpoints)")
+    p.add_argument("--width", type=int, default=64, help="filters per 3x3 conv (paper 64; 16 for a quick CPU model); unet3d: filters of its first level")
+    p.add_argument("--spacing-mm", type=float, default=2.0, help="unet3d: isotropic voxel size it trains and predicts at (paper 1; 2 for a CPU)")
+    p.add_argument("--patch-mm", type=float, default=96.0, help="unet3d: patch edge in mm (paper 96)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--patches-per-slice", type=int, default=25)
     p.add_argument("--learning-rate", type=float, default=1e-4)
@@ -547,8 +626,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weighting", choices=["none", "segmentation", "detection"], default="none")
     p.add_argument("--angles", type=int, default=8, help="fixed rotation angles spanning [-45, 45] degrees (0: a continuous uniform angle per patch, as in the paper; naive path)")
     p.add_argument("--method", choices=["auto", "fast", "naive"], default="auto", help="fast: cached backbone features; naive: the reference loop")
-    p.add_argument("--layers", choices=["head", "all"], default="head", help="head: the last two layers (the paper); all: every layer (seed 002's FT_All; naive loop, slower)")
+    p.add_argument("--layers", choices=["head", "all", "decoder", "last-layers"], default="head",
+                   help="head: the last two layers (the paper; a 3D U-Net's output layer); all: every layer (seed 002's FT_All; naive loop, slower); "
+                        "3D U-Net only: decoder, last-layers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = add("transfer", cmd_transfer, "Adapt a trained 3D U-Net to another disease or site with a few annotated studies (seed 002).")
+    p.add_argument("--model", required=True, help="source 3D U-Net model file")
+    p.add_argument("--train", required=True, help="folder of target cases or CSV manifest (with lesion masks)")
+    p.add_argument("--out", required=True, help="model file to write (never the source model)")
+    p.add_argument("--strategy", choices=["all", "decoder", "last-layers", "head"], default="all",
+                   help="which layers train: all (FT_All, best with few cases in seed 002), decoder, last-layers (FT_LastThree), head (output layer)")
+    p.add_argument("--reset-last-layers", action="store_true", help="replace the last three layers with new ones first, as seed 002 does")
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--lesion-labels", help="comma-separated label values counted as lesion (default: any > 0)")
+    p.add_argument("--resample-to", action="store_true", help="resample sequences/masks onto the first sequence's grid")
     p.add_argument("--overwrite", action="store_true")
 
     p = add("compare", cmd_compare, "What changed between baseline and follow-up: new, enlarged, stable, shrinking and resolved lesions.")

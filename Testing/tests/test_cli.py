@@ -16,7 +16,7 @@ def run(*args, check=True):
     return proc
 
 
-@pytest.mark.parametrize("verb", ["synth", "train-base", "segment", "suggest", "finetune", "compare", "evaluate", "info", "demo"])
+@pytest.mark.parametrize("verb", ["synth", "train-base", "segment", "suggest", "finetune", "transfer", "compare", "evaluate", "info", "demo"])
 def test_every_verb_has_help(verb):
     out = run(verb, "--help").stdout
     assert "usage: patient-finetune " + verb in out
@@ -81,6 +81,36 @@ def test_synth_train_segment_evaluate(tmp_path):
     run("evaluate", "--pairs", pairs, "--out", tmp_path / "cohort.csv")
     compared = run("evaluate", "--pairs", pairs, "--compare-to", tmp_path / "cohort.csv").stdout
     assert "dice: mean ± SD" in compared and "paired comparison with" in compared and "wilcoxon" in compared
+
+
+def test_unet3d_train_transfer_finetune_segment(tmp_path):
+    data = tmp_path / "data"
+    run("synth", "--preset", "brain-wmh", "--patients", "2", "--small", "--out", data)
+    source = tmp_path / "unet.pt"
+    run("train-base", "--preset", "brain-wmh", "--architecture", "unet3d", "--train", data / "patient001" / "baseline",
+        "--out", source, "--iterations", "2", "--width", "2", "--patch-mm", "64", "--batch-size", "1")
+    info = json.loads(run("info", source).stdout)
+    assert info["architecture"]["type"] == "unet3d" and info["patch_voxels"] == 32 and info["training_spacing_mm"] == [2.0, 2.0, 2.0]
+
+    target = tmp_path / "target.pt"
+    run("transfer", "--model", source, "--train", data / "patient000" / "baseline", "--strategy", "decoder", "--reset-last-layers",
+        "--iterations", "2", "--batch-size", "1", "--out", target)
+    tuned = json.loads(run("info", target).stdout)["finetune"]
+    assert tuned["strategy"] == "decoder" and tuned["config"]["reset_last_layers"] and tuned["base_model_sha256"] == info["sha256"]
+
+    baseline, followup = data / "patient000" / "baseline", data / "patient000" / "followup"
+    patient = tmp_path / "patient.pt"
+    run("finetune", "--model", target, "--case", baseline, "--layers", "last-layers", "--iterations", "2", "--out", patient)
+    refused = run("finetune", "--model", target, "--case", baseline, "--slices", "suggested:2", "--out", tmp_path / "x.pt", check=False)
+    assert refused.returncode == 2 and "whole annotated baseline volume" in refused.stderr
+    run("segment", "--model", patient, "--case", followup, "--out", tmp_path / "seg", "--mc-samples", "2")
+    flair = sitk.ReadImage(str(followup / "FLAIR.nii.gz"))
+    assert sitk.ReadImage(str(tmp_path / "seg" / "uncertainty_sd.nii.gz")).GetSize() == flair.GetSize()
+
+    two_d = tmp_path / "base2d.pt"
+    run("train-base", "--preset", "brain-wmh", "--train", data / "patient001", "--out", two_d, "--iterations", "1", "--width", "2", "--patches-per-slice", "1")
+    wrong = run("transfer", "--model", two_d, "--train", baseline, "--out", tmp_path / "y.pt", check=False)
+    assert wrong.returncode == 2 and "2D network" in wrong.stderr
 
 
 def test_bad_inputs_give_one_clear_line(tmp_path):
