@@ -56,6 +56,24 @@ def _fmt(summary: dict, digits: int = 2) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['sd']:.{digits}f}"
 
 
+def _spacing_line(metadata: dict) -> str:
+    spacing = metadata["training_spacing_mm"]
+    if len(spacing) == 3:  # 3D U-Net
+        return (f"- Voxel size: volumes are resampled to {spacing[0]:.3f} mm isotropic for the network, segmented in "
+                f"overlapping {metadata.get('patch_voxels')}^3-voxel windows, and results are resampled back.")
+    return (f"- In-plane spacing: slices are resampled to {spacing[0]:.3f} x {spacing[1]:.3f} mm for the network "
+            "and results are resampled back.")
+
+
+def _network_line(metadata: dict) -> str:
+    arch = metadata["architecture"]
+    if arch.get("type") == "unet3d":
+        return (f"3D U-Net (seed 001): {arch['depth']} down- and {arch['depth']} up-sampling blocks, first-level width "
+                f"{arch['width']}, instance normalisation, dropout {arch['dropout']} before the output layer")
+    return (f"Multi-pathway dilated 2D CNN (seed 000): width {arch['width']}, head width {arch['head_width']}, "
+            f"dropout {arch['dropout']}, dilations {arch['dilations']}, receptive field {metadata.get('receptive_field_px')} px")
+
+
 def render_card(metadata: dict, parameters: int | None = None) -> str:
     """Markdown model card from a model file's metadata (with ``metadata["card"]``)."""
     card = metadata.get("card", {})
@@ -69,7 +87,14 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
     lines = [f"# Base model `{metadata.get('preset')}`", ""]
     if preset:
         lines += [preset.description + ".", ""]
-    if not is_paper_configuration(metadata):
+    if arch.get("type") == "unet3d":
+        lines += [
+            f"> **Reduced configuration.** Trained at {metadata['training_spacing_mm'][0]} mm voxels, first-level width "
+            f"{arch['width']}, {config.get('iterations')} iterations of batch {config.get('batch_size')} (seed 001: 1 mm voxels, "
+            "30 epochs of 180 augmented patches per study, elastic deformations).",
+            "",
+        ]
+    elif not is_paper_configuration(metadata):
         lines += [
             f"> **Reduced configuration.** Trained on a CPU with width {arch['width']} and "
             f"{config.get('iterations')} iterations instead of the paper's width {PAPER_WIDTH} and "
@@ -90,15 +115,13 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
         f"- Sequences, in pathway order: {inputs}. Multi-channel sequences are one 4D or vector image.",
         "- All sequences on one grid (co-registered); any orientation: geometry is read from the header and "
         "2D slices are taken along the acquisition axis (largest spacing).",
-        f"- In-plane spacing: slices are resampled to {metadata['training_spacing_mm'][0]:.3f} x "
-        f"{metadata['training_spacing_mm'][1]:.3f} mm for the network and results are resampled back.",
+        _spacing_line(metadata),
         f"- Normalisation: {metadata.get('normalisation')}.",
         f"- Organ mask: {preset.organ + (' (computed automatically when none is given)' if preset.auto_organ_mask else ' (required)') if preset else 'as trained'}.",
         "",
         "## Network",
         "",
-        f"Multi-pathway dilated 2D CNN (seed 000): width {arch['width']}, head width {arch['head_width']}, "
-        f"dropout {arch['dropout']}, dilations {arch['dilations']}, receptive field {metadata.get('receptive_field_px')} px"
+        _network_line(metadata)
         + (f", {parameters:,} parameters" if parameters else "")
         + ".",
         "",

@@ -1,7 +1,7 @@
 """Base-training throughput on this machine, every variant measured in one run.
 
     python Testing/benchmarks/bench_training.py [--preset brain-wmh] [--widths 64 16]
-        [--iterations 10] [--threads N] [--device auto]
+        [--iterations 10] [--threads N] [--device auto] [--unet3d-widths 8 16]
 
 For each network width, times whole training iterations (batch sampling with rotation,
 forward, weighted cross-entropy, backward, Adam step: the code ``train-base`` runs) in the
@@ -10,6 +10,10 @@ paper configuration (batch 4, 128x128 patches) with fp32, channels-last, mixed p
 iterations/s and the speed-up over fp32 of the same width. The training slices are one
 generated patient of the preset. The iterations/s also give the wall time of the paper's
 10,000 iterations.
+
+``--unet3d-widths`` also times the 3D U-Net (one sequence, batch 2 of 96 mm cubes at 2 mm,
+i.e. 48^3 voxels: ``train_volume_model`` including its resampling of the volume) and its
+overlapping-window segmentation of the same volume.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ VARIANTS = (("fp32", False), ("fp32", True), ("amp", False), ("amp", True))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="brain-wmh")
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 16])
+    parser.add_argument("--widths", type=int, nargs="*", default=[64, 16])
     parser.add_argument("--iterations", type=int, default=10, help="timed iterations per variant (after 2 warm-up)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--unet3d-widths", type=int, nargs="*", default=[])
     args = parser.parse_args()
 
     import torch
@@ -73,6 +78,29 @@ def main() -> None:
             baseline = baseline or rate
             print(f"width {width:3d}  {label:24s} {rate:7.2f} it/s  x{rate / baseline:4.2f}  "
                   f"10,000 iterations in {10_000 / rate / 60:6.1f} min  (last loss {loss:.3f})")
+
+    for width in args.unet3d_widths:
+        time_unet3d(case, width, args.iterations, device)
+
+
+def time_unet3d(case, width: int, iterations: int, device) -> None:
+    from dataclasses import replace
+
+    from PatientFineTuneLib.inference import predict_probability
+    from PatientFineTuneLib.modelfile import ModelBundle, make_metadata
+    from PatientFineTuneLib.volume_training import VolumeTrainingConfig, new_volume_model, train_volume_model, volume_model_metadata
+
+    flair = replace(case, images=case.images[:1])
+    config = VolumeTrainingConfig(iterations=iterations)
+    model = new_volume_model((1,), width=width)
+    start = time.perf_counter()
+    train_volume_model(model, [flair], config, device=device)
+    rate = iterations / (time.perf_counter() - start)
+    bundle = ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}], (2.0,) * 3, **volume_model_metadata(config, model)))
+    start = time.perf_counter()
+    predict_probability(bundle, flair, device=device)
+    print(f"3D U-Net width {width:3d}: {rate:5.2f} training it/s (batch 2 of 48^3), segmenting the "
+          f"{flair.organ.shape} volume at 2 mm {time.perf_counter() - start:5.1f} s")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,8 @@ def test_unet3d_train_transfer_finetune_segment(tmp_path):
         "--out", source, "--iterations", "2", "--width", "2", "--patch-mm", "64", "--batch-size", "1")
     info = json.loads(run("info", source).stdout)
     assert info["architecture"]["type"] == "unet3d" and info["patch_voxels"] == 32 and info["training_spacing_mm"] == [2.0, 2.0, 2.0]
+    card = run("info", source, "--card").stdout
+    assert "3D U-Net (seed 001): 4 down- and 4 up-sampling blocks" in card and "2.000 mm isotropic" in card
 
     target = tmp_path / "target.pt"
     run("transfer", "--model", source, "--train", data / "patient000" / "baseline", "--strategy", "decoder", "--reset-last-layers",
