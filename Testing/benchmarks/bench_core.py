@@ -54,12 +54,15 @@ def main() -> None:
     print(f"paper network (FLAIR + T1): {count_parameters(model):,} parameters "
           f"({count_parameters(model.classifier):,} in the two fine-tuned layers), receptive field {model.receptive_field()} px")
     x = torch.randn(1, 2, 240, 240)
-    with torch.no_grad():
-        model(x)
-        median, best = timed(lambda: model(x), 5)
-        median_b, _ = timed(lambda: model(torch.randn(4, 2, 240, 240)), 2)
-    print(f"forward, one 240x240 two-sequence slice: median {median:.3f} s (best {best:.3f} s); "
-          f"batch of 4: {median_b / 4:.3f} s per slice")
+    # contiguous weights as stored, then channels-last as inference and fine-tuning run it
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model.to(memory_format=layout)
+        with torch.no_grad():
+            model(x)
+            median, best = timed(lambda: model(x), 5)
+            median_b, _ = timed(lambda: model(torch.randn(4, 2, 240, 240)), 2)
+        print(f"forward ({'channels-last' if layout == torch.channels_last else 'contiguous'}), one 240x240 two-sequence slice: "
+              f"median {median:.3f} s (best {best:.3f} s); batch of 4: {median_b / 4:.3f} s per slice")
 
     from PatientFineTuneLib.synth import generate_pair
 
