@@ -270,7 +270,7 @@ def finetune_patient_model(
             features = features_of(picks)
             target = torch.cat([_patch(data, p, config.patch_size, "label") for p in picks])[:, 0].round().long().to(device)
             reseed(config.seed, iteration)
-            logits = model.head(features, scratch=True)  # the features are this iteration's own copy
+            logits = model.head(features, scratch=features)  # the features are this iteration's own copy
             if data.weights is None:
                 loss = F.cross_entropy(logits, target, weight=class_weights)
             else:

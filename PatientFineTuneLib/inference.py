@@ -272,12 +272,12 @@ def _uncertainty_of_slice(model, case, s, size, n_samples, seed, method, memory_
             continue
         features = _gather_pixels(model.features(xw), index)
         column = {"probability": torch.softmax(model.head(features), 1)[:, 1:2]}
-        # each sample's dropout works in place on a copy in one reused buffer: a fresh
-        # result per sample costs more in page faults than the copy
+        # each sample's first dropout writes into one reused buffer: a fresh result per
+        # sample costs more in page faults than the arithmetic
         scratch = torch.empty_like(features)
         with mc_dropout_mode(model):
             samples = torch.cat([
-                torch.softmax(model.head(scratch.copy_(features if method == "fast" else _gather_pixels(model.features(xw), index)), scratch=True), 1)[:, 1:2]
+                torch.softmax(model.head(features if method == "fast" else _gather_pixels(model.features(xw), index), scratch=scratch), 1)[:, 1:2]
                 for _ in range(n_samples)
             ])
         column["mean"] = samples.mean(0, keepdim=True)

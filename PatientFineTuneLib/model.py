@@ -45,9 +45,10 @@ class ByteDropout(nn.Dropout):
         self.threshold = int(round(256 * p))
         self.scale = 256.0 / (256 - self.threshold) if self.threshold < 256 else 0.0
 
-    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """Drop and scale; ``inplace`` overwrites ``x`` (for a caller's scratch buffer: a
-        fresh 168 MB result costs more in page faults than the arithmetic)."""
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Drop and scale, into ``out`` when given (``x`` itself for in place, or a buffer
+        of x's shape and layout reused between calls: a fresh 168 MB result costs more in
+        page faults than the arithmetic)."""
         if not self.training or self.threshold == 0:
             return x
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
@@ -57,7 +58,7 @@ class ByteDropout(nn.Dropout):
         # the bytes are laid out as x is (channels-last in the head): an element-wise op on
         # tensors of different layouts costs twice as much on a CPU
         drop = words.view(torch.uint8)[:n].as_strided(x.shape, x.stride()) < self.threshold
-        out = x.mul_(self.scale) if inplace else x * self.scale
+        out = x * self.scale if out is None else torch.mul(x, self.scale, out=out)
         return out.masked_fill_(drop, 0.0)
 
 
@@ -197,21 +198,26 @@ class LesionNet(nn.Module):
             outputs.extend(pathway(part))
         return torch.cat(outputs, dim=1)
 
-    def head(self, features: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    def head(self, features: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Head: logits (N, n_classes, H, W) from backbone features.
 
         The head runs channels-last: its 1x1 convolutions are then plain matrix products
         (about 2x faster on a CPU); features already in that layout are not copied. The
         head is pixel-wise, so any (N, C, H, W) arrangement of feature vectors works, e.g.
-        a gathered (1, C, P, 1) column of P pixels. ``scratch=True`` lets the first
-        dropout overwrite ``features`` instead of allocating its result.
+        a gathered (1, C, P, 1) column of P pixels. ``scratch`` (``features`` itself, or a
+        buffer of their shape and channels-last layout) receives the first dropout's
+        result instead of a fresh tensor; it is ignored when its layout differs or while
+        autograd records through the features.
         """
         x = features.contiguous(memory_format=torch.channels_last)
-        return self.classifier[1:](self.classifier[0](x, inplace=scratch and not x.requires_grad))
+        if x.requires_grad or (scratch is not None and (scratch.shape, scratch.stride()) != (x.shape, x.stride())):
+            scratch = None
+        return self.classifier[1:](self.classifier[0](x, out=scratch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, n_classes, H, W); apply softmax for probabilities."""
-        return self.head(self.features(x), scratch=True)
+        features = self.features(x)
+        return self.head(features, scratch=features)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -128,3 +128,26 @@ def test_byte_dropout_rate_scale_and_seeding():
     assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(256 / 205)
     assert a.mean().item() == pytest.approx(1.0, abs=0.01)  # expectation preserved
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_byte_dropout_into_a_buffer_or_in_place_gives_the_same_values():
+    drop = ByteDropout(0.2).train()
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    keep = x.clone()
+    torch.manual_seed(3)
+    fresh = drop(x)
+    buffer = torch.empty_like(x)
+    torch.manual_seed(3)
+    assert drop(x, out=buffer) is buffer and torch.equal(buffer, fresh) and torch.equal(x, keep)
+    torch.manual_seed(3)
+    assert drop(x, out=x) is x and torch.equal(x, fresh)
+    # the head falls back to a fresh result when the buffer's layout differs or autograd records
+    model = LesionNet((1, 1), width=2, head_width=4).train()
+    features = torch.randn(1, model.feature_channels, 6, 6).contiguous(memory_format=torch.channels_last)
+    contiguous, matching = torch.zeros(features.shape), torch.zeros_like(features)
+    model.head(features, scratch=contiguous)
+    assert torch.equal(contiguous, torch.zeros(features.shape))
+    model.head(features.requires_grad_(), scratch=matching)
+    assert torch.equal(matching, torch.zeros_like(features))
+    model.head(features.detach(), scratch=matching)
+    assert not torch.equal(matching, torch.zeros_like(features))
