@@ -612,8 +612,8 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
         slices = suggested if selection == "suggested" else "all-lesion"
         if selection == "suggested" and not suggested:
             raise ValueError(_("No suggested slices yet: run 'Analyse baseline' first, or train on all lesion slices."))
-        if weighting == "preset":
-            weighting = self.baseBundle.preset.weighting if self.baseBundle.preset else "none"
+        if weighting == "preset":  # the paper's schemes weight 2D slices; a 3D U-Net trains without them
+            weighting = self.baseBundle.preset.weighting if self.baseBundle.preset and not self.baseBundle.is_volume_model else "none"
         config = FinetuneConfig(iterations=iterations, weighting=None if weighting == "none" else weighting)
         base, device = self.baseBundle, self.device(forceCpu)
 
