@@ -120,6 +120,11 @@ def make_metadata(
             f"sequence channel counts {[s['channels'] for s in sequences]} do not match the "
             f"network's pathways {list(model.in_channels)}"
         )
+    volume = isinstance(model, UNet3D)
+    if len(training_spacing_mm) != (3 if volume else 2):
+        raise ValueError(f"training spacing {list(training_spacing_mm)} needs {3 if volume else 2} values for this network")
+    if volume and "patch_voxels" not in extra:
+        raise ValueError("a 3D U-Net's metadata needs patch_voxels (the window it was trained on; see volume_model_metadata)")
     meta = {
         "architecture": model.architecture(),
         **({"receptive_field_px": model.receptive_field()} if isinstance(model, LesionNet) else {}),

@@ -142,6 +142,10 @@ def test_model_file_round_trip_and_mc_dropout(baseline, trained, tmp_path):
     assert result.mask.shape == baseline.organ.shape and set(result.summary) == {"mean_sd_in_lesions", "max_sd"}
     with pytest.raises(ModelFileError, match="unknown network type"):
         build_network({"type": "transformer"})
+    with pytest.raises(ValueError, match="patch_voxels"):
+        make_metadata(bundle.model, SEQUENCES, (2.0, 2.0, 2.0))
+    with pytest.raises(ValueError, match="needs 3 values"):
+        make_metadata(bundle.model, SEQUENCES, (2.0, 2.0), patch_voxels=32)
 
 
 def test_finetuning_a_unet_keeps_the_base_and_checks_the_selection(baseline, trained):
