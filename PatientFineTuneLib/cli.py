@@ -337,7 +337,7 @@ def cmd_finetune(args) -> None:
     bundle = load_model(model)
     case, _ = _case_for_model(args, bundle, lesions=True)
     config = FinetuneConfig(iterations=args.iterations, weighting=None if args.weighting == "none" else args.weighting,
-                            seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers)
+                            seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers, pixel_fraction=args.pixel_fraction)
     bar, progress = _training_progress("finetune", config.iterations)
     start = time.perf_counter()
     with bar:
@@ -626,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weighting", choices=["none", "segmentation", "detection"], default="none")
     p.add_argument("--angles", type=int, default=8, help="fixed rotation angles spanning [-45, 45] degrees (0: a continuous uniform angle per patch, as in the paper; naive path)")
     p.add_argument("--method", choices=["auto", "fast", "naive"], default="auto", help="fast: cached backbone features; naive: the reference loop")
+    p.add_argument("--pixel-fraction", type=float, default=1.0,
+                   help="approximate mode: the loss on this random fraction of each patch's pixels per iteration (faster head; 1 = exact, the paper)")
     p.add_argument("--layers", choices=["head", "all", "decoder", "last-layers"], default="head",
                    help="head: the last two layers (the paper; a 3D U-Net's output layer); all: every layer (seed 002's FT_All; naive loop, slower); "
                         "3D U-Net only: decoder, last-layers")

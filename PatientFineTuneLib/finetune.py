@@ -58,10 +58,15 @@ class FinetuneConfig(PatchTrainingConfig):
     weighting: str | None = None  # None, "segmentation" or "detection"
     method: str = "auto"  # "fast", "naive" or "auto"
     layers: str = "head"  # see LAYER_CHOICES
+    #: Approximate mode (never the default): the head runs, and the loss is taken, on this
+    #: uniform random fraction of each patch's pixels per iteration (1 = exact, the paper).
+    pixel_fraction: float = 1.0
 
     def __post_init__(self):
         if self.layers not in LAYER_CHOICES:
             raise ValueError(f"layers must be one of {', '.join(LAYER_CHOICES)}, not {self.layers!r}")
+        if not 0 < self.pixel_fraction <= 1:
+            raise ValueError(f"pixel_fraction must be in (0, 1], not {self.pixel_fraction}")
 
     def angles(self) -> np.ndarray:
         """The fixed angle set; with ``n_angles=0`` one uniform angle per draw of the run,
@@ -172,6 +177,15 @@ def _patch(data: FinetuneData, pick: tuple[int, int, int], size: int, what: str)
     return extract_patches(source, data.centres[k][j], [data.angles[a]], size, label=what != "image")
 
 
+def sample_pixels(config: FinetuneConfig, iteration: int, patches: int) -> torch.Tensor:
+    """Approximate mode: flat indices into the (patches, patch, patch) batch of the pixels
+    the loss uses in ``iteration``, the same fraction of every patch, from (seed, iteration)."""
+    rng = np.random.default_rng([config.seed, iteration, 0x5A])
+    n = config.patch_size**2
+    k = max(1, int(round(config.pixel_fraction * n)))
+    return torch.from_numpy(np.concatenate([b * n + np.sort(rng.choice(n, k, replace=False)) for b in range(patches)]))
+
+
 def choose_method(data: FinetuneData, config: FinetuneConfig, feature_bytes: int, cache_budget: int = DEFAULT_CACHE_BUDGET) -> str:
     """``"fast"`` when caching is worth it and fits in memory, else ``"naive"``.
 
@@ -245,7 +259,9 @@ def finetune_patient_model(
         shape = (config.batch_size, model.feature_channels, config.patch_size, config.patch_size)
         batch = torch.empty(shape, device=device, memory_format=torch.channels_last)
 
-    def features_of(picks):
+    def features_of(picks) -> torch.Tensor | list[torch.Tensor]:
+        """Backbone output (C, H, W) of each pick: computed now as one (B, C, H, W) batch
+        (naive) or looked up in the cache (fast)."""
         if method == "naive":
             x = torch.cat([_patch(data, p, config.patch_size, "image") for p in picks]).to(device)
             with torch.set_grad_enabled(train_all):
@@ -257,9 +273,21 @@ def finetune_patient_model(
                 features = model.features(x).contiguous(memory_format=torch.channels_last)
                 for p, f in zip(missing, features):
                     cache[p] = f
-        for i, p in enumerate(picks):
-            batch[i].copy_(cache[p])
-        return batch
+        return [cache[p] for p in picks]
+
+    def head_inputs(features, iteration: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's input (the batch, or the sampled pixels' feature vectors as one
+        column) and the flat pixel index that was sampled (None: every pixel)."""
+        if config.pixel_fraction == 1:
+            if method == "naive":
+                return features, None
+            for i, f in enumerate(features):
+                batch[i].copy_(f)
+            return batch, None
+        index = sample_pixels(config, iteration, len(features)).to(device)
+        per_patch = index.view(len(features), -1) % config.patch_size**2
+        columns = [f.permute(1, 2, 0).reshape(-1, f.shape[0]).index_select(0, i) for f, i in zip(features, per_patch)]
+        return torch.cat(columns).t()[None, :, :, None], index
 
     losses = []
     with private_rng(device):
@@ -267,14 +295,18 @@ def finetune_patient_model(
             if cancel is not None and cancel():
                 raise Cancelled(f"fine-tuning cancelled at iteration {iteration}")
             picks = draw_batch(data, config, iteration)
-            features = features_of(picks)
+            inputs, index = head_inputs(features_of(picks), iteration)
             target = torch.cat([_patch(data, p, config.patch_size, "label") for p in picks])[:, 0].round().long().to(device)
+            w = torch.cat([_patch(data, p, config.patch_size, "weight") for p in picks])[:, 0].to(device) if data.weights is not None else None
+            if index is not None:  # the sampled pixels, in the column's order
+                target = target.reshape(-1)[index][None, :, None]
+                w = w.reshape(-1)[index][None, :, None] if w is not None else None
             reseed(config.seed, iteration)
-            logits = model.head(features, scratch=features)  # the features are this iteration's own copy
-            if data.weights is None:
+            # the inputs are this iteration's own copy (or a gathered column): dropout may overwrite them
+            logits = model.head(inputs, scratch=inputs)
+            if w is None:
                 loss = F.cross_entropy(logits, target, weight=class_weights)
             else:
-                w = torch.cat([_patch(data, p, config.patch_size, "weight") for p in picks])[:, 0].to(device)
                 loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum().clamp_min(1e-6)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

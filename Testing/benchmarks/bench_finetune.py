@@ -1,6 +1,6 @@
 """Fine-tuning and MC-dropout speed: fast paths against the naive reference, in one run.
 
-    python Testing/benchmarks/bench_finetune.py [--iterations 100] [--width 64] [--mc-slices 8]
+    python Testing/benchmarks/bench_finetune.py [--iterations 100] [--width 64] [--mc-slices 8] [--pixel-fraction 0.125]
 
 On one synthetic brain-wmh patient (240x240x48, FLAIR + T1) with a paper-width network
 (weights untrained: speed does not depend on them):
@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--mc-slices", type=int, default=8, help="slices used for the MC-dropout timing")
     parser.add_argument("--samples", type=int, default=25)
     parser.add_argument("--skip-all-lesion", action="store_true")
+    parser.add_argument("--pixel-fraction", type=float, default=0.125, help="of the approximate mode's timing")
     args = parser.parse_args()
 
     import numpy as np
@@ -59,6 +60,12 @@ def main() -> None:
             t = time.perf_counter()
             finetune_patient_model(bundle, case, slices, config, device="cpu")
             times[method] = time.perf_counter() - t
+        if len(slices) <= 2:  # the approximate mode, for reference (never the default)
+            t = time.perf_counter()
+            finetune_patient_model(bundle, case, slices, FinetuneConfig(iterations=args.iterations, pixel_fraction=args.pixel_fraction), device="cpu")
+            approximate = time.perf_counter() - t
+            print(f"fine-tune, {name}, approximate mode (pixel fraction {args.pixel_fraction}): {approximate:.1f} s -> naive/approximate "
+                  f"{times['naive'] / approximate:.2f}x")
         # floor: the head's own training on features that are already there
         config = FinetuneConfig(iterations=args.iterations)
         data = prepare_finetune_data(bundle, case, slices, config)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from PatientFineTuneLib.cases import find_cases
-from PatientFineTuneLib.finetune import FinetuneConfig, draw_batch, finetune_patient_model, prepare_finetune_data, select_slices
+from PatientFineTuneLib.finetune import FinetuneConfig, draw_batch, finetune_patient_model, prepare_finetune_data, sample_pixels, select_slices
 from PatientFineTuneLib.images import load_case, prepare_case
 from PatientFineTuneLib.inference import Cancelled, predict_probability, predict_with_uncertainty, segment_case
 from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata, save_model
@@ -68,6 +68,32 @@ def test_fast_and_naive_paths_agree(bundle, baseline):
     a, b = fast.model.state_dict(), naive.model.state_dict()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
     assert fast.metadata["finetune"]["method"] == "fast" and naive.metadata["finetune"]["method"] == "naive"
+
+
+@pytest.mark.parametrize("weighting", [None, "segmentation"])
+def test_approximate_pixel_sampling_mode(bundle, baseline, weighting):
+    slices = baseline.lesion_slices()[:2]
+    config = dict(CONFIG, pixel_fraction=0.25, weighting=weighting)
+    fast = finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**config, method="fast"), device="cpu")
+    naive = finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**config, method="naive"), device="cpu")
+    exact = finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**CONFIG, weighting=weighting, method="fast"), device="cpu")
+    a, b, c = fast.model.state_dict(), naive.model.state_dict(), exact.model.state_dict()
+    # both paths sample the same pixels, only the head trains, and it differs from the exact loss's model
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    assert all(torch.equal(a[k], c[k]) for k in a if k.startswith("pathways."))
+    assert not torch.allclose(a["classifier.1.weight"], c["classifier.1.weight"])
+    assert fast.metadata["finetune"]["config"]["pixel_fraction"] == 0.25
+    with pytest.raises(ValueError, match="pixel_fraction"):
+        FinetuneConfig(pixel_fraction=0)
+
+
+def test_pixel_sample_is_a_seeded_fraction_of_every_patch():
+    config = FinetuneConfig(pixel_fraction=0.125, patch_size=16)
+    index = sample_pixels(config, 3, patches=4).numpy()
+    assert len(index) == 4 * 32 and len(np.unique(index)) == len(index)
+    assert all(((index >= b * 256) & (index < (b + 1) * 256)).sum() == 32 for b in range(4))
+    assert np.array_equal(index, sample_pixels(config, 3, patches=4).numpy())
+    assert not np.array_equal(index, sample_pixels(config, 4, patches=4).numpy())
 
 
 def test_same_seed_same_model_and_progress_is_reported(bundle, baseline):
