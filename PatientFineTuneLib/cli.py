@@ -18,6 +18,11 @@ from . import __version__
 from .modelcard import resolve_model_path  # torch-free: the CLI starts fast
 
 
+def _command_line() -> str:
+    """This invocation, as it would be typed (recorded in model files)."""
+    return "patient-finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def _parse_labels(text: str | None):
     return [int(v) for v in text.split(",")] if text else None
 
@@ -147,7 +152,7 @@ def cmd_train_base(args) -> None:
         preset.training_spacing_mm,
         preset=preset.name,
         training={
-            "command": "patient-finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "command": _command_line(),
             "config": config.identity() | {"iterations": config.iterations},
             "train_cases": train_names,
             "processes": world,
@@ -179,7 +184,7 @@ def _training_progress(description: str, iterations: int):
 
 def _train_unet3d(args, preset, device, out: Path) -> None:
     """``train-base --architecture unet3d``: the 3D U-Net on whole volumes (seed 001)."""
-    from .modelfile import ModelBundle, make_metadata, save_model
+    from .modelfile import ModelBundle, config_record, make_metadata, save_model
     from .volume_training import VolumeTrainingConfig, new_volume_model, train_volume_model, volume_model_metadata
 
     sequences = preset.sequence_dicts()
@@ -199,8 +204,8 @@ def _train_unet3d(args, preset, device, out: Path) -> None:
     metadata = make_metadata(
         model, sequences, (config.spacing_mm,) * 3, preset=preset.name, **volume_model_metadata(config, model),
         training={
-            "command": "patient-finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
+            "command": _command_line(),
+            "config": config_record(config),
             "train_cases": [c.name for c in cases],
             "train_data": str(args.train),
             "final_loss": losses[-1] if losses else None,
@@ -324,43 +329,56 @@ def cmd_suggest(args) -> None:
     print(json.dumps([s.as_dict() for s in suggestions], indent=2))
 
 
-def cmd_finetune(args) -> None:
-    from .finetune import FinetuneConfig, finetune_patient_model
-    from .modelfile import load_model, save_model
-
-    out = Path(args.out)
-    model = resolve_model_path(args.model)
+def _derived_model_paths(args, role: str) -> tuple[Path, Path]:
+    """(--out, --model) of a verb that trains a new model from another; the other model
+    (``role``: base, source) is never the output, and --out is not replaced silently."""
+    out, model = Path(args.out), resolve_model_path(args.model)
     if out.resolve() == model.resolve():
-        raise ValueError("--out is the base model file; the base model is never overwritten, choose another name")
+        raise ValueError(f"--out is the {role} model file; the {role} model is never overwritten, choose another name")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    return out, model
+
+
+def _train_and_save(description: str, iterations: int, train, out: Path, overwrite: bool) -> tuple[dict, str]:
+    """Run ``train(progress) -> ModelBundle`` under a progress bar, record its wall time
+    and this command in its ``finetune`` metadata and save it; returns (that record, sha256)."""
+    from .modelfile import save_model
+
+    bar, progress = _training_progress(description, iterations)
+    start = time.perf_counter()
+    with bar:
+        trained = train(progress)
+    info = trained.metadata["finetune"]
+    info["wall_time_s"] = round(time.perf_counter() - start, 1)
+    info["command"] = _command_line()
+    return info, save_model(trained, out, overwrite=overwrite)
+
+
+def cmd_finetune(args) -> None:
+    from .finetune import FinetuneConfig, finetune_patient_model
+    from .modelfile import load_model
+
+    out, model = _derived_model_paths(args, "base")
     bundle = load_model(model)
     case, _ = _case_for_model(args, bundle, lesions=True)
     config = FinetuneConfig(iterations=args.iterations, weighting=None if args.weighting == "none" else args.weighting,
                             seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers, pixel_fraction=args.pixel_fraction)
-    bar, progress = _training_progress("finetune", config.iterations)
-    start = time.perf_counter()
-    with bar:
-        patient = finetune_patient_model(bundle, case, args.slices, config, device=args.device, progress=progress)
-    info = patient.metadata["finetune"]
-    info["wall_time_s"] = round(time.perf_counter() - start, 1)
-    info["command"] = "patient-finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    sha = save_model(patient, out, overwrite=args.overwrite)
+    info, sha = _train_and_save(
+        "finetune", config.iterations,
+        lambda progress: finetune_patient_model(bundle, case, args.slices, config, device=args.device, progress=progress),
+        out, args.overwrite,
+    )
     what = f"slices {info['slices']} ({info['method']} path" if "slices" in info else f"the whole baseline volume ({info['strategy']} layers"
     print(f"fine-tuned on {what}, {info['wall_time_s']} s); saved {out} (sha256 {sha[:16]}...)")
 
 
 def cmd_transfer(args) -> None:
     """Adapt a trained 3D U-Net to a new disease or site with a few studies (seed 002)."""
-    from .modelfile import load_model, save_model
+    from .modelfile import load_model
     from .volume_training import VolumeTrainingConfig, finetune_volume_model
 
-    out = Path(args.out)
-    model = resolve_model_path(args.model)
-    if out.resolve() == model.resolve():
-        raise ValueError("--out is the source model file; it is never overwritten, choose another name")
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    out, model = _derived_model_paths(args, "source")
     bundle = load_model(model)
     if not bundle.is_volume_model:
         raise ValueError(f"{model} holds the 2D network; transfer strategies apply to the 3D U-Net (train-base --architecture unet3d)")
@@ -368,14 +386,11 @@ def cmd_transfer(args) -> None:
     cases = _load_cases(args.train, bundle.sequences, args, require_lesions=True)
     config = VolumeTrainingConfig(iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
                                   strategy=args.strategy, reset_last_layers=args.reset_last_layers, seed=args.seed)
-    bar, progress = _training_progress("transfer", config.iterations)
-    start = time.perf_counter()
-    with bar:
-        target = finetune_volume_model(bundle, cases, config, device=args.device, progress=progress)
-    info = target.metadata["finetune"]
-    info["wall_time_s"] = round(time.perf_counter() - start, 1)
-    info["command"] = "patient-finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    sha = save_model(target, out, overwrite=args.overwrite)
+    info, sha = _train_and_save(
+        "transfer", config.iterations,
+        lambda progress: finetune_volume_model(bundle, cases, config, device=args.device, progress=progress),
+        out, args.overwrite,
+    )
     print(f"trained the {args.strategy} layers on {len(cases)} case(s) in {info['wall_time_s']} s; saved {out} (sha256 {sha[:16]}...)")
 
 

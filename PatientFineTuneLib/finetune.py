@@ -23,18 +23,16 @@ patient is too small to re-estimate them); their scale and shift train.
 from __future__ import annotations
 
 import copy
-import datetime
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
 from .images import Case, resampled_size, resize_slices
 from .inference import Cancelled, predict_probability, private_rng, reseed, resolve_device
-from .modelfile import ModelBundle
+from .modelfile import ModelBundle, derived_metadata
 from .patches import corner_and_centre_patch_centres, extract_patches
 from .postprocess import postprocess
 from .training import PatchTrainingConfig
@@ -317,20 +315,10 @@ def finetune_patient_model(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    metadata = copy.deepcopy(bundle.metadata)
-    metadata.pop("sha256", None)
-    metadata.pop("card", None)  # the base model's card describes the base model, not this one
-    metadata["finetune"] = {
-        "base_model_sha256": bundle.sha256,
-        "slices": chosen,
-        "slice_selection": slices if isinstance(slices, str) else "explicit",
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-        "method": method,
-        "final_loss": losses[-1] if losses else None,
-        "case": case.sources,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "software_version": __version__,
-    }
+    metadata = derived_metadata(
+        bundle, config, losses,
+        slices=chosen, slice_selection=slices if isinstance(slices, str) else "explicit", method=method, case=case.sources,
+    )
     return ModelBundle(model, metadata)
 
 

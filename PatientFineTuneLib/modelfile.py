@@ -12,11 +12,12 @@ content no longer matches it (edited, tampered, partly overwritten) is refused.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -137,6 +138,30 @@ def make_metadata(
     }
     meta.update(extra)
     return meta
+
+
+def config_record(config) -> dict:
+    """A settings dataclass as JSON-ready metadata (tuples become lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+
+
+def derived_metadata(bundle: ModelBundle, config, losses: Sequence[float], **provenance) -> dict:
+    """Metadata of a model trained further from ``bundle`` (a patient or transferred
+    model): the base model's, without its sha256 and card (they describe the base model),
+    plus a ``finetune`` record of the base, the settings, the final loss, the date and
+    ``provenance``."""
+    metadata = copy.deepcopy(bundle.metadata)
+    metadata.pop("sha256", None)
+    metadata.pop("card", None)
+    metadata["finetune"] = {
+        "base_model_sha256": bundle.sha256,
+        "config": config_record(config),
+        "final_loss": losses[-1] if losses else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "software_version": __version__,
+        **provenance,
+    }
+    return metadata
 
 
 def save_model(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = False) -> str:

@@ -22,18 +22,16 @@ does for its FT_LastThree / FT_Decoder / FT_All.
 from __future__ import annotations
 
 import copy
-import datetime
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
 from .images import Case
 from .inference import Cancelled, private_rng, reseed, resolve_device
-from .modelfile import ModelBundle
+from .modelfile import ModelBundle, derived_metadata
 from .unet3d import UNet3D
 from .volume_inference import case_on_model_grid
 
@@ -198,16 +196,5 @@ def finetune_volume_model(
     config.patch_mm = float(bundle.metadata["patch_voxels"]) * config.spacing_mm
     model = copy.deepcopy(bundle.model)
     losses = train_volume_model(model, cases, config, device, progress, cancel)
-    metadata = copy.deepcopy(bundle.metadata)
-    metadata.pop("sha256", None)
-    metadata.pop("card", None)
-    metadata["finetune"] = {
-        "base_model_sha256": bundle.sha256,
-        "strategy": config.strategy,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-        "cases": [c.name for c in cases],
-        "final_loss": losses[-1] if losses else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "software_version": __version__,
-    }
+    metadata = derived_metadata(bundle, config, losses, strategy=config.strategy, cases=[c.name for c in cases])
     return ModelBundle(model.cpu(), metadata)
