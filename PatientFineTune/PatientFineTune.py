@@ -733,7 +733,7 @@ class PatientFineTuneTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         from PatientFineTuneLib import mrml
-        from PatientFineTuneLib.images import from_slices, slice_axis, to_slices
+        from PatientFineTuneLib.images import slice_layout
         from PatientFineTuneLib.metrics import dice
 
         self.delayDisplay("Loading the sample patient")
@@ -753,11 +753,11 @@ class PatientFineTuneTest(ScriptedLoadableModuleTest):
         truthNode = nodes["baseline lesions"]
         truth = mrml.segment_to_array(truthNode, truthNode.GetSegmentation().GetNthSegmentID(0), baseline[0])
         edited = mrml.segment_to_array(analysis.segmentation_node, analysis.segment_id, baseline[0])
-        axis = slice_axis(mrml.volume_to_image(baseline[0]))
-        editedSlices, truthSlices = to_slices(edited, axis), to_slices(truth, axis)
+        layout = slice_layout(mrml.volume_to_image(baseline[0]))
+        editedSlices, truthSlices = layout.to_slices(edited), layout.to_slices(truth)
         for s in analysis.suggestions:
             editedSlices[s.index] = truthSlices[s.index]
-        mrml.set_segment_from_array(analysis.segmentation_node, "Lesion", from_slices(editedSlices, axis), baseline[0])
+        mrml.set_segment_from_array(analysis.segmentation_node, "Lesion", layout.from_slices(editedSlices), baseline[0])
         logic.finetune(baseline, None, analysis.segmentation_node, "suggested", [s.index for s in analysis.suggestions], iterations=100, forceCpu=True)
         self.assertIsNotNone(logic.patientBundle)
 

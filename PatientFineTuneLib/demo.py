@@ -26,7 +26,7 @@ def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None
     ``brain-wmh`` model). Returns the summary also written to ``demo-summary.json``."""
     from .cases import find_cases
     from .finetune import FinetuneConfig, finetune_patient_model
-    from .images import from_slices, load_case, prepare_case, write_image
+    from .images import load_case, prepare_case, write_image
     from .inference import resolve_device, segment_case
     from .metrics import evaluate_case
     from .modelcard import resolve_model_path
@@ -87,7 +87,7 @@ def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None
         step(f"segment_{name}")
         result = segment_case(bundle, followup, mc_samples=mc_samples, device=device)
         results[name] = result
-        metrics[name] = evaluate_case(from_slices(result.mask, followup.axis), from_slices(followup.lesions, followup.axis), spacing)
+        metrics[name] = evaluate_case(followup.layout.from_slices(result.mask), followup.layout.from_slices(followup.lesions), spacing)
         folder = out / f"patient000-followup-{name}"
         write_image(followup.to_image(result.mask.astype(np.uint8), sitk.sitkUInt8), folder / "segmentation.nii.gz", overwrite=True)
         write_image(followup.to_image(result.probability), folder / "probability.nii.gz", overwrite=True)

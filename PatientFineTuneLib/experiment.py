@@ -151,7 +151,6 @@ def _copy_forward(baseline_case, followup_case) -> tuple[np.ndarray, float]:
     trivial method fine-tuning must beat), and the registration's quality figure."""
     import SimpleITK as sitk
 
-    from .images import to_slices
     from .registration import register_followup, resample_mask
 
     fixed = followup_case.to_image(followup_case.images[0])
@@ -160,7 +159,7 @@ def _copy_forward(baseline_case, followup_case) -> tuple[np.ndarray, float]:
     registration = register_followup(fixed, moving, organ)
     lesions = baseline_case.to_image(baseline_case.lesions.astype(np.uint8), sitk.sitkUInt8)
     carried = sitk.GetArrayFromImage(resample_mask(lesions, fixed, registration.transform)) > 0
-    return to_slices(carried, followup_case.axis) & followup_case.organ, registration.correlation_after
+    return followup_case.layout.to_slices(carried) & followup_case.organ, registration.correlation_after
 
 
 def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: set, seed: int = 0, mc_samples: int = 0,
@@ -174,7 +173,7 @@ def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: s
     import SimpleITK as sitk
 
     from .finetune import FinetuneConfig, finetune_patient_model
-    from .images import from_slices, write_image
+    from .images import write_image
     from .inference import segment_case
     from .metrics import evaluate_case
     from .modelfile import load_model
@@ -203,7 +202,7 @@ def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: s
             result = segment_case(bundle, followup, opening=base.opening, mc_samples=samples, seed=seed, device="cpu")
             mask, summary = result.mask, result.summary
         seconds = round(time.perf_counter() - start, 2)
-        metrics = evaluate_case(from_slices(mask, followup.axis), from_slices(followup.lesions, followup.axis), spacing)
+        metrics = evaluate_case(followup.layout.from_slices(mask), followup.layout.from_slices(followup.lesions), spacing)
         row = {"patient": pair.patient, "arm": arm.name, **metrics, "seconds": seconds, **extra}
         if summary:
             row.update({"mean_sd_in_lesions": summary["mean_sd_in_lesions"], "max_sd": summary["max_sd"]})
@@ -224,7 +223,6 @@ def save_patient_overlay(followup, out: str | os.PathLike, patient: str, arm_nam
     arm's (from its saved mask); written to ``out/overlays/<patient>.png``."""
     import SimpleITK as sitk
 
-    from .images import to_slices
     from .montage import radiological, to_uint8
     from .plots import overlay_figure
 
@@ -234,7 +232,7 @@ def save_patient_overlay(followup, out: str | os.PathLike, patient: str, arm_nam
     for arm in arm_names:
         path = _mask_path(out, patient, arm)
         if path.is_file():
-            masks[arm] = to_slices(sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0, followup.axis)[s]
+            masks[arm] = followup.layout.to_slices(sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0)[s]
     image = np.where(followup.organ[s], to_uint8(followup.images[0], followup.organ)[s], 0)  # black outside the organ
     image = radiological(image, direction)
     masks = {name: radiological(m, direction) for name, m in masks.items()}

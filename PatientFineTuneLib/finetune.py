@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import Case, resampled_size, resize_slices
+from .images import Case, resample_array, resampled_shape
 from .inference import Cancelled, predict_probability, private_rng, reseed, resolve_device
 from .modelfile import ModelBundle, derived_metadata
 from .patches import corner_and_centre_patch_centres, extract_patches
@@ -144,12 +144,12 @@ def prepare_finetune_data(
         # the base model's own result on the baseline decides where it must learn most
         prediction = postprocess(predict_probability(bundle, case, device=device), case.organ, opening=bundle.opening)
         pixel_weights = weight_map(config.weighting, prediction, case.lesions)
-    size = resampled_size(case.images.shape[-2:], case.spacing, bundle.training_spacing)
+    size = resampled_shape(case.images.shape[-2:], case.spacing, bundle.training_spacing)
     data = FinetuneData(list(slices), [], [], [] if pixel_weights is not None else None, [], config.angles())
     for s in slices:
-        data.images.append(resize_slices(case.slice_tensor(s)[None], size)[0])
+        data.images.append(resample_array(case.slice_tensor(s)[None], size)[0])
         masks = [case.lesions[s], case.organ[s]] + ([pixel_weights[s]] if pixel_weights is not None else [])
-        resized = resize_slices(torch.from_numpy(np.stack(masks).astype(np.float32))[None], size, label=True)[0]
+        resized = resample_array(torch.from_numpy(np.stack(masks).astype(np.float32))[None], size, label=True)[0]
         data.labels.append(resized[0:1])
         if data.weights is not None:
             data.weights.append(resized[2:3])

@@ -9,8 +9,13 @@ Conventions
   ``(slices, rows, cols)`` for masks, where the slice axis is the acquisition axis (largest
   spacing) or, for (near-)isotropic data, the index axis closest to the patient's
   superior-inferior axis, so isotropic volumes are cut axially whatever their storage order.
-  This is a pure permutation of the stored voxels: results are mapped back onto the input
-  grid exactly, with the input's origin, spacing and direction.
+  Rows and columns are put in one anatomical orientation (radiological display order), so a
+  volume stored flipped or transposed gives the network the same slices
+  (:class:`SliceLayout`). This is a permutation and flips of the stored voxels: results
+  are mapped back onto the input grid exactly, with the input's origin, spacing and
+  direction.
+* Every resampling of an array (image, mask, weight map, network output) goes through
+  :func:`resample_array`, which is pixel-centre aligned.
 * Sequences with several channels (DCE phases, DWI b-values) are one file each, stored as a
   4D image (x, y, z, channel) or as a 3D image with vector pixels.
 """
@@ -148,40 +153,131 @@ def slice_axis(grid: sitk.Image) -> int:
     return int(np.argmax(np.abs(direction[2, :])))  # row 2: S component in LPS
 
 
-def to_slices(volume: np.ndarray, axis: int) -> np.ndarray:
-    """(..., z, y, x) array -> (..., slices, rows, cols) with the slice axis first."""
-    return np.moveaxis(volume, volume.ndim - 1 - axis, volume.ndim - 3)
+#: Where rows and columns of a slice point, by the physical axis closest to the slice
+#: normal (0 = L, 1 = P, 2 = S in LPS): radiological display order, as Slicer shows slices
+#: (axial: columns to the patient's left, rows to posterior; coronal and sagittal: rows
+#: downwards, i.e. inferior; sagittal columns to posterior).
+_DISPLAY_DIRECTIONS = {
+    2: ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    1: ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+    0: ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
+}
 
 
-def from_slices(slices: np.ndarray, axis: int) -> np.ndarray:
-    """Inverse of :func:`to_slices`."""
-    return np.moveaxis(slices, slices.ndim - 3, slices.ndim - 1 - axis)
+@dataclass(frozen=True)
+class SliceLayout:
+    """How a stored (z, y, x) volume becomes slice-first (slices, rows, cols) arrays.
+
+    The slice axis is a stored index axis (so slice ``s`` is index ``s`` along it, as the
+    user sees it); within the slice, rows and columns are the other two index axes, swapped
+    and flipped as needed so that every slice is in the same anatomical orientation
+    whatever the storage order (see :func:`slice_layout`). It is a permutation and
+    flips of the stored voxels: nothing is interpolated and :meth:`from_slices` undoes it
+    exactly.
+    """
+
+    axis: int  # ITK index axis (0=i, 1=j, 2=k) of the slices
+    row_axis: int  # ITK index axis running down the rows
+    col_axis: int  # ITK index axis running along the columns
+    flip_rows: bool = False
+    flip_cols: bool = False
+
+    def _numpy_axes(self, ndim: int) -> list[int]:
+        return [ndim - 1 - a for a in (self.axis, self.row_axis, self.col_axis)]
+
+    def to_slices(self, volume: np.ndarray) -> np.ndarray:
+        """(..., z, y, x) stored array -> (..., slices, rows, cols), C-contiguous."""
+        n = volume.ndim
+        out = np.moveaxis(volume, self._numpy_axes(n), [n - 3, n - 2, n - 1])
+        if self.flip_rows:
+            out = np.flip(out, -2)
+        if self.flip_cols:
+            out = np.flip(out, -1)
+        return np.ascontiguousarray(out)
+
+    def from_slices(self, slices: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_slices`: back to the stored (..., z, y, x) order."""
+        n = slices.ndim
+        out = slices
+        if self.flip_rows:
+            out = np.flip(out, -2)
+        if self.flip_cols:
+            out = np.flip(out, -1)
+        return np.ascontiguousarray(np.moveaxis(out, [n - 3, n - 2, n - 1], self._numpy_axes(n)))
+
+    def itk_index(self, s: float, row: float, col: float, slice_shape: Sequence[int]) -> list[float]:
+        """Continuous ITK (i, j, k) index of slice-first position (s, row, col) in a slice of
+        ``slice_shape`` (rows, cols)."""
+        index = [0.0, 0.0, 0.0]
+        index[self.axis] = float(s)
+        index[self.row_axis] = float(slice_shape[0] - 1 - row if self.flip_rows else row)
+        index[self.col_axis] = float(slice_shape[1] - 1 - col if self.flip_cols else col)
+        return index
+
+    def spacing(self, grid: sitk.Image) -> tuple[float, float, float]:
+        """Spacing (mm) of the (slices, rows, cols) axes."""
+        spacing = grid.GetSpacing()
+        return tuple(float(spacing[a]) for a in (self.axis, self.row_axis, self.col_axis))
 
 
-def inplane_spacing(grid: sitk.Image, axis: int) -> tuple[float, float]:
-    """Spacing (mm) of the (rows, cols) of slices taken along ``axis``."""
-    spacing = grid.GetSpacing()
-    numpy_axes = [j for j in range(3) if j != 2 - axis]
-    return tuple(float(spacing[2 - j]) for j in numpy_axes)
+def slice_layout(grid: sitk.Image) -> SliceLayout:
+    """The slicing of ``grid``: the slice axis of :func:`slice_axis`, then rows and
+    columns in radiological display order (``_DISPLAY_DIRECTIONS``), so the network sees
+    the same slice whether the scanner stored the volume flipped, transposed or not.
+
+    Rows and columns are assigned to the two in-plane index axes that are best aligned
+    with the display directions (an oblique acquisition keeps its own in-plane angle),
+    and flipped where they point the other way.
+    """
+    axis = slice_axis(grid)
+    direction = np.array(grid.GetDirection()).reshape(3, 3)  # column a: ITK axis a in LPS
+    normal = int(np.argmax(np.abs(direction[:, axis])))
+    col_target, row_target = (np.array(v) for v in _DISPLAY_DIRECTIONS[normal])
+    low, high = (a for a in range(3) if a != axis)
+    stored = abs(direction[:, low] @ col_target) + abs(direction[:, high] @ row_target)
+    swapped = abs(direction[:, high] @ col_target) + abs(direction[:, low] @ row_target)
+    col_axis, row_axis = (low, high) if stored >= swapped else (high, low)
+    return SliceLayout(
+        axis,
+        row_axis,
+        col_axis,
+        flip_rows=bool(direction[:, row_axis] @ row_target < 0),
+        flip_cols=bool(direction[:, col_axis] @ col_target < 0),
+    )
 
 
-def resampled_size(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, int]:
-    """In-plane size after resampling from ``spacing`` to ``target`` (same field of view)."""
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
+    """Array shape after resampling from ``spacing`` to ``target`` mm (same field of view).
+
+    Axes whose spacing is within ``SPACING_TOLERANCE`` of the target keep their size, so
+    data already at the model's spacing is not interpolated.
+    """
     return tuple(
-        n if abs(s / t - 1) < SPACING_TOLERANCE else max(1, int(round(n * s / t)))
+        int(n) if abs(s / t - 1) < SPACING_TOLERANCE else max(1, int(round(n * s / t)))
         for n, s, t in zip(shape, spacing, target)
     )
 
 
-def resize_slices(x: torch.Tensor, size: Sequence[int], label: bool = False) -> torch.Tensor:
-    """Resize (N, C, H, W) slices to ``size``, keeping the field of view (pixel-centre
-    aligned): bilinear for intensities and probabilities, nearest for labels."""
-    size = tuple(int(s) for s in size)
-    if tuple(x.shape[-2:]) == size:
+def resample_array(x: torch.Tensor, shape: Sequence[int], label: bool = False) -> torch.Tensor:
+    """Resample (N, C, H, W) slices or (N, C, D, H, W) volumes to ``shape``, keeping the
+    field of view.
+
+    The one resampling of arrays in the library (images, masks, weight maps, network
+    outputs, in both directions). Both interpolations are pixel-centre aligned: output
+    pixel ``j`` of ``m`` samples the input at ``(j + 0.5) * n / m - 0.5``, so a label and
+    the image it annotates stay on each other at any spacing ratio. Intensities and
+    probabilities: (bi/tri)linear; labels and weight maps: ``nearest-exact`` (values kept).
+    Plain ``nearest`` would floor ``j * n / m`` instead and shift labels by up to half a
+    pixel towards the origin on every non-integer ratio.
+    """
+    shape = tuple(int(s) for s in shape)
+    if tuple(x.shape[2:]) == shape:
         return x
+    if len(shape) not in (2, 3) or x.dim() != len(shape) + 2:
+        raise ValueError(f"cannot resample a {tuple(x.shape)} tensor to {shape}: expected (N, C, *spatial) with 2 or 3 spatial axes")
     if label:
-        return F.interpolate(x, size=size, mode="nearest")
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(x, size=shape, mode="nearest-exact")
+    return F.interpolate(x, size=shape, mode="bilinear" if len(shape) == 2 else "trilinear", align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,19 +360,24 @@ class Case:
     organ: np.ndarray  # (S, H, W) bool
     lesions: np.ndarray | None  # (S, H, W) bool
     grid: sitk.Image  # 3D reference grid of the first sequence
-    axis: int  # ITK index axis of the slices
+    layout: SliceLayout  # how the stored volume became slice-first arrays
     name: str = ""
     sources: dict = field(default_factory=dict)
 
     @property
+    def axis(self) -> int:
+        """ITK index axis (0=i, 1=j, 2=k) of the slices."""
+        return self.layout.axis
+
+    @property
     def spacing(self) -> tuple[float, float]:
         """In-plane (row, col) spacing in mm."""
-        return inplane_spacing(self.grid, self.axis)
+        return self.volume_spacing[1:]
 
     @property
     def volume_spacing(self) -> tuple[float, float, float]:
         """Spacing (mm) of the (slices, rows, cols) axes of the arrays."""
-        return (float(self.grid.GetSpacing()[self.axis]), *self.spacing)
+        return self.layout.spacing(self.grid)
 
     @property
     def voxel_volume_mm3(self) -> float:
@@ -288,9 +389,8 @@ class Case:
 
     def physical_point(self, s: int, row: float, col: float) -> tuple[float, float, float]:
         """Physical (LPS mm) position of a slice-first index."""
-        index = [row, col]
-        index.insert(2 - self.axis, s)  # undo to_slices: the slice axis back to its numpy place
-        return tuple(float(c) for c in self.grid.TransformContinuousIndexToPhysicalPoint([float(i) for i in index[::-1]]))
+        index = self.layout.itk_index(s, row, col, self.organ.shape[-2:])
+        return tuple(float(c) for c in self.grid.TransformContinuousIndexToPhysicalPoint(index))
 
     def lesion_slices(self) -> list[int]:
         if self.lesions is None:
@@ -299,7 +399,7 @@ class Case:
 
     def to_image(self, slices: np.ndarray, pixel_type=None) -> sitk.Image:
         """A slice-first (S, H, W) array as a SimpleITK image on this case's input grid."""
-        image = sitk.GetImageFromArray(np.ascontiguousarray(from_slices(slices, self.axis)))
+        image = sitk.GetImageFromArray(self.layout.from_slices(slices))
         image.CopyInformation(self.grid)
         if pixel_type is not None:
             image = sitk.Cast(image, pixel_type)
@@ -408,13 +508,13 @@ def load_case(
     if lesion_path is not None:
         lesions = _binary_mask(lesion_path, grid, "lesion mask", resample_to_first, lesion_labels)
 
-    axis = slice_axis(grid)
+    layout = slice_layout(grid)
     return Case(
-        images=to_slices(images, axis).astype(np.float32, copy=False),
-        organ=to_slices(organ, axis),
-        lesions=None if lesions is None else to_slices(lesions, axis),
+        images=layout.to_slices(images).astype(np.float32, copy=False),
+        organ=layout.to_slices(organ),
+        lesions=None if lesions is None else layout.to_slices(lesions),
         grid=grid,
-        axis=axis,
+        layout=layout,
         name=name,
         sources={
             "sequences": sources,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .images import Case, resampled_size, resize_slices
+from .images import Case, resample_array, resampled_shape
 from .model import LesionNet
 from .modelfile import ModelBundle
 from .postprocess import label_lesions, lesion_table, postprocess
@@ -154,7 +154,7 @@ def predict_probability(
         batch_size = 1 if device.type == "cpu" else 8
     model = bundle.model.to(device, memory_format=torch.channels_last).eval()
     _, n_slices, h, w = case.images.shape
-    size = resampled_size((h, w), case.spacing, bundle.training_spacing)
+    size = resampled_shape((h, w), case.spacing, bundle.training_spacing)
     probability = np.zeros((n_slices, h, w), dtype=np.float32)
     todo = organ_slices(case)
     # Keep each batch inside the memory budget too, not only each slice.
@@ -165,9 +165,9 @@ def predict_probability(
             raise Cancelled("prediction cancelled")
         idx = todo[start : start + batch_size]
         x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(case.images[:, idx], 1, 0))).to(device)
-        logits = predict_logits(model, resize_slices(x, size), memory_budget)
+        logits = predict_logits(model, resample_array(x, size), memory_budget)
         p = torch.softmax(logits.float(), dim=1)[:, 1:2]
-        probability[idx] = resize_slices(p, (h, w))[:, 0].clamp_(0, 1).cpu().numpy()
+        probability[idx] = resample_array(p, (h, w))[:, 0].clamp_(0, 1).cpu().numpy()
         if progress is not None:
             progress(min(start + batch_size, len(todo)), len(todo))
     probability[~case.organ] = 0.0
@@ -219,7 +219,7 @@ def predict_with_uncertainty(
         return predict_volume(bundle, case, n_samples=n_samples, seed=seed, device=device, progress=progress, cancel=cancel)
     model = bundle.model.to(device, memory_format=torch.channels_last).eval()
     _, n_slices, h, w = case.images.shape
-    size = resampled_size((h, w), case.spacing, bundle.training_spacing)
+    size = resampled_shape((h, w), case.spacing, bundle.training_spacing)
     outputs = {k: np.zeros((n_slices, h, w), dtype=np.float32) for k in ("probability", "mean", "sd")}
     todo = organ_slices(case)
     with private_rng(device):
@@ -239,7 +239,7 @@ def _bilinear_support(organ: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     organ pixel of the slice, as a bool map: the only predictions that are kept."""
     with torch.enable_grad():
         v = torch.zeros((1, 1, *size), requires_grad=True)
-        (resize_slices(v, organ.shape)[0, 0] * torch.from_numpy(organ.astype(np.float32))).sum().backward()
+        (resample_array(v, organ.shape)[0, 0] * torch.from_numpy(organ.astype(np.float32))).sum().backward()
     return v.grad[0, 0] > 0
 
 
@@ -259,7 +259,7 @@ def _uncertainty_of_slice(model, case, s, size, n_samples, seed, method, memory_
     third of them. Values inside the organ are those of a whole-slice pass.
     """
     h, w = case.images.shape[-2:]
-    x = resize_slices(case.slice_tensor(s)[None].to(device), size)
+    x = resample_array(case.slice_tensor(s)[None].to(device), size)
     needed = _bilinear_support(case.organ[s], size).to(device)
     result = {k: torch.zeros((1, 1, *size), device=device) for k in outputs}
     reseed(seed, s)
@@ -287,7 +287,7 @@ def _uncertainty_of_slice(model, case, s, size, n_samples, seed, method, memory_
         for k, v in column.items():
             result[k].view(-1)[rows * size[1] + cols] = v.reshape(-1)
     for k, v in result.items():
-        outputs[k][s] = resize_slices(v, (h, w))[0, 0].clamp_(min=0).cpu().numpy()
+        outputs[k][s] = resample_array(v, (h, w))[0, 0].clamp_(min=0).cpu().numpy()
 
 
 def uncertainty_summary(sd: np.ndarray, lesions: np.ndarray, organ: np.ndarray) -> dict:
@@ -335,5 +335,5 @@ def segment_case(
     if uncertainty is not None:
         maps["sd"] = uncertainty.sd
         summary = uncertainty_summary(uncertainty.sd, mask, case.organ)
-    table = lesion_table(labels, case.grid, case.axis, extra_maps=maps)
+    table = lesion_table(labels, case.grid, case.layout, extra_maps=maps)
     return Segmentation(probability=probability, mask=mask, labels=labels, lesions=table, uncertainty=uncertainty, summary=summary)

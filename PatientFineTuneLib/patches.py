@@ -30,18 +30,27 @@ def random_patch_centres(organ: np.ndarray, n: int, rng: np.random.Generator) ->
 
 def corner_and_centre_patch_centres(organ: np.ndarray, size: int = PATCH_SIZE) -> np.ndarray:
     """Five patch centres (row, col): the four corners of the organ's bounding box in the
-    slice and its centre (paper, fine-tuning). A corner patch has its corner on the box's
-    corner and extends inwards; when the box is smaller than a patch the patches overlap.
+    slice and its centre (paper, fine-tuning).
+
+    A corner patch has its corner on the box's corner and extends inwards. Along an axis
+    where the box is shorter than a patch, the patches are centred on the box instead (the
+    "corners" would otherwise reach beyond the box on one side only). Every centre is then
+    clamped so that the unrotated patch lies on the slice (centred on the slice when the
+    slice is smaller than a patch).
     """
     rows, cols = np.nonzero(organ)
     if rows.size == 0:
         raise ValueError("the slice has no organ pixels to place patches in")
-    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     half = size / 2
-    top, bottom = r0 + half, max(r0 + half, r1 - half)
-    left, right = c0 + half, max(c0 + half, c1 - half)
+    per_axis = []
+    for lo, hi, length in ((rows.min(), rows.max() + 1, organ.shape[0]), (cols.min(), cols.max() + 1, organ.shape[1])):
+        middle = (lo + hi) / 2
+        near, far = (lo + half, hi - half) if hi - lo >= size else (middle, middle)
+        clamp = (lambda c: length / 2) if length <= size else (lambda c: min(max(c, half), length - half))
+        per_axis.append((clamp(near), clamp(far), clamp(middle)))
+    (top, bottom, mid_row), (left, right, mid_col) = per_axis
     return np.array(
-        [[top, left], [top, right], [bottom, left], [bottom, right], [(r0 + r1) / 2, (c0 + c1) / 2]],
+        [[top, left], [top, right], [bottom, left], [bottom, right], [mid_row, mid_col]],
         dtype=np.float64,
     )
 

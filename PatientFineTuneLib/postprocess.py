@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .files import atomic_write
-from .images import from_slices
+from .images import SliceLayout
 
 CUBE_3x3x3 = np.ones((3, 3, 3), dtype=bool)
 #: 3x3 plus in the slice plane only.
@@ -68,7 +68,7 @@ def postprocess(
 def lesion_table(
     labels: np.ndarray,
     grid: sitk.Image,
-    axis: int,
+    layout: SliceLayout,
     extra_maps: dict[str, np.ndarray] | None = None,
 ) -> list[dict]:
     """One row per lesion: id, voxels, volume (mm³), centroid in physical coordinates.
@@ -77,8 +77,8 @@ def lesion_table(
     in NIfTI/NRRD by SimpleITK; Slicer shows RAS: negate x and y). ``extra_maps`` adds the
     mean of each given slice-first map inside each lesion (e.g. probability, uncertainty).
     """
-    labels_zyx = from_slices(labels, axis)
-    maps_zyx = {name: from_slices(values, axis) for name, values in (extra_maps or {}).items()}
+    labels_zyx = layout.from_slices(labels)
+    maps_zyx = {name: layout.from_slices(values) for name, values in (extra_maps or {}).items()}
     voxel_mm3 = float(np.prod(grid.GetSpacing()))
     rows = []
     # one small bounding box per lesion: no volume-sized temporaries (a 512x512x200 label

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import mrml
-from .images import Case, from_slices, load_case, prepare_case
+from .images import Case, load_case, prepare_case
 from .inference import Segmentation, segment_case
 from .modelfile import ModelBundle
 from .suggest import SliceSuggestion, suggest_slices
@@ -98,7 +98,7 @@ def segment_and_suggest(bundle: ModelBundle, case: Case, k: int = 2, device="aut
 
 def add_baseline_nodes(scene, case: Case, result: Segmentation, suggestions: list[SliceSuggestion], reference_node) -> BaselineAnalysis:
     """The baseline's editable "Baseline lesions" segmentation node (main thread only)."""
-    node = mrml.add_lesion_segmentation(scene, from_slices(result.mask, case.axis), reference_node, "Baseline lesions")
+    node = mrml.add_lesion_segmentation(scene, case.layout.from_slices(result.mask), reference_node, "Baseline lesions")
     segment_id = node.GetSegmentation().GetSegmentIdBySegmentName("Lesion")
     return BaselineAnalysis(node, segment_id, suggestions, result)
 
@@ -150,11 +150,11 @@ RESULT_COLOURS = {"base": (0.3, 0.75, 1.0)}
 
 def add_followup_nodes(scene, case: Case, result: Segmentation, reference_node, label: str) -> FollowupNodes:
     """Scene nodes for a follow-up result (main thread only)."""
-    segmentation = mrml.add_lesion_segmentation(scene, from_slices(result.mask, case.axis), reference_node, f"Follow-up lesions ({label})",
+    segmentation = mrml.add_lesion_segmentation(scene, case.layout.from_slices(result.mask), reference_node, f"Follow-up lesions ({label})",
                                                 colour=RESULT_COLOURS.get(label, mrml.LESION_COLOUR))
-    probability = mrml.add_probability_volume(scene, from_slices(result.probability, case.axis), reference_node, f"Lesion probability ({label})")
+    probability = mrml.add_probability_volume(scene, case.layout.from_slices(result.probability), reference_node, f"Lesion probability ({label})")
     uncertainty = None
     if result.uncertainty is not None:
-        uncertainty = mrml.add_uncertainty_volume(scene, from_slices(result.uncertainty.sd, case.axis), reference_node, f"Uncertainty SD ({label})")
+        uncertainty = mrml.add_uncertainty_volume(scene, case.layout.from_slices(result.uncertainty.sd), reference_node, f"Uncertainty SD ({label})")
     table = mrml.add_lesion_table(scene, result.lesions, f"Lesions ({label})")
     return FollowupNodes(segmentation, probability, uncertainty, table, result)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .files import atomic_write
-from .images import Case, resampled_size, resize_slices
+from .images import Case, resample_array, resampled_shape
 from .inference import Cancelled, predict_probability, private_rng, reseed, resolve_device
 from .metrics import dice
 from .model import LesionNet
@@ -98,11 +98,11 @@ def build_patch_pool(
     for case in cases:
         if case.lesions is None:
             raise ValueError(f"case {case.name or '?'} has no lesion mask; base training needs one")
-        size = resampled_size(case.images.shape[-2:], case.spacing, training_spacing)
+        size = resampled_shape(case.images.shape[-2:], case.spacing, training_spacing)
         for s in case.lesion_slices():
-            image = resize_slices(case.slice_tensor(s)[None], size)[0]
+            image = resample_array(case.slice_tensor(s)[None], size)[0]
             masks = torch.from_numpy(np.stack([case.lesions[s], case.organ[s]]).astype(np.float32))[None]
-            label, organ = resize_slices(masks, size, label=True)[0]
+            label, organ = resample_array(masks, size, label=True)[0]
             if not organ.any():
                 continue
             pool.images.append(image)

@@ -15,32 +15,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import Case
+from .images import Case, resample_array, resampled_shape
 from .inference import Cancelled, Uncertainty, mc_dropout_mode, private_rng, reseed
 from .modelfile import ModelBundle
-
-
-def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
-    """Array shape after resampling from ``spacing`` to ``target`` (same field of view)."""
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
-
-
-def resize_volume(x: torch.Tensor, shape: Sequence[int], label: bool = False) -> torch.Tensor:
-    """Resize (N, C, D, H, W) volumes to ``shape`` keeping the field of view (voxel-centre
-    aligned): trilinear for intensities and probabilities, nearest for labels."""
-    shape = tuple(int(s) for s in shape)
-    if tuple(x.shape[-3:]) == shape:
-        return x
-    return F.interpolate(x, size=shape, mode="nearest" if label else "trilinear", align_corners=False if not label else None)
 
 
 def case_on_model_grid(case: Case, spacing: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A normalised case's images (C, D, H, W), organ (D, H, W) and lesions (or None) at
     the model's voxel spacing (slices, rows, cols)."""
     shape = resampled_shape(case.organ.shape, case.volume_spacing, spacing)
-    images = resize_volume(torch.from_numpy(np.ascontiguousarray(case.images))[None], shape)[0]
+    images = resample_array(torch.from_numpy(np.ascontiguousarray(case.images))[None], shape)[0]
     masks = [case.organ] + ([case.lesions] if case.lesions is not None else [])
-    masks_t = resize_volume(torch.from_numpy(np.stack(masks).astype(np.float32))[None], shape, label=True)[0] > 0.5
+    masks_t = resample_array(torch.from_numpy(np.stack(masks).astype(np.float32))[None], shape, label=True)[0] > 0.5
     return images, masks_t[0], (masks_t[1] if case.lesions is not None else None)
 
 
@@ -104,7 +90,7 @@ def predict_volume(
     outputs = [maps[0]]
     if n_samples:
         outputs += [maps[1:].mean(0), maps[1:].std(0, unbiased=False)]
-    back = resize_volume(torch.stack(outputs)[None], case.organ.shape)[0].clamp_(min=0).numpy()
+    back = resample_array(torch.stack(outputs)[None], case.organ.shape)[0].clamp_(min=0).numpy()
     back[:, ~case.organ] = 0.0
     probability = np.minimum(back[0], 1.0)
     if not n_samples:

@@ -83,12 +83,12 @@ def visit_case(pair: dict, visit: str):
     without writing files (benchmarks and experiments)."""
     import numpy as np
 
-    from ..images import Case, normalise, slice_axis, to_slices
+    from ..images import Case, normalise, slice_layout
     from .common import to_image
 
     data = pair["visits"][visit]
     grid = to_image(data["organ"].astype(np.float32), pair["grid"])
-    axis = slice_axis(grid)
+    layout = slice_layout(grid)
     images = np.concatenate([a if a.ndim == 4 else a[None] for a in data["images"].values()])
-    organ = to_slices(data["organ"], axis)
-    return Case(normalise(to_slices(images, axis), organ), organ, to_slices(data["lesions"], axis), grid, axis, name=f"{pair['info']['seed']}/{visit}")
+    organ = layout.to_slices(data["organ"])
+    return Case(normalise(layout.to_slices(images), organ), organ, layout.to_slices(data["lesions"]), grid, layout, name=f"{pair['info']['seed']}/{visit}")

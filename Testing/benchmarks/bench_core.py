@@ -83,7 +83,7 @@ def memory_benchmark() -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from PatientFineTuneLib.images import Case, prepare_case
+    from PatientFineTuneLib.images import Case, prepare_case, slice_layout
     from PatientFineTuneLib.inference import segment_case
     from PatientFineTuneLib.model import LesionNet
     from PatientFineTuneLib.modelfile import ModelBundle
@@ -97,7 +97,7 @@ def memory_benchmark() -> None:
     organ[95:99, 40:470, 60:450] = True
     grid = sitk.Image(512, 512, 200, sitk.sitkUInt8)
     grid.SetSpacing((0.5, 0.5, 1.0))
-    case = prepare_case(Case(images, organ, None, grid, 2))
+    case = prepare_case(Case(images, organ, None, grid, slice_layout(grid)))
     del images
     bundle = ModelBundle(LesionNet((1, 1)).eval(), {"training_spacing_mm": [0.5, 0.5]})
     t = time.perf_counter()

@@ -41,7 +41,6 @@ def main() -> None:
     from PatientFineTuneLib.synth import generate_pair, visit_case
 
     case = visit_case(generate_pair("brain-wmh", 0), "baseline")
-    grid, axis = case.grid, case.axis
     torch.manual_seed(0)
     bundle = ModelBundle(LesionNet((1, 1), width=args.width).eval(), {"training_spacing_mm": [0.958, 0.958]})
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), width {args.width}, {args.iterations} iterations")

@@ -28,7 +28,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model
-    from PatientFineTuneLib.images import from_slices
     from PatientFineTuneLib.inference import segment_case
     from PatientFineTuneLib.metrics import compare_cohorts, evaluate_case
     from PatientFineTuneLib.modelcard import resolve_model_path
@@ -51,7 +50,7 @@ def main() -> None:
         line = [f"pair {seed}"]
         for name, bundle in models:
             mask = segment_case(bundle, followup, device="cpu").mask
-            m = evaluate_case(from_slices(mask, followup.axis), from_slices(followup.lesions, followup.axis), spacing)
+            m = evaluate_case(followup.layout.from_slices(mask), followup.layout.from_slices(followup.lesions), spacing)
             rows[name].append({"case": seed, "model": name, **m})
             line.append(f"{name} Dice {m['dice']:.3f} AVD {m['avd_percent']:6.1f}% F1 {m['lesion_f1']:.3f}")
         print(", ".join(line) + f" ({time.perf_counter() - t:.0f} s)", flush=True)

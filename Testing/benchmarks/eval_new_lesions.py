@@ -51,7 +51,7 @@ def build_cases(work: Path, n_train: int, n_test: int) -> dict[str, list[Path]]:
 
 
 def evaluate(model_path: Path, cases: list[Path]) -> list[dict]:
-    from PatientFineTuneLib.images import from_slices, load_case, prepare_case
+    from PatientFineTuneLib.images import load_case, prepare_case
     from PatientFineTuneLib.inference import segment_case
     from PatientFineTuneLib.metrics import dice, lesion_detection
     from PatientFineTuneLib.modelfile import load_model
@@ -61,7 +61,7 @@ def evaluate(model_path: Path, cases: list[Path]) -> list[dict]:
     for folder in cases:
         case = prepare_case(load_case([folder / "FLAIR.nii.gz", folder / "FLAIR_subtraction.nii.gz"], folder / "organ.nii.gz", folder / "lesions.nii.gz"))
         result = segment_case(bundle, case, opening=bundle.opening, device="cpu")
-        pred, gt = from_slices(result.mask, case.axis), from_slices(case.lesions, case.axis)
+        pred, gt = case.layout.from_slices(result.mask), case.layout.from_slices(case.lesions)
         detection = lesion_detection(pred, gt)
         rows.append({"case": folder.name, "dice": dice(pred, gt), **detection})
     return rows

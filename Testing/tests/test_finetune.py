@@ -115,7 +115,7 @@ def test_bad_slice_choices_fail_before_training(bundle, baseline):
     outside = baseline.lesion_slices()[0]
     organ = baseline.organ.copy()
     organ[outside] = False  # the organ mask says this slice lies outside the organ
-    cut = type(baseline)(baseline.images, organ, baseline.lesions, baseline.grid, baseline.axis)
+    cut = type(baseline)(baseline.images, organ, baseline.lesions, baseline.grid, baseline.layout)
     config = FinetuneConfig(**CONFIG)
     with pytest.raises(ValueError, match=f"slice {empty} has no annotated lesion"):
         finetune_patient_model(bundle, baseline, [empty], config, device="cpu")

@@ -9,8 +9,6 @@ from PatientFineTuneLib.images import (
     auto_brain_mask,
     load_case,
     normalise,
-    resampled_size,
-    resize_slices,
     slice_axis,
     write_image,
 )
@@ -132,29 +130,21 @@ def test_automatic_brain_mask_on_a_skull_on_head():
     assert dice > 0.93
 
 
-def test_in_plane_resampling_keeps_the_field_of_view():
-    assert resampled_size((240, 240), (0.958, 0.958), (0.958, 0.958)) == (240, 240)
-    assert resampled_size((100, 50), (2.0, 1.0), (1.0, 1.0)) == (200, 50)
-    x = torch.zeros(1, 1, 20, 20)
-    x[..., 5:15, 5:15] = 1
-    up = resize_slices(x, (40, 40))
-    back = resize_slices(up, (20, 20))
-    assert torch.allclose(back, x, atol=0.3) and up.shape[-1] == 40
-    labels = resize_slices(x, (40, 40), label=True)
-    assert set(labels.unique().tolist()) == {0.0, 1.0}
-
-
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_physical_point_of_a_slice_first_index(axis):
-    from PatientFineTuneLib.images import Case, from_slices, to_slices
+@pytest.mark.parametrize("swap, flip_rows, flip_cols", [(False, False, False), (True, True, False), (False, False, True), (True, True, True)])
+def test_physical_point_of_a_slice_first_index(axis, swap, flip_rows, flip_cols):
+    from PatientFineTuneLib.images import Case, SliceLayout
 
+    high, low = sorted((a for a in range(3) if a != axis), reverse=True)
+    layout = SliceLayout(axis, low if swap else high, high if swap else low, flip_rows, flip_cols)
     grid = sitk.Image(7, 9, 11, sitk.sitkUInt8)
     grid.SetSpacing((0.5, 1.5, 2.5))
     grid.SetOrigin((3.0, 4.0, 5.0))
     grid.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))
-    shape = to_slices(np.zeros((11, 9, 7)), axis).shape
-    case = Case(np.zeros((1, *shape), np.float32), np.ones(shape, bool), None, grid, axis)
+    shape = layout.to_slices(np.zeros((11, 9, 7))).shape
+    case = Case(np.zeros((1, *shape), np.float32), np.ones(shape, bool), None, grid, layout)
     marker = np.zeros(shape, bool)
     marker[2, 3, 4] = True
-    z, y, x = np.argwhere(from_slices(marker, axis))[0]
+    assert np.array_equal(layout.to_slices(layout.from_slices(marker)), marker)
+    z, y, x = np.argwhere(layout.from_slices(marker))[0]
     assert case.physical_point(2, 3, 4) == pytest.approx(grid.TransformIndexToPhysicalPoint([int(x), int(y), int(z)]))

@@ -9,7 +9,7 @@ import slicer  # (slicer-core, a pinned test dependency: these tests must run in
 import vtk  # from slicer-core's vtk
 
 from PatientFineTuneLib import mrml  
-from PatientFineTuneLib.images import Case, from_slices, slice_axis, to_slices  
+from PatientFineTuneLib.images import Case, slice_layout  
 from PatientFineTuneLib.postprocess import label_lesions, lesion_table  
 from PatientFineTuneLib.suggest import SliceSuggestion  
 
@@ -135,9 +135,9 @@ def test_probability_and_uncertainty_volumes_are_displayed_as_maps(scene):
 
 
 def _case(image):
-    axis = slice_axis(image)
+    layout = slice_layout(image)
     array = sitk.GetArrayFromImage(image)
-    return Case(to_slices(array[None], axis), to_slices(np.ones(array.shape, bool), axis), None, image, axis)
+    return Case(layout.to_slices(array[None]), layout.to_slices(np.ones(array.shape, bool)), None, image, layout)
 
 
 def test_lesion_table_holds_ras_centroids_of_the_lesions(scene):
@@ -147,8 +147,8 @@ def test_lesion_table_holds_ras_centroids_of_the_lesions(scene):
     mask[2:4, 2:5, 3:6] = True
     mask[5, 8, 10] = True
     case = _case(image)
-    labels, n = label_lesions(to_slices(mask, case.axis))
-    rows = lesion_table(labels, image, case.axis, extra_maps={"sd": np.full(labels.shape, 0.25, np.float32)})
+    labels, n = label_lesions(case.layout.to_slices(mask))
+    rows = lesion_table(labels, image, case.layout, extra_maps={"sd": np.full(labels.shape, 0.25, np.float32)})
     table = mrml.add_lesion_table(scene, rows)
     assert table.GetNumberOfRows() == n == 2
     names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
@@ -156,7 +156,7 @@ def test_lesion_table_holds_ras_centroids_of_the_lesions(scene):
     assert table.GetColumnUnitLabel("Volume") == "mm3"
     matrix = mrml.ijk_to_ras_matrix(reference)
     for r, row in enumerate(rows):
-        component = from_slices(labels, case.axis) == row["id"]
+        component = case.layout.from_slices(labels) == row["id"]
         centre_ijk = np.argwhere(component).mean(axis=0)[::-1]
         expected_ras = (matrix @ np.append(centre_ijk, 1.0))[:3]
         got = [float(table.GetCellText(r, c)) for c in (2, 3, 4)]

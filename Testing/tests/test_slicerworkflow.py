@@ -11,7 +11,7 @@ import slicer  # noqa: F401  (slicer-core, a pinned test dependency: these tests
 from PatientFineTuneLib import mrml  
 from PatientFineTuneLib.cases import find_cases  
 from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model  
-from PatientFineTuneLib.images import from_slices, load_case, prepare_case  
+from PatientFineTuneLib.images import load_case, prepare_case  
 from PatientFineTuneLib.inference import Cancelled, segment_case  
 from PatientFineTuneLib.modelfile import ModelBundle, make_metadata  
 from PatientFineTuneLib.slicerworkflow import MaskSource, analyse_baseline, finetune_from_nodes, segment_followup  
@@ -44,7 +44,7 @@ def test_three_steps_on_nodes_match_the_file_workflow(scene, bundle, small_pair_
     file_case = _file_case(small_pair_dir / "baseline")
     expected = segment_case(bundle, file_case, device="cpu")
     segment = mrml.segment_to_array(analysis.segmentation_node, analysis.segment_id, baseline_nodes[0])
-    assert np.array_equal(segment, from_slices(expected.mask, file_case.axis))
+    assert np.array_equal(segment, file_case.layout.from_slices(expected.mask))
     assert len(analysis.suggestions) == 2 and all(0.0 <= s.mean_probability <= 1.0 for s in analysis.suggestions)
 
     # the radiologist corrects the segment (here: to the truth) and fine-tunes on the suggested slices
@@ -65,7 +65,7 @@ def test_three_steps_on_nodes_match_the_file_workflow(scene, bundle, small_pair_
         assert np.allclose(mrml.ijk_to_ras_matrix(node), mrml.ijk_to_ras_matrix(followup_nodes[0]))
     seg = nodes.segmentation.GetSegmentation()
     lesion = mrml.segment_to_array(nodes.segmentation, seg.GetSegmentIdBySegmentName("Lesion"), followup_nodes[0])
-    assert np.array_equal(lesion, from_slices(nodes.result.mask, file_case.axis))
+    assert np.array_equal(lesion, file_case.layout.from_slices(nodes.result.mask))
     assert nodes.table.GetNumberOfRows() == len(nodes.result.lesions)
     assert nodes.segmentation.GetName() == "Follow-up lesions (fine-tuned)"
     base = segment_followup(scene, bundle, followup_nodes, followup_organ, mc_samples=0, label="base", device="cpu")

@@ -83,7 +83,7 @@ def test_validation_dice_is_reported_and_cancel_stops(cases):
 
 def test_cases_without_lesions_are_refused(cases):
     case = cases[0]
-    case_no_lesions = type(case)(case.images, case.organ, None, case.grid, case.axis, "x")
+    case_no_lesions = type(case)(case.images, case.organ, None, case.grid, case.layout, "x")
     with pytest.raises(ValueError, match="no lesion mask"):
         build_patch_pool([case_no_lesions], SPACING, 5, 0)
 
