@@ -3,22 +3,28 @@ uncertainty, in 3D Slicer.
 
 Thin by design: the work happens in ``PatientFineTuneLib`` (pure Python) and its MRML
 bridge ``PatientFineTuneLib.slicerworkflow`` / ``.mrml`` (tested in CI against the real
-MRML classes of the slicer-core wheel). This file holds the Qt widget, the parameter node,
-dependency installation, background execution and the self-test.
+MRML classes of the slicer-core wheel). Long work (analysis, fine-tuning, follow-up
+segmentation) runs as ``patient-finetune`` jobs in a subprocess started with Slicer's own
+Python (``PythonSlicer``), as SlicerMONAIAuto3DSeg does: the module writes the inputs it
+reads from nodes to a temporary folder, a QTimer polls the job's JSON progress lines, Cancel
+terminates the process, and the results are loaded back into nodes on the main thread.
+This file holds the Qt widget, the parameter node, dependency installation and the
+self-test; PyTorch is imported here only to describe the device once it is installed.
 """
 
 import logging
 import os
-import queue
+import shutil
 import sys
-import threading
+import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Union
 
 import qt
 import slicer
 import vtk
 from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -35,26 +41,26 @@ _REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 if (_REPOSITORY_ROOT / "PatientFineTuneLib" / "__init__.py").is_file() and str(_REPOSITORY_ROOT) not in sys.path:
     sys.path.append(str(_REPOSITORY_ROOT))
 
-TORCH_REQUIREMENT = ">=2.1"
+#: Oldest PyTorch the library runs on.
+TORCH_MINIMUM = (2, 1)
 #: Python packages the library needs beyond what Slicer ships (import name: pip name).
 EXTRA_PACKAGES = {"skimage": "scikit-image", "tqdm": "tqdm"}
 SAMPLE_CATEGORY = "PatientFineTune"
 SAMPLE_NAME = "PatientFineTuneSyntheticWMH"
+#: Sequences a model may read (one volume selector per sequence and visit in the .ui).
+MAX_SEQUENCES = 4
+#: How often a running job's output is read (ms).
+POLL_INTERVAL_MS = 200
 
 #: Every widget this file looks up in Resources/UI/PatientFineTune.ui, with its class.
 #: Checked when the widget is built, and by the CI test that parses the .ui file.
 WIDGET_CLASSES = {
+    "inputsCollapsibleButton": "ctkCollapsibleButton",
     "baseModelComboBox": "QComboBox",
     "browseModelButton": "QPushButton",
     "modelInfoLabel": "QLabel",
-    "baselineVolume1Label": "QLabel",
-    "baselineVolume2Label": "QLabel",
-    "followupVolume1Label": "QLabel",
-    "followupVolume2Label": "QLabel",
-    "baselineVolume1Selector": "qMRMLNodeComboBox",
-    "baselineVolume2Selector": "qMRMLNodeComboBox",
-    "followupVolume1Selector": "qMRMLNodeComboBox",
-    "followupVolume2Selector": "qMRMLNodeComboBox",
+    **{f"{visit}Volume{i}Label": "QLabel" for visit in ("baseline", "followup") for i in range(1, MAX_SEQUENCES + 1)},
+    **{f"{visit}Volume{i}Selector": "qMRMLNodeComboBox" for visit in ("baseline", "followup") for i in range(1, MAX_SEQUENCES + 1)},
     "baselineOrganSelector": "qMRMLNodeComboBox",
     "followupOrganSelector": "qMRMLNodeComboBox",
     "deviceLabel": "QLabel",
@@ -67,6 +73,7 @@ WIDGET_CLASSES = {
     "sliceSelectionComboBox": "QComboBox",
     "weightingComboBox": "QComboBox",
     "finetuneButton": "QPushButton",
+    "uncertaintyCheckBox": "QCheckBox",
     "mcSamplesSpinBox": "QSpinBox",
     "compareWithBaseCheckBox": "QCheckBox",
     "segmentButton": "QPushButton",
@@ -90,7 +97,7 @@ class PatientFineTune(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("Patient Fine-Tune")
-        self.parent.categories = [_("Segmentation")]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["PatientFineTune developers"]
         self.parent.helpText = _(
@@ -108,8 +115,9 @@ class PatientFineTune(ScriptedLoadableModule):
 
 def registerSampleData():
     """A synthetic brain-WMH patient (baseline + follow-up, FLAIR + T1, true lesion masks),
-    generated on first use into Slicer's cache (it needs torch, which may not be installed
-    at start-up)."""
+    generated on first use into Slicer's cache. Only the Sample Data module's button can
+    load it (``SampleData.downloadSample`` handles downloadable files only); scripts call
+    ``PatientFineTuneLogic().loadSamplePatient()``."""
     import SampleData
 
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
@@ -119,84 +127,55 @@ def registerSampleData():
         uris=[],
         fileNames=[],
         nodeNames=[],
-        customDownloader=lambda source: PatientFineTuneLogic().loadSamplePatient(),
+        customDownloader=_downloadSamplePatient,
     )
+
+
+def _downloadSamplePatient(source):
+    """Sample Data's button (a module-level function, so that registering again after a
+    module reload does not add a second entry)."""
+    return PatientFineTuneLogic().loadSamplePatient()
 
 
 #
 # Parameter node
 #
 
+#: Concrete node classes only: connectGui instantiates each class to name it in the node
+#: selector, and the abstract vtkMRMLVolumeNode / vtkMRMLNode cannot be instantiated.
+VolumeNode = Union[slicer.vtkMRMLScalarVolumeNode, slicer.vtkMRMLVectorVolumeNode, None]
+MaskNode = Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode, None]
+
 
 @parameterNodeWrapper
 class PatientFineTuneParameterNode:
-    baselineVolume1: slicer.vtkMRMLVolumeNode
-    baselineVolume2: slicer.vtkMRMLVolumeNode
-    followupVolume1: slicer.vtkMRMLVolumeNode
-    followupVolume2: slicer.vtkMRMLVolumeNode
-    baselineOrgan: slicer.vtkMRMLNode
-    followupOrgan: slicer.vtkMRMLNode
+    baselineVolume1: VolumeNode
+    baselineVolume2: VolumeNode
+    baselineVolume3: VolumeNode
+    baselineVolume4: VolumeNode
+    followupVolume1: VolumeNode
+    followupVolume2: VolumeNode
+    followupVolume3: VolumeNode
+    followupVolume4: VolumeNode
+    baselineOrgan: MaskNode
+    followupOrgan: MaskNode
     forceCpu: bool = False
     suggestedSliceCount: Annotated[int, WithinRange(1, 10)] = 2
     iterations: Annotated[int, WithinRange(10, 5000)] = 100
     sliceSelection: Annotated[str, Choice(["suggested", "all-lesion"])] = "suggested"
     weighting: Annotated[str, Choice(["preset", "none", "segmentation", "detection"])] = "preset"
-    mcSamples: Annotated[int, WithinRange(0, 200)] = 25
+    computeUncertainty: bool = True
+    #: MC-dropout samples; at least 2, as the library requires (an SD needs two samples).
+    mcSamples: Annotated[int, WithinRange(2, 200)] = 25
     compareWithBase: bool = True
     #: Base model: a preset name (shipped model) or a model file path.
     baseModel: str = "brain-wmh"
     #: The baseline lesion segmentation the radiologist edits (made by step 1).
-    baselineSegmentation: slicer.vtkMRMLSegmentationNode
+    baselineSegmentation: Union[slicer.vtkMRMLSegmentationNode, None]
     #: Comma-separated suggested slice indices (from step 1).
     suggestedSlices: str = ""
     #: Where the current patient model was saved or loaded from ("" = not saved).
     patientModelPath: str = ""
-
-
-#
-# Background work
-#
-
-
-class BackgroundTask:
-    """Run ``work(progress, cancelled)`` in a worker thread; the main thread gets progress
-    and the result through a queue polled by a QTimer, so Slicer stays responsive and no
-    MRML call ever happens off the main thread."""
-
-    def __init__(self, work, onProgress, onDone):
-        self._queue = queue.Queue()
-        self._cancel = threading.Event()
-        self._onProgress, self._onDone = onProgress, onDone
-        self._timer = qt.QTimer()
-        self._timer.setInterval(100)
-        self._timer.connect("timeout()", self._poll)
-
-        def run():
-            try:
-                result = work(lambda *values: self._queue.put(("progress", values)), self._cancel.is_set)
-                self._queue.put(("done", (result, None)))
-            except BaseException as exc:  # handed to the main thread, which reports it
-                self._queue.put(("done", (None, exc)))
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        self._timer.start()
-
-    def cancel(self):
-        self._cancel.set()
-
-    def _poll(self):
-        while True:
-            try:
-                kind, values = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "progress":
-                self._onProgress(*values)
-            else:
-                self._timer.stop()
-                self._onDone(*values)
-                return
 
 
 #
@@ -211,8 +190,7 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._task = None
-        self._taskButton = None
+        self._job = None  # the running RunningStep, or None
         self._suggestions = {}
         self._results = []
 
@@ -231,11 +209,10 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        for name, path in self.logic.shippedModels().items():
-            self.ui.baseModelComboBox.addItem(name, str(path))
-        self.ui.baseModelComboBox.connect("currentIndexChanged(int)", self.onBaseModelChosen)
+        for name in self.logic.shippedModels():
+            self.ui.baseModelComboBox.addItem(name, name)
+        self.ui.baseModelComboBox.connect("activated(int)", self.onBaseModelActivated)
         self.ui.browseModelButton.connect("clicked(bool)", self.onBrowseModel)
-        self.ui.forceCpuCheckBox.connect("toggled(bool)", lambda checked: self.updateDeviceLabel())
         self.ui.analyseButton.connect("clicked(bool)", self.onAnalyse)
         self.ui.suggestionsListWidget.connect("itemClicked(QListWidgetItem*)", self.onSuggestionClicked)
         self.ui.editSegmentButton.connect("clicked(bool)", self.onEditSegment)
@@ -245,11 +222,16 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultComboBox.connect("currentIndexChanged(int)", lambda index: self.showOverlay())
         self.ui.saveModelButton.connect("clicked(bool)", self.onSaveModel)
         self.ui.loadPatientModelButton.connect("clicked(bool)", self.onLoadPatientModel)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self._pollJob)
+        self.ui.deviceLabel.text = _("decided when a step starts (a GPU if PyTorch finds one)")
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._task:
-            self._task.cancel()
+        # Reload or application exit: no job may outlive the widget, nor its timer
+        self._cancelJob()
+        self._timer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -259,10 +241,11 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._task:
-            self._task.cancel()
+        self._cancelJob()  # its results would belong to nodes that are going away
+        self._results = []
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -280,19 +263,16 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
-            index = self.ui.baseModelComboBox.findText(self._parameterNode.baseModel)
-            if index >= 0:
-                self.ui.baseModelComboBox.setCurrentIndex(index)
-            self.onBaseModelChosen()
+            self.showBaseModel()
         self.updateButtons()
 
     # -- state shown in the GUI ----------------------------------------------------------
 
     def updateButtons(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        busy = self._task is not None
-        ready = p is not None and self.logic.baseBundleInfo is not None
+        busy = self._job is not None
         sequences = self.logic.sequenceNames()
+        ready = p is not None and bool(sequences)
         baseline = ready and all(getattr(p, f"baselineVolume{i + 1}") for i in range(len(sequences)))
         followup = ready and all(getattr(p, f"followupVolume{i + 1}") for i in range(len(sequences)))
         for button, enabled in (
@@ -300,62 +280,79 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (self.ui.editSegmentButton, ready and p.baselineSegmentation is not None),
             (self.ui.finetuneButton, baseline and p.baselineSegmentation is not None),
             (self.ui.segmentButton, followup),
-            (self.ui.saveModelButton, self.logic.patientBundle is not None),
+            (self.ui.saveModelButton, self.logic.models.patient_model is not None),
+            (self.ui.loadPatientModelButton, ready),
         ):
-            button.enabled = enabled and (not busy or button is self._taskButton)
+            button.enabled = enabled and (not busy or button is self._job.button)
+        # the inputs a job read stay as they were until it ends
+        self.ui.inputsCollapsibleButton.enabled = not busy
+        self.ui.mcSamplesSpinBox.enabled = p is not None and p.computeUncertainty
 
-    def onBaseModelChosen(self, index=None) -> None:
-        path = self.ui.baseModelComboBox.currentData
-        if not path or not self._parameterNode:
-            return
-        with slicer.util.tryWithErrorDisplay(_("Could not load the base model."), waitCursor=True):
-            if not self.logic.ensureDependencies():
-                return
-            info = self.logic.loadBaseModel(path)
-            self._parameterNode.baseModel = self.ui.baseModelComboBox.currentText
-            sequences = self.logic.sequenceNames()
-            for i in (1, 2):
-                used = i <= len(sequences)
-                name = sequences[i - 1] if used else ""
-                for prefix in ("baseline", "followup"):
-                    getattr(self.ui, f"{prefix}Volume{i}Label").text = f"{prefix.capitalize()} {name}:" if used else ""
-                    getattr(self.ui, f"{prefix}Volume{i}Label").visible = used
-                    getattr(self.ui, f"{prefix}Volume{i}Selector").visible = used
-            self.ui.modelInfoLabel.text = info
-            self.updateDeviceLabel()
+    def showBaseModel(self) -> None:
+        """Select the parameter node's base model in the chooser and show what it reads;
+        keeps the patient model when the model did not change (re-entering the module)."""
+        p = self._parameterNode
+        index = self.ui.baseModelComboBox.findData(p.baseModel)
+        if index < 0:
+            self.ui.baseModelComboBox.addItem(Path(p.baseModel).name, p.baseModel)
+            index = self.ui.baseModelComboBox.count - 1
+        self.ui.baseModelComboBox.setCurrentIndex(index)
+        try:
+            self.ui.modelInfoLabel.text = self.logic.chooseBaseModel(p.baseModel)
+        except (OSError, ValueError) as exc:  # shown in the panel: this runs whenever the panel opens
+            self.ui.modelInfoLabel.text = _("Cannot use this model: {error}").format(error=exc)
+        sequences = self.logic.sequenceNames()
+        for i in range(1, MAX_SEQUENCES + 1):
+            used = i <= len(sequences)
+            for visit in ("baseline", "followup"):
+                label = getattr(self.ui, f"{visit}Volume{i}Label")
+                label.text = f"{visit.capitalize()} {sequences[i - 1]}:" if used else ""
+                label.visible = used
+                getattr(self.ui, f"{visit}Volume{i}Selector").visible = used
+        self.ui.patientModelLabel.text = self.logic.patientModelText()
         self.updateButtons()
+
+    def onBaseModelActivated(self, index) -> None:
+        """The user picked another base model."""
+        self._parameterNode.baseModel = self.ui.baseModelComboBox.itemData(index)
+        self.showBaseModel()
 
     def onBrowseModel(self) -> None:
         path = qt.QFileDialog.getOpenFileName(self.parent, _("Base model"), "", _("PatientFineTune model (*.pt)"))
         if path:
-            self.ui.baseModelComboBox.addItem(Path(path).name, path)
-            self.ui.baseModelComboBox.setCurrentIndex(self.ui.baseModelComboBox.count - 1)
+            self._parameterNode.baseModel = path
+            self.showBaseModel()
 
-    def updateDeviceLabel(self) -> None:
-        if self.logic.torchAvailable():
-            self.ui.deviceLabel.text = self.logic.deviceDescription(self.ui.forceCpuCheckBox.checked)
-
-    # -- step 1 --------------------------------------------------------------------------
+    # -- the three steps -------------------------------------------------------------------
 
     def onAnalyse(self) -> None:
+        if self._job:  # the button reads "Cancel" while a step runs
+            self._cancelJob()
+            return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Analysing the baseline failed."), waitCursor=True):
-            analysis = self.logic.analyseBaseline(self._volumes("baseline"), p.baselineOrgan, p.suggestedSliceCount, p.forceCpu)
-            p.baselineSegmentation = analysis.segmentation_node
-            p.suggestedSlices = ",".join(str(s.index) for s in analysis.suggestions)
-            self.ui.suggestionsListWidget.clear()
-            for s in analysis.suggestions:
-                item = qt.QListWidgetItem(_("Slice {index}: mean lesion probability {p:.2f}").format(index=s.index, p=s.mean_probability))
-                item.setData(qt.Qt.UserRole, s.index)
-                self.ui.suggestionsListWidget.addItem(item)
-            self._suggestions = {s.index: s for s in analysis.suggestions}
-            slicer.util.setSliceViewerLayers(background=p.baselineVolume1, fit=True)
-            if analysis.suggestions:
-                self.logic.jumpToSuggestion(analysis.suggestions[0])
-            self.ui.statusLabel.text = _("Check and correct the lesion segment on the suggested slices, then fine-tune.")
+        self._startStep(self.ui.analyseButton, _("Analyse baseline"), lambda: self.logic.startAnalyse(
+            self._volumes("baseline"), p.baselineOrgan, p.suggestedSliceCount, p.forceCpu))
+
+    def onAnalyseDone(self, analysis) -> None:
+        p = self._parameterNode
+        p.baselineSegmentation = analysis.segmentation_node
+        p.suggestedSlices = ",".join(str(s.index) for s in analysis.suggestions)
+        self.ui.suggestionsListWidget.clear()
+        for s in analysis.suggestions:
+            item = qt.QListWidgetItem(_("Slice {index}: mean lesion probability {p:.2f}").format(index=s.index, p=s.mean_probability))
+            item.setData(qt.Qt.UserRole, s.index)
+            self.ui.suggestionsListWidget.addItem(item)
+        self._suggestions = {s.index: s for s in analysis.suggestions}
+        slicer.util.setSliceViewerLayers(background=p.baselineVolume1, fit=True)
+        if analysis.suggestions:
+            self.logic.jumpToSuggestion(analysis.suggestions[0])
+        self.ui.statusLabel.text = _("Check and correct the lesion segment on the suggested slices (a slice without lesions "
+                                     "is a valid answer: leave it empty), then fine-tune.")
 
     def onSuggestionClicked(self, item) -> None:
-        self.logic.jumpToSuggestion(self._suggestions[item.data(qt.Qt.UserRole)])
+        suggestion = self._suggestions.get(item.data(qt.Qt.UserRole))
+        if suggestion is not None:
+            self.logic.jumpToSuggestion(suggestion)
 
     def onEditSegment(self) -> None:
         p = self._parameterNode
@@ -364,55 +361,43 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setSegmentationNode(p.baselineSegmentation)
         editor.setSourceVolumeNode(p.baselineVolume1)
 
-    # -- step 2 --------------------------------------------------------------------------
-
     def onFinetune(self) -> None:
-        if self._task:  # the button reads "Cancel" while training
-            self._task.cancel()
+        if self._job:
+            self._cancelJob()
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start."), waitCursor=True):
-            work = self.logic.prepareFinetune(self._volumes("baseline"), p.baselineOrgan, p.baselineSegmentation, p.sliceSelection,
-                                              [int(s) for s in p.suggestedSlices.split(",") if s], p.iterations, p.weighting, p.forceCpu)
-            self._start(work, self.ui.finetuneButton, _("Fine-tune"), p.iterations, self.onFinetuneDone)
+        suggested = [int(s) for s in p.suggestedSlices.split(",") if s]
+        self._startStep(self.ui.finetuneButton, _("Fine-tune"), lambda: self.logic.startFinetune(
+            self._volumes("baseline"), p.baselineOrgan, p.baselineSegmentation, p.sliceSelection, suggested, p.iterations,
+            p.weighting, p.forceCpu))
 
-    def onFinetuneDone(self, bundle) -> None:
-        self.logic.patientBundle = bundle
+    def onFinetuneDone(self, description) -> None:
         self._parameterNode.patientModelPath = ""
-        info = bundle.metadata["finetune"]
-        self.ui.patientModelLabel.text = _("Patient model: {n} iterations on slices {slices} ({method} path), not saved yet.").format(
-            n=info["config"]["iterations"], slices=", ".join(map(str, info["slices"])), method=info["method"])
-
-    # -- step 3 --------------------------------------------------------------------------
+        self.ui.patientModelLabel.text = self.logic.patientModelText()
 
     def onSegment(self) -> None:
-        if self._task:
-            self._task.cancel()
+        if self._job:
+            self._cancelJob()
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Segmenting the follow-up could not start."), waitCursor=True):
-            work, total = self.logic.prepareFollowup(self._volumes("followup"), p.followupOrgan, p.mcSamples, p.compareWithBase, p.forceCpu)
-            self._start(work, self.ui.segmentButton, _("Segment follow-up"), total, self.onSegmentDone)
+        self._startStep(self.ui.segmentButton, _("Segment follow-up"), lambda: self.logic.startFollowup(
+            self._volumes("followup"), p.followupOrgan, p.mcSamples if p.computeUncertainty else 0, p.compareWithBase, p.forceCpu))
 
-    def onSegmentDone(self, results) -> None:
-        self._results = self.logic.addFollowupNodes(results, self._volumes("followup")[0])
+    def onSegmentDone(self, runs) -> None:
+        self._results += runs
         self.showOverlay()
-        self.ui.statusLabel.text = self.logic.describeResults(self._results)
+        self.ui.statusLabel.text = "\n".join(self.logic.describeResults(runs))
 
     def showOverlay(self) -> None:
-        """Show the chosen result (fine-tuned, base, or both segmentations) and its
-        uncertainty or probability map over the follow-up."""
+        """Show the chosen result of the latest run (fine-tuned, base, or both), hide the
+        rest, and its uncertainty or probability map over the follow-up."""
         if not self._results:
             return
-        shown = self.ui.resultComboBox.currentText
-        byLabel = {r.segmentation.GetName().split("(")[-1].rstrip(")"): r for r in self._results}
-        main = byLabel.get(shown, self._results[-1])
-        for label, r in byLabel.items():
-            r.segmentation.GetDisplayNode().SetVisibility(shown == "both" or label == shown or len(byLabel) == 1)
+        main = self.logic.showResults(self._results, self.ui.resultComboBox.currentText)
         self.ui.lesionTableView.setMRMLTableNode(main.table)
-        choice = self.ui.overlayComboBox.currentText
-        node = {"uncertainty": main.uncertainty, "probability": main.probability}.get(choice)
-        self.logic.showOverlay(node, self._volumes("followup")[0])
+        node = {"uncertainty": main.uncertainty, "probability": main.probability}.get(self.ui.overlayComboBox.currentText)
+        self.logic.showOverlay(node, [r.uncertainty for r in self._results] + [r.probability for r in self._results],
+                               self._volumes("followup")[0])
 
     # -- patient model files -------------------------------------------------------------
 
@@ -421,54 +406,78 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = qt.QFileDialog.getSaveFileName(self.parent, _("Save patient model"), default, _("PatientFineTune model (*.pt)"))
         if path:
             with slicer.util.tryWithErrorDisplay(_("Saving the patient model failed."), waitCursor=True):
-                self._parameterNode.patientModelPath = self.logic.savePatientModel(path)
+                self._parameterNode.patientModelPath = str(self.logic.savePatientModel(path))
                 self.ui.patientModelLabel.text = _("Patient model saved to {path}").format(path=path)
 
     def onLoadPatientModel(self) -> None:
         path = qt.QFileDialog.getOpenFileName(self.parent, _("Load patient model"), "", _("PatientFineTune model (*.pt)"))
         if path:
             with slicer.util.tryWithErrorDisplay(_("Loading the patient model failed."), waitCursor=True):
-                self.ui.patientModelLabel.text = self.logic.loadPatientModel(path)
+                self.logic.loadPatientModel(path)
                 self._parameterNode.patientModelPath = path
+                self.ui.patientModelLabel.text = self.logic.patientModelText()
         self.updateButtons()
 
-    # -- helpers -------------------------------------------------------------------------
+    # -- jobs ------------------------------------------------------------------------------
 
-    def _volumes(self, prefix):
-        n = len(self.logic.sequenceNames())
-        return [getattr(self._parameterNode, f"{prefix}Volume{i + 1}") for i in range(n)]
+    def _volumes(self, visit):
+        return [getattr(self._parameterNode, f"{visit}Volume{i + 1}") for i in range(len(self.logic.sequenceNames()))]
 
-    def _start(self, work, button, label, total, onDone) -> None:
-        self._taskButton, self._taskLabel = button, label
-        button.text = _("Cancel")
-        self.ui.progressBar.visible = True
-        self.ui.progressBar.maximum = max(int(total), 1)
-        self.ui.progressBar.value = 0
-
-        def progress(done, value=None):
-            self.ui.progressBar.value = int(done)
-            if isinstance(value, float):
-                self.ui.statusLabel.text = _("Iteration {i}: loss {loss:.4f}").format(i=int(done), loss=value)
-
-        def finished(result, error):
-            self._task = None
-            button.text = self._taskLabel
-            self.ui.progressBar.visible = False
-            self.updateButtons()
-            if error is not None:
-                from PatientFineTuneLib.inference import Cancelled
-
-                if isinstance(error, Cancelled):
-                    self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
-                else:
-                    self.ui.statusLabel.text = ""
-                    slicer.util.errorDisplay(_("{what} failed: {error}").format(what=label, error=error))
+    def _startStep(self, button, label, start) -> None:
+        """Check the dependencies, then ``start()`` the step's job (it reads the nodes now)
+        and poll it until it ends."""
+        with slicer.util.tryWithErrorDisplay(_("{what} could not start.").format(what=label), waitCursor=True):
+            if not self.logic.ensureDependencies():
                 return
-            with slicer.util.tryWithErrorDisplay(_("Showing the results failed."), waitCursor=True):
-                onDone(result)
-
-        self._task = BackgroundTask(work, progress, finished)
+            self.ui.deviceLabel.text = self.logic.deviceDescription(self._parameterNode.forceCpu)
+            self._job = start()
+            self._job.button, self._job.label = button, label
+            button.text = _("Cancel")
+            self.ui.progressBar.visible = True
+            self.ui.progressBar.maximum = 1000
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("{what}: starting...").format(what=label)
+            self._timer.start()
         self.updateButtons()
+
+    def _pollJob(self) -> None:
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        job.job.poll()
+        self.ui.progressBar.value = int(1000 * job.job.fraction())
+        progress = job.job.progress
+        if progress and progress.get("loss") is not None:
+            self.ui.statusLabel.text = _("Iteration {i} of {n}: loss {loss:.4f}").format(i=progress["done"], n=progress["total"], loss=progress["loss"])
+        elif progress:
+            self.ui.statusLabel.text = _("{what}: {step} {done} of {total}").format(what=job.label, step=progress["step"], done=progress["done"], total=progress["total"])
+        if job.job.finished:
+            self._endJob()
+
+    def _cancelJob(self) -> None:
+        if self._job is not None:
+            self._job.job.cancel()
+            self._endJob()
+
+    def _endJob(self) -> None:
+        job, self._job = self._job, None
+        self._timer.stop()
+        job.button.text = job.label
+        self.ui.progressBar.visible = False
+        try:
+            if job.job.cancelled:
+                self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
+            elif not job.job.succeeded:
+                self.ui.statusLabel.text = ""
+                slicer.util.errorDisplay(_("{what} failed: {error}").format(what=job.label, error=job.job.error))
+            else:
+                with slicer.util.tryWithErrorDisplay(_("Loading the results failed."), waitCursor=True):
+                    {"analyse": self.onAnalyseDone, "finetune": self.onFinetuneDone, "followup": self.onSegmentDone}[job.kind](
+                        self.logic.finishStep(job))
+        finally:
+            self.logic.discardStep(job)
+            self.updateButtons()
 
 
 #
@@ -476,15 +485,29 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
+class RunningStep:
+    """A step's job and what its results bind to: the kind of step, the IDs of the input
+    nodes it read when it started, and its private folder (removed when it ends)."""
+
+    def __init__(self, kind, job, folder, referenceNodeId, labels=()):
+        self.kind, self.job, self.folder = kind, job, Path(folder)
+        self.referenceNodeId, self.labels = referenceNodeId, list(labels)
+        self.button = self.label = None
+
+
 class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
-    """The module's logic without any widget: holds the base and patient models and calls
-    PatientFineTuneLib. Usable from the Python console and the self-test."""
+    """The module's logic without any widget: holds the chosen base model and the patient
+    model, starts the steps as jobs and loads their results into the scene. Usable from
+    the Python console and the self-test (``runStep`` waits for a step)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.baseBundle = None
-        self.baseBundleInfo = None
-        self.patientBundle = None
+        from PatientFineTuneLib.slicerworkflow import ModelChoice
+
+        self.models = ModelChoice()
+        self._baseMetadata = None
+        #: Where patient models made in this session are kept until saved.
+        self._patientFolder = Path(tempfile.mkdtemp(prefix="PatientFineTune-patient-"))
 
     def getParameterNode(self):
         return PatientFineTuneParameterNode(super().getParameterNode())
@@ -492,22 +515,28 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
     # -- dependencies and device ---------------------------------------------------------
 
     @staticmethod
-    def torchAvailable() -> bool:
+    def torchVersion():
+        """The installed PyTorch version as a tuple, or None (read without importing it)."""
+        import importlib.metadata
+
         try:
-            import torch  # noqa: F401
-        except ImportError:
-            return False
-        return True
+            version = importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
 
     def ensureDependencies(self) -> bool:
-        """Install torch (through the PyTorch extension) and the other packages after
-        asking, on the main thread, when first needed. False if the user declined."""
-        if not self.torchAvailable():
+        """Install PyTorch (through the PyTorch extension) and the other packages after
+        asking, when a step first needs them (never when the panel opens). False if the
+        user declined."""
+        version = self.torchVersion()
+        if version is None or version < TORCH_MINIMUM:
             try:
                 import PyTorchUtils
             except ImportError:
                 raise RuntimeError(_("This module needs the PyTorch extension. Install 'PyTorch' from the Extensions Manager and restart Slicer.")) from None
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT) is None:
+            requirement = ">={0}.{1}".format(*TORCH_MINIMUM)
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=requirement) is None:
                 return False
         import importlib.util
 
@@ -516,25 +545,25 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
             if not slicer.util.confirmOkCancelDisplay(_("PatientFineTune needs these Python packages: {packages}. Install them now?").format(packages=", ".join(missing))):
                 return False
             with slicer.util.WaitCursor():
-                slicer.util.pip_install(" ".join(missing))
+                slicer.util.pip_install(missing)
         return True
 
     @staticmethod
-    def device(forceCpu: bool):
-        from PatientFineTuneLib.inference import resolve_device
-
-        return resolve_device("cpu" if forceCpu else "auto")
-
-    def deviceDescription(self, forceCpu: bool) -> str:
+    def deviceDescription(forceCpu: bool) -> str:
+        """What a job will run on (imports torch: call after ensureDependencies)."""
         import torch
 
-        device = self.device(forceCpu)
-        if device.type == "cuda":
-            props = torch.cuda.get_device_properties(device)
+        if not forceCpu and torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
             return _("GPU: {name}, {memory:.0f} GB").format(name=props.name, memory=props.total_memory / 2**30)
-        if device.type == "mps":
+        if not forceCpu and torch.backends.mps.is_available():
             return _("Apple GPU (MPS)")
-        return _("CPU ({threads} threads): fine-tuning takes about a minute, segmentation with uncertainty a few").format(threads=torch.get_num_threads())
+        return _("CPU ({threads} threads)").format(threads=torch.get_num_threads())
+
+    @staticmethod
+    def pythonExecutable() -> str:
+        """Slicer's own Python for jobs (the launcher sets up its environment)."""
+        return shutil.which("PythonSlicer") or sys.executable
 
     # -- models --------------------------------------------------------------------------
 
@@ -545,50 +574,48 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
 
         return shipped_models()
 
-    def loadBaseModel(self, path) -> str:
-        from PatientFineTuneLib.modelfile import load_model
+    def chooseBaseModel(self, model: str) -> str:
+        """Choose the base model (a preset name or a file); the patient model is kept when
+        it is the same model as before. Returns a line describing it. No PyTorch needed."""
+        from PatientFineTuneLib.slicerworkflow import describe_base_model
 
-        self.baseBundle = load_model(path)
-        self.patientBundle = None
-        meta = self.baseBundle.metadata
-        sequences = ", ".join(s["name"] for s in meta["sequences"])
-        evaluation = (meta.get("card") or {}).get("evaluation") or []
-        quality = ""
-        if evaluation:
-            dice = evaluation[0]["metrics"]["dice"]
-            quality = _("; held-out Dice {mean:.2f} on {set}").format(mean=dice["mean"], set=evaluation[0]["set"])
-        self.baseBundleInfo = _("{preset}: reads {sequences}{quality}").format(preset=meta.get("preset") or Path(path).name, sequences=sequences, quality=quality)
-        return self.baseBundleInfo
+        if self.models.choose_base_model(model) or self._baseMetadata is None:
+            self._baseMetadata = None  # until read: no sequences, no step can start
+            metadata = self.models.base_model_metadata()
+            if len(metadata["sequences"]) > MAX_SEQUENCES:
+                raise ValueError(_("{model} reads {n} sequences; this module offers at most {max}. Use the command line.").format(
+                    model=model, n=len(metadata["sequences"]), max=MAX_SEQUENCES))
+            self._baseMetadata = metadata
+        return describe_base_model(self._baseMetadata, Path(model).name)
 
     def sequenceNames(self) -> list:
-        return [s["name"] for s in self.baseBundle.sequences] if self.baseBundle else []
+        return [s["name"] for s in self._baseMetadata["sequences"]] if self._baseMetadata else []
 
-    def currentModel(self):
-        return self.patientBundle or self.baseBundle
+    def patientModelText(self) -> str:
+        if self.models.patient_model is None:
+            return _("No patient model yet.")
+        return _("Patient model: {what}.").format(what=self.models.patient_description)
 
-    def savePatientModel(self, path) -> str:
-        from PatientFineTuneLib.modelfile import save_model
+    def savePatientModel(self, path) -> Path:
+        from PatientFineTuneLib.slicerworkflow import save_patient_model
 
-        if self.patientBundle is None:
-            raise ValueError(_("There is no patient model yet: fine-tune first."))
-        shipped = {str(p.resolve()) for p in self.shippedModels().values()}
-        if str(Path(path).resolve()) in shipped:
-            raise ValueError(_("{path} is a shipped base model; choose another file name.").format(path=path))
-        save_model(self.patientBundle, path, overwrite=Path(path).exists())
-        return str(path)
+        return save_patient_model(self.models, path)
 
-    def loadPatientModel(self, path) -> str:
-        from PatientFineTuneLib.modelfile import load_model
+    def loadPatientModel(self, path) -> None:
+        from PatientFineTuneLib.modelcard import read_model_metadata
+        from PatientFineTuneLib.slicerworkflow import describe_patient_model
 
-        bundle = load_model(path)
-        if "finetune" not in bundle.metadata:
+        finetune = read_model_metadata(path).get("finetune")
+        if finetune is None:
             raise ValueError(_("{path} is a base model, not a patient model (no fine-tuning record).").format(path=path))
-        if self.baseBundle is not None and bundle.metadata["finetune"].get("base_model_sha256") != self.baseBundle.sha256:
+        if finetune.get("base_model_sha256") != (self._baseMetadata or {}).get("sha256"):
             logging.warning("patient model %s was fine-tuned from another base model than the one selected", path)
-        self.patientBundle = bundle
-        return _("Patient model loaded from {path}").format(path=path)
+        self.models.set_patient_model(path, describe_patient_model(finetune))
 
-    # -- the three steps (synchronous; the widget runs the long parts in a worker) ------
+    # -- the three steps as jobs ---------------------------------------------------------
+
+    def _stepFolder(self, kind) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"PatientFineTune-{kind}-"))
 
     @staticmethod
     def _mask(node):
@@ -596,87 +623,99 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
 
         return MaskSource(node) if node is not None else None
 
-    def analyseBaseline(self, volumes, organNode=None, k=2, forceCpu=False):
-        from PatientFineTuneLib.slicerworkflow import analyse_baseline
+    @staticmethod
+    def _device(forceCpu) -> str:
+        return "cpu" if forceCpu else "auto"
 
-        return analyse_baseline(slicer.mrmlScene, self.baseBundle, volumes, self._mask(organNode), k=k, device=self.device(forceCpu))
+    def startAnalyse(self, volumes, organNode=None, k=2, forceCpu=False) -> RunningStep:
+        """Step 1: segment the baseline with the base model and suggest ``k`` slices."""
+        from PatientFineTuneLib.slicerworkflow import analyse_job, write_job_inputs
 
-    def prepareFinetune(self, volumes, organNode, segmentationNode, selection, suggested, iterations, weighting, forceCpu):
-        """Read the baseline and its edited segment now (main thread); returns the work to
-        run in the background: ``work(progress, cancelled) -> patient model``."""
-        from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model
-        from PatientFineTuneLib.slicerworkflow import MaskSource, read_case
+        folder = self._stepFolder("analyse")
+        inputs = write_job_inputs(folder / "inputs", volumes, self.sequenceNames(), self._mask(organNode))
+        job = analyse_job(self.models.base_model, inputs, folder / "analysis", k, self._device(forceCpu), self.pythonExecutable())
+        return RunningStep("analyse", job.start(), folder, volumes[0].GetID())
 
-        segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName("Lesion") or None
-        case = read_case(self.baseBundle, volumes, self._mask(organNode), MaskSource(segmentationNode, segmentId), name="baseline")
-        slices = suggested if selection == "suggested" else "all-lesion"
+    def startFinetune(self, volumes, organNode, segmentationNode, selection, suggested, iterations, weighting="preset", forceCpu=False) -> RunningStep:
+        """Step 2: fine-tune on the (edited) baseline segment: the suggested slices (a
+        suggested slice left without lesions is a valid annotation) or all lesion slices."""
+        from PatientFineTuneLib.slicerworkflow import MaskSource, finetune_job, write_job_inputs
+
         if selection == "suggested" and not suggested:
             raise ValueError(_("No suggested slices yet: run 'Analyse baseline' first, or train on all lesion slices."))
         if weighting == "preset":  # the paper's schemes weight 2D slices; a 3D U-Net trains without them
-            weighting = self.baseBundle.preset.weighting if self.baseBundle.preset and not self.baseBundle.is_volume_model else "none"
-        config = FinetuneConfig(iterations=iterations, weighting=None if weighting == "none" else weighting)
-        base, device = self.baseBundle, self.device(forceCpu)
+            from PatientFineTuneLib.presets import PRESETS
 
-        def work(progress, cancelled):
-            return finetune_patient_model(base, case, slices, config, device=device, progress=progress, cancel=cancelled)
+            preset = PRESETS.get(self._baseMetadata.get("preset") or "")
+            volume = self._baseMetadata.get("architecture", {}).get("type") == "unet3d"
+            weighting = preset.weighting if preset and not volume else "none"
+        segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName("Lesion") or None
+        folder = self._stepFolder("finetune")
+        inputs = write_job_inputs(folder / "inputs", volumes, self.sequenceNames(), self._mask(organNode), MaskSource(segmentationNode, segmentId))
+        slices = ",".join(map(str, suggested)) if selection == "suggested" else "all-lesion"
+        out = self._patientFolder / f"patient-model-{len(list(self._patientFolder.iterdir()))}.pt"
+        job = finetune_job(self.models.base_model, inputs, out, slices, iterations, weighting, device=self._device(forceCpu),
+                           python=self.pythonExecutable())
+        return RunningStep("finetune", job.start(), folder, volumes[0].GetID())
 
-        return work
+    def startFollowup(self, volumes, organNode=None, mcSamples=25, compareWithBase=True, forceCpu=False) -> RunningStep:
+        """Step 3: segment the follow-up with the base model (if asked, or if there is no
+        patient model) and the patient model; ``mcSamples`` 0 for no uncertainty map."""
+        from PatientFineTuneLib.slicerworkflow import followup_job, write_job_inputs
 
-    def finetune(self, volumes, organNode, segmentationNode, selection, suggested, iterations, weighting="preset", forceCpu=False):
-        self.patientBundle = self.prepareFinetune(volumes, organNode, segmentationNode, selection, suggested, iterations, weighting, forceCpu)(None, None)
-        return self.patientBundle
-
-    def prepareFollowup(self, volumes, organNode, mcSamples, compareWithBase, forceCpu):
-        """Read the follow-up now; returns (work, total steps). The work segments with the
-        base model (if asked, or if there is no patient model) and the patient model."""
-        from PatientFineTuneLib.slicerworkflow import read_case
-
-        case = read_case(self.baseBundle, volumes, self._mask(organNode), name="follow-up")
         models = []
-        if compareWithBase or self.patientBundle is None:
-            models.append(("base", self.baseBundle))
-        if self.patientBundle is not None:
-            models.append(("fine-tuned", self.patientBundle))
-        opening, device = self.baseBundle.opening, self.device(forceCpu)
-        organSlices = int(case.organ.any(axis=(1, 2)).sum())
+        if compareWithBase or self.models.patient_model is None:
+            models.append(("base", self.models.base_model))
+        if self.models.patient_model is not None:
+            models.append(("fine-tuned", str(self.models.patient_model)))
+        folder = self._stepFolder("followup")
+        inputs = write_job_inputs(folder / "inputs", volumes, self.sequenceNames(), self._mask(organNode))
+        job = followup_job(models, inputs, folder / "results", mcSamples, self._device(forceCpu), self.pythonExecutable())
+        return RunningStep("followup", job.start(), folder, volumes[0].GetID(), [label for label, _model in models])
 
-        def work(progress, cancelled):
-            from PatientFineTuneLib.inference import segment_case
+    def finishStep(self, step: RunningStep):
+        """Load a finished step's results onto the input node it started from."""
+        from PatientFineTuneLib.slicerworkflow import baseline_nodes_from_job, followup_nodes_from_job
 
-            results = []
-            for i, (label, bundle) in enumerate(models):
-                def stepProgress(done, total, offset=i * organSlices):
-                    if progress:
-                        progress(offset + done)
-
-                result = segment_case(bundle, case, opening=opening, mc_samples=mcSamples, device=device, progress=stepProgress, cancel=cancelled)
-                results.append((label, case, result))
-            return results
-
-        return work, organSlices * len(models)
-
-    def segmentFollowup(self, volumes, organNode=None, mcSamples=25, compareWithBase=True, forceCpu=False):
-        work, _total = self.prepareFollowup(volumes, organNode, mcSamples, compareWithBase, forceCpu)
-        return self.addFollowupNodes(work(None, None), volumes[0])
-
-    def addFollowupNodes(self, results, referenceVolume):
-        from PatientFineTuneLib.slicerworkflow import add_followup_nodes
-
-        return [add_followup_nodes(slicer.mrmlScene, case, result, referenceVolume, label) for label, case, result in results]
+        reference = slicer.mrmlScene.GetNodeByID(step.referenceNodeId)
+        if reference is None:
+            raise RuntimeError(_("the volume this step read is no longer in the scene; its results were discarded"))
+        if step.kind == "analyse":
+            return baseline_nodes_from_job(slicer.mrmlScene, step.folder / "analysis", reference)
+        if step.kind == "finetune":
+            result = step.job.results[-1]
+            self.models.set_patient_model(result["outputs"]["model"], result["description"])
+            return result["description"]
+        return [followup_nodes_from_job(slicer.mrmlScene, step.folder / "results", reference, label) for label in step.labels]
 
     @staticmethod
-    def describeResults(nodes) -> str:
-        parts = []
-        for n in nodes:
-            name = n.segmentation.GetName()
-            volume = sum(row["volume_mm3"] for row in n.result.lesions) / 1000.0
-            text = _("{name}: {count} lesions, {volume:.1f} ml").format(name=name, count=len(n.result.lesions), volume=volume)
-            if n.result.summary:
-                text += _(", max SD {sd:.2f}").format(sd=n.result.summary["max_sd"])
-            parts.append(text)
-        return "\n".join(parts)
+    def discardStep(step: RunningStep) -> None:
+        """Remove the step's folder (its inputs and, once loaded, its results)."""
+        shutil.rmtree(step.folder, ignore_errors=True)
+
+    def runStep(self, step: RunningStep, timeout=None):
+        """Wait for a step and load its results (console, self-test)."""
+        try:
+            step.job.wait(timeout)
+            if not step.job.succeeded:
+                raise RuntimeError(step.job.error or _("cancelled"))
+            return self.finishStep(step)
+        finally:
+            self.discardStep(step)
+
+    @staticmethod
+    def describeResults(runs) -> list:
+        from PatientFineTuneLib.slicerworkflow import describe_followup
+
+        return [describe_followup(run) for run in runs]
 
     # -- views ---------------------------------------------------------------------------
+
+    @staticmethod
+    def showResults(runs, shown):
+        from PatientFineTuneLib.slicerworkflow import show_followup_results
+
+        return show_followup_results(runs, shown)
 
     @staticmethod
     def jumpToSuggestion(suggestion) -> None:
@@ -685,11 +724,19 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
         jump_to_suggestion(slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode(), suggestion)
 
     @staticmethod
-    def showOverlay(node, backgroundVolume) -> None:
+    def showOverlay(node, overlays, backgroundVolume) -> None:
+        """``node`` over the background, with its colour legend; the legends of the other
+        ``overlays`` hidden, so they do not pile up."""
         slicer.util.setSliceViewerLayers(background=backgroundVolume, foreground=node, foregroundOpacity=0.5 if node else 0.0)
+        colorLogic = slicer.modules.colors.logic()
+        for other in overlays:
+            legend = colorLogic.GetColorLegendDisplayNode(other) if other is not None and other is not node else None
+            if legend is not None:
+                legend.SetVisibility(False)
         if node is not None:
-            colorLogic = slicer.modules.colors.logic()
-            colorLogic.AddDefaultColorLegendDisplayNode(node)
+            legend = colorLogic.AddDefaultColorLegendDisplayNode(node)
+            if legend is not None:
+                legend.SetVisibility(True)
 
     # -- sample data ---------------------------------------------------------------------
 
@@ -719,8 +766,8 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
 
 
 class PatientFineTuneTest(ScriptedLoadableModuleTest):
-    """In a real Slicer: the sample patient through all three steps; the fine-tuned model
-    must beat the base model on the follow-up."""
+    """In a real Slicer: the sample patient through all three steps, each a job in a
+    subprocess; the fine-tuned model must beat the base model on the follow-up."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -740,12 +787,12 @@ class PatientFineTuneTest(ScriptedLoadableModuleTest):
         logic = PatientFineTuneLogic()
         nodes = logic.loadSamplePatient()
         self.assertIsNotNone(nodes)
-        logic.loadBaseModel(logic.shippedModels()["brain-wmh"])
+        logic.chooseBaseModel("brain-wmh")
         baseline = [nodes["baseline FLAIR"], nodes["baseline T1"]]
         followup = [nodes["followup FLAIR"], nodes["followup T1"]]
 
         self.delayDisplay("Step 1: analyse the baseline")
-        analysis = logic.analyseBaseline(baseline, k=2, forceCpu=True)
+        analysis = logic.runStep(logic.startAnalyse(baseline, k=2, forceCpu=True))
         self.assertEqual(len(analysis.suggestions), 2)
         self.assertEqual(analysis.segmentation_node.GetSegmentation().GetNumberOfSegments(), 1)
 
@@ -758,12 +805,13 @@ class PatientFineTuneTest(ScriptedLoadableModuleTest):
         for s in analysis.suggestions:
             editedSlices[s.index] = truthSlices[s.index]
         mrml.set_segment_from_array(analysis.segmentation_node, "Lesion", layout.from_slices(editedSlices), baseline[0])
-        logic.finetune(baseline, None, analysis.segmentation_node, "suggested", [s.index for s in analysis.suggestions], iterations=100, forceCpu=True)
-        self.assertIsNotNone(logic.patientBundle)
+        logic.runStep(logic.startFinetune(baseline, None, analysis.segmentation_node, "suggested", [s.index for s in analysis.suggestions],
+                                          iterations=100, forceCpu=True))
+        self.assertIsNotNone(logic.models.patient_model)
 
         self.delayDisplay("Step 3: segment the follow-up with both models")
-        results = logic.segmentFollowup(followup, mcSamples=3, compareWithBase=True, forceCpu=True)
-        self.assertEqual([r.segmentation.GetName() for r in results], ["Follow-up lesions (base)", "Follow-up lesions (fine-tuned)"])
+        results = logic.runStep(logic.startFollowup(followup, mcSamples=3, compareWithBase=True, forceCpu=True))
+        self.assertEqual([r.label for r in results], ["base", "fine-tuned"])
         followTruthNode = nodes["followup lesions"]
         followTruth = mrml.segment_to_array(followTruthNode, followTruthNode.GetSegmentation().GetNthSegmentID(0), followup[0])
         scores = []
@@ -771,7 +819,7 @@ class PatientFineTuneTest(ScriptedLoadableModuleTest):
             lesion = mrml.segment_to_array(r.segmentation, r.segmentation.GetSegmentation().GetSegmentIdBySegmentName("Lesion"), followup[0])
             scores.append(dice(lesion, followTruth))
             self.assertIsNotNone(r.uncertainty)
-            self.assertEqual(r.table.GetNumberOfRows(), len(r.result.lesions))
+            self.assertEqual(r.table.GetNumberOfRows(), len(r.lesions))
             self.assertTrue(np.isfinite(slicer.util.arrayFromVolume(r.uncertainty)).all())
         self.assertGreater(scores[1], scores[0], f"fine-tuned Dice {scores[1]:.3f} should beat base Dice {scores[0]:.3f}")
         self.delayDisplay(f"Dice base {scores[0]:.3f} -> fine-tuned {scores[1]:.3f}")

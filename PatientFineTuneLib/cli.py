@@ -1,7 +1,10 @@
 """The ``patient-finetune`` command line: thin verbs over the library.
 
 Every verb refuses to overwrite existing outputs unless ``--overwrite``, exits non-zero
-with a one-line explanation on bad input, and writes files atomically.
+with a one-line explanation on bad input, and writes files atomically. ``--progress json``
+(before the verb) replaces the progress bars by one JSON line per step on stdout, plus a
+``result`` line naming what was written and an ``error`` line on failure, for programs
+that run the verbs as jobs (:mod:`.jobs`, the Slicer module).
 """
 
 from __future__ import annotations
@@ -10,12 +13,25 @@ import argparse
 import json
 import platform
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
 from .modelcard import resolve_model_path  # torch-free: the CLI starts fast
+from .progress import MODES as PROGRESS_MODES
+from .progress import StepProgress, emit
+
+def _step(args, name: str, total: int | None = None, unit: str = "it") -> StepProgress:
+    """Progress of one step in this invocation's ``--progress`` mode."""
+    return StepProgress(args.progress, name, total, unit)
+
+
+def _report_result(args, verb: str, outputs: dict, **fields) -> None:
+    """The machine-readable line of what a verb wrote (``--progress json`` only)."""
+    if args.progress == "json":
+        emit("result", verb=verb, outputs={k: str(v) for k, v in outputs.items()}, **fields)
 
 
 def _command_line() -> str:
@@ -170,18 +186,6 @@ def cmd_train_base(args) -> None:
     print(f"saved {out} (sha256 {sha[:16]}..., {wall:.0f} s)")
 
 
-def _training_progress(description: str, iterations: int):
-    """A tqdm bar and the ``progress(iteration, loss)`` callback that moves it."""
-    bar, _ = _progress_bar(description, "it")
-    bar.total = iterations
-
-    def progress(iteration, loss):
-        bar.n = iteration
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-
-    return bar, progress
-
-
 def _train_unet3d(args, preset, device, out: Path) -> None:
     """``train-base --architecture unet3d``: the 3D U-Net on whole volumes (seed 001)."""
     from .modelfile import ModelBundle, config_record, make_metadata, save_model
@@ -196,10 +200,9 @@ def _train_unet3d(args, preset, device, out: Path) -> None:
     model = new_volume_model([s["channels"] for s in sequences], width=args.width, seed=args.seed)
     print(f"3D U-Net, {sum(p.numel() for p in model.parameters()):,} parameters, {config.patch_voxels(model.size_multiple)}^3-voxel patches "
           f"at {config.spacing_mm} mm, {len(cases)} case(s), device {device}")
-    bar, progress = _training_progress("train-base", config.iterations)
     start = time.perf_counter()
-    with bar:
-        losses = train_volume_model(model, cases, config, device=device, progress=progress)
+    with _step(args, "train-base", config.iterations) as step:
+        losses = train_volume_model(model, cases, config, device=device, progress=step.training_callback())
     wall = time.perf_counter() - start
     metadata = make_metadata(
         model, sequences, (config.spacing_mm,) * 3, preset=preset.name, **volume_model_metadata(config, model),
@@ -265,19 +268,6 @@ def _case_for_model(args, bundle, lesions: bool = False):
     return prepare_case(case), organ
 
 
-def _progress_bar(desc: str, unit: str):
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=1, desc=desc, unit=unit, mininterval=1.0)
-
-    def update(done, total):
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    return bar, update
-
-
 def cmd_segment(args) -> None:
     import numpy as np
     import SimpleITK as sitk
@@ -292,15 +282,16 @@ def cmd_segment(args) -> None:
     names = {"segmentation": "segmentation.nii.gz", "labels": "lesion_labels.nii.gz", "probability": "probability.nii.gz",
              "table": "lesions.csv", "organ": "organ_mask.nii.gz", "uncertainty": "uncertainty_sd.nii.gz", "summary": "uncertainty.json"}
     outputs = {k: out / f for k, f in names.items()}
+    if args.suggest:
+        outputs["suggestions"] = out / "suggestions.json"
     clash = [p for p in outputs.values() if p.exists()]
     if clash and not args.overwrite:
         raise FileExistsError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
     case, organ = _case_for_model(args, bundle)
     opening = args.opening if args.opening is not None else bundle.opening
-    bar, progress = _progress_bar("segment", "slice")
-    with bar:
+    with _step(args, "segment", unit="slice") as step:
         result = segment_case(bundle, case, opening=opening, threshold=args.threshold, mc_samples=args.mc_samples,
-                              seed=args.seed, device=args.device, progress=progress)
+                              seed=args.seed, device=args.device, progress=step.update)
     write_image(case.to_image(result.mask.astype(np.uint8), sitk.sitkUInt8), outputs["segmentation"], overwrite=args.overwrite)
     write_image(case.to_image(result.labels.astype(np.uint16), sitk.sitkUInt16), outputs["labels"], overwrite=args.overwrite)
     write_image(case.to_image(result.probability), outputs["probability"], overwrite=args.overwrite)
@@ -317,6 +308,15 @@ def cmd_segment(args) -> None:
         atomic_write(outputs["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)), overwrite=args.overwrite)
         print(f"uncertainty ({args.mc_samples} MC-dropout samples): max SD {summary['max_sd']:.3f}, "
               f"mean SD in lesions {summary['mean_sd_in_lesions']:.3f}")
+    if args.suggest:
+        from .files import atomic_write
+        from .suggest import suggest_slices
+
+        suggestions = [s.as_dict() for s in suggest_slices(bundle, case, k=args.suggest, probability=result.probability)]
+        atomic_write(outputs["suggestions"], lambda tmp: Path(tmp).write_text(json.dumps(suggestions, indent=2)), overwrite=args.overwrite)
+        print("suggested slices: " + ", ".join(str(s["slice"]) for s in suggestions))
+    written = {k: p for k, p in outputs.items() if p.exists()}
+    _report_result(args, "segment", written, lesions=len(result.lesions), volume_ml=volume)
 
 
 def cmd_suggest(args) -> None:
@@ -340,19 +340,18 @@ def _derived_model_paths(args, role: str) -> tuple[Path, Path]:
     return out, model
 
 
-def _train_and_save(description: str, iterations: int, train, out: Path, overwrite: bool) -> tuple[dict, str]:
-    """Run ``train(progress) -> ModelBundle`` under a progress bar, record its wall time
+def _train_and_save(args, description: str, iterations: int, train, out: Path) -> tuple[dict, str]:
+    """Run ``train(progress) -> ModelBundle`` with progress reported, record its wall time
     and this command in its ``finetune`` metadata and save it; returns (that record, sha256)."""
     from .modelfile import save_model
 
-    bar, progress = _training_progress(description, iterations)
     start = time.perf_counter()
-    with bar:
-        trained = train(progress)
+    with _step(args, description, iterations) as step:
+        trained = train(step.training_callback())
     info = trained.metadata["finetune"]
     info["wall_time_s"] = round(time.perf_counter() - start, 1)
     info["command"] = _command_line()
-    return info, save_model(trained, out, overwrite=overwrite)
+    return info, save_model(trained, out, overwrite=args.overwrite)
 
 
 def cmd_finetune(args) -> None:
@@ -365,12 +364,13 @@ def cmd_finetune(args) -> None:
     config = FinetuneConfig(iterations=args.iterations, weighting=None if args.weighting == "none" else args.weighting,
                             seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers, pixel_fraction=args.pixel_fraction)
     info, sha = _train_and_save(
-        "finetune", config.iterations,
+        args, "finetune", config.iterations,
         lambda progress: finetune_patient_model(bundle, case, args.slices, config, device=args.device, progress=progress),
-        out, args.overwrite,
+        out,
     )
     what = f"slices {info['slices']} ({info['method']} path" if "slices" in info else f"the whole baseline volume ({info['strategy']} layers"
     print(f"fine-tuned on {what}, {info['wall_time_s']} s); saved {out} (sha256 {sha[:16]}...)")
+    _report_result(args, "finetune", {"model": out}, sha256=sha, description=f"{info['config']['iterations']} iterations on {what})")
 
 
 def cmd_transfer(args) -> None:
@@ -387,9 +387,9 @@ def cmd_transfer(args) -> None:
     config = VolumeTrainingConfig(iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
                                   strategy=args.strategy, reset_last_layers=args.reset_last_layers, seed=args.seed)
     info, sha = _train_and_save(
-        "transfer", config.iterations,
+        args, "transfer", config.iterations,
         lambda progress: finetune_volume_model(bundle, cases, config, device=args.device, progress=progress),
-        out, args.overwrite,
+        out,
     )
     print(f"trained the {args.strategy} layers on {len(cases)} case(s) in {info['wall_time_s']} s; saved {out} (sha256 {sha[:16]}...)")
 
@@ -563,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Patient-specific fine-tuning of a lesion-segmentation CNN (Jansen et al.).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
+                        help="bar: progress bars on stderr (default); json: one JSON line per step on stdout, for programs; none")
     sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
 
     def add(name, func, help_text):
@@ -615,6 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--mc-samples", type=int, default=0, help="MC-dropout samples for the uncertainty map (paper: 25; 0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout masks")
+    p.add_argument("--suggest", type=int, default=0, metavar="K",
+                   help="also write suggestions.json: the K slices worth annotating first, from the same pass (0 = off)")
     p.add_argument("--resample-to", action="store_true", help="resample sequences onto the first sequence's grid")
     p.add_argument("--overwrite", action="store_true")
 
@@ -727,6 +731,9 @@ def main(argv=None) -> int:
     from .inference import Cancelled
     from .modelfile import ModelFileError
 
+    # A terminated job (Cancel in the Slicer module) unwinds like Ctrl-C, so the atomic
+    # writers remove their partial files before the process ends.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         args.func(args)
     except KeyboardInterrupt:
@@ -736,9 +743,18 @@ def main(argv=None) -> int:
         print(f"cancelled: {exc}", file=sys.stderr)
         return 130
     except (ImageError, ModelFileError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"patient-finetune {args.command}: error: {exc}", file=sys.stderr)
+        message = f"patient-finetune {args.command}: error: {exc}"
+        if args.progress == "json":
+            emit("error", message=message)
+        print(message, file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

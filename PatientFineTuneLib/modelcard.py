@@ -4,8 +4,11 @@ rendered to Markdown next to the file, so the two cannot drift apart."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -36,6 +39,42 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
     if shipped is None:
         raise FileNotFoundError(f"no base model for preset {name} is installed in {RESOURCES}; give a model file instead")
     return shipped
+
+
+class _MetadataOnlyUnpickler(pickle.Unpickler):
+    """Reads a model file's pickle without torch: tensors come back as None, and any
+    class other than the few a tensor state dict names is refused (nothing executes)."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2") or (module == "torch" and name.endswith("Storage")):
+            return lambda *args, **kwargs: None
+        raise pickle.UnpicklingError(f"unexpected {module}.{name} in a model file")
+
+    def persistent_load(self, pid):
+        return None
+
+
+def read_model_metadata(path: str | os.PathLike) -> dict:
+    """A model file's metadata, read without PyTorch (the Slicer module shows what a model
+    reads before PyTorch is installed). Its integrity is not checked here: every job loads
+    the model with :func:`~PatientFineTuneLib.modelfile.load_model`, which does.
+
+    Raises ValueError for a file that is not a PatientFineTune model.
+    """
+    path = resolve_model_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            payload = _MetadataOnlyUnpickler(archive.open(name)).load()
+        if payload.get("format") != "PatientFineTune-model":
+            raise ValueError("no PatientFineTune header")
+        return json.loads(payload["metadata_json"])
+    except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, ValueError, KeyError, AttributeError, EOFError) as exc:
+        raise ValueError(f"{path} is not a PatientFineTune model file ({exc}); nothing from it was executed") from None
 
 
 def training_data_entries(entries: Sequence[tuple[str, str, str]]) -> list[dict]:

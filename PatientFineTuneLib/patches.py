@@ -46,8 +46,10 @@ def corner_and_centre_patch_centres(organ: np.ndarray, size: int = PATCH_SIZE) -
     for lo, hi, length in ((rows.min(), rows.max() + 1, organ.shape[0]), (cols.min(), cols.max() + 1, organ.shape[1])):
         middle = (lo + hi) / 2
         near, far = (lo + half, hi - half) if hi - lo >= size else (middle, middle)
-        clamp = (lambda c: length / 2) if length <= size else (lambda c: min(max(c, half), length - half))
-        per_axis.append((clamp(near), clamp(far), clamp(middle)))
+        if length <= size:
+            per_axis.append((length / 2,) * 3)
+        else:
+            per_axis.append(tuple(min(max(c, half), length - half) for c in (near, far, middle)))
     (top, bottom, mid_row), (left, right, mid_col) = per_axis
     return np.array(
         [[top, left], [top, right], [bottom, left], [bottom, right], [mid_row, mid_col]],

@@ -11,18 +11,29 @@ is tested against real MRML classes.
 Long steps take ``progress`` and ``cancel`` callables, like the rest of the library. They
 may run in a worker thread (no MRML access happens between the node reading at the start
 and the node creation at the end; the ``*_nodes`` helpers split the two).
+
+The Slicer module runs the long part of each step as a ``patient-finetune`` job in a
+subprocess instead (:mod:`.jobs`): :func:`write_job_inputs` writes the nodes a job reads,
+:func:`analyse_job`, :func:`finetune_job` and :func:`followup_job` make the jobs, and
+:func:`baseline_nodes_from_job` / :func:`followup_nodes_from_job` load the results back
+into the scene. :class:`ModelChoice` holds the chosen base model and the patient model.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from . import mrml
-from .images import Case, load_case, prepare_case
+from .images import Case, load_case, prepare_case, write_image
+from .jobs import CliJob
 from .inference import Segmentation, segment_case
 from .modelfile import ModelBundle
 from .suggest import SliceSuggestion, suggest_slices
@@ -77,7 +88,7 @@ class BaselineAnalysis:
     segmentation_node: object
     segment_id: str
     suggestions: list[SliceSuggestion]
-    result: Segmentation = field(repr=False)
+    result: Segmentation | None = field(default=None, repr=False)  # None when loaded from a job's files
 
 
 def analyse_baseline(scene, bundle: ModelBundle, volume_nodes: Sequence, organ: MaskSource | None = None, k: int = 2,
@@ -124,11 +135,17 @@ def finetune_from_nodes(bundle: ModelBundle, volume_nodes: Sequence, annotation:
 
 @dataclass
 class FollowupNodes:
+    """The scene nodes of one follow-up result. ``label`` says which model made it
+    ("base", "fine-tuned"): kept here because node names get suffixes (``_1``) when a
+    result is made again."""
+
+    label: str
     segmentation: object
     probability: object
     uncertainty: object | None
     table: object
-    result: Segmentation = field(repr=False)
+    lesions: list[dict] = field(repr=False)
+    summary: dict | None = None  # uncertainty summary (max SD, mean SD in lesions) or None
 
 
 def segment_followup(scene, bundle: ModelBundle, volume_nodes: Sequence, organ: MaskSource | None = None, mc_samples: int = 25,
@@ -150,11 +167,209 @@ RESULT_COLOURS = {"base": (0.3, 0.75, 1.0)}
 
 def add_followup_nodes(scene, case: Case, result: Segmentation, reference_node, label: str) -> FollowupNodes:
     """Scene nodes for a follow-up result (main thread only)."""
-    segmentation = mrml.add_lesion_segmentation(scene, case.layout.from_slices(result.mask), reference_node, f"Follow-up lesions ({label})",
+    sd = None if result.uncertainty is None else case.layout.from_slices(result.uncertainty.sd)
+    return _followup_nodes(scene, reference_node, label, case.layout.from_slices(result.mask),
+                           case.layout.from_slices(result.probability), sd, result.lesions, result.summary)
+
+
+def _followup_nodes(scene, reference_node, label, mask_zyx, probability_zyx, sd_zyx, lesions, summary) -> FollowupNodes:
+    segmentation = mrml.add_lesion_segmentation(scene, mask_zyx, reference_node, f"Follow-up lesions ({label})",
                                                 colour=RESULT_COLOURS.get(label, mrml.LESION_COLOUR))
-    probability = mrml.add_probability_volume(scene, case.layout.from_slices(result.probability), reference_node, f"Lesion probability ({label})")
-    uncertainty = None
-    if result.uncertainty is not None:
-        uncertainty = mrml.add_uncertainty_volume(scene, case.layout.from_slices(result.uncertainty.sd), reference_node, f"Uncertainty SD ({label})")
-    table = mrml.add_lesion_table(scene, result.lesions, f"Lesions ({label})")
-    return FollowupNodes(segmentation, probability, uncertainty, table, result)
+    probability = mrml.add_probability_volume(scene, probability_zyx, reference_node, f"Lesion probability ({label})")
+    uncertainty = None if sd_zyx is None else mrml.add_uncertainty_volume(scene, sd_zyx, reference_node, f"Uncertainty SD ({label})")
+    table = mrml.add_lesion_table(scene, lesions, f"Lesions ({label})")
+    return FollowupNodes(label, segmentation, probability, uncertainty, table, list(lesions), summary)
+
+
+def show_followup_results(runs: Sequence[FollowupNodes], shown: str) -> FollowupNodes | None:
+    """Show the segmentations of the latest run of each label that ``shown`` names
+    ("base", "fine-tuned" or "both"; a run with a single result always shows it) and hide
+    every other result, earlier runs included. Returns the result whose table and maps
+    go with the choice (the named one, or the last)."""
+    latest: dict[str, FollowupNodes] = {}
+    for run in runs:
+        latest[run.label] = run
+    main = latest.get(shown) or (list(latest.values())[-1] if latest else None)
+    for run in runs:
+        visible = latest.get(run.label) is run and (shown == "both" or run.label == shown or len(latest) == 1)
+        display = run.segmentation.GetDisplayNode()
+        if display is not None:
+            display.SetVisibility(visible)
+    return main
+
+
+def describe_followup(nodes: FollowupNodes) -> str:
+    """One line: lesion count, total volume and, with uncertainty, the maximum SD."""
+    volume = sum(float(row["volume_mm3"]) for row in nodes.lesions) / 1000.0
+    text = f"{nodes.label}: {len(nodes.lesions)} lesions, {volume:.1f} ml"
+    if nodes.summary and nodes.summary.get("max_sd") is not None:
+        text += f", max SD {nodes.summary['max_sd']:.2f}"
+    return text
+
+
+def describe_base_model(metadata: dict, name: str) -> str:
+    """One line for the model chooser: preset, sequences read and the card's first
+    held-out Dice."""
+    sequences = ", ".join(s["name"] for s in metadata.get("sequences", []))
+    kind = "3D U-Net" if metadata.get("architecture", {}).get("type") == "unet3d" else "2D network"
+    text = f"{metadata.get('preset') or name}: {kind}, reads {sequences}"
+    evaluation = (metadata.get("card") or {}).get("evaluation") or []
+    if evaluation:
+        dice = evaluation[0]["metrics"]["dice"]
+        text += f"; held-out Dice {dice['mean']:.2f} on {evaluation[0]['set']}"
+    return text
+
+
+def describe_patient_model(finetune: dict) -> str:
+    """What a patient model was trained on, from its ``finetune`` metadata: the slices and
+    path of the 2D network, or the whole volume and layers of a 3D U-Net."""
+    iterations = finetune.get("config", {}).get("iterations", "?")
+    if "slices" in finetune:
+        where = f"slices {', '.join(map(str, finetune['slices']))} ({finetune.get('method', '?')} path)"
+    else:
+        where = f"the whole baseline volume ({finetune.get('strategy') or finetune.get('config', {}).get('layers', '?')} layers)"
+    return f"{iterations} iterations on {where}"
+
+
+# ---------------------------------------------------------------------------------------
+# The steps as patient-finetune jobs (files in, files out)
+
+
+@dataclass
+class ModelChoice:
+    """The base model chosen in the module and the patient model made from it.
+
+    Choosing the same base model again (re-entering the module, reloading the parameter
+    node) keeps the patient model; choosing another one drops it, since a patient model
+    only goes with the base model it was fine-tuned from.
+    """
+
+    base_model: str | None = None  # preset name or model file path, as the CLI takes it
+    patient_model: Path | None = None  # the job's output file (not yet saved by the user)
+    patient_description: str = ""
+
+    def choose_base_model(self, model: str) -> bool:
+        """Returns True if the choice changed (and the patient model was dropped)."""
+        if self.base_model is not None and _same_model(self.base_model, model):
+            return False
+        self.base_model, self.patient_model, self.patient_description = model, None, ""
+        return True
+
+    def set_patient_model(self, path: str | Path, description: str = "") -> None:
+        self.patient_model, self.patient_description = Path(path), description
+
+    def base_model_metadata(self) -> dict:
+        """The chosen base model's metadata, read without PyTorch."""
+        from .modelcard import read_model_metadata
+
+        if self.base_model is None:
+            raise ValueError("no base model is chosen")
+        return read_model_metadata(self.base_model)
+
+
+def _same_model(a: str, b: str) -> bool:
+    from .modelcard import resolve_model_path
+
+    try:
+        return resolve_model_path(a).resolve() == resolve_model_path(b).resolve()
+    except (FileNotFoundError, ValueError):
+        return a == b
+
+
+def write_job_inputs(folder: str | Path, volume_nodes: Sequence, sequence_names: Sequence[str], organ: MaskSource | None = None,
+                     lesions: MaskSource | None = None) -> dict:
+    """Write what a job reads (main thread): one NIfTI per sequence, in the model's order,
+    and the organ and lesion masks on the first volume's grid. Returns the command-line
+    arguments that name them (``--images``, ``--organ``, ``--lesions``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(volume_nodes) != len(sequence_names) or any(n is None for n in volume_nodes):
+        raise ValueError(f"the model reads {len(sequence_names)} sequence(s) ({', '.join(sequence_names)}); select a volume for each")
+    images = []
+    for name, node in zip(sequence_names, volume_nodes):
+        path = folder / f"{_file_name(name)}.nii.gz"
+        write_image(mrml.volume_to_image(node), path, overwrite=True)
+        images.append(str(path))
+    arguments = ["--images", *images]
+    for option, source in (("--organ", organ), ("--lesions", lesions)):
+        if source is not None:
+            path = folder / f"{option.strip('-')}.nii.gz"
+            write_image(source.image(volume_nodes[0]), path, overwrite=True)
+            arguments += [option, str(path)]
+    return {"arguments": arguments, "folder": folder}
+
+
+def _file_name(sequence: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in sequence) or "sequence"
+
+
+def analyse_job(model: str, inputs: dict, out: str | Path, k: int = 2, device: str = "auto", python: str | None = None) -> CliJob:
+    """Step 1 as a job: segment the baseline and suggest ``k`` slices (``out``: its folder)."""
+    return CliJob([["segment", "--model", model, *inputs["arguments"], "--out", str(out), "--suggest", str(k), "--device", device]], python)
+
+
+def finetune_job(model: str, inputs: dict, out: str | Path, slices: str, iterations: int = 100, weighting: str | None = None,
+                 seed: int = 0, device: str = "auto", python: str | None = None) -> CliJob:
+    """Step 2 as a job: the patient model file ``out`` (``inputs`` with ``--lesions``)."""
+    return CliJob([["finetune", "--model", model, *inputs["arguments"], "--slices", slices, "--iterations", str(iterations),
+                    "--weighting", weighting or "none", "--seed", str(seed), "--device", device, "--out", str(out)]], python)
+
+
+def followup_job(models: Sequence[tuple[str, str]], inputs: dict, out: str | Path, mc_samples: int = 25, device: str = "auto",
+                 python: str | None = None) -> CliJob:
+    """Step 3 as a job: the follow-up segmented with each (label, model), one after the
+    other, into ``out/<label>``."""
+    return CliJob([["segment", "--model", model, *inputs["arguments"], "--out", str(Path(out) / label), "--mc-samples", str(mc_samples),
+                    "--device", device] for label, model in models], python)
+
+
+def _read_array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _read_lesion_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k in ("id", "voxels") else float(v) if v not in ("", None) else float("nan")) for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def baseline_nodes_from_job(scene, out: str | Path, reference_node) -> BaselineAnalysis:
+    """Step 1's results (an :func:`analyse_job` folder) as the editable "Baseline lesions"
+    segmentation and the suggested slices (main thread)."""
+    out = Path(out)
+    node = mrml.add_lesion_segmentation(scene, _read_array(out / "segmentation.nii.gz") > 0, reference_node, "Baseline lesions")
+    suggestions = [SliceSuggestion.from_dict(r) for r in json.loads((out / "suggestions.json").read_text())]
+    return BaselineAnalysis(node, node.GetSegmentation().GetSegmentIdBySegmentName("Lesion"), suggestions)
+
+
+def followup_nodes_from_job(scene, out: str | Path, reference_node, label: str) -> FollowupNodes:
+    """One model's follow-up results (``out/<label>`` of a :func:`followup_job`) as scene
+    nodes on the reference volume's grid (main thread)."""
+    folder = Path(out) / label
+    sd_path, summary_path = folder / "uncertainty_sd.nii.gz", folder / "uncertainty.json"
+    return _followup_nodes(
+        scene, reference_node, label,
+        _read_array(folder / "segmentation.nii.gz") > 0,
+        _read_array(folder / "probability.nii.gz"),
+        _read_array(sd_path) if sd_path.is_file() else None,
+        _read_lesion_rows(folder / "lesions.csv"),
+        json.loads(summary_path.read_text()) if summary_path.is_file() else None,
+    )
+
+
+def save_patient_model(choice: ModelChoice, path: str | Path) -> Path:
+    """Copy the patient model to ``path`` (atomically; never over a shipped base model or
+    the chosen base model)."""
+    from .files import atomic_write
+    from .modelcard import resolve_model_path, shipped_models
+
+    if choice.patient_model is None or not choice.patient_model.is_file():
+        raise ValueError("there is no patient model yet: fine-tune first")
+    target = Path(path).resolve()
+    protected = {p.resolve() for p in shipped_models().values()}
+    if choice.base_model:
+        protected.add(resolve_model_path(choice.base_model).resolve())
+    if target in protected:
+        raise ValueError(f"{path} is a base model; the base model is never overwritten, choose another file name")
+    atomic_write(target, lambda tmp: shutil.copyfile(choice.patient_model, tmp), overwrite=True)
+    return target

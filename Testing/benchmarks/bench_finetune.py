@@ -89,7 +89,7 @@ def main() -> None:
 
     organ_slices = np.flatnonzero(case.organ.any(axis=(1, 2)))
     keep = organ_slices[len(organ_slices) // 2 - args.mc_slices // 2:][: args.mc_slices]
-    sub = Case(case.images, case.organ & np.isin(np.arange(case.organ.shape[0]), keep)[:, None, None], None, grid, axis)
+    sub = Case(case.images, case.organ & np.isin(np.arange(case.organ.shape[0]), keep)[:, None, None], None, case.grid, case.layout)
     t = time.perf_counter()
     predict_probability(bundle, sub, device="cpu")
     one = time.perf_counter() - t

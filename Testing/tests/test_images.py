@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from PatientFineTuneLib.images import (
     GeometryError,

@@ -1,10 +1,14 @@
-"""Static checks of the Slicer module (its Qt widget needs the Slicer application): the .ui
-file has every widget the Python code looks up, with the expected class; parameter-node
-bindings name real parameters; the module byte-compiles; CMake lists existing files."""
+"""Checks of the Slicer module that run without the Slicer application (its Qt widget needs
+it): the .ui file has every widget the Python code looks up, with the expected class;
+parameter-node bindings name real parameters whose node classes the real MRML library
+(slicer-core) can instantiate, as connectGui does; the module byte-compiles; CMake lists
+existing files and passes what CTK's macros require."""
 
 import ast
 import py_compile
 import re
+
+import pytest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -22,11 +26,18 @@ def module_tree() -> ast.Module:
     return ast.parse(MODULE.read_text())
 
 
-def widget_classes() -> dict:
+def module_constant(name: str, namespace: dict | None = None):
+    """The value of a module-level constant of PatientFineTune.py (evaluated from its
+    source: the module itself imports qt, which only the Slicer application has)."""
+    namespace = {} if namespace is None else namespace
     for node in module_tree().body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "WIDGET_CLASSES" for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise AssertionError("WIDGET_CLASSES not found in PatientFineTune.py")
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return eval(compile(ast.Expression(node.value), str(MODULE), "eval"), namespace)
+    raise AssertionError(f"{name} not found in PatientFineTune.py")
+
+
+def widget_classes() -> dict:
+    return module_constant("WIDGET_CLASSES", {"MAX_SEQUENCES": module_constant("MAX_SEQUENCES")})
 
 
 def test_module_byte_compiles(tmp_path):
@@ -41,9 +52,10 @@ def test_every_widget_the_code_uses_exists_with_its_class():
     for name, cls in declared.items():
         assert name in widgets, f"{name} is missing from PatientFineTune.ui"
         assert widgets[name] == cls, f"{name} is a {widgets[name]} in the .ui, the code expects a {cls}"
-    # the dynamically built names (f"{prefix}Volume{i}Selector") are all declared
+    # the dynamically built names (f"{visit}Volume{i}Selector") are all declared, for
+    # every sequence a model may read
     for prefix in ("baseline", "followup"):
-        for i in (1, 2):
+        for i in range(1, module_constant("MAX_SEQUENCES") + 1):
             assert f"{prefix}Volume{i}Selector" in declared and f"{prefix}Volume{i}Label" in declared
 
 
@@ -97,3 +109,104 @@ def test_library_core_imports_neither_slicer_nor_qt():
         assert "qt" not in names and "ctk" not in names, path
         if path.name not in bridge:
             assert "slicer" not in names, f"{path.name} imports slicer; only the MRML bridge may"
+
+
+# ---------------------------------------------------------------------------------------
+# Parameter node and node selectors, against the real MRML classes
+
+
+def parameter_fields() -> dict:
+    for node in module_tree().body:
+        if isinstance(node, ast.ClassDef) and node.name == "PatientFineTuneParameterNode":
+            return {s.target.id: s for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError("PatientFineTuneParameterNode not found")
+
+
+def node_classes(annotation: ast.expr) -> list[str] | None:
+    """MRML class names of a node-typed field (following the module's type aliases), or
+    None for a plain field."""
+    if isinstance(annotation, ast.Name):
+        for node in module_tree().body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == annotation.id for t in node.targets):
+                return node_classes(node.value)
+        return None
+    names = [n.attr for n in ast.walk(annotation) if isinstance(n, ast.Attribute) and getattr(n.value, "id", None) == "slicer"]
+    return names or None
+
+
+def test_every_node_type_of_the_parameter_node_can_be_instantiated_and_matches_its_selector():
+    import slicer
+
+    bound = {}
+    for w in ET.parse(UI).iter("widget"):
+        for p in w.findall("property"):
+            if p.get("name") == "SlicerParameterName":
+                bound[p.findtext("string")] = w
+    typed = {name: node_classes(field.annotation) for name, field in parameter_fields().items()}
+    typed = {name: classes for name, classes in typed.items() if classes}
+    assert {"baselineVolume1", "followupVolume4", "baselineOrgan", "baselineSegmentation"} <= set(typed)
+    for name, classes in typed.items():
+        for class_name in classes:
+            # connectGui names each class in the node selector by instantiating it: an
+            # abstract class (vtkMRMLVolumeNode, vtkMRMLNode) raises TypeError there
+            node = getattr(slicer, class_name)()
+            assert node.GetClassName() == class_name
+        widget = bound.get(name)
+        if widget is not None and widget.get("class") == "qMRMLNodeComboBox":
+            node_types = [s.text for p in widget.findall("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
+            assert node_types == classes, f"{widget.get('name')}: .ui nodeTypes {node_types}, parameter node {classes}"
+
+
+def test_the_mc_sample_range_is_the_one_the_library_accepts():
+    import numpy as np
+
+    from PatientFineTuneLib.images import Case, slice_layout
+    from PatientFineTuneLib.inference import predict_with_uncertainty
+    from PatientFineTuneLib.modelfile import ModelBundle
+    import SimpleITK as sitk
+
+    from conftest import tiny_model
+
+    field = parameter_fields()["mcSamples"]
+    within = next(n for n in ast.walk(field.annotation) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "WithinRange")
+    low, high = (ast.literal_eval(a) for a in within.args)
+    spin = next(w for w in ET.parse(UI).iter("widget") if w.get("name") == "mcSamplesSpinBox")
+    assert int(spin.find("property[@name='minimum']/number").text) == low
+    grid = sitk.Image(16, 16, 2, sitk.sitkFloat32)
+    case = Case(np.random.default_rng(0).normal(size=(2, 2, 16, 16)).astype(np.float32), np.ones((2, 16, 16), bool), None, grid, slice_layout(grid))
+    bundle = ModelBundle(tiny_model(), {"training_spacing_mm": [1.0, 1.0]})
+    predict_with_uncertainty(bundle, case, n_samples=low)  # the lowest value the GUI allows works
+    with pytest.raises(ValueError):
+        predict_with_uncertainty(bundle, case, n_samples=low - 1)
+    assert high >= 25
+
+
+def test_categories_use_the_core_module_translation_context():
+    text = MODULE.read_text()
+    assert 'self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]' in text
+    assert "from slicer.i18n import translate" in text
+
+
+def test_the_module_never_imports_torch_at_load_or_when_the_panel_opens():
+    # PyTorch is installed on first use, after asking: only the device description (called
+    # after the dependency check) may import it
+    importers = set()
+    for node in ast.walk(module_tree()):
+        if isinstance(node, ast.FunctionDef):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Import) and any(a.name == "torch" for a in inner.names):
+                    importers.add(node.name)
+    top = [n for n in module_tree().body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not any(isinstance(n, ast.Import) and any(a.name == "torch" for a in n.names) for n in top)
+    assert importers == {"deviceDescription"}
+
+
+def test_every_ctk_compile_call_passes_its_mandatory_install_dir():
+    for path in [ROOT / "CMakeLists.txt", *ROOT.glob("*/CMakeLists.txt")]:
+        text = re.sub(r"#.*", "", path.read_text())
+        for call in re.findall(r"ctkMacroCompilePythonScript\s*\((.*?)\)", text, flags=re.S):
+            words = call.split()
+            assert "INSTALL_DIR" in words, f"{path}: ctkMacroCompilePythonScript without INSTALL_DIR stops the configuration"
+            assert "NO_INSTALL_SUBDIR" in words, f"{path}: without NO_INSTALL_SUBDIR the files install one folder too deep"
+        # the macro installs what it copies: no second install rule for the same files
+        assert "install(DIRECTORY" not in text, path

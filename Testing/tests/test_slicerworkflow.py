@@ -13,8 +13,24 @@ from PatientFineTuneLib.cases import find_cases
 from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model  
 from PatientFineTuneLib.images import load_case, prepare_case  
 from PatientFineTuneLib.inference import Cancelled, segment_case  
-from PatientFineTuneLib.modelfile import ModelBundle, make_metadata  
-from PatientFineTuneLib.slicerworkflow import MaskSource, analyse_baseline, finetune_from_nodes, segment_followup  
+from PatientFineTuneLib.modelcard import shipped_models  
+from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata  
+from PatientFineTuneLib.slicerworkflow import (  
+    MaskSource,
+    ModelChoice,
+    analyse_baseline,
+    analyse_job,
+    baseline_nodes_from_job,
+    describe_patient_model,
+    finetune_from_nodes,
+    finetune_job,
+    followup_job,
+    followup_nodes_from_job,
+    save_patient_model,
+    segment_followup,
+    show_followup_results,
+    write_job_inputs,
+)
 
 from conftest import tiny_model  
 from test_mrml import scene  # noqa: F401  (the MRML scene fixture)
@@ -65,9 +81,11 @@ def test_three_steps_on_nodes_match_the_file_workflow(scene, bundle, small_pair_
         assert np.allclose(mrml.ijk_to_ras_matrix(node), mrml.ijk_to_ras_matrix(followup_nodes[0]))
     seg = nodes.segmentation.GetSegmentation()
     lesion = mrml.segment_to_array(nodes.segmentation, seg.GetSegmentIdBySegmentName("Lesion"), followup_nodes[0])
-    assert np.array_equal(lesion, file_case.layout.from_slices(nodes.result.mask))
-    assert nodes.table.GetNumberOfRows() == len(nodes.result.lesions)
-    assert nodes.segmentation.GetName() == "Follow-up lesions (fine-tuned)"
+    followup_case = _file_case(small_pair_dir / "followup")
+    expected = segment_case(patient, followup_case, mc_samples=3, device="cpu")
+    assert np.array_equal(lesion, followup_case.layout.from_slices(expected.mask))
+    assert nodes.table.GetNumberOfRows() == len(expected.lesions) == len(nodes.lesions)
+    assert nodes.segmentation.GetName() == "Follow-up lesions (fine-tuned)" and nodes.label == "fine-tuned"
     base = segment_followup(scene, bundle, followup_nodes, followup_organ, mc_samples=0, label="base", device="cpu")
     colours = [n.segmentation.GetSegmentation().GetNthSegment(0).GetColor() for n in (nodes, base)]
     assert colours[0] != colours[1]  # base and fine-tuned results are told apart in the views
@@ -85,3 +103,77 @@ def test_bad_inputs_give_clear_errors_and_cancel_stops(scene, bundle, small_pair
     with pytest.raises(Cancelled):
         segment_followup(scene, bundle, nodes, organ, mc_samples=0, device="cpu", cancel=lambda: True)
     assert scene.GetNumberOfNodes() == before  # nothing half-made left in the scene
+
+
+# ---------------------------------------------------------------------------------------
+# The Slicer module's way: each step a patient-finetune job in a subprocess, files in and out
+
+
+def test_the_three_steps_as_jobs_round_trip_through_the_scene(scene, small_pair_dir, tmp_path):  # noqa: F811
+    baseline_nodes, organ = _nodes(scene, small_pair_dir / "baseline")
+    inputs = write_job_inputs(tmp_path / "analyse-in", baseline_nodes, ["FLAIR", "T1"], organ)
+    job = analyse_job("brain-wmh", inputs, tmp_path / "analysis", k=2, device="cpu").start()
+    assert job.wait(timeout=300) and job.succeeded, (job.error, list(job.log))
+    analysis = baseline_nodes_from_job(scene, tmp_path / "analysis", baseline_nodes[0])
+    # the job's segmentation is the in-process one, on the baseline node's grid
+    base = load_model(shipped_models()["brain-wmh"])
+    file_case = _file_case(small_pair_dir / "baseline")
+    expected = segment_case(base, file_case, opening=base.opening, device="cpu")
+    segment = mrml.segment_to_array(analysis.segmentation_node, analysis.segment_id, baseline_nodes[0])
+    assert np.array_equal(segment, file_case.layout.from_slices(expected.mask))
+    assert len(analysis.suggestions) == 2 and analysis.suggestions[0].axis == file_case.axis
+
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(small_pair_dir / "baseline" / "lesions.nii.gz"))) > 0
+    mrml.set_segment_from_array(analysis.segmentation_node, "Lesion", truth, baseline_nodes[0])
+    choice = ModelChoice()
+    choice.choose_base_model("brain-wmh")
+    inputs = write_job_inputs(tmp_path / "finetune-in", baseline_nodes, ["FLAIR", "T1"], organ,
+                              MaskSource(analysis.segmentation_node, analysis.segment_id))
+    slices = ",".join(str(s.index) for s in analysis.suggestions if file_case.lesions[s.index].any()) or "all-lesion"
+    job = finetune_job("brain-wmh", inputs, tmp_path / "patient.pt", slices, iterations=5, device="cpu").start()
+    assert job.wait(timeout=300) and job.succeeded, (job.error, list(job.log))
+    choice.set_patient_model(job.results[-1]["outputs"]["model"], job.results[-1]["description"])
+    assert "5 iterations on slices" in choice.patient_description
+
+    followup_nodes, followup_organ = _nodes(scene, small_pair_dir / "followup")
+    inputs = write_job_inputs(tmp_path / "followup-in", followup_nodes, ["FLAIR", "T1"], followup_organ)
+    runs = []
+    for _ in range(2):  # the radiologist segments the follow-up twice
+        out = tmp_path / f"followup-{len(runs)}"
+        job = followup_job([("base", "brain-wmh"), ("fine-tuned", str(choice.patient_model))], inputs, out, mc_samples=2, device="cpu").start()
+        assert job.wait(timeout=300) and job.succeeded, (job.error, list(job.log))
+        runs += [followup_nodes_from_job(scene, out, followup_nodes[0], label) for label in ("base", "fine-tuned")]
+    assert [r.label for r in runs] == ["base", "fine-tuned", "base", "fine-tuned"]
+    assert runs[2].segmentation.GetName() != runs[0].segmentation.GetName()  # a unique-name suffix ...
+    main = show_followup_results(runs, "fine-tuned")  # ... does not hide the second run's results
+    assert main is runs[3]
+    assert [r.segmentation.GetDisplayNode().GetVisibility() for r in runs] == [0, 0, 0, 1]
+    assert show_followup_results(runs, "both") is runs[3]
+    assert [r.segmentation.GetDisplayNode().GetVisibility() for r in runs] == [0, 0, 1, 1]
+    fine = runs[3]
+    assert fine.uncertainty is not None and fine.summary["mc_samples"] == 2
+    assert np.allclose(mrml.ijk_to_ras_matrix(fine.probability), mrml.ijk_to_ras_matrix(followup_nodes[0]))
+    assert fine.table.GetNumberOfRows() == len(fine.lesions)
+
+    saved = save_patient_model(choice, tmp_path / "kept" / "patient-model.pt")
+    assert saved.read_bytes() == choice.patient_model.read_bytes()
+    with pytest.raises(ValueError, match="never overwritten"):
+        save_patient_model(choice, shipped_models()["brain-wmh"])
+
+
+def test_choosing_the_same_base_model_again_keeps_the_patient_model(tmp_path):
+    choice = ModelChoice()
+    assert choice.choose_base_model("brain-wmh")
+    choice.set_patient_model(tmp_path / "patient.pt", "100 iterations")
+    # re-entering the module sets the same model again, by name or by its file
+    assert not choice.choose_base_model("brain-wmh")
+    assert not choice.choose_base_model(str(shipped_models()["brain-wmh"]))
+    assert choice.patient_model == tmp_path / "patient.pt"
+    assert choice.choose_base_model("brain-tumor")
+    assert choice.patient_model is None
+
+
+def test_a_patient_model_is_described_for_both_networks():
+    assert describe_patient_model({"config": {"iterations": 100}, "slices": [12, 20], "method": "fast"}) == "100 iterations on slices 12, 20 (fast path)"
+    unet = describe_patient_model({"config": {"iterations": 50, "layers": "decoder"}, "strategy": "decoder"})
+    assert unet == "50 iterations on the whole baseline volume (decoder layers)"

@@ -1,0 +1,211 @@
+"""Long work as ``patient-finetune`` commands in a subprocess: progress read from the
+command's JSON lines (``--progress json``, see :mod:`.progress`), a one-line error when it
+fails, and Cancel that terminates it.
+
+Why a subprocess: in 3D Slicer, Python threads only advance while the main thread runs
+Python (PythonQt keeps the GIL while Qt idles), so training in a thread crawls. A process
+runs at full speed, cannot freeze the application, and is cancelled by terminating it.
+The caller (the Slicer module's QTimer, a test, a console) calls :meth:`CliJob.poll`
+regularly; nothing here blocks, starts a thread or imports Qt.
+
+Files in, files out: a job reads inputs the caller wrote and writes into an output folder
+the caller owns; the commands write atomically, and a cancelled job's partial files go
+with the ``.partial-*`` temporaries the commands remove when terminated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Sequence
+
+#: Folder that holds the PatientFineTuneLib package: put on the subprocess's PYTHONPATH,
+#: so the job runs this very library (a source checkout, or an installed extension's
+#: qt-scripted-modules folder) whatever the interpreter's own path.
+LIBRARY_PARENT = Path(__file__).resolve().parent.parent
+
+
+class CliJob:
+    """One or more ``patient-finetune`` commands, run one after another in a subprocess.
+
+    Parameters
+    ----------
+    steps : each a list of command-line arguments after ``patient-finetune`` (the verb
+        first), e.g. ``[["finetune", "--model", "brain-wmh", ...]]``.
+    python : interpreter to run them with (in Slicer: ``PythonSlicer``); default: this one.
+    env : extra environment variables.
+
+    Attributes
+    ----------
+    progress : the last ``progress`` event (dict) or None.
+    results : every ``result`` event, in order.
+    log : the last 200 plain output lines (not JSON events).
+    error : the failing command's one-line message, or None.
+    step : index of the command running now.
+    """
+
+    def __init__(self, steps: Sequence[Sequence[str]], python: str | None = None, env: dict | None = None):
+        if not steps:
+            raise ValueError("a job needs at least one command")
+        self.steps = [list(map(str, s)) for s in steps]
+        self.python = python or sys.executable
+        self.env = dict(env or {})
+        self.step = -1
+        self.progress: dict | None = None
+        self.results: list[dict] = []
+        self.log: deque[str] = deque(maxlen=200)
+        self.error: str | None = None
+        self.cancelled = False
+        self._process: subprocess.Popen | None = None
+        self._buffer = b""
+        self._done = False
+
+    # -- running ---------------------------------------------------------------------------
+
+    def command(self, step: int) -> list[str]:
+        return [self.python, "-m", "PatientFineTuneLib.cli", "--progress", "json", *self.steps[step]]
+
+    def start(self) -> "CliJob":
+        if self.step >= 0:
+            raise RuntimeError("this job was already started")
+        self._start_step(0)
+        return self
+
+    def _start_step(self, step: int) -> None:
+        self.step = step
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join([str(LIBRARY_PARENT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        # Own process group (POSIX) / process tree (Windows): Slicer's PythonSlicer is a
+        # launcher that starts the real interpreter as its child, and Cancel must reach both.
+        group = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        self._process = subprocess.Popen(
+            self.command(step), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **group
+        )
+        # read whatever is there on each poll, never wait for a line
+        os.set_blocking(self._process.stdout.fileno(), False)
+
+    @property
+    def finished(self) -> bool:
+        """True once every command ended (or one failed, or the job was cancelled)."""
+        return self._done
+
+    @property
+    def succeeded(self) -> bool:
+        return self._done and self.error is None and not self.cancelled
+
+    def poll(self) -> list[dict]:
+        """Read what the command printed since the last call; returns the new JSON events.
+        Starts the next command when one ends successfully."""
+        if self._process is None or self._done:
+            return []
+        events = self._read()
+        code = self._process.poll()
+        if code is None:
+            return events
+        events += self._read(final=True)
+        if self.cancelled:
+            self._done = True
+        elif code != 0:
+            self.error = self.error or self._last_log_line() or f"the command exited with status {code}"
+            self._done = True
+        elif self.step + 1 < len(self.steps):
+            self._start_step(self.step + 1)
+        else:
+            self._done = True
+        return events
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> bool:
+        """Poll until finished (console and tests); False if ``timeout`` passed first."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            self.poll()
+            if end is not None and time.monotonic() > end:
+                return False
+            time.sleep(interval)
+        return True
+
+    def cancel(self, grace_s: float = 1.5) -> None:
+        """Terminate the running command (it removes its partial files and exits), killing
+        it if it has not ended after ``grace_s``. Later commands never start."""
+        if self._process is None or self._done:
+            return
+        self.cancelled = True
+        if self._process.poll() is None:
+            self._signal_tree(kill=False)
+            try:
+                self._process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self._signal_tree(kill=True)
+                self._process.wait()
+        self.poll()
+
+    def _signal_tree(self, kill: bool) -> None:
+        """Terminate (SIGTERM: the command removes its partial files) or kill the command
+        and every process it started."""
+        pid = self._process.pid
+        if os.name == "posix":
+            try:
+                os.killpg(pid, signal.SIGKILL if kill else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        else:  # Windows has no SIGTERM: end the whole tree; the job folder goes with the job
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True)
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _read(self, final: bool = False) -> list[dict]:
+        stream = self._process.stdout
+        while True:
+            try:
+                chunk = os.read(stream.fileno(), 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        if final and self._buffer:
+            lines, self._buffer = lines + [self._buffer], b""
+        events = []
+        for raw in lines:
+            line = raw.decode("utf-8", errors="replace").rstrip("\r")
+            event = _parse_event(line)
+            if event is None:
+                if line.strip():
+                    self.log.append(line)
+                continue
+            events.append(event)
+            kind = event["event"]
+            if kind == "progress":
+                self.progress = {**event, "command": self.step}
+            elif kind == "result":
+                self.results.append(event)
+            elif kind == "error":
+                self.error = event.get("message") or "failed"
+        return events
+
+    def _last_log_line(self) -> str | None:
+        return self.log[-1] if self.log else None
+
+    def fraction(self) -> float:
+        """Overall fraction done over all commands (each counts the same)."""
+        if self._done and self.succeeded:
+            return 1.0
+        within = (self.progress or {}).get("fraction") if (self.progress or {}).get("command") == self.step else 0.0
+        return (max(self.step, 0) + (within or 0.0)) / len(self.steps)
+
+
+def _parse_event(line: str) -> dict | None:
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None

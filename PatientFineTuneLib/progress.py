@@ -1,0 +1,68 @@
+"""Progress of long work, for a person (a tqdm bar on stderr) or for a program (one JSON
+line per step on stdout, read by :mod:`.jobs`).
+
+JSON lines have an ``"event"`` key: ``progress`` (``step``, ``done``, ``total``,
+``fraction`` and, for training, ``loss``), ``result`` (what a verb wrote) and ``error``
+(the one-line message a failing verb also prints on stderr). Nothing else a verb prints
+starts with ``{``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Callable, TextIO
+
+#: Modes of ``patient-finetune --progress``.
+MODES = ("bar", "json", "none")
+
+
+def emit(event: str, stream: TextIO | None = None, **fields) -> None:
+    """Write one JSON event line and flush it (a reader polls the pipe)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
+    print(json.dumps({"event": event, **clean}), file=stream or sys.stdout, flush=True)
+
+
+class StepProgress:
+    """Progress of one step (``with`` closes its bar). ``update(done, total=None,
+    loss=None)`` is the ``progress`` callback the library's long functions take."""
+
+    def __init__(self, mode: str, step: str, total: int | None, unit: str):
+        if mode not in MODES:
+            raise ValueError(f"unknown progress mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.mode, self.step, self.total = mode, step, total
+        self._bar = None
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=step, unit=unit, mininterval=0.5)
+
+    def update(self, done: int, total: int | None = None, loss: float | None = None) -> None:
+        if total is not None:
+            self.total = total
+        if self._bar is not None:
+            if self._bar.total != self.total:
+                self._bar.total = self.total
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            # update() (not setting .n) is what makes tqdm redraw, at most every mininterval
+            self._bar.update(int(done) - self._bar.n)
+        elif self.mode == "json":
+            fraction = done / self.total if self.total else None
+            emit("progress", step=self.step, done=int(done), total=self.total, fraction=fraction,
+                 **({"loss": float(loss)} if loss is not None else {}))
+
+    def training_callback(self) -> Callable[[int, float], None]:
+        """``progress(iteration, loss)``, the form training loops call."""
+        return lambda iteration, loss: self.update(iteration, loss=loss)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> "StepProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

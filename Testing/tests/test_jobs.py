@@ -1,0 +1,97 @@
+"""Long work in a subprocess (the Slicer module's way): real ``patient-finetune`` processes
+run by :class:`PatientFineTuneLib.jobs.CliJob`, progress read from their JSON lines,
+Cancel that terminates them and leaves no file, and one-line errors."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from PatientFineTuneLib.jobs import CliJob
+from PatientFineTuneLib.modelfile import load_model
+
+
+def _finetune_args(case_dir, out, iterations):
+    return ["finetune", "--model", "brain-wmh", "--case", str(case_dir / "baseline"), "--slices", "all-lesion",
+            "--iterations", str(iterations), "--device", "cpu", "--out", str(out)]
+
+
+def test_a_finetuning_job_reports_progress_and_its_patient_model_loads(small_pair_dir, tmp_path):
+    out = tmp_path / "patient.pt"
+    job = CliJob([_finetune_args(small_pair_dir, out, 12)]).start()
+    seen, fractions = [], []
+    while not job.finished:
+        for event in job.poll():
+            if event["event"] == "progress":
+                seen.append(event)
+                fractions.append(job.fraction())
+                assert not job.finished or job.succeeded
+        time.sleep(0.02)
+    assert job.succeeded, (job.error, list(job.log))
+    # progress lines arrived one per iteration, with the loss, while it ran
+    training = [e for e in seen if e["step"] == "finetune"]
+    assert [e["done"] for e in training] == list(range(1, 13))
+    assert all(e["total"] == 12 and e["loss"] > 0 for e in training)
+    assert fractions == sorted(fractions) and job.fraction() == 1.0
+    assert job.results and job.results[-1]["outputs"]["model"] == str(out)
+    bundle = load_model(out)
+    assert bundle.metadata["finetune"]["config"]["iterations"] == 12
+
+
+def test_cancel_terminates_the_job_quickly_and_leaves_no_file(small_pair_dir, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    job = CliJob([_finetune_args(small_pair_dir, out_dir / "patient.pt", 5000)]).start()
+    deadline = time.monotonic() + 120
+    while not (job.progress and job.progress["step"] == "finetune" and job.progress["done"] >= 2):
+        job.poll()
+        assert not job.finished, (job.error, list(job.log))
+        assert time.monotonic() < deadline, "no training progress within 2 minutes"
+        time.sleep(0.02)
+    start = time.monotonic()
+    job.cancel()
+    elapsed = time.monotonic() - start
+    assert job.finished and job.cancelled and not job.succeeded
+    assert elapsed < 2.0, f"cancel took {elapsed:.2f} s"
+    assert list(out_dir.iterdir()) == []
+
+
+def test_a_failing_job_surfaces_its_one_line_error_and_stops_the_chain(small_pair_dir, tmp_path):
+    second = tmp_path / "never.pt"
+    job = CliJob([
+        ["segment", "--model", "brain-wmh", "--images", str(tmp_path / "missing.nii.gz"), str(tmp_path / "missing2.nii.gz"), "--out", str(tmp_path / "seg")],
+        _finetune_args(small_pair_dir, second, 2),
+    ]).start()
+    assert job.wait(timeout=120)
+    assert not job.succeeded and job.step == 0
+    assert "missing.nii.gz" in job.error and "\n" not in job.error
+    assert not second.exists()
+
+
+def test_commands_run_one_after_another(small_pair_dir, tmp_path):
+    job = CliJob([
+        ["segment", "--model", "brain-wmh", "--case", str(small_pair_dir / "baseline"), "--out", str(tmp_path / "a"), "--suggest", "2"],
+        ["segment", "--model", "brain-wmh", "--case", str(small_pair_dir / "followup"), "--out", str(tmp_path / "b")],
+    ]).start()
+    assert job.wait(timeout=300), "the job did not finish"
+    assert job.succeeded, (job.error, list(job.log))
+    assert [r["verb"] for r in job.results] == ["segment", "segment"]
+    suggestions = json.loads((tmp_path / "a" / "suggestions.json").read_text())
+    assert len(suggestions) == 2 and {"slice", "mean_probability", "centre_lps_mm"} <= set(suggestions[0])
+    assert (tmp_path / "b" / "segmentation.nii.gz").is_file() and not (tmp_path / "b" / "suggestions.json").exists()
+
+
+def test_progress_json_lines_are_the_only_lines_starting_with_a_brace(small_pair_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "PatientFineTuneLib.cli", "--progress", "json", "segment", "--model", "brain-wmh",
+         "--case", str(small_pair_dir / "baseline"), "--out", str(tmp_path / "seg")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and progress[-1]["fraction"] == pytest.approx(1.0)
+    assert events[-1]["event"] == "result" and events[-1]["outputs"]["segmentation"].endswith("segmentation.nii.gz")
+    assert "\r" not in proc.stderr  # no tqdm bar in JSON mode
