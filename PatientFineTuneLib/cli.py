@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import shlex
 import signal
@@ -39,6 +41,92 @@ def _command_line() -> str:
     return "patient-finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def count_at_least(minimum: int):
+    """argparse type: an integer of at least ``minimum`` (a count such as --iterations)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"invalid value {value}: must be at least {minimum}")
+        return value
+
+    parse.__name__ = f"count >= {minimum}"
+    return parse
+
+
+def mc_sample_count(text: str) -> int:
+    """argparse type of --mc-samples: 0 (no uncertainty) or at least 2 (an SD needs two)."""
+    value = count_at_least(0)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("invalid value 1: use 0 for no uncertainty map, or at least 2 samples (the paper: 25)")
+    return value
+
+
+def check_output_file(path: str | Path, option: str = "--out", suffix: str | None = None) -> Path:
+    """Refuse, before any work, an output file that cannot be written: a folder, a path
+    under a file, the wrong suffix, a folder without write permission."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name{f' ending in {suffix}' if suffix else ''}")
+    if suffix and not path.name.endswith(suffix):
+        raise ValueError(f"{option} {path} must end in {suffix}")
+    _check_writable_folder(path.parent, option, path)
+    return path
+
+
+def check_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that is a file, lies under a file or
+    cannot be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file, not a folder; give a folder for the outputs")
+    _check_writable_folder(path, option, path)
+    return path
+
+
+def _check_writable_folder(folder: Path, option: str, target: Path) -> None:
+    existing = folder
+    while not existing.exists():  # the nearest existing ancestor is where the folders get made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {target}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {target}: no permission to write in {existing}")
+
+
+def refuse_inputs_as_outputs(inputs, outputs) -> None:
+    """No output may be one of the command's inputs (same path, symbolic or hard link),
+    with or without --overwrite."""
+    existing = [Path(p) for p in inputs if p is not None and Path(p).exists()]
+    for out in map(Path, outputs):
+        for source in existing:
+            same = out.exists() and os.path.samefile(out, source)
+            if same or out.resolve() == source.resolve():
+                raise ValueError(f"{out} is one of this command's inputs ({source}); an output never replaces an input: choose another --out")
+
+
+def _case_inputs(case, model: Path) -> list:
+    sources = case.sources
+    return [*sources["sequences"], sources.get("organ"), sources.get("lesions"), model]
+
+
+def json_ready(value):
+    """``value`` with NaN and infinities as None: JSON has no NaN (a bare NaN makes the
+    file unreadable for strict parsers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalars
+        return json_ready(value.item())
+    return value
+
+
 def _parse_labels(text: str | None):
     return [int(v) for v in text.split(",")] if text else None
 
@@ -52,7 +140,7 @@ def cmd_synth(args) -> None:
 
     from .synth import generate_pair, write_pair
 
-    out = Path(args.out)
+    out = check_output_folder(args.out)
     targets = [out / f"patient{args.seed + i:03d}" for i in range(args.patients)]
     existing = [t for t in targets if t.exists()]
     if existing and not args.overwrite:
@@ -109,7 +197,7 @@ def cmd_train_base(args) -> None:
     from .training import TrainingConfig, distributed_rank_and_size, init_distributed, train_base_model
 
     preset = get_preset(args.preset)
-    out = Path(args.out)
+    out = check_output_file(args.out, suffix=".pt")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".checkpoint")
@@ -277,17 +365,20 @@ def cmd_segment(args) -> None:
     from .modelfile import load_model
     from .postprocess import write_csv
 
-    bundle = load_model(resolve_model_path(args.model))
-    out = Path(args.out)
+    out = check_output_folder(args.out)
+    model = resolve_model_path(args.model)
+    bundle = load_model(model)
     names = {"segmentation": "segmentation.nii.gz", "labels": "lesion_labels.nii.gz", "probability": "probability.nii.gz",
-             "table": "lesions.csv", "organ": "organ_mask.nii.gz", "uncertainty": "uncertainty_sd.nii.gz", "summary": "uncertainty.json"}
+             "table": "lesions.csv", "organ": "organ_mask.nii.gz", "uncertainty": "uncertainty_sd.nii.gz", "summary": "uncertainty.json",
+             "suggestions": "suggestions.json"}
     outputs = {k: out / f for k, f in names.items()}
-    if args.suggest:
-        outputs["suggestions"] = out / "suggestions.json"
-    clash = [p for p in outputs.values() if p.exists()]
+    case, organ = _case_for_model(args, bundle)
+    refuse_inputs_as_outputs(_case_inputs(case, model), outputs.values())
+    produced = {"segmentation", "labels", "probability", "table"} | ({"organ"} if organ is None else set())
+    produced |= ({"uncertainty", "summary"} if args.mc_samples else set()) | ({"suggestions"} if args.suggest else set())
+    clash = [outputs[k] for k in produced if outputs[k].exists()]
     if clash and not args.overwrite:
         raise FileExistsError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
-    case, organ = _case_for_model(args, bundle)
     opening = args.opening if args.opening is not None else bundle.opening
     with _step(args, "segment", unit="slice") as step:
         result = segment_case(bundle, case, opening=opening, threshold=args.threshold, mc_samples=args.mc_samples,
@@ -305,7 +396,7 @@ def cmd_segment(args) -> None:
         summary = result.summary | {"mc_samples": args.mc_samples, "seed": args.seed}
         from .files import atomic_write
 
-        atomic_write(outputs["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)), overwrite=args.overwrite)
+        atomic_write(outputs["summary"], lambda tmp: Path(tmp).write_text(json.dumps(json_ready(summary), indent=2)), overwrite=args.overwrite)
         print(f"uncertainty ({args.mc_samples} MC-dropout samples): max SD {summary['max_sd']:.3f}, "
               f"mean SD in lesions {summary['mean_sd_in_lesions']:.3f}")
     if args.suggest:
@@ -315,8 +406,10 @@ def cmd_segment(args) -> None:
         suggestions = [s.as_dict() for s in suggest_slices(bundle, case, k=args.suggest, probability=result.probability)]
         atomic_write(outputs["suggestions"], lambda tmp: Path(tmp).write_text(json.dumps(suggestions, indent=2)), overwrite=args.overwrite)
         print("suggested slices: " + ", ".join(str(s["slice"]) for s in suggestions))
-    written = {k: p for k, p in outputs.items() if p.exists()}
-    _report_result(args, "segment", written, lesions=len(result.lesions), volume_ml=volume)
+    if args.overwrite:  # what an earlier run wrote and this one does not would read as this run's
+        for key in set(outputs) - produced:
+            outputs[key].unlink(missing_ok=True)
+    _report_result(args, "segment", {k: outputs[k] for k in produced}, lesions=len(result.lesions), volume_ml=volume)
 
 
 def cmd_suggest(args) -> None:
@@ -332,7 +425,7 @@ def cmd_suggest(args) -> None:
 def _derived_model_paths(args, role: str) -> tuple[Path, Path]:
     """(--out, --model) of a verb that trains a new model from another; the other model
     (``role``: base, source) is never the output, and --out is not replaced silently."""
-    out, model = Path(args.out), resolve_model_path(args.model)
+    out, model = check_output_file(args.out, suffix=".pt"), resolve_model_path(args.model)
     if out.resolve() == model.resolve():
         raise ValueError(f"--out is the {role} model file; the {role} model is never overwritten, choose another name")
     if out.exists() and not args.overwrite:
@@ -361,6 +454,7 @@ def cmd_finetune(args) -> None:
     out, model = _derived_model_paths(args, "base")
     bundle = load_model(model)
     case, _ = _case_for_model(args, bundle, lesions=True)
+    refuse_inputs_as_outputs(_case_inputs(case, model), [out])
     config = FinetuneConfig(iterations=args.iterations, weighting=None if args.weighting == "none" else args.weighting,
                             seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers, pixel_fraction=args.pixel_fraction)
     info, sha = _train_and_save(
@@ -407,8 +501,9 @@ def cmd_compare(args) -> None:
     from .postprocess import write_csv
     from .registration import register_followup, resample_mask
 
-    out = Path(args.out)
+    out = check_output_folder(args.out)
     targets = [out / n for n in ("changes.csv", "changes.json", "followup_lesions_on_baseline.nii.gz")]
+    refuse_inputs_as_outputs([args.baseline_lesions, args.followup_lesions, args.baseline_image, args.followup_image, args.baseline_organ], targets)
     if any(t.exists() for t in targets) and not args.overwrite:
         raise FileExistsError(f"{out} already holds compare outputs; choose another --out or pass --overwrite")
     baseline_lesions = read_image(args.baseline_lesions) > 0
@@ -438,7 +533,8 @@ def cmd_compare(args) -> None:
         r["centroid_lps_mm"] = " ".join(f"{c:.2f}" for c in r.pop("centroid"))
     write_csv(rows, out / "changes.csv", columns=["change", "baseline_ids", "followup_ids", "baseline_mm3", "followup_mm3", "change_mm3",
                                                   "change_relative", "centroid_lps_mm"], overwrite=args.overwrite)
-    atomic_write(out / "changes.json", lambda tmp: Path(tmp).write_text(json.dumps({"summary": summary, "lesions": rows}, indent=2)), overwrite=args.overwrite)
+    atomic_write(out / "changes.json", lambda tmp: Path(tmp).write_text(json.dumps(json_ready({"summary": summary, "lesions": rows}), indent=2)),
+                 overwrite=args.overwrite)
     write_image(sitk.Cast(followup_lesions, sitk.sitkUInt8), out / "followup_lesions_on_baseline.nii.gz", overwrite=args.overwrite)
     counts = ", ".join(f"{summary[c]} {c}" for c in ("new", "enlarged", "stable", "shrinking", "resolved"))
     print(f"{counts}; lesion load {summary['baseline_load_mm3'] / 1000:.2f} -> {summary['followup_load_mm3'] / 1000:.2f} mL; outputs in {out}")
@@ -450,10 +546,10 @@ def cmd_experiment(args) -> None:
     from .modelfile import load_model
     from .plots import box_plots
 
+    out = check_output_folder(args.out)
     model = resolve_model_path(args.model)
     bundle = load_model(model)
     names = [s["name"] for s in bundle.sequences]
-    out = Path(args.out)
     cohort_path = Path(args.cohort)
     if cohort_path.is_dir() and any(cohort_path.glob("*/Pre_Scan_T1.nii.gz")):
         cohort_path = write_tumor_progression_cohort(cohort_path, out / "cohort.csv", names[0])
@@ -485,9 +581,18 @@ def cmd_evaluate(args) -> None:
     from .metrics import DETECTION_METRICS, METRIC_NAMES, SEGMENTATION_METRICS, compare_cohorts, evaluate_images, format_mean_sd, format_median_iqr
     from .postprocess import write_csv
 
+    if args.out:
+        check_output_file(args.out, suffix=".csv")
+        refuse_inputs_as_outputs([args.pred, args.gt, args.pairs, args.compare_to], [args.out])
+        if Path(args.out).exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")
     if args.pairs:
         with open(args.pairs, newline="") as f:
             rows = list(csv.DictReader(f))
+        missing = {"case", "pred", "gt"} - set(rows[0] if rows else {})
+        if missing or not rows:
+            raise ValueError(f"{args.pairs} needs a header with the columns case,pred,gt and one row per case "
+                             f"(missing: {', '.join(sorted(missing)) or 'rows'})")
         base = Path(args.pairs).parent
         pairs = [(r["case"], base / r["pred"], base / r["gt"]) for r in rows]
     elif args.pred and args.gt:
@@ -499,7 +604,7 @@ def cmd_evaluate(args) -> None:
         metrics = evaluate_images(read_image(pred), read_image(gt))
         results.append({"case": name} | {k: metrics[k] for k in METRIC_NAMES})
     for r in results:
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+        print(json.dumps(json_ready({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})))
     if len(results) > 1:
         for k in SEGMENTATION_METRICS:
             print(f"{k}: mean ± SD {format_mean_sd([r[k] for r in results])}")
@@ -547,7 +652,7 @@ def cmd_info(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out), overwrite=args.overwrite, model=resolve_model_path(args.model), device=args.device,
+    run_demo(check_output_folder(args.out), overwrite=args.overwrite, model=resolve_model_path(args.model), device=args.device,
              finetune_iterations=args.iterations, mc_samples=args.mc_samples, seed=args.seed)
 
 
@@ -574,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("synth", cmd_synth, "Generate synthetic baseline/follow-up patient pairs.")
     p.add_argument("--preset", choices=PRESET_GENERATORS, required=True)
-    p.add_argument("--patients", type=int, default=1, help="number of patient pairs (default 1)")
+    p.add_argument("--patients", type=count_at_least(1), default=1, help="number of patient pairs (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first patient; patient i uses seed+i")
     p.add_argument("--out", required=True, help="output folder; patients go to OUT/patientNNN")
     p.add_argument("--small", action="store_true", help="small, coarse volumes for quick tests")
@@ -585,22 +690,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="folder of cases or CSV manifest")
     p.add_argument("--val", help="held-out cases (folder or CSV) for validation Dice")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
-    p.add_argument("--iterations", type=int, default=10_000)
+    p.add_argument("--iterations", type=count_at_least(1), default=10_000)
     p.add_argument("--architecture", choices=["lesionnet", "unet3d"], default="lesionnet",
                    help="lesionnet: the paper's 2D multi-pathway network; unet3d: the 3D U-Net of seed 001 (whole volumes, no checkpoints)")
-    p.add_argument("--width", type=int, default=64, help="filters per 3x3 conv (paper 64; 16 for a quick CPU model); unet3d: filters of its first level")
+    p.add_argument("--width", type=count_at_least(1), default=64, help="filters per 3x3 conv (paper 64; 16 for a quick CPU model); unet3d: filters of its first level")
     p.add_argument("--spacing-mm", type=float, default=2.0, help="unet3d: isotropic voxel size it trains and predicts at (paper 1; 2 for a CPU)")
     p.add_argument("--patch-mm", type=float, default=96.0, help="unet3d: patch edge in mm (paper 96)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--patches-per-slice", type=int, default=25)
+    p.add_argument("--batch-size", type=count_at_least(1), default=4)
+    p.add_argument("--patches-per-slice", type=count_at_least(1), default=25)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps; under torchrun each process uses cuda:LOCAL_RANK")
     p.add_argument("--precision", choices=["fp32", "amp"], default="fp32", help="amp: mixed precision (float16 on GPUs, bfloat16 on CPUs)")
     p.add_argument("--channels-last", action="store_true", help="channels-last tensors (faster convolutions on recent GPUs)")
     p.add_argument("--checkpoint", help="checkpoint file (default OUT.checkpoint)")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--validate-every", type=int, default=1000)
+    p.add_argument("--checkpoint-every", type=count_at_least(1), default=500)
+    p.add_argument("--validate-every", type=count_at_least(1), default=1000)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("--lesion-labels", help="comma-separated label values counted as lesion (default: any > 0)")
     p.add_argument("--resample-to", action="store_true", help="resample sequences/masks onto the first sequence's grid")
@@ -615,9 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--opening", action=argparse.BooleanOptionalAction, default=None, help="per-slice plus opening (default: from the model's preset)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--mc-samples", type=int, default=0, help="MC-dropout samples for the uncertainty map (paper: 25; 0 = off)")
+    p.add_argument("--mc-samples", type=mc_sample_count, default=0, help="MC-dropout samples for the uncertainty map (paper: 25; 0 = off; else at least 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout masks")
-    p.add_argument("--suggest", type=int, default=0, metavar="K",
+    p.add_argument("--suggest", type=count_at_least(0), default=0, metavar="K",
                    help="also write suggestions.json: the K slices worth annotating first, from the same pass (0 = off)")
     p.add_argument("--resample-to", action="store_true", help="resample sequences onto the first sequence's grid")
     p.add_argument("--overwrite", action="store_true")
@@ -633,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("suggest", cmd_suggest, "Rank baseline slices to annotate: mean lesion softmax closest to 0.5 first.")
     add_case_options(p)
-    p.add_argument("-k", type=int, default=2, help="how many slices (0 = all, ranked)")
+    p.add_argument("-k", type=count_at_least(0), default=2, help="how many slices (0 = all, ranked)")
     p.add_argument("--candidates", choices=["organ", "lesion"], default="organ", help="all organ slices, or only annotated lesion slices")
     p.add_argument("--ranking", choices=["softmax", "entropy"], default="softmax")
 
@@ -641,9 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_case_options(p)
     p.add_argument("--out", required=True, help="patient model file to write (never the base model)")
     p.add_argument("--slices", default="all-lesion", help="all-lesion (default), all-organ, suggested:K, suggested-lesion:K, or indices like 12,20")
-    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--iterations", type=count_at_least(1), default=100)
     p.add_argument("--weighting", choices=["none", "segmentation", "detection"], default="none")
-    p.add_argument("--angles", type=int, default=8, help="fixed rotation angles spanning [-45, 45] degrees (0: a continuous uniform angle per patch, as in the paper; naive path)")
+    p.add_argument("--angles", type=count_at_least(0), default=8, help="fixed rotation angles spanning [-45, 45] degrees (0: a continuous uniform angle per patch, as in the paper; naive path)")
     p.add_argument("--method", choices=["auto", "fast", "naive"], default="auto", help="fast: cached backbone features; naive: the reference loop")
     p.add_argument("--pixel-fraction", type=float, default=1.0,
                    help="approximate mode: the loss on this random fraction of each patch's pixels per iteration (faster head; 1 = exact, the paper)")
@@ -660,8 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["all", "decoder", "last-layers", "head"], default="all",
                    help="which layers train: all (FT_All, best with few cases in seed 002), decoder, last-layers (FT_LastThree), head (output layer)")
     p.add_argument("--reset-last-layers", action="store_true", help="replace the last three layers with new ones first, as seed 002 does")
-    p.add_argument("--iterations", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--iterations", type=count_at_least(1), default=1000)
+    p.add_argument("--batch-size", type=count_at_least(1), default=2)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -687,11 +792,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", required=True, help="cohort CSV (patient, visit, sequences, lesions[, organ]), a folder of patient/{baseline,followup}, or the brain_tumor_progression folder")
     p.add_argument("--out", required=True, help="output folder: results.csv (resumable), summary.md")
     p.add_argument("--arms", help="comma-separated subset of the arms (default: all)")
-    p.add_argument("--iterations-axis", type=int, nargs="+", default=[50, 100, 500, 1000], help="fine-tuning iterations compared (default 50 100 500 1000)")
-    p.add_argument("--default-iterations", type=int, default=100, help="iterations of the slice, weighting and naive arms (paper: 100)")
-    p.add_argument("--mc-samples", type=int, default=0, help="MC-dropout samples for the uncertainty numbers (0 = off)")
+    p.add_argument("--iterations-axis", type=count_at_least(1), nargs="+", default=[50, 100, 500, 1000], help="fine-tuning iterations compared (default 50 100 500 1000)")
+    p.add_argument("--default-iterations", type=count_at_least(1), default=100, help="iterations of the slice, weighting and naive arms (paper: 100)")
+    p.add_argument("--mc-samples", type=mc_sample_count, default=0, help="MC-dropout samples for the uncertainty numbers (0 = off; else at least 2)")
     p.add_argument("--mc-arms", help="comma-separated arms that get the MC samples (default: base and ft-iter<default-iterations>)")
-    p.add_argument("--workers", type=int, default=1, help="patients run in parallel processes")
+    p.add_argument("--workers", type=count_at_least(1), default=1, help="patients run in parallel processes")
     p.add_argument("--seed", type=int, default=0)
 
     p = add("evaluate", cmd_evaluate, "Dice, AVD, HD95 and lesion-wise metrics of predictions against ground truth.")
@@ -709,8 +814,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "The whole workflow on a synthetic patient: suggest, fine-tune, segment the follow-up with uncertainty.")
     p.add_argument("--out", default="demo-output")
     p.add_argument("--model", default="brain-wmh", help="base model file (default: the shipped brain-wmh model)")
-    p.add_argument("--iterations", type=int, default=100, help="fine-tuning iterations")
-    p.add_argument("--mc-samples", type=int, default=25)
+    p.add_argument("--iterations", type=count_at_least(1), default=100, help="fine-tuning iterations")
+    p.add_argument("--mc-samples", type=mc_sample_count, default=25)
     p.add_argument("--seed", type=int, default=0, help="seed of the generated patient, the fine-tuning and the MC masks")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")

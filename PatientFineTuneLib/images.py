@@ -54,17 +54,51 @@ class GeometryError(ImageError):
 
 
 def read_image(path: str | os.PathLike | sitk.Image) -> sitk.Image:
-    """Read any image SimpleITK can read, with a clear error otherwise (an image already
-    in memory, e.g. from a Slicer volume node, is returned as it is)."""
+    """Read any image SimpleITK can read, or a folder holding one DICOM series, with a
+    clear error otherwise (an image already in memory, e.g. from a Slicer volume node, is
+    returned as it is)."""
     if isinstance(path, sitk.Image):
         return path
     path = Path(path)
+    if path.is_dir():
+        return read_dicom_series(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise ImageError(f"could not read {path} as an image ({str(exc).strip().splitlines()[-1]})") from None
+    if image.GetDimension() == 2 and path.suffix.lower() in ("", ".dcm", ".ima"):
+        raise ImageError(f"{path} is a single 2D DICOM image; give the folder that holds the whole series instead")
+    return image
+
+
+def read_dicom_series(folder: Path) -> sitk.Image:
+    """The one DICOM series in ``folder`` as a 3D image (slices sorted by position)."""
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise ImageError(f"{folder} is a folder without a DICOM series; give an image file (NIfTI, NRRD, ...) or a DICOM series folder")
+    if len(series) > 1:
+        raise ImageError(f"{folder} holds {len(series)} DICOM series ({', '.join(series[:3])}{', ...' if len(series) > 3 else ''}); "
+                         "put each series in its own folder")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise ImageError(f"could not read the DICOM series in {folder} ({str(exc).strip().splitlines()[-1]})") from None
+
+
+def nonfinite_voxels(source, values: np.ndarray) -> int:
+    """NaN and infinite voxels of an image: counted in ``values`` and, for NIfTI files, in
+    the raw file, because SimpleITK's NIfTI reader turns them into zeros."""
+    bad = int((~np.isfinite(values)).sum())
+    if bad or isinstance(source, sitk.Image) or not str(source).lower().endswith((".nii", ".nii.gz")):
+        return bad
+    import nibabel
+
+    raw = np.asanyarray(nibabel.load(str(source)).dataobj)
+    return int((~np.isfinite(raw)).sum()) if np.issubdtype(raw.dtype, np.floating) else 0
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False, compress: bool = True) -> None:
@@ -284,13 +318,16 @@ def resample_array(x: torch.Tensor, shape: Sequence[int], label: bool = False) -
 # Intensities and organ masks
 
 
-def normalise(images: np.ndarray, organ: np.ndarray) -> np.ndarray:
+def normalise(images: np.ndarray, organ: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
     """Robust z-score of each channel inside the organ mask; zero outside it.
 
     ``(x - median) / (IQR / 1.349)`` over organ voxels (the IQR of a normal distribution is
     1.349 sigma), clipped to ``NORMALISED_RANGE``. Robust statistics keep bright lesions
     and intensity outliers from setting the scale; the result does not depend on the
     scanner's intensity units (uint16 raw, z-scored float, ...).
+
+    Raises ImageError for a channel (named by ``names``) with no spread inside the organ:
+    a blank, constant or mostly empty image would be segmented confidently and wrongly.
     """
     if not organ.any():
         raise ImageError("the organ mask is empty; cannot normalise intensities inside it")
@@ -299,8 +336,10 @@ def normalise(images: np.ndarray, organ: np.ndarray) -> np.ndarray:
         values = images[c][organ]
         p25, median, p75 = np.percentile(values, [25, 50, 75])
         scale = (p75 - p25) / 1.349
-        if not scale > 0:
-            scale = float(values.std()) or 1.0
+        if not scale > 1e-6 * max(abs(float(p25)), abs(float(p75)), 1e-30):
+            name = names[c] if names else f"channel {c + 1}"
+            raise ImageError(f"{name} has no intensity spread inside the organ mask (its middle half of values is "
+                             f"{float(median):g} throughout): a blank, constant or mostly empty image cannot be segmented; check the file")
         z = (images[c] - median) / scale
         np.clip(z, *NORMALISED_RANGE, out=z)
         out[c] = np.where(organ, z, 0.0)
@@ -465,6 +504,7 @@ def load_case(
             f"but {len(sequence_paths)} were given"
         )
     channels: list[np.ndarray] = []
+    channel_names: list[str] = []
     grid = None
     sources = [source_name(p) for p in sequence_paths]
     for i, path in enumerate(sources):
@@ -489,9 +529,15 @@ def load_case(
                 f"{names[i]} ({path}) has {arr.shape[0]} channel(s); the model expects "
                 f"{expected_channels[i]}. Multi-channel sequences are one 4D or vector image."
             )
-        bad = int((~np.isfinite(arr)).sum())
+        bad = nonfinite_voxels(sequence_paths[i], arr)
         if bad:
             raise ImageError(f"{names[i]} ({path}) contains {bad} NaN or infinite voxels; fix or mask them first")
+        for c in range(arr.shape[0]):
+            if not np.ptp(arr[c]) > 0:
+                where = f" (channel {c + 1})" if arr.shape[0] > 1 else ""
+                raise ImageError(f"{names[i]}{where} ({path}) is blank or constant (every voxel is {float(arr[c].flat[0]):g}); "
+                                 "check that the right file was given")
+            channel_names.append(f"{names[i]} channel {c + 1}" if arr.shape[0] > 1 else names[i])
         channels.append(arr)
     images = np.concatenate(channels, axis=0)
     spacing_zyx = grid.GetSpacing()[::-1]
@@ -520,11 +566,12 @@ def load_case(
             "sequences": sources,
             "organ": source_name(organ_path) if organ_path is not None else "automatic brain mask",
             "lesions": source_name(lesion_path) if lesion_path is not None else None,
+            "channel_names": channel_names,
         },
     )
 
 
 def prepare_case(case: Case) -> Case:
     """Normalise the case's intensities inside its organ mask (in place); returns it."""
-    case.images = normalise(case.images, case.organ)
+    case.images = normalise(case.images, case.organ, case.sources.get("channel_names"))
     return case

@@ -106,6 +106,29 @@ def evaluate_case(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[float]
     return result
 
 
+#: More distinct positive values than this and a "label image" is an image.
+MAX_LABELS = 1000
+
+
+def label_mask(image: sitk.Image, what: str) -> np.ndarray:
+    """The lesion mask (label > 0) of a label image, refusing what is not one: an MR
+    image or a probability map (non-integer values, or more than ``MAX_LABELS`` labels)
+    and negative labels, which would otherwise be scored as if they were segmentations."""
+    from .images import ImageError
+
+    values = sitk.GetArrayFromImage(image)
+    if np.issubdtype(values.dtype, np.floating):
+        fractional = values[np.isfinite(values) & (values != np.round(values))]
+        if fractional.size:
+            raise ImageError(f"{what} is not a label image (it has non-integer values such as {float(fractional.flat[0]):.3g}: "
+                             "an MR image or a probability map?); give a segmentation")
+    if (values < 0).any():
+        raise ImageError(f"{what} has negative labels (such as {int(values.min())}); a label image holds 0 for background and positive labels")
+    if np.unique(values[values > 0]).size > MAX_LABELS:
+        raise ImageError(f"{what} is not a label image (more than {MAX_LABELS} distinct values: an MR image?); give a segmentation")
+    return values > 0
+
+
 def evaluate_images(pred: sitk.Image, gt: sitk.Image) -> dict:
     """Metrics of two label images; any label > 0 is lesion. They must share a grid."""
     from .images import GeometryError, grid_mismatch
@@ -113,9 +136,7 @@ def evaluate_images(pred: sitk.Image, gt: sitk.Image) -> dict:
     mismatch = grid_mismatch(gt, pred)
     if mismatch:
         raise GeometryError(f"prediction and ground truth are on different grids ({mismatch}); resample first")
-    return evaluate_case(
-        sitk.GetArrayFromImage(pred) > 0, sitk.GetArrayFromImage(gt) > 0, gt.GetSpacing()[::-1]
-    )
+    return evaluate_case(label_mask(pred, "the prediction"), label_mask(gt, "the ground truth"), gt.GetSpacing()[::-1])
 
 
 # ---------------------------------------------------------------------------------------

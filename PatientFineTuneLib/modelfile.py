@@ -164,10 +164,18 @@ def derived_metadata(bundle: ModelBundle, config, losses: Sequence[float], **pro
     return metadata
 
 
+def _nonfinite_tensors(state_dict: dict) -> list[str]:
+    return [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def save_model(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = False) -> str:
     """Save a model file atomically; returns its sha256. Never replaces an existing file
     unless ``overwrite`` (so a base model cannot be clobbered by accident)."""
     state_dict = {k: v.detach().cpu().clone() for k, v in bundle.model.state_dict().items()}
+    broken = _nonfinite_tensors(state_dict)
+    if broken:
+        raise ValueError(f"the model has non-finite weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): training "
+                         f"diverged; nothing was saved to {path}. Train again with a lower learning rate")
     metadata = dict(bundle.metadata)
     metadata["architecture"] = bundle.model.architecture()
     metadata["sha256"] = _content_hash(metadata, state_dict)
@@ -220,12 +228,19 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
         state_dict = payload["state_dict"]
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path} has unreadable metadata ({exc})") from None
+    if not isinstance(metadata, dict) or not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ModelFileError(f"{path} is malformed: its header is PatientFineTune's but its metadata or weights are not; "
+                             "the file is damaged or was not written by PatientFineTune")
     if _content_hash(metadata, state_dict) != metadata.get("sha256"):
         raise ModelFileError(
             f"{path} failed its integrity check: its weights or metadata do not match the "
             "sha256 recorded when it was saved (modified or damaged file). Do not use it; "
             "restore the original file."
         )
+    broken = _nonfinite_tensors(state_dict)
+    if broken:
+        raise ModelFileError(f"{path} has non-finite weights ({', '.join(broken[:3])}): the training that made it diverged; "
+                             "it cannot segment anything. Use another model")
     try:
         model = build_network(metadata["architecture"])
         model.load_state_dict(state_dict, strict=True)

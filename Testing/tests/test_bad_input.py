@@ -1,0 +1,193 @@
+"""Bad input never gives a confident wrong answer or loses a file: each case here was a
+defect found by a sweep of bad inputs through the real console script (exit 0 with a
+wrong result, an input replaced, a traceback after the whole computation)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from PatientFineTuneLib.images import ImageError, load_case, normalise
+from PatientFineTuneLib.modelfile import ModelBundle, ModelFileError, load_model, make_metadata, save_model
+
+from conftest import tiny_model
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def _variant(src, dst, values):
+    image = sitk.ReadImage(str(src))
+    out = sitk.GetImageFromArray(values.astype(np.float32))
+    out.CopyInformation(image)
+    sitk.WriteImage(out, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("what, sequence", [("zero", "FLAIR"), ("constant", "FLAIR"), ("zero", "T1")])
+def test_a_blank_or_constant_sequence_is_refused_not_segmented(small_pair_dir, tmp_path, what, sequence):
+    case = small_pair_dir / "baseline"
+    shape = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{sequence}.nii.gz"))).shape
+    blank = _variant(case / f"{sequence}.nii.gz", tmp_path / f"{sequence}.nii.gz", np.full(shape, 0.0 if what == "zero" else 417.0))
+    images = [blank if s == sequence else case / f"{s}.nii.gz" for s in ("FLAIR", "T1")]
+    out = tmp_path / "out"
+    proc = cli("segment", "--model", "brain-wmh", "--images", *images, "--organ", case / "organ.nii.gz", "--out", out)
+    assert proc.returncode == 2, proc.stdout
+    message = proc.stderr.strip()
+    assert len(message.splitlines()) == 1 and sequence in message and ("blank" in message or "constant" in message), message
+    assert not out.exists()
+
+
+def test_normalise_refuses_a_channel_without_spread_inside_the_organ():
+    organ = np.zeros((4, 10, 10), bool)
+    organ[:, 2:8, 2:8] = True
+    images = np.random.default_rng(0).normal(100, 10, (2, 4, 10, 10)).astype(np.float32)
+    images[1][organ] = 50.0  # constant inside the organ, varied outside
+    with pytest.raises(ImageError, match="T1.*no intensity spread"):
+        normalise(images, organ, names=["FLAIR", "T1"])
+
+
+def test_nan_and_inf_in_nifti_are_refused_like_in_every_other_format(tmp_path):
+    values = np.random.default_rng(0).normal(100, 10, (6, 12, 12)).astype(np.float32)
+    values[2, 3, 4], values[1, 1, 1] = np.nan, np.inf
+    for name in ("bad.nii.gz", "bad.nii", "bad.nrrd"):
+        image = sitk.GetImageFromArray(values)
+        sitk.WriteImage(image, str(tmp_path / name))
+        with pytest.raises(ImageError, match="2 NaN or infinite"):
+            load_case([tmp_path / name])
+
+
+def test_an_input_is_never_replaced_by_the_commands_output(small_pair_dir, tmp_path):
+    case = tmp_path / "case"
+    shutil.copytree(small_pair_dir / "baseline", case)
+    before = (case / "lesions.nii.gz").read_bytes()
+    for out in (case / "lesions.nii.gz", case / "FLAIR.nii.gz"):
+        proc = cli("finetune", "--model", "brain-wmh", "--case", case, "--iterations", 2, "--out", out, "--overwrite")
+        assert proc.returncode == 2 and "input" in proc.stderr, proc.stderr
+    assert (case / "lesions.nii.gz").read_bytes() == before
+    # a hard link to an input is the same file
+    os.link(case / "lesions.nii.gz", tmp_path / "link.pt")
+    proc = cli("finetune", "--model", "brain-wmh", "--case", case, "--iterations", 2, "--out", tmp_path / "link.pt", "--overwrite")
+    assert proc.returncode == 2 and "input" in proc.stderr, proc.stderr
+    assert (case / "lesions.nii.gz").read_bytes() == before
+    # segment's output folder holding an input named like one of its outputs
+    shutil.copy(case / "organ.nii.gz", case / "segmentation.nii.gz")
+    organ_before = (case / "segmentation.nii.gz").read_bytes()
+    proc = cli("segment", "--model", "brain-wmh", "--images", case / "FLAIR.nii.gz", case / "T1.nii.gz", "--organ", case / "segmentation.nii.gz",
+               "--out", case, "--overwrite")
+    assert proc.returncode == 2 and "input" in proc.stderr, proc.stderr
+    assert (case / "segmentation.nii.gz").read_bytes() == organ_before
+
+
+def test_output_problems_are_found_before_any_work(small_pair_dir, tmp_path):
+    case = small_pair_dir / "baseline"
+    (tmp_path / "a-file").write_text("x")
+    checks = [
+        (("finetune", "--model", "brain-wmh", "--case", case, "--iterations", 5000, "--out", tmp_path / "model"), ".pt"),
+        (("finetune", "--model", "brain-wmh", "--case", case, "--iterations", 5000, "--out", tmp_path / "a-file" / "m.pt"), "not a folder"),
+        (("segment", "--model", "brain-wmh", "--case", case, "--out", tmp_path / "a-file"), "not a folder"),
+        (("train-base", "--preset", "brain-wmh", "--train", small_pair_dir, "--out", tmp_path / "base"), ".pt"),
+        (("evaluate", "--pred", case / "lesions.nii.gz", "--gt", case / "lesions.nii.gz", "--out", tmp_path), "folder"),
+    ]
+    for args, words in checks:
+        proc = cli(*args, timeout=60)  # 5,000 iterations would take minutes: the check comes first
+        assert proc.returncode == 2, (args, proc.stderr)
+        message = proc.stderr.strip()
+        assert len(message.splitlines()) == 1 and words in message and "Traceback" not in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize("args", [
+    ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--iterations", "0"),
+    ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--iterations", "-5"),
+    ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--angles", "-1"),
+    ("synth", "--preset", "brain-wmh", "--out", "x", "--patients", "-1"),
+    ("experiment", "--model", "brain-wmh", "--cohort", ".", "--out", "x", "--workers", "0"),
+    ("segment", "--model", "brain-wmh", "--case", ".", "--out", "x", "--mc-samples", "1"),
+])
+def test_nonsense_counts_are_refused_by_the_parser(args, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", *args], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "invalid" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_diverged_model_is_neither_saved_nor_loaded(tmp_path):
+    model = tiny_model()
+    meta = make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (1.0, 1.0))
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        save_model(ModelBundle(model, meta), tmp_path / "diverged.pt")
+    assert not (tmp_path / "diverged.pt").exists()
+    # a file written by an older version (or edited) with non-finite weights and a valid hash
+    from PatientFineTuneLib import modelfile
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    meta = dict(meta, architecture=model.architecture())
+    meta["sha256"] = modelfile._content_hash(meta, state)
+    import json
+
+    torch.save({"format": modelfile.FORMAT_NAME, "format_version": modelfile.FORMAT_VERSION, "metadata_json": json.dumps(meta, sort_keys=True),
+                "state_dict": state}, tmp_path / "old.pt")
+    with pytest.raises(ModelFileError, match="non-finite"):
+        load_model(tmp_path / "old.pt")
+
+
+def test_the_training_progress_bar_moves(small_pair_dir, tmp_path):
+    proc = cli("finetune", "--model", "brain-wmh", "--case", small_pair_dir / "baseline", "--iterations", 40, "--slices", "all-lesion",
+               "--out", tmp_path / "p.pt")
+    assert proc.returncode == 0, proc.stderr
+    counts = {int(part.split("/")[0].split()[-1]) for part in proc.stderr.replace("\r", "\n").splitlines() if "/40 " in part}
+    assert len(counts) >= 3 and max(counts) == 40, proc.stderr[-2000:]
+
+
+def test_segment_overwrite_removes_what_the_earlier_run_wrote_and_this_one_does_not(small_pair_dir, tmp_path):
+    case = small_pair_dir / "baseline"
+    out = tmp_path / "seg"
+    assert cli("segment", "--model", "brain-wmh", "--images", case / "FLAIR.nii.gz", case / "T1.nii.gz", "--mc-samples", 2, "--suggest", 1,
+               "--out", out).returncode == 0
+    assert {"organ_mask.nii.gz", "uncertainty_sd.nii.gz", "uncertainty.json", "suggestions.json"} <= {p.name for p in out.iterdir()}
+    proc = cli("segment", "--model", "brain-wmh", "--images", case / "FLAIR.nii.gz", case / "T1.nii.gz", "--organ", case / "organ.nii.gz",
+               "--out", out, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["lesion_labels.nii.gz", "lesions.csv", "probability.nii.gz", "segmentation.nii.gz"]
+
+
+def test_evaluate_refuses_images_that_are_not_label_maps(small_pair_dir, tmp_path):
+    case = small_pair_dir / "baseline"
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "lesions.nii.gz")))
+    negative = _variant(case / "lesions.nii.gz", tmp_path / "negative.nii.gz", np.where(truth > 0, -1, 0))
+    probability = _variant(case / "lesions.nii.gz", tmp_path / "probability.nii.gz", (truth > 0) * 0.8 + 0.05)
+    for pred, words in ((case / "FLAIR.nii.gz", "not a label"), (probability, "not a label"), (negative, "negative")):
+        proc = cli("evaluate", "--pred", pred, "--gt", case / "lesions.nii.gz", timeout=120)
+        assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_evaluate_writes_valid_json_and_names_missing_columns(small_pair_dir, tmp_path):
+    import json
+
+    case = small_pair_dir / "baseline"
+    empty = _variant(case / "lesions.nii.gz", tmp_path / "empty.nii.gz", np.zeros_like(sitk.GetArrayFromImage(sitk.ReadImage(str(case / "lesions.nii.gz")))))
+    proc = cli("evaluate", "--pred", empty, "--gt", case / "lesions.nii.gz", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.splitlines()[0], parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert record["hd95_mm"] is None  # empty prediction: HD95 undefined
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("name,prediction,truth\na,empty.nii.gz,x.nii.gz\n")
+    proc = cli("evaluate", "--pairs", pairs, timeout=120)
+    assert proc.returncode == 2 and "case,pred,gt" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_model_file_with_a_malformed_body_is_refused_cleanly(tmp_path):
+    from PatientFineTuneLib import modelfile
+
+    for body in ({"metadata_json": "[1, 2]", "state_dict": {}}, {"metadata_json": "{}", "state_dict": [1, 2]}):
+        torch.save({"format": modelfile.FORMAT_NAME, "format_version": modelfile.FORMAT_VERSION, **body}, tmp_path / "m.pt")
+        with pytest.raises(ModelFileError, match="malformed"):
+            load_model(tmp_path / "m.pt")
