@@ -577,7 +577,7 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
     def chooseBaseModel(self, model: str) -> str:
         """Choose the base model (a preset name or a file); the patient model is kept when
         it is the same model as before. Returns a line describing it. No PyTorch needed."""
-        from PatientFineTuneLib.slicerworkflow import describe_base_model
+        from PatientFineTuneLib.modelcard import describe_base_model
 
         if self.models.choose_base_model(model) or self._baseMetadata is None:
             self._baseMetadata = None  # until read: no sequences, no step can start
@@ -602,8 +602,7 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
         return save_patient_model(self.models, path)
 
     def loadPatientModel(self, path) -> None:
-        from PatientFineTuneLib.modelcard import read_model_metadata
-        from PatientFineTuneLib.slicerworkflow import describe_patient_model
+        from PatientFineTuneLib.modelcard import describe_patient_model, read_model_metadata
 
         finetune = read_model_metadata(path).get("finetune")
         if finetune is None:

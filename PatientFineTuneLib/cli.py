@@ -455,16 +455,21 @@ def cmd_finetune(args) -> None:
     bundle = load_model(model)
     case, _ = _case_for_model(args, bundle, lesions=True)
     refuse_inputs_as_outputs(_case_inputs(case, model), [out])
+    check = args.check and not bundle.is_volume_model  # the check holds out 2D slice blocks
     config = FinetuneConfig(iterations=args.iterations, weighting=None if args.weighting == "none" else args.weighting,
-                            seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers, pixel_fraction=args.pixel_fraction)
+                            seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers, pixel_fraction=args.pixel_fraction,
+                            holdout_check=check)
     info, sha = _train_and_save(
-        args, "finetune", config.iterations,
+        args, "finetune", config.iterations * (2 if check else 1),
         lambda progress: finetune_patient_model(bundle, case, args.slices, config, device=args.device, progress=progress),
         out,
     )
-    what = f"slices {info['slices']} ({info['method']} path" if "slices" in info else f"the whole baseline volume ({info['strategy']} layers"
-    print(f"fine-tuned on {what}, {info['wall_time_s']} s); saved {out} (sha256 {sha[:16]}...)")
-    _report_result(args, "finetune", {"model": out}, sha256=sha, description=f"{info['config']['iterations']} iterations on {what})")
+    from .modelcard import describe_patient_model
+
+    description = describe_patient_model(info)
+    print(f"{description} ({info['wall_time_s']} s); saved {out} (sha256 {sha[:16]}...)")
+    _report_result(args, "finetune", {"model": out}, sha256=sha, description=description,
+                   base_model_kept=not info.get("holdout_check", {}).get("kept", True))
 
 
 def cmd_transfer(args) -> None:
@@ -752,6 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["auto", "fast", "naive"], default="auto", help="fast: cached backbone features; naive: the reference loop")
     p.add_argument("--pixel-fraction", type=float, default=1.0,
                    help="approximate mode: the loss on this random fraction of each patch's pixels per iteration (faster head; 1 = exact, the paper)")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="never worse than the base model (default): fine-tune on half of the annotation first and keep the base model "
+                        "if that does not beat it on the other half (twice the time; 2D network only)")
     p.add_argument("--layers", choices=["head", "all", "decoder", "last-layers"], default="head",
                    help="head: the last two layers (the paper; a 3D U-Net's output layer); all: every layer (seed 002's FT_All; naive loop, slower); "
                         "3D U-Net only: decoder, last-layers")

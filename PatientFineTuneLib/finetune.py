@@ -14,6 +14,13 @@ reused. (The naive path uses the same set, to stay comparable.) ``n_angles=0`` r
 the paper's continuous draw (every patch its own uniform angle; nothing repeats, so it
 always runs the naive path); the evaluation compares the two.
 
+``holdout_check`` (the command line's default, beyond the paper) makes fine-tuning never
+worse than the base model on the patient's own annotation: a first model is fine-tuned
+with the loss on half of the annotated organ (a checkerboard of blocks) and compared with
+the base model on the other half; only if it is at least as good there is the patient
+model fine-tuned on the whole annotation, otherwise the base model is returned, with the
+numbers in its metadata.
+
 ``layers="all"`` trains every layer instead (seed 002's FT_All, a reference the paper
 lacks). Nothing is frozen, so nothing can be cached: it always runs the naive loop. The
 backbone's BatchNorm layers keep their base-model statistics (a batch of 4 patches of one
@@ -59,6 +66,11 @@ class FinetuneConfig(PatchTrainingConfig):
     #: Approximate mode (never the default): the head runs, and the loss is taken, on this
     #: uniform random fraction of each patch's pixels per iteration (1 = exact, the paper).
     pixel_fraction: float = 1.0
+    #: Never worse than the base model: check on held-out blocks of the annotation first
+    #: (see the module docstring; twice the training time). The 2D network only.
+    holdout_check: bool = False
+    #: Edge (model pixels) of the checkerboard blocks the check holds out.
+    holdout_block_px: int = 32
 
     def __post_init__(self):
         if self.layers not in LAYER_CHOICES:
@@ -87,6 +99,7 @@ class FinetuneData:
     weights: list[torch.Tensor] | None  # (1, H, W) pixel weights, or None for class weights
     centres: list[np.ndarray]  # (5, 2)
     angles: np.ndarray
+    organs: list[torch.Tensor]  # (H, W) bool
 
 
 def select_slices(spec: str | Sequence[int], case: Case, bundle: ModelBundle | None = None, **predict_kwargs) -> list[int]:
@@ -125,7 +138,8 @@ def prepare_finetune_data(
     """Check the chosen slices and cut them out at the model's spacing.
 
     Raises ValueError before any training for: no annotation, a slice outside the volume,
-    a slice without organ, or (unless ``allow_empty``) a slice without annotated lesion.
+    a slice without organ, or (unless ``allow_empty``) no annotated lesion on any chosen
+    slice. A chosen slice without lesion is a valid annotation.
     """
     if case.lesions is None:
         raise ValueError("fine-tuning needs the baseline annotation (lesion mask)")
@@ -137,15 +151,18 @@ def prepare_finetune_data(
             raise ValueError(f"slice {s} is outside the volume (slices 0..{n - 1})")
         if not case.organ[s].any():
             raise ValueError(f"slice {s} has no organ pixels; choose a slice inside the organ")
-        if not allow_empty and not case.lesions[s].any():
-            raise ValueError(f"slice {s} has no annotated lesion; annotate the lesions on it (or choose another slice) before fine-tuning")
+    # a chosen slice without lesion is a valid annotation ("nothing here"), but with no
+    # lesion on any of them there is nothing to learn a lesion from
+    if not allow_empty and not any(case.lesions[s].any() for s in slices):
+        raise ValueError(f"none of the chosen slices ({', '.join(map(str, slices))}) has an annotated lesion; annotate the lesions "
+                         "on them (or choose slices with lesions) before fine-tuning")
     pixel_weights = None
     if config.weighting:
         # the base model's own result on the baseline decides where it must learn most
         prediction = postprocess(predict_probability(bundle, case, device=device), case.organ, opening=bundle.opening)
         pixel_weights = weight_map(config.weighting, prediction, case.lesions)
     size = resampled_shape(case.images.shape[-2:], case.spacing, bundle.training_spacing)
-    data = FinetuneData(list(slices), [], [], [] if pixel_weights is not None else None, [], config.angles())
+    data = FinetuneData(list(slices), [], [], [] if pixel_weights is not None else None, [], config.angles(), [])
     for s in slices:
         data.images.append(resample_array(case.slice_tensor(s)[None], size)[0])
         masks = [case.lesions[s], case.organ[s]] + ([pixel_weights[s]] if pixel_weights is not None else [])
@@ -154,6 +171,7 @@ def prepare_finetune_data(
         if data.weights is not None:
             data.weights.append(resized[2:3])
         data.centres.append(corner_and_centre_patch_centres(resized[1].numpy() > 0, config.patch_size))
+        data.organs.append(resized[1] > 0)
     return data
 
 
@@ -226,7 +244,11 @@ def finetune_patient_model(
     Returns
     -------
     ModelBundle
-        The patient model with provenance in ``metadata["finetune"]``.
+        The patient model with provenance in ``metadata["finetune"]``. With
+        ``config.holdout_check`` the record has ``holdout_check`` (held-out Dice of the
+        base and the fine-tuned model, ``kept``); when fine-tuning did not help there, the
+        returned model is a copy of the base model (``method`` "base model kept").
+        Progress then counts ``2 * iterations``: the check's, then the final model's.
     """
     config = config or FinetuneConfig()
     device = resolve_device(device)
@@ -236,7 +258,80 @@ def finetune_patient_model(
         raise ValueError(f"the 2D network has no decoder; fine-tune its 'head' (the paper's last two layers) or 'all' layers, not {config.layers!r}")
     chosen = select_slices(slices, case, bundle, device=device)
     data = prepare_finetune_data(bundle, case, chosen, config, allow_empty, device)
+    provenance = {"slices": chosen, "slice_selection": slices if isinstance(slices, str) else "explicit", "case": case.sources}
+    offset = 0
+    if config.holdout_check:
+        check = holdout_check(bundle, data, config, device, progress, cancel)
+        offset = config.iterations
+        provenance["holdout_check"] = check
+        if not check["kept"]:
+            metadata = derived_metadata(bundle, config, [], method="base model kept", **provenance)
+            return ModelBundle(copy.deepcopy(bundle.model).eval(), metadata)
+    shifted = None if progress is None else (lambda iteration, loss: progress(offset + iteration, loss))
+    model, losses, method = _train_head(bundle, data, config, device, shifted, cancel)
+    return ModelBundle(model, derived_metadata(bundle, config, losses, method=method, **provenance))
 
+
+def holdout_mask(shape: Sequence[int], block_px: int, seed: int) -> torch.Tensor:
+    """(H, W) bool: the held-out squares of a checkerboard of ``block_px`` blocks (which
+    colour is held out follows the seed)."""
+    rows = torch.arange(shape[0])[:, None] // block_px
+    cols = torch.arange(shape[1])[None, :] // block_px
+    return (rows + cols) % 2 == (seed % 2)
+
+
+def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress=None, cancel=None) -> dict:
+    """Fine-tune with the loss on half of the annotated organ and compare with the base
+    model on the other half (pooled Dice of the 0.5-thresholded prediction against the
+    annotation, over the held-out organ pixels of every chosen slice).
+
+    Returns the numbers and ``kept``: whether the fine-tuned model was at least as good.
+    """
+    held = [holdout_mask(o.shape, config.holdout_block_px, config.seed) & o for o in data.organs]
+    class_weights = torch.tensor(config.class_weights, dtype=torch.float32)
+    weights = []
+    for k, label in enumerate(data.labels):
+        full = data.weights[k] if data.weights is not None else class_weights[label.round().long()]
+        weights.append(full * (~held[k]).float())
+    trained_on = sum(int((w > 0).sum()) for w in weights)
+    if trained_on == 0 or sum(int(h.sum()) for h in held) == 0:
+        raise ValueError("the annotated slices are too small to hold out part of them; fine-tune without the check (--no-check)")
+    check_data = FinetuneData(data.slices, data.images, data.labels, weights, data.centres, data.angles, data.organs)
+    model, losses, _ = _train_head(bundle, check_data, config, device, progress, cancel)
+    scores = {name: _held_out_dice(m, data, held, device) for name, m in (("base", bundle.model), ("finetuned", model))}
+    return {
+        "block_px": config.holdout_block_px,
+        "held_out_pixels": int(sum(int(h.sum()) for h in held)),
+        "held_out_lesion_pixels": int(sum(int((d[0] > 0.5)[h].sum()) for d, h in zip(data.labels, held))),
+        "dice_base": scores["base"],
+        "dice_finetuned": scores["finetuned"],
+        "kept": scores["finetuned"] >= scores["base"],
+        "final_loss": losses[-1] if losses else None,
+    }
+
+
+@torch.no_grad()
+def _held_out_dice(model, data: FinetuneData, held: list[torch.Tensor], device) -> float:
+    """Pooled Dice on the held-out pixels (1.0 when neither annotation nor prediction has
+    lesion there)."""
+    was_training = model.training
+    model.eval()
+    on = next(model.parameters()).device  # the caller's model stays where it is
+    overlap = total = 0
+    try:
+        for image, label, mask in zip(data.images, data.labels, held):
+            probability = torch.softmax(model(image[None].to(on)).float(), 1)[0, 1].cpu()
+            predicted, annotated = (probability > 0.5) & mask, (label[0] > 0.5) & mask
+            overlap += int((predicted & annotated).sum())
+            total += int(predicted.sum()) + int(annotated.sum())
+    finally:
+        model.train(was_training)
+    return 1.0 if total == 0 else 2 * overlap / total
+
+
+def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress, cancel):
+    """The training loop of fine-tuning on ``data``: a copy of the base model, the head (or
+    every layer) trained; returns (model, losses, method)."""
     # channels-last: the backbone runs 1.5x faster on a CPU; BN keeps its statistics (eval)
     model = copy.deepcopy(bundle.model).to(device, memory_format=torch.channels_last).eval()
     train_all = config.layers == "all"
@@ -315,11 +410,7 @@ def finetune_patient_model(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    metadata = derived_metadata(
-        bundle, config, losses,
-        slices=chosen, slice_selection=slices if isinstance(slices, str) else "explicit", method=method, case=case.sources,
-    )
-    return ModelBundle(model, metadata)
+    return model, losses, method
 
 
 def _finetune_volume(bundle, case, slices, config: FinetuneConfig, device, progress, cancel) -> ModelBundle:

@@ -238,3 +238,35 @@ def card_of(path: str | os.PathLike) -> str:
 
     bundle = load_model(path)
     return render_card(bundle.metadata, count_parameters(bundle.model))
+
+
+def describe_base_model(metadata: dict, name: str) -> str:
+    """One line for the model chooser: preset, sequences read and the card's first
+    held-out Dice."""
+    sequences = ", ".join(s["name"] for s in metadata.get("sequences", []))
+    kind = "3D U-Net" if metadata.get("architecture", {}).get("type") == "unet3d" else "2D network"
+    text = f"{metadata.get('preset') or name}: {kind}, reads {sequences}"
+    evaluation = (metadata.get("card") or {}).get("evaluation") or []
+    if evaluation:
+        dice = evaluation[0]["metrics"]["dice"]
+        text += f"; held-out Dice {dice['mean']:.2f} on {evaluation[0]['set']}"
+    return text
+
+
+def describe_patient_model(finetune: dict) -> str:
+    """What a patient model is, from its ``finetune`` metadata, in one line: the slices and
+    path of the 2D network or the whole volume and layers of a 3D U-Net, and the outcome
+    of the hold-out check (said plainly when the base model was kept)."""
+    iterations = finetune.get("config", {}).get("iterations", "?")
+    if "slices" in finetune:
+        where = f"slices {', '.join(map(str, finetune['slices']))}"
+    else:
+        where = f"the whole baseline volume ({finetune.get('strategy') or finetune.get('config', {}).get('layers', '?')} layers)"
+    check = finetune.get("holdout_check")
+    if check and not check["kept"]:
+        return (f"the BASE MODEL was kept: fine-tuning ({iterations} iterations on {where}) did not help on the held-out half "
+                f"of your annotation (Dice {check['dice_finetuned']:.3f} fine-tuned vs {check['dice_base']:.3f} base)")
+    text = f"fine-tuned {iterations} iterations on {where}" + (f" ({finetune['method']} path)" if "method" in finetune else "")
+    if check:
+        text += f"; checked on the held-out half of the annotation: Dice {check['dice_finetuned']:.3f} vs base {check['dice_base']:.3f}"
+    return text

@@ -207,30 +207,6 @@ def describe_followup(nodes: FollowupNodes) -> str:
     return text
 
 
-def describe_base_model(metadata: dict, name: str) -> str:
-    """One line for the model chooser: preset, sequences read and the card's first
-    held-out Dice."""
-    sequences = ", ".join(s["name"] for s in metadata.get("sequences", []))
-    kind = "3D U-Net" if metadata.get("architecture", {}).get("type") == "unet3d" else "2D network"
-    text = f"{metadata.get('preset') or name}: {kind}, reads {sequences}"
-    evaluation = (metadata.get("card") or {}).get("evaluation") or []
-    if evaluation:
-        dice = evaluation[0]["metrics"]["dice"]
-        text += f"; held-out Dice {dice['mean']:.2f} on {evaluation[0]['set']}"
-    return text
-
-
-def describe_patient_model(finetune: dict) -> str:
-    """What a patient model was trained on, from its ``finetune`` metadata: the slices and
-    path of the 2D network, or the whole volume and layers of a 3D U-Net."""
-    iterations = finetune.get("config", {}).get("iterations", "?")
-    if "slices" in finetune:
-        where = f"slices {', '.join(map(str, finetune['slices']))} ({finetune.get('method', '?')} path)"
-    else:
-        where = f"the whole baseline volume ({finetune.get('strategy') or finetune.get('config', {}).get('layers', '?')} layers)"
-    return f"{iterations} iterations on {where}"
-
-
 # ---------------------------------------------------------------------------------------
 # The steps as patient-finetune jobs (files in, files out)
 

@@ -117,8 +117,11 @@ def test_bad_slice_choices_fail_before_training(bundle, baseline):
     organ[outside] = False  # the organ mask says this slice lies outside the organ
     cut = type(baseline)(baseline.images, organ, baseline.lesions, baseline.grid, baseline.layout)
     config = FinetuneConfig(**CONFIG)
-    with pytest.raises(ValueError, match=f"slice {empty} has no annotated lesion"):
+    with pytest.raises(ValueError, match=rf"none of the chosen slices \({empty}\) has an annotated lesion"):
         finetune_patient_model(bundle, baseline, [empty], config, device="cpu")
+    # beside a lesion slice, a slice without lesion is a valid annotation ("nothing here")
+    both = finetune_patient_model(bundle, baseline, [empty, outside], config, device="cpu")
+    assert both.metadata["finetune"]["slices"] == [empty, outside]
     with pytest.raises(ValueError, match=f"slice {outside} has no organ"):
         finetune_patient_model(bundle, cut, [outside], config, device="cpu")
     with pytest.raises(ValueError, match="outside the volume"):
@@ -243,7 +246,7 @@ def test_auto_picks_the_cheaper_path():
     from PatientFineTuneLib.finetune import FinetuneData, choose_method
 
     def data(n_slices):
-        return FinetuneData(list(range(n_slices)), [None] * n_slices, [], None, [np.zeros((5, 2))] * n_slices, np.zeros(8))
+        return FinetuneData(list(range(n_slices)), [None] * n_slices, [], None, [np.zeros((5, 2))] * n_slices, np.zeros(8), [])
 
     config = FinetuneConfig(iterations=100)
     mb = 42 << 20  # one cached 640 x 128 x 128 float32 feature map
@@ -251,3 +254,53 @@ def test_auto_picks_the_cheaper_path():
     assert choose_method(data(30), config, mb) == "naive"  # 1200 inputs, 400 draws: little reuse
     assert choose_method(data(2), config, mb, cache_budget=1 << 30) == "naive"  # cache would not fit
     assert choose_method(data(30), FinetuneConfig(method="fast"), mb) == "fast"  # explicit choice wins
+
+
+# ---------------------------------------------------------------------------------------
+# Never worse than the base model: the hold-out check
+
+
+@pytest.fixture(scope="module")
+def shipped_and_patient():
+    from PatientFineTuneLib.modelcard import shipped_models
+    from PatientFineTuneLib.modelfile import load_model
+    from PatientFineTuneLib.synth import generate_pair, visit_case
+
+    return load_model(shipped_models()["brain-wmh"]), visit_case(generate_pair("brain-wmh", 7), "baseline")
+
+
+def test_a_harmful_finetuning_is_caught_and_the_base_model_returned(shipped_and_patient):
+    base, baseline = shipped_and_patient
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    slices = sorted(baseline.lesion_slices(), key=lambda s: -baseline.lesions[s].sum())[:2]
+    steps = []
+    # a learning rate 100,000 times the paper's wrecks the head (held-out Dice 0.95 -> 0.84;
+    # 10,000 times still helps: the head is robust): the check must notice
+    harmful = FinetuneConfig(iterations=15, learning_rate=10.0, holdout_check=True)
+    result = finetune_patient_model(base, baseline, slices, harmful, device="cpu", progress=lambda i, loss: steps.append(i))
+    check = result.metadata["finetune"]["holdout_check"]
+    assert check["kept"] is False and check["dice_finetuned"] < check["dice_base"], check
+    assert check["held_out_lesion_pixels"] > 0 and result.metadata["finetune"]["method"] == "base model kept"
+    for k, v in result.model.state_dict().items():  # the patient model is the base model
+        assert torch.equal(v, before[k]), k
+    assert steps == list(range(1, 16))  # the check ran; no final training
+    for k, v in base.model.state_dict().items():  # and the base model itself is untouched
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_helpful_finetuning_passes_the_check_and_trains_on_the_whole_annotation(shipped_and_patient):
+    base, baseline = shipped_and_patient
+    slices = sorted(baseline.lesion_slices(), key=lambda s: -baseline.lesions[s].sum())[:2]
+    steps = []
+    config = FinetuneConfig(iterations=15, holdout_check=True)
+    result = finetune_patient_model(base, baseline, slices, config, device="cpu", progress=lambda i, loss: steps.append(i))
+    check = result.metadata["finetune"]["holdout_check"]
+    assert check["kept"] == (check["dice_finetuned"] >= check["dice_base"]), check
+    if check["kept"]:
+        assert steps == list(range(1, 31))  # the check's 15 iterations, then the final model's
+        # the final model is the one trained on everything: the same as without the check
+        plain = finetune_patient_model(base, baseline, slices, FinetuneConfig(iterations=15), device="cpu")
+        for k, v in plain.model.state_dict().items():
+            assert torch.allclose(v, result.model.state_dict()[k]), k
+    else:
+        assert steps == list(range(1, 16))

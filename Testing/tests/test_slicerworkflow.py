@@ -13,7 +13,7 @@ from PatientFineTuneLib.cases import find_cases
 from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model  
 from PatientFineTuneLib.images import load_case, prepare_case  
 from PatientFineTuneLib.inference import Cancelled, segment_case  
-from PatientFineTuneLib.modelcard import shipped_models  
+from PatientFineTuneLib.modelcard import describe_patient_model, shipped_models  
 from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata  
 from PatientFineTuneLib.slicerworkflow import (  
     MaskSource,
@@ -21,7 +21,6 @@ from PatientFineTuneLib.slicerworkflow import (
     analyse_baseline,
     analyse_job,
     baseline_nodes_from_job,
-    describe_patient_model,
     finetune_from_nodes,
     finetune_job,
     followup_job,
@@ -133,7 +132,7 @@ def test_the_three_steps_as_jobs_round_trip_through_the_scene(scene, small_pair_
     job = finetune_job("brain-wmh", inputs, tmp_path / "patient.pt", slices, iterations=5, device="cpu").start()
     assert job.wait(timeout=300) and job.succeeded, (job.error, list(job.log))
     choice.set_patient_model(job.results[-1]["outputs"]["model"], job.results[-1]["description"])
-    assert "5 iterations on slices" in choice.patient_description
+    assert "5 iterations on slices" in choice.patient_description and "held-out half" in choice.patient_description
 
     followup_nodes, followup_organ = _nodes(scene, small_pair_dir / "followup")
     inputs = write_job_inputs(tmp_path / "followup-in", followup_nodes, ["FLAIR", "T1"], followup_organ)
@@ -174,6 +173,9 @@ def test_choosing_the_same_base_model_again_keeps_the_patient_model(tmp_path):
 
 
 def test_a_patient_model_is_described_for_both_networks():
-    assert describe_patient_model({"config": {"iterations": 100}, "slices": [12, 20], "method": "fast"}) == "100 iterations on slices 12, 20 (fast path)"
+    assert describe_patient_model({"config": {"iterations": 100}, "slices": [12, 20], "method": "fast"}) == "fine-tuned 100 iterations on slices 12, 20 (fast path)"
     unet = describe_patient_model({"config": {"iterations": 50, "layers": "decoder"}, "strategy": "decoder"})
-    assert unet == "50 iterations on the whole baseline volume (decoder layers)"
+    assert unet == "fine-tuned 50 iterations on the whole baseline volume (decoder layers)"
+    kept = describe_patient_model({"config": {"iterations": 100}, "slices": [3], "method": "base model kept",
+                                   "holdout_check": {"kept": False, "dice_base": 0.8, "dice_finetuned": 0.7}})
+    assert kept.startswith("the BASE MODEL was kept") and "0.700" in kept and "0.800" in kept
