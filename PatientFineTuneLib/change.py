@@ -121,3 +121,21 @@ def lesion_changes(
         "thresholds": {"relative_change": thresholds.relative_change, "min_change_mm3": thresholds.min_change_mm3},
     }
     return rows, summary
+
+
+def write_change_files(rows: list[dict], summary: dict, folder, overwrite: bool = False) -> None:
+    """``changes.csv`` and ``changes.json`` of :func:`lesion_changes` in ``folder`` (the
+    centroid as one "x y z" text column, ``centroid_lps_mm``)."""
+    import json
+    from pathlib import Path
+
+    from .files import atomic_write, json_ready
+    from .postprocess import write_csv
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{k: v for k, v in r.items() if k != "centroid"} | {"centroid_lps_mm": " ".join(f"{c:.2f}" for c in r["centroid"])} for r in rows]
+    write_csv(rows, folder / "changes.csv", columns=["change", "baseline_ids", "followup_ids", "baseline_mm3", "followup_mm3", "change_mm3",
+                                                     "change_relative", "centroid_lps_mm"], overwrite=overwrite)
+    text = json.dumps(json_ready({"summary": summary, "lesions": rows}), indent=2)
+    atomic_write(folder / "changes.json", lambda tmp: Path(tmp).write_text(text), overwrite=overwrite)

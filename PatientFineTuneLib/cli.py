@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .files import json_ready
 from .modelcard import resolve_model_path  # torch-free: the CLI starts fast
 from .progress import MODES as PROGRESS_MODES
 from .progress import StepProgress, emit
@@ -111,20 +111,6 @@ def refuse_inputs_as_outputs(inputs, outputs) -> None:
 def _case_inputs(case, model: Path) -> list:
     sources = case.sources
     return [*sources["sequences"], sources.get("organ"), sources.get("lesions"), model]
-
-
-def json_ready(value):
-    """``value`` with NaN and infinities as None: JSON has no NaN (a bare NaN makes the
-    file unreadable for strict parsers)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalars
-        return json_ready(value.item())
-    return value
 
 
 def _parse_labels(text: str | None):
@@ -329,6 +315,8 @@ def _case_for_model(args, bundle, lesions: bool = False):
 
     names = [s["name"] for s in bundle.sequences]
     lesion_path = getattr(args, "lesions", None)
+    if args.case and args.images:
+        raise ValueError("give --case FOLDER or --images FILES, not both")
     if args.case:
         folder = Path(args.case)
         paths = [find_image(folder, n) for n in names]
@@ -357,21 +345,15 @@ def _case_for_model(args, bundle, lesions: bool = False):
 
 
 def cmd_segment(args) -> None:
-    import numpy as np
-    import SimpleITK as sitk
-
-    from .images import write_image
+    from .files import atomic_write
     from .inference import segment_case
     from .modelfile import load_model
-    from .postprocess import write_csv
+    from .outputs import SEGMENT_FILES, write_segment_outputs
 
     out = check_output_folder(args.out)
     model = resolve_model_path(args.model)
     bundle = load_model(model)
-    names = {"segmentation": "segmentation.nii.gz", "labels": "lesion_labels.nii.gz", "probability": "probability.nii.gz",
-             "table": "lesions.csv", "organ": "organ_mask.nii.gz", "uncertainty": "uncertainty_sd.nii.gz", "summary": "uncertainty.json",
-             "suggestions": "suggestions.json"}
-    outputs = {k: out / f for k, f in names.items()}
+    outputs = {role: out / name for role, name in SEGMENT_FILES.items()}
     case, organ = _case_for_model(args, bundle)
     refuse_inputs_as_outputs(_case_inputs(case, model), outputs.values())
     produced = {"segmentation", "labels", "probability", "table"} | ({"organ"} if organ is None else set())
@@ -383,24 +365,13 @@ def cmd_segment(args) -> None:
     with _step(args, "segment", unit="slice") as step:
         result = segment_case(bundle, case, opening=opening, threshold=args.threshold, mc_samples=args.mc_samples,
                               seed=args.seed, device=args.device, progress=step.update)
-    write_image(case.to_image(result.mask.astype(np.uint8), sitk.sitkUInt8), outputs["segmentation"], overwrite=args.overwrite)
-    write_image(case.to_image(result.labels.astype(np.uint16), sitk.sitkUInt16), outputs["labels"], overwrite=args.overwrite)
-    write_image(case.to_image(result.probability), outputs["probability"], overwrite=args.overwrite)
-    write_csv(result.lesions, outputs["table"], overwrite=args.overwrite)
-    if organ is None:
-        write_image(case.to_image(case.organ.astype(np.uint8), sitk.sitkUInt8), outputs["organ"], overwrite=args.overwrite)
+    write_segment_outputs(case, result, out, overwrite=args.overwrite, organ=organ is None, mc_samples=args.mc_samples, seed=args.seed)
     volume = sum(r["volume_mm3"] for r in result.lesions) / 1000
     print(f"{len(result.lesions)} lesion(s), {volume:.2f} mL; outputs in {out}")
     if result.uncertainty is not None:
-        write_image(case.to_image(result.uncertainty.sd), outputs["uncertainty"], overwrite=args.overwrite)
-        summary = result.summary | {"mc_samples": args.mc_samples, "seed": args.seed}
-        from .files import atomic_write
-
-        atomic_write(outputs["summary"], lambda tmp: Path(tmp).write_text(json.dumps(json_ready(summary), indent=2)), overwrite=args.overwrite)
-        print(f"uncertainty ({args.mc_samples} MC-dropout samples): max SD {summary['max_sd']:.3f}, "
-              f"mean SD in lesions {summary['mean_sd_in_lesions']:.3f}")
+        print(f"uncertainty ({args.mc_samples} MC-dropout samples): max SD {result.summary['max_sd']:.3f}, "
+              f"mean SD in lesions {result.summary['mean_sd_in_lesions']:.3f}")
     if args.suggest:
-        from .files import atomic_write
         from .suggest import suggest_slices
 
         suggestions = [s.as_dict() for s in suggest_slices(bundle, case, k=args.suggest, probability=result.probability)]
@@ -498,12 +469,11 @@ def cmd_transfer(args) -> None:
 
 
 def cmd_compare(args) -> None:
+    import numpy as np
     import SimpleITK as sitk
 
-    from .change import ChangeThresholds, lesion_changes
-    from .files import atomic_write
+    from .change import ChangeThresholds, lesion_changes, write_change_files
     from .images import GeometryError, grid_mismatch, read_image, write_image
-    from .postprocess import write_csv
     from .registration import register_followup, resample_mask
 
     out = check_output_folder(args.out)
@@ -517,8 +487,13 @@ def cmd_compare(args) -> None:
     if args.baseline_image and args.followup_image:
         baseline, followup = read_image(args.baseline_image), read_image(args.followup_image)
         organ = read_image(args.baseline_organ) if args.baseline_organ else None
-        registration = register_followup(baseline, followup, organ, bspline=args.bspline, seed=args.seed)
-        print(f"registered the follow-up onto the baseline: correlation {registration.correlation_before:.3f} -> {registration.correlation_after:.3f}")
+        try:
+            registration = register_followup(baseline, followup, organ, bspline=args.bspline, seed=args.seed)
+        except RuntimeError as exc:  # ITK's exception text is many lines of C++ context
+            raise ValueError(f"registering the follow-up onto the baseline failed ({str(exc).strip().splitlines()[-1]}); check that "
+                             "both images show the same anatomy, or give masks already on one grid without the images") from None
+        before, after = (f"{c:.3f}" if np.isfinite(c) else "n/a" for c in (registration.correlation_before, registration.correlation_after))
+        print(f"registered the follow-up onto the baseline: correlation {before} -> {after}")
         if registration.warning:
             print(f"warning: {registration.warning}", file=sys.stderr)
         followup_lesions = resample_mask(sitk.Cast(followup_lesions, sitk.sitkUInt8), baseline_lesions, registration.transform) > 0
@@ -533,13 +508,7 @@ def cmd_compare(args) -> None:
     if registration is not None:
         summary["registration"] = {"correlation_before": registration.correlation_before, "correlation_after": registration.correlation_after,
                                    "warning": registration.warning}
-    out.mkdir(parents=True, exist_ok=True)
-    for r in rows:
-        r["centroid_lps_mm"] = " ".join(f"{c:.2f}" for c in r.pop("centroid"))
-    write_csv(rows, out / "changes.csv", columns=["change", "baseline_ids", "followup_ids", "baseline_mm3", "followup_mm3", "change_mm3",
-                                                  "change_relative", "centroid_lps_mm"], overwrite=args.overwrite)
-    atomic_write(out / "changes.json", lambda tmp: Path(tmp).write_text(json.dumps(json_ready({"summary": summary, "lesions": rows}), indent=2)),
-                 overwrite=args.overwrite)
+    write_change_files(rows, summary, out, overwrite=args.overwrite)
     write_image(sitk.Cast(followup_lesions, sitk.sitkUInt8), out / "followup_lesions_on_baseline.nii.gz", overwrite=args.overwrite)
     counts = ", ".join(f"{summary[c]} {c}" for c in ("new", "enlarged", "stable", "shrinking", "resolved"))
     print(f"{counts}; lesion load {summary['baseline_load_mm3'] / 1000:.2f} -> {summary['followup_load_mm3'] / 1000:.2f} mL; outputs in {out}")
@@ -629,6 +598,31 @@ def cmd_evaluate(args) -> None:
 
 # ---------------------------------------------------------------------------------------
 # info and demo
+
+
+def cmd_report(args) -> None:
+    from .report import ReportInputs, write_report
+
+    out = check_output_file(args.out, suffix=".html")
+    results = {}
+    for item in args.results:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise ValueError(f"--results takes LABEL=FOLDER (e.g. fine-tuned=seg-ft/), not {item!r}")
+        results[label] = Path(folder)
+    inputs = ReportInputs(Path(args.followup_image), results, title=args.title, truth=_optional_path(args.truth),
+                          patient_model=_optional_path(args.model), changes=_optional_path(args.changes),
+                          suggestions=_optional_path(args.suggestions))
+    refuse_inputs_as_outputs([args.followup_image, args.truth, args.model, args.suggestions], [out])
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    write_report(inputs, out, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    _report_result(args, "report", {"report": out})
+
+
+def _optional_path(value):
+    return Path(value) if value else None
 
 
 def cmd_web(args) -> None:
@@ -818,6 +812,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("info", cmd_info, "Show a model file's metadata (after verifying it).")
     p.add_argument("model", help="model file, or a shipped preset name (brain-wmh, brain-tumor, liver-metastases)")
     p.add_argument("--card", action="store_true", help="print the model card (Markdown) instead of the metadata")
+
+    p = add("report", cmd_report, "One self-contained HTML report for a patient from the outputs of segment, compare and finetune.")
+    p.add_argument("--followup-image", required=True, help="the follow-up image the results are on (e.g. its FLAIR), for the figures")
+    p.add_argument("--results", nargs="+", required=True, metavar="LABEL=FOLDER", help="segment output folders, e.g. base=seg/ fine-tuned=seg-ft/")
+    p.add_argument("--model", help="the patient model file (provenance and the never-worse check's outcome)")
+    p.add_argument("--changes", help="a compare output folder (change table, lesion load over time)")
+    p.add_argument("--suggestions", help="suggestions.json of the baseline (segment --suggest)")
+    p.add_argument("--truth", help="a reference lesion mask on the follow-up grid, drawn beside the results")
+    p.add_argument("--title", default="Patient report")
+    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("--overwrite", action="store_true")
 
     p = add("demo", cmd_demo, "The whole workflow on a synthetic patient: suggest, fine-tune, segment the follow-up with uncertainty.")
     p.add_argument("--out", default="demo-output")

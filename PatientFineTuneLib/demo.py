@@ -7,7 +7,8 @@
 3. Fine-tune the last two layers (100 iterations) and segment the follow-up with the base
    and with the patient model, each with 25-sample MC-dropout uncertainty.
 4. Print base vs fine-tuned Dice, AVD and lesion F1 with the time of every step; write
-   NIfTI results and PNG overlays.
+   NIfTI results, the change table (baseline annotation vs fine-tuned follow-up), the
+   figures and the patient's HTML report (``report.html``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
 
 
 def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None, device: str = "auto",
@@ -26,12 +25,12 @@ def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None
     ``brain-wmh`` model). Returns the summary also written to ``demo-summary.json``."""
     from .cases import find_cases
     from .finetune import FinetuneConfig, finetune_patient_model
-    from .images import load_case, prepare_case, write_image
+    from .images import load_case, prepare_case
     from .inference import resolve_device, segment_case
     from .metrics import evaluate_case
     from .modelcard import resolve_model_path
     from .modelfile import load_model, save_model
-    from .postprocess import write_csv
+    from .outputs import write_segment_outputs
     from .presets import get_preset
     from .suggest import suggest_slices
     from .synth import generate_pair, write_pair
@@ -89,13 +88,10 @@ def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None
         results[name] = result
         metrics[name] = evaluate_case(followup.layout.from_slices(result.mask), followup.layout.from_slices(followup.lesions), spacing)
         folder = out / f"patient000-followup-{name}"
-        write_image(followup.to_image(result.mask.astype(np.uint8), sitk.sitkUInt8), folder / "segmentation.nii.gz", overwrite=True)
-        write_image(followup.to_image(result.probability), folder / "probability.nii.gz", overwrite=True)
-        write_image(followup.to_image(result.uncertainty.sd), folder / "uncertainty_sd.nii.gz", overwrite=True)
-        write_csv(result.lesions, folder / "lesions.csv", overwrite=True)
+        write_segment_outputs(followup, result, folder, overwrite=True, mc_samples=mc_samples, seed=seed)
         done(f"segment_{name}", f"segmented the follow-up with the {name} model and {mc_samples} MC-dropout samples -> {folder}")
 
-    _write_overlays(out, followup, results)
+    report = _write_report(out, patient_dir, baseline, followup, results, suggestions)
     print("\nfollow-up of patient000, against the known lesions:")
     print(f"{'':12s}{'Dice':>8s}{'AVD %':>9s}{'lesion F1':>11s}{'recall':>8s}{'FP':>6s}{'max SD':>8s}")
     for name in ("base", "finetuned"):
@@ -110,25 +106,31 @@ def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None
         "uncertainty": {name: {k: round(v, 4) for k, v in r.summary.items()} for name, r in results.items()},
     }
     (out / "demo-summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nresults, PNG overlays and demo-summary.json in {out}")
+    print(f"\nresults, figures, demo-summary.json and the patient's report {report} in {out}")
     return summary
 
 
-def _write_overlays(out: Path, case, results: dict) -> None:
-    """PNGs a person wants to see: the follow-up with truth / base / fine-tuned contours,
-    and the two uncertainty maps, on four lesion slices (radiological orientation)."""
-    from .montage import montage, radiological, save_png, to_uint8
+def _write_report(out: Path, patient_dir: Path, baseline, followup, results: dict, suggestions) -> Path:
+    """What changed (the baseline annotation against the fine-tuned follow-up: the
+    generator draws both visits in one space, so no registration is needed), the figures
+    as PNG and the HTML report."""
+    from .change import lesion_changes, write_change_files
+    from .report import ReportInputs, save_report_figures, write_report
 
-    direction = case.grid.GetDirection()
-    slices = case.lesion_slices()
-    picks = [slices[int(i)] for i in np.linspace(0, len(slices) - 1, 4)] if slices else []
-    flair = radiological(to_uint8(case.images[0], case.organ), direction)
-    rows = [("truth", case.lesions), ("base", results["base"].mask), ("finetuned", results["finetuned"].mask)]
-    tiles = [flair[s] for _ in rows for s in picks]
-    outlines = [radiological(mask[s], direction) for _, mask in rows for s in picks]
-    if tiles:
-        save_png(montage(tiles, outlines, 4), out / "overlay_truth_base_finetuned.png")
-        top = max(float(r.uncertainty.sd.max()) for r in results.values()) or 1.0
-        sd_tiles = [radiological((np.clip(results[n].uncertainty.sd[s] / top, 0, 1) * 255).astype(np.uint8), direction)
-                    for n in ("base", "finetuned") for s in picks]
-        save_png(montage(sd_tiles, None, 4), out / "uncertainty_base_finetuned.png")
+    (out / "suggestions.json").write_text(json.dumps([s.as_dict() for s in suggestions], indent=2))
+    rows, summary = lesion_changes(baseline.layout.from_slices(baseline.lesions), followup.layout.from_slices(results["finetuned"].mask),
+                                   followup.grid.GetSpacing()[::-1], grid=followup.grid)
+    write_change_files(rows, summary, out / "changes", overwrite=True)
+    inputs = ReportInputs(
+        patient_dir / "followup" / "FLAIR.nii.gz",
+        {"base": out / "patient000-followup-base", "fine-tuned": out / "patient000-followup-finetuned"},
+        title="Synthetic patient 000 (demo)",
+        truth=patient_dir / "followup" / "lesions.nii.gz",
+        patient_model=out / "patient000-model.pt",
+        changes=out / "changes",
+        suggestions=out / "suggestions.json",
+        notes=["A generated patient: the reference outline is the generator's truth. The baseline annotation is the truth on the "
+               "suggested slices only; the change table compares the whole baseline truth with the fine-tuned follow-up."],
+    )
+    save_report_figures(inputs, out)
+    return write_report(inputs, out / "report.html", overwrite=True)

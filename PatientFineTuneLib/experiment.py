@@ -223,19 +223,17 @@ def save_patient_overlay(followup, out: str | os.PathLike, patient: str, arm_nam
     arm's (from its saved mask); written to ``out/overlays/<patient>.png``."""
     import SimpleITK as sitk
 
-    from .montage import radiological, to_uint8
+    from .montage import to_uint8
     from .plots import overlay_figure
 
     s = int(np.argmax(followup.lesions.sum(axis=(1, 2))))
-    direction = followup.grid.GetDirection()
     masks = {"truth": followup.lesions[s]}
     for arm in arm_names:
         path = _mask_path(out, patient, arm)
         if path.is_file():
             masks[arm] = followup.layout.to_slices(sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0)[s]
+    # the case's slices are in radiological display order already (images.SliceLayout)
     image = np.where(followup.organ[s], to_uint8(followup.images[0], followup.organ)[s], 0)  # black outside the organ
-    image = radiological(image, direction)
-    masks = {name: radiological(m, direction) for name, m in masks.items()}
     return overlay_figure(image, masks, Path(out) / "overlays" / f"{patient}.png", title=f"{patient}, follow-up slice {s}")
 
 

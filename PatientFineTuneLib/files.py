@@ -3,6 +3,7 @@ accident."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -41,3 +42,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def json_ready(value):
+    """``value`` with NaN and infinities as None: JSON has no NaN (a bare NaN makes the
+    file unreadable for strict parsers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalars
+        return json_ready(value.item())
+    return value

@@ -148,7 +148,7 @@ def grid_mismatch(a: sitk.Image, b: sitk.Image) -> str | None:
         return f"size {a.GetSize()} vs {b.GetSize()}"
     sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
     if not np.allclose(sa, sb, rtol=1e-4, atol=1e-6):
-        return f"spacing {tuple(sa)} vs {tuple(sb)}"
+        return f"spacing {a.GetSpacing()} vs {b.GetSpacing()}"
     tol = 1e-3 * float(sa.min())
     if not np.allclose(a.GetOrigin(), b.GetOrigin(), atol=max(tol, 1e-5)):
         return f"origin {a.GetOrigin()} vs {b.GetOrigin()}"
@@ -518,7 +518,7 @@ def load_case(
                     raise GeometryError(
                         f"{names[i]} ({path}) is not on the grid of {names[0]} ({sources[0]}): "
                         f"{mismatch}. Register/resample the sequences onto one grid, or pass "
-                        "--resample-to (resample_to_first=True) to resample them onto the first sequence."
+                        "--resample-to to resample them onto the first sequence."
                     )
                 image = resample_onto(image, ref)
         arr, this_grid = channels_and_grid(image)

@@ -33,7 +33,8 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
     """A model file, or the shipped base model when ``name`` is a preset name (and no
     file of that name exists)."""
     path = Path(name)
-    if path.exists() or str(name) not in PRESETS:
+    # only a *file* of that name wins: a folder called like a preset is not a model
+    if path.is_file() or str(name) not in PRESETS:
         return path
     shipped = shipped_models().get(str(name))
     if shipped is None:

@@ -16,6 +16,7 @@ import copy
 import datetime
 import hashlib
 import json
+import pickle
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -206,6 +207,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
         raise FileNotFoundError(f"model file {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # (torch's own text would suggest weights_only=False: never)
+        raise ModelFileError(
+            f"{path} is not a PatientFineTune model file: it holds Python objects other than weights, which are never "
+            "loaded (nothing from it was executed). Use a model file saved by PatientFineTune (train-base / finetune)."
+        ) from None
     except Exception as exc:  # torch raises many types for foreign/corrupt files
         raise ModelFileError(
             f"{path} could not be read as a PatientFineTune model file ({type(exc).__name__}: "

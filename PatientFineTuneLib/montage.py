@@ -42,8 +42,9 @@ def volume_montage(volume: np.ndarray, lesions: np.ndarray | None, n_slices: int
 
 
 def radiological(slices: np.ndarray, direction) -> np.ndarray:
-    """Flip axial (..., rows, cols) slices stored with ITK ``direction`` so that anterior
-    is up and the patient's right is on the viewer's left, as radiologists read them."""
+    """Flip axial (..., rows, cols) slices of a *stored* (z, y, x) array with ITK
+    ``direction`` so that anterior is up and the patient's right is on the viewer's left,
+    as radiologists read them. (A Case's slices are in that order already.)"""
     d = np.asarray(direction, dtype=float).reshape(3, 3)
     if d[1, 1] < 0:  # rows run towards anterior (LPS y decreasing)
         slices = slices[..., ::-1, :]

@@ -4,7 +4,10 @@ The same three steps as the Slicer module, on the same MRML bridge
 (:mod:`.slicerworkflow`): analyse the baseline (base-model segmentation, suggested slices
 with jump-to), correct the baseline annotation with trame-slicer's segment editor (paint /
 erase in the baseline view), fine-tune with a progress bar and Cancel, and segment the
-follow-up with the uncertainty overlay and the lesion table.
+follow-up with the base and the patient model (a switch shows either), the uncertainty
+overlay with its colour legend, the follow-up's lesions in the 3D view, the lesion table
+and a link to the patient's HTML report (:mod:`.report`). Fine-tuning runs the
+never-worse check (:func:`.finetune.holdout_check`) and says when the base model was kept.
 
 Needs the ``web`` extra (``pip install -e ".[web]"``); started by
 ``patient-finetune web --host 127.0.0.1 --port N``. Rendering happens on the server; on a
@@ -25,6 +28,8 @@ import numpy as np
 #: The three views: the baseline (view group 0, where the annotation is edited), the
 #: follow-up (group 1, where results go) and a 3D view of the baseline's segments.
 BASELINE_VIEW, FOLLOWUP_VIEW, THREED_VIEW = "Baseline", "Followup", "ThreeD"  # state names: no hyphens
+#: URL prefix under which the reports in ``<work>/reports`` are served.
+REPORTS_URL = "reports"
 
 LESION_HEADERS = [
     {"title": "Lesion", "key": "id"},
@@ -97,17 +102,20 @@ class PatientFineTuneWeb:
 
         self.server = get_server(server, client_type="vue3")
         self.server.enable_module(trame_slicer_module)
+        self.work_dir, self.device = Path(work_dir), device
+        self.reports_dir = self.work_dir / "reports"
+        self.reports_dir.mkdir(parents=True, exist_ok=True)
+        self.server.enable_module({"serve": {REPORTS_URL: str(self.reports_dir.resolve())}})
         self.state, self.ctrl = self.server.state, self.server.controller
         self.slicer = SlicerApp()
         register_rca_factories(self.slicer.view_manager, self.server)
         self.layout_manager = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
         self.base_bundle = load_model(resolve_model_path(model))
         self.patient_bundle = None
-        self.work_dir, self.device = Path(work_dir), device
         self.volumes: dict[str, list] = {}
         self.organs: dict[str, object] = {}
         self.baseline_segmentation = None
-        self.followup_nodes = None
+        self.followup_results: dict = {}  # label -> FollowupNodes: "fine-tuned", "base"
         self.suggestions = []
         self._cancel = threading.Event()
         self._set_initial_state()
@@ -131,6 +139,7 @@ class PatientFineTuneWeb:
             "annotation_voxels": 0, "tool": "none", "brush_mm": 5.0, "overlay": "",
             "slice_selection": "suggested", "iterations": 100, "mc_samples": 25,
             "lesion_headers": LESION_HEADERS, "lesion_rows": [], "result_text": "", "uncertainty_shown": False,
+            "shown_result": "fine-tuned", "sd_max": "", "legend_gradient": _legend_gradient(), "report_url": "",
         })
 
     def _build_layout(self):
@@ -192,16 +201,28 @@ class PatientFineTuneWeb:
                     html.Div("{{ status }}", classes="text-body-2", id="status")
                     v.VAlert(text=("error",), v_if=("error",), type="error", density="compact", id="error")
                     html.Div("{{ result_text }}", v_if=("result_text",), classes="text-body-2", id="result-text", style="white-space: pre-line")
+                    with v.VBtnToggle(v_model=("shown_result",), v_if=("finetuned",), mandatory=True, density="compact", divided=True,
+                                      id="result-switch"):
+                        v.VBtn("Fine-tuned", value="fine-tuned", id="show-finetuned")
+                        v.VBtn("Base", value="base", id="show-base")
                     v.VSwitch(v_model=("uncertainty_shown",), label="Uncertainty overlay (follow-up view)", v_if=("finetuned",),
                               density="compact", hide_details=True, id="uncertainty-switch")
                     html.Div("Follow-up view overlay: {{ overlay }}", v_if=("overlay",), classes="text-caption", id="overlay")
+                    with html.Div(v_if=("uncertainty_shown && sd_max",), id="uncertainty-legend", classes="text-caption"):
+                        html.Div("Uncertainty (SD of the lesion probability)")
+                        html.Div(style=("`height: 12px; border-radius: 2px; background: ${legend_gradient}`",))
+                        with html.Div(classes="d-flex justify-space-between"):
+                            html.Span("0")
+                            html.Span("{{ sd_max }}", id="legend-max")
+                    html.A("Open the patient's report", v_if=("report_url",), href=("report_url",), target="_blank", id="report-link",
+                           classes="text-body-2")
                     v.VDataTable(v_if=("lesion_rows.length",), headers=("lesion_headers",), items=("lesion_rows",), density="compact",
                                  items_per_page=8, id="lesion-table")
             with self.ui.content:
                 self.layout_manager.initialize_layout_grid(self.ui)
         reattach_effect_pipelines(self.slicer)
         self.state.change("tool", "brush_mm")(self._on_tool)
-        self.state.change("uncertainty_shown")(self._on_uncertainty_shown)
+        self.state.change("uncertainty_shown", "shown_result")(self._on_result_shown)
 
     # -- views ---------------------------------------------------------------------------
 
@@ -246,13 +267,14 @@ class PatientFineTuneWeb:
         self.slicer.scene.Clear(0)
         self.volumes = {visit: [image_to_volume(image, self.slicer.scene, f"{visit} {s['name']}") for image, s in zip(imgs, self.base_bundle.sequences)]
                         for visit, imgs in images.items()}
-        self.baseline_segmentation, self.followup_nodes, self.patient_bundle, self.suggestions = None, None, None, []
+        self.baseline_segmentation, self.followup_results, self.patient_bundle, self.suggestions = None, {}, None, []
         self._show(BASELINE_VIEW, self.volumes["baseline"][0])
         self._show(FOLLOWUP_VIEW, self.volumes["followup"][0])
         for tag in (BASELINE_VIEW, FOLLOWUP_VIEW):
             self.view(tag).fit_view_to_content()
         self.state.update({"loaded": True, "analysed": False, "finetuned": False, "suggestions": [], "lesion_rows": [],
                            "result_text": "", "annotation_voxels": 0, "tool": "none", "uncertainty_shown": False,
+                           "shown_result": "fine-tuned", "sd_max": "", "report_url": "",
                            "status": f"Loaded {name}. Next: analyse the baseline."})
 
     # -- long work -------------------------------------------------------------------------
@@ -381,6 +403,7 @@ class PatientFineTuneWeb:
     async def finetune_and_segment(self):
         from .finetune import FinetuneConfig, finetune_patient_model
         from .inference import segment_case
+        from .modelcard import describe_patient_model
         from .slicerworkflow import MaskSource, add_followup_nodes, read_case
 
         self.state.tool = "none"
@@ -389,7 +412,7 @@ class PatientFineTuneWeb:
             baseline = read_case(self.base_bundle, self.volumes["baseline"], lesions=MaskSource(self.baseline_segmentation, segment_id), name="baseline")
             followup = read_case(self.base_bundle, self.volumes["followup"], name="follow-up")
             slices = [s.index for s in self.suggestions] if self.state.slice_selection == "suggested" else "all-lesion"
-            config = FinetuneConfig(iterations=int(self.state.iterations))
+            config = FinetuneConfig(iterations=int(self.state.iterations), holdout_check=not self.base_bundle.is_volume_model)
             mc_samples = int(self.state.mc_samples)
         except Exception as error:  # e.g. an empty annotation, a non-number: the user's to fix
             with self.state:
@@ -397,38 +420,91 @@ class PatientFineTuneWeb:
             return
         base, device = self.base_bundle, self.device
         followup_slices = int(followup.organ.any(axis=(1, 2)).sum())
+        training = config.iterations * (2 if config.holdout_check else 1)
 
         def work(progress, cancelled):
             patient = finetune_patient_model(base, baseline, slices, config, device=device, progress=progress, cancel=cancelled)
-            result = segment_case(patient, followup, opening=base.opening, mc_samples=mc_samples, device=device,
-                                  progress=lambda done, _total: progress(config.iterations + done), cancel=cancelled)
-            return patient, result
+            results = {}
+            for k, (label, bundle) in enumerate((("fine-tuned", patient), ("base", base))):
+                results[label] = segment_case(bundle, followup, opening=base.opening, mc_samples=mc_samples, device=device,
+                                              progress=lambda done, _total, k=k: progress(training + k * followup_slices + done), cancel=cancelled)
+            return patient, results
 
-        outcome = await self._run("Fine-tuning, then segmenting the follow-up", work, config.iterations + followup_slices)
+        outcome = await self._run("Fine-tuning, then segmenting the follow-up with both models", work, training + 2 * followup_slices)
         if outcome is None:
             return
-        self.patient_bundle, result = outcome
-        nodes = add_followup_nodes(self.slicer.scene, followup, result, self.volumes["followup"][0], "fine-tuned")
-        self._show_only_in(nodes.segmentation, [FOLLOWUP_VIEW])
-        self.followup_nodes = nodes
-        volume_ml = sum(r["volume_mm3"] for r in result.lesions) / 1000
-        text = f"Follow-up: {len(result.lesions)} lesions, {volume_ml:.1f} ml"
-        if result.summary:
-            text += f"; uncertainty: max SD {result.summary['max_sd']:.3f}, mean SD in lesions {result.summary['mean_sd_in_lesions']:.3f}"
+        self.patient_bundle, results = outcome
+        self.followup_results = {label: add_followup_nodes(self.slicer.scene, followup, result, self.volumes["followup"][0], label)
+                                 for label, result in results.items()}
+        for nodes in self.followup_results.values():
+            nodes.segmentation.CreateClosedSurfaceRepresentation()  # the follow-up's lesions in the 3D view
+        self._show_only_in(self.baseline_segmentation, [BASELINE_VIEW])
+        lines = []
+        for label, result in results.items():
+            line = f"Follow-up ({label}): {len(result.lesions)} lesions, {sum(r['volume_mm3'] for r in result.lesions) / 1000:.1f} ml"
+            if result.summary:
+                line += f"; max SD {result.summary['max_sd']:.3f}, mean SD in lesions {result.summary['mean_sd_in_lesions']:.3f}"
+            lines.append(line)
+        report = self._write_report(baseline, followup, results)
         with self.state:
-            self.state.update({"finetuned": True, "lesion_rows": lesion_table_rows(result.lesions), "result_text": text,
-                               "status": f"Fine-tuned on slices {self.patient_bundle.metadata['finetune']['slices']}; the follow-up is segmented.",
-                               "uncertainty_shown": nodes.uncertainty is not None})
-        self._on_uncertainty_shown(self.state.uncertainty_shown)
+            self.state.update({"finetuned": True, "result_text": "\n".join(lines), "shown_result": "fine-tuned",
+                               "status": describe_patient_model(self.patient_bundle.metadata["finetune"]) + ".",
+                               "uncertainty_shown": results["fine-tuned"].uncertainty is not None,
+                               "report_url": f"{REPORTS_URL}/{report.name}"})
+        self._on_result_shown(self.state.uncertainty_shown, self.state.shown_result)
 
-    def _on_uncertainty_shown(self, uncertainty_shown, **_):
-        nodes = self.followup_nodes
-        if nodes is None:
+    def _write_report(self, baseline, followup, results: dict) -> Path:
+        """The patient's report from this session's results, in ``<work>/reports``."""
+        import json
+        import shutil
+        import tempfile
+
+        from .modelfile import save_model
+        from .outputs import write_segment_outputs
+        from .report import ReportInputs, write_report
+
+        session = Path(tempfile.mkdtemp(prefix="session-", dir=self.work_dir))
+        folders = {}
+        for label, result in results.items():
+            folders[label] = session / label
+            write_segment_outputs(followup, result, folders[label], mc_samples=int(self.state.mc_samples))
+        save_model(self.patient_bundle, session / "patient-model.pt")
+        (session / "suggestions.json").write_text(json.dumps([s.as_dict() for s in self.suggestions], indent=2))
+        from .images import write_image
+
+        write_image(followup.to_image(followup.images[0]), session / "followup.nii.gz")
+        inputs = ReportInputs(session / "followup.nii.gz", folders, title="PatientFineTune report",
+                              patient_model=session / "patient-model.pt", suggestions=session / "suggestions.json",
+                              notes=["The follow-up image shown is the normalised first sequence the network read."])
+        report = write_report(inputs, self.reports_dir / f"{session.name}.html")
+        shutil.rmtree(session, ignore_errors=True)
+        return report
+
+    def _on_result_shown(self, uncertainty_shown, shown_result, **_):
+        """Show the chosen result (fine-tuned or base) in the follow-up and 3D views with its
+        table, and its uncertainty overlay if asked; hide the other."""
+        if not self.followup_results:
             return
+        nodes = self.followup_results.get(shown_result) or self.followup_results["fine-tuned"]
+        for other in self.followup_results.values():
+            self._show_only_in(other.segmentation, [FOLLOWUP_VIEW, THREED_VIEW] if other is nodes else [])
+            for i in range(other.segmentation.GetNumberOfDisplayNodes()):
+                other.segmentation.GetNthDisplayNode(i).SetVisibility(other is nodes)
         overlay = nodes.uncertainty if uncertainty_shown and nodes.uncertainty is not None else None
         self._show(FOLLOWUP_VIEW, self.volumes["followup"][0], overlay, 0.5 if overlay else 0.0)
         shown = self.slicer.scene.GetNodeByID(self.view(FOLLOWUP_VIEW).get_foreground_volume_id() or "")
-        self.state.overlay = shown.GetName() if shown is not None else ""
+        with self.state:
+            self.state.overlay = shown.GetName() if shown is not None else ""
+            self.state.lesion_rows = lesion_table_rows(nodes.lesions)
+            self.state.sd_max = f"{nodes.summary['max_sd']:.3f}" if overlay is not None and nodes.summary else ""
+
+
+def _legend_gradient() -> str:
+    """CSS gradient of the uncertainty colour map (the one its volume is shown with)."""
+    from .mrml import COLOUR_RAMPS, UNCERTAINTY_COLOURS
+
+    stops = [f"rgb({int(r * 255)}, {int(g * 255)}, {int(b * 255)}) {int(v * 100)}%" for v, r, g, b in COLOUR_RAMPS[UNCERTAINTY_COLOURS]]
+    return f"linear-gradient(to right, {', '.join(stops)})"
 
 
 def main(host: str = "127.0.0.1", port: int = 8080, model: str = "brain-wmh", work_dir: str = ".", device: str = "auto",

@@ -193,10 +193,27 @@ def test_whole_workflow_in_headless_chromium(web_server):
         assert "Uncertainty SD" in page.inner_text("#overlay")  # what the server's follow-up view shows
         result = page.inner_text("#result-text")
         assert "lesions" in result and "max SD" in result
+        assert "Follow-up (fine-tuned)" in result and "Follow-up (base)" in result
+        assert "held-out" in page.inner_text("#status")  # the never-worse check's outcome, said plainly
         rows = page.locator("#lesion-table tbody tr").count()
         assert rows >= 1
+        # the uncertainty overlay's colour legend, with the map's maximum
+        assert page.is_visible("#uncertainty-legend") and float(page.inner_text("#legend-max")) > 0
         page.locator("#lesion-table").scroll_into_view_if_needed()
         page.screenshot(path=str(ARTIFACTS / f"{len(timings)}-lesion-table.png"))
+        # the base model's result, on the same switch
+        page.click("#show-base")
+        page.wait_for_function("() => document.querySelector('#overlay').innerText.includes('(base)')", timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / f"{len(timings)}-base-result.png"))
+        page.click("#uncertainty-switch")
+        page.wait_for_selector("#uncertainty-legend", state="detached", timeout=60_000)
+        # the patient's report, served by the app
+        href = page.get_attribute("#report-link", "href")
+        report = browser.new_page()
+        report.route("**/*", only_localhost)
+        report.goto(web_server.rstrip("/") + "/" + href.lstrip("/"))
+        assert "Never-worse check" in report.inner_text("body") and report.locator("img").count() >= 1
+        report.screenshot(path=str(ARTIFACTS / f"{len(timings)}-report.png"), full_page=True)
         browser.close()
     print(f"\nweb workflow step times (s): {timings}; annotation {before} -> {after} voxels; {rows} table rows; {result}")
     assert not outside, f"the page asked for outside hosts: {outside}"

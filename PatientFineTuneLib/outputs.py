@@ -1,0 +1,57 @@
+"""The files a segmentation is written as (``segment``'s output folder), in one place for
+the command line, the demo and the web app, and read back by the report and the Slicer
+module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .files import atomic_write, json_ready
+from .images import Case, write_image
+from .postprocess import write_csv
+
+#: Output files of a segmentation, by role.
+SEGMENT_FILES = {
+    "segmentation": "segmentation.nii.gz",
+    "labels": "lesion_labels.nii.gz",
+    "probability": "probability.nii.gz",
+    "table": "lesions.csv",
+    "organ": "organ_mask.nii.gz",
+    "uncertainty": "uncertainty_sd.nii.gz",
+    "summary": "uncertainty.json",
+    "suggestions": "suggestions.json",
+}
+
+
+def write_segment_outputs(case: Case, result, folder: str | Path, overwrite: bool = False, organ: bool = False,
+                          **summary_extra) -> dict[str, Path]:
+    """Write a :class:`~PatientFineTuneLib.inference.Segmentation` of ``case`` into
+    ``folder`` on the case's input grid: the 0/1 segmentation, the lesion labels, the
+    probability, the lesion table, with ``organ`` the organ mask used, and with an
+    uncertainty the SD map and its summary (plus ``summary_extra``, e.g. the MC sample
+    count). Returns the files written, by role."""
+    folder = Path(folder)
+    paths = {role: folder / name for role, name in SEGMENT_FILES.items()}
+    written = {}
+
+    def image(role, array, pixel_type=None):
+        write_image(case.to_image(array, pixel_type), paths[role], overwrite=overwrite)
+        written[role] = paths[role]
+
+    image("segmentation", result.mask.astype(np.uint8), sitk.sitkUInt8)
+    image("labels", result.labels.astype(np.uint16), sitk.sitkUInt16)
+    image("probability", result.probability)
+    write_csv(result.lesions, paths["table"], overwrite=overwrite)
+    written["table"] = paths["table"]
+    if organ:
+        image("organ", case.organ.astype(np.uint8), sitk.sitkUInt8)
+    if result.uncertainty is not None:
+        image("uncertainty", result.uncertainty.sd)
+        text = json.dumps(json_ready(result.summary | summary_extra), indent=2)
+        atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(text), overwrite=overwrite)
+        written["summary"] = paths["summary"]
+    return written

@@ -1,0 +1,189 @@
+"""Shipped base models on the real MRI cases that have expert lesion masks.
+
+Segments every real case with a full ground-truth lesion mask using the shipped base
+model of its preset, through the library API (``load_case`` + ``prepare_case`` +
+``segment_case`` on the CPU), and scores the prediction against the mask read directly
+from its file in stored (z, y, x) order with ``metrics.evaluate_case``:
+
+  ljubljana_ms_cross       brain-wmh    patients 07, 19, 26: FLAIR + T1, lesions.nii.gz,
+                                        automatic brain mask (the data has none)
+  brats2015_subset         brain-tumor  6 cases: T1c, brainmask.nii.gz as organ, lesion =
+                                        OTMultiClass labels 1 + 4 (necrosis + enhancing)
+  brain_tumor_progression  brain-tumor  01-03 Pre and Post: *_Scan_T1 (T1c, skull on),
+                                        *_Mask, automatic brain mask
+
+Prints one row per case (Dice, AVD %, lesion F1 / recall / precision, wall time) and the
+mean of each set; ``--json`` also writes the rows. Works with the current library and
+with older versions whose ``Case`` has no ``layout`` (``PYTHONPATH`` pointing at an old
+checkout), so the two can be compared:
+
+    python Testing/benchmarks/eval_real_base_models.py --json /tmp/real_new.json
+
+The ljubljana_ms_longitudinal set is left out: its ``gt.nii.gz`` is a lesion change
+mask, not a full lesion mask. The brain_tumor_progression header spacing (1 mm) is not
+the true spacing (see the data README); Dice, AVD and the lesion-wise rates do not
+depend on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+import PatientFineTuneLib
+from PatientFineTuneLib import images, inference, metrics, modelcard, modelfile
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+COLUMNS = ["dice", "avd_percent", "lesion_f1", "lesion_recall", "lesion_precision", "seconds"]
+
+
+def real_cases(data: Path) -> list[dict]:
+    """The real cases with full lesion masks.
+
+    Returns
+    -------
+    list of dict with set, case, preset, sequences, organ, lesions, labels.
+    """
+    cases = []
+    for n in ("07", "19", "26"):
+        folder = data / "ljubljana_ms_cross" / f"patient{n}"
+        cases.append({"set": "ljubljana_ms_cross", "case": f"patient{n}", "preset": "brain-wmh",
+                      "sequences": [folder / "FLAIR.nii.gz", folder / "T1.nii.gz"],
+                      "organ": None, "lesions": folder / "lesions.nii.gz", "labels": None})
+    for folder in sorted((data / "brats2015_subset").glob("brats_*")):
+        cases.append({"set": "brats2015_subset", "case": folder.name, "preset": "brain-tumor",
+                      "sequences": [folder / "T1c_subtrMeanDivStd.nii.gz"],
+                      "organ": folder / "brainmask.nii.gz", "lesions": folder / "OTMultiClass.nii.gz", "labels": [1, 4]})
+    for n in ("01", "02", "03"):
+        folder = data / "brain_tumor_progression" / n
+        for when in ("Pre", "Post"):
+            cases.append({"set": "brain_tumor_progression", "case": f"{n}_{when}", "preset": "brain-tumor",
+                          "sequences": [folder / f"{when}_Scan_T1.nii.gz"],
+                          "organ": None, "lesions": folder / f"{when}_Mask.nii.gz", "labels": None})
+    return cases
+
+
+def needs_resample(spec: dict) -> bool:
+    """Whether any sequence or mask of a case is off the first sequence's grid."""
+    readers = []
+    for path in [*spec["sequences"], spec["organ"], spec["lesions"]]:
+        if path is not None:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            readers.append(reader)
+    first = readers[0]
+    for r in readers[1:]:
+        if (r.GetSize()[:3] != first.GetSize()[:3]
+                or not np.allclose(r.GetSpacing()[:3], first.GetSpacing()[:3], atol=1e-4)
+                or not np.allclose(r.GetOrigin()[:3], first.GetOrigin()[:3], atol=1e-3)
+                or not np.allclose(r.GetDirection()[:9], first.GetDirection()[:9], atol=1e-4)):
+            return True
+    return False
+
+
+def to_stored(case, slices: np.ndarray) -> np.ndarray:
+    """A slice-first array back in the stored (z, y, x) order, for new and old ``Case``."""
+    if hasattr(case, "layout"):
+        return case.layout.from_slices(slices)
+    return images.from_slices(slices, case.axis)
+
+
+def ground_truth(spec: dict, grid: sitk.Image | None = None) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The lesion mask as stored (z, y, x) and its (z, y, x) spacing, read with SimpleITK
+    (resampled onto ``grid`` first when given)."""
+    image = sitk.ReadImage(str(spec["lesions"]))
+    if grid is not None:
+        image = images.resample_onto(image, grid, label=True)
+    arr = sitk.GetArrayFromImage(image)
+    gt = np.isin(arr, spec["labels"]) if spec["labels"] else arr > 0
+    return gt, tuple(image.GetSpacing()[::-1])
+
+
+def evaluate(spec: dict, bundle) -> dict:
+    """Segment one case with ``bundle`` and score it against its ground truth.
+
+    Returns
+    -------
+    dict : the case's identity, ``evaluate_case``'s metrics and the wall time (s).
+    """
+    start = time.perf_counter()
+    resample = needs_resample(spec)
+    case = images.load_case(
+        [str(p) for p in spec["sequences"]],
+        organ_path=None if spec["organ"] is None else str(spec["organ"]),
+        lesion_path=str(spec["lesions"]),
+        expected_channels=[s["channels"] for s in bundle.sequences],
+        resample_to_first=resample,
+        lesion_labels=spec["labels"],
+        name=spec["case"],
+    )
+    images.prepare_case(case)
+    seg = inference.segment_case(bundle, case, opening=bundle.opening, device="cpu")
+    pred = to_stored(case, seg.mask).astype(bool)
+    gt, spacing_zyx = ground_truth(spec, case.grid if resample else None)
+    scores = metrics.evaluate_case(pred, gt, spacing_zyx)
+    row = {k: spec[k] for k in ("set", "case", "preset")}
+    row.update({k: float(v) if isinstance(v, (float, np.floating)) else int(v) for k, v in scores.items()})
+    row["resampled"] = resample
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def fmt(value: float) -> str:
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def print_row(row: dict) -> None:
+    print(f"{row['set']:<24} {row['case']:<22} {row['preset']:<12} " + " ".join(f"{fmt(row[k]):>9}" for k in COLUMNS), flush=True)
+
+
+def print_means(rows: list[dict]) -> None:
+    """One line per set with the mean of each column (NaN-aware)."""
+    print("-" * 120)
+    for name in dict.fromkeys(r["set"] for r in rows):
+        subset = [r for r in rows if r["set"] == name]
+        means = {k: float(np.nanmean([r[k] for r in subset])) if any(not math.isnan(r[k]) for r in subset) else math.nan for k in COLUMNS}
+        print_row({"set": name, "case": f"mean of {len(subset)}", "preset": subset[0]["preset"], **means})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA, help="the shared real-data folder (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if not args.data.is_dir():
+        print(f"no real data at {args.data}; nothing to do")
+        return 0
+    torch.set_num_threads(args.threads)
+    print(f"PatientFineTuneLib from {Path(PatientFineTuneLib.__file__).parent}")
+    print(f"{'set':<24} {'case':<22} {'preset':<12} " + " ".join(f"{c[:9]:>9}" for c in ["Dice", "AVD %", "les F1", "les rec", "les prec", "seconds"]))
+    bundles, rows = {}, []
+    for spec in real_cases(args.data):
+        try:
+            if spec["preset"] not in bundles:
+                bundles[spec["preset"]] = modelfile.load_model(modelcard.resolve_model_path(spec["preset"]))
+            row = evaluate(spec, bundles[spec["preset"]])
+        except Exception as error:  # noqa: BLE001 - report and go on to the next case
+            print(f"{spec['set']:<24} {spec['case']:<22} {spec['preset']:<12} FAILED: {type(error).__name__}: {error}", flush=True)
+            continue
+        rows.append(row)
+        print_row(row)
+    if rows:
+        print_means(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
