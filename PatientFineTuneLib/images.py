@@ -68,7 +68,8 @@ def read_image(path: str | os.PathLike | sitk.Image) -> sitk.Image:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise ImageError(f"could not read {path} as an image ({str(exc).strip().splitlines()[-1]})") from None
-    if image.GetDimension() == 2 and path.suffix.lower() in ("", ".dcm", ".ima"):
+    one_slice = image.GetDimension() == 2 or (image.GetDimension() == 3 and image.GetSize()[2] == 1)
+    if one_slice and path.suffix.lower() in ("", ".dcm", ".ima"):
         raise ImageError(f"{path} is a single 2D DICOM image; give the folder that holds the whole series instead")
     return image
 

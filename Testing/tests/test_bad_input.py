@@ -191,3 +191,53 @@ def test_a_model_file_with_a_malformed_body_is_refused_cleanly(tmp_path):
         torch.save({"format": modelfile.FORMAT_NAME, "format_version": modelfile.FORMAT_VERSION, **body}, tmp_path / "m.pt")
         with pytest.raises(ModelFileError, match="malformed"):
             load_model(tmp_path / "m.pt")
+
+
+def _write_dicom_series(volume: np.ndarray, folder, spacing=(0.9, 0.9, 3.0), origin=(-100.0, -120.0, -40.0)):
+    """A real DICOM series (one file per slice, with position, orientation and spacing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(volume.astype(np.int16))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series = "1.2.826.0.1.3680043.2.1125.1.4242"
+    for z in range(volume.shape[0]):
+        slice_ = image[:, :, z]
+        for tag, value in {"0008|0060": "MR", "0020|000d": series + ".1", "0020|000e": series, "0020|0013": str(z + 1),
+                           "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
+                           "0020|0032": "\\".join(str(c) for c in image.TransformIndexToPhysicalPoint((0, 0, z)))}.items():
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.Execute(slice_)
+    return image
+
+
+def test_dicom_series_folders_are_read_and_a_single_slice_or_an_empty_folder_refused(tmp_path):
+    from PatientFineTuneLib.images import read_image
+
+    volume = np.random.default_rng(0).integers(0, 1000, (6, 20, 24))
+    written = _write_dicom_series(volume, tmp_path / "series")
+    image = read_image(tmp_path / "series")
+    assert image.GetSize() == (24, 20, 6) and np.array_equal(sitk.GetArrayFromImage(image), volume)
+    assert image.GetSpacing() == pytest.approx(written.GetSpacing()) and image.GetOrigin() == pytest.approx(written.GetOrigin())
+    with pytest.raises(ImageError, match="single 2D DICOM image"):
+        read_image(tmp_path / "series" / "slice000.dcm")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageError, match="folder without a DICOM series"):
+        read_image(tmp_path / "empty")
+
+
+def test_messages_name_options_not_python_and_case_with_images_is_refused(small_pair_dir, tmp_path):
+    from PatientFineTuneLib.images import grid_mismatch
+
+    a, b = sitk.Image(4, 4, 4, sitk.sitkUInt8), sitk.Image(4, 4, 4, sitk.sitkUInt8)
+    b.SetSpacing((1.0, 1.5, 2.0))
+    assert "np.float64" not in grid_mismatch(a, b)
+    proc = cli("segment", "--model", "brain-wmh", "--case", small_pair_dir / "baseline", "--images", small_pair_dir / "baseline" / "FLAIR.nii.gz",
+               small_pair_dir / "baseline" / "T1.nii.gz", "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "not both" in proc.stderr
+    # a folder in the working directory named like a preset does not shadow the shipped model
+    (tmp_path / "brain-wmh").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "info", "brain-wmh"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and '"preset": "brain-wmh"' in proc.stdout, proc.stderr
