@@ -207,12 +207,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
         raise FileNotFoundError(f"model file {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # (torch's own text would suggest weights_only=False: never)
-        raise ModelFileError(
-            f"{path} is not a PatientFineTune model file: it holds Python objects other than weights, which are never "
-            "loaded (nothing from it was executed). Use a model file saved by PatientFineTune (train-base / finetune)."
-        ) from None
     except Exception as exc:  # torch raises many types for foreign/corrupt files
+        if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in str(exc):  # it names a Python class or function
+            # (torch's own text would suggest weights_only=False: never)
+            raise ModelFileError(
+                f"{path} is not a PatientFineTune model file: it holds Python objects other than weights, which are never "
+                "loaded (nothing from it was executed). Use a model file saved by PatientFineTune (train-base / finetune)."
+            ) from None
         raise ModelFileError(
             f"{path} could not be read as a PatientFineTune model file ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}). It may be truncated, "

@@ -2,6 +2,7 @@
 defect found by a sweep of bad inputs through the real console script (exit 0 with a
 wrong result, an input replaced, a traceback after the whole computation)."""
 
+import locale
 import os
 import shutil
 import subprocess
@@ -202,7 +203,18 @@ def _write_dicom_series(volume: np.ndarray, folder, spacing=(0.9, 0.9, 3.0), ori
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     series = "1.2.826.0.1.3680043.2.1125.1.4242"
-    for z in range(volume.shape[0]):
+    # GDCM's DICOM writer sets the process's LC_CTYPE to "C", after which Python decodes
+    # every later subprocess's output as ASCII: put the locale back
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_slices(image, volume.shape[0], folder, writer, series, spacing)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    return image
+
+
+def _write_slices(image, n, folder, writer, series, spacing):
+    for z in range(n):
         slice_ = image[:, :, z]
         for tag, value in {"0008|0060": "MR", "0020|000d": series + ".1", "0020|000e": series, "0020|0013": str(z + 1),
                            "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
@@ -210,7 +222,6 @@ def _write_dicom_series(volume: np.ndarray, folder, spacing=(0.9, 0.9, 3.0), ori
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
         writer.Execute(slice_)
-    return image
 
 
 def test_dicom_series_folders_are_read_and_a_single_slice_or_an_empty_folder_refused(tmp_path):
@@ -241,3 +252,16 @@ def test_messages_name_options_not_python_and_case_with_images_is_refused(small_
     (tmp_path / "brain-wmh").mkdir()
     proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "info", "brain-wmh"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0 and '"preset": "brain-wmh"' in proc.stdout, proc.stderr
+
+
+def test_a_failing_registration_is_one_line_not_itks_exception(tmp_path):
+    box = np.zeros((20, 40, 40), np.uint8)
+    box[5:15, 10:30, 10:30] = 1
+    paths = {}
+    for name, values in (("baseline", np.full(box.shape, 5.0)), ("followup", np.full(box.shape, 5.0)), ("lesions", box)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(values.astype(np.float32 if name != "lesions" else np.uint8)), str(paths[name]))
+    proc = cli("compare", "--baseline-image", paths["baseline"], "--followup-image", paths["followup"], "--baseline-lesions", paths["lesions"],
+               "--followup-lesions", paths["lesions"], "--out", tmp_path / "out", timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "registering" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
