@@ -4,8 +4,9 @@
    shipped model was trained on) and load the shipped ``brain-wmh`` base model.
 2. Suggest 2 baseline slices (mean lesion softmax closest to 0.5) and take the
    generator's ground truth on them as the radiologist's annotation.
-3. Fine-tune the last two layers (100 iterations) and segment the follow-up with the base
-   and with the patient model, each with 25-sample MC-dropout uncertainty.
+3. Fine-tune the last two layers (100 iterations, with the never-worse check of the
+   command line) and segment the follow-up with the base and with the patient model, each
+   with 25-sample MC-dropout uncertainty.
 4. Print base vs fine-tuned Dice, AVD and lesion F1 with the time of every step; write
    NIfTI results, the change table (baseline annotation vs fine-tuned follow-up), the
    figures and the patient's HTML report (``report.html``).
@@ -28,7 +29,7 @@ def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None
     from .images import load_case, prepare_case
     from .inference import resolve_device, segment_case
     from .metrics import evaluate_case
-    from .modelcard import resolve_model_path
+    from .modelcard import describe_patient_model, resolve_model_path
     from .modelfile import load_model, save_model
     from .outputs import write_segment_outputs
     from .presets import get_preset
@@ -76,9 +77,11 @@ def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None
     step("finetune")
     # the generator's truth on the suggested slices plays the radiologist's annotation; it is
     # a real annotation even where a slice has no lesion, hence allow_empty
-    patient = finetune_patient_model(base, baseline, chosen, FinetuneConfig(iterations=finetune_iterations, seed=seed), device=device, allow_empty=True)
+    # the never-worse check, as the command line does by default
+    config = FinetuneConfig(iterations=finetune_iterations, seed=seed, holdout_check=True)
+    patient = finetune_patient_model(base, baseline, chosen, config, device=device, allow_empty=True)
     save_model(patient, out / "patient000-model.pt", overwrite=True)
-    done("finetune", f"fine-tuned the last two layers for {finetune_iterations} iterations ({patient.metadata['finetune']['method']} path)")
+    done("finetune", describe_patient_model(patient.metadata["finetune"]))
 
     results, metrics = {}, {}
     spacing = followup.grid.GetSpacing()[::-1]
