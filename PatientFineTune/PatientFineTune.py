@@ -9,7 +9,8 @@ Python (``PythonSlicer``), as SlicerMONAIAuto3DSeg does: the module writes the i
 reads from nodes to a temporary folder, a QTimer polls the job's JSON progress lines, Cancel
 terminates the process, and the results are loaded back into nodes on the main thread.
 This file holds the Qt widget, the parameter node, dependency installation and the
-self-test; PyTorch is imported here only to describe the device once it is installed.
+self-test; PyTorch is never imported here (the jobs report the device they run on), so
+Slicer's own process holds no GPU memory.
 """
 
 import logging
@@ -44,7 +45,7 @@ if (_REPOSITORY_ROOT / "PatientFineTuneLib" / "__init__.py").is_file() and str(_
 #: Oldest PyTorch the library runs on.
 TORCH_MINIMUM = (2, 1)
 #: Python packages the library needs beyond what Slicer ships (import name: pip name).
-EXTRA_PACKAGES = {"skimage": "scikit-image", "tqdm": "tqdm"}
+EXTRA_PACKAGES = {"skimage": "scikit-image", "tqdm": "tqdm", "nibabel": "nibabel"}
 SAMPLE_CATEGORY = "PatientFineTune"
 SAMPLE_NAME = "PatientFineTuneSyntheticWMH"
 #: Sequences a model may read (one volume selector per sequence and visit in the .ui).
@@ -193,6 +194,8 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None  # the running RunningStep, or None
         self._suggestions = {}
         self._results = []
+        self._timer = qt.QTimer()  # polls the running job (made here: cleanup() stops it even if setup failed)
+        self._timer.setInterval(POLL_INTERVAL_MS)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -222,10 +225,8 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultComboBox.connect("currentIndexChanged(int)", lambda index: self.showOverlay())
         self.ui.saveModelButton.connect("clicked(bool)", self.onSaveModel)
         self.ui.loadPatientModelButton.connect("clicked(bool)", self.onLoadPatientModel)
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self._pollJob)
-        self.ui.deviceLabel.text = _("decided when a step starts (a GPU if PyTorch finds one)")
+        self.ui.deviceLabel.text = _("shown when a step runs (a GPU if PyTorch finds one)")
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -374,6 +375,7 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFinetuneDone(self, description) -> None:
         self._parameterNode.patientModelPath = ""
         self.ui.patientModelLabel.text = self.logic.patientModelText()
+        self.ui.statusLabel.text = description[:1].upper() + description[1:] + "."
 
     def onSegment(self) -> None:
         if self._job:
@@ -429,7 +431,6 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("{what} could not start.").format(what=label), waitCursor=True):
             if not self.logic.ensureDependencies():
                 return
-            self.ui.deviceLabel.text = self.logic.deviceDescription(self._parameterNode.forceCpu)
             self._job = start()
             self._job.button, self._job.label = button, label
             button.text = _("Cancel")
@@ -446,6 +447,8 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
             return
         job.job.poll()
+        if job.job.device:
+            self.ui.deviceLabel.text = job.job.device
         self.ui.progressBar.value = int(1000 * job.job.fraction())
         progress = job.job.progress
         if progress and progress.get("loss") is not None:
@@ -547,18 +550,6 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
             with slicer.util.WaitCursor():
                 slicer.util.pip_install(missing)
         return True
-
-    @staticmethod
-    def deviceDescription(forceCpu: bool) -> str:
-        """What a job will run on (imports torch: call after ensureDependencies)."""
-        import torch
-
-        if not forceCpu and torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(0)
-            return _("GPU: {name}, {memory:.0f} GB").format(name=props.name, memory=props.total_memory / 2**30)
-        if not forceCpu and torch.backends.mps.is_available():
-            return _("Apple GPU (MPS)")
-        return _("CPU ({threads} threads)").format(threads=torch.get_num_threads())
 
     @staticmethod
     def pythonExecutable() -> str:
@@ -695,7 +686,9 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
     def runStep(self, step: RunningStep, timeout=None):
         """Wait for a step and load its results (console, self-test)."""
         try:
-            step.job.wait(timeout)
+            if not step.job.wait(timeout):
+                step.job.cancel()
+                raise RuntimeError(_("the step did not finish within {timeout} s and was cancelled").format(timeout=timeout))
             if not step.job.succeeded:
                 raise RuntimeError(step.job.error or _("cancelled"))
             return self.finishStep(step)

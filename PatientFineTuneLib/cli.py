@@ -30,6 +30,14 @@ def _step(args, name: str, total: int | None = None, unit: str = "it") -> StepPr
     return StepProgress(args.progress, name, total, unit)
 
 
+def _report_device(args, device) -> None:
+    """The machine-readable line of what runs the network (``--progress json`` only)."""
+    if args.progress == "json":
+        from .inference import describe_device
+
+        emit("device", description=describe_device(device))
+
+
 def _report_result(args, verb: str, outputs: dict, **fields) -> None:
     """The machine-readable line of what a verb wrote (``--progress json`` only)."""
     if args.progress == "json":
@@ -362,6 +370,7 @@ def cmd_segment(args) -> None:
     if clash and not args.overwrite:
         raise FileExistsError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
     opening = args.opening if args.opening is not None else bundle.opening
+    _report_device(args, args.device)
     with _step(args, "segment", unit="slice") as step:
         result = segment_case(bundle, case, opening=opening, threshold=args.threshold, mc_samples=args.mc_samples,
                               seed=args.seed, device=args.device, progress=step.update)
@@ -427,6 +436,7 @@ def cmd_finetune(args) -> None:
     case, _ = _case_for_model(args, bundle, lesions=True)
     refuse_inputs_as_outputs(_case_inputs(case, model), [out])
     check = args.check and not bundle.is_volume_model  # the check holds out 2D slice blocks
+    _report_device(args, args.device)
     config = FinetuneConfig(iterations=args.iterations, weighting=None if args.weighting == "none" else args.weighting,
                             seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers, pixel_fraction=args.pixel_fraction,
                             holdout_check=check)

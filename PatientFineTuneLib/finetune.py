@@ -262,7 +262,7 @@ def finetune_patient_model(
     offset = 0
     if config.holdout_check:
         check = holdout_check(bundle, data, config, device, progress, cancel)
-        offset = config.iterations
+        offset = 0 if check.get("skipped") else config.iterations
         provenance["holdout_check"] = check
         if not check["kept"]:
             metadata = derived_metadata(bundle, config, [], method="base model kept", **provenance)
@@ -285,7 +285,9 @@ def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfi
     model on the other half (pooled Dice of the 0.5-thresholded prediction against the
     annotation, over the held-out organ pixels of every chosen slice).
 
-    Returns the numbers and ``kept``: whether the fine-tuned model was at least as good.
+    Returns the numbers and ``kept``: whether the fine-tuned model was at least as good;
+    ``{"skipped": reason, "kept": True}`` when the annotated organ is too small to split
+    (nothing is held out, and fine-tuning goes on without the check).
     """
     held = [holdout_mask(o.shape, config.holdout_block_px, config.seed) & o for o in data.organs]
     class_weights = torch.tensor(config.class_weights, dtype=torch.float32)
@@ -295,7 +297,7 @@ def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfi
         weights.append(full * (~held[k]).float())
     trained_on = sum(int((w > 0).sum()) for w in weights)
     if trained_on == 0 or sum(int(h.sum()) for h in held) == 0:
-        raise ValueError("the annotated slices are too small to hold out part of them; fine-tune without the check (--no-check)")
+        return {"skipped": "the annotated organ is too small to hold out part of it", "kept": True}
     check_data = FinetuneData(data.slices, data.images, data.labels, weights, data.centres, data.angles, data.organs)
     model, losses, _ = _train_head(bundle, check_data, config, device, progress, cancel)
     scores = {name: _held_out_dice(m, data, held, device) for name, m in (("base", bundle.model), ("finetuned", model))}

@@ -40,6 +40,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def describe_device(device: str | torch.device = "auto") -> str:
+    """What runs the network, in words: the GPU's name and memory, Apple's GPU, or the CPU
+    and its threads."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GB"
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
 @contextmanager
 def private_rng(device: torch.device):
     """Fork torch's global generators (CPU and the CUDA device in use) so that seeding

@@ -6,7 +6,9 @@ Why a subprocess: in 3D Slicer, Python threads only advance while the main threa
 Python (PythonQt keeps the GIL while Qt idles), so training in a thread crawls. A process
 runs at full speed, cannot freeze the application, and is cancelled by terminating it.
 The caller (the Slicer module's QTimer, a test, a console) calls :meth:`CliJob.poll`
-regularly; nothing here blocks, starts a thread or imports Qt.
+regularly; nothing here blocks or imports Qt. The pipe is read without a thread where
+the platform can read pipes without blocking (POSIX); elsewhere (Windows before Python
+3.12) a small thread only moves the bytes into a queue that :meth:`poll` drains.
 
 Files in, files out: a job reads inputs the caller wrote and writes into an output folder
 the caller owns; the commands write atomically, and a cancelled job's partial files go
@@ -17,9 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -47,8 +51,12 @@ class CliJob:
     results : every ``result`` event, in order.
     log : the last 200 plain output lines (not JSON events).
     error : the failing command's one-line message, or None.
+    device : what the commands run the network on, as they report it, or None.
     step : index of the command running now.
     """
+
+    #: Read the pipe in a thread (where non-blocking pipe reads are not available).
+    threaded_reads = os.name != "posix"
 
     def __init__(self, steps: Sequence[Sequence[str]], python: str | None = None, env: dict | None = None):
         if not steps:
@@ -61,9 +69,11 @@ class CliJob:
         self.results: list[dict] = []
         self.log: deque[str] = deque(maxlen=200)
         self.error: str | None = None
+        self.device: str | None = None
         self.cancelled = False
         self._process: subprocess.Popen | None = None
         self._buffer = b""
+        self._chunks: queue.Queue[bytes] | None = None
         self._done = False
 
     # -- running ---------------------------------------------------------------------------
@@ -87,8 +97,13 @@ class CliJob:
         self._process = subprocess.Popen(
             self.command(step), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **group
         )
-        # read whatever is there on each poll, never wait for a line
-        os.set_blocking(self._process.stdout.fileno(), False)
+        if self.threaded_reads:
+            self._chunks = queue.Queue()
+            stream, chunks = self._process.stdout, self._chunks
+            self._reader = threading.Thread(target=lambda: [chunks.put(c) for c in iter(lambda: stream.read1(65536), b"")], daemon=True)
+            self._reader.start()
+        else:  # read whatever is there on each poll, never wait for a line
+            os.set_blocking(self._process.stdout.fileno(), False)
 
     @property
     def finished(self) -> bool:
@@ -160,15 +175,21 @@ class CliJob:
     # -- output ----------------------------------------------------------------------------
 
     def _read(self, final: bool = False) -> list[dict]:
-        stream = self._process.stdout
-        while True:
-            try:
-                chunk = os.read(stream.fileno(), 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            self._buffer += chunk
+        if self._chunks is not None:
+            if final:  # the process ended: the thread reaches the end of the pipe
+                self._reader.join(timeout=2.0)
+            while not self._chunks.empty():
+                self._buffer += self._chunks.get_nowait()
+        else:
+            stream = self._process.stdout
+            while True:
+                try:
+                    chunk = os.read(stream.fileno(), 65536)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
         if final and self._buffer:
             lines, self._buffer = lines + [self._buffer], b""
@@ -188,6 +209,8 @@ class CliJob:
                 self.results.append(event)
             elif kind == "error":
                 self.error = event.get("message") or "failed"
+            elif kind == "device":
+                self.device = event.get("description")
         return events
 
     def _last_log_line(self) -> str | None:

@@ -264,10 +264,15 @@ def describe_patient_model(finetune: dict) -> str:
     else:
         where = f"the whole baseline volume ({finetune.get('strategy') or finetune.get('config', {}).get('layers', '?')} layers)"
     check = finetune.get("holdout_check")
+    if check and check.get("skipped"):
+        check = None
+        skipped = f"; the never-worse check was skipped ({finetune['holdout_check']['skipped']})"
+    else:
+        skipped = ""
     if check and not check["kept"]:
         return (f"the BASE MODEL was kept: fine-tuning ({iterations} iterations on {where}) did not help on the held-out half "
                 f"of your annotation (Dice {check['dice_finetuned']:.3f} fine-tuned vs {check['dice_base']:.3f} base)")
     text = f"fine-tuned {iterations} iterations on {where}" + (f" ({finetune['method']} path)" if "method" in finetune else "")
     if check:
         text += f"; checked on the held-out half of the annotation: Dice {check['dice_finetuned']:.3f} vs base {check['dice_base']:.3f}"
-    return text
+    return text + skipped

@@ -56,14 +56,15 @@ OUTLINE_COLOURS = {"truth": "#009E73", "reference": "#009E73", "base": "#56B4E9"
 _OTHER_COLOURS = ("#CC79A7", "#F0E442", "#D55E00", "#0072B2")
 
 
-def _mark_sides(ax, width: int) -> None:
-    """R and L at the left and right edges: the library's slices are in radiological order."""
-    for x, text, align in ((2, "R", "left"), (width - 3, "L", "right")):
+def _mark_sides(ax, width: int, sides: tuple[str, str] = ("R", "L")) -> None:
+    """The patient sides at the left and right edges (the library's slices are in
+    radiological order: R, L on axial and coronal slices, A, P on sagittal ones)."""
+    for x, text, align in ((2, sides[0], "left"), (width - 3, sides[1], "right")):
         ax.text(x, 2, text, color="white", fontsize=8, fontweight="bold", ha=align, va="top")
 
 
 def outline_figure(anatomy: Sequence[np.ndarray], outlines: Mapping[str, Sequence[np.ndarray]], slice_titles: Sequence[str],
-                   row_title: str = ""):
+                   row_title: str = "", sides: tuple[str, str] = ("R", "L")):
     """One row of slices; on each, the outline of every named mask in its own colour, with
     a legend and a title per slice. Returns the matplotlib figure."""
     from matplotlib.lines import Line2D
@@ -79,7 +80,7 @@ def outline_figure(anatomy: Sequence[np.ndarray], outlines: Mapping[str, Sequenc
         ax.set_title(slice_titles[k], fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-        _mark_sides(ax, image.shape[1])
+        _mark_sides(ax, image.shape[1], sides)
     if row_title:
         axes[0].set_ylabel(row_title, fontsize=10)
     handles = [Line2D([0], [0], color=c, lw=2, label=name) for name, c in colours.items()]
@@ -87,7 +88,8 @@ def outline_figure(anatomy: Sequence[np.ndarray], outlines: Mapping[str, Sequenc
     return figure
 
 
-def uncertainty_figure(anatomy: Sequence[np.ndarray], sd: Mapping[str, Sequence[np.ndarray]], slice_titles: Sequence[str]):
+def uncertainty_figure(anatomy: Sequence[np.ndarray], sd: Mapping[str, Sequence[np.ndarray]], slice_titles: Sequence[str],
+                       sides: tuple[str, str] = ("R", "L")):
     """Rows: one per model; columns: slices. The anatomy in grey (dimmed) with the
     uncertainty (SD of the lesion probability over the MC-dropout samples) as a colour map
     over it, clear where it is below 10 % of the maximum, and one colour bar."""
@@ -104,7 +106,7 @@ def uncertainty_figure(anatomy: Sequence[np.ndarray], sd: Mapping[str, Sequence[
             shown = ax.imshow(overlay, cmap=colour_map, vmin=0.0, vmax=top, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            _mark_sides(ax, anatomy[k].shape[1])
+            _mark_sides(ax, anatomy[k].shape[1], sides)
             if r == 0:
                 ax.set_title(slice_titles[k], fontsize=9)
         axes[r][0].set_ylabel(name, fontsize=10)

@@ -170,7 +170,7 @@ def _provenance(inputs: ReportInputs) -> str:
         ]
         body += _table(["Patient model", ""], rows, text_columns=2)
         check = finetune.get("holdout_check")
-        if check:
+        if check and not check.get("skipped"):
             verdict = "kept the fine-tuned model" if check["kept"] else "KEPT THE BASE MODEL: fine-tuning did not help on the held-out part"
             body += (f"<p class='{'' if check['kept'] else 'kept'}'>Never-worse check: {html.escape(verdict)} of the annotation "
                      f"(held-out Dice {check['dice_finetuned']:.3f} fine-tuned vs {check['dice_base']:.3f} base).</p>")
@@ -286,10 +286,12 @@ def report_figures(inputs: ReportInputs, results: dict) -> list[tuple[str, str, 
     window = to_uint8(anatomy)
     tiles = [window[s] for s in picks]
     titles = [f"slice {s}" for s in picks]
-    figures = [("outlines", "Lesion outlines on the follow-up: " + ", ".join(outlines) + " (radiological orientation: R on the left)",
-                outline_figure(tiles, {n: [m[s] for s in picks] for n, m in outlines.items()}, titles, "follow-up"))]
+    normal = int(np.argmax(np.abs(np.array(image.GetDirection()).reshape(3, 3)[:, layout.axis])))
+    sides = ("A", "P") if normal == 0 else ("R", "L")  # sagittal slices run anterior to posterior
+    figures = [("outlines", "Lesion outlines on the follow-up: " + ", ".join(outlines) + f" (radiological orientation: {sides[0]} on the left)",
+                outline_figure(tiles, {n: [m[s] for s in picks] for n, m in outlines.items()}, titles, "follow-up", sides))]
     sd = {label: layout.to_slices(sitk.GetArrayFromImage(r["sd"])) for label, r in results.items() if r["sd"] is not None}
     if sd:
         figures.append(("uncertainty", "Uncertainty (SD over the Monte-Carlo-dropout samples) over the follow-up, one row per model",
-                        uncertainty_figure(tiles, {n: [m[s] for s in picks] for n, m in sd.items()}, titles)))
+                        uncertainty_figure(tiles, {n: [m[s] for s in picks] for n, m in sd.items()}, titles, sides)))
     return figures

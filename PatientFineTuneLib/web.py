@@ -445,40 +445,44 @@ class PatientFineTuneWeb:
             if result.summary:
                 line += f"; max SD {result.summary['max_sd']:.3f}, mean SD in lesions {result.summary['mean_sd_in_lesions']:.3f}"
             lines.append(line)
-        report = self._write_report(baseline, followup, results)
+        try:
+            report_url = f"{REPORTS_URL}/{self._write_report(followup, results).name}"
+        except Exception as error:  # the results stand without their report; say why there is none
+            report_url = ""
+            self.state.error = f"the report could not be written: {error}"
         with self.state:
             self.state.update({"finetuned": True, "result_text": "\n".join(lines), "shown_result": "fine-tuned",
                                "status": describe_patient_model(self.patient_bundle.metadata["finetune"]) + ".",
                                "uncertainty_shown": results["fine-tuned"].uncertainty is not None,
-                               "report_url": f"{REPORTS_URL}/{report.name}"})
+                               "report_url": report_url})
         self._on_result_shown(self.state.uncertainty_shown, self.state.shown_result)
 
-    def _write_report(self, baseline, followup, results: dict) -> Path:
+    def _write_report(self, followup, results: dict) -> Path:
         """The patient's report from this session's results, in ``<work>/reports``."""
         import json
         import shutil
         import tempfile
 
+        from .images import write_image
         from .modelfile import save_model
+        from .mrml import volume_to_image
         from .outputs import write_segment_outputs
         from .report import ReportInputs, write_report
 
         session = Path(tempfile.mkdtemp(prefix="session-", dir=self.work_dir))
-        folders = {}
-        for label, result in results.items():
-            folders[label] = session / label
-            write_segment_outputs(followup, result, folders[label], mc_samples=int(self.state.mc_samples))
-        save_model(self.patient_bundle, session / "patient-model.pt")
-        (session / "suggestions.json").write_text(json.dumps([s.as_dict() for s in self.suggestions], indent=2))
-        from .images import write_image
-
-        write_image(followup.to_image(followup.images[0]), session / "followup.nii.gz")
-        inputs = ReportInputs(session / "followup.nii.gz", folders, title="PatientFineTune report",
-                              patient_model=session / "patient-model.pt", suggestions=session / "suggestions.json",
-                              notes=["The follow-up image shown is the normalised first sequence the network read."])
-        report = write_report(inputs, self.reports_dir / f"{session.name}.html")
-        shutil.rmtree(session, ignore_errors=True)
-        return report
+        try:
+            folders = {}
+            for label, result in results.items():
+                folders[label] = session / label
+                write_segment_outputs(followup, result, folders[label], mc_samples=int(self.state.mc_samples))
+            save_model(self.patient_bundle, session / "patient-model.pt")
+            (session / "suggestions.json").write_text(json.dumps([s.as_dict() for s in self.suggestions], indent=2))
+            write_image(volume_to_image(self.volumes["followup"][0]), session / "followup.nii.gz")  # as loaded, not normalised
+            inputs = ReportInputs(session / "followup.nii.gz", folders, title="PatientFineTune report",
+                                  patient_model=session / "patient-model.pt", suggestions=session / "suggestions.json")
+            return write_report(inputs, self.reports_dir / f"{session.name}.html")
+        finally:
+            shutil.rmtree(session, ignore_errors=True)
 
     def _on_result_shown(self, uncertainty_shown, shown_result, **_):
         """Show the chosen result (fine-tuned or base) in the follow-up and 3D views with its

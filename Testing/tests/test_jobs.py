@@ -18,7 +18,9 @@ def _finetune_args(case_dir, out, iterations):
             "--iterations", str(iterations), "--device", "cpu", "--out", str(out)]
 
 
-def test_a_finetuning_job_reports_progress_and_its_patient_model_loads(small_pair_dir, tmp_path):
+@pytest.mark.parametrize("threaded", [False, True], ids=["non-blocking reads", "reader thread"])
+def test_a_finetuning_job_reports_progress_and_its_patient_model_loads(small_pair_dir, tmp_path, threaded, monkeypatch):
+    monkeypatch.setattr(CliJob, "threaded_reads", threaded)  # the thread is what Windows uses
     out = tmp_path / "patient.pt"
     job = CliJob([_finetune_args(small_pair_dir, out, 12)]).start()
     seen, fractions = [], []
@@ -37,6 +39,7 @@ def test_a_finetuning_job_reports_progress_and_its_patient_model_loads(small_pai
     assert all(e["total"] == 24 and e["loss"] > 0 for e in training)
     assert fractions == sorted(fractions) and job.fraction() == 1.0
     assert job.results and job.results[-1]["outputs"]["model"] == str(out)
+    assert job.device.startswith("CPU (")  # what ran the network, as the command reported it
     bundle = load_model(out)
     assert bundle.metadata["finetune"]["config"]["iterations"] == 12
 
