@@ -98,8 +98,11 @@ def nonfinite_voxels(source, values: np.ndarray) -> int:
         return bad
     import nibabel
 
-    raw = np.asanyarray(nibabel.load(str(source)).dataobj)
-    return int((~np.isfinite(raw)).sum()) if np.issubdtype(raw.dtype, np.floating) else 0
+    stored = nibabel.load(str(source))  # reads the header only
+    if not np.issubdtype(stored.get_data_dtype(), np.floating):
+        return 0  # integer voxels cannot be NaN: no second read of the file
+    raw = np.asanyarray(stored.dataobj)
+    return int((~np.isfinite(raw)).sum())
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False, compress: bool = True) -> None:

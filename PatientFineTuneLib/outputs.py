@@ -1,9 +1,10 @@
-"""The files a segmentation is written as (``segment``'s output folder), in one place for
-the command line, the demo and the web app, and read back by the report and the Slicer
-module."""
+"""The files a segmentation is written as (``segment``'s output folder): written in one
+place for the command line, the demo and the web app, and read back in one place for the
+report and the Slicer module."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -55,3 +56,26 @@ def write_segment_outputs(case: Case, result, folder: str | Path, overwrite: boo
         atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(text), overwrite=overwrite)
         written["summary"] = paths["summary"]
     return written
+
+
+def read_segment_outputs(folder: str | Path) -> dict:
+    """What :func:`write_segment_outputs` wrote: ``segmentation``, ``probability`` and
+    ``uncertainty`` as SimpleITK images (the last two None when absent), ``lesions`` (the
+    lesion table's rows: ids and voxel counts as integers, the rest as floats, NaN where
+    empty) and ``summary`` (the uncertainty summary, or None)."""
+    folder = Path(folder)
+
+    def image(role):
+        path = folder / SEGMENT_FILES[role]
+        return sitk.ReadImage(str(path)) if path.is_file() else None
+
+    if image("segmentation") is None:
+        raise FileNotFoundError(f"{folder} holds no segment output ({SEGMENT_FILES['segmentation']})")
+    lesions = []
+    if (folder / SEGMENT_FILES["table"]).is_file():
+        with open(folder / SEGMENT_FILES["table"], newline="") as f:
+            lesions = [{k: int(v) if k in ("id", "voxels") else float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
+                       for row in csv.DictReader(f)]
+    summary_path = folder / SEGMENT_FILES["summary"]
+    return {"segmentation": image("segmentation"), "probability": image("probability"), "uncertainty": image("uncertainty"),
+            "lesions": lesions, "summary": json.loads(summary_path.read_text()) if summary_path.is_file() else None}

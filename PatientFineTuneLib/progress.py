@@ -10,9 +10,10 @@ starts with ``{``.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from typing import Callable, TextIO
+
+from .files import json_ready
 
 #: Modes of ``patient-finetune --progress``.
 MODES = ("bar", "json", "none")
@@ -20,8 +21,7 @@ MODES = ("bar", "json", "none")
 
 def emit(event: str, stream: TextIO | None = None, **fields) -> None:
     """Write one JSON event line and flush it (a reader polls the pipe)."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
-    print(json.dumps({"event": event, **clean}), file=stream or sys.stdout, flush=True)
+    print(json.dumps(json_ready({"event": event, **fields})), file=stream or sys.stdout, flush=True)
 
 
 class StepProgress:

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from .files import atomic_write
+from .outputs import read_segment_outputs
 
 #: How many follow-up slices the figures show, and how many uncertain lesions are listed.
 FIGURE_SLICES = 4
@@ -61,10 +62,7 @@ def build_report(inputs: ReportInputs) -> str:
     """The report as one HTML page."""
     if not inputs.results:
         raise ValueError("a report needs at least one segment result (label=FOLDER)")
-    for label, folder in inputs.results.items():
-        if not (Path(folder) / "segmentation.nii.gz").is_file():
-            raise FileNotFoundError(f"{folder} holds no segment output (segmentation.nii.gz) for result {label!r}")
-    results = {label: _read_result(Path(folder)) for label, folder in inputs.results.items()}
+    results = {label: read_segment_outputs(folder) for label, folder in inputs.results.items()}
     sections = [
         _section("Inputs and models", _provenance(inputs)),
         _suggestions_section(inputs.suggestions),
@@ -91,33 +89,6 @@ th {{ background: #f3f3f3; }} td.text, th.text {{ text-align: left; }}
 {''.join(sections)}
 </body></html>
 """
-
-
-# ---------------------------------------------------------------------------------------
-# Reading
-
-
-def _read_result(folder: Path) -> dict:
-    from .images import read_image
-
-    lesions = []
-    if (folder / "lesions.csv").is_file():
-        import csv
-
-        with open(folder / "lesions.csv", newline="") as f:
-            lesions = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    summary = json.loads((folder / "uncertainty.json").read_text()) if (folder / "uncertainty.json").is_file() else None
-    sd = folder / "uncertainty_sd.nii.gz"
-    return {"mask": read_image(folder / "segmentation.nii.gz"), "lesions": lesions, "summary": summary,
-            "sd": read_image(sd) if sd.is_file() else None, "folder": folder}
-
-
-def _number(text):
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return text
-    return int(value) if value.is_integer() and "." not in str(text) else value
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,7 +192,7 @@ def _uncertainty_section(results: dict) -> str:
             rows.append([label, None, None, None])
             continue
         rows.append([label, summary.get("mc_samples"), summary.get("max_sd"), summary.get("mean_sd_in_lesions")])
-        uncertain = sorted((r for r in result["lesions"] if isinstance(r.get("mean_sd"), (int, float))), key=lambda r: -r["mean_sd"])
+        uncertain = sorted((r for r in result["lesions"] if math.isfinite(r.get("mean_sd", math.nan))), key=lambda r: -r["mean_sd"])
         if uncertain:
             lines = [[r["id"], r["volume_mm3"], r["mean_sd"], r.get("mean_probability"),
                       f"{-r['centroid_x_mm']:.1f} {-r['centroid_y_mm']:.1f} {r['centroid_z_mm']:.1f}"]  # LPS -> RAS
@@ -254,7 +225,7 @@ def save_report_figures(inputs: ReportInputs, folder: str | os.PathLike) -> list
     """The report's figures as PNG files in ``folder`` (``outlines.png``, ``uncertainty.png``)."""
     from .plots import _save
 
-    results = {label: _read_result(Path(f)) for label, f in inputs.results.items()}
+    results = {label: read_segment_outputs(f) for label, f in inputs.results.items()}
     return [_save(figure, Path(folder) / f"{name}.png") for name, _caption, figure in report_figures(inputs, results)]
 
 
@@ -275,7 +246,7 @@ def report_figures(inputs: ReportInputs, results: dict) -> list[tuple[str, str, 
     if inputs.truth:
         outlines["reference"] = layout.to_slices(sitk.GetArrayFromImage(read_image(inputs.truth)) > 0)
     for label, result in results.items():
-        outlines[label] = layout.to_slices(sitk.GetArrayFromImage(result["mask"]) > 0)
+        outlines[label] = layout.to_slices(sitk.GetArrayFromImage(result["segmentation"]) > 0)
     if any(m.shape != anatomy.shape for m in outlines.values()):
         raise ValueError(f"the follow-up image {inputs.followup_image} is not on the results' grid")
     per_slice = np.logical_or.reduce(list(outlines.values())).sum(axis=(1, 2))
@@ -290,7 +261,7 @@ def report_figures(inputs: ReportInputs, results: dict) -> list[tuple[str, str, 
     sides = ("A", "P") if normal == 0 else ("R", "L")  # sagittal slices run anterior to posterior
     figures = [("outlines", "Lesion outlines on the follow-up: " + ", ".join(outlines) + f" (radiological orientation: {sides[0]} on the left)",
                 outline_figure(tiles, {n: [m[s] for s in picks] for n, m in outlines.items()}, titles, "follow-up", sides))]
-    sd = {label: layout.to_slices(sitk.GetArrayFromImage(r["sd"])) for label, r in results.items() if r["sd"] is not None}
+    sd = {label: layout.to_slices(sitk.GetArrayFromImage(r["uncertainty"])) for label, r in results.items() if r["uncertainty"] is not None}
     if sd:
         figures.append(("uncertainty", "Uncertainty (SD over the Monte-Carlo-dropout samples) over the follow-up, one row per model",
                         uncertainty_figure(tiles, {n: [m[s] for s in picks] for n, m in sd.items()}, titles, sides)))

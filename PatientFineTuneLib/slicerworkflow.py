@@ -21,7 +21,6 @@ into the scene. :class:`ModelChoice` holds the chosen base model and the patient
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import SimpleITK as sitk
 from . import mrml
 from .images import Case, load_case, prepare_case, write_image
 from .jobs import CliJob
+from .outputs import read_segment_outputs
 from .inference import Segmentation, segment_case
 from .modelfile import ModelBundle
 from .suggest import SliceSuggestion, suggest_slices
@@ -199,11 +199,12 @@ def show_followup_results(runs: Sequence[FollowupNodes], shown: str) -> Followup
 
 
 def describe_followup(nodes: FollowupNodes) -> str:
-    """One line: lesion count, total volume and, with uncertainty, the maximum SD."""
+    """One line: lesion count, total volume and, with uncertainty, the maximum SD and the
+    mean SD inside the lesions."""
     volume = sum(float(row["volume_mm3"]) for row in nodes.lesions) / 1000.0
-    text = f"{nodes.label}: {len(nodes.lesions)} lesions, {volume:.1f} ml"
+    text = f"Follow-up ({nodes.label}): {len(nodes.lesions)} lesions, {volume:.1f} ml"
     if nodes.summary and nodes.summary.get("max_sd") is not None:
-        text += f", max SD {nodes.summary['max_sd']:.2f}"
+        text += f"; max SD {nodes.summary['max_sd']:.3f}, mean SD in lesions {nodes.summary['mean_sd_in_lesions']:.3f}"
     return text
 
 
@@ -299,21 +300,12 @@ def followup_job(models: Sequence[tuple[str, str]], inputs: dict, out: str | Pat
                     "--device", device] for label, model in models], python)
 
 
-def _read_array(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def _read_lesion_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: (int(v) if k in ("id", "voxels") else float(v) if v not in ("", None) else float("nan")) for k, v in row.items()}
-                for row in csv.DictReader(f)]
-
-
 def baseline_nodes_from_job(scene, out: str | Path, reference_node) -> BaselineAnalysis:
     """Step 1's results (an :func:`analyse_job` folder) as the editable "Baseline lesions"
     segmentation and the suggested slices (main thread)."""
     out = Path(out)
-    node = mrml.add_lesion_segmentation(scene, _read_array(out / "segmentation.nii.gz") > 0, reference_node, "Baseline lesions")
+    mask = sitk.GetArrayFromImage(read_segment_outputs(out)["segmentation"]) > 0
+    node = mrml.add_lesion_segmentation(scene, mask, reference_node, "Baseline lesions")
     suggestions = [SliceSuggestion.from_dict(r) for r in json.loads((out / "suggestions.json").read_text())]
     return BaselineAnalysis(node, node.GetSegmentation().GetSegmentIdBySegmentName("Lesion"), suggestions)
 
@@ -321,15 +313,15 @@ def baseline_nodes_from_job(scene, out: str | Path, reference_node) -> BaselineA
 def followup_nodes_from_job(scene, out: str | Path, reference_node, label: str) -> FollowupNodes:
     """One model's follow-up results (``out/<label>`` of a :func:`followup_job`) as scene
     nodes on the reference volume's grid (main thread)."""
-    folder = Path(out) / label
-    sd_path, summary_path = folder / "uncertainty_sd.nii.gz", folder / "uncertainty.json"
+    outputs = read_segment_outputs(Path(out) / label)
+    sd = outputs["uncertainty"]
     return _followup_nodes(
         scene, reference_node, label,
-        _read_array(folder / "segmentation.nii.gz") > 0,
-        _read_array(folder / "probability.nii.gz"),
-        _read_array(sd_path) if sd_path.is_file() else None,
-        _read_lesion_rows(folder / "lesions.csv"),
-        json.loads(summary_path.read_text()) if summary_path.is_file() else None,
+        sitk.GetArrayFromImage(outputs["segmentation"]) > 0,
+        sitk.GetArrayFromImage(outputs["probability"]),
+        None if sd is None else sitk.GetArrayFromImage(sd),
+        outputs["lesions"],
+        outputs["summary"],
     )
 
 

@@ -404,7 +404,7 @@ class PatientFineTuneWeb:
         from .finetune import FinetuneConfig, finetune_patient_model
         from .inference import segment_case
         from .modelcard import describe_patient_model
-        from .slicerworkflow import MaskSource, add_followup_nodes, read_case
+        from .slicerworkflow import MaskSource, add_followup_nodes, describe_followup, read_case
 
         self.state.tool = "none"
         try:
@@ -439,12 +439,7 @@ class PatientFineTuneWeb:
         for nodes in self.followup_results.values():
             nodes.segmentation.CreateClosedSurfaceRepresentation()  # the follow-up's lesions in the 3D view
         self._show_only_in(self.baseline_segmentation, [BASELINE_VIEW])
-        lines = []
-        for label, result in results.items():
-            line = f"Follow-up ({label}): {len(result.lesions)} lesions, {sum(r['volume_mm3'] for r in result.lesions) / 1000:.1f} ml"
-            if result.summary:
-                line += f"; max SD {result.summary['max_sd']:.3f}, mean SD in lesions {result.summary['mean_sd_in_lesions']:.3f}"
-            lines.append(line)
+        lines = [describe_followup(nodes) for nodes in self.followup_results.values()]
         try:
             report_url = f"{REPORTS_URL}/{self._write_report(followup, results).name}"
         except Exception as error:  # the results stand without their report; say why there is none

@@ -47,10 +47,11 @@ def _inputs(small_pair_dir, out):
 
 
 def test_the_figures_have_legends_titles_sides_and_a_colour_bar(small_pair_dir, patient_outputs):
-    from PatientFineTuneLib.report import _read_result, report_figures
+    from PatientFineTuneLib.outputs import read_segment_outputs
+    from PatientFineTuneLib.report import report_figures
 
     inputs = _inputs(small_pair_dir, patient_outputs)
-    results = {label: _read_result(folder) for label, folder in inputs.results.items()}
+    results = {label: read_segment_outputs(folder) for label, folder in inputs.results.items()}
     figures = {name: figure for name, _caption, figure in report_figures(inputs, results)}
     outlines = figures["outlines"]
     assert [t.get_text() for t in outlines.legends[0].get_texts()] == ["reference", "base", "fine-tuned"]

@@ -1,0 +1,120 @@
+"""Base vs fine-tuned (shipped defaults: 100 iterations, the never-worse check) on real scans.
+
+Two protocols, per case:
+
+  cross-time   Brain-Tumor-Progression 01-03 (brain-tumor): fine-tune on the Pre scan's full
+               annotation (all lesion slices), score base and patient model on the Post scan.
+  within-scan  Ljubljana MS cross 07, 19, 26 (brain-wmh): annotate a subset of one scan's
+               slices, fine-tune on them, score both models on the slices not used:
+               "every-other" (the even lesion slices) and "suggested-2" (the 2 suggested
+               among the lesion slices, the interactive route).
+
+Dice and lesion F1 (26-connected, in 3D) of base and fine-tuned, and whether the check kept
+the base model. The case loading is that of ``eval_real_base_models.py``.
+
+    python Testing/benchmarks/eval_real_finetune.py --threads 2 --json real_finetune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_real_base_models import DATA, ground_truth, real_cases  # noqa: E402
+
+from PatientFineTuneLib import images, inference, metrics, modelcard, modelfile  # noqa: E402
+from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model, select_slices  # noqa: E402
+
+
+def load(spec: dict, bundle) -> images.Case:
+    case = images.load_case([str(p) for p in spec["sequences"]], organ_path=None if spec["organ"] is None else str(spec["organ"]),
+                            lesion_path=str(spec["lesions"]), expected_channels=[s["channels"] for s in bundle.sequences],
+                            lesion_labels=spec["labels"], name=spec["case"])
+    return images.prepare_case(case)
+
+
+def scores(bundle, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_slices: np.ndarray | None = None) -> dict:
+    """Dice and lesion F1 of ``bundle`` on ``case`` (only the slices in ``keep_slices``)."""
+    pred = inference.segment_case(bundle, case, opening=bundle.opening, device="cpu").mask
+    gt = case.layout.to_slices(gt_stored)
+    if keep_slices is not None:
+        pred, gt = pred & keep_slices[:, None, None], gt & keep_slices[:, None, None]
+    m = metrics.evaluate_case(case.layout.from_slices(pred), case.layout.from_slices(gt), spacing_zyx)
+    return {"dice": float(m["dice"]), "lesion_f1": float(m["lesion_f1"])}
+
+
+def finetune(base, case, slices):
+    patient = finetune_patient_model(base, case, slices, FinetuneConfig(holdout_check=True), device="cpu", allow_empty=True)
+    return patient, patient.metadata["finetune"]["holdout_check"]
+
+
+def cross_time(base, specs: dict) -> list[dict]:
+    rows = []
+    for n in ("01", "02", "03"):
+        pre, post = specs[f"{n}_Pre"], specs[f"{n}_Post"]
+        start = time.perf_counter()
+        patient, check = finetune(base, load(pre, base), "all-lesion")
+        follow = load(post, base)
+        gt, spacing = ground_truth(post)
+        row = {"protocol": "cross-time", "case": n, "route": "all-lesion",
+               "base": scores(base, follow, gt, spacing), "finetuned": scores(patient, follow, gt, spacing),
+               "kept": check["kept"], "check": check, "seconds": round(time.perf_counter() - start, 1)}
+        rows.append(row)
+        report(row)
+    return rows
+
+
+def within_scan(base, specs: dict) -> list[dict]:
+    rows = []
+    for name in ("patient07", "patient19", "patient26"):
+        spec = specs[name]
+        case = load(spec, base)
+        gt, spacing = ground_truth(spec)
+        lesion_slices = case.lesion_slices()
+        for route, chosen in (("every-other", lesion_slices[::2]), ("suggested-2", select_slices("suggested-lesion:2", case, base, device="cpu"))):
+            start = time.perf_counter()
+            keep = np.ones(case.organ.shape[0], bool)
+            keep[list(chosen)] = False  # score only on the slices not annotated for fine-tuning
+            patient, check = finetune(base, case, list(chosen))
+            row = {"protocol": "within-scan", "case": name, "route": route, "slices": len(chosen),
+                   "base": scores(base, case, gt, spacing, keep), "finetuned": scores(patient, case, gt, spacing, keep),
+                   "kept": check["kept"], "check": check, "seconds": round(time.perf_counter() - start, 1)}
+            rows.append(row)
+            report(row)
+    return rows
+
+
+def report(row: dict) -> None:
+    b, f = row["base"], row["finetuned"]
+    print(f"{row['protocol']:<12} {row['case']:<10} {row['route']:<12} Dice {b['dice']:.3f} -> {f['dice']:.3f}  "
+          f"lesion F1 {b['lesion_f1']:.3f} -> {f['lesion_f1']:.3f}  "
+          f"{'fine-tuned kept' if row['kept'] else 'BASE kept'}  {row['seconds']:.0f} s", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if not args.data.is_dir():
+        print(f"no real data at {args.data}; nothing to do")
+        return 0
+    torch.set_num_threads(args.threads)
+    specs = {s["case"]: s for s in real_cases(args.data)}
+    rows = cross_time(modelfile.load_model(modelcard.resolve_model_path("brain-tumor")), specs)
+    rows += within_scan(modelfile.load_model(modelcard.resolve_model_path("brain-wmh")), specs)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
