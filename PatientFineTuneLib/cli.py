@@ -33,7 +33,7 @@ def _step(args, name: str, total: int | None = None, unit: str = "it") -> StepPr
 def _report_device(args, device) -> None:
     """The machine-readable line of what runs the network (``--progress json`` only)."""
     if args.progress == "json":
-        from .inference import describe_device
+        from .runtime import describe_device
 
         emit("device", description=describe_device(device))
 
@@ -856,8 +856,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .images import ImageError
-    from .inference import Cancelled
     from .modelfile import ModelFileError
+    from .runtime import Cancelled, keep_freed_memory_for_reuse
+
+    keep_freed_memory_for_reuse()
 
     # A terminated job (Cancel in the Slicer module) unwinds like Ctrl-C, so the atomic
     # writers remove their partial files before the process ends.

@@ -27,7 +27,8 @@ def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None
     from .cases import find_cases
     from .finetune import FinetuneConfig, finetune_patient_model
     from .images import load_case, prepare_case
-    from .inference import resolve_device, segment_case
+    from .inference import segment_case
+    from .runtime import resolve_device
     from .metrics import evaluate_case
     from .modelcard import describe_patient_model, resolve_model_path
     from .modelfile import load_model, save_model

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from .images import Case, resample_array, resampled_shape
-from .inference import Cancelled, predict_probability, private_rng, reseed, resolve_device
+from .inference import predict_probability
+from .runtime import Cancelled, resolve_device
 from .modelfile import ModelBundle, derived_metadata
 from .patches import corner_and_centre_patch_centres, extract_patches
 from .postprocess import postprocess
@@ -384,31 +385,44 @@ def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig,
         columns = [f.permute(1, 2, 0).reshape(-1, f.shape[0]).index_select(0, i) for f, i in zip(features, per_patch)]
         return torch.cat(columns).t()[None, :, :, None], index
 
+    drop1, drop2 = model.classifier[0], model.classifier[4]
+    mask_buffers: dict[tuple, torch.Tensor] = {}
+
+    def dropout_masks(n_rows: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's two element-wise dropout masks of one iteration, from (seed,
+        iteration), drawn into reused buffers (fresh ones cost more in page faults)."""
+        masks = []
+        for which, (drop, channels) in enumerate(((drop1, model.feature_channels), (drop2, model.head_width)), start=1):
+            shape = (n_rows, channels)
+            if shape not in mask_buffers:
+                mask_buffers[shape] = torch.empty(shape, device=device)
+            masks.append(drop.keep(shape, device, seed=[config.seed, iteration, which], out=mask_buffers[shape]))
+        return masks[0], masks[1]
+
     losses = []
-    with private_rng(device):
-        for iteration in range(config.iterations):
-            if cancel is not None and cancel():
-                raise Cancelled(f"fine-tuning cancelled at iteration {iteration}")
-            picks = draw_batch(data, config, iteration)
-            inputs, index = head_inputs(features_of(picks), iteration)
-            target = torch.cat([_patch(data, p, config.patch_size, "label") for p in picks])[:, 0].round().long().to(device)
-            w = torch.cat([_patch(data, p, config.patch_size, "weight") for p in picks])[:, 0].to(device) if data.weights is not None else None
-            if index is not None:  # the sampled pixels, in the column's order
-                target = target.reshape(-1)[index][None, :, None]
-                w = w.reshape(-1)[index][None, :, None] if w is not None else None
-            reseed(config.seed, iteration)
-            # the inputs are this iteration's own copy (or a gathered column): dropout may overwrite them
-            logits = model.head(inputs, scratch=inputs)
-            if w is None:
-                loss = F.cross_entropy(logits, target, weight=class_weights)
-            else:
-                loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum().clamp_min(1e-6)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if progress is not None:
-                progress(iteration + 1, losses[-1])
+    for iteration in range(config.iterations):
+        if cancel is not None and cancel():
+            raise Cancelled(f"fine-tuning cancelled at iteration {iteration}")
+        picks = draw_batch(data, config, iteration)
+        inputs, index = head_inputs(features_of(picks), iteration)
+        target = torch.cat([_patch(data, p, config.patch_size, "label") for p in picks])[:, 0].round().long().to(device)
+        w = torch.cat([_patch(data, p, config.patch_size, "weight") for p in picks])[:, 0].to(device) if data.weights is not None else None
+        if index is not None:  # the sampled pixels, in the column's order
+            target = target.reshape(-1)[index][None, :, None]
+            w = w.reshape(-1)[index][None, :, None] if w is not None else None
+        n_rows = inputs.shape[0] * inputs.shape[2] * inputs.shape[3]
+        # the inputs are this iteration's own copy (or a gathered column): dropout may overwrite them
+        logits = model.head(inputs, keep=dropout_masks(n_rows, iteration), overwrite=True)
+        if w is None:
+            loss = F.cross_entropy(logits, target, weight=class_weights)
+        else:
+            loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum().clamp_min(1e-6)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(iteration + 1, losses[-1])
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

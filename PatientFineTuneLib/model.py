@@ -9,9 +9,12 @@ the backbone output can be computed once and the head re-run cheaply.
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: The paper's dilation schedule: blocks of (2, 2, 3, 3, 3) layers, block 1 undilated.
@@ -29,15 +32,37 @@ def _conv_bn_relu(in_channels: int, out_channels: int, dilation: int) -> nn.Sequ
     )
 
 
+def keep_mask(shape: Sequence[int], threshold: int, seed, device: torch.device | str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float dropout mask of ``shape``: 0 where an element's random byte is below
+    ``threshold`` (drop probability ``threshold / 256``), 1 elsewhere.
+
+    The bytes come from a generator seeded by ``seed`` (an int or a sequence of ints):
+    numpy's SFC64 on the CPU (4x faster than torch's generator there), torch's generator on
+    other devices. The mask is float, not bool: on the CPU torch's kernels on bool
+    tensors cost five times a float multiply. ``out``: a float buffer of ``shape`` to
+    reuse (a fresh mask of tens of MB costs more in page faults than drawing it).
+    """
+    device = torch.device(device)
+    n = int(np.prod(shape))
+    if device.type == "cpu":
+        words = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((n + 7) // 8)
+        random_bytes = torch.from_numpy(words.view(np.uint8)[:n]).view(tuple(shape))
+    else:
+        state = np.random.SeedSequence(seed).generate_state(1, np.uint64)[0]
+        generator = torch.Generator(device).manual_seed(int(state))
+        random_bytes = torch.randint(0, 256, tuple(shape), dtype=torch.uint8, device=device, generator=generator)
+    return torch.ge(random_bytes, threshold, out=torch.empty(tuple(shape), device=device) if out is None else out)
+
+
 class ByteDropout(nn.Dropout):
     """Element-wise dropout whose mask costs one random byte per element.
 
     ``torch.nn.Dropout`` draws a Bernoulli variable per element, which on a CPU costs more
-    than the 1x1 convolution after it (640 channels x every pixel, 25 times for MC
+    than the 1x1 convolution after it (every feature of every pixel, 25 times for MC
     dropout). Here each element is dropped when its byte is below ``round(256 p)``: the
     drop probability is that over 256 (p = 0.2 -> 51/256 = 0.199) and kept elements are
-    scaled by 1 / (1 - that). The bytes come from the global torch generator, so
-    ``torch.manual_seed`` fixes the masks as usual.
+    scaled by 1 / (1 - that). Masks drawn without a seed take one from torch's global
+    generator, so ``torch.manual_seed`` fixes them as usual.
     """
 
     def __init__(self, p: float = 0.5):
@@ -45,21 +70,22 @@ class ByteDropout(nn.Dropout):
         self.threshold = int(round(256 * p))
         self.scale = 256.0 / (256 - self.threshold) if self.threshold < 256 else 0.0
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Drop and scale, into ``out`` when given (``x`` itself for in place, or a buffer
-        of x's shape and layout reused between calls: a fresh 168 MB result costs more in
-        page faults than the arithmetic)."""
-        if not self.training or self.threshold == 0:
+    @property
+    def active(self) -> bool:
+        """Whether the layer drops anything now (training mode and a rate above 0)."""
+        return self.training and self.threshold > 0
+
+    def keep(self, shape: Sequence[int], device: torch.device | str, seed=None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A float 0/1 mask of this layer's rate (see :func:`keep_mask`); ``seed=None``
+        draws the seed from torch's global generator."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        return keep_mask(shape, self.threshold, seed, device, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
             return x
-        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-            x = x.contiguous()
-        n = x.numel()
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
-        # the bytes are laid out as x is (channels-last in the head): an element-wise op on
-        # tensors of different layouts costs twice as much on a CPU
-        drop = words.view(torch.uint8)[:n].as_strided(x.shape, x.stride()) < self.threshold
-        out = x * self.scale if out is None else torch.mul(x, self.scale, out=out)
-        return out.masked_fill_(drop, 0.0)
+        return x * self.keep(x.shape, x.device) * self.scale
 
 
 class Pathway(nn.Module):
@@ -198,26 +224,80 @@ class LesionNet(nn.Module):
             outputs.extend(pathway(part))
         return torch.cat(outputs, dim=1)
 
-    def head(self, features: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """Head: logits (N, n_classes, H, W) from backbone features.
+    def head(self, features: torch.Tensor, keep: tuple = (None, None), overwrite: bool = False) -> torch.Tensor:
+        """Head: logits (N, n_classes, H, W) from backbone features (N, C, H, W).
 
-        The head runs channels-last: its 1x1 convolutions are then plain matrix products
-        (about 2x faster on a CPU); features already in that layout are not copied. The
-        head is pixel-wise, so any (N, C, H, W) arrangement of feature vectors works, e.g.
-        a gathered (1, C, P, 1) column of P pixels. ``scratch`` (``features`` itself, or a
-        buffer of their shape and channels-last layout) receives the first dropout's
-        result instead of a fresh tensor; it is ignored when its layout differs or while
-        autograd records through the features.
+        The head is pixel-wise, so it runs on the feature vectors as rows of a matrix
+        (:meth:`head_rows`, which explains ``keep``): its 1x1 convolutions are plain matrix
+        products. Channels-last features are those rows already (no copy). ``overwrite``:
+        the first dropout may write into ``features`` (a caller's own buffer: a fresh
+        P x C result costs more in page faults than the arithmetic); never while autograd
+        records through them.
         """
-        x = features.contiguous(memory_format=torch.channels_last)
-        if x.requires_grad or (scratch is not None and (scratch.shape, scratch.stride()) != (x.shape, x.stride())):
-            scratch = None
-        return self.classifier[1:](self.classifier[0](x, out=scratch))
+        n, c, h, w = features.shape
+        rows = features.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        # rows that are a copy (features not channels-last) are ours to overwrite
+        logits = self.head_rows(rows, keep, overwrite=overwrite or rows.data_ptr() != features.data_ptr())
+        return logits.view(n, h, w, self.n_classes).permute(0, 3, 1, 2)
+
+    def head_rows(self, rows: torch.Tensor, keep: tuple = (None, None), overwrite: bool = False) -> torch.Tensor:
+        """The head on feature vectors as rows: (P, feature_channels) -> logits (P, n_classes).
+
+        Parameters
+        ----------
+        keep : the two dropout layers' float 0/1 masks, broadcastable to (P, C) and
+            (P, head_width) (e.g. one mask per sample shared by every pixel); ``None``
+            draws an element-wise mask while that dropout layer is in training mode and
+            applies none otherwise.
+        overwrite : the first dropout may write into ``rows`` (ignored while autograd
+            records through them).
+
+        The dropout scale multiplies the (small) weight matrix instead of the activations;
+        a BatchNorm folded away (:func:`inference_copy`) is an identity here.
+        """
+        drop1, conv1, norm, _, drop2, conv2 = self.classifier
+        x, w1 = rows, conv1.weight.flatten(1)
+        if keep[0] is not None or drop1.active:
+            mask = keep[0] if keep[0] is not None else drop1.keep(rows.shape, rows.device)
+            x = rows.mul_(mask) if overwrite and not rows.requires_grad else rows * mask
+            w1 = w1 * drop1.scale
+        y = F.linear(x, w1, conv1.bias)
+        if isinstance(norm, nn.BatchNorm2d):
+            y = F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.training, norm.momentum, norm.eps)
+            if norm.training:
+                norm.num_batches_tracked.add_(1)
+        w2 = conv2.weight.flatten(1)
+        if keep[1] is not None or drop2.active:
+            # a 0/1 mask commutes with ReLU: masking first lets both run in place
+            y = y.mul_(keep[1] if keep[1] is not None else drop2.keep(y.shape, y.device))
+            w2 = w2 * drop2.scale
+        y = F.relu(y, inplace=True)  # neither the product, batch_norm nor the mask needs y for backward
+        return F.linear(y, w2, conv2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, n_classes, H, W); apply softmax for probabilities."""
-        features = self.features(x)
-        return self.head(features, scratch=features)
+        return self.head(self.features(x), overwrite=True)
+
+
+def inference_copy(model: LesionNet) -> LesionNet:
+    """A copy of ``model`` for inference, in evaluation mode, with every BatchNorm folded
+    into the convolution before it (at inference BatchNorm is a per-channel affine map:
+    ``scale * conv(x) + shift`` is one convolution with scaled weights and a bias). Same
+    outputs to float rounding, 20 % less time on a CPU at width 16; the caller's model is
+    untouched. Not for training (nothing re-estimates the folded statistics)."""
+    folded = copy.deepcopy(model).eval()
+    layers = [(layer, 0, 1) for pathway in folded.pathways for block in pathway.blocks for layer in block]
+    layers.append((folded.classifier, 1, 2))
+    with torch.no_grad():
+        for sequence, conv_at, norm_at in layers:
+            conv, norm = sequence[conv_at], sequence[norm_at]
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, dilation=conv.dilation, bias=True)
+            fused.weight.copy_(conv.weight * scale[:, None, None, None])
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+            fused.bias.copy_((bias - norm.running_mean) * scale + norm.bias)
+            sequence[conv_at], sequence[norm_at] = fused.to(conv.weight.device), nn.Identity()
+    return folded.requires_grad_(False)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

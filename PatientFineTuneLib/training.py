@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .files import atomic_write
 from .images import Case, resample_array, resampled_shape
-from .inference import Cancelled, predict_probability, private_rng, reseed, resolve_device
+from .inference import predict_probability
+from .runtime import Cancelled, private_rng, reseed, resolve_device
 from .metrics import dice
 from .model import LesionNet
 from .modelfile import ModelBundle

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .images import Case, resample_array, resampled_shape
-from .inference import Cancelled, Uncertainty, mc_dropout_mode, private_rng, reseed
+from .runtime import Cancelled, Uncertainty, mc_dropout_mode, private_rng, reseed
 from .modelfile import ModelBundle
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .images import Case
-from .inference import Cancelled, private_rng, reseed, resolve_device
+from .runtime import Cancelled, private_rng, reseed, resolve_device
 from .modelfile import ModelBundle, derived_metadata
 from .unet3d import UNet3D
 from .volume_inference import case_on_model_grid

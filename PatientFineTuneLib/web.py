@@ -283,7 +283,7 @@ class PatientFineTuneWeb:
         """Run ``work(progress, cancelled)`` in a worker thread while the page shows its
         progress; returns its result, or None when it failed (message shown) or was
         cancelled (nothing kept)."""
-        from .inference import Cancelled
+        from .runtime import Cancelled
 
         self._cancel.clear()
         done = [0]

@@ -36,7 +36,7 @@ def main() -> None:
 
     import torch
 
-    from PatientFineTuneLib.inference import resolve_device
+    from PatientFineTuneLib.runtime import resolve_device
     from PatientFineTuneLib.model import LesionNet
     from PatientFineTuneLib.presets import get_preset
     from PatientFineTuneLib.synth import generate_pair, visit_case

@@ -7,7 +7,9 @@ import torch
 from PatientFineTuneLib.cases import find_cases
 from PatientFineTuneLib.finetune import FinetuneConfig, draw_batch, finetune_patient_model, prepare_finetune_data, sample_pixels, select_slices
 from PatientFineTuneLib.images import load_case, prepare_case
-from PatientFineTuneLib.inference import Cancelled, predict_probability, predict_with_uncertainty, segment_case
+from PatientFineTuneLib.runtime import Cancelled
+from PatientFineTuneLib.inference import inference_network, mc_head_samples, mc_masks, predict_probability, predict_with_uncertainty, segment_case
+from PatientFineTuneLib.runtime import mc_dropout_mode
 from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata, save_model
 from PatientFineTuneLib.suggest import rank_slices, suggest_slices
 from PatientFineTuneLib.weighting import detection_weights, segmentation_weights
@@ -203,8 +205,43 @@ def test_mc_dropout_fast_equals_naive_and_has_spread(bundle, baseline):
     assert np.allclose(fast.mean, naive.mean, atol=1e-5) and np.allclose(fast.sd, naive.sd, atol=1e-5)
     assert np.allclose(fast_p, predict_probability(bundle, baseline, device="cpu"), atol=1e-5)
     assert fast.sd.max() > 0 and np.all(fast.sd[~baseline.organ] == 0)
-    # BatchNorm stayed in evaluation mode and modes were restored
-    assert not any(m.training for m in bundle.model.modules())
+    # a tiled slice uses the slice's masks in every window: the same result
+    tiled_p, tiled = predict_with_uncertainty(bundle, baseline, n_samples=5, seed=3, device="cpu", memory_budget=200_000)
+    assert np.allclose(tiled.mean, fast.mean, atol=1e-5) and np.allclose(tiled.sd, fast.sd, atol=1e-5)
+
+
+def test_predictions_leave_the_callers_model_as_it_was(bundle, baseline):
+    """Inference runs on a copy: the caller's model keeps its mode, memory layout and
+    weights (the old code switched it to eval and channels-last)."""
+    bundle.model.train()
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    predict_probability(bundle, baseline, device="cpu")
+    predict_with_uncertainty(bundle, baseline, n_samples=2, device="cpu")
+    suggest_slices(bundle, baseline, k=1, device="cpu")
+    assert all(m.training for m in bundle.model.modules())
+    conv = bundle.model.pathways[0].blocks[0][0][0]
+    assert conv.weight.is_contiguous()  # not switched to channels-last
+    assert all(torch.equal(v, before[k]) for k, v in bundle.model.state_dict().items())
+
+
+def test_mc_samples_have_the_per_voxel_distribution_of_element_wise_dropout():
+    """Masks shared by the pixels of a sample (one thinned network) give each pixel the
+    same sample distribution as the paper's element-wise masks: per-pixel MC mean and SD
+    agree within the Monte-Carlo error of 2000 samples."""
+    model = tiny_model(width=4)
+    rows = torch.randn(60, model.feature_channels) * 2
+    with torch.no_grad():
+        folded = inference_network(model, torch.device("cpu"))
+        deterministic, shared = mc_head_samples(folded, rows, mc_masks(folded, 2000, seed=1, slice_index=0, device="cpu"))
+        torch.manual_seed(0)
+        with mc_dropout_mode(model):
+            element_wise = torch.stack([torch.softmax(model.head_rows(rows), 1)[:, 1] for _ in range(2000)])
+        assert torch.allclose(deterministic, torch.softmax(model.eval().head_rows(rows), 1)[:, 1], atol=1e-5)
+    spread = element_wise.std(0)
+    assert spread.mean() > 0.05  # the test has something to compare
+    assert torch.allclose(shared.mean(0), element_wise.mean(0), atol=0.03)
+    assert torch.allclose(shared.std(0), spread, atol=0.03)
+    assert (shared.std(0) - spread).abs().mean() < 0.01
 
 
 @pytest.mark.parametrize("model_spacing", [1.3, 3.1])

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from PatientFineTuneLib.model import PAPER_DILATIONS, ByteDropout, LesionNet, count_parameters
+from PatientFineTuneLib.model import PAPER_DILATIONS, ByteDropout, LesionNet, count_parameters, inference_copy, keep_mask
 
 from conftest import tiny_model
 
@@ -130,24 +130,63 @@ def test_byte_dropout_rate_scale_and_seeding():
     assert torch.equal(drop.eval()(x), x)
 
 
-def test_byte_dropout_into_a_buffer_or_in_place_gives_the_same_values():
-    drop = ByteDropout(0.2).train()
-    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
-    keep = x.clone()
-    torch.manual_seed(3)
-    fresh = drop(x)
-    buffer = torch.empty_like(x)
-    torch.manual_seed(3)
-    assert drop(x, out=buffer) is buffer and torch.equal(buffer, fresh) and torch.equal(x, keep)
-    torch.manual_seed(3)
-    assert drop(x, out=x) is x and torch.equal(x, fresh)
-    # the head falls back to a fresh result when the buffer's layout differs or autograd records
+def test_keep_mask_rate_seeding_and_buffer():
+    a = keep_mask((1000, 640), 51, [7, 3])
+    assert a.dtype == torch.float32 and set(a.unique().tolist()) == {0.0, 1.0}
+    assert 1 - a.mean().item() == pytest.approx(51 / 256, abs=0.003)
+    assert torch.equal(a, keep_mask((1000, 640), 51, [7, 3]))  # the seed fixes the mask
+    assert not torch.equal(a, keep_mask((1000, 640), 51, [7, 4]))
+    buffer = torch.full((1000, 640), 5.0)
+    assert keep_mask((1000, 640), 51, [7, 3], out=buffer) is buffer and torch.equal(buffer, a)
+
+
+def test_head_overwrites_features_only_when_allowed():
     model = LesionNet((1, 1), width=2, head_width=4).train()
-    features = torch.randn(1, model.feature_channels, 6, 6).contiguous(memory_format=torch.channels_last)
-    contiguous, matching = torch.zeros(features.shape), torch.zeros_like(features)
-    model.head(features, scratch=contiguous)
-    assert torch.equal(contiguous, torch.zeros(features.shape))
-    model.head(features.requires_grad_(), scratch=matching)
-    assert torch.equal(matching, torch.zeros_like(features))
-    model.head(features.detach(), scratch=matching)
-    assert not torch.equal(matching, torch.zeros_like(features))
+    features = torch.randn(2, model.feature_channels, 6, 6).contiguous(memory_format=torch.channels_last)
+    original = features.clone()
+    torch.manual_seed(3)
+    fresh = model.head(features)
+    assert torch.equal(features, original)
+    torch.manual_seed(3)
+    assert torch.equal(model.head(features, overwrite=True), fresh)  # same masks, same result
+    assert not torch.equal(features, original)  # the first dropout wrote into the caller's buffer
+    recorded = original.clone().requires_grad_()
+    model.head(recorded, overwrite=True).sum().backward()
+    assert torch.equal(recorded.detach(), original)  # never while autograd records
+
+
+def test_head_rows_with_explicit_masks_is_the_module_arithmetic():
+    """head_rows with given masks computes drop -> conv -> BN -> ReLU -> drop -> conv
+    exactly as the layers would, masks broadcast over pixels."""
+    model = LesionNet((1, 1), width=3, head_width=8).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+        rows = torch.randn(50, model.feature_channels)
+        keep1 = (torch.rand(1, model.feature_channels) > 0.2).float()
+        keep2 = (torch.rand(1, model.head_width) > 0.2).float()
+        drop1, conv1, norm, relu, drop2, conv2 = model.classifier
+        x = (rows * keep1 * drop1.scale)[:, :, None, None]
+        expected = conv2(relu(norm(conv1(x))) * keep2[:, :, None, None] * drop2.scale)[:, :, 0, 0]
+        assert torch.allclose(model.head_rows(rows, keep=(keep1, keep2)), expected, atol=1e-5)
+
+
+def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone():
+    model = LesionNet((1, 1), width=4, head_width=8)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = inference_copy(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    x = torch.randn(2, 2, 40, 40)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model.eval()(x), atol=1e-4)

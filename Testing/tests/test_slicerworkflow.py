@@ -12,7 +12,8 @@ from PatientFineTuneLib import mrml
 from PatientFineTuneLib.cases import find_cases  
 from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model  
 from PatientFineTuneLib.images import load_case, prepare_case  
-from PatientFineTuneLib.inference import Cancelled, segment_case  
+from PatientFineTuneLib.runtime import Cancelled
+from PatientFineTuneLib.inference import segment_case  
 from PatientFineTuneLib.modelcard import describe_patient_model, shipped_models  
 from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata  
 from PatientFineTuneLib.slicerworkflow import (  

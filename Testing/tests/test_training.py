@@ -4,7 +4,7 @@ import torch
 
 from PatientFineTuneLib.cases import find_cases
 from PatientFineTuneLib.images import load_case, prepare_case
-from PatientFineTuneLib.inference import Cancelled
+from PatientFineTuneLib.runtime import Cancelled
 from PatientFineTuneLib.training import TrainingConfig, build_patch_pool, sample_batch, train_base_model
 
 from conftest import tiny_model

@@ -1,0 +1,102 @@
+"""Run-time helpers shared by training, fine-tuning and prediction: which device runs the
+network, seeded random steps that do not disturb the caller's generators, the exception
+long work raises when it is cancelled, and Monte-Carlo dropout's mode and result."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Cancelled(Exception):
+    """Raised when a cancel callback asked long work to stop; nothing was written."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks cuda > mps > cpu; anything else is passed to torch (and checked)."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device 'mps' was requested but Apple MPS is not available; use --device cpu or auto")
+    return device
+
+
+def describe_device(device: str | torch.device = "auto") -> str:
+    """What runs the network, in words: the GPU's name and memory, Apple's GPU, or the CPU
+    and its threads."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GB"
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+@contextmanager
+def private_rng(device: torch.device):
+    """Fork torch's global generators (CPU and the CUDA device in use) so that seeding
+    inside the block does not leak to the caller."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        yield
+
+
+def reseed(seed: int, step: int) -> None:
+    """Seed torch for one step (iteration, slice) of a seeded run: the dropout masks of
+    that step depend only on (seed, step), whatever ran before."""
+    torch.manual_seed(seed * 1_000_003 + int(step))
+
+
+@contextmanager
+def mc_dropout_mode(model: nn.Module):
+    """Monte-Carlo dropout: Dropout layers sample, everything else (BatchNorm) stays in
+    evaluation mode; the previous modes are restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.train()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+@dataclass
+class Uncertainty:
+    """Monte-Carlo dropout result (slice-first arrays on the case's grid)."""
+
+    mean: np.ndarray  # mean lesion probability over the samples
+    sd: np.ndarray  # per-voxel standard deviation of the lesion probability
+    n_samples: int
+
+
+def keep_freed_memory_for_reuse(limit_bytes: int = 1 << 30) -> bool:
+    """On glibc, serve blocks up to ``limit_bytes`` from the process heap and keep freed
+    ones for reuse instead of mapping and unmapping them each time.
+
+    Every fine-tuning iteration allocates and frees tensors of tens of MB; glibc maps each
+    block over 32 MB afresh, and its page faults cost more than the arithmetic (2 slices,
+    100 iterations at width 16 on 2 CPU cores: 12.5 s -> 7.6 s). Freed memory stays with
+    the process until it ends, so the command line, whose processes are short, turns
+    this on. Returns whether it applied (False off glibc: nothing changes).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, ctypes.c_int(limit_bytes)) and libc.mallopt(m_trim_threshold, ctypes.c_int(limit_bytes)))
