@@ -369,10 +369,9 @@ def cmd_segment(args) -> None:
     clash = [outputs[k] for k in produced if outputs[k].exists()]
     if clash and not args.overwrite:
         raise FileExistsError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
-    opening = args.opening if args.opening is not None else bundle.opening
     _report_device(args, args.device)
     with _step(args, "segment", unit="slice") as step:
-        result = segment_case(bundle, case, opening=opening, threshold=args.threshold, mc_samples=args.mc_samples,
+        result = segment_case(bundle, case, opening=args.opening, threshold=args.threshold, mc_samples=args.mc_samples,
                               seed=args.seed, device=args.device, progress=step.update)
     write_segment_outputs(case, result, out, overwrite=args.overwrite, organ=organ is None, mc_samples=args.mc_samples, seed=args.seed)
     volume = sum(r["volume_mm3"] for r in result.lesions) / 1000

@@ -199,7 +199,7 @@ def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: s
                 extra["finetune_method"] = bundle.metadata["finetune"]["method"]
                 extra["slices"] = " ".join(map(str, bundle.metadata["finetune"]["slices"]))
             samples = mc_samples if mc_arms is None or arm.name in mc_arms else 0
-            result = segment_case(bundle, followup, opening=base.opening, mc_samples=samples, seed=seed, device="cpu")
+            result = segment_case(bundle, followup, mc_samples=samples, seed=seed, device="cpu")
             mask, summary = result.mask, result.summary
         seconds = round(time.perf_counter() - start, 2)
         metrics = evaluate_case(followup.layout.from_slices(mask), followup.layout.from_slices(followup.lesions), spacing)

@@ -16,9 +16,10 @@ always runs the naive path); the evaluation compares the two.
 
 ``holdout_check`` (the command line's default, beyond the paper) makes fine-tuning never
 worse than the base model on the patient's own annotation: a first model is fine-tuned
-with the loss on half of the annotated organ (a checkerboard of blocks) and compared with
-the base model on the other half; only if it is at least as good there is the patient
-model fine-tuned on the whole annotation, otherwise the base model is returned, with the
+with the loss on part of the annotation (every other chosen slice, or a checkerboard of
+blocks when that is not possible) and compared with the base model on the rest; only if
+it is at least as good there (Dice, and lesion F1 within 0.02) is the patient model
+fine-tuned on the whole annotation, otherwise the base model is returned, with the
 numbers in its metadata.
 
 ``layers="all"`` trains every layer instead (seed 002's FT_All, a reference the paper
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 from .images import Case, resample_array, resampled_shape
 from .inference import predict_probability
+from .metrics import lesion_detection
 from .runtime import Cancelled, resolve_device
 from .modelfile import ModelBundle, derived_metadata
 from .patches import corner_and_centre_patch_centres, extract_patches
@@ -72,12 +74,18 @@ class FinetuneConfig(PatchTrainingConfig):
     holdout_check: bool = False
     #: Edge (model pixels) of the checkerboard blocks the check holds out.
     holdout_block_px: int = 32
+    #: The head's BatchNorm: "batch" (PyTorch's training mode: batch statistics, running
+    #: statistics replaced at momentum 0.1) or "frozen" (the base model's statistics kept;
+    #: its scale and shift still train).
+    head_norm: str = "batch"
 
     def __post_init__(self):
         if self.layers not in LAYER_CHOICES:
             raise ValueError(f"layers must be one of {', '.join(LAYER_CHOICES)}, not {self.layers!r}")
         if not 0 < self.pixel_fraction <= 1:
             raise ValueError(f"pixel_fraction must be in (0, 1], not {self.pixel_fraction}")
+        if self.head_norm not in ("batch", "frozen"):
+            raise ValueError(f"head_norm must be 'batch' or 'frozen', not {self.head_norm!r}")
 
     def angles(self) -> np.ndarray:
         """The fixed angle set; with ``n_angles=0`` one uniform angle per draw of the run,
@@ -281,16 +289,35 @@ def holdout_mask(shape: Sequence[int], block_px: int, seed: int) -> torch.Tensor
     return (rows + cols) % 2 == (seed % 2)
 
 
-def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress=None, cancel=None) -> dict:
-    """Fine-tune with the loss on half of the annotated organ and compare with the base
-    model on the other half (pooled Dice of the 0.5-thresholded prediction against the
-    annotation, over the held-out organ pixels of every chosen slice).
+def holdout_split(data: FinetuneData, config: FinetuneConfig) -> tuple[list[torch.Tensor], str]:
+    """The held-out pixels of every chosen slice, (H, W) bool each, and how they were chosen.
 
-    Returns the numbers and ``kept``: whether the fine-tuned model was at least as good;
-    ``{"skipped": reason, "kept": True}`` when the annotated organ is too small to split
-    (nothing is held out, and fine-tuning goes on without the check).
+    ``"slices"``: every other chosen slice is held out whole (which half follows the seed),
+    when the slices left for training still hold an annotated lesion: the check then sees
+    how the model does on slices it never trained on, false positives included.
+    ``"blocks"``: otherwise (one slice, or the lesions all on the held-out half) a
+    checkerboard of ``holdout_block_px`` blocks on every slice.
     """
-    held = [holdout_mask(o.shape, config.holdout_block_px, config.seed) & o for o in data.organs]
+    if len(data.slices) >= 2:
+        for parity in (config.seed % 2, 1 - config.seed % 2):
+            held = [k % 2 == parity for k in range(len(data.slices))]
+            if any(not h and bool((label > 0.5).any()) for h, label in zip(held, data.labels)):
+                return [organ & h for organ, h in zip(data.organs, held)], "slices"
+    return [holdout_mask(o.shape, config.holdout_block_px, config.seed) & o for o in data.organs], "blocks"
+
+
+def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress=None, cancel=None) -> dict:
+    """Fine-tune with the loss on part of the annotation (:func:`holdout_split`) and
+    compare with the base model on the rest: pooled Dice of the 0.5-thresholded prediction
+    against the annotation, and lesion F1 (8-connected lesions of each held-out slice,
+    detected = overlap).
+
+    Returns the numbers and ``kept``: the fine-tuned model is kept when its held-out Dice
+    is at least the base model's and its lesion F1 is not lower by more than 0.02 (the
+    product's promise); ``{"skipped": reason, "kept": True}`` when the annotated organ is
+    too small to split (nothing is held out, and fine-tuning goes on without the check).
+    """
+    held, split = holdout_split(data, config)
     class_weights = torch.tensor(config.class_weights, dtype=torch.float32)
     weights = []
     for k, label in enumerate(data.labels):
@@ -301,35 +328,50 @@ def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfi
         return {"skipped": "the annotated organ is too small to hold out part of it", "kept": True}
     check_data = FinetuneData(data.slices, data.images, data.labels, weights, data.centres, data.angles, data.organs)
     model, losses, _ = _train_head(bundle, check_data, config, device, progress, cancel)
-    scores = {name: _held_out_dice(m, data, held, device) for name, m in (("base", bundle.model), ("finetuned", model))}
+    scores = {name: _held_out_scores(m, data, held, device) for name, m in (("base", bundle.model), ("finetuned", model))}
     return {
-        "block_px": config.holdout_block_px,
+        "split": split,
+        "held_out_slices": [s for s, h in zip(data.slices, held) if split == "slices" and bool(h.any())],
+        "block_px": config.holdout_block_px if split == "blocks" else None,
         "held_out_pixels": int(sum(int(h.sum()) for h in held)),
         "held_out_lesion_pixels": int(sum(int((d[0] > 0.5)[h].sum()) for d, h in zip(data.labels, held))),
-        "dice_base": scores["base"],
-        "dice_finetuned": scores["finetuned"],
-        "kept": scores["finetuned"] >= scores["base"],
+        "dice_base": scores["base"]["dice"],
+        "dice_finetuned": scores["finetuned"]["dice"],
+        "lesion_f1_base": scores["base"]["lesion_f1"],
+        "lesion_f1_finetuned": scores["finetuned"]["lesion_f1"],
+        "kept": scores["finetuned"]["dice"] >= scores["base"]["dice"]
+        and scores["finetuned"]["lesion_f1"] >= scores["base"]["lesion_f1"] - CHECK_F1_TOLERANCE,
         "final_loss": losses[-1] if losses else None,
     }
 
 
+#: How much lower the held-out lesion F1 of the fine-tuned model may be (SPEC section 10).
+CHECK_F1_TOLERANCE = 0.02
+
+
 @torch.no_grad()
-def _held_out_dice(model, data: FinetuneData, held: list[torch.Tensor], device) -> float:
-    """Pooled Dice on the held-out pixels (1.0 when neither annotation nor prediction has
-    lesion there)."""
+def _held_out_scores(model, data: FinetuneData, held: list[torch.Tensor], device) -> dict:
+    """Pooled Dice (1.0 when neither annotation nor prediction has lesion there) and
+    lesion F1 on the held-out pixels; the caller's model keeps its mode and device."""
     was_training = model.training
     model.eval()
-    on = next(model.parameters()).device  # the caller's model stays where it is
-    overlap = total = 0
+    on = next(model.parameters()).device
+    predicted, annotated = [], []
     try:
         for image, label, mask in zip(data.images, data.labels, held):
             probability = torch.softmax(model(image[None].to(on)).float(), 1)[0, 1].cpu()
-            predicted, annotated = (probability > 0.5) & mask, (label[0] > 0.5) & mask
-            overlap += int((predicted & annotated).sum())
-            total += int(predicted.sum()) + int(annotated.sum())
+            predicted.append(((probability > 0.5) & mask).numpy())
+            annotated.append(((label[0] > 0.5) & mask).numpy())
     finally:
         model.train(was_training)
-    return 1.0 if total == 0 else 2 * overlap / total
+    overlap = sum(int((p & a).sum()) for p, a in zip(predicted, annotated))
+    total = sum(int(p.sum()) + int(a.sum()) for p, a in zip(predicted, annotated))
+
+    def stack(masks):  # an empty slice between chosen slices: lesions never join across them
+        return np.stack([m for pair in zip(masks, [np.zeros_like(masks[0])] * len(masks)) for m in pair])
+
+    return {"dice": 1.0 if total == 0 else 2 * overlap / total,
+            "lesion_f1": float(lesion_detection(stack(predicted), stack(annotated))["lesion_f1"])}
 
 
 def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress, cancel):
@@ -342,6 +384,10 @@ def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig,
         p.requires_grad_(train_all)
     head = model.head_modules()
     head.train()
+    if config.head_norm == "frozen":
+        for m in head.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
     for p in head.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.Adam((model if train_all else head).parameters(), lr=config.learning_rate)

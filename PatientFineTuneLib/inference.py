@@ -299,21 +299,22 @@ class Segmentation:
 def segment_case(
     bundle: ModelBundle,
     case: Case,
-    opening: bool = False,
+    opening: bool | None = None,
     threshold: float = 0.5,
     mc_samples: int = 0,
     seed: int = 0,
     **predict_kwargs,
 ) -> Segmentation:
-    """Predict, post-process (threshold, 3x3x3 closing, optional plus opening) and label
-    the lesions of a normalised case; with ``mc_samples`` > 0 also the MC-dropout
+    """Predict, post-process (threshold, 3x3x3 closing, the plus opening where
+    ``opening`` says; ``None``: where the model's preset says, i.e. liver) and label the
+    lesions of a normalised case; with ``mc_samples`` > 0 also the MC-dropout
     uncertainty (fast path), its summary, and each lesion's mean SD."""
     uncertainty = None
     if mc_samples:
         probability, uncertainty = predict_with_uncertainty(bundle, case, n_samples=mc_samples, seed=seed, **predict_kwargs)
     else:
         probability = predict_probability(bundle, case, **predict_kwargs)
-    mask = postprocess(probability, case.organ, opening=opening, threshold=threshold)
+    mask = postprocess(probability, case.organ, opening=bundle.opening if opening is None else opening, threshold=threshold)
     labels, _ = label_lesions(mask)
     maps = {"probability": probability}
     summary = None

@@ -270,9 +270,29 @@ def describe_patient_model(finetune: dict) -> str:
     else:
         skipped = ""
     if check and not check["kept"]:
-        return (f"the BASE MODEL was kept: fine-tuning ({iterations} iterations on {where}) did not help on the held-out half "
-                f"of your annotation (Dice {check['dice_finetuned']:.3f} fine-tuned vs {check['dice_base']:.3f} base)")
+        return (f"the BASE MODEL was kept: fine-tuning ({iterations} iterations on {where}) did not help on {_held_out_part(check)} "
+                f"of your annotation ({_check_numbers(check)})")
     text = f"fine-tuned {iterations} iterations on {where}" + (f" ({finetune['method']} path)" if "method" in finetune else "")
     if check:
-        text += f"; checked on the held-out half of the annotation: Dice {check['dice_finetuned']:.3f} vs base {check['dice_base']:.3f}"
+        text += f"; checked on {_held_out_part(check)} of the annotation: {_check_numbers(check)}"
     return text + skipped
+
+
+def describe_held_out(check: dict) -> str:
+    """What the never-worse check held out and its numbers, in words."""
+    return f"{_held_out_part(check)}; {_check_numbers(check)}"
+
+
+def _held_out_part(check: dict) -> str:
+    slices = check.get("held_out_slices")
+    if check.get("split") == "slices" and slices:
+        return f"held-out slice{'s' if len(slices) > 1 else ''} {', '.join(map(str, slices))}"
+    return "the held-out half"
+
+
+def _check_numbers(check: dict) -> str:
+    """The check's numbers, fine-tuned vs base (records before lesion F1 have Dice only)."""
+    text = f"Dice {check['dice_finetuned']:.3f} fine-tuned vs {check['dice_base']:.3f} base"
+    if "lesion_f1_base" in check:
+        text += f", lesion F1 {check['lesion_f1_finetuned']:.3f} vs {check['lesion_f1_base']:.3f}"
+    return text

@@ -124,7 +124,7 @@ def _provenance(inputs: ReportInputs) -> str:
         rows.append(["Reference lesion mask", str(inputs.truth)])
     body = _table(["What", "Where"], rows, text_columns=2)
     if inputs.patient_model:
-        from .modelcard import describe_patient_model, read_model_metadata
+        from .modelcard import describe_held_out, describe_patient_model, read_model_metadata
 
         metadata = read_model_metadata(inputs.patient_model)
         finetune = metadata.get("finetune") or {}
@@ -144,7 +144,7 @@ def _provenance(inputs: ReportInputs) -> str:
         if check and not check.get("skipped"):
             verdict = "kept the fine-tuned model" if check["kept"] else "KEPT THE BASE MODEL: fine-tuning did not help on the held-out part"
             body += (f"<p class='{'' if check['kept'] else 'kept'}'>Never-worse check: {html.escape(verdict)} of the annotation "
-                     f"(held-out Dice {check['dice_finetuned']:.3f} fine-tuned vs {check['dice_base']:.3f} base).</p>")
+                     f"(held out: {html.escape(describe_held_out(check))}).</p>")
         else:
             body += f"<p>{html.escape(describe_patient_model(finetune))}; no never-worse check was run.</p>"
     return body

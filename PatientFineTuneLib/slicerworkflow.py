@@ -103,7 +103,7 @@ def analyse_baseline(scene, bundle: ModelBundle, volume_nodes: Sequence, organ: 
 def segment_and_suggest(bundle: ModelBundle, case: Case, k: int = 2, device="auto", progress: Callable | None = None,
                         cancel: Callable | None = None) -> tuple[Segmentation, list[SliceSuggestion]]:
     """The long part of :func:`analyse_baseline` (no scene access: may run in a worker)."""
-    result = segment_case(bundle, case, opening=bundle.opening, device=device, progress=progress, cancel=cancel)
+    result = segment_case(bundle, case, device=device, progress=progress, cancel=cancel)
     return result, suggest_slices(bundle, case, k=k, probability=result.probability)
 
 
@@ -155,7 +155,7 @@ def segment_followup(scene, bundle: ModelBundle, volume_nodes: Sequence, organ: 
     (<label>)" segmentation, probability and uncertainty (SD over ``mc_samples``
     MC-dropout passes) volumes on the follow-up's grid, and a lesion table."""
     case = read_case(bundle, volume_nodes, organ, name="follow-up")
-    result = segment_case(bundle, case, opening=bundle.opening, mc_samples=mc_samples, seed=seed, device=device,
+    result = segment_case(bundle, case, mc_samples=mc_samples, seed=seed, device=device,
                           progress=progress, cancel=cancel)
     return add_followup_nodes(scene, case, result, volume_nodes[0], label)
 

@@ -426,7 +426,7 @@ class PatientFineTuneWeb:
             patient = finetune_patient_model(base, baseline, slices, config, device=device, progress=progress, cancel=cancelled)
             results = {}
             for k, (label, bundle) in enumerate((("fine-tuned", patient), ("base", base))):
-                results[label] = segment_case(bundle, followup, opening=base.opening, mc_samples=mc_samples, device=device,
+                results[label] = segment_case(bundle, followup, mc_samples=mc_samples, device=device,
                                               progress=lambda done, _total, k=k: progress(training + k * followup_slices + done), cancel=cancelled)
             return patient, results
 

@@ -60,7 +60,7 @@ def evaluate(model_path: Path, cases: list[Path]) -> list[dict]:
     rows = []
     for folder in cases:
         case = prepare_case(load_case([folder / "FLAIR.nii.gz", folder / "FLAIR_subtraction.nii.gz"], folder / "organ.nii.gz", folder / "lesions.nii.gz"))
-        result = segment_case(bundle, case, opening=bundle.opening, device="cpu")
+        result = segment_case(bundle, case, device="cpu")
         pred, gt = case.layout.from_slices(result.mask), case.layout.from_slices(case.lesions)
         detection = lesion_detection(pred, gt)
         rows.append({"case": folder.name, "dice": dice(pred, gt), **detection})

@@ -126,7 +126,7 @@ def evaluate(spec: dict, bundle) -> dict:
         name=spec["case"],
     )
     images.prepare_case(case)
-    seg = inference.segment_case(bundle, case, opening=bundle.opening, device="cpu")
+    seg = inference.segment_case(bundle, case, device="cpu")
     pred = to_stored(case, seg.mask).astype(bool)
     gt, spacing_zyx = ground_truth(spec, case.grid if resample else None)
     scores = metrics.evaluate_case(pred, gt, spacing_zyx)

@@ -18,6 +18,7 @@ the base model. The case loading is that of ``eval_real_base_models.py``.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import time
@@ -42,7 +43,7 @@ def load(spec: dict, bundle) -> images.Case:
 
 def scores(bundle, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_slices: np.ndarray | None = None) -> dict:
     """Dice and lesion F1 of ``bundle`` on ``case`` (only the slices in ``keep_slices``)."""
-    pred = inference.segment_case(bundle, case, opening=bundle.opening, device="cpu").mask
+    pred = inference.segment_case(bundle, case, device="cpu").mask
     gt = case.layout.to_slices(gt_stored)
     if keep_slices is not None:
         pred, gt = pred & keep_slices[:, None, None], gt & keep_slices[:, None, None]
@@ -50,8 +51,13 @@ def scores(bundle, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_s
     return {"dice": float(m["dice"]), "lesion_f1": float(m["lesion_f1"])}
 
 
+#: FinetuneConfig settings on top of the shipped defaults (``--set name=value``).
+OVERRIDES: dict = {}
+
+
 def finetune(base, case, slices):
-    patient = finetune_patient_model(base, case, slices, FinetuneConfig(holdout_check=True), device="cpu", allow_empty=True)
+    config = FinetuneConfig(**{"holdout_check": True, **OVERRIDES})
+    patient = finetune_patient_model(base, case, slices, config, device="cpu", allow_empty=True)
     return patient, patient.metadata["finetune"]["holdout_check"]
 
 
@@ -103,7 +109,14 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a FinetuneConfig setting to change, e.g. head_norm=frozen or iterations=200 (repeatable)")
     args = parser.parse_args(argv)
+    for item in args.set:
+        name, value = item.split("=", 1)
+        default = getattr(FinetuneConfig(), name)
+        OVERRIDES[name] = ast.literal_eval(value) if isinstance(default, (bool, tuple)) else type(default)(value)
+    print(f"fine-tuning settings changed from the shipped defaults: {OVERRIDES or 'none'}")
     if not args.data.is_dir():
         print(f"no real data at {args.data}; nothing to do")
         return 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from PatientFineTuneLib.cases import find_cases
-from PatientFineTuneLib.finetune import FinetuneConfig, draw_batch, finetune_patient_model, prepare_finetune_data, sample_pixels, select_slices
+from PatientFineTuneLib.finetune import FinetuneConfig, draw_batch, finetune_patient_model, holdout_split, prepare_finetune_data, sample_pixels, select_slices
 from PatientFineTuneLib.images import load_case, prepare_case
 from PatientFineTuneLib.runtime import Cancelled
 from PatientFineTuneLib.inference import inference_network, mc_head_samples, mc_masks, predict_probability, predict_with_uncertainty, segment_case
@@ -332,7 +332,8 @@ def test_a_helpful_finetuning_passes_the_check_and_trains_on_the_whole_annotatio
     config = FinetuneConfig(iterations=8, holdout_check=True)
     result = finetune_patient_model(base, baseline, slices, config, device="cpu", progress=lambda i, loss: steps.append(i))
     check = result.metadata["finetune"]["holdout_check"]
-    assert check["kept"] == (check["dice_finetuned"] >= check["dice_base"]), check
+    assert check["split"] == "slices" and len(check["held_out_slices"]) == 1  # one whole slice held out
+    assert check["kept"] == (check["dice_finetuned"] >= check["dice_base"] and check["lesion_f1_finetuned"] >= check["lesion_f1_base"] - 0.02), check
     if check["kept"]:
         assert steps == list(range(1, 17))  # the check's 8 iterations, then the final model's
         # the final model is the one trained on everything: the same as without the check
@@ -341,3 +342,21 @@ def test_a_helpful_finetuning_passes_the_check_and_trains_on_the_whole_annotatio
             assert torch.allclose(v, result.model.state_dict()[k]), k
     else:
         assert steps == list(range(1, 9))
+
+
+def test_the_check_holds_out_whole_slices_when_training_keeps_a_lesion(bundle, baseline):
+    config = FinetuneConfig(**CONFIG)
+    lesion = baseline.lesion_slices()
+    empty = [s for s in np.flatnonzero(baseline.organ.any(axis=(1, 2))) if not baseline.lesions[s].any()]
+    data = prepare_finetune_data(bundle, baseline, [lesion[0], lesion[1], int(empty[0])], config)
+    held, split = holdout_split(data, config)
+    assert split == "slices" and [bool(h.any()) for h in held] == [True, False, True]  # seed 0: even positions
+    assert all(torch.equal(h, o) for h, o in zip(held, data.organs) if h.any())  # the whole organ of that slice
+    # a lesion-free slice is a valid held-out slice: the check then counts false positives
+    data = prepare_finetune_data(bundle, baseline, [int(empty[0]), lesion[0]], config, allow_empty=True)
+    held, split = holdout_split(data, config)
+    assert split == "slices" and [bool(h.any()) for h in held] == [True, False]
+    # one slice: a checkerboard on it
+    data = prepare_finetune_data(bundle, baseline, [lesion[0]], config)
+    held, split = holdout_split(data, config)
+    assert split == "blocks" and 0 < int(held[0].sum()) < int(data.organs[0].sum())

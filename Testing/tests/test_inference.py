@@ -46,3 +46,22 @@ def test_segment_case_produces_mask_labels_and_table(case):
     assert not (result.mask & ~case.organ).any()
     assert len(result.lesions) == result.labels.max()
     assert sum(r["voxels"] for r in result.lesions) == result.mask.sum()
+
+
+def test_segment_case_applies_the_presets_opening_unless_told(case):
+    """``opening=None`` (the default) is the preset's choice: the liver preset's plus
+    opening removes thin structures that the brain presets keep (the old default was no
+    opening whatever the preset)."""
+    from PatientFineTuneLib.modelfile import make_metadata
+
+    model = tiny_model()
+    with torch.no_grad():  # a noisy head: speckled, thin predictions the opening removes
+        model.classifier[-1].bias.copy_(torch.tensor([0.0, 0.0]))
+    sequences = [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}]
+    liver = ModelBundle(model, make_metadata(model, sequences, (2.0, 2.0), preset="liver-metastases"))
+    brain = ModelBundle(model, make_metadata(model, sequences, (2.0, 2.0), preset="brain-wmh"))
+    opened = segment_case(liver, case, device="cpu", opening=True).mask
+    closed_only = segment_case(liver, case, device="cpu", opening=False).mask
+    assert not np.array_equal(opened, closed_only)  # the test can tell them apart
+    assert np.array_equal(segment_case(liver, case, device="cpu").mask, opened)
+    assert np.array_equal(segment_case(brain, case, device="cpu").mask, closed_only)
