@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .images import Case, resample_array, resampled_shape
 from .inference import predict_probability
 from .metrics import lesion_detection
-from .runtime import Cancelled, resolve_device
+from .runtime import Cancelled, optimiser_step, resolve_device
 from .modelfile import ModelBundle, derived_metadata
 from .patches import corner_and_centre_patch_centres, extract_patches
 from .postprocess import postprocess
@@ -463,10 +463,7 @@ def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig,
             loss = F.cross_entropy(logits, target, weight=class_weights)
         else:
             loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum().clamp_min(1e-6)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(optimiser_step(optimizer, loss))
         if progress is not None:
             progress(iteration + 1, losses[-1])
     model.eval()

@@ -60,6 +60,15 @@ def reseed(seed: int, step: int) -> None:
     torch.manual_seed(seed * 1_000_003 + int(step))
 
 
+def optimiser_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One plain training step (gradients cleared, back-propagated, applied); returns the
+    loss as a number. Fine-tuning and U-Net training share it."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 @contextmanager
 def mc_dropout_mode(model: nn.Module):
     """Monte-Carlo dropout: Dropout layers sample, everything else (BatchNorm) stays in

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .images import Case
-from .runtime import Cancelled, private_rng, reseed, resolve_device
+from .runtime import Cancelled, optimiser_step, private_rng, reseed, resolve_device
 from .modelfile import ModelBundle, derived_metadata
 from .unet3d import UNet3D
 from .volume_inference import case_on_model_grid
@@ -160,10 +160,7 @@ def train_volume_model(
             x, y = sample_volume_batch(volumes, config, patch, iteration)
             reseed(config.seed, iteration)
             loss = F.cross_entropy(model(x.to(device)), y.to(device), weight=weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(optimiser_step(optimizer, loss))
             if progress is not None:
                 progress(iteration + 1, losses[-1])
     model.eval()
