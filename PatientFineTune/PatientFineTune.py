@@ -44,8 +44,9 @@ if (_REPOSITORY_ROOT / "PatientFineTuneLib" / "__init__.py").is_file() and str(_
 
 #: Oldest PyTorch the library runs on.
 TORCH_MINIMUM = (2, 1)
-#: Python packages the library needs beyond what Slicer ships (import name: pip name).
-EXTRA_PACKAGES = {"skimage": "scikit-image", "tqdm": "tqdm", "nibabel": "nibabel"}
+#: Python packages the library needs beyond what Slicer ships (import name: pip
+#: requirement). Installed after PyTorch, so deepbet's torch requirement is already met.
+EXTRA_PACKAGES = {"skimage": "scikit-image", "tqdm": "tqdm", "nibabel": "nibabel", "deepbet": "deepbet==1.0.2"}
 SAMPLE_CATEGORY = "PatientFineTune"
 SAMPLE_NAME = "PatientFineTuneSyntheticWMH"
 #: Sequences a model may read (one volume selector per sequence and visit in the .ui).

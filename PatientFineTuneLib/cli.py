@@ -177,6 +177,8 @@ def _load_cases(root, sequences, args, require_lesions: bool, shard: tuple[int, 
             lesion_labels=_parse_labels(args.lesion_labels),
             auto_organ=args.auto_organ,
             name=f.name,
+            skull_stripped=args.skull_stripped,
+            bias_correction=args.bias_correction,
         )
         cases.append(prepare_case(case))
     return cases
@@ -348,6 +350,8 @@ def _case_for_model(args, bundle, lesions: bool = False):
         sequence_names=names,
         resample_to_first=args.resample_to,
         auto_organ=bundle.auto_organ_mask,
+        skull_stripped=args.skull_stripped,
+        bias_correction=args.bias_correction,
     )
     return prepare_case(case), organ
 
@@ -487,7 +491,8 @@ def cmd_compare(args) -> None:
 
     out = check_output_folder(args.out)
     targets = [out / n for n in ("changes.csv", "changes.json", "followup_lesions_on_baseline.nii.gz")]
-    refuse_inputs_as_outputs([args.baseline_lesions, args.followup_lesions, args.baseline_image, args.followup_image, args.baseline_organ], targets)
+    organ_file = args.baseline_organ if args.baseline_organ != "brain" else None
+    refuse_inputs_as_outputs([args.baseline_lesions, args.followup_lesions, args.baseline_image, args.followup_image, organ_file], targets)
     if any(t.exists() for t in targets) and not args.overwrite:
         raise FileExistsError(f"{out} already holds compare outputs; choose another --out or pass --overwrite")
     baseline_lesions = read_image(args.baseline_lesions) > 0
@@ -495,7 +500,13 @@ def cmd_compare(args) -> None:
     registration = None
     if args.baseline_image and args.followup_image:
         baseline, followup = read_image(args.baseline_image), read_image(args.followup_image)
-        organ = read_image(args.baseline_organ) if args.baseline_organ else None
+        organ = None
+        if args.baseline_organ == "brain":
+            from .brainmask import head_pair_for_registration
+
+            baseline, followup, organ = head_pair_for_registration(baseline, followup)
+        elif args.baseline_organ:
+            organ = read_image(args.baseline_organ)
         try:
             registration = register_followup(baseline, followup, organ, bspline=args.bspline, seed=args.seed)
         except RuntimeError as exc:  # ITK's exception text is many lines of C++ context
@@ -680,6 +691,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bar: progress bars on stderr (default); json: one JSON line per step on stdout, for programs; none")
     sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
 
+    def add_scan_options(p):
+        # the choices of brainmask.SKULL_STRIPPED_CHOICES and BIAS_CORRECTION_CHOICES, spelled
+        # out so that --help does not import SimpleITK and scipy (load_case checks them)
+        p.add_argument("--skull-stripped", choices=("auto", "yes", "no"), default="auto",
+                       help="brain presets without --organ: is the scan skull-stripped? auto detects it; a skull-on scan is masked by deepbet")
+        p.add_argument("--bias-correction", choices=("auto", "on", "off"), default="auto",
+                       help="N4 bias-field correction inside the brain mask (auto: for skull-on scans without --organ)")
+
     def add(name, func, help_text):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
@@ -717,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("--lesion-labels", help="comma-separated label values counted as lesion (default: any > 0)")
     p.add_argument("--resample-to", action="store_true", help="resample sequences/masks onto the first sequence's grid")
+    add_scan_options(p)
     p.add_argument("--overwrite", action="store_true")
 
     p = add("segment", cmd_segment, "Segment lesions in one case with a model file.")
@@ -733,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suggest", type=count_at_least(0), default=0, metavar="K",
                    help="also write suggestions.json: the K slices worth annotating first, from the same pass (0 = off)")
     p.add_argument("--resample-to", action="store_true", help="resample sequences onto the first sequence's grid")
+    add_scan_options(p)
     p.add_argument("--overwrite", action="store_true")
 
     def add_case_options(p):
@@ -743,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lesions", help="baseline annotation (default: lesions.* in the case folder)")
         p.add_argument("--device", default="auto")
         p.add_argument("--resample-to", action="store_true", help="resample sequences onto the first sequence's grid")
+        add_scan_options(p)
 
     p = add("suggest", cmd_suggest, "Rank baseline slices to annotate: mean lesion softmax closest to 0.5 first.")
     add_case_options(p)
@@ -783,6 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--lesion-labels", help="comma-separated label values counted as lesion (default: any > 0)")
     p.add_argument("--resample-to", action="store_true", help="resample sequences/masks onto the first sequence's grid")
+    add_scan_options(p)
     p.add_argument("--overwrite", action="store_true")
 
     p = add("compare", cmd_compare, "What changed between baseline and follow-up: new, enlarged, stable, shrinking and resolved lesions.")
@@ -790,7 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--followup-lesions", required=True, help="follow-up lesion mask")
     p.add_argument("--baseline-image", help="baseline image (e.g. FLAIR) to register the follow-up onto")
     p.add_argument("--followup-image", help="follow-up image of the same sequence")
-    p.add_argument("--baseline-organ", help="organ mask on the baseline grid: registration looks only inside it")
+    p.add_argument("--baseline-organ", help="organ mask on the baseline grid: registration looks only inside it; 'brain' for head "
+                   "scans: the automatic brain mask (deepbet on skull-on scans, which are also bias-corrected first)")
     p.add_argument("--bspline", action="store_true", help="add a B-spline stage after rigid and affine")
     p.add_argument("--relative-change", type=float, default=0.5, help="enlarged/shrinking: relative volume change at least this (default 0.5)")
     p.add_argument("--min-change-mm3", type=float, default=10.0, help="... and an absolute change at least this (default 10 mm3)")

@@ -31,8 +31,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
+from .brainmask import BIAS_CORRECTION_CHOICES, SKULL_STRIPPED_CHOICES, brain_mask, correct_bias_field
 from .files import atomic_write
 
 #: Relative in-plane spacing difference below which slices are not resampled.
@@ -350,43 +350,6 @@ def normalise(images: np.ndarray, organ: np.ndarray, names: Sequence[str] | None
     return out
 
 
-def auto_brain_mask(volume: np.ndarray, spacing_zyx: Sequence[float], erosion_mm: float = 6.0) -> np.ndarray:
-    """Approximate brain mask of a T1/T2/FLAIR volume, skull on or off.
-
-    Method: Gaussian smoothing, Otsu threshold (head or brain vs air), erosion by
-    ``erosion_mm`` to cut the thin bridges between brain and scalp, the largest connected
-    component, then a geodesic dilation back by the same distance that may only grow
-    through above-threshold voxels (so it cannot jump across the dark skull into scalp or
-    marrow), and hole filling slice by slice.
-
-    Limits: a heuristic, not a skull stripper. It works well on FLAIR and T1 (skull on or
-    off); on T1 post-contrast the enhancing dura, marrow and scalp fat are as bright as
-    brain and parts of them stay attached; the eyes' surroundings may be included and
-    dark lesions on the brain surface may be cut. For accurate results pass a mask from a
-    dedicated tool (SynthStrip, HD-BET, FSL BET) with ``--organ``.
-
-    Parameters
-    ----------
-    volume : ndarray (z, y, x)
-    spacing_zyx : voxel spacing in mm, numpy order
-    """
-    from skimage.filters import threshold_otsu
-
-    smooth = ndimage.gaussian_filter(volume.astype(np.float32), sigma=[1.0 / s for s in spacing_zyx])
-    head = smooth > threshold_otsu(smooth[::2, ::2, ::2])
-    core = ndimage.distance_transform_edt(head, sampling=spacing_zyx) > erosion_mm
-    labels, n = ndimage.label(core)
-    if n == 0:
-        raise ImageError("automatic brain mask found no brain; provide an organ mask (--organ)")
-    sizes = ndimage.sum_labels(core, labels, index=np.arange(1, n + 1))
-    core = labels == (int(np.argmax(sizes)) + 1)
-    steps = int(np.ceil(erosion_mm / min(spacing_zyx)))
-    brain = ndimage.binary_dilation(core, ndimage.generate_binary_structure(3, 1), iterations=steps, mask=head)
-    for z in range(brain.shape[0]):
-        brain[z] = ndimage.binary_fill_holes(brain[z])
-    return brain
-
-
 # ---------------------------------------------------------------------------------------
 # Cases
 
@@ -481,6 +444,8 @@ def load_case(
     lesion_labels: Sequence[int] | None = None,
     auto_organ: bool = True,
     name: str = "",
+    skull_stripped: str = "auto",
+    bias_correction: str = "auto",
 ) -> Case:
     """Read a multi-sequence case onto one grid.
 
@@ -488,11 +453,17 @@ def load_case(
     ----------
     sequence_paths : one path (or SimpleITK image) per sequence, in the model's pathway order.
     organ_path : organ mask; if None and ``auto_organ``, an automatic brain mask is
-        computed from the first sequence (brain presets only).
+        computed from the first sequence (brain presets only; see
+        :func:`~PatientFineTuneLib.brainmask.brain_mask`).
     lesion_path : lesion mask (any label > 0 is lesion, or only ``lesion_labels``).
     expected_channels : channel count of each sequence (from the model); checked.
     resample_to_first : resample every other sequence and mask onto the first sequence's
         grid instead of refusing mismatched grids.
+    skull_stripped : for the automatic brain mask: "auto" (detected from the image),
+        "yes" or "no".
+    bias_correction : N4 bias-field correction of every sequence inside the brain mask:
+        "auto" (only for a skull-on scan given without an organ mask, i.e. raw), "on",
+        "off".
 
     Raises
     ------
@@ -501,6 +472,10 @@ def load_case(
     ImageError
         Wrong number of sequences or channels, NaN/inf voxels, empty organ mask.
     """
+    if skull_stripped not in SKULL_STRIPPED_CHOICES:
+        raise ValueError(f"skull_stripped must be one of {', '.join(SKULL_STRIPPED_CHOICES)}, not {skull_stripped!r}")
+    if bias_correction not in BIAS_CORRECTION_CHOICES:
+        raise ValueError(f"bias_correction must be one of {', '.join(BIAS_CORRECTION_CHOICES)}, not {bias_correction!r}")
     names = list(sequence_names or [f"sequence {i + 1}" for i in range(len(sequence_paths))])
     if expected_channels is not None and len(sequence_paths) != len(expected_channels):
         raise ImageError(
@@ -546,14 +521,21 @@ def load_case(
     images = np.concatenate(channels, axis=0)
     spacing_zyx = grid.GetSpacing()[::-1]
 
+    brain = None
     if organ_path is not None:
         organ = _binary_mask(organ_path, grid, "organ mask", resample_to_first, None)
     elif auto_organ:
-        organ = auto_brain_mask(images[0], spacing_zyx)
+        first = sitk.GetImageFromArray(images[0])
+        first.CopyInformation(grid)
+        brain = brain_mask(first, skull_stripped)
+        organ = brain.mask
     else:
         raise ImageError("this preset needs an organ mask (e.g. a liver mask); pass it with --organ")
     if not organ.any():
         raise ImageError(f"the organ mask {source_name(organ_path)} is empty")
+    corrected = bias_correction == "on" or (bias_correction == "auto" and brain is not None and not brain.skull_stripped)
+    if corrected:
+        images = np.stack([correct_bias_field(channel, organ, spacing_zyx) for channel in images])
     lesions = None
     if lesion_path is not None:
         lesions = _binary_mask(lesion_path, grid, "lesion mask", resample_to_first, lesion_labels)
@@ -568,7 +550,8 @@ def load_case(
         name=name,
         sources={
             "sequences": sources,
-            "organ": source_name(organ_path) if organ_path is not None else "automatic brain mask",
+            "organ": source_name(organ_path) if organ_path is not None else brain.describe(),
+            "bias_corrected": corrected,
             "lesions": source_name(lesion_path) if lesion_path is not None else None,
             "channel_names": channel_names,
         },

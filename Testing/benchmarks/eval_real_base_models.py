@@ -107,7 +107,7 @@ def ground_truth(spec: dict, grid: sitk.Image | None = None) -> tuple[np.ndarray
     return gt, tuple(image.GetSpacing()[::-1])
 
 
-def evaluate(spec: dict, bundle) -> dict:
+def evaluate(spec: dict, bundle, scan_options: dict | None = None) -> dict:
     """Segment one case with ``bundle`` and score it against its ground truth.
 
     Returns
@@ -124,6 +124,7 @@ def evaluate(spec: dict, bundle) -> dict:
         resample_to_first=resample,
         lesion_labels=spec["labels"],
         name=spec["case"],
+        **(scan_options or {}),
     )
     images.prepare_case(case)
     seg = inference.segment_case(bundle, case, device="cpu")
@@ -159,6 +160,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=DATA, help="the shared real-data folder (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--sets", help="comma-separated sets to run (default: all)")
+    parser.add_argument("--skull-stripped", choices=("auto", "yes", "no"), help="load_case's skull_stripped (default: the library's)")
+    parser.add_argument("--bias-correction", choices=("auto", "on", "off"), help="load_case's bias_correction (default: the library's)")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         print(f"no real data at {args.data}; nothing to do")
@@ -167,11 +171,14 @@ def main(argv=None) -> int:
     print(f"PatientFineTuneLib from {Path(PatientFineTuneLib.__file__).parent}")
     print(f"{'set':<24} {'case':<22} {'preset':<12} " + " ".join(f"{c[:9]:>9}" for c in ["Dice", "AVD %", "les F1", "les rec", "les prec", "seconds"]))
     bundles, rows = {}, []
+    scan_options = {k: v for k, v in (("skull_stripped", args.skull_stripped), ("bias_correction", args.bias_correction)) if v}
     for spec in real_cases(args.data):
+        if args.sets and spec["set"] not in args.sets.split(","):
+            continue
         try:
             if spec["preset"] not in bundles:
                 bundles[spec["preset"]] = modelfile.load_model(modelcard.resolve_model_path(spec["preset"]))
-            row = evaluate(spec, bundles[spec["preset"]])
+            row = evaluate(spec, bundles[spec["preset"]], scan_options)
         except Exception as error:  # noqa: BLE001 - report and go on to the next case
             print(f"{spec['set']:<24} {spec['case']:<22} {spec['preset']:<12} FAILED: {type(error).__name__}: {error}", flush=True)
             continue

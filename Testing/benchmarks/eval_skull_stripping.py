@@ -1,6 +1,6 @@
 """Brain masks of skull-on real scans: the built-in heuristic against offline skull strippers.
 
-    python Testing/benchmarks/eval_skull_stripping.py [--data ../shared/data] [--methods heuristic,deepbet] [--json out.json]
+    python Testing/benchmarks/eval_skull_stripping.py [--data ../shared/data] [--methods heuristic,deepbet,auto] [--json out.json]
 
 Every skull-on scan of ``../shared/data`` is masked by each method and scored:
 
@@ -13,24 +13,25 @@ Every skull-on scan of ``../shared/data`` is masked by each method and scored:
   brain mask): the fraction of the enhancing-tumour mask inside the brain mask (it must
   be 1: the tumour is brain) and the mask's volume in voxels.
 
-Methods: ``heuristic`` (:func:`PatientFineTuneLib.images.auto_brain_mask`, what the
-library does today without ``--organ``) and ``deepbet`` (``deepbet.BrainExtraction``,
-version 1.0.2 from PyPI, weights inside the wheel; run on the CPU; not a dependency of
-the project: install it beside to measure it). Time per scan is wall time on this machine.
+Methods: ``heuristic`` (:func:`PatientFineTuneLib.brainmask.foreground_brain_mask`, the
+library's only mask before deepbet), ``deepbet``
+(:func:`PatientFineTuneLib.brainmask.deepbet_brain_mask`: deepbet 1.0.2, weights inside
+its wheel, on the CPU) and ``auto`` (:func:`PatientFineTuneLib.brainmask.brain_mask`, what
+``load_case`` does without an organ mask: detect skull-stripped scans, deepbet for the
+others). Time per scan is wall time on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from PatientFineTuneLib.images import auto_brain_mask
+from PatientFineTuneLib.brainmask import brain_mask, deepbet_brain_mask, foreground_brain_mask
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -52,28 +53,17 @@ def scans(data: Path) -> list[dict]:
     return out
 
 
-def heuristic_mask(image: sitk.Image) -> sitk.Image:
-    volume = sitk.GetArrayFromImage(image).astype(np.float32)
-    mask = sitk.GetImageFromArray(auto_brain_mask(volume, image.GetSpacing()[::-1]).astype(np.uint8))
-    mask.CopyInformation(image)
-    return mask
+def as_image(mask: np.ndarray, image: sitk.Image) -> sitk.Image:
+    out = sitk.GetImageFromArray(mask.astype(np.uint8))
+    out.CopyInformation(image)
+    return out
 
 
-def deepbet_masker():
-    import nibabel as nib
-    from deepbet import BrainExtraction
-
-    extractor = BrainExtraction(no_gpu=True)
-
-    def mask_of(path: Path) -> sitk.Image:
-        _, mask, _ = extractor.run(nib.load(str(path)))
-        # deepbet returns its mask as a NIfTI in the input's voxel order: read it back
-        # through a file so that SimpleITK gives it the input's geometry
-        with tempfile.TemporaryDirectory() as tmp:
-            mask.to_filename(f"{tmp}/mask.nii.gz")
-            return sitk.ReadImage(f"{tmp}/mask.nii.gz", sitk.sitkUInt8)
-
-    return mask_of
+METHODS = {
+    "heuristic": lambda image: as_image(foreground_brain_mask(sitk.GetArrayFromImage(image), image.GetSpacing()[::-1]), image),
+    "deepbet": lambda image: as_image(deepbet_brain_mask(image), image),
+    "auto": lambda image: as_image(brain_mask(image).mask, image),
+}
 
 
 def onto(mask: sitk.Image, grid: sitk.Image, transform_file: Path) -> sitk.Image:
@@ -99,25 +89,21 @@ def score(scan: dict, mask: sitk.Image) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--methods", default="heuristic,deepbet")
+    parser.add_argument("--methods", default="heuristic,deepbet,auto")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         print(f"no real data at {args.data}; nothing to do")
         return 0
-    methods = {}
-    for name in args.methods.split(","):
-        if name == "heuristic":
-            methods[name] = lambda path: heuristic_mask(sitk.ReadImage(str(path), sitk.sitkFloat32))
-        elif name == "deepbet":
-            methods[name] = deepbet_masker()
-        else:
-            raise SystemExit(f"unknown method {name!r}: heuristic or deepbet")
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown method(s) {', '.join(sorted(unknown))}: choose from {', '.join(METHODS)}")
     rows = []
     for scan in scans(args.data):
-        for name, mask_of in methods.items():
+        image = sitk.ReadImage(str(scan["image"]), sitk.sitkFloat32)
+        for name in args.methods.split(","):
             start = time.perf_counter()
-            mask = mask_of(scan["image"])
+            mask = METHODS[name](image)
             seconds = time.perf_counter() - start
             row = {"scan": scan["name"], "method": name, "seconds": round(seconds, 1), **score(scan, mask)}
             rows.append(row)

@@ -5,7 +5,6 @@ import SimpleITK as sitk
 from PatientFineTuneLib.images import (
     GeometryError,
     ImageError,
-    auto_brain_mask,
     load_case,
     normalise,
     slice_axis,
@@ -119,11 +118,12 @@ def test_robust_normalisation_inside_the_organ():
     assert np.allclose(normalise(3 * x + 70, organ), z, atol=1e-4)
 
 
-def test_automatic_brain_mask_on_a_skull_on_head():
+def test_foreground_brain_mask_on_a_skull_on_head():
+    from PatientFineTuneLib.brainmask import foreground_brain_mask
     from PatientFineTuneLib.synth import generate_pair
 
     visit = generate_pair("brain-wmh", 3, small=True)["visits"]["baseline"]
-    mask = auto_brain_mask(visit["images"]["FLAIR"], (3.0, 2.0, 2.0))
+    mask = foreground_brain_mask(visit["images"]["FLAIR"], (3.0, 2.0, 2.0))
     truth = visit["organ"]
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     assert dice > 0.93
