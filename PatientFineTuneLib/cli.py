@@ -353,6 +353,11 @@ def _case_for_model(args, bundle, lesions: bool = False):
         skull_stripped=args.skull_stripped,
         bias_correction=args.bias_correction,
     )
+    # on stderr: suggest prints its result as JSON on stdout
+    if organ is None and bundle.auto_organ_mask:
+        print(case.sources["organ"], file=sys.stderr)
+    if case.sources["bias_corrected"]:
+        print("bias field corrected (N4) inside the brain mask", file=sys.stderr)
     return prepare_case(case), organ
 
 

@@ -293,15 +293,19 @@ def holdout_split(data: FinetuneData, config: FinetuneConfig) -> tuple[list[torc
     """The held-out pixels of every chosen slice, (H, W) bool each, and how they were chosen.
 
     ``"slices"``: every other chosen slice is held out whole (which half follows the seed),
-    when the slices left for training still hold an annotated lesion: the check then sees
-    how the model does on slices it never trained on, false positives included.
-    ``"blocks"``: otherwise (one slice, or the lesions all on the held-out half) a
-    checkerboard of ``holdout_block_px`` blocks on every slice.
+    when both halves hold an annotated lesion: the check then sees how the model does on
+    slices it never trained on, lesions and false positives included.
+    ``"blocks"``: otherwise (one slice, or the lesions all on one half) a checkerboard of
+    ``holdout_block_px`` blocks on every slice. A held-out half without a lesion could
+    only show false positives: on a real MS scan (Ljubljana 19, a lesion slice and a
+    lesion-free one) it passed a fine-tuned model that lost 0.14 Dice elsewhere.
     """
+    # lesion inside the organ: only those pixels are ever held out and scored
+    has_lesion = [bool(((label[0] > 0.5) & organ).any()) for label, organ in zip(data.labels, data.organs)]
     if len(data.slices) >= 2:
         for parity in (config.seed % 2, 1 - config.seed % 2):
             held = [k % 2 == parity for k in range(len(data.slices))]
-            if any(not h and bool((label > 0.5).any()) for h, label in zip(held, data.labels)):
+            if any(lesion and not h for h, lesion in zip(held, has_lesion)) and any(lesion and h for h, lesion in zip(held, has_lesion)):
                 return [organ & h for organ, h in zip(data.organs, held)], "slices"
     return [holdout_mask(o.shape, config.holdout_block_px, config.seed) & o for o in data.organs], "blocks"
 

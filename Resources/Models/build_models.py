@@ -244,7 +244,8 @@ def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, devic
         for dataset, cases in by_dataset.items():
             results = evaluate_cases(bundle, preset, cases, device)
             note = "" if dataset != "brain_tumor_progression" else (
-                "skull on, automatic brain mask; header spacing (1, 1, 1) mm is not the true spacing; masks are enhancing tumour only")
+                "raw, skull on: detected, masked by deepbet and N4-corrected (brainmask.py); header spacing (1, 1, 1) mm is not the "
+                "true spacing; masks are enhancing tumour only")
             evaluation.append(summary_row(f"{dataset} (held out)", results, note) | {"licence": LICENCES[dataset]})
     longitudinal = []
     if plan["longitudinal"]:

@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     for item in args.set:
         name, value = item.split("=", 1)
         default = getattr(FinetuneConfig(), name)
-        OVERRIDES[name] = ast.literal_eval(value) if isinstance(default, (bool, tuple)) else type(default)(value)
+        literal = default is None or isinstance(default, (bool, tuple))  # e.g. weighting='segmentation' (default None)
+        OVERRIDES[name] = ast.literal_eval(value) if literal else type(default)(value)
     print(f"fine-tuning settings changed from the shipped defaults: {OVERRIDES or 'none'}")
     if not args.data.is_dir():
         print(f"no real data at {args.data}; nothing to do")

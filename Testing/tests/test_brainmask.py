@@ -189,3 +189,25 @@ def test_real_skull_stripped_scans_are_detected():
     assert not tumour_scan.skull_stripped
     tumour = sitk.GetArrayFromImage(sitk.ReadImage(str(btp.parent / "Pre_Mask.nii.gz"))) > 0
     assert (tumour & tumour_scan.mask).sum() == tumour.sum()  # the enhancing tumour stays inside
+
+
+def test_segment_cli_masks_a_raw_head_and_says_how(tmp_path):
+    """The shipped brain-wmh model on a skull-on synthetic head given without an organ
+    mask: the CLI says which brain mask it made and that it bias-corrected, and writes the
+    mask, which covers the true brain."""
+    import subprocess
+    import sys
+
+    from PatientFineTuneLib.synth import write_pair
+
+    write_pair(generate_pair("brain-wmh", 7), tmp_path / "pair", preview=False)
+    visit = tmp_path / "pair" / "baseline"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "PatientFineTuneLib.cli", "segment", "--model", "brain-wmh", "--images",
+           visit / "FLAIR.nii.gz", visit / "T1.nii.gz", "--out", out]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "automatic brain mask (deepbet; scan skull on" in proc.stderr and "bias field corrected (N4)" in proc.stderr
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "organ_mask.nii.gz"))) > 0
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(visit / "organ.nii.gz"))) > 0
+    assert dice(mask, truth) > 0.93

@@ -1,5 +1,7 @@
 """Patient-specific fine-tuning, slice suggestion, weighting and MC dropout."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -344,7 +346,7 @@ def test_a_helpful_finetuning_passes_the_check_and_trains_on_the_whole_annotatio
         assert steps == list(range(1, 9))
 
 
-def test_the_check_holds_out_whole_slices_when_training_keeps_a_lesion(bundle, baseline):
+def test_the_check_holds_out_whole_slices_when_both_halves_hold_a_lesion(bundle, baseline):
     config = FinetuneConfig(**CONFIG)
     lesion = baseline.lesion_slices()
     empty = [s for s in np.flatnonzero(baseline.organ.any(axis=(1, 2))) if not baseline.lesions[s].any()]
@@ -352,10 +354,19 @@ def test_the_check_holds_out_whole_slices_when_training_keeps_a_lesion(bundle, b
     held, split = holdout_split(data, config)
     assert split == "slices" and [bool(h.any()) for h in held] == [True, False, True]  # seed 0: even positions
     assert all(torch.equal(h, o) for h, o in zip(held, data.organs) if h.any())  # the whole organ of that slice
-    # a lesion-free slice is a valid held-out slice: the check then counts false positives
+    # a lesion slice and a lesion-free one: holding either out whole leaves one half without
+    # a lesion (the check could only count false positives), so both get the checkerboard
     data = prepare_finetune_data(bundle, baseline, [int(empty[0]), lesion[0]], config, allow_empty=True)
     held, split = holdout_split(data, config)
-    assert split == "slices" and [bool(h.any()) for h in held] == [True, False]
+    assert split == "blocks" and all(0 < int(h.sum()) < int(o.sum()) for h, o in zip(held, data.organs))
+    assert int((data.labels[1][0] > 0.5)[held[1]].sum()) > 0  # lesion pixels are held out
+    # only lesion inside the organ counts (nothing outside it is held out or scored): two
+    # lesion slices, the first one's lesion lying outside its organ mask
+    data = prepare_finetune_data(bundle, baseline, [lesion[0], lesion[1]], config)
+    organs = [data.organs[0] & ~(data.labels[0][0] > 0.5), data.organs[1]]
+    data = dataclasses.replace(data, organs=organs)
+    held, split = holdout_split(data, config)
+    assert split == "blocks"
     # one slice: a checkerboard on it
     data = prepare_finetune_data(bundle, baseline, [lesion[0]], config)
     held, split = holdout_split(data, config)
