@@ -634,12 +634,6 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
 
         if selection == "suggested" and not suggested:
             raise ValueError(_("No suggested slices yet: run 'Analyse baseline' first, or train on all lesion slices."))
-        if weighting == "preset":  # the paper's schemes weight 2D slices; a 3D U-Net trains without them
-            from PatientFineTuneLib.presets import PRESETS
-
-            preset = PRESETS.get(self._baseMetadata.get("preset") or "")
-            volume = self._baseMetadata.get("architecture", {}).get("type") == "unet3d"
-            weighting = preset.weighting if preset and not volume else "none"
         segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName("Lesion") or None
         folder = self._stepFolder("finetune")
         inputs = write_job_inputs(folder / "inputs", volumes, self.sequenceNames(), self._mask(organNode), MaskSource(segmentationNode, segmentId))

@@ -436,7 +436,7 @@ def _train_and_save(args, description: str, iterations: int, train, out: Path) -
 
 
 def cmd_finetune(args) -> None:
-    from .finetune import FinetuneConfig, finetune_patient_model
+    from .finetune import FinetuneConfig, default_weighting, finetune_patient_model
     from .modelfile import load_model
 
     out, model = _derived_model_paths(args, "base")
@@ -445,7 +445,11 @@ def cmd_finetune(args) -> None:
     refuse_inputs_as_outputs(_case_inputs(case, model), [out])
     check = args.check and not bundle.is_volume_model  # the check holds out 2D slice blocks
     _report_device(args, args.device)
-    config = FinetuneConfig(iterations=args.iterations, weighting=None if args.weighting == "none" else args.weighting,
+    if args.weighting == "preset":
+        weighting = default_weighting(bundle.preset.name if bundle.preset else None, bundle.is_volume_model)
+    else:
+        weighting = None if args.weighting == "none" else args.weighting
+    config = FinetuneConfig(iterations=args.iterations, weighting=weighting,
                             seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers, pixel_fraction=args.pixel_fraction,
                             holdout_check=check)
     info, sha = _train_and_save(
@@ -782,7 +786,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="patient model file to write (never the base model)")
     p.add_argument("--slices", default="all-lesion", help="all-lesion (default), all-organ, suggested:K, suggested-lesion:K, or indices like 12,20")
     p.add_argument("--iterations", type=count_at_least(1), default=100)
-    p.add_argument("--weighting", choices=["none", "segmentation", "detection"], default="none")
+    p.add_argument("--weighting", choices=["preset", "none", "segmentation", "detection"], default="preset",
+                   help="pixel weighting of the loss (preset: the task's default, segmentation for brain-wmh, none for brain-tumor, "
+                   "detection for liver-metastases; none for a 3D U-Net)")
     p.add_argument("--angles", type=count_at_least(0), default=8, help="fixed rotation angles spanning [-45, 45] degrees (0: a continuous uniform angle per patch, as in the paper; naive path)")
     p.add_argument("--method", choices=["auto", "fast", "naive"], default="auto", help="fast: cached backbone features; naive: the reference loop")
     p.add_argument("--pixel-fraction", type=float, default=1.0,

@@ -25,7 +25,7 @@ def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None
     """Run the demo into ``out``; ``model`` is a base-model file (default: the shipped
     ``brain-wmh`` model). Returns the summary also written to ``demo-summary.json``."""
     from .cases import find_cases
-    from .finetune import FinetuneConfig, finetune_patient_model
+    from .finetune import finetune_patient_model, shipped_config
     from .images import load_case, prepare_case
     from .inference import segment_case
     from .runtime import resolve_device
@@ -78,8 +78,8 @@ def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None
     step("finetune")
     # the generator's truth on the suggested slices plays the radiologist's annotation; it is
     # a real annotation even where a slice has no lesion, hence allow_empty
-    # the never-worse check, as the command line does by default
-    config = FinetuneConfig(iterations=finetune_iterations, seed=seed, holdout_check=True)
+    # the command line's defaults: the preset's weighting and the never-worse check
+    config = shipped_config(base, iterations=finetune_iterations, seed=seed)
     patient = finetune_patient_model(base, baseline, chosen, config, device=device, allow_empty=True)
     save_model(patient, out / "patient000-model.pt", overwrite=True)
     done("finetune", describe_patient_model(patient.metadata["finetune"]))

@@ -50,7 +50,7 @@ def paper_arms(weighting: str | None, iterations: Sequence[int] = (50, 100, 500,
     arms += [Arm(f"ft-iter{n}", "finetune", iterations=n) for n in iterations]
     for spec in ("suggested:1", "suggested:2", "suggested-lesion:1", "suggested-lesion:2", "all-organ"):
         arms.append(Arm(f"ft-{spec.replace(':', '')}", "finetune", slices=spec, iterations=default_iterations))
-    if weighting:
+    if weighting and weighting != "none":
         arms.append(Arm(f"ft-{weighting}", "finetune", weighting=weighting, iterations=default_iterations))
     arms.append(Arm("ft-naive", "finetune", method="naive", iterations=default_iterations))
     arms.append(Arm("ft-all", "finetune", layers="all", iterations=default_iterations))

@@ -111,6 +111,27 @@ class FinetuneData:
     organs: list[torch.Tensor]  # (H, W) bool
 
 
+def default_weighting(preset_name: str | None, volume_model: bool = False) -> str | None:
+    """The fine-tuning weighting a model gets unless one is chosen: its preset's for the
+    2D network (:attr:`~PatientFineTuneLib.presets.Preset.weighting`), none for the 3D
+    U-Net (the schemes weight 2D slices) or a model without a preset."""
+    from .presets import PRESETS
+
+    preset = PRESETS.get(preset_name or "")
+    if volume_model or preset is None or preset.weighting == "none":
+        return None
+    return preset.weighting
+
+
+def shipped_config(bundle: ModelBundle, **settings) -> FinetuneConfig:
+    """The fine-tuning every front end (command line, Slicer, web app, demo) runs unless
+    told otherwise: the preset's weighting (:func:`default_weighting`) and, for the 2D
+    network, the never-worse check; ``settings`` override any field."""
+    defaults = {"weighting": default_weighting(bundle.preset.name if bundle.preset else None, bundle.is_volume_model),
+                "holdout_check": not bundle.is_volume_model}
+    return FinetuneConfig(**{**defaults, **settings})
+
+
 def select_slices(spec: str | Sequence[int], case: Case, bundle: ModelBundle | None = None, **predict_kwargs) -> list[int]:
     """Slice indices from a selection: ``"all-lesion"`` (default of the paper),
     ``"all-organ"``, ``"suggested:K"`` (K suggested among organ slices),

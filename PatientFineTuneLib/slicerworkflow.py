@@ -123,10 +123,10 @@ def finetune_from_nodes(bundle: ModelBundle, volume_nodes: Sequence, annotation:
     """The patient model: fine-tune the base model's last two layers on the annotated
     baseline slices (``slices``: indices along the slice axis, or a selection such as
     ``"all-lesion"``). The base model is not modified; nothing is written."""
-    from .finetune import FinetuneConfig, finetune_patient_model
+    from .finetune import finetune_patient_model, shipped_config
 
     case = read_case(bundle, volume_nodes, organ, lesions=annotation, name="baseline")
-    return finetune_patient_model(bundle, case, slices, config or FinetuneConfig(), device=device, progress=progress, cancel=cancel)
+    return finetune_patient_model(bundle, case, slices, config or shipped_config(bundle), device=device, progress=progress, cancel=cancel)
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,11 +285,12 @@ def analyse_job(model: str, inputs: dict, out: str | Path, k: int = 2, device: s
     return CliJob([["segment", "--model", model, *inputs["arguments"], "--out", str(out), "--suggest", str(k), "--device", device]], python)
 
 
-def finetune_job(model: str, inputs: dict, out: str | Path, slices: str, iterations: int = 100, weighting: str | None = None,
+def finetune_job(model: str, inputs: dict, out: str | Path, slices: str, iterations: int = 100, weighting: str = "preset",
                  seed: int = 0, device: str = "auto", python: str | None = None) -> CliJob:
-    """Step 2 as a job: the patient model file ``out`` (``inputs`` with ``--lesions``)."""
+    """Step 2 as a job: the patient model file ``out`` (``inputs`` with ``--lesions``);
+    ``weighting`` as ``finetune --weighting`` ("preset": the task's default)."""
     return CliJob([["finetune", "--model", model, *inputs["arguments"], "--slices", slices, "--iterations", str(iterations),
-                    "--weighting", weighting or "none", "--seed", str(seed), "--device", device, "--out", str(out)]], python)
+                    "--weighting", weighting, "--seed", str(seed), "--device", device, "--out", str(out)]], python)
 
 
 def followup_job(models: Sequence[tuple[str, str]], inputs: dict, out: str | Path, mc_samples: int = 25, device: str = "auto",

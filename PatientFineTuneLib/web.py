@@ -401,7 +401,7 @@ class PatientFineTuneWeb:
         create_task(self.finetune_and_segment())
 
     async def finetune_and_segment(self):
-        from .finetune import FinetuneConfig, finetune_patient_model
+        from .finetune import finetune_patient_model, shipped_config
         from .inference import segment_case
         from .modelcard import describe_patient_model
         from .slicerworkflow import MaskSource, add_followup_nodes, describe_followup, read_case
@@ -412,7 +412,7 @@ class PatientFineTuneWeb:
             baseline = read_case(self.base_bundle, self.volumes["baseline"], lesions=MaskSource(self.baseline_segmentation, segment_id), name="baseline")
             followup = read_case(self.base_bundle, self.volumes["followup"], name="follow-up")
             slices = [s.index for s in self.suggestions] if self.state.slice_selection == "suggested" else "all-lesion"
-            config = FinetuneConfig(iterations=int(self.state.iterations), holdout_check=not self.base_bundle.is_volume_model)
+            config = shipped_config(self.base_bundle, iterations=int(self.state.iterations))
             mc_samples = int(self.state.mc_samples)
         except Exception as error:  # e.g. an empty annotation, a non-number: the user's to fix
             with self.state:

@@ -1,4 +1,4 @@
-"""Base vs fine-tuned (shipped defaults: 100 iterations, the never-worse check) on real scans.
+"""Base vs fine-tuned (shipped defaults: 100 iterations, the preset's weighting, the never-worse check) on real scans.
 
 Two protocols, per case:
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_real_base_models import DATA, ground_truth, real_cases  # noqa: E402
 
 from PatientFineTuneLib import images, inference, metrics, modelcard, modelfile  # noqa: E402
-from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model, select_slices  # noqa: E402
+from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model, select_slices, shipped_config  # noqa: E402
 
 
 def load(spec: dict, bundle) -> images.Case:
@@ -56,7 +56,7 @@ OVERRIDES: dict = {}
 
 
 def finetune(base, case, slices):
-    config = FinetuneConfig(**{"holdout_check": True, **OVERRIDES})
+    config = shipped_config(base, **OVERRIDES)
     patient = finetune_patient_model(base, case, slices, config, device="cpu", allow_empty=True)
     return patient, patient.metadata["finetune"]["holdout_check"]
 

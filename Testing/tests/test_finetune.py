@@ -371,3 +371,19 @@ def test_the_check_holds_out_whole_slices_when_both_halves_hold_a_lesion(bundle,
     data = prepare_finetune_data(bundle, baseline, [lesion[0]], config)
     held, split = holdout_split(data, config)
     assert split == "blocks" and 0 < int(held[0].sum()) < int(data.organs[0].sum())
+
+
+def test_shipped_fine_tuning_takes_the_tasks_weighting():
+    """Every front end fine-tunes with the preset's weighting unless told otherwise:
+    segmentation for WMH, none for tumours (chosen on the real pairs), none for a U-Net."""
+    from PatientFineTuneLib.finetune import default_weighting, shipped_config
+    from PatientFineTuneLib.modelcard import resolve_model_path
+
+    assert default_weighting("brain-wmh") == "segmentation"
+    assert default_weighting("brain-tumor") is None
+    assert default_weighting("liver-metastases") == "detection"
+    assert default_weighting("brain-wmh", volume_model=True) is None and default_weighting(None) is None
+    wmh = shipped_config(load_model(resolve_model_path("brain-wmh")))
+    assert wmh.weighting == "segmentation" and wmh.holdout_check
+    tumour = shipped_config(load_model(resolve_model_path("brain-tumor")), iterations=20)
+    assert tumour.weighting is None and tumour.iterations == 20
