@@ -321,7 +321,7 @@ def _case_for_model(args, bundle, lesions: bool = False):
     """Load and normalise the case named by --case/--images (+ --organ, --lesions) in the
     model's sequence order; returns (case, organ path or None)."""
     from .cases import find_image
-    from .images import load_case, prepare_case
+    from .images import assign_series_uids, load_case, prepare_case
 
     names = [s["name"] for s in bundle.sequences]
     lesion_path = getattr(args, "lesions", None)
@@ -342,6 +342,7 @@ def _case_for_model(args, bundle, lesions: bool = False):
         paths, organ = args.images, args.organ
     if lesions and lesion_path is None:
         raise FileNotFoundError("this needs the baseline annotation: --lesions FILE (or lesions.nii.gz in the --case folder)")
+    series_uids = assign_series_uids(paths, args.series_uid)
     case = load_case(
         paths,
         organ_path=organ,
@@ -352,6 +353,7 @@ def _case_for_model(args, bundle, lesions: bool = False):
         auto_organ=bundle.auto_organ_mask,
         skull_stripped=args.skull_stripped,
         bias_correction=args.bias_correction,
+        series_uids=series_uids,
     )
     # on stderr: suggest prints its result as JSON on stdout
     if organ is None and bundle.auto_organ_mask:
@@ -708,6 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bias-correction", choices=("auto", "on", "off"), default="auto",
                        help="N4 bias-field correction inside the brain mask (auto: for skull-on scans without --organ)")
 
+    def add_series_option(p):
+        p.add_argument("--series-uid", action="append", default=[], metavar="UID",
+                       help="for an image folder holding several DICOM series: the one to read (repeat it for each such folder, in the order of the images)")
+
     def add(name, func, help_text):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
@@ -763,6 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write suggestions.json: the K slices worth annotating first, from the same pass (0 = off)")
     p.add_argument("--resample-to", action="store_true", help="resample sequences onto the first sequence's grid")
     add_scan_options(p)
+    add_series_option(p)
     p.add_argument("--overwrite", action="store_true")
 
     def add_case_options(p):
@@ -774,6 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto")
         p.add_argument("--resample-to", action="store_true", help="resample sequences onto the first sequence's grid")
         add_scan_options(p)
+        add_series_option(p)
 
     p = add("suggest", cmd_suggest, "Rank baseline slices to annotate: mean lesion softmax closest to 0.5 first.")
     add_case_options(p)

@@ -53,15 +53,15 @@ class GeometryError(ImageError):
 # Reading and writing
 
 
-def read_image(path: str | os.PathLike | sitk.Image) -> sitk.Image:
-    """Read any image SimpleITK can read, or a folder holding one DICOM series, with a
-    clear error otherwise (an image already in memory, e.g. from a Slicer volume node, is
-    returned as it is)."""
+def read_image(path: str | os.PathLike | sitk.Image, series_uid: str | None = None) -> sitk.Image:
+    """Read any image SimpleITK can read, or a folder holding a DICOM series (the one with
+    ``series_uid`` when it holds several), with a clear error otherwise (an image already
+    in memory, e.g. from a Slicer volume node, is returned as it is)."""
     if isinstance(path, sitk.Image):
         return path
     path = Path(path)
     if path.is_dir():
-        return read_dicom_series(path)
+        return read_dicom_series(path, series_uid)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
     try:
@@ -74,20 +74,46 @@ def read_image(path: str | os.PathLike | sitk.Image) -> sitk.Image:
     return image
 
 
-def read_dicom_series(folder: Path) -> sitk.Image:
-    """The one DICOM series in ``folder`` as a 3D image (slices sorted by position)."""
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+def dicom_series_uids(folder: str | os.PathLike) -> list[str]:
+    """The DICOM series instance UIDs of the files in ``folder`` (not its subfolders)."""
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def read_dicom_series(folder: Path, series_uid: str | None = None) -> sitk.Image:
+    """One DICOM series of ``folder`` as a 3D image (slices sorted by position): the only
+    one, or the one with ``series_uid``."""
+    series = dicom_series_uids(folder)
     if not series:
         raise ImageError(f"{folder} is a folder without a DICOM series; give an image file (NIfTI, NRRD, ...) or a DICOM series folder")
-    if len(series) > 1:
-        raise ImageError(f"{folder} holds {len(series)} DICOM series ({', '.join(series[:3])}{', ...' if len(series) > 3 else ''}); "
-                         "put each series in its own folder")
+    listed = f"{', '.join(series[:4])}{', ...' if len(series) > 4 else ''}"
+    if series_uid is not None and series_uid not in series:
+        raise ImageError(f"{folder} holds no DICOM series {series_uid}; its series: {listed}")
+    if series_uid is None and len(series) > 1:
+        raise ImageError(f"{folder} holds {len(series)} DICOM series ({listed}); choose one with --series-uid UID, or put each series in its own folder")
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid or series[0]))
     try:
         return reader.Execute()
     except RuntimeError as exc:
         raise ImageError(f"could not read the DICOM series in {folder} ({str(exc).strip().splitlines()[-1]})") from None
+
+
+def assign_series_uids(paths: Sequence, series_uids: Sequence[str]) -> list[str | None]:
+    """Match ``series_uids`` (``--series-uid``, in order) to the ``paths`` that are folders
+    holding several DICOM series, in order; None for every other path.
+
+    Raises ImageError when more UIDs are given than such folders (a left-over UID would be
+    silently ignored otherwise).
+    """
+    remaining = list(series_uids)
+    assigned: list[str | None] = []
+    for path in paths:
+        several = not isinstance(path, sitk.Image) and Path(path).is_dir() and len(dicom_series_uids(path)) > 1
+        assigned.append(remaining.pop(0) if several and remaining else None)
+    if remaining:
+        raise ImageError(f"{len(series_uids)} --series-uid given but only {len(series_uids) - len(remaining)} image folder(s) hold several "
+                         "DICOM series; give one --series-uid per such folder, in the order of the images")
+    return assigned
 
 
 def nonfinite_voxels(source, values: np.ndarray) -> int:
@@ -446,6 +472,7 @@ def load_case(
     name: str = "",
     skull_stripped: str = "auto",
     bias_correction: str = "auto",
+    series_uids: Sequence[str | None] | None = None,
 ) -> Case:
     """Read a multi-sequence case onto one grid.
 
@@ -461,6 +488,8 @@ def load_case(
         grid instead of refusing mismatched grids.
     skull_stripped : for the automatic brain mask: "auto" (detected from the image),
         "yes" or "no".
+    series_uids : for sequences given as a DICOM folder holding several series, the
+        series to read (aligned with ``sequence_paths``; see :func:`assign_series_uids`).
     bias_correction : N4 bias-field correction of every sequence inside the brain mask:
         "auto" (only for a skull-on scan given without an organ mask, i.e. raw), "on",
         "off".
@@ -487,7 +516,7 @@ def load_case(
     grid = None
     sources = [source_name(p) for p in sequence_paths]
     for i, path in enumerate(sources):
-        image = read_image(sequence_paths[i])
+        image = read_image(sequence_paths[i], series_uids[i] if series_uids else None)
         if grid is not None:
             ref = grid
             this_grid = channels_and_grid(image)[1]

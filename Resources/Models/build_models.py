@@ -157,7 +157,7 @@ def _segment(bundle, case, preset, device):
 
 
 def evaluate_cases(bundle, preset, cases, device) -> list[dict]:
-    from PatientFineTuneLib.images import from_slices, load_case, prepare_case
+    from PatientFineTuneLib.images import load_case, prepare_case
     from PatientFineTuneLib.metrics import evaluate_case
 
     results = []
@@ -165,7 +165,7 @@ def evaluate_cases(bundle, preset, cases, device) -> list[dict]:
         case = prepare_case(load_case(**kwargs, expected_channels=[c for _, c in preset.sequences], auto_organ=preset.auto_organ_mask, name=name))
         mask = _segment(bundle, case, preset, device)
         gt = case.lesions
-        metrics = evaluate_case(from_slices(mask, case.axis), from_slices(gt, case.axis), case.grid.GetSpacing()[::-1])
+        metrics = evaluate_case(case.layout.from_slices(mask), case.layout.from_slices(gt), case.grid.GetSpacing()[::-1])
         print(f"  {name}: Dice {metrics['dice']:.3f}, AVD {metrics['avd_percent']:.1f}%, HD95 {metrics['hd95_mm']:.1f} mm, lesion F1 {metrics['lesion_f1']:.2f}")
         results.append({"case": name, **metrics})
     return results
@@ -186,7 +186,7 @@ def longitudinal_coverage(bundle, preset, data: Path, patient: str, device) -> d
     (every changed voxel is lesion in at least one of the studies)."""
     import SimpleITK as sitk
 
-    from PatientFineTuneLib.images import from_slices, load_case, prepare_case
+    from PatientFineTuneLib.images import load_case, prepare_case
     from PatientFineTuneLib.postprocess import label_lesions
 
     folder = data / "ljubljana_ms_longitudinal" / patient
@@ -207,7 +207,7 @@ def longitudinal_coverage(bundle, preset, data: Path, patient: str, device) -> d
                 paths[name] = str(Path(tmp) / f"{study}_{name}.nii.gz")
                 sitk.WriteImage(image, paths[name])
             case = prepare_case(load_case([paths["FLAIR"], paths["T1"]], organ_path=paths["organ"], name=f"{patient}/{study}"))
-            mask = from_slices(_segment(bundle, case, preset, device), case.axis)
+            mask = case.layout.from_slices(_segment(bundle, case, preset, device))
             volumes[study] = float(mask.sum() * np.prod(flair.GetSpacing()) / 1000.0)
             image = sitk.GetImageFromArray(mask.astype(np.uint8))
             image.CopyInformation(flair)

@@ -16,7 +16,7 @@ import torch
 from PatientFineTuneLib.images import ImageError, load_case, normalise
 from PatientFineTuneLib.modelfile import ModelBundle, ModelFileError, load_model, make_metadata, save_model
 
-from conftest import tiny_model
+from conftest import tiny_model, write_volume
 
 
 def cli(*args, timeout=300):
@@ -194,7 +194,8 @@ def test_a_model_file_with_a_malformed_body_is_refused_cleanly(tmp_path):
             load_model(tmp_path / "m.pt")
 
 
-def _write_dicom_series(volume: np.ndarray, folder, spacing=(0.9, 0.9, 3.0), origin=(-100.0, -120.0, -40.0)):
+def _write_dicom_series(volume: np.ndarray, folder, spacing=(0.9, 0.9, 3.0), origin=(-100.0, -120.0, -40.0),
+                        series="1.2.826.0.1.3680043.2.1125.1.4242", prefix="slice"):
     """A real DICOM series (one file per slice, with position, orientation and spacing)."""
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(volume.astype(np.int16))
@@ -202,25 +203,24 @@ def _write_dicom_series(volume: np.ndarray, folder, spacing=(0.9, 0.9, 3.0), ori
     image.SetOrigin(origin)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    series = "1.2.826.0.1.3680043.2.1125.1.4242"
     # GDCM's DICOM writer sets the process's LC_CTYPE to "C", after which Python decodes
     # every later subprocess's output as ASCII: put the locale back
     saved = locale.setlocale(locale.LC_ALL)
     try:
-        _write_slices(image, volume.shape[0], folder, writer, series, spacing)
+        _write_slices(image, volume.shape[0], folder, writer, series, spacing, prefix)
     finally:
         locale.setlocale(locale.LC_ALL, saved)
     return image
 
 
-def _write_slices(image, n, folder, writer, series, spacing):
+def _write_slices(image, n, folder, writer, series, spacing, prefix):
     for z in range(n):
         slice_ = image[:, :, z]
         for tag, value in {"0008|0060": "MR", "0020|000d": series + ".1", "0020|000e": series, "0020|0013": str(z + 1),
                            "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
                            "0020|0032": "\\".join(str(c) for c in image.TransformIndexToPhysicalPoint((0, 0, z)))}.items():
             slice_.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{prefix}{z:03d}.dcm"))
         writer.Execute(slice_)
 
 
@@ -237,6 +237,38 @@ def test_dicom_series_folders_are_read_and_a_single_slice_or_an_empty_folder_ref
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageError, match="folder without a DICOM series"):
         read_image(tmp_path / "empty")
+
+
+def test_a_study_folder_with_several_series_needs_series_uids_in_image_order(tmp_path):
+    """A study exported as one folder (FLAIR and T1 series side by side): without
+    --series-uid the reader lists the series and names the option; with one UID per such
+    folder, in the order of the images, each sequence reads its own series."""
+    from PatientFineTuneLib.images import assign_series_uids, read_image
+
+    rng = np.random.default_rng(1)
+    flair, t1 = rng.integers(0, 1000, (6, 20, 24)), rng.integers(0, 1000, (6, 20, 24))
+    uid_flair, uid_t1 = "1.2.826.0.1.3680043.2.1125.1.51", "1.2.826.0.1.3680043.2.1125.1.52"
+    study = tmp_path / "study"
+    _write_dicom_series(flair, study, series=uid_flair, prefix="flair")
+    _write_dicom_series(t1, study, series=uid_t1, prefix="t1")
+    with pytest.raises(ImageError, match="holds 2 DICOM series .*--series-uid"):
+        read_image(study)
+    with pytest.raises(ImageError, match="no DICOM series 1.2.3"):
+        read_image(study, "1.2.3")
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(study, uid_t1)), t1)
+    single = tmp_path / "single"
+    _write_dicom_series(flair, single, series=uid_flair)
+    # the same study folder twice (FLAIR, then T1) and a one-series folder between them
+    assert assign_series_uids([study, single, study], [uid_flair, uid_t1]) == [uid_flair, None, uid_t1]
+    with pytest.raises(ImageError, match="3 --series-uid given but only 2"):
+        assign_series_uids([study, single, study], [uid_flair, uid_t1, uid_t1])
+    organ = write_volume(tmp_path / "organ.nii.gz", np.ones(flair.shape, np.uint8), (0.9, 0.9, 3.0), (-100.0, -120.0, -40.0))
+    case = load_case([study, study], organ_path=organ, series_uids=[uid_flair, uid_t1])
+    stored = case.layout.from_slices(case.images[1])
+    assert np.array_equal(stored, t1.astype(np.float32))
+    # the command line refuses the study folder without the option, before any work
+    proc = cli("segment", "--model", "brain-wmh", "--images", study, study, "--organ", organ, "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "--series-uid" in proc.stderr and not (tmp_path / "o").exists()
 
 
 def test_messages_name_options_not_python_and_case_with_images_is_refused(small_pair_dir, tmp_path):

@@ -83,3 +83,27 @@ def test_shipped_models_are_listed_without_torch():
     code = "import sys; sys.modules['torch'] = None; from PatientFineTuneLib.modelcard import shipped_models; print(sorted(shipped_models()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(sorted(SHIPPED))
+
+
+def test_the_build_scripts_evaluation_scores_a_case_in_stored_order(tmp_path):
+    """build_models.py's evaluation (it writes the cards' held-out tables) runs on the
+    current library: a generated patient written to disk, segmented and scored against
+    its own lesion mask in stored voxel order. (It had gone stale: it imported a function
+    the geometry fixes removed.)"""
+    import importlib.util
+
+    from PatientFineTuneLib.synth import write_pair
+
+    spec = importlib.util.spec_from_file_location("build_models", RESOURCES / "build_models.py")
+    build_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_models)
+    write_pair(generate_pair("brain-wmh", 7, small=True), tmp_path / "pair", preview=False)
+    visit = tmp_path / "pair" / "followup"
+    files = {"sequence_paths": [visit / "FLAIR.nii.gz", visit / "T1.nii.gz"], "organ_path": visit / "organ.nii.gz",
+             "lesion_path": visit / "lesions.nii.gz"}
+    preset = PRESETS["brain-wmh"]
+    bundle = load_model(shipped_models()["brain-wmh"])
+    (row,) = build_models.evaluate_cases(bundle, preset, [("small", files)], "cpu")
+    # the shipped model finds the lesions of its own preset's patient: a score taken with
+    # prediction and truth in different voxel orders would be near 0
+    assert row["case"] == "small" and row["dice"] > 0.5 and row["lesion_recall"] > 0.5
