@@ -143,7 +143,11 @@ def deepbet_brain_mask(image: sitk.Image) -> np.ndarray:
     affine = np.diag([*canonical.GetSpacing(), 1.0])
     with warnings.catch_warnings():  # deepbet loads TorchScript, which torch now marks deprecated
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.load")
-        _, mask, _ = BrainExtraction(no_gpu=True).run(nibabel.Nifti1Image(voxels, affine))
+        try:
+            _, mask, _ = BrainExtraction(no_gpu=True).run(nibabel.Nifti1Image(voxels, affine))
+        except (AssertionError, ValueError) as error:  # no foreground for its box, or no component to keep
+            raise ValueError(f"the automatic brain mask (deepbet) found no brain ({error}); is this a head scan? "
+                             "Provide an organ mask (--organ)") from None
     mask_image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(mask.dataobj).transpose(2, 1, 0)).astype(np.uint8))
     mask_image.CopyInformation(canonical)
     back = sitk.Resample(mask_image, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)

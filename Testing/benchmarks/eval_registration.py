@@ -78,10 +78,10 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - start
             # judged on the raw FLAIRs, inside the reference brain, whatever the variant saw
             after = masked_correlation(study1, sitk.Resample(study2, study1, result.transform, sitk.sitkLinear, 0.0), judge)
-            row = {"patient": patient[-2:], "variant": name, "correlation": round(after, 4), "supplied": round(reference, 4),
-                   "gap": round(reference - after, 4), "seconds": round(seconds, 1)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append({"patient": patient[-2:], "variant": name, "correlation": round(after, 4), "supplied": round(reference, 4),
+                         "gap": round(reference - after, 4), "seconds": round(seconds, 1)})
+            print(f"{patient}  {name:<18} correlation {after:.4f}  supplied transforms {reference:.4f}  gap {reference - after:+.4f}  {seconds:5.1f} s",
+                  flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -139,6 +139,13 @@ def test_load_case_masks_and_corrects_a_raw_head_but_not_a_given_organ(tmp_path,
         load_case([path], bias_correction="yes")
 
 
+def test_an_image_without_a_head_gets_a_clear_error():
+    volume = np.zeros((20, 64, 64), np.float32)
+    volume[10, 30, 30] = 1.0
+    with pytest.raises(ValueError, match=r"automatic brain mask \(deepbet\) found no brain .*--organ"):
+        brain_mask(sitk.GetImageFromArray(volume))
+
+
 def test_tissue_outside_brain_does_not_depend_on_intensity_units():
     rng = np.random.default_rng(0)
     volume = rng.normal(100, 5, (20, 40, 40)).astype(np.float32)
