@@ -60,13 +60,26 @@ def reseed(seed: int, step: int) -> None:
     torch.manual_seed(seed * 1_000_003 + int(step))
 
 
-def optimiser_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
-    """One plain training step (gradients cleared, back-propagated, applied); returns the
-    loss as a number. Fine-tuning and U-Net training share it."""
+def optimiser_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> float:
+    """One training step (gradients cleared, back-propagated, applied, through ``scaler``
+    for float16 mixed precision); returns the loss as a number. Base training, fine-tuning
+    and U-Net training all take their steps here.
+
+    Raises RuntimeError on a non-finite loss, before the weights change: a diverged run
+    stops with a clear message instead of writing a model of NaNs.
+    """
+    value = loss.item()
+    if not np.isfinite(value):
+        raise RuntimeError("training diverged (non-finite loss); lower the learning rate, train in fp32, or check the inputs")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return value
 
 
 @contextmanager

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .files import atomic_write
 from .images import Case, resample_array, resampled_shape
 from .inference import predict_probability
-from .runtime import Cancelled, private_rng, reseed, resolve_device
+from .runtime import Cancelled, optimiser_step, private_rng, reseed, resolve_device
 from .metrics import dice
 from .model import LesionNet
 from .modelfile import ModelBundle
@@ -185,14 +185,7 @@ class TrainingStep:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
             logits = self.network(x)
         loss = F.cross_entropy(logits.float(), y.to(self.device), weight=self.weights)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        value = loss.item()
-        if not np.isfinite(value):
-            raise RuntimeError("training diverged (non-finite loss); lower the learning rate or train in fp32")
-        return value
+        return optimiser_step(self.optimizer, loss, self.scaler)
 
 
 def _save_checkpoint(path: Path, model, optimizer, iteration: int, config: TrainingConfig) -> None:

@@ -122,3 +122,34 @@ def test_resume_with_other_precision_is_refused(cases, tmp_path):
     config = TrainingConfig(iterations=4, patch_size=64, precision="amp")
     with pytest.raises(ValueError, match="different settings"):
         train_base_model(model, cases, SPACING, config, device="cpu", checkpoint_path=tmp_path / "ckpt.pt", resume=True, progress=False, log=lambda m: None)
+
+
+@pytest.mark.parametrize("loop", ["base training", "fine-tuning", "U-Net training"])
+def test_every_training_loop_stops_on_a_non_finite_loss_before_changing_weights(cases, loop):
+    """One optimiser step serves the three loops: a NaN in the inputs makes the loss
+    non-finite, and each stops with the same clear error, the weights untouched."""
+    import copy
+
+    from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model
+    from PatientFineTuneLib.modelfile import ModelBundle, make_metadata
+    from PatientFineTuneLib.volume_training import VolumeTrainingConfig, new_volume_model, train_volume_model
+
+    poisoned = copy.deepcopy(cases[0])
+    poisoned.images[:] = np.nan  # every patch and volume crop sees it
+    if loop == "base training":
+        model = tiny_model()
+        before = copy.deepcopy(model.state_dict())
+        run = lambda: train_base_model(model, [poisoned], SPACING, TrainingConfig(iterations=2, batch_size=2, patch_size=32, seed=0), device="cpu")  # noqa: E731
+    elif loop == "fine-tuning":
+        model = tiny_model()
+        before = copy.deepcopy(model.state_dict())
+        bundle = ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], SPACING))
+        run = lambda: finetune_patient_model(bundle, poisoned, "all-lesion", FinetuneConfig(iterations=2, method="naive"), device="cpu")  # noqa: E731
+    else:
+        model = new_volume_model([1, 1], width=4, depth=2)
+        before = copy.deepcopy(model.state_dict())
+        run = lambda: train_volume_model(model, [poisoned], VolumeTrainingConfig(iterations=2, batch_size=1, patch_mm=32.0, spacing_mm=4.0), device="cpu")  # noqa: E731
+    with pytest.raises(RuntimeError, match="training diverged \\(non-finite loss\\)"):
+        run()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point and "running" not in k and "num_batches" not in k)
