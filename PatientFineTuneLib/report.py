@@ -134,6 +134,8 @@ def _provenance(inputs: ReportInputs) -> str:
             ["Base model sha256", finetune.get("base_model_sha256", "-")],
             ["Preset", metadata.get("preset") or "-"],
             ["Slices annotated", ", ".join(map(str, finetune.get("slices", []))) or "-"],
+            ["Baseline organ mask", (finetune.get("case") or {}).get("organ") or "-"],
+            ["Bias-field correction (N4)", "yes" if (finetune.get("case") or {}).get("bias_corrected") else "no"],
             ["Iterations", config.get("iterations", "-")],
             ["Weighting", config.get("weighting") or "none"],
             ["Seed", config.get("seed", "-")],

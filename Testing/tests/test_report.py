@@ -93,6 +93,8 @@ def test_the_report_opens_in_chromium_and_shows_what_a_radiologist_needs(small_p
         for heading in ("Inputs and models", "Suggested baseline slices", "Lesions at each visit", "What changed", "Uncertainty", "Figures"):
             assert heading in body, heading
         assert "Never-worse check" in body and "Base model sha256" in body
+        # which brain mask the patient model was fine-tuned inside, and whether N4 ran
+        assert "Baseline organ mask" in body and "organ.nii.gz" in body and "Bias-field correction (N4)" in body
         # the change table: one row per lesion group, with its category
         rows = page.locator("section:has(h2:text('What changed')) table").nth(1).locator("tbody tr")
         assert rows.count() == len(changes["lesions"]) > 0
