@@ -123,12 +123,12 @@ def deepbet_brain_mask(image: sitk.Image) -> np.ndarray:
     neighbour on coincident voxel centres, so it is exact for any storage order,
     oblique or flipped.
 
+    deepbet runs on the CPU (1.1-1.7 s per scan on 2 cores, the model loaded each time):
+    the case is read before the network's device is chosen, and the time is small.
+
     Parameters
     ----------
     image : a 3D scalar SimpleITK image
-
-    deepbet runs on the CPU (1.1-1.7 s per scan on 2 cores, the model loaded each time):
-    the case is read before the network's device is chosen, and the time is small.
 
     Returns
     -------
