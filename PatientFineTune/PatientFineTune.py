@@ -479,6 +479,8 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 with slicer.util.tryWithErrorDisplay(_("Loading the results failed."), waitCursor=True):
                     {"analyse": self.onAnalyseDone, "finetune": self.onFinetuneDone, "followup": self.onSegmentDone}[job.kind](
                         self.logic.finishStep(job))
+                if job.job.notes:  # what was done to the inputs, e.g. the automatic brain mask and N4
+                    self.ui.statusLabel.text = "\n".join([self.ui.statusLabel.text, *job.job.notes]).strip()
         finally:
             self.logic.discardStep(job)
             self.updateButtons()

@@ -30,6 +30,16 @@ def _step(args, name: str, total: int | None = None, unit: str = "it") -> StepPr
     return StepProgress(args.progress, name, total, unit)
 
 
+def _note(args, text: str) -> None:
+    """What the command did to the inputs that the user should know: a ``note`` event with
+    ``--progress json`` (the Slicer module and jobs show it), else a line on stderr (suggest
+    prints its result as JSON on stdout)."""
+    if args.progress == "json":
+        emit("note", text=text)
+    else:
+        print(text, file=sys.stderr)
+
+
 def _report_device(args, device) -> None:
     """The machine-readable line of what runs the network (``--progress json`` only)."""
     if args.progress == "json":
@@ -355,11 +365,10 @@ def _case_for_model(args, bundle, lesions: bool = False):
         bias_correction=args.bias_correction,
         series_uids=series_uids,
     )
-    # on stderr: suggest prints its result as JSON on stdout
     if organ is None and bundle.auto_organ_mask:
-        print(case.sources["organ"], file=sys.stderr)
+        _note(args, case.sources["organ"])
     if case.sources["bias_corrected"]:
-        print("bias field corrected (N4) inside the brain mask", file=sys.stderr)
+        _note(args, "bias field corrected (N4) inside the brain mask")
     return prepare_case(case), organ
 
 

@@ -52,6 +52,9 @@ class CliJob:
     log : the last 200 plain output lines (not JSON events).
     error : the failing command's one-line message, or None.
     device : what the commands run the network on, as they report it, or None.
+    notes : what the commands did to the inputs that the user should know (``note``
+        events: e.g. which brain mask was made and whether the scan was bias-corrected),
+        without repeats.
     step : index of the command running now.
     """
 
@@ -70,6 +73,7 @@ class CliJob:
         self.log: deque[str] = deque(maxlen=200)
         self.error: str | None = None
         self.device: str | None = None
+        self.notes: list[str] = []
         self.cancelled = False
         self._process: subprocess.Popen | None = None
         self._buffer = b""
@@ -211,6 +215,8 @@ class CliJob:
                 self.error = event.get("message") or "failed"
             elif kind == "device":
                 self.device = event.get("description")
+            elif kind == "note" and event.get("text") and event["text"] not in self.notes:
+                self.notes.append(event["text"])
         return events
 
     def _last_log_line(self) -> str | None:

@@ -200,8 +200,8 @@ def test_real_skull_stripped_scans_are_detected():
 
 def test_segment_cli_masks_a_raw_head_and_says_how(tmp_path):
     """The shipped brain-wmh model on a skull-on synthetic head given without an organ
-    mask: the CLI says which brain mask it made and that it bias-corrected, and writes the
-    mask, which covers the true brain."""
+    mask: the CLI says which brain mask it made and that it bias-corrected (on stderr, or
+    as note events for a job), and writes the mask, which covers the true brain."""
     import subprocess
     import sys
 
@@ -218,3 +218,9 @@ def test_segment_cli_masks_a_raw_head_and_says_how(tmp_path):
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "organ_mask.nii.gz"))) > 0
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(visit / "organ.nii.gz"))) > 0
     assert dice(mask, truth) > 0.93
+    # as a job (what the Slicer module runs): the same two facts arrive as note events
+    from PatientFineTuneLib.jobs import CliJob
+
+    job = CliJob([["segment", "--model", "brain-wmh", "--images", visit / "FLAIR.nii.gz", visit / "T1.nii.gz", "--out", tmp_path / "job"]]).start()
+    assert job.wait(300) and job.succeeded, job.error
+    assert len(job.notes) == 2 and job.notes[0].startswith("automatic brain mask (deepbet; scan skull on") and "N4" in job.notes[1]
