@@ -447,7 +447,7 @@ def _train_and_save(args, description: str, iterations: int, train, out: Path) -
 
 
 def cmd_finetune(args) -> None:
-    from .finetune import FinetuneConfig, default_weighting, finetune_patient_model
+    from .finetune import finetune_patient_model, shipped_config
     from .modelfile import load_model
 
     out, model = _derived_model_paths(args, "base")
@@ -456,13 +456,9 @@ def cmd_finetune(args) -> None:
     refuse_inputs_as_outputs(_case_inputs(case, model), [out])
     check = args.check and not bundle.is_volume_model  # the check holds out 2D slice blocks
     _report_device(args, args.device)
-    if args.weighting == "preset":
-        weighting = default_weighting(bundle.preset.name if bundle.preset else None, bundle.is_volume_model)
-    else:
-        weighting = None if args.weighting == "none" else args.weighting
-    config = FinetuneConfig(iterations=args.iterations, weighting=weighting,
-                            seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers, pixel_fraction=args.pixel_fraction,
-                            holdout_check=check)
+    chosen = {} if args.weighting == "preset" else {"weighting": None if args.weighting == "none" else args.weighting}
+    config = shipped_config(bundle, iterations=args.iterations, seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers,
+                            pixel_fraction=args.pixel_fraction, holdout_check=check, **chosen)
     info, sha = _train_and_save(
         args, "finetune", config.iterations * (2 if check else 1),
         lambda progress: finetune_patient_model(bundle, case, args.slices, config, device=args.device, progress=progress),

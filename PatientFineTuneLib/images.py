@@ -105,6 +105,8 @@ def assign_series_uids(paths: Sequence, series_uids: Sequence[str]) -> list[str 
     Raises ImageError when more UIDs are given than such folders (a left-over UID would be
     silently ignored otherwise).
     """
+    if not series_uids:  # a folder with several series is refused when it is read
+        return [None] * len(paths)
     remaining = list(series_uids)
     assigned: list[str | None] = []
     for path in paths:

@@ -129,13 +129,14 @@ def _provenance(inputs: ReportInputs) -> str:
         metadata = read_model_metadata(inputs.patient_model)
         finetune = metadata.get("finetune") or {}
         config = finetune.get("config", {})
+        case = finetune.get("case") or {}
         rows = [
             ["Patient model", str(inputs.patient_model)],
             ["Base model sha256", finetune.get("base_model_sha256", "-")],
             ["Preset", metadata.get("preset") or "-"],
             ["Slices annotated", ", ".join(map(str, finetune.get("slices", []))) or "-"],
-            ["Baseline organ mask", (finetune.get("case") or {}).get("organ") or "-"],
-            ["Bias-field correction (N4)", "yes" if (finetune.get("case") or {}).get("bias_corrected") else "no"],
+            ["Baseline organ mask", case.get("organ") or "-"],
+            ["Bias-field correction (N4)", "yes" if case.get("bias_corrected") else "no"],
             ["Iterations", config.get("iterations", "-")],
             ["Weighting", config.get("weighting") or "none"],
             ["Seed", config.get("seed", "-")],

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from PatientFineTuneLib.brainmask import correct_bias_field, deepbet_brain_mask
+from PatientFineTuneLib.brainmask import deepbet_brain_mask, head_pair_for_registration
 from PatientFineTuneLib.registration import masked_correlation, register_followup
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -39,12 +39,6 @@ def as_mask(array: np.ndarray, image: sitk.Image) -> sitk.Image:
     mask = sitk.GetImageFromArray(array.astype(np.uint8))
     mask.CopyInformation(image)
     return mask
-
-
-def corrected(image: sitk.Image, brain: np.ndarray) -> sitk.Image:
-    out = sitk.GetImageFromArray(correct_bias_field(sitk.GetArrayFromImage(image), brain, image.GetSpacing()[::-1]))
-    out.CopyInformation(image)
-    return out
 
 
 def main(argv=None) -> int:
@@ -65,12 +59,12 @@ def main(argv=None) -> int:
         judge = sitk.Resample(sitk.ReadImage(str(folder / "brainmask_common.nii.gz")), study1, to_common1.GetInverse(), sitk.sitkNearestNeighbor, 0)
         supplied = sitk.CompositeTransform([to_common2, to_common1.GetInverse()])
         reference = masked_correlation(study1, sitk.Resample(study2, study1, supplied, sitk.sitkLinear, 0.0), judge)
-        brain1, brain2 = deepbet_brain_mask(study1), deepbet_brain_mask(study2)
+        brain1 = deepbet_brain_mask(study1)
         variants = {
             "reference mask": (study1, study2, judge),
             "no mask": (study1, study2, None),
             "deepbet mask": (study1, study2, as_mask(brain1, study1)),
-            "deepbet mask + N4": (corrected(study1, brain1), corrected(study2, brain2), as_mask(brain1, study1)),
+            "deepbet mask + N4": head_pair_for_registration(study1, study2, skull_stripped="no"),  # what compare --baseline-organ brain does
         }
         for name, (fixed, moving, mask) in variants.items():
             start = time.perf_counter()
