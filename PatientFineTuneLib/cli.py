@@ -289,7 +289,7 @@ def _train_unet3d(args, preset, device, out: Path) -> None:
     cases = _load_cases(args.train, sequences, args, require_lesions=True)
     config = VolumeTrainingConfig(
         iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        spacing_mm=args.spacing_mm, patch_mm=args.patch_mm, seed=args.seed,
+        spacing_mm=args.spacing_mm, patch_mm=args.patch_mm, seed=args.seed, precision=args.precision,
     )
     model = new_volume_model([s["channels"] for s in sequences], width=args.width, seed=args.seed)
     print(f"3D U-Net, {sum(p.numel() for p in model.parameters()):,} parameters, {config.patch_voxels(model.size_multiple)}^3-voxel patches "
@@ -458,7 +458,7 @@ def cmd_finetune(args) -> None:
     _report_device(args, args.device)
     chosen = {} if args.weighting == "preset" else {"weighting": None if args.weighting == "none" else args.weighting}
     config = shipped_config(bundle, iterations=args.iterations, seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers,
-                            pixel_fraction=args.pixel_fraction, holdout_check=check, **chosen)
+                            pixel_fraction=args.pixel_fraction, holdout_check=check, precision=args.precision, **chosen)
     info, sha = _train_and_save(
         args, "finetune", config.iterations * (2 if check else 1),
         lambda progress: finetune_patient_model(bundle, case, args.slices, config, device=args.device, progress=progress),
@@ -484,7 +484,7 @@ def cmd_transfer(args) -> None:
     args.auto_organ = bundle.auto_organ_mask
     cases = _load_cases(args.train, bundle.sequences, args, require_lesions=True)
     config = VolumeTrainingConfig(iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                  strategy=args.strategy, reset_last_layers=args.reset_last_layers, seed=args.seed)
+                                  strategy=args.strategy, reset_last_layers=args.reset_last_layers, seed=args.seed, precision=args.precision)
     info, sha = _train_and_save(
         args, "transfer", config.iterations,
         lambda progress: finetune_volume_model(bundle, cases, config, device=args.device, progress=progress),
@@ -719,6 +719,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--series-uid", action="append", default=[], metavar="UID",
                        help="for an image folder holding several DICOM series: the one to read (repeat it for each such folder, in the order of the images)")
 
+    def add_precision_option(p):
+        # training_loop.PRECISIONS, spelled out so that --help does not import torch
+        p.add_argument("--precision", choices=("fp32", "amp"), default="fp32", help="amp: mixed precision (float16 on GPUs, bfloat16 on CPUs)")
+
     def add(name, func, help_text):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
@@ -748,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps; under torchrun each process uses cuda:LOCAL_RANK")
-    p.add_argument("--precision", choices=["fp32", "amp"], default="fp32", help="amp: mixed precision (float16 on GPUs, bfloat16 on CPUs)")
+    add_precision_option(p)
     p.add_argument("--channels-last", action="store_true", help="channels-last tensors (faster convolutions on recent GPUs)")
     p.add_argument("--checkpoint", help="checkpoint file (default OUT.checkpoint)")
     p.add_argument("--checkpoint-every", type=count_at_least(1), default=500)
@@ -812,6 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", choices=["head", "all", "decoder", "last-layers"], default="head",
                    help="head: the last two layers (the paper; a 3D U-Net's output layer); all: every layer (seed 002's FT_All; naive loop, slower); "
                         "3D U-Net only: decoder, last-layers")
+    add_precision_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
@@ -825,6 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=count_at_least(1), default=1000)
     p.add_argument("--batch-size", type=count_at_least(1), default=2)
     p.add_argument("--learning-rate", type=float, default=1e-4)
+    add_precision_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--lesion-labels", help="comma-separated label values counted as lesion (default: any > 0)")

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from .images import Case, resample_array, resampled_shape
 from .inference import predict_probability
 from .metrics import lesion_detection
-from .runtime import Cancelled, optimiser_step, resolve_device
+from .runtime import resolve_device
+from .training_loop import check_precision, training_loop
 from .modelfile import ModelBundle, derived_metadata
 from .patches import corner_and_centre_patch_centres, extract_patches
 from .postprocess import postprocess
@@ -80,6 +81,7 @@ class FinetuneConfig(PatchTrainingConfig):
     head_norm: str = "batch"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.layers not in LAYER_CHOICES:
             raise ValueError(f"layers must be one of {', '.join(LAYER_CHOICES)}, not {self.layers!r}")
         if not 0 < self.pixel_fraction <= 1:
@@ -399,10 +401,86 @@ def _held_out_scores(model, data: FinetuneData, held: list[torch.Tensor], device
             "lesion_f1": float(lesion_detection(stack(predicted), stack(annotated))["lesion_f1"])}
 
 
-def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress, cancel):
-    """The training loop of fine-tuning on ``data``: a copy of the base model, the head (or
-    every layer) trained; returns (model, losses, method)."""
-    # channels-last: the backbone runs 1.5x faster on a CPU; BN keeps its statistics (eval)
+class LiveFeatures:
+    """Feature source of the naive path: the backbone runs on every draw (with gradients
+    when every layer trains)."""
+
+    def __init__(self, model, data: FinetuneData, config: FinetuneConfig, device):
+        self.model, self.data, self.config, self.device = model, data, config, device
+
+    def __call__(self, picks) -> torch.Tensor:
+        """Backbone output (B, C, H, W) of the picked (slice, patch, angle) inputs."""
+        x = torch.cat([_patch(self.data, p, self.config.patch_size, "image") for p in picks]).to(self.device)
+        with torch.set_grad_enabled(self.config.layers == "all"):
+            return self.model.features(x)
+
+
+class CachedFeatures:
+    """Feature source of the fast path: the frozen backbone runs once per distinct
+    (slice, patch, angle) input; each batch is copied into one reused channels-last
+    buffer (a fresh 170 MB tensor per iteration costs more in page faults than the copy)."""
+
+    def __init__(self, model, data: FinetuneData, config: FinetuneConfig, device):
+        self.model, self.data, self.config, self.device = model, data, config, device
+        self.cache: dict[tuple[int, int, int], torch.Tensor] = {}
+        shape = (config.batch_size, model.feature_channels, config.patch_size, config.patch_size)
+        self.batch = torch.empty(shape, device=device, memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def __call__(self, picks) -> torch.Tensor:
+        """Backbone output (B, C, H, W) of the picks, in the reused buffer (the caller may
+        overwrite it)."""
+        missing = list(dict.fromkeys(p for p in picks if p not in self.cache))
+        if missing:
+            x = torch.cat([_patch(self.data, p, self.config.patch_size, "image") for p in missing]).to(self.device)
+            with torch.autocast(self.device.type, enabled=False):  # cached once, kept exact
+                features = self.model.features(x).contiguous(memory_format=torch.channels_last)
+            for p, f in zip(missing, features):
+                self.cache[p] = f
+        for i, p in enumerate(picks):
+            self.batch[i].copy_(self.cache[p])
+        return self.batch
+
+
+def sampled_pixel_features(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Approximate mode: the feature vectors of the pixels at flat ``index`` into the
+    (B, H, W) batch (:func:`sample_pixels`), as one (1, C, P, 1) column for the head."""
+    rows = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    return rows.index_select(0, index).t()[None, :, :, None]
+
+
+class HeadDropoutMasks:
+    """The head's two element-wise dropout masks of each iteration, from (seed, iteration),
+    drawn into reused buffers (fresh ones cost more in page faults)."""
+
+    def __init__(self, model, seed: int, device):
+        self.layers = ((model.classifier[0], model.feature_channels), (model.classifier[4], model.head_width))
+        self.seed, self.device = seed, device
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, n_rows: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        masks = []
+        for which, (drop, channels) in enumerate(self.layers, start=1):
+            shape = (n_rows, channels)
+            if shape not in self.buffers:
+                self.buffers[shape] = torch.empty(shape, device=self.device)
+            masks.append(drop.keep(shape, self.device, seed=[self.seed, iteration, which], out=self.buffers[shape]))
+        return masks[0], masks[1]
+
+
+def weighted_loss(logits: torch.Tensor, target: torch.Tensor, pixel_weights: torch.Tensor | None, class_weights: torch.Tensor) -> torch.Tensor:
+    """Fine-tuning's loss: cross-entropy with the class weights, or with per-pixel weights
+    (seed 000's weighting schemes; also the check's masking of held-out pixels)."""
+    if pixel_weights is None:
+        return F.cross_entropy(logits, target, weight=class_weights)
+    return (F.cross_entropy(logits, target, reduction="none") * pixel_weights).sum() / pixel_weights.sum().clamp_min(1e-6)
+
+
+def _trainable_copy(bundle: ModelBundle, config: FinetuneConfig, device) -> tuple[torch.nn.Module, list]:
+    """A copy of the base model with the head (or every layer) trainable; returns it and
+    the parameters to optimise. Channels-last (the backbone runs 1.5x faster on a CPU);
+    the backbone's BatchNorm keeps its statistics (evaluation mode), the head's too when
+    ``head_norm`` is "frozen"."""
     model = copy.deepcopy(bundle.model).to(device, memory_format=torch.channels_last).eval()
     train_all = config.layers == "all"
     for p in model.parameters():
@@ -415,82 +493,39 @@ def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig,
                 m.eval()
     for p in head.parameters():
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam((model if train_all else head).parameters(), lr=config.learning_rate)
+    return model, list((model if train_all else head).parameters())
+
+
+def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress, cancel):
+    """Fine-tune a copy of the base model on ``data`` (the head, or every layer) in the
+    one training loop; returns (model, losses, method)."""
+    # gradients reach the channels-last backbone only when every layer trains
+    check_precision(config.precision, device, channels_last_backward=config.layers == "all")
+    model, parameters = _trainable_copy(bundle, config, device)
+    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
     class_weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
-    feature_bytes = 4 * model.feature_channels * config.patch_size**2
-    method = choose_method(data, config, feature_bytes)
-    cache: dict[tuple[int, int, int], torch.Tensor] = {}
-    if method == "fast":
-        # one reused batch buffer: a fresh 170 MB tensor per iteration costs more in page
-        # faults than the copy itself
-        shape = (config.batch_size, model.feature_channels, config.patch_size, config.patch_size)
-        batch = torch.empty(shape, device=device, memory_format=torch.channels_last)
+    method = choose_method(data, config, feature_bytes=4 * model.feature_channels * config.patch_size**2)
+    features_of = (CachedFeatures if method == "fast" else LiveFeatures)(model, data, config, device)
+    dropout_masks = HeadDropoutMasks(model, config.seed, device)
 
-    def features_of(picks) -> torch.Tensor | list[torch.Tensor]:
-        """Backbone output (C, H, W) of each pick: computed now as one (B, C, H, W) batch
-        (naive) or looked up in the cache (fast)."""
-        if method == "naive":
-            x = torch.cat([_patch(data, p, config.patch_size, "image") for p in picks]).to(device)
-            with torch.set_grad_enabled(train_all):
-                return model.features(x)
-        missing = list(dict.fromkeys(p for p in picks if p not in cache))
-        if missing:
-            x = torch.cat([_patch(data, p, config.patch_size, "image") for p in missing]).to(device)
-            with torch.no_grad():
-                features = model.features(x).contiguous(memory_format=torch.channels_last)
-                for p, f in zip(missing, features):
-                    cache[p] = f
-        return [cache[p] for p in picks]
-
-    def head_inputs(features, iteration: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The head's input (the batch, or the sampled pixels' feature vectors as one
-        column) and the flat pixel index that was sampled (None: every pixel)."""
-        if config.pixel_fraction == 1:
-            if method == "naive":
-                return features, None
-            for i, f in enumerate(features):
-                batch[i].copy_(f)
-            return batch, None
-        index = sample_pixels(config, iteration, len(features)).to(device)
-        per_patch = index.view(len(features), -1) % config.patch_size**2
-        columns = [f.permute(1, 2, 0).reshape(-1, f.shape[0]).index_select(0, i) for f, i in zip(features, per_patch)]
-        return torch.cat(columns).t()[None, :, :, None], index
-
-    drop1, drop2 = model.classifier[0], model.classifier[4]
-    mask_buffers: dict[tuple, torch.Tensor] = {}
-
-    def dropout_masks(n_rows: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head's two element-wise dropout masks of one iteration, from (seed,
-        iteration), drawn into reused buffers (fresh ones cost more in page faults)."""
-        masks = []
-        for which, (drop, channels) in enumerate(((drop1, model.feature_channels), (drop2, model.head_width)), start=1):
-            shape = (n_rows, channels)
-            if shape not in mask_buffers:
-                mask_buffers[shape] = torch.empty(shape, device=device)
-            masks.append(drop.keep(shape, device, seed=[config.seed, iteration, which], out=mask_buffers[shape]))
-        return masks[0], masks[1]
-
-    losses = []
-    for iteration in range(config.iterations):
-        if cancel is not None and cancel():
-            raise Cancelled(f"fine-tuning cancelled at iteration {iteration}")
+    def loss_of(iteration: int) -> torch.Tensor:
         picks = draw_batch(data, config, iteration)
-        inputs, index = head_inputs(features_of(picks), iteration)
+        features = features_of(picks)
         target = torch.cat([_patch(data, p, config.patch_size, "label") for p in picks])[:, 0].round().long().to(device)
-        w = torch.cat([_patch(data, p, config.patch_size, "weight") for p in picks])[:, 0].to(device) if data.weights is not None else None
-        if index is not None:  # the sampled pixels, in the column's order
+        weights = torch.cat([_patch(data, p, config.patch_size, "weight") for p in picks])[:, 0].to(device) if data.weights is not None else None
+        if config.pixel_fraction < 1:
+            index = sample_pixels(config, iteration, len(picks)).to(device)
+            features = sampled_pixel_features(features, index)
             target = target.reshape(-1)[index][None, :, None]
-            w = w.reshape(-1)[index][None, :, None] if w is not None else None
-        n_rows = inputs.shape[0] * inputs.shape[2] * inputs.shape[3]
-        # the inputs are this iteration's own copy (or a gathered column): dropout may overwrite them
-        logits = model.head(inputs, keep=dropout_masks(n_rows, iteration), overwrite=True)
-        if w is None:
-            loss = F.cross_entropy(logits, target, weight=class_weights)
-        else:
-            loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum().clamp_min(1e-6)
-        losses.append(optimiser_step(optimizer, loss))
-        if progress is not None:
-            progress(iteration + 1, losses[-1])
+            weights = weights.reshape(-1)[index][None, :, None] if weights is not None else None
+        n_rows = features.shape[0] * features.shape[2] * features.shape[3]
+        # the features are this iteration's own (a copy, a gathered column or a fresh
+        # backbone output): dropout may overwrite them
+        logits = model.head(features, keep=dropout_masks(n_rows, iteration), overwrite=True)
+        return weighted_loss(logits.float(), target, weights, class_weights)
+
+    losses = training_loop(loss_of, optimizer, range(config.iterations), seed=config.seed, device=device, precision=config.precision,
+                           after_step=progress, cancel=cancel, what="fine-tuning")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -512,6 +547,6 @@ def _finetune_volume(bundle, case, slices, config: FinetuneConfig, device, progr
     if case.lesions is None or not case.lesions.any():
         raise ValueError("fine-tuning needs the baseline annotation (lesion mask) with at least one lesion")
     volume_config = VolumeTrainingConfig(
-        iterations=config.iterations, learning_rate=config.learning_rate, strategy=config.layers, seed=config.seed
+        iterations=config.iterations, learning_rate=config.learning_rate, strategy=config.layers, seed=config.seed, precision=config.precision
     )
     return finetune_volume_model(bundle, [case], volume_config, device, progress, cancel)

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from .files import atomic_write
 from .images import Case, resample_array, resampled_shape
 from .inference import predict_probability
-from .runtime import Cancelled, optimiser_step, private_rng, reseed, resolve_device
+from .runtime import resolve_device
+from .training_loop import PRECISIONS, check_precision, training_loop
 from .metrics import dice
 from .model import LesionNet
 from .modelfile import ModelBundle
@@ -53,6 +54,12 @@ class PatchTrainingConfig:
     patch_size: int = 128
     max_rotation_deg: float = 45.0
     seed: int = 0
+    #: "fp32", or "amp": mixed precision (see :data:`~PatientFineTuneLib.training_loop.PRECISIONS`).
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
 
 @dataclass
@@ -60,14 +67,8 @@ class TrainingConfig(PatchTrainingConfig):
     """Hyper-parameters of base training; defaults are the paper's."""
 
     patches_per_slice: int = 25
-    #: "fp32", or "amp": autocast to float16 with loss scaling on CUDA, bfloat16 on CPU.
-    precision: str = "fp32"
     #: Run the network on channels-last tensors (helps convolutions on recent GPUs).
     channels_last: bool = False
-
-    def __post_init__(self):
-        if self.precision not in ("fp32", "amp"):
-            raise ValueError(f"precision must be 'fp32' or 'amp', not {self.precision!r}")
 
     def identity(self) -> dict:
         """Settings a resumed run must share with the run that wrote the checkpoint."""
@@ -156,36 +157,22 @@ def init_distributed(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
-class TrainingStep:
-    """One optimisation step of weighted cross-entropy, in fp32 or mixed precision.
+def patch_loss(network: torch.nn.Module, pool: PatchPool, config: TrainingConfig, device: torch.device, rank: int = 0) -> Callable[[int], torch.Tensor]:
+    """The loss of base training's iteration ``i`` as a function of ``i``: weighted
+    cross-entropy of ``network`` on :func:`sample_batch`'s patches. Shared with the
+    throughput benchmark, so what it times is what training runs. ``network`` may be a
+    DistributedDataParallel wrapper; it is put in the config's memory format here (a
+    network loaded for inference is channels-last already)."""
+    weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    network.to(memory_format=memory_format)
 
-    Shared by base training and the throughput benchmark, so what the benchmark times is
-    what training runs. ``network`` may be a DistributedDataParallel wrapper.
-    """
+    def loss_of(iteration: int) -> torch.Tensor:
+        x, y = sample_batch(pool, config, iteration, rank)
+        logits = network(x.to(device, memory_format=memory_format))
+        return F.cross_entropy(logits.float(), y.to(device), weight=weights)
 
-    def __init__(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainingConfig, device: torch.device):
-        self.network, self.optimizer, self.device = network, optimizer, device
-        self.weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
-        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        amp = config.precision == "amp"
-        if amp and config.channels_last and device.type == "cpu":
-            # Measured with torch 2.13: the first bfloat16 channels-last backward pass of
-            # the dilated convolutions on CPU already gives non-finite weights.
-            raise ValueError("mixed precision with channels-last is not supported on CPU (non-finite gradients); use one of the two")
-        # bfloat16 keeps float32's exponent range, so it needs no loss scaling; float16
-        # (the fast type on CUDA and MPS) does.
-        self.autocast_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-        self.autocast = amp
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp and self.autocast_dtype == torch.float16)
-        # explicit either way: a network loaded for inference is channels-last already
-        network.to(memory_format=self.memory_format)
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        x = x.to(self.device, memory_format=self.memory_format)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
-            logits = self.network(x)
-        loss = F.cross_entropy(logits.float(), y.to(self.device), weight=self.weights)
-        return optimiser_step(self.optimizer, loss, self.scaler)
+    return loss_of
 
 
 def _save_checkpoint(path: Path, model, optimizer, iteration: int, config: TrainingConfig) -> None:
@@ -255,6 +242,7 @@ def train_base_model(
 
     config = config or TrainingConfig()
     device = resolve_device(device)
+    check_precision(config.precision, device, channels_last_backward=config.channels_last)
     rank, world = distributed_rank_and_size()
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -275,28 +263,27 @@ def train_base_model(
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         network = model
-    step = TrainingStep(network, optimizer, config, device)
-
     history: list[dict] = []
-    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, disable=not progress or rank > 0, desc="train-base", mininterval=2.0)
-    with private_rng(device):
-        for iteration in bar:
-            if cancel is not None and cancel():
-                raise Cancelled(f"training cancelled at iteration {iteration}")
-            reseed(config.seed, iteration * world + rank)
-            x, y = sample_batch(pool, config, iteration, rank)
-            done = iteration + 1
-            record = {"iteration": done, "loss": step(x, y)}
-            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-            if rank > 0:
-                history.append(record)
-                continue
-            if checkpoint_path is not None and (done % checkpoint_every == 0 or done == config.iterations):
-                _save_checkpoint(checkpoint_path, model, optimizer, done, config)
-            if val_cases and (done % validate_every == 0 or done == config.iterations):
-                record["val_dice"] = validation_dice(model, val_cases, training_spacing, device)
-                model.train()
-                bar.write(f"iteration {done}: loss {record['loss']:.4f}, validation Dice {record['val_dice']:.3f}")
-            history.append(record)
+    bar = tqdm(total=config.iterations, initial=start, disable=not progress or rank > 0, desc="train-base", mininterval=2.0)
+
+    def after_step(done: int, loss: float) -> None:
+        record = {"iteration": done, "loss": loss}
+        history.append(record)
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if rank > 0:
+            return
+        if checkpoint_path is not None and (done % checkpoint_every == 0 or done == config.iterations):
+            _save_checkpoint(checkpoint_path, model, optimizer, done, config)
+        if val_cases and (done % validate_every == 0 or done == config.iterations):
+            record["val_dice"] = validation_dice(model, val_cases, training_spacing, device)
+            model.train()
+            bar.write(f"iteration {done}: loss {loss:.4f}, validation Dice {record['val_dice']:.3f}")
+
+    try:
+        training_loop(patch_loss(network, pool, config, device, rank), optimizer, range(start, config.iterations), seed=config.seed,
+                      device=device, precision=config.precision, rank=rank, world=world, after_step=after_step, cancel=cancel)
+    finally:
+        bar.close()
     model.eval()
     return history

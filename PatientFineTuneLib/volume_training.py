@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .images import Case
-from .runtime import Cancelled, optimiser_step, private_rng, reseed, resolve_device
+from .runtime import private_rng, resolve_device
+from .training_loop import PRECISIONS, check_precision, training_loop
 from .modelfile import ModelBundle, derived_metadata
 from .unet3d import UNet3D
 from .volume_inference import case_on_model_grid
@@ -52,6 +53,12 @@ class VolumeTrainingConfig:
     strategy: str = "all"
     reset_last_layers: bool = False
     seed: int = 0
+    #: "fp32", or "amp": mixed precision (see :data:`~PatientFineTuneLib.training_loop.PRECISIONS`).
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
     def patch_voxels(self, multiple: int) -> int:
         """Patch edge in voxels: ``patch_mm`` at ``spacing_mm``, rounded to a multiple of
@@ -136,6 +143,7 @@ def train_volume_model(
     raises :class:`Cancelled` (the model is then half-trained: callers train a copy).
     """
     device = resolve_device(device)
+    check_precision(config.precision, device)
     patch = config.patch_voxels(model.size_multiple)
     spacing = (config.spacing_mm,) * 3
     volumes = prepare_volumes(cases, spacing, patch)
@@ -152,17 +160,13 @@ def train_volume_model(
     optimizer = torch.optim.Adam(trainable, lr=config.learning_rate)
     weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
     model.train()
-    losses: list[float] = []
-    with private_rng(device):
-        for iteration in range(config.iterations):
-            if cancel is not None and cancel():
-                raise Cancelled(f"training cancelled at iteration {iteration}")
-            x, y = sample_volume_batch(volumes, config, patch, iteration)
-            reseed(config.seed, iteration)
-            loss = F.cross_entropy(model(x.to(device)), y.to(device), weight=weights)
-            losses.append(optimiser_step(optimizer, loss))
-            if progress is not None:
-                progress(iteration + 1, losses[-1])
+
+    def loss_of(iteration: int) -> torch.Tensor:
+        x, y = sample_volume_batch(volumes, config, patch, iteration)
+        return F.cross_entropy(model(x.to(device)).float(), y.to(device), weight=weights)
+
+    losses = training_loop(loss_of, optimizer, range(config.iterations), seed=config.seed, device=device, precision=config.precision,
+                           after_step=progress, cancel=cancel)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -40,7 +40,8 @@ def main() -> None:
     from PatientFineTuneLib.model import LesionNet
     from PatientFineTuneLib.presets import get_preset
     from PatientFineTuneLib.synth import generate_pair, visit_case
-    from PatientFineTuneLib.training import TrainingConfig, TrainingStep, build_patch_pool, sample_batch
+    from PatientFineTuneLib.training import TrainingConfig, build_patch_pool, patch_loss
+    from PatientFineTuneLib.training_loop import check_precision, training_loop
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,16 +64,19 @@ def main() -> None:
             torch.manual_seed(0)
             model = LesionNet([c for _, c in preset.sequences], width=width).to(device).train()
             try:
-                step = TrainingStep(model, torch.optim.Adam(model.parameters(), lr=config.learning_rate), config, device)
+                check_precision(precision, device, channels_last_backward=channels_last)
             except ValueError as exc:
                 print(f"width {width:3d}  {label:24s} skipped: {exc}")
                 continue
-            for i in range(2):
-                step(*sample_batch(pool, config, i))
+            optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+
+            def run(iterations, model=model, config=config, optimizer=optimizer):
+                return training_loop(patch_loss(model, pool, config, device), optimizer, iterations, seed=0, device=device, precision=config.precision)
+
+            run(range(2))
             synchronise()
             start = time.perf_counter()
-            for i in range(args.iterations):
-                loss = step(*sample_batch(pool, config, 2 + i))
+            loss = run(range(2, 2 + args.iterations))[-1]
             synchronise()
             rate = args.iterations / (time.perf_counter() - start)
             baseline = baseline or rate

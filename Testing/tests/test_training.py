@@ -153,3 +153,46 @@ def test_every_training_loop_stops_on_a_non_finite_loss_before_changing_weights(
         run()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point and "running" not in k and "num_batches" not in k)
+
+
+@pytest.mark.parametrize("loop", ["fine-tuning, cached features", "fine-tuning, live features", "U-Net training"])
+def test_fine_tuning_and_unet_training_run_in_mixed_precision_like_base_training(cases, loop):
+    """The one training loop gives every caller mixed precision: bfloat16 autocast on a
+    CPU trains close to fp32 (same seed) but is really computed in lower precision."""
+    from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model
+    from PatientFineTuneLib.modelfile import ModelBundle, make_metadata
+    from PatientFineTuneLib.volume_training import VolumeTrainingConfig, new_volume_model, train_volume_model
+
+    def run(precision):
+        if loop.startswith("fine-tuning"):
+            model = tiny_model()
+            bundle = ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], SPACING))
+            method = "fast" if "cached" in loop else "naive"
+            losses = []
+            patient = finetune_patient_model(bundle, cases[0], "all-lesion", FinetuneConfig(iterations=3, method=method, precision=precision), device="cpu",
+                                             progress=lambda i, loss: losses.append(loss))
+            return patient.model.state_dict(), losses
+        model = new_volume_model([1, 1], width=4, depth=2)
+        losses = train_volume_model(model, [cases[0]], VolumeTrainingConfig(iterations=3, batch_size=1, patch_mm=32.0, spacing_mm=4.0, precision=precision), device="cpu")
+        return model.state_dict(), losses
+
+    reference, ref_losses = run("fp32")
+    amp, amp_losses = run("amp")
+    assert np.allclose(amp_losses, ref_losses, rtol=0.05) and amp_losses != ref_losses
+    assert all(torch.isfinite(v).all() for v in amp.values() if v.is_floating_point())
+    assert any(not torch.equal(amp[k], reference[k]) for k in reference if reference[k].is_floating_point())
+
+
+def test_mixed_precision_through_the_channels_last_backbone_is_refused_on_cpu_before_training(cases):
+    from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model
+    from PatientFineTuneLib.modelfile import ModelBundle, make_metadata
+
+    model = tiny_model()
+    bundle = ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], SPACING))
+    calls = []
+    with pytest.raises(ValueError, match="not supported on CPU"):
+        finetune_patient_model(bundle, cases[0], "all-lesion", FinetuneConfig(iterations=3, layers="all", precision="amp"), device="cpu",
+                               progress=lambda i, loss: calls.append(i))
+    assert calls == []
+    with pytest.raises(ValueError, match="precision must be one of fp32, amp"):
+        FinetuneConfig(precision="fp16")
