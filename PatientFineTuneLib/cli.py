@@ -458,9 +458,11 @@ def cmd_finetune(args) -> None:
     _report_device(args, args.device)
     chosen = {} if args.weighting == "preset" else {"weighting": None if args.weighting == "none" else args.weighting}
     config = shipped_config(bundle, iterations=args.iterations, seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers,
-                            pixel_fraction=args.pixel_fraction, holdout_check=check, precision=args.precision, **chosen)
+                            pixel_fraction=args.pixel_fraction, holdout_check=check, precision=args.precision, **chosen,
+                            **({"holdout_iterations": tuple(args.check_iterations)} if args.check_iterations else {}),
+                            **({"hard_negative_slices": args.hard_negatives} if args.hard_negatives is not None else {}))
     info, sha = _train_and_save(
-        args, "finetune", config.iterations * (2 if check else 1),
+        args, "finetune", config.progress_total(),
         lambda progress: finetune_patient_model(bundle, case, args.slices, config, device=args.device, progress=progress),
         out,
     )
@@ -803,6 +805,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="patient model file to write (never the base model)")
     p.add_argument("--slices", default="all-lesion", help="all-lesion (default), all-organ, suggested:K, suggested-lesion:K, or indices like 12,20")
     p.add_argument("--iterations", type=count_at_least(1), default=100)
+    p.add_argument("--check-iterations", type=count_at_least(1), nargs="+", metavar="N",
+                   help="iteration counts the never-worse check compares on the held-out part; the patient model trains the best "
+                        "(default: 1, 2 and 4 times --iterations; counts above --iterations only where at least 3 whole slices are held out)")
+    p.add_argument("--hard-negatives", type=count_at_least(0), metavar="K",
+                   help="with --slices all-lesion: also train on the K lesion-free slices where the base model finds the most lesion "
+                        "(default: the preset's, 6 for brain-tumor, 0 otherwise)")
     p.add_argument("--weighting", choices=["preset", "none", "segmentation", "detection"], default="preset",
                    help="pixel weighting of the loss (preset: the task's default, segmentation for brain-wmh, none for brain-tumor, "
                    "detection for liver-metastases; none for a 3D U-Net)")

@@ -31,6 +31,7 @@ patient is too small to re-estimate them); their scale and shift train.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -75,6 +76,20 @@ class FinetuneConfig(PatchTrainingConfig):
     holdout_check: bool = False
     #: Edge (model pixels) of the checkerboard blocks the check holds out.
     holdout_block_px: int = 32
+    #: Iteration counts the check compares on the held-out part (its model trains to the
+    #: largest and is scored at each); the patient model trains the count that did best
+    #: there. None: ``iterations`` only.
+    holdout_iterations: tuple[int, ...] | None = None
+    #: With the "all-lesion" selection (every lesion of the baseline annotated, so every
+    #: other organ slice is known to be lesion-free): also train on this many lesion-free
+    #: organ slices where the base model finds the most lesion, i.e. its false positives
+    #: (:func:`find_hard_negatives`). The check never holds them out.
+    hard_negative_slices: int = 0
+    #: Counts above ``iterations`` are compared only when the check holds out at least this
+    #: many whole slices: with fewer annotated slices the head overfits sooner and one
+    #: held-out slice is too little evidence to tell (real MS scan, 2 slices: 200
+    #: iterations looked best on the held-out slice and lost 0.14 Dice on the rest).
+    extend_min_held_out_slices: int = 3
     #: The head's BatchNorm: "batch" (PyTorch's training mode: batch statistics, running
     #: statistics replaced at momentum 0.1) or "frozen" (the base model's statistics kept;
     #: its scale and shift still train).
@@ -88,6 +103,23 @@ class FinetuneConfig(PatchTrainingConfig):
             raise ValueError(f"pixel_fraction must be in (0, 1], not {self.pixel_fraction}")
         if self.head_norm not in ("batch", "frozen"):
             raise ValueError(f"head_norm must be 'batch' or 'frozen', not {self.head_norm!r}")
+        if self.holdout_iterations is not None:
+            self.holdout_iterations = tuple(sorted({int(n) for n in self.holdout_iterations}))
+            if not self.holdout_iterations or self.holdout_iterations[0] < 1:
+                raise ValueError(f"holdout_iterations must be positive iteration counts, not {self.holdout_iterations!r}")
+
+    def check_iterations(self, held_out_slices: int | None = None) -> tuple[int, ...]:
+        """The iteration counts the never-worse check compares; with ``held_out_slices``
+        (whole slices the check holds out, 0 for blocks) only those it may compare there."""
+        counts = self.holdout_iterations or (self.iterations,)
+        if held_out_slices is not None and held_out_slices < self.extend_min_held_out_slices:
+            counts = tuple(c for c in counts if c <= self.iterations) or (self.iterations,)
+        return counts
+
+    def progress_total(self) -> int:
+        """Iterations a progress bar counts: the check's (the largest count it compares)
+        and the final model's (at most that many)."""
+        return 2 * max(self.check_iterations()) if self.holdout_check else self.iterations
 
     def angles(self) -> np.ndarray:
         """The fixed angle set; with ``n_angles=0`` one uniform angle per draw of the run,
@@ -111,6 +143,8 @@ class FinetuneData:
     centres: list[np.ndarray]  # (5, 2)
     angles: np.ndarray
     organs: list[torch.Tensor]  # (H, W) bool
+    #: slices added as hard negatives (:func:`find_hard_negatives`): they train, never held out
+    negatives: frozenset[int] = frozenset()
 
 
 def default_weighting(preset_name: str | None, volume_model: bool = False) -> str | None:
@@ -128,10 +162,16 @@ def default_weighting(preset_name: str | None, volume_model: bool = False) -> st
 def shipped_config(bundle: ModelBundle, **settings) -> FinetuneConfig:
     """The fine-tuning every front end (command line, Slicer, web app, demo) runs unless
     told otherwise: the preset's weighting (:func:`default_weighting`) and, for the 2D
-    network, the never-worse check; ``settings`` override any field."""
+    network, the preset's hard negatives and the never-worse check comparing 1, 2 and 4
+    times ``iterations`` (more only where at least 3 whole slices are held out): chosen on
+    the real scans, see docs/results.md; ``settings`` override any field."""
     defaults = {"weighting": default_weighting(bundle.preset.name if bundle.preset else None, bundle.is_volume_model),
-                "holdout_check": not bundle.is_volume_model}
-    return FinetuneConfig(**{**defaults, **settings})
+                "holdout_check": not bundle.is_volume_model,
+                "hard_negative_slices": bundle.preset.hard_negative_slices if bundle.preset and not bundle.is_volume_model else 0}
+    config = FinetuneConfig(**{**defaults, **settings})
+    if config.holdout_check and "holdout_iterations" not in settings:
+        config = dataclasses.replace(config, holdout_iterations=(config.iterations, 2 * config.iterations, 4 * config.iterations))
+    return config
 
 
 def select_slices(spec: str | Sequence[int], case: Case, bundle: ModelBundle | None = None, **predict_kwargs) -> list[int]:
@@ -159,6 +199,19 @@ def select_slices(spec: str | Sequence[int], case: Case, bundle: ModelBundle | N
         raise ValueError(f"unknown slice selection {spec!r}: use all-lesion, all-organ, suggested:K, suggested-lesion:K or indices like 3,7") from None
 
 
+def segment_with_base_model(bundle: ModelBundle, case: Case, device) -> np.ndarray:
+    """The base model's post-processed lesion mask (S, H, W) of the case."""
+    return postprocess(predict_probability(bundle, case, device=device), case.organ, opening=bundle.opening)
+
+
+def find_hard_negatives(base_prediction: np.ndarray, case: Case, k: int) -> list[int]:
+    """Up to ``k`` organ slices without annotated lesion where the base model found the
+    most lesion (its false positives there, largest first); only slices where it found any."""
+    area = (base_prediction & ~case.lesions.astype(bool)).sum(axis=(1, 2))
+    candidates = [s for s in np.argsort(-area, kind="stable") if area[s] > 0 and not case.lesions[s].any() and case.organ[s].any()]
+    return sorted(int(s) for s in candidates[:k])
+
+
 def prepare_finetune_data(
     bundle: ModelBundle,
     case: Case,
@@ -166,12 +219,16 @@ def prepare_finetune_data(
     config: FinetuneConfig,
     allow_empty: bool = False,
     device: str | torch.device = "cpu",
+    base_prediction: np.ndarray | None = None,
+    negatives: Sequence[int] = (),
 ) -> FinetuneData:
     """Check the chosen slices and cut them out at the model's spacing.
 
     Raises ValueError before any training for: no annotation, a slice outside the volume,
     a slice without organ, or (unless ``allow_empty``) no annotated lesion on any chosen
-    slice. A chosen slice without lesion is a valid annotation.
+    slice. A chosen slice without lesion is a valid annotation. ``base_prediction``: the
+    base model's post-processed result on the case, if already computed (the weighting
+    needs it); ``negatives``: which chosen slices are hard negatives.
     """
     if case.lesions is None:
         raise ValueError("fine-tuning needs the baseline annotation (lesion mask)")
@@ -191,10 +248,11 @@ def prepare_finetune_data(
     pixel_weights = None
     if config.weighting:
         # the base model's own result on the baseline decides where it must learn most
-        prediction = postprocess(predict_probability(bundle, case, device=device), case.organ, opening=bundle.opening)
-        pixel_weights = weight_map(config.weighting, prediction, case.lesions)
+        if base_prediction is None:
+            base_prediction = segment_with_base_model(bundle, case, device)
+        pixel_weights = weight_map(config.weighting, base_prediction, case.lesions)
     size = resampled_shape(case.images.shape[-2:], case.spacing, bundle.training_spacing)
-    data = FinetuneData(list(slices), [], [], [] if pixel_weights is not None else None, [], config.angles(), [])
+    data = FinetuneData(list(slices), [], [], [] if pixel_weights is not None else None, [], config.angles(), [], frozenset(negatives))
     for s in slices:
         data.images.append(resample_array(case.slice_tensor(s)[None], size)[0])
         masks = [case.lesions[s], case.organ[s]] + ([pixel_weights[s]] if pixel_weights is not None else [])
@@ -280,7 +338,10 @@ def finetune_patient_model(
         ``config.holdout_check`` the record has ``holdout_check`` (held-out Dice of the
         base and the fine-tuned model, ``kept``); when fine-tuning did not help there, the
         returned model is a copy of the base model (``method`` "base model kept").
-        Progress then counts ``2 * iterations``: the check's, then the final model's.
+        The check compares the iteration counts of ``config.check_iterations()`` and the
+        patient model trains the one that did best on the held-out part (``iterations`` in
+        the record). Progress runs to :meth:`FinetuneConfig.progress_total`: the check's
+        half, then the final model's.
     """
     config = config or FinetuneConfig()
     device = resolve_device(device)
@@ -289,19 +350,38 @@ def finetune_patient_model(
     if config.layers not in ("head", "all"):
         raise ValueError(f"the 2D network has no decoder; fine-tune its 'head' (the paper's last two layers) or 'all' layers, not {config.layers!r}")
     chosen = select_slices(slices, case, bundle, device=device)
-    data = prepare_finetune_data(bundle, case, chosen, config, allow_empty, device)
+    base_prediction, negatives = None, []
+    if config.hard_negative_slices and slices == "all-lesion" and case.lesions is not None:
+        base_prediction = segment_with_base_model(bundle, case, device)
+        negatives = find_hard_negatives(base_prediction, case, config.hard_negative_slices)
+    data = prepare_finetune_data(bundle, case, sorted(chosen + negatives), config, allow_empty, device, base_prediction, negatives)
     provenance = {"slices": chosen, "slice_selection": slices if isinstance(slices, str) else "explicit", "case": case.sources}
-    offset = 0
+    if negatives:
+        provenance["hard_negative_slices"] = negatives
+    # where the final model's progress goes on the bar of config.progress_total()
+    offset, planned = 0, config.progress_total()
     if config.holdout_check:
         check = holdout_check(bundle, data, config, device, progress, cancel)
-        offset = 0 if check.get("skipped") else config.iterations
         provenance["holdout_check"] = check
         if not check["kept"]:
             metadata = derived_metadata(bundle, config, [], method="base model kept", **provenance)
             return ModelBundle(copy.deepcopy(bundle.model).eval(), metadata)
-    shifted = None if progress is None else (lambda iteration, loss: progress(offset + iteration, loss))
-    model, losses, method = _train_head(bundle, data, config, device, shifted, cancel)
+        if not check.get("skipped"):
+            offset = planned = max(config.check_iterations())
+            config = dataclasses.replace(config, iterations=check["iterations"])
+    final_progress = _progress_in_steps_of(progress, offset, planned, config.iterations)
+    model, losses, method, _ = _train_head(bundle, data, config, device, final_progress, cancel)
     return ModelBundle(model, derived_metadata(bundle, config, losses, method=method, **provenance))
+
+
+def _progress_in_steps_of(progress, offset: int, planned: int, iterations: int):
+    """``progress(iteration, loss)`` of a run of ``iterations``, reported as ``offset`` plus
+    its share of ``planned``: the check may compare fewer counts, or the final model train
+    fewer iterations, than the bar was sized for (:meth:`FinetuneConfig.progress_total`),
+    and the bar still moves evenly to its end."""
+    if progress is None:
+        return None
+    return lambda iteration, loss: progress(offset + round(iteration * planned / iterations), loss)
 
 
 def holdout_mask(shape: Sequence[int], block_px: int, seed: int) -> torch.Tensor:
@@ -325,12 +405,15 @@ def holdout_split(data: FinetuneData, config: FinetuneConfig) -> tuple[list[torc
     """
     # lesion inside the organ: only those pixels are ever held out and scored
     has_lesion = [bool(((label[0] > 0.5) & organ).any()) for label, organ in zip(data.labels, data.organs)]
-    if len(data.slices) >= 2:
+    annotated = [k for k, s in enumerate(data.slices) if s not in data.negatives]  # hard negatives always train
+    nothing = torch.zeros_like(data.organs[0]) if data.organs else None
+    if len(annotated) >= 2:
         for parity in (config.seed % 2, 1 - config.seed % 2):
-            held = [k % 2 == parity for k in range(len(data.slices))]
+            held = [k in annotated and annotated.index(k) % 2 == parity for k in range(len(data.slices))]
             if any(lesion and not h for h, lesion in zip(held, has_lesion)) and any(lesion and h for h, lesion in zip(held, has_lesion)):
                 return [organ & h for organ, h in zip(data.organs, held)], "slices"
-    return [holdout_mask(o.shape, config.holdout_block_px, config.seed) & o for o in data.organs], "blocks"
+    return [holdout_mask(o.shape, config.holdout_block_px, config.seed) & o if k in annotated else nothing & o
+            for k, o in enumerate(data.organs)], "blocks"
 
 
 def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress=None, cancel=None) -> dict:
@@ -353,21 +436,37 @@ def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfi
     trained_on = sum(int((w > 0).sum()) for w in weights)
     if trained_on == 0 or sum(int(h.sum()) for h in held) == 0:
         return {"skipped": "the annotated organ is too small to hold out part of it", "kept": True}
-    check_data = FinetuneData(data.slices, data.images, data.labels, weights, data.centres, data.angles, data.organs)
-    model, losses, _ = _train_head(bundle, check_data, config, device, progress, cancel)
-    scores = {name: _held_out_scores(m, data, held, device) for name, m in (("base", bundle.model), ("finetuned", model))}
+    check_data = dataclasses.replace(data, weights=weights)
+    held_out_slices = [s for s, h in zip(data.slices, held) if split == "slices" and bool(h.any())]
+    counts = config.check_iterations(len(held_out_slices))
+    in_planned_steps = _progress_in_steps_of(progress, 0, max(config.check_iterations()), counts[-1])
+    model, losses, _, states = _train_head(bundle, check_data, dataclasses.replace(config, iterations=counts[-1]), device, in_planned_steps,
+                                           cancel, keep_states_at=counts)
+    base = _held_out_scores(bundle.model, data, held, device)
+    compared = []
+    for count in counts:
+        model.load_state_dict(states[count])
+        scores = _held_out_scores(model, data, held, device)
+        compared.append({"iterations": count, "dice": scores["dice"], "lesion_f1": scores["lesion_f1"],
+                         "passes": scores["dice"] >= base["dice"] and scores["lesion_f1"] >= base["lesion_f1"] - CHECK_F1_TOLERANCE})
+    passing = [c for c in compared if c["passes"]]
+    # the best held-out Dice among the counts that pass (the fewest iterations on a tie);
+    # none passing: the configured count's numbers say why the base model was kept
+    best = max(passing, key=lambda c: (c["dice"], -c["iterations"])) if passing else \
+        next((c for c in compared if c["iterations"] == config.iterations), compared[-1])
     return {
         "split": split,
-        "held_out_slices": [s for s, h in zip(data.slices, held) if split == "slices" and bool(h.any())],
+        "held_out_slices": held_out_slices,
         "block_px": config.holdout_block_px if split == "blocks" else None,
         "held_out_pixels": int(sum(int(h.sum()) for h in held)),
         "held_out_lesion_pixels": int(sum(int((d[0] > 0.5)[h].sum()) for d, h in zip(data.labels, held))),
-        "dice_base": scores["base"]["dice"],
-        "dice_finetuned": scores["finetuned"]["dice"],
-        "lesion_f1_base": scores["base"]["lesion_f1"],
-        "lesion_f1_finetuned": scores["finetuned"]["lesion_f1"],
-        "kept": scores["finetuned"]["dice"] >= scores["base"]["dice"]
-        and scores["finetuned"]["lesion_f1"] >= scores["base"]["lesion_f1"] - CHECK_F1_TOLERANCE,
+        "dice_base": base["dice"],
+        "dice_finetuned": best["dice"],
+        "lesion_f1_base": base["lesion_f1"],
+        "lesion_f1_finetuned": best["lesion_f1"],
+        "iterations": best["iterations"],
+        "compared": compared if len(compared) > 1 else None,
+        "kept": best["passes"],
         "final_loss": losses[-1] if losses else None,
     }
 
@@ -496,9 +595,10 @@ def _trainable_copy(bundle: ModelBundle, config: FinetuneConfig, device) -> tupl
     return model, list((model if train_all else head).parameters())
 
 
-def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress, cancel):
+def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress, cancel, keep_states_at: Sequence[int] = ()):
     """Fine-tune a copy of the base model on ``data`` (the head, or every layer) in the
-    one training loop; returns (model, losses, method)."""
+    one training loop; returns (model, losses, method, states): ``states`` the model's
+    state after each iteration count of ``keep_states_at``."""
     # gradients reach the channels-last backbone only when every layer trains
     check_precision(config.precision, device, channels_last_backward=config.layers == "all")
     model, parameters = _trainable_copy(bundle, config, device)
@@ -524,12 +624,20 @@ def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig,
         logits = model.head(features, keep=dropout_masks(n_rows, iteration), overwrite=True)
         return weighted_loss(logits.float(), target, weights, class_weights)
 
+    states = {}
+
+    def after_step(done: int, loss: float) -> None:
+        if done in keep_states_at:
+            states[done] = copy.deepcopy(model.state_dict())
+        if progress is not None:
+            progress(done, loss)
+
     losses = training_loop(loss_of, optimizer, range(config.iterations), seed=config.seed, device=device, precision=config.precision,
-                           after_step=progress, cancel=cancel, what="fine-tuning")
+                           after_step=after_step, cancel=cancel, what="fine-tuning")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, losses, method
+    return model, losses, method, states
 
 
 def _finetune_volume(bundle, case, slices, config: FinetuneConfig, device, progress, cancel) -> ModelBundle:

@@ -261,6 +261,8 @@ def describe_patient_model(finetune: dict) -> str:
     iterations = finetune.get("config", {}).get("iterations", "?")
     if "slices" in finetune:
         where = f"slices {', '.join(map(str, finetune['slices']))}"
+        if finetune.get("hard_negative_slices"):
+            where += f" and the lesion-free slices {', '.join(map(str, finetune['hard_negative_slices']))} where the base model found lesion"
     else:
         where = f"the whole baseline volume ({finetune.get('strategy') or finetune.get('config', {}).get('layers', '?')} layers)"
     check = finetune.get("holdout_check")
@@ -275,6 +277,8 @@ def describe_patient_model(finetune: dict) -> str:
     text = f"fine-tuned {iterations} iterations on {where}" + (f" ({finetune['method']} path)" if "method" in finetune else "")
     if check:
         text += f"; checked on {_held_out_part(check)} of the annotation: {_check_numbers(check)}"
+        if check.get("compared"):
+            text += f" (best of {', '.join(str(c['iterations']) for c in check['compared'])} iterations there)"
     return text + skipped
 
 

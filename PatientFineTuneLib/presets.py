@@ -1,5 +1,5 @@
 """Task presets: which sequences a model reads, how its output is post-processed, and
-which fine-tuning weighting scheme is the task's default."""
+the task's fine-tuning defaults (weighting scheme, hard negatives)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ class Preset:
     organ: str
     auto_organ_mask: bool
     description: str
+    #: Hard-negative slices fine-tuning adds when every baseline lesion is annotated
+    #: (``FinetuneConfig.hard_negative_slices``): 6 for tumours, chosen on the real
+    #: Brain-Tumor-Progression pairs (3, 6 and 12 all turned the base model's false
+    #: positives into Dice gains: BTP 02 0.304 -> 0.397 where fine-tuning without them was
+    #: refused by the check); none for WMH, where on synthetic pairs they cost Dice
+    #: (docs/results.md), and none for liver (no real data to decide on).
+    hard_negative_slices: int = 0
     #: Whether Resources/Models ships a base model for it (the research preset
     #: brain-new-lesions is trained by Testing/benchmarks/eval_new_lesions.py instead).
     ships_base_model: bool = True
@@ -56,6 +63,7 @@ PRESETS: dict[str, Preset] = {
             organ="brain",
             auto_organ_mask=True,
             description="Enhancing + necrotic brain tumour on T1 post-contrast",
+            hard_negative_slices=6,
         ),
         Preset(
             name="brain-new-lesions",

@@ -420,7 +420,7 @@ class PatientFineTuneWeb:
             return
         base, device = self.base_bundle, self.device
         followup_slices = int(followup.organ.any(axis=(1, 2)).sum())
-        training = config.iterations * (2 if config.holdout_check else 1)
+        training = config.progress_total()
 
         def work(progress, cancelled):
             patient = finetune_patient_model(base, baseline, slices, config, device=device, progress=progress, cancel=cancelled)

@@ -71,7 +71,8 @@ def cross_time(base, specs: dict) -> list[dict]:
         gt, spacing = ground_truth(post)
         row = {"protocol": "cross-time", "case": n, "route": "all-lesion",
                "base": scores(base, follow, gt, spacing), "finetuned": scores(patient, follow, gt, spacing),
-               "kept": check["kept"], "check": check, "seconds": round(time.perf_counter() - start, 1)}
+               "kept": check["kept"], "check": check, "seconds": round(time.perf_counter() - start, 1),
+               "hard_negative_slices": patient.metadata["finetune"].get("hard_negative_slices", [])}
         rows.append(row)
         report(row)
     return rows
@@ -102,6 +103,10 @@ def report(row: dict) -> None:
     print(f"{row['protocol']:<12} {row['case']:<10} {row['route']:<12} Dice {b['dice']:.3f} -> {f['dice']:.3f}  "
           f"lesion F1 {b['lesion_f1']:.3f} -> {f['lesion_f1']:.3f}  "
           f"{'fine-tuned kept' if row['kept'] else 'BASE kept'}  {row['seconds']:.0f} s", flush=True)
+    for c in row["check"].get("compared") or []:
+        print(f"    check, {c['iterations']} iterations: held-out Dice {c['dice']:.3f} vs base {row['check']['dice_base']:.3f}, "
+              f"F1 {c['lesion_f1']:.3f} vs {row['check']['lesion_f1_base']:.3f}{'' if c['passes'] else ' (fails)'}"
+              f"{'  <- chosen' if c['iterations'] == row['check']['iterations'] and row['kept'] else ''}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -111,6 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a FinetuneConfig setting to change, e.g. head_norm=frozen or iterations=200 (repeatable)")
+    parser.add_argument("--protocols", nargs="+", choices=["cross-time", "within-scan"], default=["cross-time", "within-scan"])
     args = parser.parse_args(argv)
     for item in args.set:
         name, value = item.split("=", 1)
@@ -123,8 +129,11 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     specs = {s["case"]: s for s in real_cases(args.data)}
-    rows = cross_time(modelfile.load_model(modelcard.resolve_model_path("brain-tumor")), specs)
-    rows += within_scan(modelfile.load_model(modelcard.resolve_model_path("brain-wmh")), specs)
+    rows = []
+    if "cross-time" in args.protocols:
+        rows += cross_time(modelfile.load_model(modelcard.resolve_model_path("brain-tumor")), specs)
+    if "within-scan" in args.protocols:
+        rows += within_scan(modelfile.load_model(modelcard.resolve_model_path("brain-wmh")), specs)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

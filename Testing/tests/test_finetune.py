@@ -1,5 +1,6 @@
 """Patient-specific fine-tuning, slice suggestion, weighting and MC dropout."""
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -385,5 +386,100 @@ def test_shipped_fine_tuning_takes_the_tasks_weighting():
     assert default_weighting("brain-wmh", volume_model=True) is None and default_weighting(None) is None
     wmh = shipped_config(load_model(resolve_model_path("brain-wmh")))
     assert wmh.weighting == "segmentation" and wmh.holdout_check
+    # the check compares 1, 2 and 4 times the iterations; hard negatives for tumours only
+    assert wmh.iterations == 100 and wmh.holdout_iterations == (100, 200, 400) and wmh.hard_negative_slices == 0
     tumour = shipped_config(load_model(resolve_model_path("brain-tumor")), iterations=20)
-    assert tumour.weighting is None and tumour.iterations == 20
+    assert tumour.weighting is None and tumour.iterations == 20 and tumour.holdout_iterations == (20, 40, 80)
+    assert tumour.hard_negative_slices == 6
+    assert shipped_config(load_model(resolve_model_path("brain-tumor")), holdout_check=False).holdout_iterations is None
+
+
+def test_the_check_compares_iteration_counts_and_the_patient_model_trains_the_best(shipped_and_patient):
+    """Early stopping inside the check: its model is scored on the held-out part after each
+    count; the patient model trains the count with the best held-out Dice that keeps the
+    promise, and is the same model as a plain run of that many iterations."""
+    base, baseline = shipped_and_patient
+    slices = sorted(baseline.lesion_slices(), key=lambda s: -baseline.lesions[s].sum())[:2]
+    steps = []
+    # 2 slices: one is held out, too little to train longer than asked on
+    config = FinetuneConfig(iterations=6, holdout_iterations=(3, 6, 12), holdout_check=True)
+    gated = finetune_patient_model(base, baseline, slices, config, device="cpu").metadata["finetune"]["holdout_check"]
+    assert len(gated["held_out_slices"]) == 1 and [c["iterations"] for c in gated["compared"]] == [3, 6]
+    config = dataclasses.replace(config, extend_min_held_out_slices=1)
+    assert config.progress_total() == 24
+    result = finetune_patient_model(base, baseline, slices, config, device="cpu", progress=lambda i, loss: steps.append(i))
+    check = result.metadata["finetune"]["holdout_check"]
+    compared = {c["iterations"]: c for c in check["compared"]}
+    assert sorted(compared) == [3, 6, 12]
+    assert len({c["dice"] for c in compared.values()}) > 1  # really scored at each count
+    for c in compared.values():
+        assert c["passes"] == (c["dice"] >= check["dice_base"] and c["lesion_f1"] >= check["lesion_f1_base"] - 0.02)
+    passing = [c for c in compared.values() if c["passes"]]
+    assert check["kept"] == bool(passing)
+    if passing:
+        best = max(passing, key=lambda c: (c["dice"], -c["iterations"]))
+        assert check["iterations"] == best["iterations"] and check["dice_finetuned"] == best["dice"]
+        assert result.metadata["finetune"]["config"]["iterations"] == best["iterations"]
+        # the bar moves evenly to its end however many iterations the final model takes
+        assert steps[:12] == list(range(1, 13)) and steps[-1] == 24 and len(steps) == 12 + best["iterations"]
+        assert all(a <= b for a, b in zip(steps, steps[1:]))
+        plain = finetune_patient_model(base, baseline, slices, FinetuneConfig(iterations=best["iterations"]), device="cpu")
+        for k, v in plain.model.state_dict().items():
+            assert torch.allclose(v, result.model.state_dict()[k]), k
+    # the check's model at a count is the plain run's model at that count: its held-out
+    # Dice at 12 equals that of a check run with only 12 iterations
+    only = finetune_patient_model(base, baseline, slices, FinetuneConfig(iterations=12, holdout_check=True), device="cpu")
+    assert only.metadata["finetune"]["holdout_check"]["dice_finetuned"] == pytest.approx(compared[12]["dice"], abs=1e-9)
+
+
+def test_no_count_that_keeps_the_promise_returns_the_base_model(shipped_and_patient):
+    base, baseline = shipped_and_patient
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    slices = sorted(baseline.lesion_slices(), key=lambda s: -baseline.lesions[s].sum())[:2]
+    harmful = FinetuneConfig(iterations=15, learning_rate=10.0, holdout_iterations=(10, 15), holdout_check=True)
+    result = finetune_patient_model(base, baseline, slices, harmful, device="cpu")
+    check = result.metadata["finetune"]["holdout_check"]
+    assert not check["kept"] and not any(c["passes"] for c in check["compared"])
+    assert check["iterations"] == 15 and result.metadata["finetune"]["method"] == "base model kept"
+    assert all(torch.equal(v, before[k]) for k, v in result.model.state_dict().items())
+    with pytest.raises(ValueError, match="holdout_iterations must be positive"):
+        FinetuneConfig(holdout_iterations=(0, 10))
+
+
+def test_hard_negatives_are_the_lesion_free_slices_the_base_model_errs_on_most(baseline):
+    from PatientFineTuneLib.finetune import find_hard_negatives
+
+    case = copy.copy(baseline)  # four lesion slices made lesion-free: enough empty organ slices
+    case.lesions = baseline.lesions.copy()
+    case.lesions[baseline.lesion_slices()[:4]] = 0
+    baseline = case
+    empty = [int(s) for s in np.flatnonzero(baseline.organ.any(axis=(1, 2))) if not baseline.lesions[s].any()]
+    assert len(empty) >= 4
+    prediction = baseline.lesions.astype(bool).copy()  # right wherever there is lesion
+    area = {empty[0]: 5, empty[2]: 40, empty[3]: 12}  # false positives on three lesion-free slices
+    for s, n in area.items():
+        rows, cols = np.nonzero(baseline.organ[s])
+        prediction[s, rows[:n], cols[:n]] = True
+    assert find_hard_negatives(prediction, baseline, 2) == sorted([empty[2], empty[3]])  # the two largest
+    assert find_hard_negatives(prediction, baseline, 10) == sorted(area)  # only slices with a false positive
+    prediction[baseline.lesion_slices()[0]] = baseline.organ[baseline.lesion_slices()[0]] > 0  # over-segmenting a lesion slice
+    assert find_hard_negatives(prediction, baseline, 10) == sorted(area)  # lesion slices are never negatives
+
+
+def test_hard_negatives_train_with_the_annotation_and_are_never_held_out(bundle, baseline):
+    config = FinetuneConfig(**CONFIG, hard_negative_slices=2, holdout_check=True)
+    patient = finetune_patient_model(bundle, baseline, "all-lesion", config, device="cpu")
+    record = patient.metadata["finetune"]
+    negatives = record["hard_negative_slices"]
+    # the untrained network finds "lesion" nearly everywhere: two lesion-free slices are added
+    assert len(negatives) == 2 and not any(baseline.lesions[s].any() for s in negatives)
+    assert record["slices"] == baseline.lesion_slices()
+    assert not set(negatives) & set(record["holdout_check"]["held_out_slices"])
+    data = prepare_finetune_data(bundle, baseline, sorted(baseline.lesion_slices() + negatives), config, negatives=negatives)
+    held, split = holdout_split(data, config)
+    lesion_positions = [k for k, s in enumerate(data.slices) if s not in negatives]
+    assert split == "slices" and [bool(held[k].any()) for k in lesion_positions] == [k % 2 == 0 for k in range(len(lesion_positions))]
+    assert not any(held[k].any() for k, s in enumerate(data.slices) if s in negatives)
+    # a partial annotation (explicit slices) says nothing about the other slices: no negatives
+    partial = finetune_patient_model(bundle, baseline, baseline.lesion_slices()[:2], config, device="cpu")
+    assert "hard_negative_slices" not in partial.metadata["finetune"]
