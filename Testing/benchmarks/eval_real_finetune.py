@@ -4,13 +4,16 @@ Two protocols, per case:
 
   cross-time   Brain-Tumor-Progression 01-03 (brain-tumor): fine-tune on the Pre scan's full
                annotation (all lesion slices), score base and patient model on the Post scan.
-  within-scan  Ljubljana MS cross 07, 19, 26 (brain-wmh): annotate a subset of one scan's
-               slices, fine-tune on them, score both models on the slices not used:
-               "every-other" (the even lesion slices) and "suggested-2" (the 2 suggested
-               among the lesion slices, the interactive route).
+  within-scan  Ljubljana MS cross 07, 19, 26 (brain-wmh) and BraTS 2015 05, 06 (brain-tumor;
+               01-04 trained that base model, so they are left out): annotate a subset
+               of one scan's slices, fine-tune on them, score both models on the slices
+               not used: "every-other" (the even lesion slices) and "suggested-2" (the 2
+               suggested among the lesion slices, the interactive route).
 
-Dice and lesion F1 (26-connected, in 3D) of base and fine-tuned, and whether the check kept
-the base model. The case loading is that of ``eval_real_base_models.py``.
+Dice, AVD and lesion F1 (26-connected, in 3D) of base and fine-tuned, whether the check kept
+the base model, and at the end the paper's statistics over all runs (mean ± SD and paired
+t-test for Dice and AVD, median [IQR] and Wilcoxon for lesion F1), the promise count and
+the mean Dice gain. The case loading is that of ``eval_real_base_models.py``.
 
     python Testing/benchmarks/eval_real_finetune.py --threads 2 --json real_finetune.json
 """
@@ -48,7 +51,7 @@ def scores(bundle, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_s
     if keep_slices is not None:
         pred, gt = pred & keep_slices[:, None, None], gt & keep_slices[:, None, None]
     m = metrics.evaluate_case(case.layout.from_slices(pred), case.layout.from_slices(gt), spacing_zyx)
-    return {"dice": float(m["dice"]), "lesion_f1": float(m["lesion_f1"])}
+    return {"dice": float(m["dice"]), "avd_percent": float(m["avd_percent"]), "lesion_f1": float(m["lesion_f1"])}
 
 
 #: FinetuneConfig settings on top of the shipped defaults (``--set name=value``).
@@ -78,9 +81,14 @@ def cross_time(base, specs: dict) -> list[dict]:
     return rows
 
 
-def within_scan(base, specs: dict) -> list[dict]:
+#: Single-visit real scans of the within-scan protocol, per shipped model (BraTS 01-04
+#: trained the brain-tumor model).
+WITHIN_SCAN = {"brain-wmh": ("patient07", "patient19", "patient26"), "brain-tumor": ("brats_2013_pat0005_1", "brats_2013_pat0006_1")}
+
+
+def within_scan(base, specs: dict, names: tuple[str, ...]) -> list[dict]:
     rows = []
-    for name in ("patient07", "patient19", "patient26"):
+    for name in names:
         spec = specs[name]
         case = load(spec, base)
         gt, spacing = ground_truth(spec)
@@ -133,10 +141,27 @@ def main(argv=None) -> int:
     if "cross-time" in args.protocols:
         rows += cross_time(modelfile.load_model(modelcard.resolve_model_path("brain-tumor")), specs)
     if "within-scan" in args.protocols:
-        rows += within_scan(modelfile.load_model(modelcard.resolve_model_path("brain-wmh")), specs)
+        for model, names in WITHIN_SCAN.items():
+            rows += within_scan(modelfile.load_model(modelcard.resolve_model_path(model)), specs, names)
+    summarise(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def summarise(rows: list[dict]) -> None:
+    """The paper's statistics over the runs, the promise and the mean Dice gain."""
+    print(f"\nover {len(rows)} runs, base vs fine-tuned:")
+    for metric, fmt, test in (("dice", metrics.format_mean_sd, "ttest"), ("avd_percent", metrics.format_mean_sd, "ttest"),
+                              ("lesion_f1", metrics.format_median_iqr, "wilcoxon")):
+        a, b = [r["base"][metric] for r in rows], [r["finetuned"][metric] for r in rows]
+        t = metrics.paired_test(b, a, test)
+        print(f"  {metric:<12} {fmt(a, 3)} -> {fmt(b, 3)}   {test} p = {t['p']:.3g}")
+    promise = [r for r in rows if r["finetuned"]["dice"] >= r["base"]["dice"] and r["finetuned"]["lesion_f1"] >= r["base"]["lesion_f1"] - 0.02]
+    room = [r for r in rows if r["base"]["dice"] < 0.85]
+    gain = np.mean([r["finetuned"]["dice"] - r["base"]["dice"] for r in room]) if room else float("nan")
+    print(f"  promise (Dice not lower, lesion F1 not lower by > 0.02) held in {len(promise)} of {len(rows)}; "
+          f"mean Dice gain {gain:+.3f} over the {len(room)} runs with base Dice < 0.85; base model kept in {sum(not r['kept'] for r in rows)}")
 
 
 if __name__ == "__main__":
