@@ -207,9 +207,10 @@ def segment_with_base_model(bundle: ModelBundle, case: Case, device) -> np.ndarr
 def find_hard_negatives(base_prediction: np.ndarray, case: Case, k: int) -> list[int]:
     """Up to ``k`` organ slices without annotated lesion where the base model found the
     most lesion (its false positives there, largest first); only slices where it found any."""
-    area = (base_prediction & ~case.lesions.astype(bool)).sum(axis=(1, 2))
-    candidates = [s for s in np.argsort(-area, kind="stable") if area[s] > 0 and not case.lesions[s].any() and case.organ[s].any()]
-    return sorted(int(s) for s in candidates[:k])
+    lesion_free = ~case.lesions.any(axis=(1, 2)) & case.organ.any(axis=(1, 2))
+    area = np.where(lesion_free, base_prediction.sum(axis=(1, 2)), 0)
+    largest = [s for s in np.argsort(-area, kind="stable")[:k] if area[s] > 0]
+    return sorted(int(s) for s in largest)
 
 
 def prepare_finetune_data(
@@ -349,6 +350,8 @@ def finetune_patient_model(
         return _finetune_volume(bundle, case, slices, config, device, progress, cancel)
     if config.layers not in ("head", "all"):
         raise ValueError(f"the 2D network has no decoder; fine-tune its 'head' (the paper's last two layers) or 'all' layers, not {config.layers!r}")
+    # gradients reach the channels-last backbone only when every layer trains
+    check_precision(config.precision, device, channels_last_backward=config.layers == "all")
     chosen = select_slices(slices, case, bundle, device=device)
     base_prediction, negatives = None, []
     if config.hard_negative_slices and slices == "all-lesion" and case.lesions is not None:
@@ -405,15 +408,18 @@ def holdout_split(data: FinetuneData, config: FinetuneConfig) -> tuple[list[torc
     """
     # lesion inside the organ: only those pixels are ever held out and scored
     has_lesion = [bool(((label[0] > 0.5) & organ).any()) for label, organ in zip(data.labels, data.organs)]
-    annotated = [k for k, s in enumerate(data.slices) if s not in data.negatives]  # hard negatives always train
-    nothing = torch.zeros_like(data.organs[0]) if data.organs else None
-    if len(annotated) >= 2:
+    # position of each slice among the annotated ones; None for hard negatives (they always train)
+    rank, annotated = [], 0
+    for s in data.slices:
+        rank.append(None if s in data.negatives else annotated)
+        annotated += s not in data.negatives
+    if annotated >= 2:
         for parity in (config.seed % 2, 1 - config.seed % 2):
-            held = [k in annotated and annotated.index(k) % 2 == parity for k in range(len(data.slices))]
+            held = [r is not None and r % 2 == parity for r in rank]
             if any(lesion and not h for h, lesion in zip(held, has_lesion)) and any(lesion and h for h, lesion in zip(held, has_lesion)):
                 return [organ & h for organ, h in zip(data.organs, held)], "slices"
-    return [holdout_mask(o.shape, config.holdout_block_px, config.seed) & o if k in annotated else nothing & o
-            for k, o in enumerate(data.organs)], "blocks"
+    return [holdout_mask(o.shape, config.holdout_block_px, config.seed) & o if r is not None else torch.zeros_like(o)
+            for r, o in zip(rank, data.organs)], "blocks"
 
 
 def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress=None, cancel=None) -> dict:
@@ -599,8 +605,6 @@ def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig,
     """Fine-tune a copy of the base model on ``data`` (the head, or every layer) in the
     one training loop; returns (model, losses, method, states): ``states`` the model's
     state after each iteration count of ``keep_states_at``."""
-    # gradients reach the channels-last backbone only when every layer trains
-    check_precision(config.precision, device, channels_last_backward=config.layers == "all")
     model, parameters = _trainable_copy(bundle, config, device)
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
     class_weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)

@@ -32,7 +32,7 @@ from .files import atomic_write
 from .images import Case, resample_array, resampled_shape
 from .inference import predict_probability
 from .runtime import resolve_device
-from .training_loop import PRECISIONS, check_precision, training_loop
+from .training_loop import check_precision, training_loop
 from .metrics import dice
 from .model import LesionNet
 from .modelfile import ModelBundle
@@ -58,8 +58,7 @@ class PatchTrainingConfig:
     precision: str = "fp32"
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        check_precision(self.precision)
 
 
 @dataclass

@@ -17,8 +17,8 @@ from .runtime import Cancelled, optimiser_step, private_rng, reseed
 PRECISIONS = ("fp32", "amp")
 
 
-def check_precision(precision: str, device: torch.device, channels_last_backward: bool = False) -> None:
-    """Raise ValueError for a precision the loop cannot run on ``device``.
+def check_precision(precision: str, device: torch.device | None = None, channels_last_backward: bool = False) -> None:
+    """Raise ValueError for a precision the loop cannot run (on ``device``, when given).
 
     ``channels_last_backward``: gradients flow back through channels-last convolutions.
     Measured with torch 2.13: the first bfloat16 channels-last backward pass of the dilated
@@ -26,7 +26,7 @@ def check_precision(precision: str, device: torch.device, channels_last_backward
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "amp" and channels_last_backward and torch.device(device).type == "cpu":
+    if device is not None and precision == "amp" and channels_last_backward and torch.device(device).type == "cpu":
         raise ValueError("mixed precision with channels-last is not supported on CPU (non-finite gradients); use one of the two")
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .images import Case
 from .runtime import private_rng, resolve_device
-from .training_loop import PRECISIONS, check_precision, training_loop
+from .training_loop import check_precision, training_loop
 from .modelfile import ModelBundle, derived_metadata
 from .unet3d import UNet3D
 from .volume_inference import case_on_model_grid
@@ -57,8 +57,7 @@ class VolumeTrainingConfig:
     precision: str = "fp32"
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        check_precision(self.precision)
 
     def patch_voxels(self, multiple: int) -> int:
         """Patch edge in voxels: ``patch_mm`` at ``spacing_mm``, rounded to a multiple of
