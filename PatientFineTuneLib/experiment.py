@@ -40,12 +40,17 @@ class Arm:
     weighting: str | None = None
     method: str = "auto"
     layers: str = "head"
+    #: Fine-tune as the product does (:func:`finetune.shipped_config`: the preset's weighting,
+    #: the never-worse check choosing the iterations, hard negatives) instead of the
+    #: paper's settings; ``iterations`` is then the asked count.
+    shipped: bool = False
 
 
 def paper_arms(weighting: str | None, iterations: Sequence[int] = (50, 100, 500, 1000), default_iterations: int = 100) -> list[Arm]:
     """The base model, fine-tuning varied one axis at a time around the paper's default
     (all lesion slices, ``default_iterations``, no weighting), the naive loop, fine-tuning
-    every layer (``ft-all``) and copy-forward."""
+    every layer (``ft-all``), copy-forward, and the product's shipped fine-tuning on all
+    lesion slices and on the 2 suggested slices (``ft-shipped``, ``ft-shipped-suggested2``)."""
     arms = [Arm("base", "base"), Arm("copy-forward", "copy-forward")]
     arms += [Arm(f"ft-iter{n}", "finetune", iterations=n) for n in iterations]
     for spec in ("suggested:1", "suggested:2", "suggested-lesion:1", "suggested-lesion:2", "all-organ"):
@@ -54,6 +59,8 @@ def paper_arms(weighting: str | None, iterations: Sequence[int] = (50, 100, 500,
         arms.append(Arm(f"ft-{weighting}", "finetune", weighting=weighting, iterations=default_iterations))
     arms.append(Arm("ft-naive", "finetune", method="naive", iterations=default_iterations))
     arms.append(Arm("ft-all", "finetune", layers="all", iterations=default_iterations))
+    arms.append(Arm("ft-shipped", "finetune", iterations=default_iterations, shipped=True))
+    arms.append(Arm("ft-shipped-suggested2", "finetune", slices="suggested:2", iterations=default_iterations, shipped=True))
     return arms
 
 
@@ -172,7 +179,7 @@ def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: s
     """
     import SimpleITK as sitk
 
-    from .finetune import FinetuneConfig, finetune_patient_model
+    from .finetune import FinetuneConfig, finetune_patient_model, shipped_config
     from .images import write_image
     from .inference import segment_case
     from .metrics import evaluate_case
@@ -194,10 +201,16 @@ def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: s
         else:
             bundle = base
             if arm.kind == "finetune":
-                config = FinetuneConfig(iterations=arm.iterations, weighting=arm.weighting, method=arm.method, layers=arm.layers, seed=seed)
+                if arm.shipped:
+                    config = shipped_config(base, iterations=arm.iterations, seed=seed)
+                else:
+                    config = FinetuneConfig(iterations=arm.iterations, weighting=arm.weighting, method=arm.method, layers=arm.layers, seed=seed)
                 bundle = finetune_patient_model(base, baseline, arm.slices, config, device="cpu", allow_empty=True)
-                extra["finetune_method"] = bundle.metadata["finetune"]["method"]
-                extra["slices"] = " ".join(map(str, bundle.metadata["finetune"]["slices"]))
+                finetune = bundle.metadata["finetune"]
+                extra["finetune_method"] = finetune["method"]
+                extra["slices"] = " ".join(map(str, finetune["slices"]))
+                if finetune.get("holdout_check"):
+                    extra["iterations"] = finetune["config"]["iterations"] if finetune["holdout_check"]["kept"] else 0
             samples = mc_samples if mc_arms is None or arm.name in mc_arms else 0
             result = segment_case(bundle, followup, mc_samples=samples, seed=seed, device="cpu")
             mask, summary = result.mask, result.summary
@@ -239,7 +252,7 @@ def save_patient_overlay(followup, out: str | os.PathLike, patient: str, arm_nam
 
 RESULT_COLUMNS = ["patient", "arm", "dice", "avd_percent", "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1", "fp_count",
                   "gt_lesions", "pred_lesions", "volume_pred_ml", "volume_gt_ml", "seconds", "mean_sd_in_lesions", "max_sd",
-                  "finetune_method", "slices", "registration_correlation"]
+                  "finetune_method", "slices", "iterations", "registration_correlation"]
 
 
 def _worker(job):

@@ -86,14 +86,21 @@ def cross_time(base, specs: dict) -> list[dict]:
 WITHIN_SCAN = {"brain-wmh": ("patient07", "patient19", "patient26"), "brain-tumor": ("brats_2013_pat0005_1", "brats_2013_pat0006_1")}
 
 
+def annotated_slices(route: str, case: images.Case, base) -> list[int]:
+    """The slices a within-scan run annotates: every other lesion slice, or the 2 suggested."""
+    if route == "every-other":
+        return case.lesion_slices()[::2]
+    return list(select_slices("suggested-lesion:2", case, base, device="cpu"))
+
+
 def within_scan(base, specs: dict, names: tuple[str, ...]) -> list[dict]:
     rows = []
     for name in names:
         spec = specs[name]
         case = load(spec, base)
         gt, spacing = ground_truth(spec)
-        lesion_slices = case.lesion_slices()
-        for route, chosen in (("every-other", lesion_slices[::2]), ("suggested-2", select_slices("suggested-lesion:2", case, base, device="cpu"))):
+        for route in ("every-other", "suggested-2"):
+            chosen = annotated_slices(route, case, base)
             start = time.perf_counter()
             keep = np.ones(case.organ.shape[0], bool)
             keep[list(chosen)] = False  # score only on the slices not annotated for fine-tuning
@@ -113,7 +120,8 @@ def report(row: dict) -> None:
           f"{'fine-tuned kept' if row['kept'] else 'BASE kept'}  {row['seconds']:.0f} s", flush=True)
     for c in row["check"].get("compared") or []:
         print(f"    check, {c['iterations']} iterations: held-out Dice {c['dice']:.3f} vs base {row['check']['dice_base']:.3f}, "
-              f"F1 {c['lesion_f1']:.3f} vs {row['check']['lesion_f1_base']:.3f}{'' if c['passes'] else ' (fails)'}"
+              f"F1 {c['lesion_f1']:.3f} vs {row['check']['lesion_f1_base']:.3f}"
+              f"{'' if c['passes'] else ' (fails: the asked count did not help)' if c.get('beats_base') else ' (fails)'}"
               f"{'  <- chosen' if c['iterations'] == row['check']['iterations'] and row['kept'] else ''}", flush=True)
 
 

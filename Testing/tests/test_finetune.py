@@ -446,6 +446,40 @@ def test_no_count_that_keeps_the_promise_returns_the_base_model(shipped_and_pati
         FinetuneConfig(holdout_iterations=(0, 10))
 
 
+def test_a_longer_count_passes_only_when_the_asked_count_helps():
+    """The held-out numbers of BraTS 2015 05 with every other lesion slice annotated:
+    100 and 200 iterations lose to the base model there, 400 wins by 0.014 Dice (and lost
+    0.09 Dice on the rest of the scan). The check must keep the base model."""
+    from PatientFineTuneLib.finetune import choose_iterations
+
+    base = {"dice": 0.744, "lesion_f1": 0.310}
+
+    def counts(*scores):
+        return [{"iterations": n, "dice": d, "lesion_f1": f} for n, (d, f) in zip((100, 200, 400), scores)]
+
+    brats = counts((0.740, 0.290), (0.740, 0.245), (0.758, 0.303))
+    chosen = choose_iterations(brats, base, asked=100)
+    assert not chosen["passes"] and chosen["iterations"] == 100
+    assert brats[2]["beats_base"] and not brats[2]["passes"]  # it beat the base model, and still does not count
+    from PatientFineTuneLib.modelcard import describe_patient_model
+
+    said = describe_patient_model({"config": {"iterations": 100}, "slices": [40, 42], "method": "base model kept", "holdout_check": {
+        "kept": False, "split": "slices", "held_out_slices": [42], "dice_base": 0.744, "dice_finetuned": 0.740, "lesion_f1_base": 0.310,
+        "lesion_f1_finetuned": 0.290, "iterations": 100, "compared": brats}})
+    assert said.startswith("the BASE MODEL was kept") and "400 iterations did better there" in said
+    # the asked count helps: training longer may then be chosen when it does better
+    helped = counts((0.760, 0.300), (0.770, 0.320), (0.765, 0.330))
+    assert choose_iterations(helped, base, asked=100)["iterations"] == 200
+    # only a longer count that beats the base model passes; a tie goes to fewer iterations
+    mixed = counts((0.750, 0.300), (0.740, 0.400), (0.750, 0.300))
+    assert choose_iterations(mixed, base, asked=100)["iterations"] == 100 and not mixed[1]["passes"]
+    # the user asked for more than the first count: the largest count up to the asked one decides
+    late = counts((0.700, 0.300), (0.750, 0.300), (0.760, 0.300))
+    assert choose_iterations(late, base, asked=200)["iterations"] == 400
+    # no count up to the asked one was compared: the counts stand alone
+    assert choose_iterations(counts((0.750, 0.300)), base, asked=50)["passes"]
+
+
 def test_hard_negatives_are_the_lesion_free_slices_the_base_model_errs_on_most(baseline):
     from PatientFineTuneLib.finetune import find_hard_negatives
 
