@@ -80,7 +80,7 @@ class FinetuneConfig(PatchTrainingConfig):
     holdout_block_px: int = 32
     #: Iteration counts the check compares on the held-out part (its model trains to the
     #: largest and is scored at each); the patient model trains the count that did best
-    #: there. None: ``iterations`` only.
+    #: there (:func:`choose_iterations`). None: ``iterations`` only.
     holdout_iterations: tuple[int, ...] | None = None
     #: With the "all-lesion" selection (every lesion of the baseline annotated, so every
     #: other organ slice is known to be lesion-free): also train on this many lesion-free
