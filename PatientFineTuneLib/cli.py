@@ -246,6 +246,7 @@ def cmd_train_base(args) -> None:
         validate_every=args.validate_every,
         resume=args.resume,
         log=print if rank == 0 else (lambda message: None),
+        preset=preset.name,
     )
     wall = time.perf_counter() - start
     if world > 1:

@@ -200,13 +200,14 @@ def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig) -> in
     return int(payload["iteration"])
 
 
-def validation_dice(model: LesionNet, cases: Sequence[Case], training_spacing, device) -> float:
-    """Mean Dice of whole-volume segmentation over validation cases (model left in eval)."""
-    bundle = ModelBundle(model, {"training_spacing_mm": list(training_spacing)})
+def validation_dice(model: LesionNet, cases: Sequence[Case], training_spacing, device, preset: str | None = None) -> float:
+    """Mean Dice of whole-volume segmentation over validation cases (model left in eval),
+    post-processed as the model will be used: with ``preset``'s opening (liver)."""
+    bundle = ModelBundle(model, {"training_spacing_mm": list(training_spacing), "preset": preset})
     scores = []
     for case in cases:
         prob = predict_probability(bundle, case, device=device)
-        scores.append(dice(postprocess(prob, case.organ), case.lesions))
+        scores.append(dice(postprocess(prob, case.organ, opening=bundle.opening), case.lesions))
     return float(np.nanmean(scores)) if scores else float("nan")
 
 
@@ -224,13 +225,14 @@ def train_base_model(
     log: Callable[[str], None] = print,
     progress: bool = True,
     cancel: Callable[[], bool] | None = None,
+    preset: str | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on normalised cases; returns the history.
 
     Checkpoints (model, optimiser, iteration) are written atomically every
     ``checkpoint_every`` iterations; ``resume=True`` continues from ``checkpoint_path``.
     Validation Dice on ``val_cases`` is logged every ``validate_every`` iterations and at
-    the end. ``cancel()`` returning True stops at the next iteration with
+    the end, post-processed as ``preset`` says (:func:`validation_dice`). ``cancel()`` returning True stops at the next iteration with
     :class:`Cancelled` (the last checkpoint stays valid).
 
     Inside an initialised process group (see :func:`init_distributed`) ``train_cases``
@@ -275,7 +277,7 @@ def train_base_model(
         if checkpoint_path is not None and (done % checkpoint_every == 0 or done == config.iterations):
             _save_checkpoint(checkpoint_path, model, optimizer, done, config)
         if val_cases and (done % validate_every == 0 or done == config.iterations):
-            record["val_dice"] = validation_dice(model, val_cases, training_spacing, device)
+            record["val_dice"] = validation_dice(model, val_cases, training_spacing, device, preset)
             model.train()
             bar.write(f"iteration {done}: loss {loss:.4f}, validation Dice {record['val_dice']:.3f}")
 

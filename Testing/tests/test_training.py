@@ -81,6 +81,25 @@ def test_validation_dice_is_reported_and_cancel_stops(cases):
         train_base_model(model, cases, SPACING, config, device="cpu", progress=False, log=lambda m: None, cancel=lambda: True)
 
 
+def test_validation_dice_post_processes_as_the_preset_does(cases):
+    """Validation scores what the trained model will deliver: a liver model's segmentations
+    get the preset's per-slice opening, so its validation Dice must too."""
+    from PatientFineTuneLib.inference import segment_case
+    from PatientFineTuneLib.metrics import dice
+    from PatientFineTuneLib.modelfile import ModelBundle
+    from PatientFineTuneLib.training import validation_dice
+
+    torch.manual_seed(3)
+    model = tiny_model().eval()
+    case = cases[0]
+    scored = {}
+    for preset in ("liver-metastases", "brain-wmh"):
+        delivered = segment_case(ModelBundle(model, {"training_spacing_mm": list(SPACING), "preset": preset}), case, device="cpu").mask
+        scored[preset] = dice(delivered, case.lesions)
+        assert validation_dice(model, [case], SPACING, "cpu", preset=preset) == pytest.approx(scored[preset], abs=1e-9)
+    assert scored["liver-metastases"] != scored["brain-wmh"]  # the opening changes this model's result
+
+
 def test_cases_without_lesions_are_refused(cases):
     case = cases[0]
     case_no_lesions = type(case)(case.images, case.organ, None, case.grid, case.layout, "x")
