@@ -809,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-iterations", type=count_at_least(1), nargs="+", metavar="N",
                    help="iteration counts the never-worse check compares on the held-out part; the patient model trains the best "
                         "(default: 1, 2 and 4 times --iterations; counts above --iterations only where at least 3 whole slices are held out, "
-                        "and only when --iterations itself helps there)")
+                        "and where --iterations does not help there, only by a clear margin)")
     p.add_argument("--hard-negatives", type=count_at_least(0), metavar="K",
                    help="with --slices all-lesion: also train on the K lesion-free slices where the base model finds the most lesion "
                         "(default: the preset's, 6 for brain-tumor, 0 otherwise)")

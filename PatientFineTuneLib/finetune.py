@@ -21,8 +21,8 @@ blocks when that is not possible) and compared with the base model on the rest; 
 it is at least as good there (Dice, and lesion F1 within 0.02) is the patient model
 fine-tuned on the whole annotation, otherwise the base model is returned, with the
 numbers in its metadata. The check can also compare longer training (``holdout_iterations``)
-and choose the count; a count longer than asked counts only when the asked one helps
-(:func:`choose_iterations`).
+and choose the count; a count longer than asked replaces an asked count that did not
+help only by a clear margin (:func:`choose_iterations`).
 
 ``layers="all"`` trains every layer instead (seed 002's FT_All, a reference the paper
 lacks). Nothing is frozen, so nothing can be cached: it always runs the naive loop. The
@@ -478,6 +478,11 @@ def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfi
 CHECK_F1_TOLERANCE = 0.02
 
 
+#: How much a count above the asked one must raise the held-out Dice over the base model's
+#: to replace an asked count that did not keep the promise (:func:`choose_iterations`).
+RESCUE_DICE_MARGIN = 0.05
+
+
 def choose_iterations(compared: list[dict], base: dict, asked: int) -> dict:
     """The iteration count the patient model trains, from the check's held-out scores.
 
@@ -496,20 +501,23 @@ def choose_iterations(compared: list[dict], base: dict, asked: int) -> dict:
         base model is kept), whose ``passes`` is False.
 
     A count beats the base model when its held-out Dice is at least the base model's
-    and its lesion F1 is not lower by more than ``CHECK_F1_TOLERANCE`` (the promise). A
-    count above ``asked`` passes only when the largest count up to ``asked`` beats the
-    base model too: training longer is a refinement of a fine-tuning that already
-    helps, not a second and third try at one that does not. Picked among three counts,
-    the held-out slices that choose a count cannot also vouch for it (real tumour scan,
-    BraTS 2015 05 with every other lesion slice annotated: 100 and 200 iterations lost
-    on the held-out slices, 400 won there by 0.014 Dice and lost 0.09 on the rest).
+    and its lesion F1 is not lower by more than ``CHECK_F1_TOLERANCE`` (the promise).
+    When the largest count up to ``asked`` beats the base model, every count that beats
+    it passes. When it does not, a longer count passes only if it also raises the
+    held-out Dice by ``RESCUE_DICE_MARGIN``: picked among several counts, the held-out
+    slices that choose one cannot also vouch for a narrow win. On a real tumour scan
+    (BraTS 2015 05, every other lesion slice annotated) 100 and 200 iterations lost on
+    the held-out slices and 400 won by 0.014 Dice, then lost 0.09 on the rest of the
+    scan; on synthetic MS patients 400 iterations rescued failing 100-iteration runs by
+    0.10 and 0.32 held-out Dice and gained on the follow-up.
     """
     for c in compared:
         c["beats_base"] = c["dice"] >= base["dice"] and c["lesion_f1"] >= base["lesion_f1"] - CHECK_F1_TOLERANCE
     up_to_asked = [c for c in compared if c["iterations"] <= asked]
     asked_helps = up_to_asked[-1]["beats_base"] if up_to_asked else True
     for c in compared:
-        c["passes"] = c["beats_base"] and (c["iterations"] <= asked or asked_helps)
+        clear_win = c["dice"] >= base["dice"] + RESCUE_DICE_MARGIN
+        c["passes"] = c["beats_base"] and (c["iterations"] <= asked or asked_helps or clear_win)
     passing = [c for c in compared if c["passes"]]
     if passing:
         return max(passing, key=lambda c: (c["dice"], -c["iterations"]))

@@ -275,8 +275,8 @@ def describe_patient_model(finetune: dict) -> str:
         longer = [c["iterations"] for c in check.get("compared") or [] if c.get("beats_base")]
         return (f"the BASE MODEL was kept: fine-tuning ({iterations} iterations on {where}) did not help on {_held_out_part(check)} "
                 f"of your annotation ({_check_numbers(check)})"
-                + (f"; {', '.join(map(str, longer))} iterations did better there, but training longer counts only "
-                   "when the asked iterations help" if longer else ""))
+                + (f"; {', '.join(map(str, longer))} iterations did better there, but too narrowly to replace "
+                   "the asked iterations" if longer else ""))
     text = f"fine-tuned {iterations} iterations on {where}" + (f" ({finetune['method']} path)" if "method" in finetune else "")
     if check:
         text += f"; checked on {_held_out_part(check)} of the annotation: {_check_numbers(check)}"

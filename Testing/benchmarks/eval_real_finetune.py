@@ -121,7 +121,7 @@ def report(row: dict) -> None:
     for c in row["check"].get("compared") or []:
         print(f"    check, {c['iterations']} iterations: held-out Dice {c['dice']:.3f} vs base {row['check']['dice_base']:.3f}, "
               f"F1 {c['lesion_f1']:.3f} vs {row['check']['lesion_f1_base']:.3f}"
-              f"{'' if c['passes'] else ' (fails: the asked count did not help)' if c.get('beats_base') else ' (fails)'}"
+              f"{'' if c['passes'] else ' (fails: too narrow a win where the asked count failed)' if c.get('beats_base') else ' (fails)'}"
               f"{'  <- chosen' if c['iterations'] == row['check']['iterations'] and row['kept'] else ''}", flush=True)
 
 
