@@ -232,8 +232,9 @@ def train_base_model(
     Checkpoints (model, optimiser, iteration) are written atomically every
     ``checkpoint_every`` iterations; ``resume=True`` continues from ``checkpoint_path``.
     Validation Dice on ``val_cases`` is logged every ``validate_every`` iterations and at
-    the end, post-processed as ``preset`` says (:func:`validation_dice`). ``cancel()`` returning True stops at the next iteration with
-    :class:`Cancelled` (the last checkpoint stays valid).
+    the end, post-processed as ``preset`` says (:func:`validation_dice`). ``cancel()``
+    returning True stops at the next iteration with :class:`Cancelled` (the last
+    checkpoint stays valid).
 
     Inside an initialised process group (see :func:`init_distributed`) ``train_cases``
     is this process's shard; the model is trained with DistributedDataParallel and only

@@ -458,28 +458,26 @@ def test_a_longer_count_replaces_a_failing_asked_count_only_by_a_clear_margin():
         return [{"iterations": n, "dice": d, "lesion_f1": f} for n, (d, f) in zip((100, 200, 400), scores)]
 
     base = {"dice": 0.744, "lesion_f1": 0.310}
-    brats = counts((0.740, 0.290), (0.740, 0.245), (0.758, 0.303))
-    chosen = choose_iterations(brats, base, asked=100)
+    held_out = counts((0.740, 0.290), (0.740, 0.245), (0.758, 0.303))
+    chosen, brats = choose_iterations(held_out, base, asked=100)
     assert not chosen["passes"] and chosen["iterations"] == 100
     assert brats[2]["beats_base"] and not brats[2]["passes"]  # it beat the base model, too narrowly to count
+    assert "passes" not in held_out[2]  # the caller's entries are left as they were
     said = describe_patient_model({"config": {"iterations": 100}, "slices": [40, 42], "method": "base model kept", "holdout_check": {
         "kept": False, "split": "slices", "held_out_slices": [42], "dice_base": 0.744, "dice_finetuned": 0.740, "lesion_f1_base": 0.310,
         "lesion_f1_finetuned": 0.290, "iterations": 100, "compared": brats}})
     assert said.startswith("the BASE MODEL was kept") and "400 iterations did better there" in said
-    rescued = counts((0.762, 0.506), (0.886, 0.662), (0.912, 0.838))
-    assert choose_iterations(rescued, {"dice": 0.593, "lesion_f1": 0.652}, asked=100)["iterations"] == 400
-    assert not rescued[0]["passes"] and rescued[1]["passes"]
+    chosen, rescued = choose_iterations(counts((0.762, 0.506), (0.886, 0.662), (0.912, 0.838)), {"dice": 0.593, "lesion_f1": 0.652}, asked=100)
+    assert chosen["iterations"] == 400 and not rescued[0]["passes"] and rescued[1]["passes"]
     # the asked count helps: any longer count that beats the base model may be chosen
-    helped = counts((0.760, 0.300), (0.770, 0.320), (0.765, 0.330))
-    assert choose_iterations(helped, base, asked=100)["iterations"] == 200
+    assert choose_iterations(counts((0.760, 0.300), (0.770, 0.320), (0.765, 0.330)), base, asked=100)[0]["iterations"] == 200
     # only a count that beats the base model passes; a tie goes to fewer iterations
-    mixed = counts((0.750, 0.300), (0.740, 0.400), (0.750, 0.300))
-    assert choose_iterations(mixed, base, asked=100)["iterations"] == 100 and not mixed[1]["passes"]
+    chosen, mixed = choose_iterations(counts((0.750, 0.300), (0.740, 0.400), (0.750, 0.300)), base, asked=100)
+    assert chosen["iterations"] == 100 and not mixed[1]["passes"]
     # the user asked for more than the first count: the largest count up to the asked one decides
-    late = counts((0.700, 0.300), (0.750, 0.300), (0.760, 0.300))
-    assert choose_iterations(late, base, asked=200)["iterations"] == 400
+    assert choose_iterations(counts((0.700, 0.300), (0.750, 0.300), (0.760, 0.300)), base, asked=200)[0]["iterations"] == 400
     # no count up to the asked one was compared: the counts stand alone
-    assert choose_iterations(counts((0.750, 0.300)), base, asked=50)["passes"]
+    assert choose_iterations(counts((0.750, 0.300)), base, asked=50)[0]["passes"]
 
 
 def test_hard_negatives_are_the_lesion_free_slices_the_base_model_errs_on_most(baseline):
