@@ -42,13 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from .images import Case, resample_array, resampled_shape
-from .inference import predict_probability
+from .inference import predict_mask
 from .metrics import lesion_detection
 from .runtime import resolve_device
 from .training_loop import check_precision, training_loop
 from .modelfile import ModelBundle, derived_metadata
 from .patches import corner_and_centre_patch_centres, extract_patches
-from .postprocess import postprocess
 from .training import PatchTrainingConfig
 from .weighting import weight_map
 
@@ -201,11 +200,6 @@ def select_slices(spec: str | Sequence[int], case: Case, bundle: ModelBundle | N
         raise ValueError(f"unknown slice selection {spec!r}: use all-lesion, all-organ, suggested:K, suggested-lesion:K or indices like 3,7") from None
 
 
-def segment_with_base_model(bundle: ModelBundle, case: Case, device) -> np.ndarray:
-    """The base model's post-processed lesion mask (S, H, W) of the case."""
-    return postprocess(predict_probability(bundle, case, device=device), case.organ, opening=bundle.opening)
-
-
 def find_hard_negatives(base_prediction: np.ndarray, case: Case, k: int) -> list[int]:
     """Up to ``k`` organ slices without annotated lesion where the base model found the
     most lesion (its false positives there, largest first); only slices where it found any."""
@@ -252,7 +246,7 @@ def prepare_finetune_data(
     if config.weighting:
         # the base model's own result on the baseline decides where it must learn most
         if base_prediction is None:
-            base_prediction = segment_with_base_model(bundle, case, device)
+            base_prediction = predict_mask(bundle, case, device=device)
         pixel_weights = weight_map(config.weighting, base_prediction, case.lesions)
     size = resampled_shape(case.images.shape[-2:], case.spacing, bundle.training_spacing)
     data = FinetuneData(list(slices), [], [], [] if pixel_weights is not None else None, [], config.angles(), [], frozenset(negatives))
@@ -357,7 +351,7 @@ def finetune_patient_model(
     chosen = select_slices(slices, case, bundle, device=device)
     base_prediction, negatives = None, []
     if config.hard_negative_slices and slices == "all-lesion" and case.lesions is not None:
-        base_prediction = segment_with_base_model(bundle, case, device)
+        base_prediction = predict_mask(bundle, case, device=device)
         negatives = find_hard_negatives(base_prediction, case, config.hard_negative_slices)
     data = prepare_finetune_data(bundle, case, sorted(chosen + negatives), config, allow_empty, device, base_prediction, negatives)
     provenance = {"slices": chosen, "slice_selection": slices if isinstance(slices, str) else "explicit", "case": case.sources}

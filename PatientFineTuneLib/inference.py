@@ -296,6 +296,12 @@ class Segmentation:
     summary: dict | None = None
 
 
+def predict_mask(bundle: ModelBundle, case: Case, **predict_kwargs) -> np.ndarray:
+    """The model's post-processed lesion mask (S, H, W) of a normalised case, with its
+    preset's post-processing (:func:`segment_case` without the lesion table)."""
+    return postprocess(predict_probability(bundle, case, **predict_kwargs), case.organ, opening=bundle.opening)
+
+
 def segment_case(
     bundle: ModelBundle,
     case: Case,

@@ -30,14 +30,13 @@ import torch.nn.functional as F
 
 from .files import atomic_write
 from .images import Case, resample_array, resampled_shape
-from .inference import predict_probability
+from .inference import predict_mask
 from .runtime import resolve_device
 from .training_loop import check_precision, training_loop
 from .metrics import dice
 from .model import LesionNet
 from .modelfile import ModelBundle
 from .patches import extract_patches, random_patch_centres
-from .postprocess import postprocess
 
 CHECKPOINT_FORMAT = "PatientFineTune-checkpoint"
 
@@ -204,10 +203,7 @@ def validation_dice(model: LesionNet, cases: Sequence[Case], training_spacing, d
     """Mean Dice of whole-volume segmentation over validation cases (model left in eval),
     post-processed as the model will be used: with ``preset``'s opening (liver)."""
     bundle = ModelBundle(model, {"training_spacing_mm": list(training_spacing), "preset": preset})
-    scores = []
-    for case in cases:
-        prob = predict_probability(bundle, case, device=device)
-        scores.append(dice(postprocess(prob, case.organ, opening=bundle.opening), case.lesions))
+    scores = [dice(predict_mask(bundle, case, device=device), case.lesions) for case in cases]
     return float(np.nanmean(scores)) if scores else float("nan")
 
 

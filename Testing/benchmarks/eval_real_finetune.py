@@ -45,8 +45,12 @@ def load(spec: dict, bundle) -> images.Case:
 
 
 def scores(bundle, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_slices: np.ndarray | None = None) -> dict:
-    """Dice and lesion F1 of ``bundle`` on ``case`` (only the slices in ``keep_slices``)."""
-    pred = inference.segment_case(bundle, case, device="cpu").mask
+    """Dice, AVD and lesion F1 of ``bundle`` on ``case`` (only the slices in ``keep_slices``)."""
+    return mask_scores(inference.predict_mask(bundle, case, device="cpu"), case, gt_stored, spacing_zyx, keep_slices)
+
+
+def mask_scores(pred: np.ndarray, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_slices: np.ndarray | None = None) -> dict:
+    """Dice, AVD and lesion F1 of the (slices, rows, cols) mask ``pred`` of ``case``."""
     gt = case.layout.to_slices(gt_stored)
     if keep_slices is not None:
         pred, gt = pred & keep_slices[:, None, None], gt & keep_slices[:, None, None]

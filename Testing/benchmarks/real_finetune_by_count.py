@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_real_base_models import DATA, ground_truth, real_cases  # noqa: E402
-from eval_real_finetune import WITHIN_SCAN, annotated_slices, load, scores  # noqa: E402
+from eval_real_finetune import WITHIN_SCAN, annotated_slices, load, mask_scores  # noqa: E402
 
 from PatientFineTuneLib import inference, modelcard, modelfile  # noqa: E402
 from PatientFineTuneLib.finetune import finetune_patient_model, shipped_config  # noqa: E402
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
           f"({int(on_lesion_slice.sum())} with lesion), {int(truth.sum())} lesion voxels there")
 
     def report(name: str, bundle) -> None:
-        s = scores(bundle, case, gt_stored, spacing, keep)
-        predicted = inference.segment_case(bundle, case, device="cpu").mask.astype(bool) & keep[:, None, None]
+        predicted = inference.predict_mask(bundle, case, device="cpu") & keep[:, None, None]
+        s = mask_scores(predicted, case, gt_stored, spacing, keep)
         false = predicted & ~truth
         print(f"{name:<8} Dice {s['dice']:.3f}  AVD {s['avd_percent']:4.0f} %  lesion F1 {s['lesion_f1']:.3f}  "
               f"predicted {int(predicted.sum()):6d} voxels, false positives on lesion slices {int(false[on_lesion_slice].sum()):6d}, "
