@@ -808,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=count_at_least(1), default=100)
     p.add_argument("--check-iterations", type=count_at_least(1), nargs="+", metavar="N",
                    help="iteration counts the never-worse check compares on the held-out part; the patient model trains the best "
-                        "(default: 1, 2 and 4 times --iterations; counts above --iterations only where at least 3 whole slices are held out, "
+                        "(default: 1, 2 and 4 times --iterations; counts above --iterations only where each fold holds out at least 3 whole slices, "
                         "and where --iterations does not help there, only by a clear margin)")
     p.add_argument("--hard-negatives", type=count_at_least(0), metavar="K",
                    help="with --slices all-lesion: also train on the K lesion-free slices where the base model finds the most lesion "
@@ -821,8 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-fraction", type=float, default=1.0,
                    help="approximate mode: the loss on this random fraction of each patch's pixels per iteration (faster head; 1 = exact, the paper)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
-                   help="never worse than the base model (default): fine-tune on half of the annotation first and keep the base model "
-                        "if that does not beat it on the other half (twice the time; 2D network only)")
+                   help="never worse than the base model (default): fine-tune on each half of the annotation in turn and keep the base "
+                        "model unless that beats it on the other half (about three times the head's training time; 2D network only)")
     p.add_argument("--layers", choices=["head", "all", "decoder", "last-layers"], default="head",
                    help="head: the last two layers (the paper; a 3D U-Net's output layer); all: every layer (seed 002's FT_All; naive loop, slower); "
                         "3D U-Net only: decoder, last-layers")

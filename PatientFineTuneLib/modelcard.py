@@ -292,6 +292,9 @@ def describe_held_out(check: dict) -> str:
 
 def _held_out_part(check: dict) -> str:
     slices = check.get("held_out_slices")
+    if check.get("folds", 1) > 1:  # each half held out in turn (records before 2026-12-01 have one fold)
+        how = f"slices {', '.join(map(str, slices))}" if check.get("split") == "slices" and slices else "a checkerboard"
+        return f"the held-out halves ({how}, each half held out in turn)"
     if check.get("split") == "slices" and slices:
         return f"held-out slice{'s' if len(slices) > 1 else ''} {', '.join(map(str, slices))}"
     return "the held-out half"

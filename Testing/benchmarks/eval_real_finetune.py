@@ -122,6 +122,10 @@ def report(row: dict) -> None:
     print(f"{row['protocol']:<12} {row['case']:<10} {row['route']:<12} Dice {b['dice']:.3f} -> {f['dice']:.3f}  "
           f"lesion F1 {b['lesion_f1']:.3f} -> {f['lesion_f1']:.3f}  "
           f"{'fine-tuned kept' if row['kept'] else 'BASE kept'}  {row['seconds']:.0f} s", flush=True)
+    check = row["check"]
+    for k, (b_fold, f_fold) in enumerate(zip(check.get("per_fold_base", []), check.get("per_fold_finetuned", []))):
+        print(f"    check, fold {k + 1} ({check['iterations']} iterations): held-out Dice {f_fold['dice']:.3f} vs base {b_fold['dice']:.3f}, "
+              f"F1 {f_fold['lesion_f1']:.3f} vs {b_fold['lesion_f1']:.3f}", flush=True)
     for c in row["check"].get("compared") or []:
         print(f"    check, {c['iterations']} iterations: held-out Dice {c['dice']:.3f} vs base {row['check']['dice_base']:.3f}, "
               f"F1 {c['lesion_f1']:.3f} vs {row['check']['lesion_f1_base']:.3f}"

@@ -133,7 +133,7 @@ def test_the_three_steps_as_jobs_round_trip_through_the_scene(scene, small_pair_
     job = finetune_job("brain-wmh", inputs, tmp_path / "patient.pt", slices, iterations=5, device="cpu").start()
     assert job.wait(timeout=300) and job.succeeded, (job.error, list(job.log))
     choice.set_patient_model(job.results[-1]["outputs"]["model"], job.results[-1]["description"])
-    assert "5 iterations on slices" in choice.patient_description and "held-out slice" in choice.patient_description
+    assert "5 iterations on slices" in choice.patient_description and "held out in turn" in choice.patient_description
 
     followup_nodes, followup_organ = _nodes(scene, small_pair_dir / "followup")
     inputs = write_job_inputs(tmp_path / "followup-in", followup_nodes, ["FLAIR", "T1"], followup_organ)
