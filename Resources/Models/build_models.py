@@ -18,6 +18,13 @@ Steps (each recorded in the model's metadata):
 5. write ``Resources/Models/<preset>.pt`` with the card in its metadata and the card as
    ``Resources/Models/<preset>.md``.
 
+``--leave-out CASE`` (e.g. ``patient07``) trains one fold of leave-one-out over CASE's
+dataset: every real case of that dataset in the plan trains except CASE, which is held
+out (the plan's other real cases keep their roles). The model goes to
+``WORK/<preset>-without-CASE.pt``, its evaluation to ``WORK/<preset>-without-CASE.json``,
+and nothing shipped is written. Run it once per case for a held-out number on every real
+scan of the dataset.
+
 The defaults are the paper's configuration (width 64, 10,000 iterations, fp32); the
 shipped files say which configuration produced them.
 """
@@ -111,6 +118,20 @@ def real_case_files(data: Path, dataset: str, case: str, files: dict) -> dict:
     return out
 
 
+def leave_out(plan: dict, case: str) -> dict:
+    """``plan`` as one fold of leave-one-out over ``case``'s dataset: every real case of
+    that dataset in the plan (training or held out) trains except ``case``, which is held
+    out; the plan's other real cases keep their roles."""
+    entries = plan["real_train"] + plan["real_test"]
+    dataset = next((d for d, c, _ in entries if c == case), None)
+    if dataset is None:
+        raise SystemExit(f"--leave-out {case}: not a real case of this preset (those are {', '.join(c for _, c, _ in entries) or 'none'})")
+    return {**plan,
+            "real_train": [e for e in entries if e[0] == dataset and e[1] != case] + [e for e in plan["real_train"] if e[0] != dataset],
+            "real_test": [e for e in entries if e[1] == case] + [e for e in plan["real_test"] if e[0] != dataset],
+            "suffix": f"-without-{case.replace('/', '-')}"}
+
+
 def prepare_data(preset, plan: dict, work: Path, data: Path) -> tuple[Path, Path]:
     """Synthetic patients and the training manifest; returns (manifest, validation folder)."""
     synth = work / f"synthetic-{preset.name}"
@@ -126,7 +147,7 @@ def prepare_data(preset, plan: dict, work: Path, data: Path) -> tuple[Path, Path
                          "lesions": folder / "lesions.nii.gz", "organ": folder / "organ.nii.gz"})
     for dataset, case, files in plan["real_train"]:
         rows.append({"case": f"{dataset}/{case}", "organ": ""} | real_case_files(data, dataset, case, files))
-    manifest = work / f"{preset.name}-train.csv"
+    manifest = work / f"{preset.name}{plan.get('suffix', '')}-train.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["case", *names, "lesions", "organ"])
         writer.writeheader()
@@ -135,7 +156,7 @@ def prepare_data(preset, plan: dict, work: Path, data: Path) -> tuple[Path, Path
 
 
 def train(preset, plan: dict, args, manifest: Path, val: Path) -> Path:
-    out = args.work / f"{preset.name}.pt"
+    out = args.work / f"{preset.name}{plan.get('suffix', '')}.pt"
     command = ["train-base", "--preset", preset.name, "--train", manifest, "--val", val, "--out", out,
                "--width", args.width, "--iterations", args.iterations, "--precision", args.precision,
                "--seed", args.seed, "--validate-every", 1000, "--overwrite"]
@@ -265,16 +286,25 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--evaluate-only", action="store_true", help="re-evaluate WORK/<preset>.pt and rewrite the card")
+    parser.add_argument("--leave-out", metavar="CASE", help="one fold of leave-one-out over CASE's dataset: the plan's other "
+                        "cases of that dataset train, CASE is held out; writes WORK/<preset>-without-CASE.pt and .json, ships nothing")
     args = parser.parse_args()
 
     from PatientFineTuneLib.presets import get_preset
 
     preset = get_preset(args.preset)
     plan = PLANS[preset.name]
+    if args.leave_out:
+        plan = leave_out(plan, args.leave_out)
     args.work.mkdir(parents=True, exist_ok=True)
     manifest, val = prepare_data(preset, plan, args.work, args.data)
-    model_path = args.work / f"{preset.name}.pt" if args.evaluate_only else train(preset, plan, args, manifest, val)
+    model_path = args.work / f"{preset.name}{plan.get('suffix', '')}.pt" if args.evaluate_only else train(preset, plan, args, manifest, val)
     results = evaluate(model_path, preset, plan, args.work, args.data, args.device)
+    if args.leave_out:
+        report = model_path.with_suffix(".json")
+        report.write_text(json.dumps({"left_out": args.leave_out, "train_cases": [f"{d}/{c}" for d, c, _ in plan["real_train"]], "command": "python Resources/Models/build_models.py " + " ".join(sys.argv[1:]), **results}, indent=1))
+        print(json.dumps({"written": [str(model_path), str(report)]}))
+        return
 
     from PatientFineTuneLib.modelcard import training_data_entries, write_shipped_model
 

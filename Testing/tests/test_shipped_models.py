@@ -85,18 +85,23 @@ def test_shipped_models_are_listed_without_torch():
     assert out.strip() == str(sorted(SHIPPED))
 
 
+def _build_models_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_models", RESOURCES / "build_models.py")
+    build_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_models)
+    return build_models
+
+
 def test_the_build_scripts_evaluation_scores_a_case_in_stored_order(tmp_path):
     """build_models.py's evaluation (it writes the cards' held-out tables) runs on the
     current library: a generated patient written to disk, segmented and scored against
     its own lesion mask in stored voxel order. (It had gone stale: it imported a function
     the geometry fixes removed.)"""
-    import importlib.util
-
     from PatientFineTuneLib.synth import write_pair
 
-    spec = importlib.util.spec_from_file_location("build_models", RESOURCES / "build_models.py")
-    build_models = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_models)
+    build_models = _build_models_script()
     write_pair(generate_pair("brain-wmh", 7, small=True), tmp_path / "pair", preview=False)
     visit = tmp_path / "pair" / "followup"
     files = {"sequence_paths": [visit / "FLAIR.nii.gz", visit / "T1.nii.gz"], "organ_path": visit / "organ.nii.gz",
@@ -107,3 +112,26 @@ def test_the_build_scripts_evaluation_scores_a_case_in_stored_order(tmp_path):
     # the shipped model finds the lesions of its own preset's patient: a score taken with
     # prediction and truth in different voxel orders would be near 0
     assert row["case"] == "small" and row["dice"] > 0.5 and row["lesion_recall"] > 0.5
+
+
+def test_leave_one_out_folds_hold_out_each_real_case_of_its_dataset_once():
+    """``build_models.py --leave-out CASE``: CASE is held out, the other cases of its
+    dataset train (the shipped held-out one included), other datasets keep their roles."""
+    build_models = _build_models_script()
+    for preset, dataset in (("brain-wmh", "ljubljana_ms_cross"), ("brain-tumor", "brats2015_subset")):
+        plan = build_models.PLANS[preset]
+        cases = [c for d, c, _ in plan["real_train"] + plan["real_test"] if d == dataset]
+        held_out = []
+        for case in cases:
+            fold = build_models.leave_out(plan, case)
+            train = [(d, c) for d, c, _ in fold["real_train"]]
+            test = [(d, c) for d, c, _ in fold["real_test"]]
+            assert (dataset, case) in test and (dataset, case) not in train
+            assert sorted(c for d, c in train if d == dataset) == sorted(set(cases) - {case})
+            # the other datasets' cases stay where the plan puts them (the tumour pairs are never trained on)
+            assert [e for e in test if e[0] != dataset] == [(d, c) for d, c, _ in plan["real_test"] if d != dataset]
+            assert fold["suffix"] == f"-without-{case}"
+            held_out += [c for d, c in test if d == dataset]
+        assert sorted(held_out) == sorted(cases)
+    with pytest.raises(SystemExit, match="not a real case"):
+        build_models.leave_out(build_models.PLANS["brain-wmh"], "patient99")
