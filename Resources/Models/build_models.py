@@ -275,6 +275,24 @@ def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, devic
     return {"evaluation": evaluation, "longitudinal": longitudinal}
 
 
+def leave_one_out_row(work: Path, preset, evaluation: list[dict]) -> dict | None:
+    """The cards' leave-one-out row: each real case scored by the fold that held it out
+    (``WORK/<preset>-without-CASE.json`` from ``--leave-out``) and the shipped model's own
+    held-out cases of the same dataset; None without folds."""
+    rows = []
+    for path in sorted(work.glob(f"{preset.name}-without-*.json")):
+        fold = json.loads(path.read_text())
+        rows += [r for entry in fold["evaluation"] for r in entry["per_case"] if r["case"].split("/", 1)[1] == fold["left_out"]]
+    if not rows:
+        return None
+    dataset = rows[0]["case"].split("/")[0]
+    rows += [r for entry in evaluation for r in entry["per_case"]
+             if r["case"].startswith(dataset + "/") and r["case"] not in {row["case"] for row in rows}]
+    note = (f"each of {', '.join(sorted(r['case'].split('/', 1)[1] for r in rows))} scored by a model trained without it: "
+            "the shipped model for its own held-out case, `--leave-out CASE` folds (same recipe) for the others")
+    return summary_row(f"{dataset}, leave-one-out", sorted(rows, key=lambda r: r["case"]), note) | {"licence": LICENCES[dataset]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", required=True, choices=list(PLANS))
@@ -300,6 +318,9 @@ def main() -> None:
     manifest, val = prepare_data(preset, plan, args.work, args.data)
     model_path = args.work / f"{preset.name}{plan.get('suffix', '')}.pt" if args.evaluate_only else train(preset, plan, args, manifest, val)
     results = evaluate(model_path, preset, plan, args.work, args.data, args.device)
+    if not args.leave_out:
+        loo = leave_one_out_row(args.work, preset, results["evaluation"])
+        results["evaluation"] += [loo] if loo else []
     if args.leave_out:
         report = model_path.with_suffix(".json")
         report.write_text(json.dumps({"left_out": args.leave_out, "train_cases": [f"{d}/{c}" for d, c, _ in plan["real_train"]], "command": "python Resources/Models/build_models.py " + " ".join(sys.argv[1:]), **results}, indent=1))

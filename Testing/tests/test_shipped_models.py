@@ -135,3 +135,25 @@ def test_leave_one_out_folds_hold_out_each_real_case_of_its_dataset_once():
         assert sorted(held_out) == sorted(cases)
     with pytest.raises(SystemExit, match="not a real case"):
         build_models.leave_out(build_models.PLANS["brain-wmh"], "patient99")
+
+
+def test_the_cards_leave_one_out_row_scores_each_case_by_the_fold_that_held_it_out(tmp_path):
+    """build_models.py's leave-one-out row: the folds' JSON (as ``--leave-out`` writes
+    them) give their held-out case only, the shipped model's own held-out case completes
+    the dataset, and no fold means no row."""
+    import json
+
+    build_models = _build_models_script()
+    preset = PRESETS["brain-wmh"]
+    metrics = {"dice": 0.0, "avd_percent": 0.0, "hd95_mm": 1.0, "lesion_recall": 0.5, "lesion_precision": 0.5, "lesion_f1": 0.5}
+    shipped = [{"set": "ljubljana_ms_cross (held out)", "per_case": [{**metrics, "case": "ljubljana_ms_cross/patient26", "dice": 0.6}]}]
+    assert build_models.leave_one_out_row(tmp_path, preset, shipped) is None
+    for case, dice in (("patient07", 0.2), ("patient19", 0.4)):
+        # a fold also scores the synthetic follow-ups; they are not part of the row
+        evaluation = [{"per_case": [{**metrics, "case": "synthetic/patient300/followup", "dice": 0.9}]},
+                      {"per_case": [{**metrics, "case": f"ljubljana_ms_cross/{case}", "dice": dice}]}]
+        (tmp_path / f"brain-wmh-without-{case}.json").write_text(json.dumps({"left_out": case, "evaluation": evaluation}))
+    row = build_models.leave_one_out_row(tmp_path, preset, shipped)
+    assert row["cases"] == 3 and row["set"] == "ljubljana_ms_cross, leave-one-out"
+    assert [r["case"] for r in row["per_case"]] == [f"ljubljana_ms_cross/patient{n}" for n in ("07", "19", "26")]
+    assert abs(row["metrics"]["dice"]["mean"] - 0.4) < 1e-9
