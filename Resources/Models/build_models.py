@@ -126,10 +126,13 @@ def leave_out(plan: dict, case: str) -> dict:
     dataset = next((d for d, c, _ in entries if c == case), None)
     if dataset is None:
         raise SystemExit(f"--leave-out {case}: not a real case of this preset (those are {', '.join(c for _, c, _ in entries) or 'none'})")
+    if not any(d == dataset for d, _, _ in plan["real_train"]):
+        # e.g. the tumour pairs: both visits of one patient, and only ever a test set
+        raise SystemExit(f"--leave-out {case}: this preset never trains on {dataset}; leave out a case of a dataset it trains on")
     return {**plan,
             "real_train": [e for e in entries if e[0] == dataset and e[1] != case] + [e for e in plan["real_train"] if e[0] != dataset],
             "real_test": [e for e in entries if e[1] == case] + [e for e in plan["real_test"] if e[0] != dataset],
-            "suffix": f"-without-{case.replace('/', '-')}"}
+            "suffix": f"-without-{case}"}
 
 
 def prepare_data(preset, plan: dict, work: Path, data: Path) -> tuple[Path, Path]:
@@ -318,14 +321,17 @@ def main() -> None:
     manifest, val = prepare_data(preset, plan, args.work, args.data)
     model_path = args.work / f"{preset.name}{plan.get('suffix', '')}.pt" if args.evaluate_only else train(preset, plan, args, manifest, val)
     results = evaluate(model_path, preset, plan, args.work, args.data, args.device)
-    if not args.leave_out:
-        loo = leave_one_out_row(args.work, preset, results["evaluation"])
-        results["evaluation"] += [loo] if loo else []
     if args.leave_out:
+        from PatientFineTuneLib.files import atomic_write
+
         report = model_path.with_suffix(".json")
-        report.write_text(json.dumps({"left_out": args.leave_out, "train_cases": [f"{d}/{c}" for d, c, _ in plan["real_train"]], "command": "python Resources/Models/build_models.py " + " ".join(sys.argv[1:]), **results}, indent=1))
+        text = json.dumps({"left_out": args.leave_out, "train_cases": [f"{d}/{c}" for d, c, _ in plan["real_train"]],
+                           "command": "python Resources/Models/build_models.py " + " ".join(sys.argv[1:]), **results}, indent=1)
+        atomic_write(report, lambda tmp: Path(tmp).write_text(text), overwrite=True)
         print(json.dumps({"written": [str(model_path), str(report)]}))
         return
+    loo = leave_one_out_row(args.work, preset, results["evaluation"])
+    results["evaluation"] += [loo] if loo else []
 
     from PatientFineTuneLib.modelcard import training_data_entries, write_shipped_model
 

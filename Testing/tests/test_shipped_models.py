@@ -135,6 +135,8 @@ def test_leave_one_out_folds_hold_out_each_real_case_of_its_dataset_once():
         assert sorted(held_out) == sorted(cases)
     with pytest.raises(SystemExit, match="not a real case"):
         build_models.leave_out(build_models.PLANS["brain-wmh"], "patient99")
+    with pytest.raises(SystemExit, match="never trains on brain_tumor_progression"):
+        build_models.leave_out(build_models.PLANS["brain-tumor"], "01/Pre")
 
 
 def test_the_cards_leave_one_out_row_scores_each_case_by_the_fold_that_held_it_out(tmp_path):
