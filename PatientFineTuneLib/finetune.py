@@ -471,10 +471,10 @@ def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfi
         model, fold_losses, _, states = _train_head(bundle, check_data, dataclasses.replace(config, iterations=counts[-1]), device,
                                                     in_planned_steps, cancel, keep_states_at=counts, feature_cache=feature_cache)
         losses += fold_losses
-        base.add(bundle.model, data, held, fold, device)
+        base.add(bundle.model, data, held, fold)
         for count in counts:
             model.load_state_dict(states[count])
-            finetuned[count].add(model, data, held, fold, device)
+            finetuned[count].add(model, data, held, fold)
     base_scores = base.scores()
     compared = [{"iterations": count, **finetuned[count].scores()} for count in counts]
     best, compared = choose_iterations(compared, base_scores, config.iterations)
@@ -574,7 +574,7 @@ class _HeldOut:
         self.predicted, self.annotated, self.fold = [], [], []
 
     @torch.no_grad()
-    def add(self, model, data: FinetuneData, held: list[torch.Tensor], fold: int, device) -> None:
+    def add(self, model, data: FinetuneData, held: list[torch.Tensor], fold: int) -> None:
         """Predict the held-out pixels ``held`` of ``fold``; the caller's model keeps its
         mode and device."""
         was_training = model.training

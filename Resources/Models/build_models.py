@@ -289,8 +289,8 @@ def leave_one_out_row(work: Path, preset, evaluation: list[dict]) -> dict | None
     if not rows:
         return None
     dataset = rows[0]["case"].split("/")[0]
-    rows += [r for entry in evaluation for r in entry["per_case"]
-             if r["case"].startswith(dataset + "/") and r["case"] not in {row["case"] for row in rows}]
+    in_folds = {r["case"] for r in rows}
+    rows += [r for entry in evaluation for r in entry["per_case"] if r["case"].startswith(dataset + "/") and r["case"] not in in_folds]
     note = (f"each of {', '.join(sorted(r['case'].split('/', 1)[1] for r in rows))} scored by a model trained without it: "
             "the shipped model for its own held-out case, `--leave-out CASE` folds (same recipe) for the others")
     return summary_row(f"{dataset}, leave-one-out", sorted(rows, key=lambda r: r["case"]), note) | {"licence": LICENCES[dataset]}
