@@ -61,6 +61,12 @@ DEFAULT_CACHE_BUDGET = 4 << 30
 #: (FT_All); for the 3D U-Net also "decoder" and "last-layers" (seed 002).
 LAYER_CHOICES = ("head", "all", "decoder", "last-layers")
 
+#: Momentum of the head's BatchNorm running statistics per ``head_norm`` (None: frozen at
+#: the base model's). PyTorch's default 0.1 replaces the base statistics within 100
+#: iterations on one patient's patches; Keras, the paper's framework, keeps 0.99 of them
+#: per step (0.01 here).
+HEAD_NORM_MOMENTUM = {"batch": 0.1, "slow": 0.01, "frozen": None}
+
 
 @dataclass
 class FinetuneConfig(PatchTrainingConfig):
@@ -99,9 +105,10 @@ class FinetuneConfig(PatchTrainingConfig):
     #: slices: 200 iterations looked best on the held-out slice and lost 0.14 Dice on the
     #: rest).
     extend_min_held_out_slices: int = 3
-    #: The head's BatchNorm: "batch" (PyTorch's training mode: batch statistics, running
-    #: statistics replaced at momentum 0.1) or "frozen" (the base model's statistics kept;
-    #: its scale and shift still train).
+    #: The head's BatchNorm (see :data:`HEAD_NORM_MOMENTUM`): "batch" (PyTorch's training
+    #: mode: batch statistics, running statistics updated at momentum 0.1), "slow" (the
+    #: same at momentum 0.01, the paper's Keras default of 0.99 in PyTorch's terms) or
+    #: "frozen" (the base model's statistics kept; its scale and shift still train).
     head_norm: str = "batch"
 
     def __post_init__(self):
@@ -112,8 +119,8 @@ class FinetuneConfig(PatchTrainingConfig):
             raise ValueError(f"pixel_fraction must be in (0, 1], not {self.pixel_fraction}")
         if self.holdout_folds not in (1, 2):
             raise ValueError(f"holdout_folds must be 1 or 2, not {self.holdout_folds!r}")
-        if self.head_norm not in ("batch", "frozen"):
-            raise ValueError(f"head_norm must be 'batch' or 'frozen', not {self.head_norm!r}")
+        if self.head_norm not in HEAD_NORM_MOMENTUM:
+            raise ValueError(f"head_norm must be one of {', '.join(HEAD_NORM_MOMENTUM)}, not {self.head_norm!r}")
         if self.holdout_iterations is not None:
             self.holdout_iterations = tuple(sorted({int(n) for n in self.holdout_iterations}))
             if not self.holdout_iterations or self.holdout_iterations[0] < 1:
@@ -687,18 +694,21 @@ def weighted_loss(logits: torch.Tensor, target: torch.Tensor, pixel_weights: tor
 def _trainable_copy(bundle: ModelBundle, config: FinetuneConfig, device) -> tuple[torch.nn.Module, list]:
     """A copy of the base model with the head (or every layer) trainable; returns it and
     the parameters to optimise. Channels-last (the backbone runs 1.5x faster on a CPU);
-    the backbone's BatchNorm keeps its statistics (evaluation mode), the head's too when
-    ``head_norm`` is "frozen"."""
+    the backbone's BatchNorm keeps its statistics (evaluation mode), the head's follow
+    ``head_norm``."""
     model = copy.deepcopy(bundle.model).to(device, memory_format=torch.channels_last).eval()
     train_all = config.layers == "all"
     for p in model.parameters():
         p.requires_grad_(train_all)
     head = model.head_modules()
     head.train()
-    if config.head_norm == "frozen":
-        for m in head.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
+    momentum = HEAD_NORM_MOMENTUM[config.head_norm]
+    for m in head.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            if momentum is None:
                 m.eval()
+            else:
+                m.momentum = momentum
     for p in head.parameters():
         p.requires_grad_(True)
     return model, list((model if train_all else head).parameters())

@@ -66,6 +66,26 @@ def test_all_layers_train_everything_but_the_backbone_statistics(bundle, baselin
         finetune_patient_model(bundle, baseline, baseline.lesion_slices()[:2], FinetuneConfig(**CONFIG, layers="decoder"), device="cpu")
 
 
+def test_head_norm_sets_how_fast_the_heads_batchnorm_statistics_move(bundle, baseline):
+    slices = baseline.lesion_slices()[:2]
+    one_step = dict(CONFIG, iterations=1)
+
+    def head_statistics(model):
+        return torch.cat([b for n, b in model.head_modules().named_buffers() if "running_" in n])
+
+    base = head_statistics(bundle.model).clone()
+    moved = {norm: head_statistics(finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**one_step, head_norm=norm), device="cpu").model) - base
+             for norm in ("batch", "slow", "frozen")}
+    # one step sees the same batch through the same weights, so the statistics move by the
+    # momentum times the same amount: 0.1 (PyTorch's default) and 0.01 (Keras's 0.99)
+    assert moved["batch"].abs().max() > 1e-4
+    torch.testing.assert_close(moved["slow"] * 10, moved["batch"], rtol=1e-3, atol=1e-6)
+    assert torch.equal(moved["frozen"], torch.zeros_like(base))
+    assert torch.equal(head_statistics(bundle.model), base)  # the base model is untouched
+    with pytest.raises(ValueError, match="head_norm must be one of batch, slow, frozen"):
+        FinetuneConfig(head_norm="keras")
+
+
 def test_fast_and_naive_paths_agree(bundle, baseline):
     slices = baseline.lesion_slices()[:2]
     fast = finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**CONFIG, method="fast"), device="cpu")
