@@ -458,8 +458,8 @@ def cmd_finetune(args) -> None:
     check = args.check and not bundle.is_volume_model  # the check holds out 2D slice blocks
     _report_device(args, args.device)
     chosen = {} if args.weighting == "preset" else {"weighting": None if args.weighting == "none" else args.weighting}
-    config = shipped_config(bundle, iterations=args.iterations, seed=args.seed, n_angles=args.angles, method=args.method, layers=args.layers,
-                            pixel_fraction=args.pixel_fraction, holdout_check=check, precision=args.precision, **chosen,
+    config = shipped_config(bundle, iterations=args.iterations, seed=args.seed, n_angles=args.angles, method=args.method,
+                            **({"layers": args.layers} if args.layers else {}), pixel_fraction=args.pixel_fraction, holdout_check=check, precision=args.precision, **chosen,
                             **({"holdout_iterations": tuple(args.check_iterations)} if args.check_iterations else {}),
                             **({"hard_negative_slices": args.hard_negatives} if args.hard_negatives is not None else {}))
     info, sha = _train_and_save(
@@ -801,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", choices=["organ", "lesion"], default="organ", help="all organ slices, or only annotated lesion slices")
     p.add_argument("--ranking", choices=["softmax", "entropy"], default="softmax")
 
-    p = add("finetune", cmd_finetune, "Fine-tune the last two layers of a base model on a patient's annotated baseline.")
+    p = add("finetune", cmd_finetune, "Fine-tune a base model (its last two layers; every layer where many slices are annotated) on a patient's annotated baseline.")
     add_case_options(p)
     p.add_argument("--out", required=True, help="patient model file to write (never the base model)")
     p.add_argument("--slices", default="all-lesion", help="all-lesion (default), all-organ, suggested:K, suggested-lesion:K, or indices like 12,20")
@@ -823,9 +823,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="never worse than the base model (default): fine-tune on each half of the annotation in turn and keep the base "
                         "model unless that beats it on the other half (about three times the head's training time; 2D network only)")
-    p.add_argument("--layers", choices=["head", "all", "decoder", "last-layers"], default="head",
+    p.add_argument("--layers", choices=["head", "all", "decoder", "last-layers"],
                    help="head: the last two layers (the paper; a 3D U-Net's output layer); all: every layer (seed 002's FT_All; naive loop, slower); "
-                        "3D U-Net only: decoder, last-layers")
+                        "3D U-Net only: decoder, last-layers (default: the head, and every layer where the never-worse check holds out "
+                        "at least 3 whole slices in each fold, i.e. about 6 or more annotated lesion slices)")
     add_precision_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")

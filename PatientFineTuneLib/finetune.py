@@ -29,7 +29,11 @@ asked count that did not help only by a clear margin (:func:`choose_iterations`)
 ``layers="all"`` trains every layer instead (seed 002's FT_All, a reference the paper
 lacks). Nothing is frozen, so nothing can be cached: it always runs the naive loop. The
 backbone's BatchNorm layers keep their base-model statistics (a batch of 4 patches of one
-patient is too small to re-estimate them); their scale and shift train.
+patient is too small to re-estimate them); their scale and shift train. The shipped
+configuration (:func:`shipped_config`) trains every layer where the annotation is large
+(``large_annotation_layers``: the check holds out at least 3 whole slices in each fold)
+and the head otherwise: on real scans every layer gained far more where many slices were
+annotated, and with 2 suggested slices it overfit them (docs/results.md).
 """
 
 from __future__ import annotations
@@ -105,6 +109,12 @@ class FinetuneConfig(PatchTrainingConfig):
     #: slices: 200 iterations looked best on the held-out slice and lost 0.14 Dice on the
     #: rest).
     extend_min_held_out_slices: int = 3
+    #: Layers that train instead of ``layers`` where the annotation is large: each fold
+    #: of the check holds out at least ``extend_min_held_out_slices`` whole slices (the
+    #: rule that also allows longer training). None: ``layers`` everywhere. The shipped
+    #: "all": on real scans every layer gains far more than the head where many slices are
+    #: annotated, and overfits two (docs/results.md).
+    large_annotation_layers: str | None = None
     #: The head's BatchNorm (see :data:`HEAD_NORM_MOMENTUM`): "batch" (PyTorch's training
     #: mode: batch statistics, running statistics updated at momentum 0.1), "slow" (the
     #: same at momentum 0.01, the paper's Keras default of 0.99 in PyTorch's terms) or
@@ -119,6 +129,8 @@ class FinetuneConfig(PatchTrainingConfig):
             raise ValueError(f"pixel_fraction must be in (0, 1], not {self.pixel_fraction}")
         if self.holdout_folds not in (1, 2):
             raise ValueError(f"holdout_folds must be 1 or 2, not {self.holdout_folds!r}")
+        if self.large_annotation_layers not in (None, *LAYER_CHOICES):
+            raise ValueError(f"large_annotation_layers must be None or one of {', '.join(LAYER_CHOICES)}, not {self.large_annotation_layers!r}")
         if self.head_norm not in HEAD_NORM_MOMENTUM:
             raise ValueError(f"head_norm must be one of {', '.join(HEAD_NORM_MOMENTUM)}, not {self.head_norm!r}")
         if self.holdout_iterations is not None:
@@ -133,6 +145,13 @@ class FinetuneConfig(PatchTrainingConfig):
         if held_out_slices is not None and held_out_slices < self.extend_min_held_out_slices:
             counts = tuple(c for c in counts if c <= self.iterations) or (self.iterations,)
         return counts
+
+    def check_layers(self, held_out_slices: int) -> str:
+        """The layers the check (and then the patient model) trains where each fold holds
+        out ``held_out_slices`` whole slices (0 for blocks)."""
+        if self.large_annotation_layers and held_out_slices >= self.extend_min_held_out_slices:
+            return self.large_annotation_layers
+        return self.layers
 
     def progress_total(self) -> int:
         """Iterations a progress bar counts: the check's (the largest count it compares,
@@ -181,10 +200,13 @@ def shipped_config(bundle: ModelBundle, **settings) -> FinetuneConfig:
     """The fine-tuning every front end (command line, Slicer, web app, demo) runs unless
     told otherwise: the preset's weighting (:func:`default_weighting`) and, for the 2D
     network, the preset's hard negatives and the never-worse check comparing 1, 2 and 4
-    times ``iterations`` (more only where at least 3 whole slices are held out): chosen on
-    the real scans, see docs/results.md; ``settings`` override any field."""
+    times ``iterations`` (more only where at least 3 whole slices are held out), training
+    the head, or every layer where that many are held out: chosen on the real scans, see
+    docs/results.md; ``settings`` override any field (``layers`` set there trains those
+    layers everywhere)."""
     defaults = {"weighting": default_weighting(bundle.preset.name if bundle.preset else None, bundle.is_volume_model),
                 "holdout_check": not bundle.is_volume_model,
+                "large_annotation_layers": None if bundle.is_volume_model or "layers" in settings else "all",
                 "hard_negative_slices": bundle.preset.hard_negative_slices if bundle.preset and not bundle.is_volume_model else 0}
     config = FinetuneConfig(**{**defaults, **settings})
     if config.holdout_check and "holdout_iterations" not in settings:
@@ -365,6 +387,9 @@ def finetune_patient_model(
         raise ValueError(f"the 2D network has no decoder; fine-tune its 'head' (the paper's last two layers) or 'all' layers, not {config.layers!r}")
     # gradients reach the channels-last backbone only when every layer trains
     check_precision(config.precision, device, channels_last_backward=config.layers == "all")
+    if config.large_annotation_layers == "all" and config.precision == "amp" and torch.device(device).type == "cpu":
+        # mixed precision cannot train every layer on a CPU (refused above for `layers`): a large annotation trains the head
+        config = dataclasses.replace(config, large_annotation_layers=None)
     chosen = select_slices(slices, case, bundle, device=device)
     base_prediction, negatives = None, []
     if config.hard_negative_slices and slices == "all-lesion" and case.lesions is not None:
@@ -386,7 +411,7 @@ def finetune_patient_model(
         if not check.get("skipped"):
             planned = max(config.check_iterations())
             offset = config.holdout_folds * planned
-            config = dataclasses.replace(config, iterations=check["iterations"])
+            config = dataclasses.replace(config, iterations=check["iterations"], layers=check["layers"])
     final_progress = _progress_in_steps_of(progress, offset, planned, config.iterations)
     model, losses, method, _ = _train_head(bundle, data, config, device, final_progress, cancel, feature_cache=feature_cache)
     return ModelBundle(model, derived_metadata(bundle, config, losses, method=method, **provenance))
@@ -467,8 +492,11 @@ def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfi
     if not folds:
         return {"skipped": "the annotated organ is too small to hold out part of it", "kept": True}
     held_out_slices = [[s for s, h in zip(data.slices, held) if split == "slices" and bool(h.any())] for held, _ in folds]
-    # the fewest whole slices any fold holds out decides which counts may be compared
-    counts = config.check_iterations(min(len(slices) for slices in held_out_slices))
+    # the fewest whole slices any fold holds out decides which counts may be compared, and
+    # which layers train
+    fewest_held_out = min(len(slices) for slices in held_out_slices)
+    counts = config.check_iterations(fewest_held_out)
+    config = dataclasses.replace(config, layers=config.check_layers(fewest_held_out))
     planned = max(config.check_iterations())
     base = _HeldOut()
     finetuned = {count: _HeldOut() for count in counts}
@@ -499,6 +527,7 @@ def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfi
         "per_fold_base": base_scores["per_fold"],
         "per_fold_finetuned": best["per_fold"],
         "iterations": best["iterations"],
+        "layers": config.layers,
         "compared": compared if len(compared) > 1 else None,
         "kept": best["passes"],
         "final_loss": losses[-1] if losses else None,

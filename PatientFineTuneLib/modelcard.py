@@ -259,13 +259,16 @@ def describe_patient_model(finetune: dict) -> str:
     path of the 2D network or the whole volume and layers of a 3D U-Net, and the outcome
     of the hold-out check (said plainly when the base model was kept)."""
     iterations = finetune.get("config", {}).get("iterations", "?")
+    check = finetune.get("holdout_check")
+    # the layers of a 2D fine-tuning: the check's choice (records before 2026-12-02 lack it)
+    layers = (check or {}).get("layers") or finetune.get("config", {}).get("layers")
+    every_layer = "every layer, " if "slices" in finetune and layers == "all" else ""
     if "slices" in finetune:
         where = f"slices {', '.join(map(str, finetune['slices']))}"
         if finetune.get("hard_negative_slices"):
             where += f" and the lesion-free slices {', '.join(map(str, finetune['hard_negative_slices']))} where the base model found lesion"
     else:
         where = f"the whole baseline volume ({finetune.get('strategy') or finetune.get('config', {}).get('layers', '?')} layers)"
-    check = finetune.get("holdout_check")
     if check and check.get("skipped"):
         check = None
         skipped = f"; the never-worse check was skipped ({finetune['holdout_check']['skipped']})"
@@ -273,11 +276,11 @@ def describe_patient_model(finetune: dict) -> str:
         skipped = ""
     if check and not check["kept"]:
         longer = [c["iterations"] for c in check.get("compared") or [] if c.get("beats_base")]
-        return (f"the BASE MODEL was kept: fine-tuning ({iterations} iterations on {where}) did not help on {_held_out_part(check)} "
+        return (f"the BASE MODEL was kept: fine-tuning ({every_layer}{iterations} iterations on {where}) did not help on {_held_out_part(check)} "
                 f"of your annotation ({_check_numbers(check)})"
                 + (f"; {', '.join(map(str, longer))} iterations did better there, but too narrowly to replace "
                    "the asked iterations" if longer else ""))
-    text = f"fine-tuned {iterations} iterations on {where}" + (f" ({finetune['method']} path)" if "method" in finetune else "")
+    text = f"fine-tuned {every_layer}{iterations} iterations on {where}" + (f" ({finetune['method']} path)" if "method" in finetune else "")
     if check:
         text += f"; checked on {_held_out_part(check)} of the annotation: {_check_numbers(check)}"
         if check.get("compared"):

@@ -97,13 +97,17 @@ def annotated_slices(route: str, case: images.Case, base) -> list[int]:
     return list(select_slices("suggested-lesion:2", case, base, device="cpu"))
 
 
-def within_scan(base, specs: dict, names: tuple[str, ...]) -> list[dict]:
+#: The within-scan routes: every other lesion slice annotated, or the 2 suggested ones.
+ROUTES = ("every-other", "suggested-2")
+
+
+def within_scan(base, specs: dict, names: tuple[str, ...], routes: tuple[str, ...] = ROUTES) -> list[dict]:
     rows = []
     for name in names:
         spec = specs[name]
         case = load(spec, base)
         gt, spacing = ground_truth(spec)
-        for route in ("every-other", "suggested-2"):
+        for route in routes:
             chosen = annotated_slices(route, case, base)
             start = time.perf_counter()
             keep = np.ones(case.organ.shape[0], bool)
@@ -141,6 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a FinetuneConfig setting to change, e.g. head_norm=frozen or iterations=200 (repeatable)")
     parser.add_argument("--protocols", nargs="+", choices=["cross-time", "within-scan"], default=["cross-time", "within-scan"])
+    parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES), help="the within-scan routes to run (default: both)")
     args = parser.parse_args(argv)
     for item in args.set:
         name, value = item.split("=", 1)
@@ -158,7 +163,7 @@ def main(argv=None) -> int:
         rows += cross_time(modelfile.load_model(modelcard.resolve_model_path("brain-tumor")), specs)
     if "within-scan" in args.protocols:
         for model, names in WITHIN_SCAN.items():
-            rows += within_scan(modelfile.load_model(modelcard.resolve_model_path(model)), specs, names)
+            rows += within_scan(modelfile.load_model(modelcard.resolve_model_path(model)), specs, names, tuple(args.routes))
     summarise(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -467,6 +467,37 @@ def test_the_check_compares_iteration_counts_and_the_patient_model_trains_the_be
     assert only.metadata["finetune"]["holdout_check"]["dice_finetuned"] == pytest.approx(compared[12]["dice"], abs=1e-9)
 
 
+def test_the_shipped_fine_tuning_trains_every_layer_only_where_many_slices_are_annotated(bundle, baseline):
+    """Every layer where each fold of the check holds out at least 3 whole slices (real
+    scans: far better than the head there), the head with 2 slices (every layer overfits
+    them)."""
+    from PatientFineTuneLib.finetune import shipped_config
+    from PatientFineTuneLib.modelcard import describe_patient_model
+
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    assert shipped_config(bundle).large_annotation_layers == "all"
+    # a learning rate that makes a few iterations count on this untrained network
+    config = shipped_config(bundle, **CONFIG, learning_rate=1e-2, holdout_iterations=(12,))
+    assert config.layers == "head" and config.large_annotation_layers == "all"
+    many = baseline.lesion_slices()[:6]
+    trained = finetune_patient_model(bundle, baseline, many, config, device="cpu")
+    check = trained.metadata["finetune"]["holdout_check"]
+    assert check["split"] == "slices" and len(check["held_out_slices"]) == 6 and check["layers"] == "all"
+    assert check["kept"], {k: check[k] for k in ("dice_base", "dice_finetuned", "lesion_f1_base", "lesion_f1_finetuned", "per_fold_base", "per_fold_finetuned")}  # deterministic (seed 0)
+    changed = {k for k, v in trained.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert trained.metadata["finetune"]["config"]["layers"] == "all" and any(k.startswith("pathways.") for k in changed)
+    assert describe_patient_model(trained.metadata["finetune"]).startswith("fine-tuned every layer, ")
+    few = finetune_patient_model(bundle, baseline, baseline.lesion_slices()[:2], config, device="cpu")
+    assert few.metadata["finetune"]["holdout_check"]["layers"] == "head"
+    assert all(torch.equal(v, before[k]) for k, v in few.model.state_dict().items() if k.startswith("pathways."))
+    # mixed precision cannot train every layer on a CPU: there the head trains
+    amp = finetune_patient_model(bundle, baseline, many, dataclasses.replace(config, precision="amp", holdout_iterations=(1,), iterations=1), device="cpu")
+    assert amp.metadata["finetune"]["holdout_check"]["layers"] == "head"
+    # layers asked for train everywhere
+    assert shipped_config(bundle, layers="head").large_annotation_layers is None
+    assert all(torch.equal(v, before[k]) for k, v in bundle.model.state_dict().items())  # the base model is untouched
+
+
 def test_no_count_that_keeps_the_promise_returns_the_base_model(shipped_and_patient):
     base, baseline = shipped_and_patient
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
