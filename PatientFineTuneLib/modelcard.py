@@ -260,7 +260,7 @@ def describe_patient_model(finetune: dict) -> str:
     of the hold-out check (said plainly when the base model was kept)."""
     iterations = finetune.get("config", {}).get("iterations", "?")
     check = finetune.get("holdout_check")
-    # the layers of a 2D fine-tuning: the check's choice (records before 2026-12-02 lack it)
+    # the layers of a 2D fine-tuning: the check's choice (older records lack it: the config's)
     layers = (check or {}).get("layers") or finetune.get("config", {}).get("layers")
     every_layer = "every layer, " if "slices" in finetune and layers == "all" else ""
     if "slices" in finetune:

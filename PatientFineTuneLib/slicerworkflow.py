@@ -121,8 +121,9 @@ def add_baseline_nodes(scene, case: Case, result: Segmentation, suggestions: lis
 def finetune_from_nodes(bundle: ModelBundle, volume_nodes: Sequence, annotation: MaskSource, slices, organ: MaskSource | None = None,
                         config=None, device="auto", progress: Callable | None = None, cancel: Callable | None = None) -> ModelBundle:
     """The patient model: fine-tune the base model (the shipped rule: its last two layers,
-    every layer where many slices are annotated) on the annotated baseline slices (``slices``: indices along the slice axis, or a selection such as
-    ``"all-lesion"``). The base model is not modified; nothing is written."""
+    every layer where many slices are annotated) on the annotated baseline slices
+    (``slices``: indices along the slice axis, or a selection such as ``"all-lesion"``).
+    The base model is not modified; nothing is written."""
     from .finetune import finetune_patient_model, shipped_config
 
     case = read_case(bundle, volume_nodes, organ, lesions=annotation, name="baseline")
