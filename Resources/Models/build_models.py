@@ -150,7 +150,7 @@ def prepare_data(preset, plan: dict, work: Path, data: Path) -> tuple[Path, Path
                          "lesions": folder / "lesions.nii.gz", "organ": folder / "organ.nii.gz"})
     for dataset, case, files in plan["real_train"]:
         rows.append({"case": f"{dataset}/{case}", "organ": ""} | real_case_files(data, dataset, case, files))
-    manifest = work / f"{preset.name}{plan.get('suffix', '')}-train.csv"
+    manifest = work / f"{model_stem(preset, plan)}-train.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["case", *names, "lesions", "organ"])
         writer.writeheader()
@@ -158,8 +158,14 @@ def prepare_data(preset, plan: dict, work: Path, data: Path) -> tuple[Path, Path
     return manifest, synth / "val"
 
 
+def model_stem(preset, plan: dict) -> str:
+    """The work folder's file name (no extension) of the model a plan trains:
+    ``<preset>``, or ``<preset>-without-CASE`` for a leave-one-out fold."""
+    return f"{preset.name}{plan.get('suffix', '')}"
+
+
 def train(preset, plan: dict, args, manifest: Path, val: Path) -> Path:
-    out = args.work / f"{preset.name}{plan.get('suffix', '')}.pt"
+    out = args.work / f"{model_stem(preset, plan)}.pt"
     command = ["train-base", "--preset", preset.name, "--train", manifest, "--val", val, "--out", out,
                "--width", args.width, "--iterations", args.iterations, "--precision", args.precision,
                "--seed", args.seed, "--validate-every", 1000, "--overwrite"]
@@ -319,7 +325,7 @@ def main() -> None:
         plan = leave_out(plan, args.leave_out)
     args.work.mkdir(parents=True, exist_ok=True)
     manifest, val = prepare_data(preset, plan, args.work, args.data)
-    model_path = args.work / f"{preset.name}{plan.get('suffix', '')}.pt" if args.evaluate_only else train(preset, plan, args, manifest, val)
+    model_path = args.work / f"{model_stem(preset, plan)}.pt" if args.evaluate_only else train(preset, plan, args, manifest, val)
     results = evaluate(model_path, preset, plan, args.work, args.data, args.device)
     if args.leave_out:
         from PatientFineTuneLib.files import atomic_write
