@@ -14,6 +14,9 @@ Dice, AVD and lesion F1 (26-connected, in 3D) of base and fine-tuned, whether th
 the base model, and at the end the paper's statistics over all runs (mean ± SD and paired
 t-test for Dice and AVD, median [IQR] and Wilcoxon for lesion F1), the promise count and
 the mean Dice gain. The case loading is that of ``eval_real_base_models.py``.
+``--masks DIR`` keeps what was scored, for analysis after the run: per run
+``<case>_<route>_{base,finetuned,reference}.nii.gz`` on the scan's grid, each limited to
+the scored slices (within-scan: the slices not annotated).
 
     python Testing/benchmarks/eval_real_finetune.py --threads 2 --json real_finetune.json
 """
@@ -44,9 +47,21 @@ def load(spec: dict, bundle) -> images.Case:
     return images.prepare_case(case)
 
 
-def scores(bundle, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_slices: np.ndarray | None = None) -> dict:
-    """Dice, AVD and lesion F1 of ``bundle`` on ``case`` (only the slices in ``keep_slices``)."""
-    return mask_scores(inference.predict_mask(bundle, case, device="cpu"), case, gt_stored, spacing_zyx, keep_slices)
+def scores(bundle, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_slices: np.ndarray | None = None,
+           save_as: Path | None = None) -> dict:
+    """Dice, AVD and lesion F1 of ``bundle`` on ``case`` (only the slices in ``keep_slices``);
+    the scored mask is written to ``save_as`` when given."""
+    pred = inference.predict_mask(bundle, case, device="cpu")
+    if save_as is not None:
+        write_scored(case, pred, keep_slices, save_as)
+    return mask_scores(pred, case, gt_stored, spacing_zyx, keep_slices)
+
+
+def write_scored(case: images.Case, slices: np.ndarray, keep_slices: np.ndarray | None, path: Path) -> None:
+    """The (slices, rows, cols) mask ``slices``, limited to ``keep_slices``, on the case's grid."""
+    if keep_slices is not None:
+        slices = slices & keep_slices[:, None, None]
+    images.write_image(case.to_image(slices.astype(np.uint8)), path, overwrite=True)
 
 
 def mask_scores(pred: np.ndarray, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_slices: np.ndarray | None = None) -> dict:
@@ -68,7 +83,7 @@ def finetune(base, case, slices):
     return patient, patient.metadata["finetune"]["holdout_check"]
 
 
-def cross_time(base, specs: dict) -> list[dict]:
+def cross_time(base, specs: dict, masks: Path | None = None) -> list[dict]:
     rows = []
     for n in ("01", "02", "03"):
         pre, post = specs[f"{n}_Pre"], specs[f"{n}_Post"]
@@ -76,8 +91,12 @@ def cross_time(base, specs: dict) -> list[dict]:
         patient, check = finetune(base, load(pre, base), "all-lesion")
         follow = load(post, base)
         gt, spacing = ground_truth(post)
+        saved = _mask_paths(masks, n, "all-lesion")
+        if masks is not None:
+            write_scored(follow, follow.lesions, None, saved["reference"])
         row = {"protocol": "cross-time", "case": n, "route": "all-lesion",
-               "base": scores(base, follow, gt, spacing), "finetuned": scores(patient, follow, gt, spacing),
+               "base": scores(base, follow, gt, spacing, save_as=saved["base"]),
+               "finetuned": scores(patient, follow, gt, spacing, save_as=saved["finetuned"]),
                "kept": check["kept"], "check": check, "seconds": round(time.perf_counter() - start, 1),
                "hard_negative_slices": patient.metadata["finetune"].get("hard_negative_slices", [])}
         rows.append(row)
@@ -101,7 +120,7 @@ def annotated_slices(route: str, case: images.Case, base) -> list[int]:
 ROUTES = ("every-other", "suggested-2")
 
 
-def within_scan(base, specs: dict, names: tuple[str, ...], routes: tuple[str, ...] = ROUTES) -> list[dict]:
+def within_scan(base, specs: dict, names: tuple[str, ...], routes: tuple[str, ...] = ROUTES, masks: Path | None = None) -> list[dict]:
     rows = []
     for name in names:
         spec = specs[name]
@@ -113,12 +132,21 @@ def within_scan(base, specs: dict, names: tuple[str, ...], routes: tuple[str, ..
             keep = np.ones(case.organ.shape[0], bool)
             keep[list(chosen)] = False  # score only on the slices not annotated for fine-tuning
             patient, check = finetune(base, case, list(chosen))
+            saved = _mask_paths(masks, name, route)
+            if masks is not None:
+                write_scored(case, case.lesions, keep, saved["reference"])
             row = {"protocol": "within-scan", "case": name, "route": route, "slices": len(chosen),
-                   "base": scores(base, case, gt, spacing, keep), "finetuned": scores(patient, case, gt, spacing, keep),
+                   "base": scores(base, case, gt, spacing, keep, saved["base"]),
+                   "finetuned": scores(patient, case, gt, spacing, keep, saved["finetuned"]),
                    "kept": check["kept"], "check": check, "seconds": round(time.perf_counter() - start, 1)}
             rows.append(row)
             report(row)
     return rows
+
+
+def _mask_paths(folder: Path | None, case: str, route: str) -> dict:
+    """Where ``--masks`` keeps one run's base, fine-tuned and reference masks (None: not kept)."""
+    return {kind: None if folder is None else folder / f"{case}_{route}_{kind}.nii.gz" for kind in ("base", "finetuned", "reference")}
 
 
 def report(row: dict) -> None:
@@ -146,6 +174,7 @@ def main(argv=None) -> int:
                         help="a FinetuneConfig setting to change, e.g. head_norm=frozen or iterations=200 (repeatable)")
     parser.add_argument("--protocols", nargs="+", choices=["cross-time", "within-scan"], default=["cross-time", "within-scan"])
     parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES), help="the within-scan routes to run (default: both)")
+    parser.add_argument("--masks", type=Path, help="folder for each run's scored base, fine-tuned and reference masks (NIfTI)")
     args = parser.parse_args(argv)
     for item in args.set:
         name, value = item.split("=", 1)
@@ -158,12 +187,14 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     specs = {s["case"]: s for s in real_cases(args.data)}
+    if args.masks is not None:
+        args.masks.mkdir(parents=True, exist_ok=True)
     rows = []
     if "cross-time" in args.protocols:
-        rows += cross_time(modelfile.load_model(modelcard.resolve_model_path("brain-tumor")), specs)
+        rows += cross_time(modelfile.load_model(modelcard.resolve_model_path("brain-tumor")), specs, args.masks)
     if "within-scan" in args.protocols:
         for model, names in WITHIN_SCAN.items():
-            rows += within_scan(modelfile.load_model(modelcard.resolve_model_path(model)), specs, names, tuple(args.routes))
+            rows += within_scan(modelfile.load_model(modelcard.resolve_model_path(model)), specs, names, tuple(args.routes), args.masks)
     summarise(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
