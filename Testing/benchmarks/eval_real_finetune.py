@@ -93,7 +93,7 @@ def cross_time(base, specs: dict, masks: Path | None = None) -> list[dict]:
         gt, spacing = ground_truth(post)
         saved = _mask_paths(masks, n, "all-lesion")
         if masks is not None:
-            write_scored(follow, follow.lesions, None, saved["reference"])
+            write_scored(follow, follow.layout.to_slices(gt), None, saved["reference"])  # what is scored
         row = {"protocol": "cross-time", "case": n, "route": "all-lesion",
                "base": scores(base, follow, gt, spacing, save_as=saved["base"]),
                "finetuned": scores(patient, follow, gt, spacing, save_as=saved["finetuned"]),
@@ -134,7 +134,7 @@ def within_scan(base, specs: dict, names: tuple[str, ...], routes: tuple[str, ..
             patient, check = finetune(base, case, list(chosen))
             saved = _mask_paths(masks, name, route)
             if masks is not None:
-                write_scored(case, case.lesions, keep, saved["reference"])
+                write_scored(case, case.layout.to_slices(gt), keep, saved["reference"])
             row = {"protocol": "within-scan", "case": name, "route": route, "slices": len(chosen),
                    "base": scores(base, case, gt, spacing, keep, saved["base"]),
                    "finetuned": scores(patient, case, gt, spacing, keep, saved["finetuned"]),
