@@ -91,9 +91,7 @@ def cross_time(base, specs: dict, masks: Path | None = None) -> list[dict]:
         patient, check = finetune(base, load(pre, base), "all-lesion")
         follow = load(post, base)
         gt, spacing = ground_truth(post)
-        saved = _mask_paths(masks, n, "all-lesion")
-        if masks is not None:
-            write_scored(follow, follow.layout.to_slices(gt), None, saved["reference"])  # what is scored
+        saved = kept_masks(masks, n, "all-lesion", follow, gt)
         row = {"protocol": "cross-time", "case": n, "route": "all-lesion",
                "base": scores(base, follow, gt, spacing, save_as=saved["base"]),
                "finetuned": scores(patient, follow, gt, spacing, save_as=saved["finetuned"]),
@@ -132,9 +130,7 @@ def within_scan(base, specs: dict, names: tuple[str, ...], routes: tuple[str, ..
             keep = np.ones(case.organ.shape[0], bool)
             keep[list(chosen)] = False  # score only on the slices not annotated for fine-tuning
             patient, check = finetune(base, case, list(chosen))
-            saved = _mask_paths(masks, name, route)
-            if masks is not None:
-                write_scored(case, case.layout.to_slices(gt), keep, saved["reference"])
+            saved = kept_masks(masks, name, route, case, gt, keep)
             row = {"protocol": "within-scan", "case": name, "route": route, "slices": len(chosen),
                    "base": scores(base, case, gt, spacing, keep, saved["base"]),
                    "finetuned": scores(patient, case, gt, spacing, keep, saved["finetuned"]),
@@ -144,9 +140,14 @@ def within_scan(base, specs: dict, names: tuple[str, ...], routes: tuple[str, ..
     return rows
 
 
-def _mask_paths(folder: Path | None, case: str, route: str) -> dict:
-    """Where ``--masks`` keeps one run's base, fine-tuned and reference masks (None: not kept)."""
-    return {kind: None if folder is None else folder / f"{case}_{route}_{kind}.nii.gz" for kind in ("base", "finetuned", "reference")}
+def kept_masks(folder: Path | None, name: str, route: str, case: images.Case, gt_stored: np.ndarray,
+               keep_slices: np.ndarray | None = None) -> dict:
+    """Where ``--masks`` keeps one run's base and fine-tuned masks (None: not kept); the
+    scored reference is written there now."""
+    paths = {kind: None if folder is None else folder / f"{name}_{route}_{kind}.nii.gz" for kind in ("base", "finetuned", "reference")}
+    if folder is not None:
+        write_scored(case, case.layout.to_slices(gt_stored), keep_slices, paths["reference"])
+    return paths
 
 
 def report(row: dict) -> None:
