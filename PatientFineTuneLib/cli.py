@@ -392,8 +392,8 @@ def cmd_segment(args) -> None:
         raise FileExistsError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
     _report_device(args, args.device)
     with _step(args, "segment", unit="slice") as step:
-        result = segment_case(bundle, case, opening=args.opening, threshold=args.threshold, mc_samples=args.mc_samples,
-                              seed=args.seed, device=args.device, progress=step.update)
+        result = segment_case(bundle, case, opening=args.opening, threshold=args.threshold, min_lesion_voxels=args.min_lesion_voxels,
+                              mc_samples=args.mc_samples, seed=args.seed, device=args.device, progress=step.update)
     write_segment_outputs(case, result, out, overwrite=args.overwrite, organ=organ is None, mc_samples=args.mc_samples, seed=args.seed)
     volume = sum(r["volume_mm3"] for r in result.lesions) / 1000
     print(f"{len(result.lesions)} lesion(s), {volume:.2f} mL; outputs in {out}")
@@ -774,6 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--opening", action=argparse.BooleanOptionalAction, default=None, help="per-slice plus opening (default: from the model's preset)")
+    p.add_argument("--min-lesion-voxels", type=count_at_least(1), default=None, metavar="N",
+                   help="drop lesions of fewer than N voxels (default: from the model's preset: 2 for brain, 1 keeps every lesion)")
     p.add_argument("--device", default="auto")
     p.add_argument("--mc-samples", type=mc_sample_count, default=0, help="MC-dropout samples for the uncertainty map (paper: 25; 0 = off; else at least 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout masks")

@@ -54,6 +54,7 @@ from .runtime import resolve_device
 from .training_loop import check_precision, training_loop
 from .modelfile import ModelBundle, derived_metadata
 from .patches import corner_and_centre_patch_centres, extract_patches
+from .postprocess import remove_small_lesions
 from .training import PatchTrainingConfig
 from .weighting import weight_map
 
@@ -498,8 +499,8 @@ def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfi
     counts = config.check_iterations(fewest_held_out)
     config = dataclasses.replace(config, layers=config.check_layers(fewest_held_out))
     planned = max(config.check_iterations())
-    base = _HeldOut()
-    finetuned = {count: _HeldOut() for count in counts}
+    base = _HeldOut(bundle.min_lesion_voxels)
+    finetuned = {count: _HeldOut(bundle.min_lesion_voxels) for count in counts}
     losses = []
     for fold, (held, check_data) in enumerate(folds):
         in_planned_steps = _progress_in_steps_of(progress, fold * planned, planned, counts[-1])
@@ -532,6 +533,9 @@ def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfi
         "kept": best["passes"],
         "final_loss": losses[-1] if losses else None,
     }
+
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 #: How much lower the held-out lesion F1 of the fine-tuned model may be (SPEC section 10).
@@ -604,9 +608,13 @@ def choose_iterations(compared: Sequence[dict], base: dict, asked: int) -> tuple
 
 
 class _HeldOut:
-    """One model's predictions on the held-out pixels of the check's folds."""
+    """One model's predictions on the held-out pixels of the check's folds, scored as the
+    segmentation will be: lesions (8-connected in the slice, inside the organ) of fewer
+    than ``min_lesion_pixels`` pixels are dropped before the held-out part is cut out
+    (the check sees single slices; the segmentation drops lesions of fewer voxels in 3D)."""
 
-    def __init__(self):
+    def __init__(self, min_lesion_pixels: int = 1):
+        self.min_lesion_pixels = min_lesion_pixels
         self.predicted, self.annotated, self.fold = [], [], []
 
     @torch.no_grad()
@@ -617,10 +625,11 @@ class _HeldOut:
         model.eval()
         on = next(model.parameters()).device
         try:
-            for image, label, mask in zip(data.images, data.labels, held):
+            for image, label, organ, mask in zip(data.images, data.labels, data.organs, held):
                 if mask.any():
                     probability = torch.softmax(model(image[None].to(on)).float(), 1)[0, 1].cpu()
-                    self.predicted.append(((probability > 0.5) & mask).numpy())
+                    lesions = remove_small_lesions(((probability > 0.5) & organ).numpy(), self.min_lesion_pixels, _EIGHT_CONNECTED)
+                    self.predicted.append(lesions & mask.numpy())
                     self.annotated.append(((label[0] > 0.5) & mask).numpy())
                     self.fold.append(fold)
         finally:

@@ -299,7 +299,8 @@ class Segmentation:
 def predict_mask(bundle: ModelBundle, case: Case, **predict_kwargs) -> np.ndarray:
     """The model's post-processed lesion mask (S, H, W) of a normalised case, with its
     preset's post-processing (:func:`segment_case` without the lesion table)."""
-    return postprocess(predict_probability(bundle, case, **predict_kwargs), case.organ, opening=bundle.opening)
+    return postprocess(predict_probability(bundle, case, **predict_kwargs), case.organ, opening=bundle.opening,
+                       min_lesion_voxels=bundle.min_lesion_voxels)
 
 
 def segment_case(
@@ -307,20 +308,23 @@ def segment_case(
     case: Case,
     opening: bool | None = None,
     threshold: float = 0.5,
+    min_lesion_voxels: int | None = None,
     mc_samples: int = 0,
     seed: int = 0,
     **predict_kwargs,
 ) -> Segmentation:
     """Predict, post-process (threshold, 3x3x3 closing, the plus opening where
-    ``opening`` says; ``None``: where the model's preset says, i.e. liver) and label the
-    lesions of a normalised case; with ``mc_samples`` > 0 also the MC-dropout
+    ``opening`` says, lesions of fewer than ``min_lesion_voxels`` voxels dropped; ``None``
+    for either: what the model's preset says, i.e. the opening for liver and 2 voxels
+    for the brain presets) and label the lesions of a normalised case; with ``mc_samples`` > 0 also the MC-dropout
     uncertainty (fast path), its summary, and each lesion's mean SD."""
     uncertainty = None
     if mc_samples:
         probability, uncertainty = predict_with_uncertainty(bundle, case, n_samples=mc_samples, seed=seed, **predict_kwargs)
     else:
         probability = predict_probability(bundle, case, **predict_kwargs)
-    mask = postprocess(probability, case.organ, opening=bundle.opening if opening is None else opening, threshold=threshold)
+    mask = postprocess(probability, case.organ, opening=bundle.opening if opening is None else opening, threshold=threshold,
+                       min_lesion_voxels=bundle.min_lesion_voxels if min_lesion_voxels is None else min_lesion_voxels)
     labels, _ = label_lesions(mask)
     maps = {"probability": probability}
     summary = None

@@ -77,6 +77,12 @@ class ModelBundle:
         return bool(self.preset and self.preset.opening)
 
     @property
+    def min_lesion_voxels(self) -> int:
+        """Smallest lesion (voxels) a segmentation keeps: the preset's (1, every lesion,
+        for a model without a preset)."""
+        return self.preset.min_lesion_voxels if self.preset else 1
+
+    @property
     def auto_organ_mask(self) -> bool:
         """Whether a missing organ mask may be computed (brain presets; models without a
         preset are treated as brain models, as before presets existed)."""

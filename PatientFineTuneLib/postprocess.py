@@ -1,4 +1,4 @@
-"""From lesion probability to lesion objects: threshold, morphology, components, table.
+"""From lesion probability to lesion objects: threshold, morphology, smallest lesion, components, table.
 
 Arrays are slice-first (S, H, W) as everywhere in the library, so "per slice" means
 along axis 0.
@@ -46,6 +46,18 @@ def open_plus_per_slice(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_opening(mask, structure=PLUS_IN_PLANE)
 
 
+def remove_small_lesions(mask: np.ndarray, min_voxels: int, structure: np.ndarray = CUBE_3x3x3) -> np.ndarray:
+    """``mask`` without its connected components (26-connected in 3D by default; pass
+    ``structure`` for another connectivity or dimension) of fewer than ``min_voxels``
+    voxels. ``min_voxels`` <= 1 keeps every component (the mask itself is returned)."""
+    if min_voxels <= 1:
+        return mask
+    labels, _ = ndimage.label(mask, structure=structure)
+    keep = np.bincount(labels.ravel()) >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
 def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """Connected lesion components with 26-connectivity; labels 1..n."""
     labels, n = ndimage.label(mask, structure=CUBE_3x3x3)
@@ -53,16 +65,22 @@ def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def postprocess(
-    probability: np.ndarray, organ: np.ndarray | None, opening: bool = False, threshold: float = 0.5
+    probability: np.ndarray,
+    organ: np.ndarray | None,
+    opening: bool = False,
+    threshold: float = 0.5,
+    min_lesion_voxels: int = 1,
 ) -> np.ndarray:
     """The paper's post-processing: mask by organ, threshold, 3x3x3 closing, and for the
-    liver preset a per-slice plus opening. Returns a boolean lesion mask."""
+    liver preset a per-slice plus opening; then lesions (26-connected) of fewer than
+    ``min_lesion_voxels`` voxels are dropped (the brain presets' 2: single-voxel specks,
+    see :class:`~PatientFineTuneLib.presets.Preset`). Returns a boolean lesion mask."""
     mask = close_cube(threshold_probability(probability, organ, threshold))
     if organ is not None:
         mask &= organ  # closing may bridge across the organ boundary
     if opening:
         mask = open_plus_per_slice(mask)
-    return mask
+    return remove_small_lesions(mask, min_lesion_voxels)
 
 
 def lesion_table(

@@ -608,3 +608,38 @@ def test_hard_negatives_train_with_the_annotation_and_are_never_held_out(bundle,
     # a partial annotation (explicit slices) says nothing about the other slices: no negatives
     partial = finetune_patient_model(bundle, baseline, baseline.lesion_slices()[:2], config, device="cpu")
     assert "hard_negative_slices" not in partial.metadata["finetune"]
+
+
+def test_the_check_scores_held_out_lesions_as_the_segmentation_keeps_them():
+    """The check drops predicted lesions under the segmentation's minimum size before it
+    scores (a 1-pixel false lesion the segmentation will never show must not decide),
+    and cuts the held-out part only afterwards (a lesion crossing the held-out border
+    still counts at its full size)."""
+    from PatientFineTuneLib.finetune import FinetuneData, _HeldOut
+
+    class LogitMap(torch.nn.Module):  # a network whose lesion logit is its input
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return torch.cat([torch.zeros_like(x[:, :1]), self.gain * x[:, :1]], 1)
+
+    image = torch.full((1, 1, 12, 12), -5.0)
+    image[0, 0, 1, 1] = 5  # a 1-pixel false lesion
+    image[0, 0, 5, 5:7] = 5  # a 2-pixel lesion, one pixel of it held out
+    image[0, 0, 9:11, 9:11] = 5  # the annotated lesion
+    label = torch.zeros(1, 12, 12)
+    label[0, 9:11, 9:11] = 1
+    held = torch.ones(12, 12, dtype=torch.bool)
+    held[5, 5] = False
+    data = FinetuneData([0], [image[0]], [label], None, [], np.zeros(1), [torch.ones(12, 12, dtype=torch.bool)])
+    scores = {}
+    for minimum in (1, 2):
+        held_out = _HeldOut(minimum)
+        held_out.add(LogitMap(), data, [held], fold=0)
+        scores[minimum] = held_out.scores()
+        assert held_out.predicted[0][5, 6]  # the 2-pixel lesion's held-out pixel is scored
+    assert scores[1]["lesion_f1"] == pytest.approx(0.5)  # 1 of 3 predicted lesions is true
+    assert scores[2]["lesion_f1"] == pytest.approx(2 / 3)  # the speck is gone: 1 of 2
+    assert scores[2]["dice"] > scores[1]["dice"]

@@ -64,4 +64,25 @@ def test_segment_case_applies_the_presets_opening_unless_told(case):
     closed_only = segment_case(liver, case, device="cpu", opening=False).mask
     assert not np.array_equal(opened, closed_only)  # the test can tell them apart
     assert np.array_equal(segment_case(liver, case, device="cpu").mask, opened)
-    assert np.array_equal(segment_case(brain, case, device="cpu").mask, closed_only)
+    assert np.array_equal(segment_case(brain, case, device="cpu", min_lesion_voxels=1).mask, closed_only)
+
+
+def test_segment_case_drops_the_presets_smallest_lesions_unless_told(case):
+    """The brain presets drop lesions of one voxel (``min_lesion_voxels=None`` is the
+    preset's 2), the liver preset keeps every lesion; so does predict_mask."""
+    from PatientFineTuneLib.inference import predict_mask
+    from PatientFineTuneLib.modelfile import make_metadata
+
+    model = tiny_model()
+    with torch.no_grad():  # a noisy head: many single-voxel lesions
+        model.classifier[-1].bias.copy_(torch.tensor([0.0, -0.3]))
+    sequences = [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}]
+    brain = ModelBundle(model, make_metadata(model, sequences, (2.0, 2.0), preset="brain-wmh"))
+    liver = ModelBundle(model, make_metadata(model, sequences, (2.0, 2.0), preset="liver-metastases"))
+    every = segment_case(brain, case, device="cpu", min_lesion_voxels=1)
+    sizes = [r["voxels"] for r in every.lesions]
+    assert 1 in sizes and max(sizes) > 1  # the test can tell the rule from no rule
+    default = segment_case(brain, case, device="cpu")
+    assert sorted(r["voxels"] for r in default.lesions) == sorted(v for v in sizes if v >= 2)
+    assert np.array_equal(predict_mask(brain, case, device="cpu"), default.mask)
+    assert np.array_equal(segment_case(liver, case, device="cpu", opening=False).mask, every.mask)

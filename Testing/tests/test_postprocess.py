@@ -3,7 +3,7 @@ import pytest
 import SimpleITK as sitk
 
 from PatientFineTuneLib.images import SliceLayout
-from PatientFineTuneLib.postprocess import close_cube, label_lesions, lesion_table, open_plus_per_slice, postprocess
+from PatientFineTuneLib.postprocess import close_cube, label_lesions, lesion_table, open_plus_per_slice, postprocess, remove_small_lesions
 
 
 def test_closing_fills_a_hole_and_keeps_lesions_on_the_border():
@@ -58,3 +58,29 @@ def test_lesion_table_volumes_and_physical_centroids():
     assert r["voxels"] == 4 and r["volume_mm3"] == pytest.approx(4 * 0.5 * 2 * 3)
     assert (r["centroid_x_mm"], r["centroid_y_mm"], r["centroid_z_mm"]) == pytest.approx((10 + 4.5 * 0.5, 20 + 2 * 2.0, 30 + 1.5 * 3))
     assert r["mean_probability"] == pytest.approx(0.7)
+
+
+def test_remove_small_lesions_drops_specks_and_keeps_26_connected_pairs():
+    mask = np.zeros((5, 8, 8), bool)
+    mask[0, 0, 0] = True  # a single voxel: dropped
+    mask[2, 2, 2] = mask[3, 3, 3] = True  # two voxels touching at a corner: one 2-voxel lesion
+    mask[1, 6, 5:8] = True  # three voxels
+    kept = remove_small_lesions(mask, 2)
+    assert not kept[0, 0, 0] and kept[2, 2, 2] and kept[3, 3, 3] and kept[1, 6, 5:8].all()
+    assert kept.sum() == mask.sum() - 1
+    assert remove_small_lesions(mask, 3).sum() == 3
+    assert remove_small_lesions(mask, 1) is mask  # 1 keeps every lesion
+    # another connectivity: the corner pair is two specks when only faces connect
+    faces = np.zeros((3, 3, 3), bool)
+    faces[1, 1, :] = faces[1, :, 1] = faces[:, 1, 1] = True
+    assert remove_small_lesions(mask, 2, structure=faces).sum() == 3
+
+
+def test_postprocess_drops_lesions_under_the_minimum_after_closing():
+    p = np.zeros((5, 12, 12), np.float32)
+    p[2, 2, 2] = 0.9  # a 1-voxel speck
+    p[2, 6:9, 6:9] = 0.9  # a 9-voxel lesion
+    organ = np.ones_like(p, bool)
+    assert postprocess(p, organ)[2, 2, 2]  # by default every lesion is kept
+    kept = postprocess(p, organ, min_lesion_voxels=2)
+    assert not kept[2, 2, 2] and kept[2, 6:9, 6:9].all()
