@@ -344,7 +344,7 @@ def main() -> None:
     training_data = training_data_entries(
         [("synthetic", f"{2 * plan['synthetic_train']} volumes (both visits of seeds 100-{99 + plan['synthetic_train']})", LICENCES["synthetic"])]
         + [(dataset, case, LICENCES[dataset]) for dataset, case, _ in plan["real_train"]])
-    card = {"training_data": training_data, **results, "notes": plan["notes"],
+    card = {"training_data": training_data, **results, "notes": plan["notes"], "min_lesion_voxels": preset.min_lesion_voxels,
             # the command that builds this model from scratch (a re-evaluation of the same
             # trained model, --evaluate-only, writes the same card)
             "build_command": "python Resources/Models/build_models.py " + " ".join(a for a in sys.argv[1:] if a != "--evaluate-only")}

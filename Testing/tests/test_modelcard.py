@@ -46,3 +46,16 @@ def test_card_goes_into_the_file_and_next_to_it(trained_file, tmp_path):
     assert "| held out | 2 | 0.70 ± 0.14 |" in text
     assert shipped.metadata["sha256"] in text
     assert torch.equal(shipped.model.state_dict()["classifier.5.weight"], load_model(trained_file).model.state_dict()["classifier.5.weight"])
+
+
+def test_the_card_says_which_smallest_lesion_its_numbers_were_measured_with(trained_file):
+    """A card records the minimum lesion size its held-out numbers were measured with; one
+    written before segmentations had a minimum (none recorded) says it kept every lesion
+    and that the preset's segmentations now drop smaller ones."""
+    metadata = load_model(trained_file).metadata
+    measured_with = render_card({**metadata, "card": {**_card([0.7]), "min_lesion_voxels": 2}})
+    assert "(threshold 0.5, 3x3x3 closing, dropping lesions of fewer than 2 voxels)" in measured_with
+    assert "now drop" not in measured_with
+    older = render_card({**metadata, "card": _card([0.7])})
+    assert "(threshold 0.5, 3x3x3 closing)" in older
+    assert "Measured keeping every lesion; this preset's segmentations now drop lesions of fewer than 2 voxels" in older
