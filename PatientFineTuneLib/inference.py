@@ -296,11 +296,12 @@ class Segmentation:
     summary: dict | None = None
 
 
-def predict_mask(bundle: ModelBundle, case: Case, **predict_kwargs) -> np.ndarray:
+def predict_mask(bundle: ModelBundle, case: Case, min_lesion_voxels: int | None = None, **predict_kwargs) -> np.ndarray:
     """The model's post-processed lesion mask (S, H, W) of a normalised case, with its
-    preset's post-processing (:func:`segment_case` without the lesion table)."""
-    return postprocess(predict_probability(bundle, case, **predict_kwargs), case.organ, opening=bundle.opening,
-                       min_lesion_voxels=bundle.min_lesion_voxels)
+    preset's post-processing (:func:`segment_case` without the lesion table);
+    ``min_lesion_voxels`` replaces the preset's smallest lesion."""
+    minimum = bundle.min_lesion_voxels if min_lesion_voxels is None else min_lesion_voxels
+    return postprocess(predict_probability(bundle, case, **predict_kwargs), case.organ, opening=bundle.opening, min_lesion_voxels=minimum)
 
 
 def segment_case(
