@@ -111,6 +111,7 @@ def test_output_problems_are_found_before_any_work(small_pair_dir, tmp_path):
     ("synth", "--preset", "brain-wmh", "--out", "x", "--patients", "-1"),
     ("experiment", "--model", "brain-wmh", "--cohort", ".", "--out", "x", "--workers", "0"),
     ("segment", "--model", "brain-wmh", "--case", ".", "--out", "x", "--mc-samples", "1"),
+    ("segment", "--model", "brain-wmh", "--case", ".", "--out", "x", "--min-lesion-voxels", "0"),
 ])
 def test_nonsense_counts_are_refused_by_the_parser(args, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", *args], capture_output=True, text=True, cwd=tmp_path, timeout=60)
