@@ -30,7 +30,7 @@ def patient_outputs(small_pair_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("session")
     baseline, followup = small_pair_dir / "baseline", small_pair_dir / "followup"
     cli("segment", "--model", "brain-wmh", "--case", baseline, "--out", out / "analysis", "--suggest", 2)
-    cli("finetune", "--model", "brain-wmh", "--case", baseline, "--iterations", 5, "--out", out / "patient.pt")
+    cli("finetune", "--model", "brain-wmh", "--case", baseline, "--iterations", 2, "--out", out / "patient.pt")
     cli("segment", "--model", "brain-wmh", "--case", followup, "--mc-samples", 3, "--out", out / "base")
     cli("segment", "--model", out / "patient.pt", "--case", followup, "--mc-samples", 3, "--out", out / "fine-tuned")
     cli("compare", "--baseline-lesions", baseline / "lesions.nii.gz", "--followup-lesions", out / "fine-tuned" / "segmentation.nii.gz",
