@@ -317,8 +317,9 @@ def segment_case(
     """Predict, post-process (threshold, 3x3x3 closing, the plus opening where
     ``opening`` says, lesions of fewer than ``min_lesion_voxels`` voxels dropped; ``None``
     for either: what the model's preset says, i.e. the opening for liver and 2 voxels
-    for the brain presets) and label the lesions of a normalised case; with ``mc_samples`` > 0 also the MC-dropout
-    uncertainty (fast path), its summary, and each lesion's mean SD."""
+    for the brain presets) and label the lesions of a normalised case; with
+    ``mc_samples`` > 0 also the MC-dropout uncertainty (fast path), its summary, and
+    each lesion's mean SD."""
     uncertainty = None
     if mc_samples:
         probability, uncertainty = predict_with_uncertainty(bundle, case, n_samples=mc_samples, seed=seed, **predict_kwargs)

@@ -46,22 +46,22 @@ def open_plus_per_slice(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_opening(mask, structure=PLUS_IN_PLANE)
 
 
-def remove_small_lesions(mask: np.ndarray, min_voxels: int, structure: np.ndarray = CUBE_3x3x3) -> np.ndarray:
-    """``mask`` without its connected components (26-connected in 3D by default; pass
-    ``structure`` for another connectivity or dimension) of fewer than ``min_voxels``
-    voxels. ``min_voxels`` <= 1 keeps every component (the mask itself is returned)."""
-    if min_voxels <= 1:
-        return mask
-    labels, _ = ndimage.label(mask, structure=structure)
-    keep = np.bincount(labels.ravel()) >= min_voxels
-    keep[0] = False
-    return keep[labels]
-
-
 def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """Connected lesion components with 26-connectivity; labels 1..n."""
     labels, n = ndimage.label(mask, structure=CUBE_3x3x3)
     return labels.astype(np.int32, copy=False), int(n)
+
+
+def remove_small_lesions(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """``mask`` without its lesions (26-connected components) of fewer than
+    ``min_voxels`` voxels. ``min_voxels`` <= 1 keeps every lesion (the mask itself is
+    returned)."""
+    if min_voxels <= 1:
+        return mask
+    labels, _ = label_lesions(mask)
+    keep = np.bincount(labels.ravel()) >= min_voxels
+    keep[0] = False
+    return keep[labels]
 
 
 def postprocess(
