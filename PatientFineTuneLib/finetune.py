@@ -51,7 +51,7 @@ from .images import Case, resample_array, resampled_shape
 from .inference import predict_mask
 from .metrics import lesion_detection
 from .runtime import resolve_device
-from .training_loop import check_precision, training_loop
+from .training_loop import Adam, check_precision, training_loop
 from .modelfile import ModelBundle, derived_metadata
 from .patches import corner_and_centre_patch_centres, extract_patches
 from .training import PatchTrainingConfig
@@ -765,7 +765,7 @@ def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig,
     path's backbone outputs, shared between runs on the same slices (the check's folds
     and the final model: the frozen backbone is the base model's in each)."""
     model, parameters = _trainable_copy(bundle, config, device)
-    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
+    optimizer = Adam(parameters, lr=config.learning_rate)
     class_weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
     method = choose_method(data, config, feature_bytes=4 * model.feature_channels * config.patch_size**2)
     features_of = CachedFeatures(model, data, config, device, feature_cache) if method == "fast" else LiveFeatures(model, data, config, device)

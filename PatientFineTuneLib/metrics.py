@@ -28,8 +28,6 @@ from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import stats
-from scipy.spatial import cKDTree
 
 from .postprocess import label_lesions
 
@@ -63,6 +61,8 @@ def hausdorff95(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[float]) 
     """95th-percentile Hausdorff distance in mm (arrays in numpy z, y, x order)."""
     if not pred.any() or not gt.any():
         return math.nan
+    from scipy.spatial import cKDTree  # here, not at the top: see paired_test
+
     a = _boundary_points_mm(gt, spacing_zyx)
     b = _boundary_points_mm(pred, spacing_zyx)
     d_ab = cKDTree(b).query(a, k=1)[0]
@@ -175,6 +175,10 @@ def paired_test(a: Sequence[float], b: Sequence[float], test: str) -> dict:
     a, b = a[keep], b[keep]
     if a.size < 2 or np.allclose(a, b):
         return {"test": test, "n": int(a.size), "statistic": math.nan, "p": math.nan}
+    # imported here: scipy.stats takes 0.4-0.6 s to import (scipy.spatial 0.08 s), and every
+    # segmentation and fine-tuning run imports this module; their start-up is held to 2 s
+    from scipy import stats
+
     if test == "wilcoxon":
         res = stats.wilcoxon(a, b)
     elif test == "ttest":

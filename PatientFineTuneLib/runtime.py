@@ -60,9 +60,10 @@ def reseed(seed: int, step: int) -> None:
     torch.manual_seed(seed * 1_000_003 + int(step))
 
 
-def optimiser_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> float:
-    """One training step (gradients cleared, back-propagated, applied, through ``scaler``
-    for float16 mixed precision); returns the loss as a number. Base training, fine-tuning
+def optimiser_step(optimizer, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> float:
+    """One training step of ``optimizer`` (:class:`~PatientFineTuneLib.training_loop.Adam`):
+    gradients cleared, back-propagated, applied, through ``scaler`` for float16 mixed
+    precision; returns the loss as a number. Base training, fine-tuning
     and U-Net training all take their steps here.
 
     Raises RuntimeError on a non-finite loss, before the weights change: a diverged run

@@ -32,7 +32,7 @@ from .files import atomic_write
 from .images import Case, resample_array, resampled_shape
 from .inference import predict_mask
 from .runtime import resolve_device
-from .training_loop import check_precision, training_loop
+from .training_loop import Adam, check_precision, training_loop
 from .metrics import dice
 from .model import LesionNet
 from .modelfile import ModelBundle
@@ -243,7 +243,7 @@ def train_base_model(
     check_precision(config.precision, device, channels_last_backward=config.channels_last)
     rank, world = distributed_rank_and_size()
     model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizer = Adam(model.parameters(), lr=config.learning_rate)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     start = 0
     if resume:

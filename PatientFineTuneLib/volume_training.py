@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .images import Case
 from .runtime import private_rng, resolve_device
-from .training_loop import check_precision, training_loop
+from .training_loop import Adam, check_precision, training_loop
 from .modelfile import ModelBundle, derived_metadata
 from .unet3d import UNet3D
 from .volume_inference import case_on_model_grid
@@ -156,7 +156,7 @@ def train_volume_model(
     trainable = [p for m in model.trainable_modules(config.strategy) for p in m.parameters()]
     for p in trainable:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(trainable, lr=config.learning_rate)
+    optimizer = Adam(trainable, lr=config.learning_rate)
     weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
     model.train()
 

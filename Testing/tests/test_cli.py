@@ -123,3 +123,13 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = run("segment", "--model", tmp_path / "missing.pt", "--case", tmp_path, "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_a_segment_or_fine_tune_run_imports_no_statistics_or_spatial_scipy():
+    """Start-up is held to 2 s (SPEC section 10): scipy.stats alone takes 0.4-0.6 s to
+    import and only the evaluation's paired tests need it, scipy.spatial only HD95."""
+    modules = "cli inference finetune images modelfile outputs suggest metrics".split()
+    script = "import sys\n" + "".join(f"import PatientFineTuneLib.{m}\n" for m in modules) + "print(sorted(m for m in ('scipy.stats', 'scipy.spatial') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -2,6 +2,9 @@
 
 import copy
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -643,3 +646,27 @@ def test_the_check_and_the_weighting_see_every_lesion_the_network_finds(bundle, 
     segmented = predict_mask(bundle, baseline, device="cpu")
     assert (segmented <= every).all() and every.sum() > segmented.sum()  # the specks the segmentation drops
     assert np.array_equal(every, predict_mask(bundle, baseline, device="cpu", min_lesion_voxels=1))
+
+
+def test_fine_tuning_leaves_torch_dynamo_unimported(small_pair_dir):
+    """Any torch.optim optimiser imports torch._dynamo at first use (1.2-1.8 s on 2 cores),
+    in every fine-tuning process the front ends start; the library's own Adam does not."""
+    script = f"""
+import sys
+from conftest import tiny_model
+from PatientFineTuneLib.cases import find_cases
+from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model
+from PatientFineTuneLib.images import load_case, prepare_case
+from PatientFineTuneLib.modelfile import ModelBundle, make_metadata
+f = find_cases({str(small_pair_dir / "baseline")!r}, ["FLAIR", "T1"])[0]
+case = prepare_case(load_case(f.sequences, f.organ, f.lesions))
+model = tiny_model(width=4)
+bundle = ModelBundle(model, make_metadata(model, [{{"name": "FLAIR", "channels": 1}}, {{"name": "T1", "channels": 1}}], (2.0, 2.0), preset="brain-wmh"))
+patient = finetune_patient_model(bundle, case, case.lesion_slices()[:2], FinetuneConfig(iterations=2, patch_size=64, n_angles=2), device="cpu")
+import torch
+assert not torch.equal(patient.model.classifier[1].weight, model.classifier[1].weight)  # it did train
+print("torch._dynamo" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -147,7 +149,6 @@ def test_resume_with_other_precision_is_refused(cases, tmp_path):
 def test_every_training_loop_stops_on_a_non_finite_loss_before_changing_weights(cases, loop):
     """One optimiser step serves the three loops: a NaN in the inputs makes the loss
     non-finite, and each stops with the same clear error, the weights untouched."""
-    import copy
 
     from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model
     from PatientFineTuneLib.modelfile import ModelBundle, make_metadata
@@ -215,3 +216,46 @@ def test_mixed_precision_through_the_channels_last_backbone_is_refused_on_cpu_be
     assert calls == []
     with pytest.raises(ValueError, match="precision must be one of fp32, amp"):
         FinetuneConfig(precision="fp16")
+
+
+
+
+def test_adam_takes_the_steps_of_torch_optim_adam_and_shares_its_checkpoints(cases):
+    from PatientFineTuneLib.runtime import optimiser_step
+    from PatientFineTuneLib.training import patch_loss
+    from PatientFineTuneLib.training_loop import Adam
+
+    config = TrainingConfig(patch_size=64, seed=0)
+    pool = build_patch_pool(cases, SPACING, 5, seed=0)
+
+    def start(optimiser_class, model=None):
+        model = copy.deepcopy(model) if model is not None else tiny_model(seed=0).train()
+        model.pathways[0].blocks[0][0][0].weight.requires_grad_(False)  # a frozen layer: no gradient, no state
+        return model, optimiser_class(list(model.parameters()), lr=1e-3)
+
+    def train(model, optimiser, iterations):
+        loss_of = patch_loss(model, pool, config, torch.device("cpu"))
+        for iteration in iterations:
+            torch.manual_seed(iteration)
+            optimiser_step(optimiser, loss_of(iteration))
+
+    def assert_same(a, b):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+
+    ours, theirs = start(Adam), start(torch.optim.Adam)
+    for model, optimiser in (ours, theirs):
+        train(model, optimiser, range(3))
+    assert_same(ours[0], theirs[0])
+    assert torch.equal(ours[0].pathways[0].blocks[0][0][0].weight, tiny_model(seed=0).pathways[0].blocks[0][0][0].weight)
+    assert not torch.equal(ours[0].classifier[1].weight, tiny_model(seed=0).classifier[1].weight)
+    # each continues from the other's checkpointed state (a copy, as torch.save writes it) exactly as from its own
+    ours_from_theirs, theirs_from_ours = start(Adam, theirs[0]), start(torch.optim.Adam, ours[0])
+    ours_from_theirs[1].load_state_dict(copy.deepcopy(theirs[1].state_dict()))
+    theirs_from_ours[1].load_state_dict(copy.deepcopy(ours[1].state_dict()))
+    for model, optimiser in (ours, theirs, ours_from_theirs, theirs_from_ours):
+        train(model, optimiser, range(3, 5))
+    for other in (theirs, ours_from_theirs, theirs_from_ours):
+        assert_same(ours[0], other[0])
+    with pytest.raises(ValueError, match="optimiser state for"):
+        Adam(list(ours[0].parameters())[:3]).load_state_dict(ours[1].state_dict())
