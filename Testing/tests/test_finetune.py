@@ -670,3 +670,25 @@ print("torch._dynamo" in sys.modules)
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_the_segmentation_weighting_predicts_only_around_the_chosen_slices(bundle, baseline):
+    """The segmentation scheme weighs each pixel by the base prediction there: the network
+    runs on the chosen slices and the two either side (the 3x3x3 closing's reach), and the
+    weights, hence the fine-tuned model, are those of a pass over the whole baseline."""
+    from PatientFineTuneLib.finetune import network_mask
+
+    with torch.no_grad():  # a base model that finds lesion in many places: closing matters
+        bundle.model.classifier[-1].bias.copy_(torch.tensor([0.0, 0.4]))
+    chosen = baseline.lesion_slices()[:2]
+    whole = network_mask(bundle, baseline, "cpu")
+    near = network_mask(bundle, baseline, "cpu", near=chosen)
+    assert whole[chosen].any() and np.array_equal(near[chosen], whole[chosen])
+    far = [s for s in range(len(near)) if min(abs(s - c) for c in chosen) > 2]
+    assert far and not near[far].any() and whole[far].any()  # the far slices were not run
+
+    config = FinetuneConfig(**CONFIG, weighting="segmentation")
+    restricted = prepare_finetune_data(bundle, baseline, chosen, config)
+    full = prepare_finetune_data(bundle, baseline, chosen, config, base_prediction=whole)
+    assert all(torch.equal(a, b) for a, b in zip(restricted.weights, full.weights))
+    assert any((w == 5).any() for w in full.weights)
