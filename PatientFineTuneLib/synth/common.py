@@ -213,7 +213,12 @@ def add_rician_noise(signal: np.ndarray, sigma: float, rng: np.random.Generator)
     buffer = torch.empty(rows.shape[1], dtype=torch.float32)
     for row in rows:
         row.add_(buffer.normal_(0.0, float(sigma), generator=generator)).square_()
-        row.add_(buffer.normal_(0.0, float(sigma), generator=generator).square_()).sqrt_()
+        row.add_(buffer.normal_(0.0, float(sigma), generator=generator).square_())
+        # numpy's square root, which IEEE rounds exactly: torch 2.13's multi-threaded one
+        # on this project's machine is off by 1 ulp, and in about one process in five by
+        # 3e-4 (relative) on one thread's half, so the same seed gave different patients
+        magnitude = row.numpy()
+        np.sqrt(magnitude, out=magnitude)
     return signal
 
 

@@ -100,3 +100,23 @@ def test_liver_is_on_the_patients_right(tmp_path):
     centre = np.argwhere(sitk.GetArrayFromImage(organ) > 0).mean(axis=0)[::-1]
     x_lps = organ.TransformContinuousIndexToPhysicalPoint(centre.tolist())[0]
     assert x_lps < -20  # LPS: negative x is the patient's right
+
+
+def test_rician_magnitude_is_the_exactly_rounded_square_root():
+    """The noisy magnitude is sqrt((s + n1)^2 + n2^2) rounded as IEEE rounds a square root
+    (numpy's); torch's multi-threaded sqrt on a CPU was not, and in some processes was off
+    by 3e-4 on one thread's half, so one seed gave different patients run to run."""
+    import torch
+
+    from PatientFineTuneLib.synth.common import add_rician_noise
+
+    signal = np.random.default_rng(0).uniform(0, 1000, (2, 24, 120, 120)).astype(np.float32)
+    noisy = add_rician_noise(signal.copy(), 30.0, np.random.default_rng(5))
+    # the same draws, by the same generator in the same order
+    generator = torch.Generator().manual_seed(int(np.random.default_rng(5).integers(2**62)))
+    expected = []
+    for row in signal.reshape(2, -1):
+        first = torch.empty(row.size).normal_(0.0, 30.0, generator=generator).numpy()
+        second = torch.empty(row.size).normal_(0.0, 30.0, generator=generator).numpy()
+        expected.append(np.sqrt(np.square(row + first) + np.square(second)))
+    assert np.array_equal(noisy.reshape(2, -1), np.stack(expected))
