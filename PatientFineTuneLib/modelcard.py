@@ -297,7 +297,11 @@ def describe_patient_model(finetune: dict) -> str:
                 f"of your annotation ({_check_numbers(check)})"
                 + (f"; {', '.join(map(str, longer))} iterations did better there, but too narrowly to replace "
                    "the asked iterations" if longer else ""))
-    text = f"fine-tuned {every_layer}{iterations} iterations on {where}" + (f" ({finetune['method']} path)" if "method" in finetune else "")
+    # the approximate mode applies where only the head trains (FinetuneConfig.head_pixel_fraction)
+    fraction = finetune.get("config", {}).get("pixel_fraction", 1.0) if layers == "head" else 1.0
+    how = [f"{finetune['method']} path"] if "method" in finetune else []
+    how += [f"{fraction:.0%} of each patch's pixels per iteration"] if fraction < 1 else []
+    text = f"fine-tuned {every_layer}{iterations} iterations on {where}" + (f" ({', '.join(how)})" if how else "")
     if check:
         text += f"; checked on {_held_out_part(check)} of the annotation: {_check_numbers(check)}"
         if check.get("compared"):

@@ -108,6 +108,8 @@ def test_output_problems_are_found_before_any_work(small_pair_dir, tmp_path):
     ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--iterations", "0"),
     ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--iterations", "-5"),
     ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--angles", "-1"),
+    ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--pixel-fraction", "0"),
+    ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--pixel-fraction", "1.5"),
     ("synth", "--preset", "brain-wmh", "--out", "x", "--patients", "-1"),
     ("experiment", "--model", "brain-wmh", "--cohort", ".", "--out", "x", "--workers", "0"),
     ("segment", "--model", "brain-wmh", "--case", ".", "--out", "x", "--mc-samples", "1"),

@@ -8,15 +8,15 @@ import torch
 
 import slicer  # noqa: F401  (slicer-core, a pinned test dependency: these tests must run in CI, never skip)
 
-from PatientFineTuneLib import mrml  
-from PatientFineTuneLib.cases import find_cases  
-from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model  
-from PatientFineTuneLib.images import load_case, prepare_case  
+from PatientFineTuneLib import mrml
+from PatientFineTuneLib.cases import find_cases
+from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model
+from PatientFineTuneLib.images import load_case, prepare_case
 from PatientFineTuneLib.runtime import Cancelled
-from PatientFineTuneLib.inference import segment_case  
-from PatientFineTuneLib.modelcard import describe_patient_model, shipped_models  
-from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata  
-from PatientFineTuneLib.slicerworkflow import (  
+from PatientFineTuneLib.inference import segment_case
+from PatientFineTuneLib.modelcard import describe_patient_model, shipped_models
+from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata
+from PatientFineTuneLib.slicerworkflow import (
     MaskSource,
     ModelChoice,
     analyse_baseline,
@@ -32,7 +32,7 @@ from PatientFineTuneLib.slicerworkflow import (
     write_job_inputs,
 )
 
-from conftest import tiny_model  
+from conftest import tiny_model
 from test_mrml import scene  # noqa: F401  (the MRML scene fixture)
 
 
@@ -175,6 +175,10 @@ def test_choosing_the_same_base_model_again_keeps_the_patient_model(tmp_path):
 
 def test_a_patient_model_is_described_for_both_networks():
     assert describe_patient_model({"config": {"iterations": 100}, "slices": [12, 20], "method": "fast"}) == "fine-tuned 100 iterations on slices 12, 20 (fast path)"
+    sampled = {"config": {"iterations": 100, "layers": "head", "pixel_fraction": 0.25}, "slices": [12, 20], "method": "fast"}
+    assert describe_patient_model(sampled) == "fine-tuned 100 iterations on slices 12, 20 (fast path, 25% of each patch's pixels per iteration)"
+    every = {**sampled, "config": {**sampled["config"], "layers": "all"}, "method": "naive"}  # every layer uses every pixel
+    assert describe_patient_model(every) == "fine-tuned every layer, 100 iterations on slices 12, 20 (naive path)"
     unet = describe_patient_model({"config": {"iterations": 50, "layers": "decoder"}, "strategy": "decoder"})
     assert unet == "fine-tuned 50 iterations on the whole baseline volume (decoder layers)"
     kept = describe_patient_model({"config": {"iterations": 100}, "slices": [3], "method": "base model kept",
