@@ -692,28 +692,33 @@ class LiveFeatures:
     def __init__(self, model, data: FinetuneData, config: FinetuneConfig, device):
         self.model, self.data, self.config, self.device = model, data, config, device
 
-    def __call__(self, picks) -> torch.Tensor:
-        """Backbone output (B, C, H, W) of the picked (slice, patch, angle) inputs."""
+    def __call__(self, picks, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Backbone output (B, C, H, W) of the picked (slice, patch, angle) inputs; with
+        ``index`` (:func:`sample_pixels`) only those pixels' (:func:`sampled_pixel_features`)."""
         x = torch.cat([_patch(self.data, p, self.config.patch_size, "image") for p in picks]).to(self.device)
         with torch.set_grad_enabled(self.config.layers == "all"):
-            return self.model.features(x)
+            features = self.model.features(x)
+        return features if index is None else sampled_pixel_features(features, index)
 
 
 class CachedFeatures:
     """Feature source of the fast path: the frozen backbone runs once per distinct
     (slice, patch, angle) input; each batch is copied into one reused channels-last
-    buffer (a fresh 170 MB tensor per iteration costs more in page faults than the copy)."""
+    buffer (a fresh 170 MB tensor per iteration costs more in page faults than the copy),
+    or only its sampled pixels into another."""
 
     def __init__(self, model, data: FinetuneData, config: FinetuneConfig, device, cache: dict | None = None):
         self.model, self.data, self.config, self.device = model, data, config, device
         self.cache: dict[tuple[int, int, int], torch.Tensor] = {} if cache is None else cache
         shape = (config.batch_size, model.feature_channels, config.patch_size, config.patch_size)
         self.batch = torch.empty(shape, device=device, memory_format=torch.channels_last)
+        self.sampled: torch.Tensor | None = None
 
     @torch.no_grad()
-    def __call__(self, picks) -> torch.Tensor:
+    def __call__(self, picks, index: torch.Tensor | None = None) -> torch.Tensor:
         """Backbone output (B, C, H, W) of the picks, in the reused buffer (the caller may
-        overwrite it)."""
+        overwrite it); with ``index`` only the sampled pixels', as
+        :func:`sampled_pixel_features` gives them, gathered straight from the cache."""
         missing = list(dict.fromkeys(p for p in picks if p not in self.cache))
         if missing:
             x = torch.cat([_patch(self.data, p, self.config.patch_size, "image") for p in missing]).to(self.device)
@@ -721,9 +726,24 @@ class CachedFeatures:
                 features = self.model.features(x).contiguous(memory_format=torch.channels_last)
             for p, f in zip(missing, features):
                 self.cache[p] = f
+        if index is not None:
+            return self._gather(picks, index)
         for i, p in enumerate(picks):
             self.batch[i].copy_(self.cache[p])
         return self.batch
+
+    def _gather(self, picks, index: torch.Tensor) -> torch.Tensor:
+        """The rows ``index`` of the picks' features, without copying whole patches: a
+        channels-last feature map is its pixels' rows already."""
+        channels, pixels = self.batch.shape[1], self.config.patch_size**2
+        if self.sampled is None or self.sampled.shape[0] != len(index):
+            self.sampled = torch.empty((len(index), channels), device=self.device)
+        per_patch = len(index) // len(picks)  # sample_pixels: as many from every patch, patch by patch
+        for i, p in enumerate(picks):
+            block = slice(i * per_patch, (i + 1) * per_patch)
+            feature_rows = self.cache[p].permute(1, 2, 0).reshape(pixels, channels)
+            torch.index_select(feature_rows, 0, index[block] - i * pixels, out=self.sampled[block])
+        return self.sampled.t()[None, :, :, None]
 
 
 def sampled_pixel_features(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -796,15 +816,26 @@ def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig,
     method = choose_method(data, config, feature_bytes=4 * model.feature_channels * config.patch_size**2)
     features_of = CachedFeatures(model, data, config, device, feature_cache) if method == "fast" else LiveFeatures(model, data, config, device)
     dropout_masks = HeadDropoutMasks(model, config.seed, device)
+    # each pick's rotated label and weight patches; kept where its features are (the fast
+    # path: few distinct picks, each drawn many times)
+    annotations: dict[tuple[int, int, int], tuple] = {}
+
+    def annotation(pick) -> tuple:
+        if pick in annotations:
+            return annotations[pick]
+        found = (_patch(data, pick, config.patch_size, "label"), _patch(data, pick, config.patch_size, "weight") if data.weights is not None else None)
+        if method == "fast":
+            annotations[pick] = found
+        return found
 
     def loss_of(iteration: int) -> torch.Tensor:
         picks = draw_batch(data, config, iteration)
-        features = features_of(picks)
-        target = torch.cat([_patch(data, p, config.patch_size, "label") for p in picks])[:, 0].round().long().to(device)
-        weights = torch.cat([_patch(data, p, config.patch_size, "weight") for p in picks])[:, 0].to(device) if data.weights is not None else None
-        if config.head_pixel_fraction() < 1:
-            index = sample_pixels(config, iteration, len(picks)).to(device)
-            features = sampled_pixel_features(features, index)
+        index = sample_pixels(config, iteration, len(picks)).to(device) if config.head_pixel_fraction() < 1 else None
+        features = features_of(picks, index)
+        labels, pixel_weights = zip(*(annotation(p) for p in picks))
+        target = torch.cat(labels)[:, 0].round().long().to(device)
+        weights = torch.cat(pixel_weights)[:, 0].to(device) if data.weights is not None else None
+        if index is not None:
             target = target.reshape(-1)[index][None, :, None]
             weights = weights.reshape(-1)[index][None, :, None] if weights is not None else None
         n_rows = features.shape[0] * features.shape[2] * features.shape[3]
