@@ -259,3 +259,25 @@ def test_adam_takes_the_steps_of_torch_optim_adam_and_shares_its_checkpoints(cas
         assert_same(ours[0], other[0])
     with pytest.raises(ValueError, match="optimiser state for"):
         Adam(list(ours[0].parameters())[:3]).load_state_dict(ours[1].state_dict())
+
+
+def test_adam_steps_through_the_gradient_scaler_of_float16_training():
+    """On CUDA float16 training steps through torch.amp.GradScaler (runtime.optimiser_step):
+    it unscales the library's Adam's gradients and skips the step on an inf (CPU scaler here)."""
+    from PatientFineTuneLib.runtime import optimiser_step
+    from PatientFineTuneLib.training_loop import Adam
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 2)
+    optimiser, scaler = Adam(layer.parameters(), lr=0.1), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    reference = copy.deepcopy(layer)
+    reference_optimiser = torch.optim.Adam(reference.parameters(), lr=0.1)
+    x, start = torch.randn(8, 4), layer.weight.detach().clone()
+    optimiser_step(optimiser, layer(x).pow(2).mean(), scaler)
+    optimiser_step(reference_optimiser, reference(x).pow(2).mean())  # unscaled: the same step
+    assert torch.allclose(layer.weight, reference.weight, atol=1e-6) and not torch.equal(layer.weight, start)
+    before = layer.weight.detach().clone()
+    scaler.scale(layer(torch.full((8, 4), float("inf"))).mean()).backward()
+    scaler.step(optimiser)
+    scaler.update()
+    assert torch.equal(layer.weight, before) and scaler.get_scale() == 512.0
