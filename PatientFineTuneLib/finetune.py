@@ -875,6 +875,9 @@ def _finetune_volume(bundle, case, slices, config: FinetuneConfig, device, progr
         )
     if config.weighting:
         raise ValueError(f"the {config.weighting!r} weighting of seed 000 is defined for the 2D network's slices; fine-tune a 3D U-Net without it")
+    if config.pixel_fraction < 1:
+        raise ValueError(f"a pixel fraction ({config.pixel_fraction}) applies to the 2D network's head; a 3D U-Net trains on every voxel "
+                         "of its patches (leave --pixel-fraction out)")
     if case.lesions is None or not case.lesions.any():
         raise ValueError("fine-tuning needs the baseline annotation (lesion mask) with at least one lesion")
     volume_config = VolumeTrainingConfig(

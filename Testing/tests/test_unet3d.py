@@ -161,6 +161,8 @@ def test_finetuning_a_unet_keeps_the_base_and_checks_the_selection(baseline, tra
         finetune_patient_model(bundle, baseline, "suggested:2", FinetuneConfig(iterations=1), device="cpu")
     with pytest.raises(ValueError, match="without it"):
         finetune_patient_model(bundle, baseline, config=FinetuneConfig(iterations=1, weighting="segmentation"), device="cpu")
+    with pytest.raises(ValueError, match="every voxel"):  # the pixel fraction is the 2D head's
+        finetune_patient_model(bundle, baseline, config=FinetuneConfig(iterations=1, layers="decoder", pixel_fraction=0.25), device="cpu")
     transferred = finetune_volume_model(bundle, [baseline], VolumeTrainingConfig(iterations=1, strategy="all", reset_last_layers=True, spacing_mm=1.5), device="cpu")
     # the model's own spacing and window win over the configuration's
     assert transferred.metadata["finetune"]["config"]["spacing_mm"] == 2.0
