@@ -667,7 +667,7 @@ def test_the_check_and_the_weighting_see_every_lesion_the_network_finds(bundle, 
 
 
 def test_fine_tuning_leaves_torch_dynamo_unimported(small_pair_dir):
-    """Any torch.optim optimiser imports torch._dynamo at first use (1.2-1.8 s on 2 cores),
+    """Any torch.optim optimiser imports torch._dynamo at first use (1.2-2.4 s on 2 cores),
     in every fine-tuning process the front ends start; the library's own Adam does not."""
     script = f"""
 import sys
