@@ -97,9 +97,9 @@ def predict_probability(
     """Lesion probability (S, H, W) of a normalised case, zero outside the organ.
 
     Only slices containing organ are run (of ``slices`` only, when given: the others stay
-    zero; each slice is predicted on its own, so those are exactly as in a whole pass). Each batch is resampled in-plane to the model's
-    training spacing, predicted, and the lesion softmax resampled back (bilinear) to the
-    case's grid. ``batch_size`` defaults to 1 slice on the CPU (larger batches were slower
+    zero; each slice is predicted on its own, so those are exactly as in a whole pass).
+    Each batch is resampled in-plane to the model's training spacing, predicted, and the
+    lesion softmax resampled back (bilinear) to the case's grid. ``batch_size`` defaults to 1 slice on the CPU (larger batches were slower
     per slice there: 0.66 s vs 0.38 s for 240x240 FLAIR + T1) and 8 on a GPU. The network
     runs channels-last (1.6x faster on a CPU than contiguous tensors). A 3D U-Net is run
     by :func:`~PatientFineTuneLib.volume_inference.predict_volume` instead. The bundle's

@@ -32,8 +32,9 @@ class Adam:
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.params = list(params)
-        self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
-        self.param_groups = [{"params": self.params, "lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": 0.0, "amsgrad": False}]
+        # the one place the settings live, as in torch (what GradScaler and schedulers read)
+        self.param_groups = [{"params": self.params, "lr": float(lr), "betas": (float(betas[0]), float(betas[1])), "eps": float(eps),
+                              "weight_decay": 0.0, "amsgrad": False}]
         # per parameter, created at its first step as torch does: steps taken, first and second moments
         self.state: dict[int, dict] = {}
 
@@ -47,7 +48,8 @@ class Adam:
     @torch.no_grad()
     def step(self) -> None:
         """Update every parameter that has a gradient (others keep their state)."""
-        beta1, beta2 = self.betas
+        group = self.param_groups[0]
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
         for index, p in enumerate(self.params):
             if p.grad is None:
                 continue
@@ -56,8 +58,8 @@ class Adam:
             state["exp_avg"].lerp_(p.grad, 1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             step = float(state["step"])
-            step_size = self.lr / (1 - beta1**step)
-            denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5).add_(self.eps)
+            step_size = lr / (1 - beta1**step)
+            denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
             p.addcdiv_(state["exp_avg"], denom, value=-step_size)
 
     def state_dict(self) -> dict:
