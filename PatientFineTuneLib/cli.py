@@ -385,7 +385,6 @@ def _case_for_model(args, bundle, lesions: bool = False):
 
 
 def cmd_segment(args) -> None:
-    from .files import atomic_write
     from .inference import segment_case
     from .modelfile import load_model
     from .outputs import SEGMENT_FILES, write_segment_outputs
@@ -405,22 +404,21 @@ def cmd_segment(args) -> None:
     with _step(args, "segment", unit="slice") as step:
         result = segment_case(bundle, case, opening=args.opening, threshold=args.threshold, min_lesion_voxels=args.min_lesion_voxels,
                               mc_samples=args.mc_samples, seed=args.seed, device=args.device, progress=step.update)
-    write_segment_outputs(case, result, out, overwrite=args.overwrite, organ=organ is None, mc_samples=args.mc_samples, seed=args.seed)
+    suggestions = None
+    if args.suggest:
+        from .suggest import suggest_slices
+
+        suggestions = [s.as_dict() for s in suggest_slices(bundle, case, k=args.suggest, probability=result.probability)]
+    written = write_segment_outputs(case, result, out, overwrite=args.overwrite, organ=organ is None, suggestions=suggestions,
+                                    mc_samples=args.mc_samples, seed=args.seed)
     volume = sum(r["volume_mm3"] for r in result.lesions) / 1000
     print(f"{len(result.lesions)} lesion(s), {volume:.2f} mL; outputs in {out}")
     if result.uncertainty is not None:
         print(f"uncertainty ({args.mc_samples} MC-dropout samples): max SD {result.summary['max_sd']:.3f}, "
               f"mean SD in lesions {result.summary['mean_sd_in_lesions']:.3f}")
-    if args.suggest:
-        from .suggest import suggest_slices
-
-        suggestions = [s.as_dict() for s in suggest_slices(bundle, case, k=args.suggest, probability=result.probability)]
-        atomic_write(outputs["suggestions"], lambda tmp: Path(tmp).write_text(json.dumps(suggestions, indent=2)), overwrite=args.overwrite)
+    if suggestions:
         print("suggested slices: " + ", ".join(str(s["slice"]) for s in suggestions))
-    if args.overwrite:  # what an earlier run wrote and this one does not would read as this run's
-        for key in set(outputs) - produced:
-            outputs[key].unlink(missing_ok=True)
-    _report_result(args, "segment", {k: outputs[k] for k in produced}, lesions=len(result.lesions), volume_ml=volume)
+    _report_result(args, "segment", written, lesions=len(result.lesions), volume_ml=volume)
 
 
 def cmd_suggest(args) -> None:
@@ -951,8 +949,8 @@ def main(argv=None) -> int:
     except Cancelled as exc:
         print(f"cancelled: {exc}", file=sys.stderr)
         return 130
-    except (ImageError, ModelFileError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        message = f"patient-finetune {args.command}: error: {exc}"
+    except (ImageError, ModelFileError, OSError, ValueError, RuntimeError) as exc:
+        message = f"patient-finetune {args.command}: error: {_one_line(exc)}"
         if args.progress == "json":
             emit("error", message=message)
         print(message, file=sys.stderr)
@@ -960,6 +958,14 @@ def main(argv=None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _one_line(exc: Exception) -> str:
+    """The message of a failure: ours as it is; the operating system's (a folder given as
+    a file, no permission) with the path it is about."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
 
 
 def _interrupt(signum, frame) -> None:

@@ -3,11 +3,29 @@ accident."""
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
+
+#: errno values of a write that ran out of room: a full disk, a file-size limit, a quota.
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+class OutputError(OSError):
+    """An output could not be written whole; nothing was left under its name."""
+
+
+def incomplete_output(path: str | os.PathLike) -> OutputError:
+    """The error of an output that could not be written whole (the one message for it)."""
+    return OutputError(f"could not write {path} whole: the disk is full (or a file-size limit was reached); "
+                       "free some space and run again (no output was left under its name)")
 
 
 def _read_umask() -> int:
@@ -38,10 +56,100 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
         # would have (0666 minus the umask), as users and installers expect.
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError) and exc.errno in _NO_ROOM:
+            raise incomplete_output(path) from None
         raise
+
+
+@contextmanager
+def output_set(folder: str | os.PathLike, overwrite: bool = False, replaces: Iterable[str] = ()) -> Iterator[Path]:
+    """The outputs of one run, moved into ``folder`` together: yields a hidden temporary
+    folder inside it to write them into (under their final names); when the block ends
+    without error they are moved into place at once, otherwise (an error, a full disk, a
+    cancel) they are removed with it, so a reader never sees part of a run.
+
+    Refuses to replace an existing file unless ``overwrite``; then the files named in
+    ``replaces`` that this run did not write (an earlier run's, which would read as this
+    one's) are removed too. A folder made for the outputs is removed again when the run
+    fails.
+    """
+    folder = Path(folder)
+    made = _missing_folders(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))
+    try:
+        yield stage
+        names = sorted(p.name for p in stage.iterdir())
+        clash = [folder / n for n in names if (folder / n).exists()]
+        if clash and not overwrite:
+            raise FileExistsError(f"{clash[0]} already exists; choose another name or pass overwrite (--overwrite)")
+        for name in names:
+            os.chmod(stage / name, 0o666 & ~_UMASK)
+        stale = [n for n in replaces if n not in names] if overwrite else []
+        with _signals_held():
+            _move_into_place(stage, folder, names, stale)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for made_folder in made:  # innermost first; only where nothing else was put meanwhile
+            if made_folder.is_dir() and not any(made_folder.iterdir()):
+                made_folder.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _move_into_place(stage: Path, folder: Path, names: list[str], stale: list[str]) -> None:
+    """Rename the staged ``names`` into ``folder``, the files they replace and the
+    ``stale`` ones first into the stage; on any failure undo every rename (renames within
+    one file system need no room on the disk)."""
+    replaced = stage / ".replaced"
+    replaced.mkdir()
+    put_aside, moved = [], []
+    try:
+        for name in [*names, *stale]:
+            if (folder / name).exists():
+                os.replace(folder / name, replaced / name)
+                put_aside.append(name)
+        for name in names:
+            os.replace(stage / name, folder / name)
+            moved.append(name)
+    except BaseException:
+        for name in moved:
+            os.replace(folder / name, stage / name)
+        for name in put_aside:
+            os.replace(replaced / name, folder / name)
+        raise
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM (Ctrl-C, a job's Cancel) for the few renames that put a
+    run's outputs in place, and deliver them after: a cancel then finds the outputs all
+    old or all new. Python runs signal handlers in the main thread only, so elsewhere
+    there is nothing to hold."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in caught:
+            signal.raise_signal(s)
 
 
 def json_ready(value):

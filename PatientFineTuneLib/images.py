@@ -22,10 +22,16 @@ Conventions
 
 from __future__ import annotations
 
+import gzip
 import os
+import sys
+import tempfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from types import SimpleNamespace
+from typing import Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .brainmask import BIAS_CORRECTION_CHOICES, SKULL_STRIPPED_CHOICES, brain_mask, correct_bias_field
-from .files import atomic_write
+from .files import atomic_write, incomplete_output
 
 #: Relative in-plane spacing difference below which slices are not resampled.
 SPACING_TOLERANCE = 0.01
@@ -134,8 +140,55 @@ def nonfinite_voxels(source, values: np.ndarray) -> int:
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False, compress: bool = True) -> None:
-    """Write an image atomically; refuses to replace an existing file unless ``overwrite``."""
-    atomic_write(Path(path), lambda tmp: sitk.WriteImage(image, tmp, compress), overwrite=overwrite)
+    """Write an image atomically; refuses to replace an existing file unless ``overwrite``.
+
+    The file is read back before it gets its name: ITK's writers do not report a write
+    that failed part-way (a full disk gives a cut file, a ``** ERROR: NWAD`` line on
+    stderr and no exception), so a file that does not read back as ``image`` raises
+    :class:`~PatientFineTuneLib.files.OutputError` instead.
+    """
+    path = Path(path)
+
+    def write(tmp):
+        with native_stderr_captured() as printed:
+            sitk.WriteImage(image, tmp, compress)
+            whole = _reads_back_as(tmp, image)
+        if not whole:  # ITK's own lines about it would only repeat ours, less clearly
+            raise incomplete_output(path)
+        sys.stderr.write(printed.text)
+
+    atomic_write(path, write, overwrite=overwrite)
+
+
+def _reads_back_as(path: str, image: sitk.Image) -> bool:
+    """Whether the file at ``path`` holds ``image``'s voxels, all of them."""
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path) as f:  # a cut gzip stream raises at its end; ITK would read zeros
+                while f.read(1 << 22):
+                    pass
+        back = sitk.ReadImage(path)
+    except (OSError, EOFError, zlib.error, RuntimeError):
+        return False
+    return bool(np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image), equal_nan=True))
+
+
+@contextmanager
+def native_stderr_captured() -> Iterator[SimpleNamespace]:
+    """Collect what native code (ITK) prints on file descriptor 2 meanwhile; the yielded
+    namespace's ``text`` holds it afterwards, for the caller to show or drop."""
+    printed = SimpleNamespace(text="")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield printed
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            printed.text = capture.read().decode(errors="replace")
 
 
 def channels_and_grid(image: sitk.Image) -> tuple[np.ndarray, sitk.Image]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import datetime
 import hashlib
+import io
 import json
 import pickle
 import os
@@ -192,7 +193,11 @@ def save_model(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = F
         "metadata_json": json.dumps(metadata, sort_keys=True),
         "state_dict": state_dict,
     }
-    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp), overwrite=overwrite)
+    # Serialised in memory and written by Python, whose writes raise on a full disk;
+    # torch.save to a file reports that only as "enforce fail at inline_container.cc".
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()), overwrite=overwrite)
     bundle.metadata = metadata
     return metadata["sha256"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .files import atomic_write, json_ready
+from .files import atomic_write, json_ready, output_set
 from .images import Case, write_image
 from .postprocess import write_csv
 
@@ -29,32 +29,42 @@ SEGMENT_FILES = {
 
 
 def write_segment_outputs(case: Case, result, folder: str | Path, overwrite: bool = False, organ: bool = False,
-                          **summary_extra) -> dict[str, Path]:
+                          suggestions: list[dict] | None = None, **summary_extra) -> dict[str, Path]:
     """Write a :class:`~PatientFineTuneLib.inference.Segmentation` of ``case`` into
     ``folder`` on the case's input grid: the 0/1 segmentation, the lesion labels, the
-    probability, the lesion table, with ``organ`` the organ mask used, and with an
+    probability, the lesion table, with ``organ`` the organ mask used, with an
     uncertainty the SD map and its summary (plus ``summary_extra``, e.g. the MC sample
-    count). Returns the files written, by role."""
+    count), and the ``suggestions`` (slices worth annotating) when given.
+
+    The files appear together or not at all (:func:`~PatientFineTuneLib.files.output_set`):
+    a full disk or a cancel leaves no part of them. With ``overwrite``, an earlier run's
+    files that this one does not write are removed (they would read as this run's).
+    Returns the files written, by role.
+    """
     folder = Path(folder)
-    paths = {role: folder / name for role, name in SEGMENT_FILES.items()}
     written = {}
+    with output_set(folder, overwrite, replaces=SEGMENT_FILES.values()) as stage:
 
-    def image(role, array, pixel_type=None):
-        write_image(case.to_image(array, pixel_type), paths[role], overwrite=overwrite)
-        written[role] = paths[role]
+        def image(role, array, pixel_type=None):
+            write_image(case.to_image(array, pixel_type), stage / SEGMENT_FILES[role])
+            written[role] = folder / SEGMENT_FILES[role]
 
-    image("segmentation", result.mask.astype(np.uint8), sitk.sitkUInt8)
-    image("labels", result.labels.astype(np.uint16), sitk.sitkUInt16)
-    image("probability", result.probability)
-    write_csv(result.lesions, paths["table"], overwrite=overwrite)
-    written["table"] = paths["table"]
-    if organ:
-        image("organ", case.organ.astype(np.uint8), sitk.sitkUInt8)
-    if result.uncertainty is not None:
-        image("uncertainty", result.uncertainty.sd)
-        text = json.dumps(json_ready(result.summary | summary_extra), indent=2)
-        atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(text), overwrite=overwrite)
-        written["summary"] = paths["summary"]
+        def text(role, value):
+            atomic_write(stage / SEGMENT_FILES[role], lambda tmp: Path(tmp).write_text(json.dumps(json_ready(value), indent=2)))
+            written[role] = folder / SEGMENT_FILES[role]
+
+        image("segmentation", result.mask.astype(np.uint8), sitk.sitkUInt8)
+        image("labels", result.labels.astype(np.uint16), sitk.sitkUInt16)
+        image("probability", result.probability)
+        write_csv(result.lesions, stage / SEGMENT_FILES["table"])
+        written["table"] = folder / SEGMENT_FILES["table"]
+        if organ:
+            image("organ", case.organ.astype(np.uint8), sitk.sitkUInt8)
+        if result.uncertainty is not None:
+            image("uncertainty", result.uncertainty.sd)
+            text("summary", result.summary | summary_extra)
+        if suggestions is not None:
+            text("suggestions", suggestions)
     return written
 
 
