@@ -681,7 +681,7 @@ def cmd_web(args) -> None:
         raise RuntimeError('the web app needs trame-slicer: pip install -e ".[web]"')
     from .web import main as serve
 
-    serve(host=args.host, port=args.port, model=args.model, work_dir=args.work, device=args.device)
+    serve(host=args.host, port=args.port, model=args.model, work_dir=args.work, device=args.device, data_dir=args.data)
 
 
 def cmd_info(args) -> None:
@@ -925,6 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--model", default="brain-wmh", help="base model file or shipped preset name")
     p.add_argument("--work", default=".", help="folder for the generated sample patient")
+    p.add_argument("--data", help="the folder whose image files the page may load (default: --work); nothing outside it is read")
     p.add_argument("--device", default="auto")
     return parser
 

@@ -10,7 +10,11 @@ and a link to the patient's HTML report (:mod:`.report`). Fine-tuning runs the
 never-worse check (:func:`.finetune.holdout_check`) and says when the base model was kept.
 
 Needs the ``web`` extra (``pip install -e ".[web]"``); started by
-``patient-finetune web --host 127.0.0.1 --port N``. Rendering happens on the server; on a
+``patient-finetune web --host 127.0.0.1 --port N``. Any web page the user has open could
+otherwise drive it, so each start has a random secret (in the address it prints, which
+the browser's WebSocket must present), every request whose ``Origin`` or ``Host`` is not
+the app's own address is refused (another site's page, a DNS-rebound name), and only
+image files inside the data folder are loaded (see the README's security section). Rendering happens on the server; on a
 machine without a display VTK renders through EGL (``VTK_DEFAULT_OPENGL_WINDOW=
 vtkEGLRenderWindow``, which :func:`main` sets unless the variable is already set).
 """
@@ -19,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import threading
 from pathlib import Path
 from typing import Callable, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -88,10 +94,12 @@ class PatientFineTuneWeb:
     ----------
     model : base model file or shipped preset name.
     work_dir : where the sample patient is generated.
+    data_dir : the folder whose image files the page may load (default: ``work_dir``).
     device : torch device for the model ("auto": CUDA when available).
     """
 
-    def __init__(self, server=None, model: str = "brain-wmh", work_dir: str | os.PathLike = ".", device: str = "auto"):
+    def __init__(self, server=None, model: str = "brain-wmh", work_dir: str | os.PathLike = ".", device: str = "auto",
+                 data_dir: str | os.PathLike | None = None):
         from trame.app import get_server
         from trame_slicer import module as trame_slicer_module
         from trame_slicer.core import LayoutManager, SlicerApp
@@ -103,6 +111,7 @@ class PatientFineTuneWeb:
         self.server = get_server(server, client_type="vue3")
         self.server.enable_module(trame_slicer_module)
         self.work_dir, self.device = Path(work_dir), device
+        self.data_dir = Path(data_dir if data_dir is not None else work_dir).resolve()
         self.reports_dir = self.work_dir / "reports"
         self.reports_dir.mkdir(parents=True, exist_ok=True)
         self.server.enable_module({"serve": {REPORTS_URL: str(self.reports_dir.resolve())}})
@@ -247,8 +256,18 @@ class PatientFineTuneWeb:
         self.load_study(files["baseline"], files["followup"], name="sample patient (synthetic brain-wmh, seed 0)")
 
     def load_files(self):
+        """Button handler: the files typed in the page, if all are inside the data folder."""
         split = [[p.strip() for p in str(self.state[k]).split(",") if p.strip()] for k in ("baseline_paths", "followup_paths")]
+        outside = [p for paths in split for p in paths if not self.may_read(p)]
+        if outside:  # the same words whether it exists or not: the page must not learn which files the server has
+            self.state.error = (f"{outside[0]}: only files inside the data folder {self.data_dir} can be loaded "
+                                "(start the app with --data FOLDER to allow another folder)")
+            return
         self.load_study(*split, name="study from files")
+
+    def may_read(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` (symbolic links followed) lies inside the data folder."""
+        return Path(os.path.realpath(self.data_dir / path)).is_relative_to(self.data_dir)
 
     def load_study(self, baseline: Sequence, followup: Sequence, name: str = ""):
         """Read both visits into the scene (a new scene each time)."""
@@ -506,9 +525,39 @@ def _legend_gradient() -> str:
     return f"linear-gradient(to right, {', '.join(stops)})"
 
 
+def own_address_only(host: str):
+    """aiohttp middleware refusing (403) every request whose ``Host`` is not an address of
+    the app (``host``, or this machine's loopback names) or whose ``Origin`` is another
+    site: a page from elsewhere reaches 127.0.0.1 through the user's browser, directly
+    (its Origin gives it away) or by a DNS name it rebinds to 127.0.0.1 (its Host does)."""
+    from aiohttp import web
+
+    names = {"127.0.0.1", "localhost", "::1", host.strip("[]").lower()}
+
+    def ours(address: str | None) -> bool:
+        return address is not None and address.lower() in names
+
+    @web.middleware
+    async def guard(request, handler):
+        origin = request.headers.get("Origin")
+        if not ours(urlsplit("//" + request.host).hostname) or (origin is not None and not ours(urlsplit(origin).hostname)):
+            raise web.HTTPForbidden(text="PatientFineTune answers its own page only (Host or Origin is another site's)")
+        return await handler(request)
+
+    return guard
+
+
 def main(host: str = "127.0.0.1", port: int = 8080, model: str = "brain-wmh", work_dir: str = ".", device: str = "auto",
-         open_browser: bool = False) -> None:
-    """Serve the app until interrupted."""
+         data_dir: str | None = None, open_browser: bool = False) -> None:
+    """Serve the app until interrupted; prints the address to open, with this start's
+    secret in it."""
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-    app = PatientFineTuneWeb(model=model, work_dir=work_dir, device=device)
-    app.server.start(host=host, port=port, open_browser=open_browser)
+    app = PatientFineTuneWeb(model=model, work_dir=work_dir, device=device, data_dir=data_dir)
+    secret = secrets.token_urlsafe(24)
+    app.server.cli.set_defaults(authKey=secret)  # wslink's default ("wslink-secret") is public
+    app.server.controller.on_server_bind.add(lambda wslink_server: wslink_server.app.middlewares.append(own_address_only(host)))
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    app.server.controller.on_server_ready.add(
+        lambda **_: print(f"PatientFineTune web app: open http://{shown}:{app.server.port}/?secret={secret} "
+                          f"(the secret admits this browser; the app reads images in {app.data_dir} only)", flush=True))
+    app.server.start(host=host, port=port, open_browser=open_browser, show_connection_info=False)

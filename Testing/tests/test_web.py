@@ -91,6 +91,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _printed_url(log: Path, port: int) -> str | None:
+    """The address the app printed to open, with its secret (None until it has)."""
+    import re
+
+    found = re.search(rf"http://127\.0\.0\.1:{port}/\?secret=[A-Za-z0-9_-]+", log.read_text())
+    return found.group(0) if found else None
+
+
 @pytest.fixture(scope="module")
 def web_server(tmp_path_factory):
     if not Path(CHROMIUM).is_file():
@@ -103,17 +111,13 @@ def web_server(tmp_path_factory):
     log = open(work / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "PatientFineTuneLib.cli", "web", "--port", str(port), "--work", str(work), "--device", "cpu"],
                               stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail("the web app did not start:\n" + (work / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
+    while not (url := _printed_url(work / "server.log", port)):  # the address with this start's secret
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail("the web app did not start:\n" + (work / "server.log").read_text()[-3000:])
+        time.sleep(0.5)
+    urllib.request.urlopen(url, timeout=10)
     yield url
     server.terminate()
     try:
@@ -211,7 +215,7 @@ def test_whole_workflow_in_headless_chromium(web_server):
         href = page.get_attribute("#report-link", "href")
         report = browser.new_page()
         report.route("**/*", only_localhost)
-        report.goto(web_server.rstrip("/") + "/" + href.lstrip("/"))
+        report.goto(web_server.split("?")[0] + href.lstrip("/"))
         assert "Never-worse check" in report.inner_text("body") and report.locator("img").count() >= 1
         report.screenshot(path=str(ARTIFACTS / f"{len(timings)}-report.png"), full_page=True)
         browser.close()
@@ -231,3 +235,128 @@ def test_loading_a_study_checks_the_files_and_fills_both_views(small_pair_dir, t
     assert app.state.loaded and not app.state.error
     assert app.view(BASELINE_VIEW).get_background_volume_id() == app.volumes["baseline"][0].GetID()
     assert app.view(FOLLOWUP_VIEW).get_background_volume_id() == app.volumes["followup"][0].GetID()
+
+
+# ---------------------------------------------------------------------------------------
+# A stranger cannot drive the app: a real client from a foreign origin against the real app
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory):
+    """The web app as started from the command line, on 127.0.0.1; yields (port, what it
+    printed so far: the function reads its log again)."""
+    work = tmp_path_factory.mktemp("guarded")
+    port = _free_port()
+    log_path = work / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "PatientFineTuneLib.cli", "web", "--port", str(port), "--work", str(work),
+                                   "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while "secret=" not in log_path.read_text() and not _answers(port):
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail("the web app did not start:\n" + log_path.read_text()[-3000:])
+        time.sleep(0.5)
+    yield port, log_path.read_text
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def _answers(port) -> bool:
+    try:
+        _http(port, "/")
+        return True
+    except OSError:
+        return False
+
+
+def _http(port, path, host=None, origin=None):
+    """One real HTTP request with the given Host and Origin headers; (status, body)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Host": host or f"127.0.0.1:{port}", **({"Origin": origin} if origin else {})}
+    connection.request("GET", path, headers=headers)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def _hello(port, secret, origin):
+    """A real WebSocket client: the upgrade (with ``origin``) and wslink's hello with
+    ``secret``; returns the upgrade's status and, when it was accepted, the reply."""
+    import asyncio
+
+    import aiohttp
+    import msgpack
+    from wslink.chunking import UnChunker, generate_chunks
+
+    async def run():
+        async with aiohttp.ClientSession() as session:
+            try:
+                ws = await session.ws_connect(f"http://127.0.0.1:{port}/ws", headers={"Origin": origin})
+            except aiohttp.WSServerHandshakeError as refused:
+                return refused.status, None
+            async with ws:
+                message = msgpack.packb({"wslink": "1.0", "id": "system:c0:0", "method": "wslink.hello", "args": [{"secret": secret}], "kwargs": {}})
+                for chunk in generate_chunks(message, 0):
+                    await ws.send_bytes(chunk)
+                reply = await ws.receive(timeout=30)
+                return 101, UnChunker().process_chunk(reply.data)
+
+    return asyncio.run(run())
+
+
+def test_a_foreign_origin_or_host_is_refused(guarded_server):
+    """A web page from another site (its Origin) or a DNS-rebound name (its Host) gets
+    neither the page nor the WebSocket; the app's own address gets both."""
+    port, _ = guarded_server
+    own = f"http://127.0.0.1:{port}"
+    assert _http(port, "/index.html")[0] == 200
+    assert _http(port, "/index.html", host="evil.example")[0] == 403
+    assert _http(port, "/index.html", host=f"evil.example:{port}", origin="http://evil.example")[0] == 403
+    assert _http(port, "/index.html", origin="http://evil.example")[0] == 403
+    assert _hello(port, "wslink-secret", "http://evil.example")[0] == 403
+    assert _hello(port, "wslink-secret", own)[0] == 101  # the upgrade itself is for the app's own page
+
+
+def test_the_websocket_needs_the_secret_printed_at_start(guarded_server):
+    """The framework's public default secret is refused; the random one in the printed
+    URL is accepted."""
+    import re
+
+    port, printed = guarded_server
+    found = re.search(rf"http://127\.0\.0\.1:{port}/\?secret=([A-Za-z0-9_-]{{20,}})", printed())
+    assert found, printed()  # 32 random URL-safe characters
+    own = f"http://127.0.0.1:{port}"
+    status, reply = _hello(port, "wslink-secret", own)
+    assert status == 101 and "error" in reply and "clientID" not in reply.get("result", {}), reply
+    status, reply = _hello(port, found.group(1), own)
+    assert status == 101 and "clientID" in reply["result"], reply
+
+
+def test_only_files_in_the_data_folder_load_and_the_error_does_not_say_what_exists(small_pair_dir, tmp_path):
+    """A path outside the folder the app may read is refused with the same words whether
+    or not it exists (the text must not tell a stranger which files are there)."""
+    from PatientFineTuneLib.web import PatientFineTuneWeb
+
+    app = PatientFineTuneWeb(server=f"scope-{time.monotonic_ns()}", work_dir=tmp_path, device="cpu")
+    inside = [",".join(str(small_pair_dir / visit / f"{s}.nii.gz") for s in ("FLAIR", "T1")) for visit in ("baseline", "followup")]
+    errors = []
+    for outside in (small_pair_dir / "baseline" / "FLAIR.nii.gz", Path("/etc/hostname"), Path("/no/such/file.nii.gz")):
+        app.state.update({"baseline_paths": f"{outside},{small_pair_dir / 'baseline' / 'T1.nii.gz'}", "followup_paths": inside[1]})
+        app.load_files()
+        assert not app.state.loaded
+        errors.append(app.state.error.replace(str(outside), "PATH"))
+    assert len(set(errors)) == 1 and "only files inside" in errors[0], errors
+    (tmp_path / "link.nii.gz").symlink_to(small_pair_dir / "baseline" / "FLAIR.nii.gz")  # a link inside that leads outside
+    app.state.update({"baseline_paths": f"link.nii.gz,{small_pair_dir / 'baseline' / 'T1.nii.gz'}"})
+    app.load_files()
+    assert not app.state.loaded and "only files inside" in app.state.error
+    app = PatientFineTuneWeb(server=f"scope-{time.monotonic_ns()}", work_dir=tmp_path, data_dir=small_pair_dir, device="cpu")
+    app.state.update({"baseline_paths": inside[0], "followup_paths": inside[1]})
+    app.load_files()
+    assert app.state.loaded and not app.state.error
