@@ -96,12 +96,60 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> sitk.Image
         raise ImageError(f"{folder} holds no DICOM series {series_uid}; its series: {listed}")
     if series_uid is None and len(series) > 1:
         raise ImageError(f"{folder} holds {len(series)} DICOM series ({listed}); choose one with --series-uid UID, or put each series in its own folder")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid or series[0])
+    check_dicom_slices(folder, files)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid or series[0]))
+    reader.SetFileNames(files)
     try:
-        return reader.Execute()
+        with native_stderr_captured():  # the checks above said what matters; ITK's warnings would bury it
+            return reader.Execute()
     except RuntimeError as exc:
         raise ImageError(f"could not read the DICOM series in {folder} ({str(exc).strip().splitlines()[-1]})") from None
+
+
+#: DICOM tags of a slice's geometry: Image Position and Image Orientation (Patient).
+_POSITION, _ORIENTATION = "0020|0032", "0020|0037"
+
+
+def check_dicom_slices(folder: Path, files: Sequence[str]) -> None:
+    """Refuse a DICOM series whose slices do not stack into one regular volume: slices of
+    another orientation, two slices at one position (a slice sent twice) or uneven gaps (a
+    missing slice). ITK would read each with a wrong slice spacing or shifted positions and
+    say so only in a warning. The message names the slices (their files)."""
+    names = [Path(f).name for f in files]
+    if len(files) < 2:
+        raise ImageError(f"{folder} holds a single DICOM slice ({names[0]}); a volume needs the whole series: give its folder with every slice")
+    geometry = []
+    for f in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(f)
+        reader.ReadImageInformation()
+        if not (reader.HasMetaDataKey(_POSITION) and reader.HasMetaDataKey(_ORIENTATION)):
+            return  # no geometry in the headers to check (ITK orders such files by name)
+        geometry.append([float(v) for v in (reader.GetMetaData(_POSITION) + "\\" + reader.GetMetaData(_ORIENTATION)).split("\\")])
+    geometry = np.array(geometry)
+    positions, orientations = geometry[:, :3], geometry[:, 3:9]
+    alike = np.all(np.abs(orientations[:, None] - orientations[None]) < 1e-3, axis=2)
+    majority = int(np.argmax(alike.sum(axis=1)))  # a slice with the orientation most slices have
+    turned = [n for n, like in zip(names, alike[majority]) if not like]
+    if turned:
+        raise ImageError(f"{folder}: {len(turned)} of its {len(files)} slices ({', '.join(turned[:4])}{', ...' if len(turned) > 4 else ''}) "
+                         "have another orientation than the others; a series must be one stack of parallel slices: put them in a folder of their own")
+    normal = np.cross(orientations[majority, :3], orientations[majority, 3:])
+    depth = positions @ normal
+    order = np.argsort(depth, kind="stable")
+    gaps = np.diff(depth[order])
+    same = np.flatnonzero(gaps < 1e-3)
+    if same.size:
+        a, b = names[order[same[0]]], names[order[same[0] + 1]]
+        raise ImageError(f"{folder}: slices {a} and {b} are at the same position ({depth[order[same[0]]]:.2f} mm along the slice normal): "
+                         "a slice was sent twice; remove one of them or export the series again")
+    spacing = float(np.median(gaps))
+    uneven = np.flatnonzero(np.abs(gaps - spacing) > 0.01 * spacing)
+    if uneven.size:
+        a, b = names[order[uneven[0]]], names[order[uneven[0] + 1]]
+        raise ImageError(f"{folder}: the slices are not evenly spaced: {a} and {b} are {gaps[uneven[0]]:g} mm apart where the others are "
+                         f"{spacing:g} mm (a missing slice?); export the whole series again")
 
 
 def assign_series_uids(paths: Sequence, series_uids: Sequence[str]) -> list[str | None]:

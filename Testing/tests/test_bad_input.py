@@ -198,8 +198,9 @@ def test_a_model_file_with_a_malformed_body_is_refused_cleanly(tmp_path):
 
 
 def _write_dicom_series(volume: np.ndarray, folder, spacing=(0.9, 0.9, 3.0), origin=(-100.0, -120.0, -40.0),
-                        series="1.2.826.0.1.3680043.2.1125.1.4242", prefix="slice"):
-    """A real DICOM series (one file per slice, with position, orientation and spacing)."""
+                        series="1.2.826.0.1.3680043.2.1125.1.4242", prefix="slice", orientation="1\\0\\0\\0\\1\\0"):
+    """A real DICOM series (one file per slice, with position, orientation and spacing;
+    each file gets its own new SOP instance UID)."""
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(volume.astype(np.int16))
     image.SetSpacing(spacing)
@@ -210,17 +211,17 @@ def _write_dicom_series(volume: np.ndarray, folder, spacing=(0.9, 0.9, 3.0), ori
     # every later subprocess's output as ASCII: put the locale back
     saved = locale.setlocale(locale.LC_ALL)
     try:
-        _write_slices(image, volume.shape[0], folder, writer, series, spacing, prefix)
+        _write_slices(image, volume.shape[0], folder, writer, series, spacing, prefix, orientation)
     finally:
         locale.setlocale(locale.LC_ALL, saved)
     return image
 
 
-def _write_slices(image, n, folder, writer, series, spacing, prefix):
+def _write_slices(image, n, folder, writer, series, spacing, prefix, orientation):
     for z in range(n):
         slice_ = image[:, :, z]
         for tag, value in {"0008|0060": "MR", "0020|000d": series + ".1", "0020|000e": series, "0020|0013": str(z + 1),
-                           "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
+                           "0020|0037": orientation, "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
                            "0020|0032": "\\".join(str(c) for c in image.TransformIndexToPhysicalPoint((0, 0, z)))}.items():
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{prefix}{z:03d}.dcm"))
@@ -300,3 +301,37 @@ def test_a_failing_registration_is_one_line_not_itks_exception(tmp_path):
                "--followup-lesions", paths["lesions"], "--out", tmp_path / "out", timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "registering" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dicom_series_with_a_duplicate_missing_or_turned_slice_is_refused_naming_the_slices(tmp_path):
+    """ITK would read each with the wrong geometry, saying so only in warnings: one slice
+    sent twice gave 1.0 mm instead of 3.0 mm, a missing one 3.3 mm and shifted positions,
+    slices of another orientation were stacked with the rest."""
+    import shutil
+
+    from PatientFineTuneLib.images import read_image
+
+    volume = np.random.default_rng(2).integers(0, 1000, (6, 20, 24))
+    good = tmp_path / "good"
+    _write_dicom_series(volume, good)
+    duplicate = tmp_path / "duplicate"
+    shutil.copytree(good, duplicate)
+    _write_dicom_series(volume[2:3], tmp_path / "again", origin=(-100.0, -120.0, -40.0 + 2 * 3.0), prefix="again")
+    shutil.copy(tmp_path / "again" / "again000.dcm", duplicate / "resent.dcm")  # slice 2 again, with its own SOP instance UID
+    missing = tmp_path / "missing"
+    shutil.copytree(good, missing)
+    (missing / "slice003.dcm").unlink()
+    turned = tmp_path / "turned"
+    shutil.copytree(good, turned)
+    _write_dicom_series(volume[:3], turned, origin=(-100.0, -120.0, 50.0), prefix="coronal", orientation="1\\0\\0\\0\\0\\-1")
+    with pytest.raises(ImageError, match=r"resent\.dcm.*slice002\.dcm|slice002\.dcm.*resent\.dcm") as found:
+        read_image(duplicate)
+    assert "same position" in str(found.value) and "\n" not in str(found.value)
+    with pytest.raises(ImageError, match=r"slice002\.dcm and slice004\.dcm are 6(\.0+)? mm apart.*3(\.0+)? mm") as found:
+        read_image(missing)
+    with pytest.raises(ImageError, match=r"coronal000\.dcm.*another orientation"):
+        read_image(turned)
+    assert read_image(good).GetSpacing() == pytest.approx((0.9, 0.9, 3.0))
+    # the command line: one line, exit 2, before any work
+    proc = cli("segment", "--model", "brain-wmh", "--images", duplicate, duplicate, "--out", tmp_path / "o", timeout=120)
+    assert proc.returncode == 2 and "same position" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
