@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 #: Folder that holds the PatientFineTuneLib package: put on the subprocess's PYTHONPATH,
 #: so the job runs this very library (a source checkout, or an installed extension's
@@ -95,11 +95,8 @@ class CliJob:
         self.step = step
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join([str(LIBRARY_PARENT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        # Own process group (POSIX) / process tree (Windows): Slicer's PythonSlicer is a
-        # launcher that starts the real interpreter as its child, and Cancel must reach both.
-        group = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         self._process = subprocess.Popen(
-            self.command(step), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **group
+            self.command(step), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **_process_options()
         )
         if self.threaded_reads:
             self._chunks = queue.Queue()
@@ -139,30 +136,52 @@ class CliJob:
             self._done = True
         return events
 
-    def wait(self, timeout: float | None = None, interval: float = 0.05) -> bool:
-        """Poll until finished (console and tests); False if ``timeout`` passed first."""
+    def wait(self, timeout: float | None = None, interval: float = 0.05, idle: Callable[[], object] | None = None) -> bool:
+        """Poll until finished (console and tests); False if ``timeout`` passed first.
+        ``idle`` is called between polls (in Slicer: ``slicer.app.processEvents``, so the
+        application stays responsive while a script waits)."""
         end = None if timeout is None else time.monotonic() + timeout
         while not self.finished:
             self.poll()
             if end is not None and time.monotonic() > end:
                 return False
+            if idle is not None:
+                idle()
             time.sleep(interval)
         return True
 
     def cancel(self, grace_s: float = 1.5) -> None:
-        """Terminate the running command (it removes its partial files and exits), killing
-        it if it has not ended after ``grace_s``. Later commands never start."""
+        """Terminate the running command and every process it started (they remove their
+        partial files and exit); whatever is left of them after ``grace_s`` is killed.
+        Later commands never start."""
         if self._process is None or self._done:
             return
         self.cancelled = True
-        if self._process.poll() is None:
+        if self._process.poll() is None or self._group_alive():
             self._signal_tree(kill=False)
-            try:
-                self._process.wait(grace_s)
-            except subprocess.TimeoutExpired:
+            # Slicer's PythonSlicer launcher ends at once on SIGTERM while the interpreter
+            # it started may be stuck in a long native or GPU call: wait for the whole
+            # group, not only the launcher, then kill what is left of it
+            end = time.monotonic() + grace_s
+            while (self._process.poll() is None or self._group_alive()) and time.monotonic() < end:
+                time.sleep(0.02)
+            if self._process.poll() is None or self._group_alive():
                 self._signal_tree(kill=True)
                 self._process.wait()
         self.poll()
+
+    def _group_alive(self) -> bool:
+        """True while a process of the job's group runs (POSIX; the launcher reaped first,
+        so that it does not count as one)."""
+        if os.name != "posix":
+            return False
+        try:
+            os.killpg(self._process.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # a member that changed its user: still there
+            return True
+        return True
 
     def _signal_tree(self, kill: bool) -> None:
         """Terminate (SIGTERM: the command removes its partial files) or kill the command
@@ -174,7 +193,7 @@ class CliJob:
             except ProcessLookupError:
                 pass
         else:  # Windows has no SIGTERM: end the whole tree; the job folder goes with the job
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True)
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, **_process_options(new_group=False))
 
     # -- output ----------------------------------------------------------------------------
 
@@ -228,6 +247,25 @@ class CliJob:
             return 1.0
         within = (self.progress or {}).get("fraction") if (self.progress or {}).get("command") == self.step else 0.0
         return (max(self.step, 0) + (within or 0.0)) / len(self.steps)
+
+
+#: Windows' SW_HIDE: the value of STARTUPINFO.wShowWindow that hides the window.
+SW_HIDE = 0
+
+
+def _process_options(new_group: bool = True) -> dict:
+    """Popen options of a job's process. POSIX: its own session (process group), so that
+    Cancel reaches the launcher (PythonSlicer) and the interpreter it starts. Windows: a
+    new process group, and the console window of the console program PythonSlicer.exe
+    hidden, as Slicer's own ``slicer.util.launchConsoleProcess`` does: a visible console
+    would open for every step, and closing it would kill the job (its children inherit
+    the hidden console, so they open none either)."""
+    if os.name == "posix":
+        return {"start_new_session": True}
+    info = subprocess.STARTUPINFO()
+    info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+    info.wShowWindow = SW_HIDE
+    return {"startupinfo": info, "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP if new_group else 0}
 
 
 def _parse_event(line: str) -> dict | None:

@@ -3,9 +3,13 @@ run by :class:`PatientFineTuneLib.jobs.CliJob`, progress read from their JSON li
 Cancel that terminates them and leaves no file, and one-line errors."""
 
 import json
+import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +110,65 @@ def test_progress_json_lines_are_the_only_lines_starting_with_a_brace(small_pair
     assert progress and progress[-1]["fraction"] == pytest.approx(1.0)
     assert events[-1]["event"] == "result" and events[-1]["outputs"]["segmentation"].endswith("segmentation.nii.gz")
     assert "\r" not in proc.stderr  # no tqdm bar in JSON mode
+
+
+def test_cancel_kills_what_the_launcher_leaves_behind(tmp_path):
+    # Slicer's PythonSlicer is a launcher that starts the interpreter as its child and ends
+    # at once on SIGTERM; an interpreter stuck in a long native or GPU call does not. A
+    # real launcher of that kind: a shell that starts a Python process ignoring SIGTERM
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text("#!/bin/sh\n" + shlex.join([sys.executable, "-c", (
+        "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('pid', os.getpid(), flush=True); time.sleep(600)")])
+        + " &\nwait\n")
+    launcher.chmod(0o755)
+    job = CliJob([["segment"]], python=str(launcher)).start()
+    deadline = time.monotonic() + 30
+    while not job.log:
+        job.poll()
+        assert time.monotonic() < deadline, "the stuck interpreter never started"
+        time.sleep(0.02)
+    stuck = int(job.log[-1].split()[1])
+    start = time.monotonic()
+    job.cancel(grace_s=0.5)
+    assert job.finished and job.cancelled and time.monotonic() - start < 2.0
+    for _ in range(100):  # killed: gone once its new parent (init) reaps it
+        if not Path(f"/proc/{stuck}").exists() or Path(f"/proc/{stuck}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(stuck, signal.SIGKILL)
+        raise AssertionError("the interpreter the launcher started still runs after Cancel")
+
+
+def test_on_windows_the_console_window_is_hidden(monkeypatch):
+    # PythonSlicer.exe is a console program: without a hidden console Windows opens a
+    # window for every step, and closing it kills the job. The Windows-only names of the
+    # subprocess module are stood in for here (this runs on Linux), with Popen and os.name
+    started = {}
+
+    class StartupInfo:  # as subprocess.STARTUPINFO: flags and show-window state
+        def __init__(self):
+            self.dwFlags, self.wShowWindow = 0, 1
+
+    class Started(Exception):
+        pass
+
+    def popen(args, **options):
+        started.update(options)
+        raise Started
+
+    for name, value in (("STARTUPINFO", StartupInfo), ("STARTF_USESHOWWINDOW", 1), ("CREATE_NEW_PROCESS_GROUP", 0x200)):
+        monkeypatch.setattr(subprocess, name, value, raising=False)
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(os, "name", "nt")
+    try:
+        CliJob([["segment"]]).start()
+    except Started:
+        pass
+    finally:
+        monkeypatch.undo()  # before any report: pytest itself reads os.name
+    info = started.get("startupinfo")
+    assert info is not None, f"no STARTUPINFO among the options {sorted(started)}"
+    assert info.dwFlags & 1 and info.wShowWindow == 0  # STARTF_USESHOWWINDOW, SW_HIDE: as slicer.util.launchConsoleProcess
+    assert started["creationflags"] & 0x200  # CREATE_NEW_PROCESS_GROUP: Cancel still ends the whole tree
+    assert "start_new_session" not in started
