@@ -50,6 +50,14 @@ def ijk_to_ras_matrix(volume_node) -> np.ndarray:
     return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
+def same_grid(a, b, tolerance: float = 1e-4) -> bool:
+    """True if two volume nodes have the same voxel grid (dimensions and IJK-to-RAS)."""
+    if a.GetImageData() is None or b.GetImageData() is None:
+        return False
+    return a.GetImageData().GetDimensions() == b.GetImageData().GetDimensions() and np.allclose(
+        ijk_to_ras_matrix(a), ijk_to_ras_matrix(b), atol=tolerance)
+
+
 def _voxels(volume_node) -> np.ndarray:
     image_data = volume_node.GetImageData()
     if image_data is None or image_data.GetPointData().GetScalars() is None:
@@ -213,15 +221,25 @@ def colour_table(scene, name: str):
     return node
 
 
+#: Below this fraction of its window a map is transparent in the slice views: where the
+#: probability or the uncertainty is near zero (most of the scan) it carries no
+#: information, and an overlay there would only dim the scan under it.
+MAP_THRESHOLD_FRACTION = 0.05
+
+
 def add_map_volume(scene, values_zyx: np.ndarray, reference_node, name: str, colours: str, window_max: float):
     """A float map (probability or uncertainty) as a scalar volume shown with ``colours``
-    over the window 0..``window_max``."""
+    over the window 0..``window_max``, transparent below
+    :data:`MAP_THRESHOLD_FRACTION` of the window."""
     node = array_to_volume(values_zyx.astype(np.float32), reference_node, scene, name)
     display = node.GetDisplayNode()
     display.SetAndObserveColorNodeID(colour_table(scene, colours).GetID())
     display.AutoWindowLevelOff()
     top = float(window_max) if window_max > 0 else 1.0
     display.SetWindowLevelMinMax(0.0, top)
+    display.AutoThresholdOff()
+    display.SetThreshold(MAP_THRESHOLD_FRACTION * top, max(top, float(np.max(values_zyx, initial=0.0))))
+    display.ApplyThresholdOn()
     return node
 
 
@@ -298,6 +316,19 @@ def add_lesion_table(scene, lesions: Sequence[dict], name: str = "Lesions"):
 
 def lps_to_ras(point_lps: Sequence[float]) -> tuple[float, float, float]:
     return tuple(float(c) for c in LPS_TO_RAS @ np.asarray(point_lps, dtype=float))
+
+
+#: The slice view of Slicer's default layout whose planes are normal to R (sagittal), A
+#: (coronal) and S (axial).
+VIEW_NORMAL_TO_RAS_AXIS = ("Yellow", "Green", "Red")
+
+
+def slice_view_for_axis(volume_node, axis: int) -> str:
+    """The slice view (of Slicer's default layout) that shows ``volume_node``'s slices
+    along index axis ``axis`` (as :class:`~PatientFineTuneLib.suggest.SliceSuggestion`
+    gives it): the view normal to the anatomical axis closest to that index axis."""
+    direction = ijk_to_ras_matrix(volume_node)[:3, axis]
+    return VIEW_NORMAL_TO_RAS_AXIS[int(np.argmax(np.abs(direction)))]
 
 
 def jump_to_suggestion(slice_node, suggestion) -> float:

@@ -176,3 +176,32 @@ def test_jumping_to_a_suggested_slice(scene):
         offset = mrml.jump_to_suggestion(red, suggestion)
         # axial view: the offset is the slice's S coordinate (LPS z = RAS S)
         assert offset == pytest.approx(30.0 + 3.0 * index, abs=1e-6)
+
+
+def test_maps_are_transparent_where_they_carry_no_information(scene):
+    # an overlay over the whole follow-up would dim it: below a small fraction of its
+    # window the map is not drawn (the slice views make thresholded voxels transparent)
+    reference = mrml.image_to_volume(oblique_image(), scene, "reference")
+    sd = np.zeros((7, 11, 13), np.float32)
+    sd[3, 4:6, 5:9] = 0.2
+    node = mrml.add_uncertainty_volume(scene, sd, reference)
+    display = node.GetDisplayNode()
+    assert display.GetApplyThreshold() and not display.GetAutoThreshold()
+    assert display.GetLowerThreshold() == pytest.approx(mrml.MAP_THRESHOLD_FRACTION * 0.2, rel=1e-6)
+    assert display.GetUpperThreshold() >= 0.2
+    probability = mrml.add_probability_volume(scene, sd * 5, reference).GetDisplayNode()
+    assert probability.GetApplyThreshold() and probability.GetLowerThreshold() == pytest.approx(mrml.MAP_THRESHOLD_FRACTION)
+
+
+@pytest.mark.parametrize("axis_order, view", [((0, 1, 2), "Red"), ((1, 2, 0), "Yellow"), ((0, 2, 1), "Green")],
+                         ids=["axial", "sagittal", "coronal"])
+def test_the_view_that_shows_the_slices_of_an_acquisition(scene, axis_order, view):
+    # slices along index axis 2 of an axial, a sagittal and a coronal acquisition: the
+    # plane they lie in is the Red, Yellow or Green view's
+    permutation = np.eye(3)[:, axis_order]  # index axis k runs along anatomical axis axis_order[k]
+    image = sitk.Image(8, 8, 8, sitk.sitkFloat32)
+    image.SetDirection(tuple((np.diag([-1.0, -1.0, 1.0]) @ permutation).ravel()))  # RAS columns, as LPS
+    node = mrml.image_to_volume(image, scene, view)
+    assert mrml.slice_view_for_axis(node, 2) == view
+    # an oblique (30 degrees about S) axial acquisition is still shown in Red
+    assert mrml.slice_view_for_axis(mrml.image_to_volume(oblique_image(), scene, "oblique"), 2) == "Red"
