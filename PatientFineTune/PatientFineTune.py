@@ -9,15 +9,17 @@ Python (``PythonSlicer``), as SlicerMONAIAuto3DSeg does: the module writes the i
 reads from nodes to a temporary folder, a QTimer polls the job's JSON progress lines, Cancel
 terminates the process, and the results are loaded back into nodes on the main thread.
 This file holds the Qt widget, the parameter node, dependency installation and the
-self-test; PyTorch is never imported here (the jobs report the device they run on), so
-Slicer's own process holds no GPU memory.
+self-test; one patient's state (base model, patient model, suggested slices, job
+folders) is a ``slicerworkflow.PatientSession`` that a new scene resets. Nothing this
+module imports, at load time or later, imports PyTorch or the packages installed after
+it (the jobs do, and report the device they run on): the panel opens in a fresh Slicer
+before they are installed, and Slicer's own process holds no GPU memory and no torch DLL.
 """
 
 import logging
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Union
 
@@ -44,9 +46,17 @@ if (_REPOSITORY_ROOT / "PatientFineTuneLib" / "__init__.py").is_file() and str(_
 
 #: Oldest PyTorch the library runs on.
 TORCH_MINIMUM = (2, 1)
-#: Python packages the library needs beyond what Slicer ships (import name: pip
-#: requirement). Installed after PyTorch, so deepbet's torch requirement is already met.
-EXTRA_PACKAGES = {"skimage": "scikit-image", "tqdm": "tqdm", "nibabel": "nibabel", "deepbet": "deepbet==1.0.2"}
+#: Python packages the jobs need beyond what Slicer ships, as pyproject.toml requires them
+#: (distribution: (oldest version, pip requirement)). Installed after PyTorch.
+EXTRA_PACKAGES = {
+    "scikit-image": ((0, 21), "scikit-image>=0.21"),
+    "tqdm": ((4, 60), "tqdm>=4.60"),
+    "nibabel": ((5,), "nibabel>=5"),
+    "deepbet": ((1, 0, 2), "deepbet==1.0.2"),
+}
+#: What deepbet imports when it runs. deepbet itself is installed without its declared
+#: requirements, which include customtkinter for its own GUI (Tk, unused here).
+DEEPBET_RUNTIME = ["pandas", "fill_voids", "connected-components-3d"]
 SAMPLE_CATEGORY = "PatientFineTune"
 SAMPLE_NAME = "PatientFineTuneSyntheticWMH"
 #: Sequences a model may read (one volume selector per sequence and visit in the .ui).
@@ -135,8 +145,13 @@ def registerSampleData():
 
 def _downloadSamplePatient(source):
     """Sample Data's button (a module-level function, so that registering again after a
-    module reload does not add a second entry)."""
-    return PatientFineTuneLogic().loadSamplePatient()
+    module reload does not add a second entry). Errors are shown, not only logged."""
+    logic = PatientFineTuneLogic()
+    try:
+        with slicer.util.tryWithErrorDisplay(_("Loading the PatientFineTune sample patient failed."), waitCursor=True):
+            return logic.loadSamplePatient()
+    finally:
+        logic.cleanup()
 
 
 #
@@ -174,8 +189,6 @@ class PatientFineTuneParameterNode:
     baseModel: str = "brain-wmh"
     #: The baseline lesion segmentation the radiologist edits (made by step 1).
     baselineSegmentation: Union[slicer.vtkMRMLSegmentationNode, None]
-    #: Comma-separated suggested slice indices (from step 1).
-    suggestedSlices: str = ""
     #: Where the current patient model was saved or loaded from ("" = not saved).
     patientModelPath: str = ""
 
@@ -192,8 +205,7 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None  # the running RunningStep, or None
-        self._suggestions = {}
+        self._job = None  # the running step (a slicerworkflow.RunningStep), or None
         self._results = []
         self._timer = qt.QTimer()  # polls the running job (made here: cleanup() stops it even if setup failed)
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -231,10 +243,13 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        # Reload or application exit: no job may outlive the widget, nor its timer
+        # Reload or application exit: no job may outlive the widget, nor its timer, nor
+        # the patient models that were not saved
         self._cancelJob()
         self._timer.stop()
         self.removeObservers()
+        if self.logic is not None:
+            self.logic.cleanup()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -246,8 +261,11 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # a new scene is a new patient (the logic drops the patient model and suggestions)
         self._cancelJob()  # its results would belong to nodes that are going away
         self._results = []
+        self.ui.suggestionsListWidget.clear()
+        self.ui.statusLabel.text = ""
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -338,23 +356,21 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAnalyseDone(self, analysis) -> None:
         p = self._parameterNode
         p.baselineSegmentation = analysis.segmentation_node
-        p.suggestedSlices = ",".join(str(s.index) for s in analysis.suggestions)
         self.ui.suggestionsListWidget.clear()
         for s in analysis.suggestions:
             item = qt.QListWidgetItem(_("Slice {index}: mean lesion probability {p:.2f}").format(index=s.index, p=s.mean_probability))
             item.setData(qt.Qt.UserRole, s.index)
             self.ui.suggestionsListWidget.addItem(item)
-        self._suggestions = {s.index: s for s in analysis.suggestions}
         slicer.util.setSliceViewerLayers(background=p.baselineVolume1, fit=True)
         if analysis.suggestions:
-            self.logic.jumpToSuggestion(analysis.suggestions[0])
+            self.logic.jumpToSuggestion(analysis.suggestions[0], p.baselineVolume1)
         self.ui.statusLabel.text = _("Check and correct the lesion segment on the suggested slices (a slice without lesions "
                                      "is a valid answer: leave it empty), then fine-tune.")
 
     def onSuggestionClicked(self, item) -> None:
-        suggestion = self._suggestions.get(item.data(qt.Qt.UserRole))
+        suggestion = next((s for s in self.logic.suggestions if s.index == item.data(qt.Qt.UserRole)), None)
         if suggestion is not None:
-            self.logic.jumpToSuggestion(suggestion)
+            self.logic.jumpToSuggestion(suggestion, self._parameterNode.baselineVolume1)
 
     def onEditSegment(self) -> None:
         p = self._parameterNode
@@ -368,9 +384,8 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._cancelJob()
             return
         p = self._parameterNode
-        suggested = [int(s) for s in p.suggestedSlices.split(",") if s]
         self._startStep(self.ui.finetuneButton, _("Fine-tune"), lambda: self.logic.startFinetune(
-            self._volumes("baseline"), p.baselineOrgan, p.baselineSegmentation, p.sliceSelection, suggested, p.iterations,
+            self._volumes("baseline"), p.baselineOrgan, p.baselineSegmentation, p.sliceSelection, p.iterations,
             p.weighting, p.forceCpu))
 
     def onFinetuneDone(self, description) -> None:
@@ -438,7 +453,8 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.visible = True
             self.ui.progressBar.maximum = 1000
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("{what}: starting...").format(what=label)
+            # e.g. "T1 is resampled onto the grid of FLAIR": said while it runs and after
+            self.ui.statusLabel.text = "\n".join([_("{what}: starting...").format(what=label), *self._job.notes])
             self._timer.start()
         self.updateButtons()
 
@@ -452,10 +468,15 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceLabel.text = job.job.device
         self.ui.progressBar.value = int(1000 * job.job.fraction())
         progress = job.job.progress
-        if progress and progress.get("loss") is not None:
-            self.ui.statusLabel.text = _("Iteration {i} of {n}: loss {loss:.4f}").format(i=progress["done"], n=progress["total"], loss=progress["loss"])
+        if progress and job.kind == "finetune" and progress.get("loss") is not None:
+            # the job's iteration count includes the never-worse check's runs (several
+            # times what was asked): say what was asked and how far the whole job is
+            self.ui.statusLabel.text = "\n".join([_("Fine-tuning, {n} iterations asked (checked on held-out parts of the annotation "
+                                                   "first): {percent}% done, loss {loss:.4f}").format(
+                n=self._parameterNode.iterations, percent=int(100 * job.job.fraction()), loss=progress["loss"]), *job.notes])
         elif progress:
-            self.ui.statusLabel.text = _("{what}: {step} {done} of {total}").format(what=job.label, step=progress["step"], done=progress["done"], total=progress["total"])
+            self.ui.statusLabel.text = "\n".join([_("{what}: {step} {done} of {total}").format(
+                what=job.label, step=progress["step"], done=progress["done"], total=progress["total"]), *job.notes])
         if job.job.finished:
             self._endJob()
 
@@ -479,8 +500,10 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 with slicer.util.tryWithErrorDisplay(_("Loading the results failed."), waitCursor=True):
                     {"analyse": self.onAnalyseDone, "finetune": self.onFinetuneDone, "followup": self.onSegmentDone}[job.kind](
                         self.logic.finishStep(job))
-                if job.job.notes:  # what was done to the inputs, e.g. the automatic brain mask and N4
-                    self.ui.statusLabel.text = "\n".join([self.ui.statusLabel.text, *job.job.notes]).strip()
+                # what was done to the inputs: resampling, the automatic brain mask and N4
+                notes = job.notes + job.job.notes
+                if notes:
+                    self.ui.statusLabel.text = "\n".join([self.ui.statusLabel.text, *notes]).strip()
         finally:
             self.logic.discardStep(job)
             self.updateButtons()
@@ -491,67 +514,81 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class RunningStep:
-    """A step's job and what its results bind to: the kind of step, the IDs of the input
-    nodes it read when it started, and its private folder (removed when it ends)."""
-
-    def __init__(self, kind, job, folder, referenceNodeId, labels=()):
-        self.kind, self.job, self.folder = kind, job, Path(folder)
-        self.referenceNodeId, self.labels = referenceNodeId, list(labels)
-        self.button = self.label = None
-
-
 class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
-    """The module's logic without any widget: holds the chosen base model and the patient
-    model, starts the steps as jobs and loads their results into the scene. Usable from
-    the Python console and the self-test (``runStep`` waits for a step)."""
+    """The module's logic without any widget: one patient's work in the scene (a
+    ``PatientFineTuneLib.slicerworkflow.PatientSession``: the chosen base model, the
+    patient model, the suggested slices, the steps as jobs), dependency installation, the
+    views and the sample patient. Closing the scene starts a new patient. Usable from the
+    Python console and the self-test (``runStep`` waits for a step); ``cleanup()`` removes
+    the patient models that were not saved."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        from PatientFineTuneLib.slicerworkflow import ModelChoice
+        from PatientFineTuneLib.slicerworkflow import PatientSession
 
-        self.models = ModelChoice()
-        self._baseMetadata = None
-        #: Where patient models made in this session are kept until saved.
-        self._patientFolder = Path(tempfile.mkdtemp(prefix="PatientFineTune-patient-"))
+        self.session = PatientSession(slicer.mrmlScene, self.pythonExecutable(), MAX_SEQUENCES)
 
     def getParameterNode(self):
         return PatientFineTuneParameterNode(super().getParameterNode())
 
+    def cleanup(self) -> None:
+        self.session.close()
+
+    @property
+    def models(self):
+        """The chosen base model and the patient model (a ``ModelChoice``)."""
+        return self.session.models
+
+    @property
+    def suggestions(self) -> list:
+        """The slices suggested by the last analysis of this patient's baseline."""
+        return self.session.suggestions
+
     # -- dependencies and device ---------------------------------------------------------
 
     @staticmethod
-    def torchVersion():
-        """The installed PyTorch version as a tuple, or None (read without importing it)."""
+    def installedVersion(distribution):
+        """An installed package's version as a tuple of its leading numbers, or None (read
+        without importing it)."""
         import importlib.metadata
+        import re
 
         try:
-            version = importlib.metadata.version("torch")
+            version = importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:
             return None
-        return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+        return tuple(int(part) for part in re.match(r"[0-9.]*", version).group(0).split(".") if part)
+
+    def missingPackages(self) -> list:
+        """The pip requirements of EXTRA_PACKAGES that are absent or too old."""
+        return [requirement for distribution, (minimum, requirement) in EXTRA_PACKAGES.items()
+                if (self.installedVersion(distribution) or (-1,)) < minimum]
 
     def ensureDependencies(self) -> bool:
         """Install PyTorch (through the PyTorch extension) and the other packages after
-        asking, when a step first needs them (never when the panel opens). False if the
-        user declined."""
-        version = self.torchVersion()
+        asking, when a step first needs them (never when the panel opens); in testing mode
+        (the self-test) without asking. False if the user declined."""
+        ask = not slicer.app.testingEnabled()
+        version = self.installedVersion("torch")
         if version is None or version < TORCH_MINIMUM:
             try:
                 import PyTorchUtils
             except ImportError:
                 raise RuntimeError(_("This module needs the PyTorch extension. Install 'PyTorch' from the Extensions Manager and restart Slicer.")) from None
             requirement = ">={0}.{1}".format(*TORCH_MINIMUM)
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=requirement) is None:
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=ask, torchVersionRequirement=requirement) is None:
                 return False
-        import importlib.util
-
-        missing = [pip for module, pip in EXTRA_PACKAGES.items() if importlib.util.find_spec(module) is None]
+        missing = self.missingPackages()
         if missing:
-            if not slicer.util.confirmOkCancelDisplay(_("PatientFineTune needs these Python packages: {packages}. Install them now?").format(packages=", ".join(missing))):
+            if ask and not slicer.util.confirmOkCancelDisplay(_("PatientFineTune needs these Python packages: {packages}. Install them now?").format(packages=", ".join(missing))):
                 return False
             with slicer.util.WaitCursor():
-                slicer.util.pip_install(missing)
+                others = [r for r in missing if r != EXTRA_PACKAGES["deepbet"][1]]
+                if others:
+                    slicer.util.pip_install(others)
+                if len(others) < len(missing):
+                    slicer.util.pip_install(DEEPBET_RUNTIME)
+                    slicer.util.pip_install([EXTRA_PACKAGES["deepbet"][1], "--no-deps"])
         return True
 
     @staticmethod
@@ -571,19 +608,10 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
     def chooseBaseModel(self, model: str) -> str:
         """Choose the base model (a preset name or a file); the patient model is kept when
         it is the same model as before. Returns a line describing it. No PyTorch needed."""
-        from PatientFineTuneLib.modelcard import describe_base_model
-
-        if self.models.choose_base_model(model) or self._baseMetadata is None:
-            self._baseMetadata = None  # until read: no sequences, no step can start
-            metadata = self.models.base_model_metadata()
-            if len(metadata["sequences"]) > MAX_SEQUENCES:
-                raise ValueError(_("{model} reads {n} sequences; this module offers at most {max}. Use the command line.").format(
-                    model=model, n=len(metadata["sequences"]), max=MAX_SEQUENCES))
-            self._baseMetadata = metadata
-        return describe_base_model(self._baseMetadata, Path(model).name)
+        return self.session.choose_base_model(model)
 
     def sequenceNames(self) -> list:
-        return [s["name"] for s in self._baseMetadata["sequences"]] if self._baseMetadata else []
+        return self.session.sequence_names()
 
     def patientModelText(self) -> str:
         if self.models.patient_model is None:
@@ -601,96 +629,53 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
         finetune = read_model_metadata(path).get("finetune")
         if finetune is None:
             raise ValueError(_("{path} is a base model, not a patient model (no fine-tuning record).").format(path=path))
-        if finetune.get("base_model_sha256") != (self._baseMetadata or {}).get("sha256"):
+        if finetune.get("base_model_sha256") != (self.session.base_metadata or {}).get("sha256"):
             logging.warning("patient model %s was fine-tuned from another base model than the one selected", path)
         self.models.set_patient_model(path, describe_patient_model(finetune))
 
     # -- the three steps as jobs ---------------------------------------------------------
 
-    def _stepFolder(self, kind) -> Path:
-        return Path(tempfile.mkdtemp(prefix=f"PatientFineTune-{kind}-"))
-
     @staticmethod
-    def _mask(node):
+    def _mask(node, segmentName=None):
+        """A mask node as the library takes it (a segmentation's segment by name)."""
         from PatientFineTuneLib.slicerworkflow import MaskSource
 
-        return MaskSource(node) if node is not None else None
+        if node is None:
+            return None
+        segmentId = node.GetSegmentation().GetSegmentIdBySegmentName(segmentName) or None if segmentName else None
+        return MaskSource(node, segmentId)
 
     @staticmethod
     def _device(forceCpu) -> str:
         return "cpu" if forceCpu else "auto"
 
-    def startAnalyse(self, volumes, organNode=None, k=2, forceCpu=False) -> RunningStep:
+    def startAnalyse(self, volumes, organNode=None, k=2, forceCpu=False):
         """Step 1: segment the baseline with the base model and suggest ``k`` slices."""
-        from PatientFineTuneLib.slicerworkflow import analyse_job, write_job_inputs
+        return self.session.start_analyse(volumes, self._mask(organNode), k, self._device(forceCpu))
 
-        folder = self._stepFolder("analyse")
-        inputs = write_job_inputs(folder / "inputs", volumes, self.sequenceNames(), self._mask(organNode))
-        job = analyse_job(self.models.base_model, inputs, folder / "analysis", k, self._device(forceCpu), self.pythonExecutable())
-        return RunningStep("analyse", job.start(), folder, volumes[0].GetID())
+    def startFinetune(self, volumes, organNode, segmentationNode, selection="suggested", iterations=100, weighting="preset", forceCpu=False):
+        """Step 2: fine-tune on the (edited) "Lesion" segment of ``segmentationNode``: on
+        the suggested slices (a suggested slice left without lesions is a valid
+        annotation) or, ``selection`` "all-lesion", on every slice with a lesion."""
+        return self.session.start_finetune(volumes, self._mask(organNode), self._mask(segmentationNode, "Lesion"), selection,
+                                           iterations, weighting, self._device(forceCpu))
 
-    def startFinetune(self, volumes, organNode, segmentationNode, selection, suggested, iterations, weighting="preset", forceCpu=False) -> RunningStep:
-        """Step 2: fine-tune on the (edited) baseline segment: the suggested slices (a
-        suggested slice left without lesions is a valid annotation) or all lesion slices."""
-        from PatientFineTuneLib.slicerworkflow import MaskSource, finetune_job, write_job_inputs
-
-        if selection == "suggested" and not suggested:
-            raise ValueError(_("No suggested slices yet: run 'Analyse baseline' first, or train on all lesion slices."))
-        segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName("Lesion") or None
-        folder = self._stepFolder("finetune")
-        inputs = write_job_inputs(folder / "inputs", volumes, self.sequenceNames(), self._mask(organNode), MaskSource(segmentationNode, segmentId))
-        slices = ",".join(map(str, suggested)) if selection == "suggested" else "all-lesion"
-        out = self._patientFolder / f"patient-model-{len(list(self._patientFolder.iterdir()))}.pt"
-        job = finetune_job(self.models.base_model, inputs, out, slices, iterations, weighting, device=self._device(forceCpu),
-                           python=self.pythonExecutable())
-        return RunningStep("finetune", job.start(), folder, volumes[0].GetID())
-
-    def startFollowup(self, volumes, organNode=None, mcSamples=25, compareWithBase=True, forceCpu=False) -> RunningStep:
+    def startFollowup(self, volumes, organNode=None, mcSamples=25, compareWithBase=True, forceCpu=False):
         """Step 3: segment the follow-up with the base model (if asked, or if there is no
         patient model) and the patient model; ``mcSamples`` 0 for no uncertainty map."""
-        from PatientFineTuneLib.slicerworkflow import followup_job, write_job_inputs
+        return self.session.start_followup(volumes, self._mask(organNode), mcSamples, compareWithBase, self._device(forceCpu))
 
-        models = []
-        if compareWithBase or self.models.patient_model is None:
-            models.append(("base", self.models.base_model))
-        if self.models.patient_model is not None:
-            models.append(("fine-tuned", str(self.models.patient_model)))
-        folder = self._stepFolder("followup")
-        inputs = write_job_inputs(folder / "inputs", volumes, self.sequenceNames(), self._mask(organNode))
-        job = followup_job(models, inputs, folder / "results", mcSamples, self._device(forceCpu), self.pythonExecutable())
-        return RunningStep("followup", job.start(), folder, volumes[0].GetID(), [label for label, _model in models])
+    def finishStep(self, step):
+        """Load a finished step's results onto the volume it started from."""
+        return self.session.finish_step(step)
 
-    def finishStep(self, step: RunningStep):
-        """Load a finished step's results onto the input node it started from."""
-        from PatientFineTuneLib.slicerworkflow import baseline_nodes_from_job, followup_nodes_from_job
+    def discardStep(self, step) -> None:
+        self.session.discard_step(step)
 
-        reference = slicer.mrmlScene.GetNodeByID(step.referenceNodeId)
-        if reference is None:
-            raise RuntimeError(_("the volume this step read is no longer in the scene; its results were discarded"))
-        if step.kind == "analyse":
-            return baseline_nodes_from_job(slicer.mrmlScene, step.folder / "analysis", reference)
-        if step.kind == "finetune":
-            result = step.job.results[-1]
-            self.models.set_patient_model(result["outputs"]["model"], result["description"])
-            return result["description"]
-        return [followup_nodes_from_job(slicer.mrmlScene, step.folder / "results", reference, label) for label in step.labels]
-
-    @staticmethod
-    def discardStep(step: RunningStep) -> None:
-        """Remove the step's folder (its inputs and, once loaded, its results)."""
-        shutil.rmtree(step.folder, ignore_errors=True)
-
-    def runStep(self, step: RunningStep, timeout=None):
-        """Wait for a step and load its results (console, self-test)."""
-        try:
-            if not step.job.wait(timeout):
-                step.job.cancel()
-                raise RuntimeError(_("the step did not finish within {timeout} s and was cancelled").format(timeout=timeout))
-            if not step.job.succeeded:
-                raise RuntimeError(step.job.error or _("cancelled"))
-            return self.finishStep(step)
-        finally:
-            self.discardStep(step)
+    def runStep(self, step, timeout=None):
+        """Wait for a step, keeping the application responsive, and load its results
+        (console, self-test)."""
+        return self.session.run_step(step, timeout, idle=slicer.app.processEvents)
 
     @staticmethod
     def describeResults(runs) -> list:
@@ -707,16 +692,21 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
         return show_followup_results(runs, shown)
 
     @staticmethod
-    def jumpToSuggestion(suggestion) -> None:
-        from PatientFineTuneLib.mrml import jump_to_suggestion
+    def jumpToSuggestion(suggestion, volume) -> None:
+        """Show a suggested slice of ``volume`` in the slice view whose planes are the
+        model's slices (Red for axial slices, Yellow for sagittal, Green for coronal)."""
+        from PatientFineTuneLib.mrml import jump_to_suggestion, slice_view_for_axis
 
-        jump_to_suggestion(slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode(), suggestion)
+        view = slicer.app.layoutManager().sliceWidget(slice_view_for_axis(volume, suggestion.axis))
+        jump_to_suggestion(view.mrmlSliceNode(), suggestion)
 
     @staticmethod
     def showOverlay(node, overlays, backgroundVolume) -> None:
         """``node`` over the background, with its colour legend; the legends of the other
-        ``overlays`` hidden, so they do not pile up."""
-        slicer.util.setSliceViewerLayers(background=backgroundVolume, foreground=node, foregroundOpacity=0.5 if node else 0.0)
+        ``overlays`` hidden, so they do not pile up. The maps are transparent where they
+        carry no information (below their display threshold), so the overlay does not
+        dim the whole follow-up."""
+        slicer.util.setSliceViewerLayers(background=backgroundVolume, foreground=node, foregroundOpacity=0.6 if node else 0.0)
         colorLogic = slicer.modules.colors.logic()
         for other in overlays:
             legend = colorLogic.GetColorLegendDisplayNode(other) if other is not None and other is not node else None
@@ -730,21 +720,27 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
     # -- sample data ---------------------------------------------------------------------
 
     def loadSamplePatient(self, seed: int = 0):
-        """Generate (once, into Slicer's cache) and load the synthetic sample patient.
-        Returns the loaded nodes by role."""
-        if not self.ensureDependencies():
-            return None
-        from PatientFineTuneLib.synth import generate_pair, write_pair
+        """Generate (once, into Slicer's cache; as a ``patient-finetune synth`` job, like
+        every step: it needs PyTorch) and load the synthetic sample patient. Returns the
+        loaded nodes by role, or None if the user declined to install the dependencies."""
+        from PatientFineTuneLib.jobs import CliJob
 
         folder = Path(slicer.app.cachePath) / "PatientFineTune" / f"sample-wmh-{seed}"
-        if not (folder / "followup" / "lesions.nii.gz").is_file():
+        patient = folder / f"patient{seed:03d}"
+        if not (patient / "followup" / "lesions.nii.gz").is_file():
+            if not self.ensureDependencies():
+                return None
+            job = CliJob([["synth", "--preset", "brain-wmh", "--seed", str(seed), "--out", str(folder), "--overwrite"]],
+                         self.pythonExecutable()).start()
             with slicer.util.WaitCursor():
-                write_pair(generate_pair("brain-wmh", seed), folder, overwrite=True)
+                job.wait(idle=slicer.app.processEvents)
+            if not job.succeeded:
+                raise RuntimeError(_("Generating the sample patient failed: {error}").format(error=job.error))
         nodes = {}
         for visit in ("baseline", "followup"):
             for sequence in ("FLAIR", "T1"):
-                nodes[f"{visit} {sequence}"] = slicer.util.loadVolume(str(folder / visit / f"{sequence}.nii.gz"), {"name": f"{visit} {sequence}"})
-            nodes[f"{visit} lesions"] = slicer.util.loadSegmentation(str(folder / visit / "lesions.nii.gz"), {"name": f"{visit} true lesions"})
+                nodes[f"{visit} {sequence}"] = slicer.util.loadVolume(str(patient / visit / f"{sequence}.nii.gz"), {"name": f"{visit} {sequence}"})
+            nodes[f"{visit} lesions"] = slicer.util.loadSegmentation(str(patient / visit / "lesions.nii.gz"), {"name": f"{visit} true lesions"})
         slicer.util.setSliceViewerLayers(background=nodes["baseline FLAIR"], fit=True)
         return nodes
 
@@ -755,7 +751,8 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
 
 
 class PatientFineTuneTest(ScriptedLoadableModuleTest):
-    """In a real Slicer: the sample patient through all three steps, each a job in a
+    """In a real Slicer (also under ctest, in testing mode: the dependencies are installed
+    without asking): the sample patient through all three steps, each a job in a
     subprocess; the fine-tuned model must beat the base model on the follow-up."""
 
     def setUp(self):
@@ -769,11 +766,11 @@ class PatientFineTuneTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         from PatientFineTuneLib import mrml
-        from PatientFineTuneLib.images import slice_layout
         from PatientFineTuneLib.metrics import dice
 
         self.delayDisplay("Loading the sample patient")
         logic = PatientFineTuneLogic()
+        self.addCleanup(logic.cleanup)
         nodes = logic.loadSamplePatient()
         self.assertIsNotNone(nodes)
         logic.chooseBaseModel("brain-wmh")
@@ -789,13 +786,13 @@ class PatientFineTuneTest(ScriptedLoadableModuleTest):
         truthNode = nodes["baseline lesions"]
         truth = mrml.segment_to_array(truthNode, truthNode.GetSegmentation().GetNthSegmentID(0), baseline[0])
         edited = mrml.segment_to_array(analysis.segmentation_node, analysis.segment_id, baseline[0])
-        layout = slice_layout(mrml.volume_to_image(baseline[0]))
-        editedSlices, truthSlices = layout.to_slices(edited), layout.to_slices(truth)
         for s in analysis.suggestions:
-            editedSlices[s.index] = truthSlices[s.index]
-        mrml.set_segment_from_array(analysis.segmentation_node, "Lesion", layout.from_slices(editedSlices), baseline[0])
-        logic.runStep(logic.startFinetune(baseline, None, analysis.segmentation_node, "suggested", [s.index for s in analysis.suggestions],
-                                          iterations=100, forceCpu=True))
+            # the suggestion's axis is an IJK axis; the arrays are indexed (k, j, i)
+            plane = [slice(None)] * 3
+            plane[2 - s.axis] = s.index
+            edited[tuple(plane)] = truth[tuple(plane)]
+        mrml.set_segment_from_array(analysis.segmentation_node, "Lesion", edited, baseline[0])
+        logic.runStep(logic.startFinetune(baseline, None, analysis.segmentation_node, "suggested", iterations=100, forceCpu=True))
         self.assertIsNotNone(logic.models.patient_model)
 
         self.delayDisplay("Step 3: segment the follow-up with both models")

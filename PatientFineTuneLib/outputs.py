@@ -7,13 +7,16 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
 from .files import atomic_write, json_ready, output_set
-from .images import Case, write_image
 from .postprocess import write_csv
+
+if TYPE_CHECKING:  # the Slicer module reads outputs in Slicer's process, which never imports PyTorch
+    from .images import Case
 
 #: Output files of a segmentation, by role.
 SEGMENT_FILES = {
@@ -41,6 +44,8 @@ def write_segment_outputs(case: Case, result, folder: str | Path, overwrite: boo
     files that this one does not write are removed (they would read as this run's).
     Returns the files written, by role.
     """
+    from .images import write_image  # needs PyTorch: only where outputs are written
+
     folder = Path(folder)
     written = {}
     with output_set(folder, overwrite, replaces=SEGMENT_FILES.values()) as stage:

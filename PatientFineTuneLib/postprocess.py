@@ -9,13 +9,16 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
 from .files import atomic_write
-from .images import SliceLayout
+
+if TYPE_CHECKING:  # annotations only: the Slicer module reads results without PyTorch
+    from .images import SliceLayout
 
 CUBE_3x3x3 = np.ones((3, 3, 3), dtype=bool)
 #: 3x3 plus in the slice plane only.

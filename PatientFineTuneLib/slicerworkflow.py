@@ -13,7 +13,9 @@ may run in a worker thread (no MRML access happens between the node reading at t
 and the node creation at the end; the ``*_nodes`` helpers split the two).
 
 The Slicer module runs the long part of each step as a ``patient-finetune`` job in a
-subprocess instead (:mod:`.jobs`): :func:`write_job_inputs` writes the nodes a job reads,
+subprocess instead (:mod:`.jobs`), so that Slicer's own process never imports PyTorch
+(nor the packages installed after it): only the in-process steps import the modules that
+need it, when they run. For the jobs, :func:`write_job_inputs` writes the nodes a job reads,
 :func:`analyse_job`, :func:`finetune_job` and :func:`followup_job` make the jobs, and
 :func:`baseline_nodes_from_job` / :func:`followup_nodes_from_job` load the results back
 into the scene. :class:`ModelChoice` holds the chosen base model and the patient model.
@@ -23,20 +25,25 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from . import mrml
-from .images import Case, load_case, prepare_case, write_image
+from .files import atomic_write
 from .jobs import CliJob
 from .outputs import read_segment_outputs
-from .inference import Segmentation, segment_case
-from .modelfile import ModelBundle
-from .suggest import SliceSuggestion, suggest_slices
+from .suggest import SliceSuggestion
+
+if TYPE_CHECKING:  # the in-process steps need PyTorch; Slicer's process must not import it
+    from .images import Case
+    from .inference import Segmentation
+    from .modelfile import ModelBundle
 
 
 @dataclass
@@ -48,8 +55,15 @@ class MaskSource:
     segment_id: str | None = None
 
     def image(self, reference_node) -> sitk.Image:
+        """The mask on ``reference_node``'s grid for a segment; a labelmap volume on its
+        own grid (the jobs resample it: ``--resample-to``)."""
         if self.node.IsA("vtkMRMLSegmentationNode"):
-            segment_id = self.segment_id or self.node.GetSegmentation().GetNthSegmentID(0)
+            segmentation = self.node.GetSegmentation()
+            if self.segment_id is None and segmentation.GetNumberOfSegments() > 1:
+                # which segment is the organ is not ours to guess
+                raise ValueError(f"segmentation {self.node.GetName()} has {segmentation.GetNumberOfSegments()} segments; "
+                                 "select a segmentation (or labelmap) holding only the mask")
+            segment_id = self.segment_id or segmentation.GetNthSegmentID(0)
             if not segment_id:
                 raise ValueError(f"segmentation {self.node.GetName()} has no segments")
             mask = mrml.segment_to_array(self.node, segment_id, reference_node)
@@ -63,6 +77,8 @@ def read_case(bundle: ModelBundle, volume_nodes: Sequence, organ: MaskSource | N
               name: str = "") -> Case:
     """Normalised case from volume nodes in the model's sequence order (plus optional organ
     and lesion masks); the same checks and messages as for files."""
+    from .images import load_case, prepare_case
+
     names = [s["name"] for s in bundle.sequences]
     if len(volume_nodes) != len(names) or any(n is None for n in volume_nodes):
         raise ValueError(f"the model reads {len(names)} sequence(s) ({', '.join(names)}); select a volume for each")
@@ -103,6 +119,9 @@ def analyse_baseline(scene, bundle: ModelBundle, volume_nodes: Sequence, organ: 
 def segment_and_suggest(bundle: ModelBundle, case: Case, k: int = 2, device="auto", progress: Callable | None = None,
                         cancel: Callable | None = None) -> tuple[Segmentation, list[SliceSuggestion]]:
     """The long part of :func:`analyse_baseline` (no scene access: may run in a worker)."""
+    from .inference import segment_case
+    from .suggest import suggest_slices
+
     result = segment_case(bundle, case, device=device, progress=progress, cancel=cancel)
     return result, suggest_slices(bundle, case, k=k, probability=result.probability)
 
@@ -155,6 +174,8 @@ def segment_followup(scene, bundle: ModelBundle, volume_nodes: Sequence, organ: 
     """Segment the follow-up and put the results in the scene: "Follow-up lesions
     (<label>)" segmentation, probability and uncertainty (SD over ``mc_samples``
     MC-dropout passes) volumes on the follow-up's grid, and a lesion table."""
+    from .inference import segment_case
+
     case = read_case(bundle, volume_nodes, organ, name="follow-up")
     result = segment_case(bundle, case, mc_samples=mc_samples, seed=seed, device=device,
                           progress=progress, cancel=cancel)
@@ -236,6 +257,10 @@ class ModelChoice:
     def set_patient_model(self, path: str | Path, description: str = "") -> None:
         self.patient_model, self.patient_description = Path(path), description
 
+    def forget_patient_model(self) -> None:
+        """A new patient: the base model stays chosen, the patient model goes."""
+        self.patient_model, self.patient_description = None, ""
+
     def base_model_metadata(self) -> dict:
         """The chosen base model's metadata, read without PyTorch."""
         from .modelcard import read_model_metadata
@@ -257,24 +282,51 @@ def _same_model(a: str, b: str) -> bool:
 def write_job_inputs(folder: str | Path, volume_nodes: Sequence, sequence_names: Sequence[str], organ: MaskSource | None = None,
                      lesions: MaskSource | None = None) -> dict:
     """Write what a job reads (main thread): one NIfTI per sequence, in the model's order,
-    and the organ and lesion masks on the first volume's grid. Returns the command-line
-    arguments that name them (``--images``, ``--organ``, ``--lesions``)."""
+    and the organ and lesion masks (a segment exported onto the first volume's grid, a
+    labelmap as it is). The job resamples every other sequence and a labelmap onto the
+    first volume's grid (``--resample-to``): sequences from separate series are rarely on
+    one grid. Returns the command-line arguments (``arguments``: ``--images``, ``--organ``,
+    ``--lesions``, ``--resample-to``), the ``folder`` and the ``notes`` to show the user
+    (which volumes are resampled)."""
+    check_volumes(volume_nodes, sequence_names)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if len(volume_nodes) != len(sequence_names) or any(n is None for n in volume_nodes):
-        raise ValueError(f"the model reads {len(sequence_names)} sequence(s) ({', '.join(sequence_names)}); select a volume for each")
     images = []
     for name, node in zip(sequence_names, volume_nodes):
         path = folder / f"{_file_name(name)}.nii.gz"
-        write_image(mrml.volume_to_image(node), path, overwrite=True)
+        _write_nifti(mrml.volume_to_image(node), path)
         images.append(str(path))
     arguments = ["--images", *images]
     for option, source in (("--organ", organ), ("--lesions", lesions)):
         if source is not None:
             path = folder / f"{option.strip('-')}.nii.gz"
-            write_image(source.image(volume_nodes[0]), path, overwrite=True)
+            _write_nifti(source.image(volume_nodes[0]), path)
             arguments += [option, str(path)]
-    return {"arguments": arguments, "folder": folder}
+    first = volume_nodes[0]
+    notes = [f"{node.GetName()} ({name}) is resampled onto the grid of {first.GetName()} ({sequence_names[0]})"
+             for name, node in zip(sequence_names[1:], volume_nodes[1:]) if not mrml.same_grid(node, first)]
+    return {"arguments": arguments + ["--resample-to"], "folder": folder, "notes": notes}
+
+
+def check_volumes(volume_nodes: Sequence, sequence_names: Sequence[str], other_visit: Sequence = ()) -> None:
+    """Refuse a missing volume, one volume selected for two sequences, and a volume of the
+    other visit (``other_visit``: e.g. the baseline volumes when segmenting the follow-up)."""
+    if len(volume_nodes) != len(sequence_names) or any(n is None for n in volume_nodes):
+        raise ValueError(f"the model reads {len(sequence_names)} sequence(s) ({', '.join(sequence_names)}); select a volume for each")
+    seen = {}
+    for name, node in zip(sequence_names, volume_nodes):
+        if node.GetID() in seen:
+            raise ValueError(f"{node.GetName()} is selected for both {seen[node.GetID()]} and {name}; select one volume per sequence")
+        seen[node.GetID()] = name
+    earlier = {node.GetID() for node in other_visit if node is not None}
+    for name, node in zip(sequence_names, volume_nodes):
+        if node.GetID() in earlier:
+            raise ValueError(f"{node.GetName()} ({name}) is a volume of the other visit; select this visit's scan")
+
+
+def _write_nifti(image: sitk.Image, path: Path) -> None:
+    # as images.write_image does, without importing that module (it needs PyTorch)
+    atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True), overwrite=True)
 
 
 def _file_name(sequence: str) -> str:
@@ -343,3 +395,171 @@ def save_patient_model(choice: ModelChoice, path: str | Path) -> Path:
         raise ValueError(f"{path} is a base model; the base model is never overwritten, choose another file name")
     atomic_write(target, lambda tmp: shutil.copyfile(choice.patient_model, tmp), overwrite=True)
     return target
+
+
+# ---------------------------------------------------------------------------------------
+# One patient's work in a scene: what the Slicer module's logic holds
+
+
+class RunningStep:
+    """A step's job and what its results bind to: the kind of step, the ID of the volume
+    its results go onto, its private folder (removed when it ends), the result labels (the
+    follow-up's models) and the notes on its inputs (e.g. a resampled sequence)."""
+
+    def __init__(self, kind: str, job: CliJob, folder: Path, reference_node_id: str, labels=(), notes=()):
+        self.kind, self.job, self.folder = kind, job, Path(folder)
+        self.reference_node_id, self.labels, self.notes = reference_node_id, list(labels), list(notes)
+
+
+class PatientSession:
+    """The patient being worked on in ``scene``: the chosen base model, the patient model
+    fine-tuned from it, the suggested slices, and the steps as jobs.
+
+    Closing the scene (File > Close Scene: the scene's ``EndCloseEvent``) starts a new
+    patient: no patient model and no suggestions, and the unsaved patient models are
+    removed with their folder, so the next patient is never segmented with the previous
+    one's model. Every folder with patient data is removed: a step's when it ends or fails
+    to start, the patient models' by :meth:`close` (or when the session is collected).
+
+    Parameters
+    ----------
+    scene : the MRML scene (``slicer.mrmlScene``).
+    python : interpreter for the jobs (in Slicer: ``PythonSlicer``).
+    max_sequences : most sequences the caller's GUI offers (a model reading more is refused).
+    """
+
+    def __init__(self, scene, python: str | None = None, max_sequences: int = 4):
+        self.scene, self.python, self.max_sequences = scene, python, max_sequences
+        self.models = ModelChoice()
+        self.suggestions: list[SliceSuggestion] = []
+        self.base_metadata: dict | None = None
+        self._baseline_volumes: list = []
+        self._patient_folder: Path | None = None
+        self._remove_patient_folder = None
+        # a weak reference: the scene's observer must not keep a discarded session alive
+        session = weakref.ref(self)
+
+        def scene_closed(caller, event):
+            if session() is not None:
+                session().new_patient()
+
+        self._observer = scene.AddObserver(scene.EndCloseEvent, scene_closed)
+        self._unobserve = weakref.finalize(self, scene.RemoveObserver, self._observer)
+
+    def close(self) -> None:
+        """Stop following the scene and remove the unsaved patient models."""
+        self._unobserve()
+        self.new_patient()
+
+    def new_patient(self) -> None:
+        self.models.forget_patient_model()
+        self.suggestions = []
+        self._baseline_volumes = []
+        if self._remove_patient_folder is not None:
+            self._remove_patient_folder()
+        self._patient_folder = self._remove_patient_folder = None
+
+    # -- the base model ----------------------------------------------------------------------
+
+    def choose_base_model(self, model: str) -> str:
+        """Choose the base model (a preset name or a file); the patient model is kept when
+        it is the same model as before. Returns a line describing it (no PyTorch needed)."""
+        from .modelcard import describe_base_model
+
+        if self.models.choose_base_model(model) or self.base_metadata is None:
+            self.base_metadata = None  # until read: no sequences, no step can start
+            metadata = self.models.base_model_metadata()
+            if len(metadata["sequences"]) > self.max_sequences:
+                raise ValueError(f"{model} reads {len(metadata['sequences'])} sequences; this module offers at most "
+                                 f"{self.max_sequences}. Use the command line.")
+            self.base_metadata = metadata
+        return describe_base_model(self.base_metadata, Path(model).name)
+
+    def sequence_names(self) -> list[str]:
+        return [s["name"] for s in self.base_metadata["sequences"]] if self.base_metadata else []
+
+    # -- the three steps as jobs -------------------------------------------------------------
+
+    def _start(self, kind: str, volume_nodes: Sequence, make_job: Callable, organ=None, lesions=None, labels=(),
+               other_visit: Sequence = ()) -> RunningStep:
+        """Write the inputs into a new step folder and start ``make_job(inputs, folder)``;
+        the folder is removed if either fails."""
+        check_volumes(volume_nodes, self.sequence_names(), other_visit)
+        folder = Path(tempfile.mkdtemp(prefix=f"PatientFineTune-{kind}-"))
+        try:
+            inputs = write_job_inputs(folder / "inputs", volume_nodes, self.sequence_names(), organ, lesions)
+            job = make_job(inputs, folder).start()
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return RunningStep(kind, job, folder, volume_nodes[0].GetID(), labels, inputs["notes"])
+
+    def start_analyse(self, volume_nodes: Sequence, organ: MaskSource | None = None, k: int = 2, device: str = "auto") -> RunningStep:
+        """Step 1: segment the baseline with the base model and suggest ``k`` slices."""
+        self._baseline_volumes = list(volume_nodes)
+        return self._start("analyse", volume_nodes, lambda inputs, folder: analyse_job(
+            self.models.base_model, inputs, folder / "analysis", k, device, self.python), organ)
+
+    def start_finetune(self, volume_nodes: Sequence, organ: MaskSource | None, annotation: MaskSource, selection: str,
+                       iterations: int = 100, weighting: str = "preset", device: str = "auto") -> RunningStep:
+        """Step 2: fine-tune on the (edited) baseline segment: the suggested slices
+        (``selection`` "suggested"; a suggested slice left without lesions is a valid
+        annotation) or "all-lesion"."""
+        if selection == "suggested" and not self.suggestions:
+            raise ValueError("no suggested slices yet: run 'Analyse baseline' first, or train on all lesion slices")
+        slices = ",".join(str(s.index) for s in self.suggestions) if selection == "suggested" else selection
+        self._baseline_volumes = list(volume_nodes)
+        if self._patient_folder is None:
+            self._patient_folder = Path(tempfile.mkdtemp(prefix="PatientFineTune-patient-"))
+            self._remove_patient_folder = weakref.finalize(self, shutil.rmtree, self._patient_folder, True)
+        out = self._patient_folder / f"patient-model-{len(list(self._patient_folder.iterdir()))}.pt"
+        return self._start("finetune", volume_nodes, lambda inputs, folder: finetune_job(
+            self.models.base_model, inputs, out, slices, iterations, weighting, device=device, python=self.python), organ, annotation)
+
+    def start_followup(self, volume_nodes: Sequence, organ: MaskSource | None = None, mc_samples: int = 25,
+                       compare_with_base: bool = True, device: str = "auto") -> RunningStep:
+        """Step 3: segment the follow-up with the base model (if asked, or if there is no
+        patient model) and the patient model; ``mc_samples`` 0 for no uncertainty map."""
+        models = []
+        if compare_with_base or self.models.patient_model is None:
+            models.append(("base", self.models.base_model))
+        if self.models.patient_model is not None:
+            models.append(("fine-tuned", str(self.models.patient_model)))
+        return self._start("followup", volume_nodes, lambda inputs, folder: followup_job(
+            models, inputs, folder / "results", mc_samples, device, self.python), organ,
+            labels=[label for label, _model in models], other_visit=self._baseline_volumes)
+
+    def finish_step(self, step: RunningStep):
+        """Load a finished step's results onto the volume it started from: the analysis
+        (its suggestions become the session's), the patient model's description, or the
+        follow-up results (one :class:`FollowupNodes` per model)."""
+        reference = self.scene.GetNodeByID(step.reference_node_id)
+        if reference is None:
+            raise RuntimeError("the volume this step read is no longer in the scene; its results were discarded")
+        if step.kind == "analyse":
+            analysis = baseline_nodes_from_job(self.scene, step.folder / "analysis", reference)
+            self.suggestions = analysis.suggestions
+            return analysis
+        if step.kind == "finetune":
+            result = step.job.results[-1]
+            self.models.set_patient_model(result["outputs"]["model"], result["description"])
+            return result["description"]
+        return [followup_nodes_from_job(self.scene, step.folder / "results", reference, label) for label in step.labels]
+
+    @staticmethod
+    def discard_step(step: RunningStep) -> None:
+        """Remove the step's folder (its inputs and, once loaded, its results)."""
+        shutil.rmtree(step.folder, ignore_errors=True)
+
+    def run_step(self, step: RunningStep, timeout: float | None = None, idle: Callable | None = None):
+        """Wait for a step and load its results (console, self-test); ``idle`` is called
+        while waiting (see :meth:`CliJob.wait`)."""
+        try:
+            if not step.job.wait(timeout, idle=idle):
+                step.job.cancel()
+                raise RuntimeError(f"the step did not finish within {timeout} s and was cancelled")
+            if not step.job.succeeded:
+                raise RuntimeError(step.job.error or "cancelled")
+            return self.finish_step(step)
+        finally:
+            self.discard_step(step)

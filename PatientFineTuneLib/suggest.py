@@ -4,11 +4,13 @@ over their organ pixels is closest to 0.5 come first."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .images import Case
-from .modelfile import ModelBundle
+if TYPE_CHECKING:  # annotations only: SliceSuggestion is read in Slicer's process, which never imports PyTorch
+    from .images import Case
+    from .modelfile import ModelBundle
 
 RANKINGS = ("softmax", "entropy")
 

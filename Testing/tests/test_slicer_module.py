@@ -5,8 +5,12 @@ parameter-node bindings name real parameters whose node classes the real MRML li
 existing files and passes what CTK's macros require."""
 
 import ast
+import os
 import py_compile
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import xml.etree.ElementTree as ET
@@ -210,3 +214,190 @@ def test_every_ctk_compile_call_passes_its_mandatory_install_dir():
             assert "NO_INSTALL_SUBDIR" in words, f"{path}: without NO_INSTALL_SUBDIR the files install one folder too deep"
         # the macro installs what it copies: no second install rule for the same files
         assert "install(DIRECTORY" not in text, path
+
+
+# ---------------------------------------------------------------------------------------
+# A fresh Slicer: only the PyTorch extension installed, torch itself not yet pip-installed
+
+#: What a fresh Slicer lacks (torch is installed on first use; the rest after it).
+ABSENT_IN_FRESH_SLICER = ("torch", "skimage", "nibabel", "deepbet", "tqdm", "matplotlib")
+
+
+def library_modules_the_module_imports() -> set[str]:
+    """Every ``PatientFineTuneLib`` module PatientFineTune.py imports anywhere (at load
+    time, in the widget, the logic and the self-test: all of it runs in Slicer's process)."""
+    names = set()
+    for node in ast.walk(module_tree()):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "PatientFineTuneLib":
+            names.add(node.module)
+            if node.module == "PatientFineTuneLib":
+                names |= {f"PatientFineTuneLib.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.split(".")[0] == "PatientFineTuneLib"}
+    return names
+
+
+def run_without_fresh_slicer_packages(code: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new interpreter where the packages a fresh Slicer lacks cannot be
+    imported (``sys.modules[name] = None`` makes every import of them raise); ``env``:
+    extra environment variables."""
+    blocker = f"import sys\nfor _name in {ABSENT_IN_FRESH_SLICER!r}:\n    sys.modules[_name] = None\n"
+    return subprocess.run([sys.executable, "-c", blocker + textwrap.dedent(code), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def test_what_the_module_imports_needs_no_torch_nor_the_packages_installed_after_it():
+    modules = library_modules_the_module_imports()
+    assert {"PatientFineTuneLib.slicerworkflow", "PatientFineTuneLib.mrml"} <= modules
+    proc = run_without_fresh_slicer_packages(f"""
+        import importlib
+        for name in {sorted(modules)!r}:
+            importlib.import_module(name)
+        # what the panel does when it opens: list the shipped models, read what one reads
+        from PatientFineTuneLib.modelcard import describe_base_model, shipped_models
+        from PatientFineTuneLib.slicerworkflow import ModelChoice
+        choice = ModelChoice()
+        choice.choose_base_model(sorted(shipped_models())[0])
+        print(describe_base_model(choice.base_model_metadata(), choice.base_model))
+        assert sys.modules.get("torch") is None
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+#: Slicer's own Python sources (``Base/Python/slicer`` of a Slicer source tree, one folder
+#: per Slicer version, separated by os.pathsep): ScriptedLoadableModule.py, i18n.py and
+#: parameterNodeWrapper/ are not in the slicer-core wheel and nothing is downloaded by the
+#: tests. Get them with e.g. ``git -C Slicer archive v5.8.1 Base/Python/slicer | tar -x``.
+SLICER_SOURCES = [p for p in os.environ.get("PATIENTFINETUNE_SLICER_SOURCES", "").split(os.pathsep) if p]
+
+#: Loads PatientFineTune.py as Slicer does, on Slicer's real Python sources (argv[1]) over
+#: the real MRML classes of slicer-core; only Qt (the qt and ctk modules, slicer.app and
+#: the application's qMRML*/qSlicer* widget classes) is stood in for, since no Qt
+#: application exists here. Leaves ``PatientFineTune`` (the module) and ``scene``.
+FRESH_SLICER = """
+import importlib.util, types
+import slicer, vtk
+
+class QtStandIn(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        cls = type(name, (), {"__init__": lambda self, *a, **k: None, "__getattr__": lambda self, n: (lambda *a, **k: None)})
+        setattr(self, name, cls)
+        return cls
+
+for name in ("qt", "ctk"):
+    sys.modules[name] = QtStandIn(name)
+widgets = QtStandIn("widgets")
+
+def applicationWidget(name):
+    if name.startswith("q"):
+        return getattr(widgets, name)
+    raise AttributeError(name)
+
+class Application:
+    def translate(self, context, text):
+        return text
+    def connect(self, *args):
+        pass
+    def testingEnabled(self):
+        return True
+
+slicer.__path__.insert(0, sys.argv[1])  # Slicer's util, i18n, ScriptedLoadableModule, parameterNodeWrapper
+slicer.__getattr__ = applicationWidget
+slicer.app = Application()
+vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
+scene = slicer.vtkMRMLScene()
+applicationLogic = slicer.vtkSlicerApplicationLogic()
+applicationLogic.SetMRMLScene(scene)
+moduleLogics = [slicer.vtkSlicerColorLogic(), slicer.vtkSlicerVolumesLogic(), slicer.vtkSlicerSegmentationsModuleLogic()]
+for moduleLogic in moduleLogics:
+    moduleLogic.SetMRMLApplicationLogic(applicationLogic)
+    moduleLogic.SetMRMLScene(scene)
+slicer.mrmlScene = scene
+spec = importlib.util.spec_from_file_location("PatientFineTune", sys.argv[2])
+PatientFineTune = importlib.util.module_from_spec(spec)
+sys.modules["PatientFineTune"] = PatientFineTune
+spec.loader.exec_module(PatientFineTune)
+"""
+
+
+def run_in_fresh_slicer(sources: str, code: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_without_fresh_slicer_packages(FRESH_SLICER + textwrap.dedent(code), sources, MODULE, *args, env=env)
+
+
+fresh_slicer = pytest.mark.parametrize("sources", SLICER_SOURCES or [pytest.param(None, marks=pytest.mark.skip(
+    reason="set PATIENTFINETUNE_SLICER_SOURCES to Slicer's Base/Python/slicer folder(s)"))])
+
+
+@fresh_slicer
+def test_the_panel_logic_and_parameter_node_build_in_a_fresh_slicer(sources):
+    proc = run_in_fresh_slicer(sources, """
+        logic = PatientFineTune.PatientFineTuneLogic()
+        parameters = logic.getParameterNode()
+        assert parameters.iterations == 100 and parameters.baseModel == "brain-wmh" and parameters.baselineVolume1 is None
+        volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "FLAIR")
+        parameters.baselineVolume1 = volume
+        assert logic.getParameterNode().baselineVolume1 is volume
+        assert "FLAIR" in logic.chooseBaseModel(parameters.baseModel) and logic.sequenceNames() == ["FLAIR", "T1"]
+        assert sys.modules.get("torch") is None
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_every_mrml_widget_gets_the_scene():
+    # a qMRML widget without the scene lists no nodes: the .ui hands the scene to each one
+    tree = ET.parse(UI)
+    top = tree.find("widget").get("name")
+    connected = {c.findtext("receiver") for c in tree.iter("connection")
+                 if c.findtext("sender") == top and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    mrml_widgets = {name for name, cls in ui_widgets().items() if cls.startswith("qMRML") and name != top}
+    assert mrml_widgets and mrml_widgets <= connected, f"never given the scene: {sorted(mrml_widgets - connected)}"
+
+
+@fresh_slicer
+def test_a_new_scene_starts_a_new_patient_in_the_logic(sources, tmp_path):
+    # File > Close Scene, then the next patient: nothing of the previous one may be used
+    model = tmp_path / "patient-model.pt"
+    model.write_bytes(b"the previous patient's model")
+    proc = run_in_fresh_slicer(sources, """
+        from PatientFineTuneLib.suggest import SliceSuggestion
+        logic = PatientFineTune.PatientFineTuneLogic()
+        logic.chooseBaseModel("brain-wmh")
+        logic.models.set_patient_model(sys.argv[3], "fine-tuned 100 iterations on slices 4, 9")
+        logic.session.suggestions = [SliceSuggestion(4, 0.1, 0.4, (0.0, 0.0, 12.0), 2)]
+        scene.Clear(False)  # what File > Close Scene does
+        assert logic.models.patient_model is None, "the previous patient's model is still used"
+        assert logic.suggestions == [], "the previous patient's suggestions are still listed"
+        assert logic.models.base_model == "brain-wmh" and logic.sequenceNames() == ["FLAIR", "T1"]
+        assert logic.patientModelText() == "No patient model yet."
+    """, model)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@fresh_slicer
+def test_no_folder_of_patient_data_is_left_behind(sources, tmp_path):
+    proc = run_in_fresh_slicer(sources, """
+        import tempfile
+        from pathlib import Path
+        temp = Path(tempfile.gettempdir())
+        # every Sample Data click made a logic; the module's own logic lives as long as
+        # the panel, and cleanup() ends it
+        for _ in range(3):
+            PatientFineTune.PatientFineTuneLogic().cleanup()
+        logic = PatientFineTune.PatientFineTuneLogic()
+        logic.chooseBaseModel("brain-wmh")
+        # a step whose inputs cannot be written: a volume without voxels
+        empty = [scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name) for name in ("FLAIR", "T1")]
+        try:
+            logic.startAnalyse(empty)
+        except ValueError as error:
+            assert "no voxels" in str(error), error
+        else:
+            raise AssertionError("a step without voxels started")
+        logic.cleanup()
+        left = sorted(p.name for p in temp.glob("PatientFineTune-*"))
+        assert left == [], f"left behind: {left}"
+    """, env={"TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,6 +1,8 @@
 """The Slicer module's three steps on real MRML nodes (slicer-core): the same numbers as
 the file-based library, results on the follow-up's grid."""
 
+import tempfile
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -19,13 +21,11 @@ from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata
 from PatientFineTuneLib.slicerworkflow import (
     MaskSource,
     ModelChoice,
+    PatientSession,
     analyse_baseline,
     analyse_job,
     baseline_nodes_from_job,
     finetune_from_nodes,
-    finetune_job,
-    followup_job,
-    followup_nodes_from_job,
     save_patient_model,
     segment_followup,
     show_followup_results,
@@ -109,12 +109,18 @@ def test_bad_inputs_give_clear_errors_and_cancel_stops(scene, bundle, small_pair
 # The Slicer module's way: each step a patient-finetune job in a subprocess, files in and out
 
 
-def test_the_three_steps_as_jobs_round_trip_through_the_scene(scene, small_pair_dir, tmp_path):  # noqa: F811
+def test_the_three_steps_as_jobs_round_trip_through_the_scene(scene, small_pair_dir, tmp_path, monkeypatch):  # noqa: F811
+    # the Slicer module's whole path: a patient session in the scene, each step a real
+    # patient-finetune job, the results loaded back; then File > Close Scene and a second
+    # patient, who gets nothing of the first. The step folders go to a private temporary
+    # folder, so that what is left behind can be counted.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    left_behind = lambda: sorted(p.name for p in tmp_path.glob("PatientFineTune-*"))  # noqa: E731
+    session = PatientSession(scene)
+    assert "FLAIR" in session.choose_base_model("brain-wmh") and session.sequence_names() == ["FLAIR", "T1"]
     baseline_nodes, organ = _nodes(scene, small_pair_dir / "baseline")
-    inputs = write_job_inputs(tmp_path / "analyse-in", baseline_nodes, ["FLAIR", "T1"], organ)
-    job = analyse_job("brain-wmh", inputs, tmp_path / "analysis", k=2, device="cpu").start()
-    assert job.wait(timeout=300) and job.succeeded, (job.error, list(job.log))
-    analysis = baseline_nodes_from_job(scene, tmp_path / "analysis", baseline_nodes[0])
+    analysis = session.run_step(session.start_analyse(baseline_nodes, organ, k=2, device="cpu"))
+    assert session.suggestions == analysis.suggestions and left_behind() == []
     # the job's segmentation is the in-process one, on the baseline node's grid
     base = load_model(shipped_models()["brain-wmh"])
     file_case = _file_case(small_pair_dir / "baseline")
@@ -125,24 +131,21 @@ def test_the_three_steps_as_jobs_round_trip_through_the_scene(scene, small_pair_
 
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(small_pair_dir / "baseline" / "lesions.nii.gz"))) > 0
     mrml.set_segment_from_array(analysis.segmentation_node, "Lesion", truth, baseline_nodes[0])
-    choice = ModelChoice()
-    choice.choose_base_model("brain-wmh")
-    inputs = write_job_inputs(tmp_path / "finetune-in", baseline_nodes, ["FLAIR", "T1"], organ,
-                              MaskSource(analysis.segmentation_node, analysis.segment_id))
-    slices = ",".join(str(s.index) for s in analysis.suggestions if file_case.lesions[s.index].any()) or "all-lesion"
-    job = finetune_job("brain-wmh", inputs, tmp_path / "patient.pt", slices, iterations=5, device="cpu").start()
-    assert job.wait(timeout=300) and job.succeeded, (job.error, list(job.log))
-    choice.set_patient_model(job.results[-1]["outputs"]["model"], job.results[-1]["description"])
-    assert "5 iterations on slices" in choice.patient_description and "held out in turn" in choice.patient_description
+    selection = "suggested" if any(file_case.lesions[s.index].any() for s in analysis.suggestions) else "all-lesion"
+    description = session.run_step(session.start_finetune(baseline_nodes, organ, MaskSource(analysis.segmentation_node, analysis.segment_id),
+                                                          selection, iterations=5, device="cpu"))
+    assert "5 iterations on slices" in description and "held out in turn" in description
+    assert session.models.patient_description == description and session.models.patient_model.is_file()
+    assert left_behind() == [f"PatientFineTune-patient-{session.models.patient_model.parent.name.rsplit('-', 1)[1]}"]
 
     followup_nodes, followup_organ = _nodes(scene, small_pair_dir / "followup")
-    inputs = write_job_inputs(tmp_path / "followup-in", followup_nodes, ["FLAIR", "T1"], followup_organ)
+    with pytest.raises(ValueError, match="a volume of the other visit; select this visit's scan"):
+        session.start_followup([baseline_nodes[0], followup_nodes[1]], followup_organ, device="cpu")
+    with pytest.raises(ValueError, match="selected for both FLAIR and T1; select one volume per sequence"):
+        session.start_followup([followup_nodes[0], followup_nodes[0]], followup_organ, device="cpu")
     runs = []
     for _ in range(2):  # the radiologist segments the follow-up twice
-        out = tmp_path / f"followup-{len(runs)}"
-        job = followup_job([("base", "brain-wmh"), ("fine-tuned", str(choice.patient_model))], inputs, out, mc_samples=2, device="cpu").start()
-        assert job.wait(timeout=300) and job.succeeded, (job.error, list(job.log))
-        runs += [followup_nodes_from_job(scene, out, followup_nodes[0], label) for label in ("base", "fine-tuned")]
+        runs += session.run_step(session.start_followup(followup_nodes, followup_organ, mc_samples=2, device="cpu"))
     assert [r.label for r in runs] == ["base", "fine-tuned", "base", "fine-tuned"]
     assert runs[2].segmentation.GetName() != runs[0].segmentation.GetName()  # a unique-name suffix ...
     main = show_followup_results(runs, "fine-tuned")  # ... does not hide the second run's results
@@ -155,10 +158,34 @@ def test_the_three_steps_as_jobs_round_trip_through_the_scene(scene, small_pair_
     assert np.allclose(mrml.ijk_to_ras_matrix(fine.probability), mrml.ijk_to_ras_matrix(followup_nodes[0]))
     assert fine.table.GetNumberOfRows() == len(fine.lesions)
 
-    saved = save_patient_model(choice, tmp_path / "kept" / "patient-model.pt")
-    assert saved.read_bytes() == choice.patient_model.read_bytes()
+    saved = save_patient_model(session.models, tmp_path / "kept" / "patient-model.pt")
+    assert saved.read_bytes() == session.models.patient_model.read_bytes()
     with pytest.raises(ValueError, match="never overwritten"):
-        save_patient_model(choice, shipped_models()["brain-wmh"])
+        save_patient_model(session.models, shipped_models()["brain-wmh"])
+
+    # File > Close Scene; the next patient
+    scene.Clear(False)
+    assert session.models.patient_model is None and session.suggestions == [] and left_behind() == []
+    assert session.models.base_model == "brain-wmh"
+    second, second_organ = _nodes(scene, small_pair_dir / "followup")
+    step = session.start_followup(second, second_organ, mc_samples=0, compare_with_base=False, device="cpu")
+    assert step.labels == ["base"]  # no patient model: never the previous patient's
+    (result,) = session.run_step(step)
+    assert result.label == "base" and result.uncertainty is None
+    session.close()
+    assert left_behind() == [] and saved.is_file()  # the saved copy is the user's
+
+
+def test_a_mask_with_several_segments_is_refused(scene, small_pair_dir):  # noqa: F811
+    nodes, _organ = _nodes(scene, small_pair_dir / "baseline")
+    masks = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brain and ventricles")
+    mask = np.zeros(tuple(reversed(nodes[0].GetImageData().GetDimensions())), bool)
+    mask[2:4, 5:9, 5:9] = True
+    mrml.set_segment_from_array(masks, "brain", mask, nodes[0])
+    mrml.set_segment_from_array(masks, "ventricles", mask[::-1], nodes[0])
+    with pytest.raises(ValueError, match="brain and ventricles has 2 segments; select a segmentation"):
+        MaskSource(masks).image(nodes[0])
+    assert MaskSource(masks, masks.GetSegmentation().GetSegmentIdBySegmentName("brain")).image(nodes[0]).GetSize() == mrml.volume_to_image(nodes[0]).GetSize()
 
 
 def test_choosing_the_same_base_model_again_keeps_the_patient_model(tmp_path):
@@ -184,3 +211,29 @@ def test_a_patient_model_is_described_for_both_networks():
     kept = describe_patient_model({"config": {"iterations": 100}, "slices": [3], "method": "base model kept",
                                    "holdout_check": {"kept": False, "dice_base": 0.8, "dice_finetuned": 0.7}})
     assert kept.startswith("the BASE MODEL was kept") and "0.700" in kept and "0.800" in kept
+
+
+def test_sequences_on_different_grids_are_resampled_onto_the_first(scene, small_pair_dir, tmp_path):  # noqa: F811
+    # FLAIR and T1 from separate series: the T1 on a coarser, shifted grid, as a loaded
+    # series would be; the organ mask a labelmap on the T1's grid
+    flair = mrml.image_to_volume(sitk.ReadImage(str(small_pair_dir / "baseline" / "FLAIR.nii.gz")), scene, "FLAIR series")
+    t1_image = sitk.ReadImage(str(small_pair_dir / "baseline" / "T1.nii.gz"))
+    grid = sitk.Image([max(4, n * 3 // 4) for n in t1_image.GetSize()], sitk.sitkFloat32)
+    grid.SetSpacing([s * 4 / 3 for s in t1_image.GetSpacing()])
+    grid.SetDirection(t1_image.GetDirection())
+    grid.SetOrigin(t1_image.TransformContinuousIndexToPhysicalPoint([0.7, 0.4, 0.2]))
+    t1 = mrml.image_to_volume(sitk.Resample(t1_image, grid, sitk.Transform(), sitk.sitkLinear), scene, "T1 series")
+    organ_image = sitk.Resample(sitk.ReadImage(str(small_pair_dir / "baseline" / "organ.nii.gz")), grid, sitk.Transform(), sitk.sitkNearestNeighbor)
+    organ = mrml.image_to_volume(organ_image, scene, "brain", node_class="vtkMRMLLabelMapVolumeNode")
+    assert not mrml.same_grid(flair, t1)
+
+    inputs = write_job_inputs(tmp_path / "in", [flair, t1], ["FLAIR", "T1"], MaskSource(organ))
+    job = analyse_job("brain-wmh", inputs, tmp_path / "analysis", k=1, device="cpu").start()
+    assert job.wait(timeout=300) and job.succeeded, (job.error, list(job.log))
+    # the status line says so
+    assert inputs["notes"] == ["T1 series (T1) is resampled onto the grid of FLAIR series (FLAIR)"]
+    analysis = baseline_nodes_from_job(scene, tmp_path / "analysis", flair)
+    assert analysis.segmentation_node.GetSegmentation().GetNumberOfSegments() == 1 and len(analysis.suggestions) == 1
+    # sequences on one grid: nothing to say
+    same = mrml.image_to_volume(mrml.volume_to_image(flair), scene, "FLAIR again")
+    assert write_job_inputs(tmp_path / "same", [flair, same], ["FLAIR", "T1"])["notes"] == []
