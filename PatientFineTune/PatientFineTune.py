@@ -115,8 +115,8 @@ class PatientFineTune(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Fine-tune a lesion-segmentation network to one patient with the patient's baseline scan, then segment "
             "the follow-up with a voxel-wise uncertainty map. 1) Analyse the baseline, 2) correct the lesion segment on "
-            "the suggested slices and fine-tune, 3) segment the follow-up. "
-            "See <a href='https://github.com/PatientFineTune/SlicerPatientFineTune'>the documentation</a>."
+            "the suggested slices and fine-tune, 3) segment the follow-up. The README shipped with the extension "
+            "describes each step."
         )
         self.parent.acknowledgementText = _(
             "Method: Jansen et al., patient-specific fine-tuning of convolutional neural networks for follow-up lesion "

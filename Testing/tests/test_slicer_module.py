@@ -401,3 +401,47 @@ def test_no_folder_of_patient_data_is_left_behind(sources, tmp_path):
         assert left == [], f"left behind: {left}"
     """, env={"TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------
+# The extension's description, as the Extensions Index checks it (the rules of
+# scripts/check_description_files.py in github.com/Slicer/ExtensionsIndex, checked here
+# without the network)
+
+
+def extension_fields() -> dict:
+    """The ``set(EXTENSION_<FIELD> "value")`` lines of the top CMakeLists.txt."""
+    text = (ROOT / "CMakeLists.txt").read_text()
+    return {m.group(1): m.group(2) for m in re.finditer(r'^set\(EXTENSION_(\w+)\s+"([^"]*)"\)', text, flags=re.M)}
+
+
+def test_the_extension_description_meets_the_extensions_index_rules():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    # the project's name is the extension's (the index's description file is named after it)
+    assert re.search(r"project\s*\(\s*([^\s\)]+)", text, flags=re.I).group(1) == "PatientFineTune"
+    fields = extension_fields()
+    assert fields["CATEGORY"] == "Segmentation"  # one of the index's accepted categories
+    assert fields["DEPENDS"] == "PyTorch"
+    assert len(fields["DESCRIPTION"]) > 50 and fields["CONTRIBUTORS"]
+    # a license file at the repository's root, the license pyproject.toml declares; the
+    # extension's package carries it (Slicer's own license is the default otherwise)
+    license_file = ROOT / "LICENSE"
+    assert license_file.is_file(), "the index refuses a repository without a LICENSE file at its root"
+    assert "Apache License" in license_file.read_text() and "Version 2.0" in license_file.read_text()
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
+    assert re.search(r"set\(EXTENSION_LICENSE_FILE\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/LICENSE\)", text)
+    assert re.search(r"set\(EXTENSION_README_FILE\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/README.md\)", text)
+    assert text.index("EXTENSION_LICENSE_FILE") < text.index("include(${Slicer_USE_FILE})")  # UseSlicer sets the default
+    # the checked-out repository stays under the index's 100 MB
+    size = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file() and not {".git", ".venv"} & set(p.relative_to(ROOT).parts))
+    assert size < 100e6
+
+
+@pytest.mark.xfail(strict=True, reason="owed: the repository has no public address yet, and the index needs the homepage, "
+                                       "icon and screenshot URLs on it (the icon and the screenshots are in the repository)")
+def test_the_extension_description_has_its_public_urls():
+    fields = extension_fields()
+    for name in ("HOMEPAGE", "ICONURL"):
+        assert fields.get(name, "").startswith("https://"), f"EXTENSION_{name} is not set"
+    screenshots = fields.get("SCREENSHOTURLS", "").split()
+    assert screenshots and all(url.startswith("https://") and url.endswith((".png", ".jpg", ".gif")) for url in screenshots)
