@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -172,3 +173,34 @@ def test_on_windows_the_console_window_is_hidden(monkeypatch):
     assert info.dwFlags & 1 and info.wShowWindow == 0  # STARTF_USESHOWWINDOW, SW_HIDE: as slicer.util.launchConsoleProcess
     assert started["creationflags"] & 0x200  # CREATE_NEW_PROCESS_GROUP: Cancel still ends the whole tree
     assert "start_new_session" not in started
+
+
+def test_a_job_does_not_outlive_the_application_that_started_it(small_pair_dir, tmp_path):
+    # Slicer crashes while a step runs: the job's next progress line finds no reader (a
+    # broken pipe) and the job ends, removing its partial files
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    application = tmp_path / "application.py"
+    application.write_text(textwrap.dedent(f"""
+        import os, time
+        from PatientFineTuneLib.jobs import CliJob
+        job = CliJob([{_finetune_args(small_pair_dir, out_dir / "patient.pt", 5000)!r}]).start()
+        while not (job.progress and job.progress["step"] == "finetune" and job.progress["done"] >= 2):
+            job.poll()
+            time.sleep(0.02)
+        print(job._process.pid, flush=True)
+        os._exit(1)  # no cleanup of any kind, as in a crash
+    """))
+    crashed = subprocess.run([sys.executable, str(application)], capture_output=True, text=True, timeout=300)
+    group = int(crashed.stdout.split()[-1])
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            os.killpg(group, signal.SIGKILL)
+            raise AssertionError("the job still runs a minute after the application that started it ended")
+        time.sleep(0.1)
+    assert list(out_dir.iterdir()) == []
