@@ -73,24 +73,48 @@ def write_segment_outputs(case: Case, result, folder: str | Path, overwrite: boo
     return written
 
 
+#: What every segmentation writes, whatever its options (the rest is optional).
+REQUIRED_ROLES = ("segmentation", "labels", "probability", "table")
+
+
+class IncompleteResult(ValueError):
+    """A segment output folder lacks a file every segmentation writes, or its files
+    disagree (a run that did not finish, or files removed or edited by hand)."""
+
+
 def read_segment_outputs(folder: str | Path) -> dict:
     """What :func:`write_segment_outputs` wrote: ``segmentation``, ``probability`` and
-    ``uncertainty`` as SimpleITK images (the last two None when absent), ``lesions`` (the
+    ``uncertainty`` as SimpleITK images (the last None when absent), ``lesions`` (the
     lesion table's rows: ids and voxel counts as integers, the rest as floats, NaN where
-    empty) and ``summary`` (the uncertainty summary, or None)."""
+    empty) and ``summary`` (the uncertainty summary, or None).
+
+    Raises IncompleteResult for a folder that is not a whole result (a file every
+    segmentation writes is missing, the lesion table is empty or does not list the lesions
+    of the label image): read as it is, it would say "0 lesions" beside outlines that
+    show lesions.
+    """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; give a segment output folder")
+    missing = [SEGMENT_FILES[r] for r in REQUIRED_ROLES if not (folder / SEGMENT_FILES[r]).is_file()]
+    if missing:
+        raise IncompleteResult(f"{folder} is not a complete segment result: {', '.join(missing)} missing; segment the case again into it")
 
     def image(role):
         path = folder / SEGMENT_FILES[role]
         return sitk.ReadImage(str(path)) if path.is_file() else None
 
-    if image("segmentation") is None:
-        raise FileNotFoundError(f"{folder} holds no segment output ({SEGMENT_FILES['segmentation']})")
-    lesions = []
-    if (folder / SEGMENT_FILES["table"]).is_file():
-        with open(folder / SEGMENT_FILES["table"], newline="") as f:
-            lesions = [{k: int(v) if k in ("id", "voxels") else float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
-                       for row in csv.DictReader(f)]
+    with open(folder / SEGMENT_FILES["table"], newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "id" not in reader.fieldnames:
+            raise IncompleteResult(f"{folder} is not a complete segment result: an empty {SEGMENT_FILES['table']} (no header); segment the case again into it")
+        lesions = [{k: int(v) if k in ("id", "voxels") else float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
+                   for row in reader]
+    labels = np.unique(sitk.GetArrayFromImage(image("labels")))
+    labelled = int((labels > 0).sum())
+    if labelled != len(lesions):
+        raise IncompleteResult(f"{folder} is not a complete segment result: {SEGMENT_FILES['table']} lists {len(lesions)} lesion(s) but "
+                               f"the lesion labels ({SEGMENT_FILES['labels']}) hold {labelled}; segment the case again into it")
     summary_path = folder / SEGMENT_FILES["summary"]
     return {"segmentation": image("segmentation"), "probability": image("probability"), "uncertainty": image("uncertainty"),
             "lesions": lesions, "summary": json.loads(summary_path.read_text()) if summary_path.is_file() else None}

@@ -109,3 +109,25 @@ def test_the_report_opens_in_chromium_and_shows_what_a_radiologist_needs(small_p
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
     np.testing.assert_equal(sitk.ReadImage(str(out / "base" / "segmentation.nii.gz")).GetSize(),
                             sitk.ReadImage(str(small_pair_dir / "followup" / "FLAIR.nii.gz")).GetSize())
+
+
+def test_an_incomplete_result_folder_is_refused_not_reported_as_no_lesions(small_pair_dir, patient_outputs, tmp_path):
+    """A segment folder without its lesion table, with an empty one, with a table that
+    disagrees with the lesion labels, or without an image, is not a result: a report of
+    it would say "0 lesions" while the outlines show lesions."""
+    followup = small_pair_dir / "followup" / "FLAIR.nii.gz"
+    damage = {
+        "lesions.csv": lambda f: f.unlink(),
+        "an empty lesions.csv": lambda f: f.write_text(""),
+        "the lesion labels": lambda f: f.write_text(f.read_text().splitlines()[0] + "\n"),  # header only, labels show lesions
+        "probability.nii.gz": lambda f: f.unlink(),
+    }
+    for words, spoil in damage.items():
+        folder = tmp_path / words.replace(" ", "-")
+        shutil.copytree(patient_outputs / "base", folder)
+        spoil(folder / ("probability.nii.gz" if words.startswith("probability") else "lesions.csv"))
+        report = tmp_path / "report.html"
+        proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "--progress", "none", "report", "--followup-image", followup,
+                               "--results", f"base={folder}", "--out", report], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and str(folder) in proc.stderr and words.split()[-1] in proc.stderr, (words, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and not report.exists(), proc.stderr
