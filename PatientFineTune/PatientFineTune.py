@@ -742,7 +742,18 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
                 nodes[f"{visit} {sequence}"] = slicer.util.loadVolume(str(patient / visit / f"{sequence}.nii.gz"), {"name": f"{visit} {sequence}"})
             nodes[f"{visit} lesions"] = slicer.util.loadSegmentation(str(patient / visit / "lesions.nii.gz"), {"name": f"{visit} true lesions"})
         slicer.util.setSliceViewerLayers(background=nodes["baseline FLAIR"], fit=True)
+        self.selectSampleInputs(nodes)
         return nodes
+
+    def selectSampleInputs(self, nodes) -> None:
+        """Select the sample's volumes ("<visit> <sequence>" in ``nodes``) for the sequences
+        the chosen base model reads; each selector would otherwise show the volume loaded
+        last, the same one in all of them."""
+        parameters = self.getParameterNode()
+        self.chooseBaseModel(parameters.baseModel)
+        for visit in ("baseline", "followup"):
+            for i, sequence in enumerate(self.sequenceNames()):
+                setattr(parameters, f"{visit}Volume{i + 1}", nodes.get(f"{visit} {sequence}"))
 
 
 #

@@ -445,3 +445,20 @@ def test_the_extension_description_has_its_public_urls():
         assert fields.get(name, "").startswith("https://"), f"EXTENSION_{name} is not set"
     screenshots = fields.get("SCREENSHOTURLS", "").split()
     assert screenshots and all(url.startswith("https://") and url.endswith((".png", ".jpg", ".gif")) for url in screenshots)
+
+
+@fresh_slicer
+def test_the_sample_patient_fills_each_selector_with_its_own_volume(sources):
+    proc = run_in_fresh_slicer(sources, """
+        nodes = {f"{visit} {sequence}": scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{visit} {sequence}")
+                 for visit in ("baseline", "followup") for sequence in ("FLAIR", "T1")}
+        logic = PatientFineTune.PatientFineTuneLogic()
+        logic.selectSampleInputs(nodes)
+        parameters = logic.getParameterNode()
+        chosen = {name: getattr(parameters, name).GetName() for name in
+                  ("baselineVolume1", "baselineVolume2", "followupVolume1", "followupVolume2")}
+        assert chosen == {"baselineVolume1": "baseline FLAIR", "baselineVolume2": "baseline T1",
+                          "followupVolume1": "followup FLAIR", "followupVolume2": "followup T1"}, chosen
+        assert parameters.baselineVolume3 is None
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
