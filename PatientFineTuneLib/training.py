@@ -33,7 +33,7 @@ from .images import Case, resample_array, resampled_shape
 from .inference import predict_mask
 from .runtime import resolve_device
 from .training_loop import Adam, check_precision, training_loop
-from .metrics import dice
+from .metrics import dice, lesion_detection
 from .model import LesionNet
 from .modelfile import ModelBundle
 from .patches import extract_patches, random_patch_centres
@@ -67,12 +67,26 @@ class TrainingConfig(PatchTrainingConfig):
     patches_per_slice: int = 25
     #: Run the network on channels-last tensors (helps convolutions on recent GPUs).
     channels_last: bool = False
+    #: Share of each batch's patches drawn from anatomy synthesis when real cases train
+    #: too (with synthesis alone every patch is synthetic).
+    synthetic_fraction: float = 0.0
+    #: Probability that a patch's ``droppable_channels`` are blanked (zero, the normalised
+    #: median), so the model also segments scans without those sequences (e.g. FLAIR
+    #: without T1, the commonest MS follow-up).
+    sequence_dropout: float = 0.0
+    droppable_channels: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.synthetic_fraction <= 1.0 or not 0.0 <= self.sequence_dropout <= 1.0:
+            raise ValueError("synthetic_fraction and sequence_dropout are probabilities between 0 and 1")
 
     def identity(self) -> dict:
         """Settings a resumed run must share with the run that wrote the checkpoint."""
         d = dataclasses.asdict(self)
         d.pop("iterations")
         d["class_weights"] = list(d["class_weights"])
+        d["droppable_channels"] = list(d["droppable_channels"])
         return d
 
 
@@ -113,18 +127,43 @@ def build_patch_pool(
     return pool
 
 
-def sample_batch(pool: PatchPool, config: TrainingConfig, iteration: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(pool: PatchPool, config: TrainingConfig, iteration: int, rank: int = 0, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The mini-batch of ``iteration`` (on process ``rank``): random (slice, patch) pairs,
-    random rotations."""
+    random rotations; ``n`` patches (default: the batch size)."""
     rng = np.random.default_rng([config.seed, iteration, rank])
     xs, ys = [], []
-    for _ in range(config.batch_size):
+    for _ in range(config.batch_size if n is None else n):
         k = int(rng.integers(len(pool)))
         centre = pool.centres[k][int(rng.integers(len(pool.centres[k])))]
         angle = rng.uniform(-config.max_rotation_deg, config.max_rotation_deg)
         xs.append(extract_patches(pool.images[k], centre, [angle], config.patch_size))
         ys.append(extract_patches(pool.labels[k], centre, [angle], config.patch_size, label=True))
     return torch.cat(xs), torch.cat(ys)[:, 0].round().long()
+
+
+def draw_batch(pool: PatchPool | None, synthetic, config: TrainingConfig, iteration: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mini-batch of ``iteration``: real patches from ``pool``, synthetic ones from
+    ``synthetic`` (an :class:`~PatientFineTuneLib.synth.anatomy_patches.AnatomyPatches`), in
+    the config's proportion, then the config's sequence dropout. Without synthesis and
+    dropout it is exactly :func:`sample_batch`."""
+    if synthetic is None:
+        x, y = sample_batch(pool, config, iteration, rank)
+    else:
+        rng = np.random.default_rng([config.seed, iteration, rank, 0x313])
+        n_synthetic = config.batch_size if pool is None else int(rng.binomial(config.batch_size, config.synthetic_fraction))
+        parts = []
+        if n_synthetic < config.batch_size:
+            parts.append(sample_batch(pool, config, iteration, rank, n=config.batch_size - n_synthetic))
+        if n_synthetic:
+            parts.append(synthetic.patches(n_synthetic, config.patch_size, config.max_rotation_deg, iteration, rank))
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if config.sequence_dropout > 0 and config.droppable_channels:
+        rng = np.random.default_rng([config.seed, iteration, rank, 0xD0])
+        dropped = rng.random(len(x)) < config.sequence_dropout
+        if dropped.any():
+            x = x.clone()
+            x[np.flatnonzero(dropped)[:, None], list(config.droppable_channels)] = 0.0
+    return x, y
 
 
 def distributed_rank_and_size() -> tuple[int, int]:
@@ -155,9 +194,10 @@ def init_distributed(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def patch_loss(network: torch.nn.Module, pool: PatchPool, config: TrainingConfig, device: torch.device, rank: int = 0) -> Callable[[int], torch.Tensor]:
+def patch_loss(network: torch.nn.Module, pool: PatchPool | None, config: TrainingConfig, device: torch.device, rank: int = 0,
+               synthetic=None) -> Callable[[int], torch.Tensor]:
     """The loss of base training's iteration ``i`` as a function of ``i``: weighted
-    cross-entropy of ``network`` on :func:`sample_batch`'s patches. Shared with the
+    cross-entropy of ``network`` on :func:`draw_batch`'s patches. Shared with the
     throughput benchmark, so what it times is what training runs. ``network`` may be a
     DistributedDataParallel wrapper; it is put in the config's memory format here (a
     network loaded for inference is channels-last already)."""
@@ -166,7 +206,7 @@ def patch_loss(network: torch.nn.Module, pool: PatchPool, config: TrainingConfig
     network.to(memory_format=memory_format)
 
     def loss_of(iteration: int) -> torch.Tensor:
-        x, y = sample_batch(pool, config, iteration, rank)
+        x, y = draw_batch(pool, synthetic, config, iteration, rank)
         logits = network(x.to(device, memory_format=memory_format))
         return F.cross_entropy(logits.float(), y.to(device), weight=weights)
 
@@ -199,12 +239,18 @@ def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig) -> in
     return int(payload["iteration"])
 
 
-def validation_dice(model: LesionNet, cases: Sequence[Case], training_spacing, device, preset: str | None = None) -> float:
-    """Mean Dice of whole-volume segmentation over validation cases (model left in eval),
-    post-processed as the model will be used: with ``preset``'s opening (liver)."""
+def validation_scores(model: LesionNet, cases: Sequence[Case], training_spacing, device, preset: str | None = None) -> dict:
+    """Mean Dice and lesion F1 of whole-volume segmentation over validation cases (model
+    left in eval), post-processed as the model will be used (``preset``'s opening and
+    smallest lesion)."""
     bundle = ModelBundle(model, {"training_spacing_mm": list(training_spacing), "preset": preset})
-    scores = [dice(predict_mask(bundle, case, device=device), case.lesions) for case in cases]
-    return float(np.nanmean(scores)) if scores else float("nan")
+    masks = [predict_mask(bundle, case, device=device) for case in cases]
+    if not masks:
+        return {"dice": float("nan"), "lesion_f1": float("nan")}
+    return {
+        "dice": float(np.nanmean([dice(m, c.lesions) for m, c in zip(masks, cases)])),
+        "lesion_f1": float(np.nanmean([lesion_detection(m, c.lesions)["lesion_f1"] for m, c in zip(masks, cases)])),
+    }
 
 
 def train_base_model(
@@ -222,15 +268,22 @@ def train_base_model(
     progress: bool = True,
     cancel: Callable[[], bool] | None = None,
     preset: str | None = None,
+    synthetic=None,
+    on_validation: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Train ``model`` in place on normalised cases; returns the history.
+    """Train ``model`` in place on normalised cases and/or ``synthetic`` patches (an
+    :class:`~PatientFineTuneLib.synth.anatomy_patches.AnatomyPatches`, mixed in as
+    ``config.synthetic_fraction`` says); returns the history.
 
     Checkpoints (model, optimiser, iteration) are written atomically every
     ``checkpoint_every`` iterations; ``resume=True`` continues from ``checkpoint_path``.
-    Validation Dice on ``val_cases`` is logged every ``validate_every`` iterations and at
-    the end, post-processed as ``preset`` says (:func:`validation_dice`). ``cancel()``
+    Validation Dice and lesion F1 on ``val_cases`` are logged every ``validate_every``
+    iterations and at the end, post-processed as ``preset`` says (:func:`validation_scores`). ``cancel()``
     returning True stops at the next iteration with :class:`Cancelled` (the last
     checkpoint stays valid).
+
+    ``on_validation(record)`` receives each validated history record as it is made (a
+    long run's learning curve survives its process).
 
     Inside an initialised process group (see :func:`init_distributed`) ``train_cases``
     is this process's shard; the model is trained with DistributedDataParallel and only
@@ -252,9 +305,13 @@ def train_base_model(
         start = _load_checkpoint(checkpoint_path, model, optimizer, config)
         model.to(device)
         log(f"resumed from {checkpoint_path} at iteration {start}")
-    pool = build_patch_pool(train_cases, training_spacing, config.patches_per_slice, config.seed + rank)
+    if not train_cases and synthetic is None:
+        raise ValueError("nothing to train on: give training cases, anatomy synthesis, or both")
+    pool = build_patch_pool(train_cases, training_spacing, config.patches_per_slice, config.seed + rank) if train_cases else None
     where = f"process {rank} of {world}, " if world > 1 else ""
-    log(f"training on {len(pool)} lesion slices x {config.patches_per_slice} patches, {where}device {device}")
+    real = f"{len(pool)} lesion slices x {config.patches_per_slice} patches" if pool is not None else "no real cases"
+    share = 1.0 if pool is None else config.synthetic_fraction if synthetic is not None else 0.0
+    log(f"training on {real}, {share:.0%} of patches synthesised from anatomy, {where}device {device}")
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -274,12 +331,15 @@ def train_base_model(
         if checkpoint_path is not None and (done % checkpoint_every == 0 or done == config.iterations):
             _save_checkpoint(checkpoint_path, model, optimizer, done, config)
         if val_cases and (done % validate_every == 0 or done == config.iterations):
-            record["val_dice"] = validation_dice(model, val_cases, training_spacing, device, preset)
+            scores = validation_scores(model, val_cases, training_spacing, device, preset)
+            record["val_dice"], record["val_lesion_f1"] = scores["dice"], scores["lesion_f1"]
             model.train()
-            bar.write(f"iteration {done}: loss {loss:.4f}, validation Dice {record['val_dice']:.3f}")
+            bar.write(f"iteration {done}: loss {loss:.4f}, validation Dice {scores['dice']:.3f}, lesion F1 {scores['lesion_f1']:.3f}")
+            if on_validation is not None:
+                on_validation(record)
 
     try:
-        training_loop(patch_loss(network, pool, config, device, rank), optimizer, range(start, config.iterations), seed=config.seed,
+        training_loop(patch_loss(network, pool, config, device, rank, synthetic), optimizer, range(start, config.iterations), seed=config.seed,
                       device=device, precision=config.precision, rank=rank, world=world, after_step=after_step, cancel=cancel)
     finally:
         bar.close()

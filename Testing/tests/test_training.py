@@ -83,13 +83,13 @@ def test_validation_dice_is_reported_and_cancel_stops(cases):
         train_base_model(model, cases, SPACING, config, device="cpu", progress=False, log=lambda m: None, cancel=lambda: True)
 
 
-def test_validation_dice_post_processes_as_the_preset_does(cases):
+def test_validation_scores_post_process_as_the_preset_does(cases):
     """Validation scores what the trained model will deliver: a liver model's segmentations
-    get the preset's per-slice opening, so its validation Dice must too."""
+    get the preset's per-slice opening, so its validation Dice and lesion F1 must too."""
     from PatientFineTuneLib.inference import segment_case
-    from PatientFineTuneLib.metrics import dice
+    from PatientFineTuneLib.metrics import dice, lesion_detection
     from PatientFineTuneLib.modelfile import ModelBundle
-    from PatientFineTuneLib.training import validation_dice
+    from PatientFineTuneLib.training import validation_scores
 
     torch.manual_seed(3)
     model = tiny_model().eval()
@@ -98,7 +98,9 @@ def test_validation_dice_post_processes_as_the_preset_does(cases):
     for preset in ("liver-metastases", "brain-wmh"):
         delivered = segment_case(ModelBundle(model, {"training_spacing_mm": list(SPACING), "preset": preset}), case, device="cpu").mask
         scored[preset] = dice(delivered, case.lesions)
-        assert validation_dice(model, [case], SPACING, "cpu", preset=preset) == pytest.approx(scored[preset], abs=1e-9)
+        scores = validation_scores(model, [case], SPACING, "cpu", preset=preset)
+        assert scores["dice"] == pytest.approx(scored[preset], abs=1e-9)
+        assert scores["lesion_f1"] == pytest.approx(lesion_detection(delivered, case.lesions)["lesion_f1"], abs=1e-9)
     assert scored["liver-metastases"] != scored["brain-wmh"]  # the opening changes this model's result
 
 

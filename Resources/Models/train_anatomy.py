@@ -1,0 +1,152 @@
+"""Long, resumable base training on anatomy synthesis (real label maps, random contrast),
+scored as it goes on real scans it never sees.
+
+    python Resources/Models/train_anatomy.py --preset brain-wmh --iterations 20000 \
+        --width 32 --hours 2.5 [--threads 1]
+
+Run it in the background (``nohup ... &``); run the same command again, in this session or
+on another machine, to continue: it resumes from the committed checkpoint
+``Resources/Models/training/<preset>-anatomy.checkpoint.pt`` (one file, replaced atomically
+every ``--checkpoint-every`` iterations, so a kill at any moment loses at most that much).
+``--hours`` stops it cleanly after that much wall time (at the last checkpoint).
+
+Every ``--validate-every`` iterations the model segments the real held-out scans (the three
+Ljubljana MS scans for brain-wmh: none of them trains, so every real number is held out)
+with FLAIR + T1 and with FLAIR alone; each score goes as one JSON line to
+``training/<preset>-anatomy.log.jsonl`` (the learning curve) with the wall time so far.
+When ``--iterations`` are done the model is written to ``--out`` (never over a shipped
+model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parents[1].parent / "shared" / "data"
+
+#: Real held-out scans per preset: (dataset, case, files).
+VALIDATION = {
+    "brain-wmh": [("ljubljana_ms_cross", p, ("FLAIR", "T1", "lesions")) for p in ("patient07", "patient19", "patient26")],
+}
+
+
+def load_validation(preset, data: Path):
+    from PatientFineTuneLib.cases import find_image
+    from PatientFineTuneLib.images import load_case, prepare_case
+
+    cases = []
+    for dataset, case, files in VALIDATION[preset.name]:
+        folder = data / dataset / case
+        paths = [find_image(folder, stem) for stem in files]
+        if any(p is None for p in paths):
+            raise SystemExit(f"{folder}: missing {', '.join(s for s, p in zip(files, paths) if p is None)}; is --data right?")
+        *images, lesions = paths
+        cases.append(prepare_case(load_case(images, lesion_path=lesions, name=f"{dataset}/{case}",
+                                            sequence_names=[n for n, _ in preset.sequences])))
+    return cases
+
+
+def without_channels(case, channels):
+    """A copy of ``case`` with ``channels`` blanked (zero: the normalised median), as a
+    scan without those sequences reaches a model trained with sequence dropout."""
+    import dataclasses
+
+    images = case.images.copy()
+    images[list(channels)] = 0.0
+    return dataclasses.replace(case, images=images, name=case.name + " (first sequence only)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="brain-wmh", choices=sorted(VALIDATION))
+    parser.add_argument("--maps", type=Path, default=DEFAULT_DATA / "synthseg_label_maps")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--iterations", type=int, default=20_000, help="total iterations of the run (a resumed run continues to this)")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="amp", choices=["fp32", "amp"])
+    parser.add_argument("--sequence-dropout", type=float, default=0.2, help="probability of blanking every sequence after the first")
+    parser.add_argument("--checkpoint-every", type=int, default=300)
+    parser.add_argument("--validate-every", type=int, default=1000)
+    parser.add_argument("--hours", type=float, default=None, help="stop cleanly after this much wall time")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=None, help="finished model (default training/<preset>-anatomy.pt)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from PatientFineTuneLib.model import LesionNet
+    from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
+    from PatientFineTuneLib.presets import get_preset
+    from PatientFineTuneLib.synth.anatomy_patches import AnatomyPatches, settings_for_preset
+    from PatientFineTuneLib.training import TrainingConfig, train_base_model, validation_scores
+    from PatientFineTuneLib.runtime import Cancelled, resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = get_preset(args.preset)
+    folder = HERE / "training"
+    folder.mkdir(exist_ok=True)
+    checkpoint = folder / f"{preset.name}-anatomy.checkpoint.pt"
+    curve = folder / f"{preset.name}-anatomy.log.jsonl"
+    out = args.out or folder / f"{preset.name}-anatomy.pt"
+    maps = sorted(args.maps.glob("*.nii*"))
+    synthetic = AnatomyPatches(maps, settings_for_preset(preset), seed=args.seed)
+    n_channels = sum(c for _, c in preset.sequences)
+    config = TrainingConfig(iterations=args.iterations, seed=args.seed, precision=args.precision,
+                            sequence_dropout=args.sequence_dropout, droppable_channels=tuple(range(1, n_channels)))
+    device = resolve_device(args.device)
+    val_cases = load_validation(preset, args.data)
+    first_only = [without_channels(c, range(1, n_channels)) for c in val_cases] if n_channels > 1 else []
+    torch.manual_seed(args.seed)
+    model = LesionNet([c for _, c in preset.sequences], width=args.width)
+    started = time.monotonic()
+    previous = 0.0
+    if curve.exists():
+        lines = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()]
+        previous = max((r.get("wall_s", 0.0) for r in lines), default=0.0)
+
+    def record(entry: dict) -> None:
+        entry = dict(entry)
+        if first_only:
+            alone = validation_scores(model, first_only, preset.training_spacing_mm, device, preset.name)
+            entry["val_dice_first_sequence_only"], entry["val_lesion_f1_first_sequence_only"] = alone["dice"], alone["lesion_f1"]
+            model.train()
+        entry["wall_s"] = round(previous + time.monotonic() - started, 1)
+        entry["width"] = args.width
+        with curve.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    deadline = None if args.hours is None else started + 3600 * args.hours
+    try:
+        history = train_base_model(
+            model, [], preset.training_spacing_mm, config, val_cases=val_cases, device=device,
+            checkpoint_path=checkpoint, checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
+            resume=checkpoint.exists(), preset=preset.name, synthetic=synthetic, on_validation=record,
+            cancel=(lambda: time.monotonic() > deadline) if deadline else None,
+        )
+    except Cancelled:
+        print(f"stopped after {args.hours} h; the checkpoint {checkpoint} holds the last {args.checkpoint_every}-iteration step; "
+              "run the same command to continue", flush=True)
+        return
+    metadata = make_metadata(model, preset.sequence_dicts(), preset.training_spacing_mm, preset=preset.name, training={
+        "command": " ".join(["python", "Resources/Models/train_anatomy.py", *sys.argv[1:]]),
+        "config": config.identity() | {"iterations": config.iterations},
+        "anatomy_synthesis": synthetic.describe(),
+        "train_cases": [],
+        "val_cases": [c.name for c in val_cases],
+        "final_loss": history[-1]["loss"] if history else None,
+        "wall_time_s": round(previous + time.monotonic() - started, 1),
+    })
+    save_model(ModelBundle(model, metadata), out, overwrite=True)
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

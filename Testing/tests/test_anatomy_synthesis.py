@@ -1,0 +1,165 @@
+"""Anatomy synthesis: training slices from label maps (written by SimpleITK, in a
+non-trivial orientation), lesions in white matter, and the patch source base training
+draws from: deterministic, resumable, mixed with real patches as configured."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from PatientFineTuneLib.synth.anatomy import SynthesisSettings, load_anatomy_map, sample_slab, synthesize_slices
+from PatientFineTuneLib.synth.anatomy_patches import AnatomyPatches
+from PatientFineTuneLib.training import TrainingConfig, build_patch_pool, draw_batch, sample_batch, train_base_model
+
+from conftest import SHARED_DATA, tiny_model, write_volume
+
+#: LIA storage, as the SynthSeg label maps have: i -> left, j -> inferior, k -> anterior.
+LIA = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0)
+SETTINGS = SynthesisSettings(("FLAIR", "T1"), "ms", (1.5, 1.5), size=72, slices=3, slice_gap_mm=3.0, max_thickness_mm=4.0)
+
+
+def _head(shape=(72, 72, 72)) -> np.ndarray:
+    """A (k, j, i) label head in LIA storage: scalp (507), CSF (24), cortex (3), white matter
+    (2/41 by side), lateral ventricles (4/43), and cortex only in the anterior third, so
+    anterior and posterior can be told apart."""
+    k, j, i = np.indices(shape, dtype=np.float64) - (np.array(shape)[:, None, None, None] - 1) / 2
+    r = np.sqrt(i**2 + j**2 + k**2)
+    labels = np.zeros(shape, np.int16)
+    labels[r < 34] = 507
+    labels[r < 29] = 24
+    labels[r < 27] = 3
+    white = (r < 23) & (k < 8)  # k grows anteriorly: the front third stays cortex
+    labels[white] = np.where(i[white] < 0, 41, 2)  # i grows to the left: 2 is left WM
+    ventricle = ((i / 3) ** 2 + (j / 6) ** 2 + (k / 10) ** 2 < 1) & (np.abs(i) > 1.5)
+    labels[ventricle & (r < 23)] = np.where(i[ventricle & (r < 23)] < 0, 43, 4)
+    return labels
+
+
+@pytest.fixture(scope="module")
+def label_map(tmp_path_factory):
+    path = tmp_path_factory.mktemp("anatomy") / "head.nii.gz"
+    return write_volume(path, _head(), origin=(-35.5, 35.5, 35.5), direction=LIA)
+
+
+def test_a_label_map_reads_as_tissue_codes_with_its_geometry(label_map):
+    anatomy = load_anatomy_map(label_map)
+    assert set(anatomy.names) == {"background", "wm", "cortex", "csf", "lateral_ventricle", "extra:507"}
+    wm = anatomy.codes_of("wm")
+    assert anatomy.codes.shape == (72, 72, 72) and np.isin(anatomy.codes, wm).sum() > 0
+    # LPS (x, y, z) = origin + direction @ index: the head's centre maps to the array centre
+    centre = np.array([0.0, 0.0, 0.0])
+    assert np.allclose(anatomy.index_of_points(centre[:, None])[:, 0], [35.5, 35.5, 35.5])
+    assert set(anatomy.names[c] for c in anatomy.brain_codes) == {"wm", "cortex", "csf", "lateral_ventricle"}
+
+
+def test_non_label_images_are_refused(tmp_path):
+    path = write_volume(tmp_path / "t1.nii.gz", np.random.default_rng(0).random((8, 8, 8)).astype(np.float32))
+    with pytest.raises(ValueError, match="not a label map"):
+        load_anatomy_map(path)
+
+
+def test_slabs_are_axial_with_rows_running_posterior(label_map):
+    """The network sees axial slices with rows from anterior (top) to posterior, as the
+    library presents real scans: the map's cortex-only anterior third is at the top."""
+    anatomy = load_anatomy_map(label_map)
+    cortex, wm = anatomy.codes_of("cortex"), anatomy.codes_of("wm")
+    for seed in range(4):
+        codes = sample_slab(anatomy, SETTINGS, 5, np.random.default_rng(seed))
+        middle = codes[2]
+        rows_with_wm = np.flatnonzero(np.isin(middle, wm).any(axis=1))
+        rows_with_cortex = np.flatnonzero(np.isin(middle, cortex).any(axis=1))
+        if rows_with_wm.size:
+            assert rows_with_cortex.min() < rows_with_wm.min() - 3  # cortex-only front rows on top
+
+
+def test_synthesis_is_seeded_and_puts_bright_lesions_in_white_matter(label_map):
+    anatomy = load_anatomy_map(label_map)
+    a = synthesize_slices(anatomy, SETTINGS, np.random.default_rng(7))
+    b = synthesize_slices(anatomy, SETTINGS, np.random.default_rng(7))
+    c = synthesize_slices(anatomy, SETTINGS, np.random.default_rng(8))
+    assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["lesions"], b["lesions"])
+    assert not np.array_equal(a["images"], c["images"])
+    assert a["images"].shape == (2, 3, 72, 72) and a["lesions"].shape == a["organ"].shape == (3, 72, 72)
+    assert np.all(np.isfinite(a["images"]))
+    flair_ratios, t1_ratios = [], []
+    for seed in range(12):
+        out = synthesize_slices(anatomy, SETTINGS, np.random.default_rng(seed))
+        lesions, organ = out["lesions"], out["organ"]
+        assert not (lesions & ~organ).any()
+        # lesions grow in white matter; juxtacortical ones may reach into the cortex
+        assert np.isin(out["tissue"][lesions], anatomy.codes_of("wm", "cortex")).all()
+        if lesions.sum() < 5:
+            continue
+        flair, t1 = out["images"]
+        white = np.isin(out["tissue"], anatomy.codes_of("wm")) & organ & ~lesions
+        flair_ratios.append(flair[lesions].mean() / np.median(flair[white]))
+        t1_ratios.append(t1[lesions].mean() / np.median(t1[white]))
+    # FLAIR-bright in every volume; on T1 iso- to hypointense (bias fields and partial
+    # volume move single volumes either way)
+    assert len(flair_ratios) >= 6
+    assert min(flair_ratios) > 1.2
+    assert np.mean(t1_ratios) < 0.9 and max(t1_ratios) < 1.2
+
+
+def test_patch_source_draws_the_same_patches_in_a_fresh_process_and_mixes_as_configured(label_map, small_pair_dir):
+    from PatientFineTuneLib.cases import find_cases
+    from PatientFineTuneLib.images import load_case, prepare_case
+
+    config = TrainingConfig(patch_size=32, seed=3, synthetic_fraction=0.5, sequence_dropout=0.5, droppable_channels=(1,))
+    first = AnatomyPatches([label_map], SETTINGS, seed=3, volume_every=2, bank=3)
+    resumed = AnatomyPatches([label_map], SETTINGS, seed=3, volume_every=2, bank=3)  # as after a restart
+    for iteration in (0, 1, 5):
+        first.patches(4, 32, 45.0, iteration)
+    x1, y1 = first.patches(4, 32, 45.0, 9)
+    x2, y2 = resumed.patches(4, 32, 45.0, 9)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.shape == (4, 2, 32, 32) and y1.dtype == torch.long
+    assert not torch.equal(x1, first.patches(4, 32, 45.0, 10)[0])
+
+    files = find_cases(small_pair_dir, ["FLAIR", "T1"])
+    cases = [prepare_case(load_case(f.sequences, f.organ, f.lesions, name=f.name)) for f in files]
+    pool = build_patch_pool(cases, (2.0, 2.0), 5, seed=0)
+    plain = TrainingConfig(patch_size=32, seed=3)
+    # without synthesis and dropout, a batch is exactly the real sampler's
+    xa, ya = draw_batch(pool, None, plain, 4)
+    xb, yb = sample_batch(pool, plain, 4)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    blanked = mixed = 0
+    for iteration in range(12):
+        x, _ = draw_batch(pool, first, config, iteration)
+        assert x.shape == (4, 2, 32, 32)
+        blanked += int((x[:, 1].abs().sum(dim=(1, 2)) == 0).sum())
+        mixed += 1
+    assert 0 < blanked < 4 * mixed  # some T1 channels blanked, not all
+
+
+def test_training_on_synthesis_alone_resumes_exactly(label_map, tmp_path):
+    def run(iterations, resume=False):
+        model = tiny_model().train()
+        config = TrainingConfig(iterations=iterations, patch_size=32, seed=1)
+        source = AnatomyPatches([label_map], SETTINGS, seed=1, volume_every=2, bank=2)
+        train_base_model(model, [], (1.5, 1.5), config, device="cpu", checkpoint_path=tmp_path / "ckpt.pt",
+                         checkpoint_every=2, resume=resume, progress=False, log=lambda m: None, synthetic=source)
+        return model
+
+    straight = run(4)
+    (tmp_path / "ckpt.pt").unlink()
+    run(2)
+    resumed = run(4, resume=True)
+    s1, s2 = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    with pytest.raises(ValueError, match="nothing to train on"):
+        train_base_model(tiny_model(), [], (1.5, 1.5), TrainingConfig(iterations=1), device="cpu", progress=False, log=lambda m: None)
+
+
+@pytest.mark.realdata
+def test_the_shared_label_maps_synthesise_brains_with_lesions():
+    maps = sorted((SHARED_DATA / "synthseg_label_maps").glob("*.nii*"))
+    if not maps:
+        pytest.skip(f"{SHARED_DATA / 'synthseg_label_maps'} is absent (real data lives in ../shared/data, outside the repository)")
+    anatomy = load_anatomy_map(maps[0])
+    assert {"wm", "cortex", "lateral_ventricle", "thalamus", "brainstem"} <= set(anatomy.names)
+    settings = SynthesisSettings(("FLAIR", "T1"), "ms", (0.958, 0.958))
+    out = synthesize_slices(anatomy, settings, np.random.default_rng(0))
+    assert out["images"].shape == (2, 4, 240, 240)
+    assert out["organ"].sum() > 4 * 5000 and out["lesions"].sum() > 0
