@@ -67,6 +67,7 @@ PRIORS = {
         "putamen": (1.05, 1.4), "pallidum": (0.8, 1.15), "brainstem": (1.0, 1.35), "hippocampus": (1.15, 1.6),
         "amygdala": (1.15, 1.55), "csf": (0.08, 0.5), "lesion": (1.45, 2.6), "accumbens": (1.05, 1.4),
         "ventral_dc": (1.0, 1.3), "vessel": (0.2, 1.2), "choroid_plexus": (0.6, 1.5), "optic_chiasm": (0.9, 1.3),
+        "oedema": (1.3, 2.0), "enhancing": (1.1, 1.7), "necrosis": (0.5, 1.6), "dura": (0.6, 1.3),
     },
     "T1": {
         "wm": (1.0, 1.0), "cortex": (0.55, 0.8), "lateral_ventricle": (0.1, 0.35), "ventricle": (0.1, 0.35),
@@ -74,6 +75,7 @@ PRIORS = {
         "putamen": (0.7, 0.9), "pallidum": (0.8, 1.0), "brainstem": (0.8, 1.0), "hippocampus": (0.55, 0.8),
         "amygdala": (0.55, 0.8), "csf": (0.1, 0.35), "lesion": (0.4, 0.95), "accumbens": (0.65, 0.85),
         "ventral_dc": (0.8, 1.0), "vessel": (0.2, 1.0), "choroid_plexus": (0.4, 0.9), "optic_chiasm": (0.8, 1.0),
+        "oedema": (0.55, 0.85), "enhancing": (0.55, 0.9), "necrosis": (0.15, 0.5), "dura": (0.4, 0.9),
     },
     "T1c": {
         "wm": (1.0, 1.0), "cortex": (0.55, 0.8), "lateral_ventricle": (0.1, 0.35), "ventricle": (0.1, 0.35),
@@ -81,6 +83,7 @@ PRIORS = {
         "putamen": (0.7, 0.9), "pallidum": (0.8, 1.0), "brainstem": (0.8, 1.0), "hippocampus": (0.55, 0.8),
         "amygdala": (0.55, 0.8), "csf": (0.1, 0.35), "lesion": (0.5, 0.95), "accumbens": (0.65, 0.85),
         "ventral_dc": (0.8, 1.0), "vessel": (1.1, 1.8), "choroid_plexus": (1.1, 1.8), "optic_chiasm": (0.8, 1.0),
+        "oedema": (0.55, 0.85), "enhancing": (1.15, 2.0), "necrosis": (0.15, 0.5), "dura": (1.05, 1.8),
     },
 }
 
@@ -143,7 +146,7 @@ class SynthesisSettings:
     """What one preset's synthetic slices look like."""
 
     sequences: tuple[str, ...]
-    lesion_kind: str  # "ms" or "tumour"
+    lesion_kind: str  # "ms" (white-matter lesions) or "tumour" (glioma; the target is the tumour core)
     spacing_mm: tuple[float, float]  # in-plane (row, col) spacing of the output slices
     size: int = 240  # output slices are size x size
     slices: int = 4  # output slices per volume
@@ -300,6 +303,93 @@ def insert_ms_lesions(codes: np.ndarray, names: Sequence[str], spacing: Sequence
     return lesions
 
 
+def _tubes(region: np.ndarray, count: int, spacing: np.ndarray, rng: np.random.Generator, centre_slices: slice) -> np.ndarray:
+    """``count`` thin straight tubes (vessels: 0.5-1.2 mm radius, 8-40 mm long) starting in
+    ``region``."""
+    out = np.zeros(region.shape, bool)
+    for _ in range(count):
+        start = _random_voxel(region, rng, centre_slices)
+        if start is None:
+            break
+        direction = rng.standard_normal(3)
+        direction /= np.linalg.norm(direction)
+        length, radius = rng.uniform(8, 40), rng.uniform(0.5, 1.2)
+        for t in np.arange(0, length, radius):
+            point = start + direction * t / spacing
+            lo = np.maximum(np.floor(point - radius / spacing).astype(int), 0)
+            hi = np.minimum(np.ceil(point + radius / spacing).astype(int) + 1, region.shape)
+            if np.any(hi <= lo):
+                break
+            grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"))
+            near = (((grid - point[:, None, None, None]) * spacing[:, None, None, None]) ** 2).sum(0) <= radius**2
+            out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] |= near
+    return out
+
+
+def insert_tumour(codes: np.ndarray, names: Sequence[str], spacing: Sequence[float], centre_slices: slice,
+                  rng: np.random.Generator) -> tuple[list[tuple[np.ndarray, str]], np.ndarray]:
+    """A glioma drawn into ``codes``: a necrotic core inside an irregular enhancing rim (or a
+    solid enhancing tumour), surrounded by oedema that spreads along white matter; and the
+    enhancing structures that are not tumour, in every volume: dura and venous sinuses
+    around the brain, vessels in the sulci, choroid plexus in the ventricles.
+
+    Returns the overlays to paint, in order, as (mask, tissue), and the target mask: the
+    tumour core (enhancing tumour and necrosis, BraTS labels 1 + 4), as a T1c model
+    segments it. A few volumes have no tumour, only the structures that mimic it.
+    """
+    lookup = {n: np.array([c for c, name in enumerate(names) if name == n], dtype=np.uint8) for n in set(names)}
+
+    def tissue(*wanted):
+        return np.isin(codes, np.concatenate([lookup.get(w, np.zeros(0, np.uint8)) for w in wanted]))
+
+    spacing = np.asarray(spacing, dtype=np.float64)
+    brain_codes = np.array([c for c, n in enumerate(names) if c and not n.startswith("extra:")], dtype=np.uint8)
+    brain = np.isin(codes, brain_codes)
+    overlays = []
+    if rng.random() < 0.85:
+        dura = ndimage.binary_dilation(brain, iterations=int(rng.integers(1, 4))) & ~brain
+        overlays.append((dura, "dura"))
+    overlays.append((_tubes(tissue("csf", "cortex"), int(rng.integers(3, 16)), spacing, rng, centre_slices), "vessel"))
+    ventricle = tissue("lateral_ventricle")
+    plexus = np.zeros(codes.shape, bool)
+    for _ in range(int(rng.integers(0, 3))):
+        centre = _random_voxel(ventricle, rng, centre_slices)
+        if centre is not None:
+            box, blob = _ellipsoid(codes.shape, centre, rng.uniform(2, 5, 3), _rotation(rng, 180.0), rng, spacing)
+            plexus[box] |= blob & ventricle[box]
+    overlays.append((plexus, "choroid_plexus"))
+    target = np.zeros(codes.shape, bool)
+    if rng.random() < 0.1:
+        return overlays, target
+    centre = _random_voxel(tissue("wm", "cortex", "thalamus", "putamen", "caudate"), rng, centre_slices)
+    if centre is None:
+        return overlays, target
+    radius = rng.uniform(6, 30)
+    rotation = _rotation(rng, 180.0)
+    radii = radius * rng.uniform(0.75, 1.25, 3)
+    box, tumour = _ellipsoid(codes.shape, centre, radii, rotation, rng, spacing)
+    tumour &= brain[box]
+    spread = rng.uniform(5, 25)
+    obox, oedema = _ellipsoid(codes.shape, centre, radii + spread, rotation, rng, spacing)
+    oedema &= tissue("wm")[obox]
+    overlays.append((_placed(codes.shape, obox, oedema), "oedema"))
+    core = _placed(codes.shape, box, tumour)
+    if rng.random() < 0.75 and radius > 8:
+        necrosis = _placed(codes.shape, *_ellipsoid(codes.shape, centre, radii * rng.uniform(0.4, 0.8), rotation, rng, spacing)) & core
+        overlays.append((core & ~necrosis, "enhancing"))
+        overlays.append((necrosis, "necrosis"))
+    else:
+        overlays.append((core, "enhancing"))
+    return overlays, core
+
+
+def _placed(shape, box, mask) -> np.ndarray:
+    """``mask`` of bounding box ``box`` as a whole-slab mask."""
+    out = np.zeros(shape, bool)
+    out[box] = mask
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # Appearance
 
@@ -343,8 +433,11 @@ def synthesize_slices(anatomy: AnatomyMap, settings: SynthesisSettings, rng: np.
     codes = sample_slab(anatomy, settings, depth, rng)
     slab_spacing = (1.0, *settings.spacing_mm)
     middle = slice(reach, reach + span + 1)
+    overlays = []
     if settings.lesion_kind == "ms":
         lesions = insert_ms_lesions(codes, anatomy.names, slab_spacing, middle, rng)
+    elif settings.lesion_kind == "tumour":
+        overlays, lesions = insert_tumour(codes, anatomy.names, slab_spacing, middle, rng)
     else:
         raise ValueError(f"unknown lesion kind {settings.lesion_kind!r}")
     centres = reach + gap * np.arange(settings.slices)
@@ -352,19 +445,23 @@ def synthesize_slices(anatomy: AnatomyMap, settings: SynthesisSettings, rng: np.
 
     # texture: smooth multiplicative variation within each tissue, and per-lesion contrast
     texture = 1.0 + rng.uniform(0.02, 0.08) * _coarse_field(rng, (max(2, depth // 4), 24, 24), codes.shape)
-    lesion_ids, n_lesions = ndimage.label(lesions)
-    lesion_gain = rng.uniform(0.75, 1.2, n_lesions + 1).astype(np.float32)
+    if settings.lesion_kind == "ms":
+        lesion_ids, n_lesions = ndimage.label(lesions)
+        lesion_gain = rng.uniform(0.75, 1.2, n_lesions + 1).astype(np.float32)
     in_plane = rng.uniform(0.6, 1.6, 2)
     sigma_px = [max(0.0, (r ** 2 - s ** 2)) ** 0.5 / 2.355 / s for r, s in zip(in_plane, settings.spacing_mm)]
     images = []
     for sequence in settings.sequences:
         values = _intensities(anatomy.names, sequence, rng)
         volume = values[codes] * texture
-        lesion_value = values[anatomy.names.index("lesion")] if "lesion" in anatomy.names else rng.uniform(*PRIORS[sequence]["lesion"])
-        per_lesion = lesion_value * lesion_gain
-        if sequence != "FLAIR":
-            per_lesion = np.minimum(per_lesion, 1.0)  # iso- to hypointense to white matter on T1
-        volume = np.where(lesions, per_lesion[lesion_ids] * texture, volume)
+        if settings.lesion_kind == "ms":
+            lesion_value = values[anatomy.names.index("lesion")] if "lesion" in anatomy.names else rng.uniform(*PRIORS[sequence]["lesion"])
+            per_lesion = lesion_value * lesion_gain
+            if sequence != "FLAIR":
+                per_lesion = np.minimum(per_lesion, 1.0)  # iso- to hypointense to white matter on T1
+            volume = np.where(lesions, per_lesion[lesion_ids] * texture, volume)
+        for mask, name in overlays:
+            volume = np.where(mask, rng.uniform(*PRIORS[sequence][name]) * texture, volume)
         slices = np.einsum("t,sthw->shw", profile, volume[window])
         slices = np.stack([ndimage.gaussian_filter(s, sigma_px, mode="constant") for s in slices])
         bias = np.exp(rng.uniform(0.0, 0.35) * _coarse_field(rng, (settings.slices, 4, 4), slices.shape))

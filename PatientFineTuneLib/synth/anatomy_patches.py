@@ -105,7 +105,7 @@ class AnatomyPatches:
 
 def settings_for_preset(preset, size: int = 240) -> SynthesisSettings:
     """Anatomy synthesis settings of a brain preset (its sequences and training spacing)."""
-    kinds = {"brain-wmh": "ms"}
+    kinds = {"brain-wmh": "ms", "brain-tumor": "tumour"}
     if preset.name not in kinds:
         raise ValueError(f"anatomy synthesis has no lesions for preset {preset.name!r} yet; it has them for {', '.join(kinds)}")
     return SynthesisSettings(tuple(n for n, _ in preset.sequences), kinds[preset.name], tuple(preset.training_spacing_mm), size=size)

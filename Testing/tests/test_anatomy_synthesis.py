@@ -102,6 +102,25 @@ def test_synthesis_is_seeded_and_puts_bright_lesions_in_white_matter(label_map):
     assert np.mean(t1_ratios) < 0.9 and max(t1_ratios) < 1.2
 
 
+def test_tumours_have_a_dark_core_in_a_bright_rim_beside_bright_structures_that_are_not_tumour(label_map):
+    """T1c synthesis: the target is the tumour core (enhancing rim and necrosis); dura,
+    vessels and choroid plexus enhance too but are never target."""
+    anatomy = load_anatomy_map(label_map)
+    settings = SynthesisSettings(("T1c",), "tumour", (1.5, 1.5), size=72, slices=3, slice_gap_mm=3.0, max_thickness_mm=4.0)
+    with_tumour = with_mimics = 0
+    for seed in range(8):
+        out = synthesize_slices(anatomy, settings, np.random.default_rng(seed))
+        t1c, target, organ = out["images"][0], out["lesions"], out["organ"]
+        assert not (target & ~organ).any()
+        white = np.isin(out["tissue"], anatomy.codes_of("wm")) & ~target
+        bright = t1c > np.percentile(t1c[white], 99)
+        if target.sum() > 30:
+            with_tumour += 1
+            assert t1c[target].max() > np.percentile(t1c[white], 95)  # the enhancing rim
+        with_mimics += bool((bright & ~target & organ).sum() > 10)  # dura, vessels, plexus: bright, not target
+    assert with_tumour >= 4 and with_mimics >= 4
+
+
 def test_patch_source_draws_the_same_patches_in_a_fresh_process_and_mixes_as_configured(label_map, small_pair_dir):
     from PatientFineTuneLib.cases import find_cases
     from PatientFineTuneLib.images import load_case, prepare_case
