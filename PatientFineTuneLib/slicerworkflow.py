@@ -18,7 +18,9 @@ subprocess instead (:mod:`.jobs`), so that Slicer's own process never imports Py
 need it, when they run. For the jobs, :func:`write_job_inputs` writes the nodes a job reads,
 :func:`analyse_job`, :func:`finetune_job` and :func:`followup_job` make the jobs, and
 :func:`baseline_nodes_from_job` / :func:`followup_nodes_from_job` load the results back
-into the scene. :class:`ModelChoice` holds the chosen base model and the patient model.
+into the scene. :class:`ModelChoice` holds the chosen base model and the patient model,
+and :class:`PatientSession` one patient's work in a scene (what the module's logic holds:
+the model choice, the suggested slices, the steps as jobs and their folders).
 """
 
 from __future__ import annotations
@@ -415,7 +417,7 @@ class PatientSession:
     """The patient being worked on in ``scene``: the chosen base model, the patient model
     fine-tuned from it, the suggested slices, and the steps as jobs.
 
-    Closing the scene (File > Close Scene: the scene's ``EndCloseEvent``) starts a new
+    Closing the scene (File > Close Scene: the scene's ``StartCloseEvent``) starts a new
     patient: no patient model and no suggestions, and the unsaved patient models are
     removed with their folder, so the next patient is never segmented with the previous
     one's model. Every folder with patient data is removed: a step's when it ends or fails
@@ -443,7 +445,9 @@ class PatientSession:
             if session() is not None:
                 session().new_patient()
 
-        self._observer = scene.AddObserver(scene.EndCloseEvent, scene_closed)
+        # at the start of the close: whatever shows the patient when it ends (the module's
+        # panel) already sees the new one
+        self._observer = scene.AddObserver(scene.StartCloseEvent, scene_closed)
         self._unobserve = weakref.finalize(self, scene.RemoveObserver, self._observer)
 
     def close(self) -> None:
