@@ -16,6 +16,7 @@ import platform
 import shlex
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,8 +123,11 @@ def _check_writable_folder(folder: Path, option: str, target: Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise ValueError(f"{option} {target}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {target}: no permission to write in {existing}")
+    try:  # a real file, not os.access: root passes that check in /proc and /sys, where nothing can be written
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {target}: cannot write in {existing} ({exc.strerror}); choose another place") from None
 
 
 def refuse_inputs_as_outputs(inputs, outputs) -> None:
@@ -950,15 +954,26 @@ def main(argv=None) -> int:
     except Cancelled as exc:
         print(f"cancelled: {exc}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The program reading stdout stopped reading (``| head -1``): no event can reach it,
+        # and Python's own flush at exit would fail again without the redirection.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _fail(args, "the program reading this command's output closed it before the end; the run was stopped", events=False)
     except (ImageError, ModelFileError, OSError, ValueError, RuntimeError) as exc:
-        message = f"patient-finetune {args.command}: error: {_one_line(exc)}"
-        if args.progress == "json":
-            emit("error", message=message)
-        print(message, file=sys.stderr)
-        return 2
+        return _fail(args, _one_line(exc))
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _fail(args, text: str, events: bool = True) -> int:
+    """Say why the verb failed, in one line on stderr and (``--progress json``) as an
+    ``error`` event; returns the exit status, 2."""
+    message = f"patient-finetune {args.command}: error: {text}"
+    if events and args.progress == "json":
+        emit("error", message=message)
+    print(message, file=sys.stderr)
+    return 2
 
 
 def _one_line(exc: Exception) -> str:

@@ -46,21 +46,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or pass overwrite (--overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the real suffixes at the end: writers such as SimpleITK pick the format from them.
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix="-" + path.name, dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Keep the real suffixes at the end: writers such as SimpleITK pick the format from them.
+        fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix="-" + path.name, dir=path.parent)
+        os.close(fd)
         write(tmp)
         # mkstemp creates the file private (0600); give it the permissions a plain open()
         # would have (0666 minus the umask), as users and installers expect.
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException as exc:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, OutputError) and exc.errno in _NO_ROOM:
-            raise incomplete_output(path) from None
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            # the system names the temporary file; the user knows the output's name
+            raise (incomplete_output(path) if exc.errno in _NO_ROOM else OutputError(f"could not write {path}: {exc.strerror or exc}")) from None
         raise
 
 

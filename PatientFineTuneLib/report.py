@@ -153,11 +153,33 @@ def _provenance(inputs: ReportInputs) -> str:
     return body
 
 
+def read_suggestions(path: str | os.PathLike) -> list[dict]:
+    """The slices of a ``suggestions.json`` (``segment --suggest``), checked: a JSON list
+    of objects with ``slice``, ``mean_probability`` and a 3-number ``centre_ras_mm``.
+
+    Raises ValueError naming the file for anything else (another JSON file, a hand-edited
+    one)."""
+    def wrong(detail: str) -> ValueError:
+        return ValueError(f"{path} is not a suggestions file of segment --suggest ({detail}); give the suggestions.json it wrote")
+
+    try:
+        suggestions = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise wrong(f"not JSON: {exc}") from None
+    if not isinstance(suggestions, list):
+        raise wrong("not a list of slices")
+    for s in suggestions:
+        fields_ok = isinstance(s, dict) and isinstance(s.get("slice"), int) and isinstance(s.get("mean_probability"), (int, float))
+        centre = s.get("centre_ras_mm") if isinstance(s, dict) else None
+        if not (fields_ok and isinstance(centre, list) and len(centre) == 3 and all(isinstance(c, (int, float)) for c in centre)):
+            raise wrong(f"an entry without slice, mean_probability and centre_ras_mm: {json.dumps(s)[:80]}")
+    return suggestions
+
+
 def _suggestions_section(path: Path | None) -> str:
     if not path:
         return ""
-    suggestions = json.loads(Path(path).read_text())
-    rows = [[s["slice"], s["mean_probability"], " ".join(f"{c:.1f}" for c in s["centre_ras_mm"])] for s in suggestions]
+    rows = [[s["slice"], s["mean_probability"], " ".join(f"{c:.1f}" for c in s["centre_ras_mm"])] for s in read_suggestions(path)]
     return _section("Suggested baseline slices", _table(["Slice", "Mean lesion probability", "Centre (RAS mm)"], rows, text_columns=0))
 
 

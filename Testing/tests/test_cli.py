@@ -133,3 +133,49 @@ def test_a_segment_or_fine_tune_run_imports_no_statistics_or_spatial_scipy():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory):
+    """A small synthetic patient and its follow-up segmented by a tiny real model."""
+    from test_outputs_complete import save_tiny_model
+
+    root = tmp_path_factory.mktemp("segmented")
+    run("synth", "--preset", "brain-wmh", "--small", "--out", root / "data")
+    case = root / "data" / "patient000" / "followup"
+    model = save_tiny_model(root / "tiny.pt")
+    run("segment", "--model", model, "--case", case, "--out", root / "seg")
+    return case, model, root / "seg"
+
+
+def failure(*args, stdin_pipe=None):
+    """Run a verb that must fail in JSON mode; returns (stderr, the error event)."""
+    proc = run("--progress", "json", *args, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert events and events[-1]["event"] == "error" and events[-1]["message"] == proc.stderr.strip(), proc.stdout
+    return proc.stderr
+
+
+def test_errors_from_the_system_are_one_line_exit_2_and_an_error_event(segmented, tmp_path):
+    """A folder given as a file, a suggestions file without its fields, a place where
+    nothing can be written: the same one-line message, exit 2 and JSON error event as any
+    other bad input, not a traceback."""
+    case, _, seg = segmented
+    report = ("report", "--followup-image", case / "FLAIR.nii.gz", "--results", f"base={seg}")
+    assert "Is a directory" in failure(*report, "--suggestions", tmp_path, "--out", tmp_path / "r.html")
+    odd = tmp_path / "suggestions.json"
+    odd.write_text(json.dumps([{"mean_probability": 0.5}]))
+    assert "suggestions.json" in failure(*report, "--suggestions", odd, "--out", tmp_path / "r.html") and not (tmp_path / "r.html").exists()
+    assert "/sys/x.html" in failure(*report, "--out", "/sys/x.html")
+
+
+def test_a_reader_that_stops_early_gives_one_line_not_a_broken_pipe_traceback(segmented, tmp_path):
+    """``--progress json segment ... | head -1``: the reader closes the pipe after the
+    first event; the verb stops with one line on stderr and exit 2, and leaves no output."""
+    case, model, _ = segmented
+    command = (f"{sys.executable} -m PatientFineTuneLib.cli --progress json segment --model {model} --case {case} --out {tmp_path / 'o'}"
+               " | head -1; exit ${PIPESTATUS[0]}")
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["event"] and not (tmp_path / "o").exists()
