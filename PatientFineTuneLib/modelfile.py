@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import io
 import json
+import math
 import pickle
 import os
 from dataclasses import asdict, dataclass, field
@@ -124,16 +125,6 @@ def make_metadata(
 ) -> dict:
     """Metadata for a model file. ``extra`` holds training provenance (command, data, ...);
     a 3D U-Net's also its window size, ``patch_voxels``."""
-    if [int(s["channels"]) for s in sequences] != list(model.in_channels):
-        raise ValueError(
-            f"sequence channel counts {[s['channels'] for s in sequences]} do not match the "
-            f"network's pathways {list(model.in_channels)}"
-        )
-    volume = isinstance(model, UNet3D)
-    if len(training_spacing_mm) != (3 if volume else 2):
-        raise ValueError(f"training spacing {list(training_spacing_mm)} needs {3 if volume else 2} values for this network")
-    if volume and "patch_voxels" not in extra:
-        raise ValueError("a 3D U-Net's metadata needs patch_voxels (the window it was trained on; see volume_model_metadata)")
     meta = {
         "architecture": model.architecture(),
         **({"receptive_field_px": model.receptive_field()} if isinstance(model, LesionNet) else {}),
@@ -145,7 +136,38 @@ def make_metadata(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     meta.update(extra)
+    problem = metadata_problem(meta, model)
+    if problem:
+        raise ValueError(f"the model's metadata does not fit its network: {problem}")
     return meta
+
+
+def metadata_problem(metadata: dict, model: LesionNet | UNet3D) -> str | None:
+    """What makes ``metadata`` unfit to apply ``model`` with, or None. The sha256 only
+    proves a file unchanged since it was saved; a model re-saved with edited metadata
+    (spacing -2 segmented "0 lesions", spacing 0 divided by zero, a sequence list that does
+    not match the pathways failed only after skull stripping) is caught here, on save and
+    on load."""
+    sequences = metadata.get("sequences")
+    if not (isinstance(sequences, list) and all(isinstance(s, dict) and isinstance(s.get("name"), str) and s["name"]
+                                                and type(s.get("channels")) is int and s["channels"] >= 1 for s in sequences)):
+        return f"sequences {json.dumps(sequences)[:120]} must be a list of {{name, channels}}, one per pathway"
+    if [s["channels"] for s in sequences] != list(model.in_channels):
+        return (f"sequences give {len(sequences)} pathway(s) with channels {[s['channels'] for s in sequences]}, "
+                f"the network has {len(model.in_channels)} with {list(model.in_channels)}")
+    volume = isinstance(model, UNet3D)
+    spacing = metadata.get("training_spacing_mm")
+    if not (isinstance(spacing, (list, tuple)) and len(spacing) == (3 if volume else 2)
+            and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in spacing)):
+        return f"training_spacing_mm {spacing} needs {3 if volume else 2} values, each a positive number of mm, for this network"
+    preset = metadata.get("preset")
+    if preset is not None and preset not in PRESETS:
+        return f"preset {preset!r} is unknown (known: {', '.join(PRESETS)})"
+    patch = metadata.get("patch_voxels")
+    if volume and not (type(patch) is int and patch >= model.size_multiple and patch % model.size_multiple == 0):
+        return (f"a 3D U-Net's metadata needs patch_voxels, the window it was trained on, a multiple of {model.size_multiple} "
+                f"(see volume_model_metadata), not {patch}")
+    return None
 
 
 def config_record(config) -> dict:
@@ -186,6 +208,9 @@ def save_model(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = F
                          f"diverged; nothing was saved to {path}. Train again with a lower learning rate")
     metadata = dict(bundle.metadata)
     metadata["architecture"] = bundle.model.architecture()
+    problem = metadata_problem(metadata, bundle.model)
+    if problem:
+        raise ValueError(f"the model's metadata does not fit its network: {problem}; nothing was saved to {path}")
     metadata["sha256"] = _content_hash(metadata, state_dict)
     payload = {
         "format": FORMAT_NAME,
@@ -264,5 +289,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
         model.load_state_dict(state_dict, strict=True)
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise ModelFileError(f"{path}: weights do not fit the recorded architecture ({exc})") from None
+    problem = metadata_problem(metadata, model)
+    if problem:
+        raise ModelFileError(f"{path}: its metadata does not fit its network ({problem}); the file was edited after training "
+                             "or written by other software. Use a model file as PatientFineTune saved it")
     model.to(device).eval()
     return ModelBundle(model=model, metadata=metadata)

@@ -105,3 +105,47 @@ def test_bare_state_dict_is_refused(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "nope.pt")
+
+
+def _resaved(bundle, path, **changes):
+    """A model file whose metadata was edited and whose hash was then recomputed (a
+    re-saved model: the hash is integrity, not validity), written as save_model would."""
+    import json
+
+    from PatientFineTuneLib import modelfile
+
+    metadata = dict(bundle.metadata) | changes
+    state_dict = bundle.model.state_dict()
+    metadata["sha256"] = modelfile._content_hash(metadata, state_dict)
+    torch.save({"format": modelfile.FORMAT_NAME, "format_version": modelfile.FORMAT_VERSION,
+                "metadata_json": json.dumps(metadata, sort_keys=True), "state_dict": state_dict}, path)
+    return path
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"training_spacing_mm": [-2.0, -2.0]}, "training_spacing_mm"),
+    ({"training_spacing_mm": [0.0, 0.958]}, "training_spacing_mm"),
+    ({"training_spacing_mm": [0.958]}, "training_spacing_mm"),
+    ({"sequences": [{"name": "FLAIR", "channels": 1}]}, "sequences"),
+    ({"sequences": [{"name": "FLAIR", "channels": 2}, {"name": "T1", "channels": 1}]}, "sequences"),
+    ({"preset": "brain-nonsense"}, "preset"),
+])
+def test_metadata_that_does_not_fit_the_network_is_refused_on_save_and_on_load(tmp_path, changes, words):
+    """Spacing -2 segmented "0 lesions" with exit 0, spacing 0 divided by zero, a sequence
+    list that does not match the pathways failed only after skull stripping."""
+    bundle = _bundle()
+    with pytest.raises(ValueError, match=words):
+        save_model(ModelBundle(bundle.model, bundle.metadata | changes), tmp_path / "saved.pt")
+    assert not (tmp_path / "saved.pt").exists()
+    with pytest.raises(ModelFileError, match=words):
+        load_model(_resaved(bundle, tmp_path / "resaved.pt", **changes))
+
+
+def test_a_model_with_zero_spacing_is_one_line_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    path = _resaved(_bundle(), tmp_path / "zero.pt", training_spacing_mm=[0.0, 0.0])
+    proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "--progress", "json", "info", path], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "training_spacing_mm" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
