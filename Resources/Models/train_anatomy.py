@@ -29,26 +29,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1].parent / "shared" / "data"
 
-#: Real held-out scans per preset: (dataset, case, files).
+#: Real scans each preset is scored on while it trains (none of them trains: every number
+#: is held out). Sets of ``Testing/benchmarks/eval_real_base_models.real_cases``.
 VALIDATION = {
-    "brain-wmh": [("ljubljana_ms_cross", p, ("FLAIR", "T1", "lesions")) for p in ("patient07", "patient19", "patient26")],
+    "brain-wmh": ("ljubljana_ms_cross",),
+    "brain-tumor": ("brats2015_subset", "brain_tumor_progression"),
 }
 
 
 def load_validation(preset, data: Path):
-    from PatientFineTuneLib.cases import find_image
-    from PatientFineTuneLib.images import load_case, prepare_case
+    """The preset's real validation cases, loaded as the real-data benchmark loads them."""
+    sys.path.insert(0, str(HERE.parents[1] / "Testing" / "benchmarks"))
+    from eval_real_base_models import load_real_case, real_cases
 
-    cases = []
-    for dataset, case, files in VALIDATION[preset.name]:
-        folder = data / dataset / case
-        paths = [find_image(folder, stem) for stem in files]
-        if any(p is None for p in paths):
-            raise SystemExit(f"{folder}: missing {', '.join(s for s, p in zip(files, paths) if p is None)}; is --data right?")
-        *images, lesions = paths
-        cases.append(prepare_case(load_case(images, lesion_path=lesions, name=f"{dataset}/{case}",
-                                            sequence_names=[n for n, _ in preset.sequences])))
-    return cases
+    specs = [s for s in real_cases(data) if s["set"] in VALIDATION[preset.name]]
+    if not specs:
+        raise SystemExit(f"no {' or '.join(VALIDATION[preset.name])} cases under {data}; is --data right?")
+    return [load_real_case(spec, [c for _, c in preset.sequences])[0] for spec in specs]
 
 
 def without_channels(case, channels):

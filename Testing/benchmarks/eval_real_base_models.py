@@ -19,6 +19,14 @@ checkout), so the two can be compared:
 
     python Testing/benchmarks/eval_real_base_models.py --json /tmp/real_new.json
 
+``--model PRESET=FILE`` scores another model of a preset (e.g. a candidate base model
+before it is shipped). ``--first-sequence-only`` blanks every sequence after the first
+after normalisation (zero, the normalised median: what a model trained with sequence
+dropout sees of a scan without them), for the FLAIR-only MS follow-up. ``--thick N``
+turns every N consecutive slices into one thick slice (their mean; the masks where at
+least half the slab is inside) before segmenting and scores against the thick lesion
+mask: the 1-mm Ljubljana scans as the 5-mm 2D FLAIR a routine MS follow-up often is.
+
 The ljubljana_ms_longitudinal set is left out: its ``gt.nii.gz`` is a lesion change
 mask, not a full lesion mask. The brain_tumor_progression header spacing (1 mm) is not
 the true spacing (see the data README); Dice, AVD and the lesion-wise rates do not
@@ -107,7 +115,49 @@ def ground_truth(spec: dict, grid: sitk.Image | None = None) -> tuple[np.ndarray
     return gt, tuple(image.GetSpacing()[::-1])
 
 
-def evaluate(spec: dict, bundle, scan_options: dict | None = None) -> dict:
+def thicken(case, factor: int):
+    """``case`` with every ``factor`` consecutive slices averaged into one slice of
+    ``factor`` times the thickness, on a grid whose slice positions are the slabs' centres."""
+    import dataclasses
+
+    n = case.images.shape[1] // factor
+    if n < 1:
+        raise ValueError(f"{case.name}: {case.images.shape[1]} slices cannot make slabs of {factor}")
+
+    def slabs(a):
+        return a[..., : n * factor, :, :].reshape(*a.shape[:-3], n, factor, *a.shape[-2:]).astype(np.float32).mean(axis=-3)
+
+    axis = case.layout.axis
+    size, spacing = list(case.grid.GetSize()), list(case.grid.GetSpacing())
+    direction = np.array(case.grid.GetDirection()).reshape(3, 3)
+    origin = np.array(case.grid.GetOrigin()) + direction[:, axis] * spacing[axis] * (factor - 1) / 2
+    size[axis], spacing[axis] = n, spacing[axis] * factor
+    grid = sitk.Image(size, sitk.sitkUInt8)
+    grid.SetSpacing(spacing)
+    grid.SetDirection(case.grid.GetDirection())
+    grid.SetOrigin(tuple(origin))
+    return dataclasses.replace(case, images=slabs(case.images), organ=slabs(case.organ) >= 0.5,
+                               lesions=slabs(case.lesions) >= 0.5, grid=grid)
+
+
+def load_real_case(spec: dict, channels, scan_options: dict | None = None) -> tuple:
+    """One real case of :func:`real_cases`, loaded and normalised for a model whose
+    sequences have ``channels``; returns (case, whether it had to be resampled)."""
+    resample = needs_resample(spec)
+    case = images.load_case(
+        [str(p) for p in spec["sequences"]],
+        organ_path=None if spec["organ"] is None else str(spec["organ"]),
+        lesion_path=str(spec["lesions"]),
+        expected_channels=list(channels),
+        resample_to_first=resample,
+        lesion_labels=spec["labels"],
+        name=f"{spec['set']}/{spec['case']}",
+        **(scan_options or {}),
+    )
+    return images.prepare_case(case), resample
+
+
+def evaluate(spec: dict, bundle, scan_options: dict | None = None, first_sequence_only: bool = False, thick: int = 1) -> dict:
     """Segment one case with ``bundle`` and score it against its ground truth.
 
     Returns
@@ -115,21 +165,17 @@ def evaluate(spec: dict, bundle, scan_options: dict | None = None) -> dict:
     dict : the case's identity, ``evaluate_case``'s metrics and the wall time (s).
     """
     start = time.perf_counter()
-    resample = needs_resample(spec)
-    case = images.load_case(
-        [str(p) for p in spec["sequences"]],
-        organ_path=None if spec["organ"] is None else str(spec["organ"]),
-        lesion_path=str(spec["lesions"]),
-        expected_channels=[s["channels"] for s in bundle.sequences],
-        resample_to_first=resample,
-        lesion_labels=spec["labels"],
-        name=spec["case"],
-        **(scan_options or {}),
-    )
-    images.prepare_case(case)
+    case, resample = load_real_case(spec, [s["channels"] for s in bundle.sequences], scan_options)
+    if thick > 1:
+        case = thicken(case, thick)
+    if first_sequence_only:
+        case.images[1:] = 0.0
     seg = inference.segment_case(bundle, case, device="cpu")
     pred = to_stored(case, seg.mask).astype(bool)
-    gt, spacing_zyx = ground_truth(spec, case.grid if resample else None)
+    if thick > 1:
+        gt, spacing_zyx = to_stored(case, case.lesions), tuple(case.grid.GetSpacing()[::-1])
+    else:
+        gt, spacing_zyx = ground_truth(spec, case.grid if resample else None)
     scores = metrics.evaluate_case(pred, gt, spacing_zyx)
     row = {k: spec[k] for k in ("set", "case", "preset")}
     row.update({k: float(v) if isinstance(v, (float, np.floating)) else int(v) for k, v in scores.items()})
@@ -163,7 +209,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", help="comma-separated sets to run (default: all)")
     parser.add_argument("--skull-stripped", choices=("auto", "yes", "no"), help="load_case's skull_stripped (default: the library's)")
     parser.add_argument("--bias-correction", choices=("auto", "on", "off"), help="load_case's bias_correction (default: the library's)")
+    parser.add_argument("--model", action="append", default=[], metavar="PRESET=FILE", help="score FILE instead of PRESET's shipped model (repeatable)")
+    parser.add_argument("--first-sequence-only", action="store_true", help="blank every sequence after the first (FLAIR-only for brain-wmh)")
+    parser.add_argument("--thick", type=int, default=1, metavar="N", help="average every N slices into one thick slice first")
     args = parser.parse_args(argv)
+    models = dict(m.split("=", 1) for m in args.model)
     if not args.data.is_dir():
         print(f"no real data at {args.data}; nothing to do")
         return 0
@@ -177,8 +227,8 @@ def main(argv=None) -> int:
             continue
         try:
             if spec["preset"] not in bundles:
-                bundles[spec["preset"]] = modelfile.load_model(modelcard.resolve_model_path(spec["preset"]))
-            row = evaluate(spec, bundles[spec["preset"]], scan_options)
+                bundles[spec["preset"]] = modelfile.load_model(modelcard.resolve_model_path(models.get(spec["preset"], spec["preset"])))
+            row = evaluate(spec, bundles[spec["preset"]], scan_options, args.first_sequence_only, args.thick)
         except Exception as error:  # noqa: BLE001 - report and go on to the next case
             print(f"{spec['set']:<24} {spec['case']:<22} {spec['preset']:<12} FAILED: {type(error).__name__}: {error}", flush=True)
             continue
