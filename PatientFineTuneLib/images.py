@@ -70,14 +70,46 @@ def read_image(path: str | os.PathLike | sitk.Image, series_uid: str | None = No
         return read_dicom_series(path, series_uid)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
+    if _nifti_sheared(path):  # before ITK, which coerces such a NIfTI to orthogonal axes (a warning) or refuses it in its words
+        raise _sheared_error(path)
     try:
-        image = sitk.ReadImage(str(path))
+        with native_stderr_captured():
+            image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise ImageError(f"could not read {path} as an image ({str(exc).strip().splitlines()[-1]})") from None
+    if _sheared(np.array(image.GetDirection()).reshape(image.GetDimension(), image.GetDimension())):
+        raise _sheared_error(path)
     one_slice = image.GetDimension() == 2 or (image.GetDimension() == 3 and image.GetSize()[2] == 1)
     if one_slice and path.suffix.lower() in ("", ".dcm", ".ima"):
         raise ImageError(f"{path} is a single 2D DICOM image; give the folder that holds the whole series instead")
     return image
+
+
+def _sheared(axes: np.ndarray) -> bool:
+    """Whether the columns of ``axes`` (voxel axes in physical space, any lengths) are not
+    mutually perpendicular."""
+    unit = axes / np.linalg.norm(axes, axis=0)
+    return not np.allclose(unit.T @ unit, np.eye(len(unit)), atol=1e-4)
+
+
+def _nifti_sheared(path: Path) -> bool:
+    """Whether a NIfTI file's affine (sform, else qform; read from the header only) has
+    non-perpendicular voxel axes."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return False
+    import nibabel
+
+    try:
+        affine = nibabel.load(str(path)).header.get_best_affine()
+    except Exception:  # nibabel raises many types for damaged headers: ITK's reader then says what is wrong
+        return False
+    return _sheared(affine[:3, :3])
+
+
+def _sheared_error(path: Path) -> ImageError:
+    """The one message for an image with sheared axes, whatever its format."""
+    return ImageError(f"{path} has sheared (non-perpendicular) voxel axes, which the slice grid cannot hold: results would land "
+                      "on another grid. Resample it onto a grid with perpendicular axes first (e.g. 3D Slicer's Resample Scalar Volume)")
 
 
 def dicom_series_uids(folder: str | os.PathLike) -> list[str]:

@@ -147,3 +147,31 @@ def test_physical_point_of_a_slice_first_index(axis, swap, flip_rows, flip_cols)
     assert np.array_equal(layout.to_slices(layout.from_slices(marker)), marker)
     z, y, x = np.argwhere(layout.from_slices(marker))[0]
     assert case.physical_point(2, 3, 4) == pytest.approx(grid.TransformIndexToPhysicalPoint([int(x), int(y), int(z)]))
+
+
+@pytest.mark.parametrize("shear", [0.3, 0.6])
+def test_sheared_voxel_axes_are_refused_alike_in_nrrd_nifti_and_metaimage(tmp_path, shear):
+    """Non-orthogonal axes have no place on the slice grid: results would land elsewhere
+    (a corner voxel 23 mm away). NRRD was read as it is, NIfTI coerced to orthogonal or
+    refused by ITK in its own words; every format now gets one message."""
+    from PatientFineTuneLib.images import ImageError, read_image
+
+    import nibabel
+
+    direction = np.eye(3)
+    direction[0, 1] = shear  # the j axis leans towards x
+    values = np.random.default_rng(0).random((6, 8, 10), dtype=np.float32)
+    # SimpleITK's NIfTI writer makes the axes perpendicular on the way out: write that one with nibabel (x, y, z order, RAS)
+    nibabel.save(nibabel.Nifti1Image(values.T, np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.block([[direction, np.zeros((3, 1))], [0, 0, 0, 1]])),
+                 tmp_path / "sheared.nii.gz")
+    messages = []
+    for suffix in ("nrrd", "nii.gz", "mha"):
+        path = tmp_path / f"sheared.{suffix}"
+        if suffix != "nii.gz":
+            write_volume(path, values, direction=tuple(direction.ravel()))
+        with pytest.raises(ImageError, match="sheared") as refused:
+            read_image(path)
+        messages.append(str(refused.value).replace(str(path), "PATH"))
+    assert len(set(messages)) == 1 and "\n" not in messages[0], messages
+    write_volume(tmp_path / "oblique.nrrd", np.ones((6, 8, 10), np.float32), direction=rotation_direction(30))
+    assert read_image(tmp_path / "oblique.nrrd").GetSize() == (10, 8, 6)  # oblique but orthogonal: fine
