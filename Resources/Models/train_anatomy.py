@@ -68,6 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="amp", choices=["fp32", "amp"])
     parser.add_argument("--sequence-dropout", type=float, default=0.2, help="probability of blanking every sequence after the first")
+    parser.add_argument("--volume-every", type=int, default=4, help="iterations between new synthetic volumes")
     parser.add_argument("--checkpoint-every", type=int, default=300)
     parser.add_argument("--validate-every", type=int, default=1000)
     parser.add_argument("--hours", type=float, default=None, help="stop cleanly after this much wall time")
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
     curve = folder / f"{preset.name}-anatomy.log.jsonl"
     out = args.out or folder / f"{preset.name}-anatomy.pt"
     maps = sorted(args.maps.glob("*.nii*"))
-    synthetic = AnatomyPatches(maps, settings_for_preset(preset), seed=args.seed)
+    synthetic = AnatomyPatches(maps, settings_for_preset(preset), seed=args.seed, volume_every=args.volume_every)
     n_channels = sum(c for _, c in preset.sequences)
     config = TrainingConfig(iterations=args.iterations, seed=args.seed, precision=args.precision,
                             sequence_dropout=args.sequence_dropout, droppable_channels=tuple(range(1, n_channels)))
