@@ -462,3 +462,16 @@ def test_the_sample_patient_fills_each_selector_with_its_own_volume(sources):
         assert parameters.baselineVolume3 is None
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@fresh_slicer
+def test_the_packages_the_jobs_need_are_checked_by_version(sources):
+    proc = run_in_fresh_slicer(sources, """
+        logic = PatientFineTune.PatientFineTuneLogic()
+        assert logic.missingPackages() == [], logic.missingPackages()  # this environment has them, new enough
+        assert logic.installedVersion("scikit-image") >= (0, 21) and logic.installedVersion("no-such-distribution") is None
+        # an installed but too old package is asked for again, with its requirement
+        PatientFineTune.EXTRA_PACKAGES["tqdm"] = ((99, 0), "tqdm>=99.0")
+        assert logic.missingPackages() == ["tqdm>=99.0"], logic.missingPackages()
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
