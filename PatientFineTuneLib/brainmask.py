@@ -210,8 +210,16 @@ def correct_bias_field(volume: np.ndarray, mask: np.ndarray, spacing_zyx: Sequen
     fit_mask.CopyInformation(image)
     finest = min(spacing_zyx)
     factors = [max(1, min(shrink, int(round(shrink * finest / s)))) for s in image.GetSpacing()]
+    shrunk_mask = sitk.Shrink(fit_mask, factors)
+    # N4 fits its B-spline over the mask's extent; one voxel thick along an axis, that
+    # extent is zero and ITK fails with "Zero-valued spacing ... Refusing to change spacing"
+    spans = [int(np.ptp(ix)) + 1 if ix.size else 0 for ix in np.nonzero(sitk.GetArrayFromImage(shrunk_mask))]
+    if min(spans) < 2:
+        raise ValueError(f"N4 bias-field correction cannot fit this volume: the brain spans {spans[::-1]} voxel(s) (x, y, z) of "
+                         f"{tuple(round(v, 3) for v in image.GetSpacing())} mm once shrunk by {factors} for the fit, and needs at least 2 "
+                         "along every axis; give --bias-correction off, or a finer scan")
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
-    corrector.Execute(sitk.Shrink(image, factors), sitk.Shrink(fit_mask, factors))
+    corrector.Execute(sitk.Shrink(image, factors), shrunk_mask)
     log_field = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image))
     return (volume / np.exp(log_field)).astype(np.float32)
 

@@ -146,8 +146,12 @@ def _case_inputs(case, model: Path) -> list:
     return [*sources["sequences"], sources.get("organ"), sources.get("lesions"), model]
 
 
-def _parse_labels(text: str | None):
-    return [int(v) for v in text.split(",")] if text else None
+def label_list(text: str) -> list[int]:
+    """argparse type of --lesion-labels: comma-separated whole numbers."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected comma-separated whole numbers such as 1,2") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,7 +203,7 @@ def _load_cases(root, sequences, args, require_lesions: bool, shard: tuple[int, 
             expected_channels=[s["channels"] for s in sequences],
             sequence_names=names,
             resample_to_first=args.resample_to,
-            lesion_labels=_parse_labels(args.lesion_labels),
+            lesion_labels=args.lesion_labels,
             auto_organ=args.auto_organ,
             name=f.name,
             skull_stripped=args.skull_stripped,
@@ -775,7 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=count_at_least(1), default=500)
     p.add_argument("--validate-every", type=count_at_least(1), default=1000)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
-    p.add_argument("--lesion-labels", help="comma-separated label values counted as lesion (default: any > 0)")
+    p.add_argument("--lesion-labels", type=label_list, help="comma-separated label values counted as lesion (default: any > 0)")
     p.add_argument("--resample-to", action="store_true", help="resample sequences/masks onto the first sequence's grid")
     add_scan_options(p)
     p.add_argument("--overwrite", action="store_true")
@@ -861,7 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--lesion-labels", help="comma-separated label values counted as lesion (default: any > 0)")
+    p.add_argument("--lesion-labels", type=label_list, help="comma-separated label values counted as lesion (default: any > 0)")
     p.add_argument("--resample-to", action="store_true", help="resample sequences/masks onto the first sequence's grid")
     add_scan_options(p)
     p.add_argument("--overwrite", action="store_true")

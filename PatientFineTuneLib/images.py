@@ -573,6 +573,28 @@ class Case:
         return image
 
 
+#: Fewest voxels along any axis of a volume: a 3x3x3 closing, the brain mask's 3D network
+#: and the bias-field fit need a volume, not a slice.
+MIN_VOXELS_PER_AXIS = 3
+
+
+def check_usable_volume(image: sitk.Image, what: str) -> None:
+    """Refuse, before any work, an image the network cannot use, in our words (the
+    libraries would fail later and unclearly): a 2D image or a single slice (torch:
+    "Input and output sizes should be greater than 0"), and float64 values beyond
+    float32's range (they become infinite in the network's float32)."""
+    size = image.GetSize()[:3]
+    if image.GetDimension() < 3 or min(size) < MIN_VOXELS_PER_AXIS:
+        raise ImageError(f"{what} is a single slice or too thin to be a volume (size {size}, at least {MIN_VOXELS_PER_AXIS} voxels along "
+                         "every axis are needed); give the whole scan (for DICOM, the folder with every slice)")
+    if image.GetPixelID() in (sitk.sitkFloat64, sitk.sitkVectorFloat64):
+        values = sitk.GetArrayViewFromImage(image)
+        largest = float(np.abs(values[np.isfinite(values)]).max(initial=0.0))
+        if largest > np.finfo(np.float32).max:
+            raise ImageError(f"{what} holds values up to {largest:.3g}, beyond what float32 holds ({np.finfo(np.float32).max:.3g}), which "
+                             "the network computes in; rescale the image (intensity units do not matter, the network normalises them)")
+
+
 def source_name(source) -> str:
     """How to name an image source in messages: its path, or that it was given in memory."""
     return "(image in memory)" if isinstance(source, sitk.Image) else str(source)
@@ -664,6 +686,7 @@ def load_case(
                         "--resample-to to resample them onto the first sequence."
                     )
                 image = resample_onto(image, ref)
+        check_usable_volume(image, f"{names[i]} ({path})")
         arr, this_grid = channels_and_grid(image)
         if grid is None:
             grid = this_grid

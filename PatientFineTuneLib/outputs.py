@@ -82,6 +82,20 @@ class IncompleteResult(ValueError):
     disagree (a run that did not finish, or files removed or edited by hand)."""
 
 
+def _table_value(column: str, text: str | None, folder: Path, line: int) -> int | float:
+    """One cell of the lesion table: ids and voxel counts as integers, the rest as floats
+    (NaN where empty); a hand-edited or cut table is refused naming the file, the line and
+    the column."""
+    try:
+        if column in ("id", "voxels"):
+            return int(text)
+        return float(text) if text not in ("", None) else float("nan")
+    except (TypeError, ValueError):
+        kind = "a whole number" if column in ("id", "voxels") else "a number"
+        raise IncompleteResult(f"{folder / SEGMENT_FILES['table']}, line {line}: {column} is {text!r}, not {kind}; "
+                               "it is not a lesion table as segment writes it: segment the case again") from None
+
+
 def read_segment_outputs(folder: str | Path) -> dict:
     """What :func:`write_segment_outputs` wrote: ``segmentation``, ``probability`` and
     ``uncertainty`` as SimpleITK images (the last None when absent), ``lesions`` (the
@@ -108,8 +122,7 @@ def read_segment_outputs(folder: str | Path) -> dict:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "id" not in reader.fieldnames:
             raise IncompleteResult(f"{folder} is not a complete segment result: an empty {SEGMENT_FILES['table']} (no header); segment the case again into it")
-        lesions = [{k: int(v) if k in ("id", "voxels") else float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
-                   for row in reader]
+        lesions = [{k: _table_value(k, v, folder, reader.line_num) for k, v in row.items()} for row in reader]
     labels = np.unique(sitk.GetArrayFromImage(image("labels")))
     labelled = int((labels > 0).sum())
     if labelled != len(lesions):

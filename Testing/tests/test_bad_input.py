@@ -335,3 +335,37 @@ def test_a_dicom_series_with_a_duplicate_missing_or_turned_slice_is_refused_nami
     # the command line: one line, exit 2, before any work
     proc = cli("segment", "--model", "brain-wmh", "--images", duplicate, duplicate, "--out", tmp_path / "o", timeout=120)
     assert proc.returncode == 2 and "same position" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def _followup_variants(small_pair_dir, folder):
+    """FLAIR and T1 of the small follow-up as a 2D image, as one slice, as a coarse volume
+    (19.2 mm in-plane: the brain spans one slice once N4 shrinks it) and as float64 values
+    beyond float32's range."""
+    folder.mkdir()
+    made = {}
+    for name in ("FLAIR", "T1"):
+        image = sitk.ReadImage(str(small_pair_dir / "followup" / f"{name}.nii.gz"))
+        coarse = sitk.Resample(image, [10, 10, 12], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (19.2, 19.2, 3.0), image.GetDirection())
+        huge = sitk.GetImageFromArray(sitk.GetArrayFromImage(image).astype(np.float64) * 1e300)
+        huge.CopyInformation(image)
+        for kind, variant in (("2d", image[:, :, 5]), ("one-slice", image[:, :, 5:6]), ("coarse", coarse), ("huge", huge)):
+            sitk.WriteImage(variant, str(folder / f"{kind}-{name}.nii.gz"))
+            made.setdefault(kind, []).append(folder / f"{kind}-{name}.nii.gz")
+    return made
+
+
+def test_what_the_libraries_would_say_unclearly_is_said_in_our_words_up_front(small_pair_dir, tmp_path):
+    """torch's "Input and output sizes should be greater than 0" (a 2D image, one slice),
+    N4's "Zero-valued spacing ... Refusing to change spacing" (a coarse volume), "NaN or
+    infinite voxels" for finite values beyond float32: each is checked first and said
+    plainly, naming the file."""
+    variants = _followup_variants(small_pair_dir, tmp_path / "variants")
+    expected = {"2d": "single slice", "one-slice": "single slice", "coarse": "bias-field correction", "huge": "beyond"}
+    for kind, words in expected.items():
+        with pytest.raises(ValueError, match=words) as refused:  # ImageError, or brainmask's ValueError for N4
+            load_case(variants[kind])
+        message = str(refused.value)
+        assert "\n" not in message and not any(w in message for w in ("Input and output sizes", "Zero-valued", "NaN")), message
+        assert kind in message or kind == "coarse", message  # the file is named (N4 sees the whole case)
+    proc = cli("segment", "--model", "brain-wmh", "--images", *variants["one-slice"], "--out", tmp_path / "o", timeout=120)
+    assert proc.returncode == 2 and "single slice" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

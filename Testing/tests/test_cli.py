@@ -179,3 +179,18 @@ def test_a_reader_that_stops_early_gives_one_line_not_a_broken_pipe_traceback(se
     proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["event"] and not (tmp_path / "o").exists()
+
+
+def test_a_damaged_lesion_table_is_named_not_an_invalid_literal(segmented, tmp_path):
+    import shutil
+
+    case, _, seg = segmented
+    damaged = tmp_path / "seg"
+    shutil.copytree(seg, damaged)
+    table = damaged / "lesions.csv"
+    header, first, *rest = table.read_text().splitlines()
+    table.write_text("\n".join([header, "x" + first[first.index(","):], *rest]) + "\n")
+    message = failure("report", "--followup-image", case / "FLAIR.nii.gz", "--results", f"base={damaged}", "--out", tmp_path / "r.html")
+    assert str(table) in message and "invalid literal" not in message, message
+    assert "--lesion-labels" in run("train-base", "--preset", "brain-wmh", "--train", tmp_path, "--out", tmp_path / "m.pt",
+                                    "--lesion-labels", "1,x", check=False).stderr
