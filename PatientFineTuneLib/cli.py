@@ -470,12 +470,15 @@ def cmd_finetune(args) -> None:
 
     out, model = _derived_model_paths(args, "base")
     bundle = load_model(model)
+    if bundle.is_volume_model:
+        _refuse_2d_options(args)
     case, _ = _case_for_model(args, bundle, lesions=True)
     refuse_inputs_as_outputs(_case_inputs(case, model), [out])
-    check = args.check and not bundle.is_volume_model  # the check holds out 2D slice blocks
+    check = args.check is not False and not bundle.is_volume_model  # the check holds out 2D slice blocks
     _report_device(args, args.device)
     chosen = {} if args.weighting == "preset" else {"weighting": None if args.weighting == "none" else args.weighting}
-    config = shipped_config(bundle, iterations=args.iterations, seed=args.seed, n_angles=args.angles, method=args.method,
+    config = shipped_config(bundle, iterations=args.iterations, seed=args.seed,
+                            **({"method": args.method} if args.method else {}), **({"n_angles": args.angles} if args.angles is not None else {}),
                             **({"layers": args.layers} if args.layers else {}), holdout_check=check, precision=args.precision, **chosen,
                             **({"holdout_iterations": tuple(args.check_iterations)} if args.check_iterations else {}),
                             **({"hard_negative_slices": args.hard_negatives} if args.hard_negatives is not None else {}),
@@ -491,6 +494,17 @@ def cmd_finetune(args) -> None:
     print(f"{description} ({info['wall_time_s']} s); saved {out} (sha256 {sha[:16]}...)")
     _report_result(args, "finetune", {"model": out}, sha256=sha, description=description,
                    base_model_kept=not info.get("holdout_check", {}).get("kept", True))
+
+
+def _refuse_2d_options(args) -> None:
+    """Refuse, before any work, the finetune options that only the 2D network has (a 3D
+    U-Net would ignore them silently)."""
+    given = [option for option, value in (("--method", args.method), ("--angles", args.angles), ("--hard-negatives", args.hard_negatives),
+                                          ("--check", args.check), ("--pixel-fraction", args.pixel_fraction), ("--check-iterations", args.check_iterations))
+             if value is not None and value is not False]  # --no-check agrees with a 3D U-Net; --angles 0 does not
+    if given:
+        raise ValueError(f"{', '.join(given)} applies to the 2D network only; this 3D U-Net fine-tunes on whole volumes without it "
+                         "(no fixed angles, hard negatives or never-worse check): leave it out")
 
 
 def cmd_transfer(args) -> None:
@@ -836,12 +850,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weighting", choices=["preset", "none", "segmentation", "detection"], default="preset",
                    help="pixel weighting of the loss (preset: the task's default, segmentation for brain-wmh, none for brain-tumor, "
                    "detection for liver-metastases; none for a 3D U-Net)")
-    p.add_argument("--angles", type=count_at_least(0), default=8, help="fixed rotation angles spanning [-45, 45] degrees (0: a continuous uniform angle per patch, as in the paper; naive path)")
-    p.add_argument("--method", choices=["auto", "fast", "naive"], default="auto", help="fast: cached backbone features; naive: the reference loop")
+    p.add_argument("--angles", type=count_at_least(0), help="fixed rotation angles spanning [-45, 45] degrees (default 8; 0: a continuous uniform "
+                   "angle per patch, as in the paper; naive path; 2D network only)")
+    p.add_argument("--method", choices=["auto", "fast", "naive"], help="fast: cached backbone features; naive: the reference loop; "
+                   "auto (default): fast where the cache fits in memory (2D network only)")
     p.add_argument("--pixel-fraction", type=fraction,
                    help="where only the head trains, it runs on this random fraction of each patch's pixels per iteration "
                         "(default 0.25: 3x faster, the same decisions on the real scans; 1 = exact, the paper)")
-    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--check", action=argparse.BooleanOptionalAction,
                    help="never worse than the base model (default): fine-tune on each half of the annotation in turn and keep the base "
                         "model unless that beats it on the other half (about three times the head's training time; 2D network only)")
     p.add_argument("--layers", choices=["head", "all", "decoder", "last-layers"],

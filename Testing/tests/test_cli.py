@@ -194,3 +194,21 @@ def test_a_damaged_lesion_table_is_named_not_an_invalid_literal(segmented, tmp_p
     assert str(table) in message and "invalid literal" not in message, message
     assert "--lesion-labels" in run("train-base", "--preset", "brain-wmh", "--train", tmp_path, "--out", tmp_path / "m.pt",
                                     "--lesion-labels", "1,x", check=False).stderr
+
+
+@pytest.mark.parametrize("option", [("--method", "fast"), ("--angles", "0"), ("--hard-negatives", "2"), ("--check",), ("--pixel-fraction", "0.5")])
+def test_options_of_the_2d_network_are_refused_for_a_3d_unet(segmented, tmp_path, option):
+    """They were silently ignored (only --pixel-fraction was refused, after the case was
+    read); now each is refused before any work, naming the option."""
+    from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
+    from PatientFineTuneLib.unet3d import UNet3D
+
+    case = segmented[0].parent / "baseline"
+    net = UNet3D((1, 1), width=2)
+    unet = tmp_path / "unet.pt"
+    save_model(ModelBundle(net, make_metadata(net, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0, 2.0),
+                                              preset="brain-wmh", patch_voxels=32)), unet)
+    proc = run("--progress", "none", "finetune", "--model", unet, "--case", case, "--iterations", 1, *option, "--out", tmp_path / "p.pt",
+               check=False)
+    assert proc.returncode == 2 and option[0] in proc.stderr and "3D U-Net" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.pt").exists()
