@@ -406,11 +406,13 @@ def save_patient_model(choice: ModelChoice, path: str | Path) -> Path:
 class RunningStep:
     """A step's job and what its results bind to: the kind of step, the ID of the volume
     its results go onto, its private folder (removed when it ends), the result labels (the
-    follow-up's models) and the notes on its inputs (e.g. a resampled sequence)."""
+    follow-up's models), the notes on its inputs (e.g. a resampled sequence) and the
+    patient it was started for (the session's count of new patients)."""
 
-    def __init__(self, kind: str, job: CliJob, folder: Path, reference_node_id: str, labels=(), notes=()):
+    def __init__(self, kind: str, job: CliJob, folder: Path, reference_node_id: str, labels=(), notes=(), patient: int = 0):
         self.kind, self.job, self.folder = kind, job, Path(folder)
         self.reference_node_id, self.labels, self.notes = reference_node_id, list(labels), list(notes)
+        self.patient = patient
 
 
 class PatientSession:
@@ -420,7 +422,8 @@ class PatientSession:
     Closing the scene (File > Close Scene: the scene's ``StartCloseEvent``) starts a new
     patient: no patient model and no suggestions, and the unsaved patient models are
     removed with their folder, so the next patient is never segmented with the previous
-    one's model. Every folder with patient data is removed: a step's when it ends or fails
+    one's model; the previous patient's running steps are cancelled and their results
+    never loaded (the new scene gives its volumes the IDs the old one's had). Every folder with patient data is removed: a step's when it ends or fails
     to start, the patient models' by :meth:`close` (or when the session is collected).
 
     Parameters
@@ -438,6 +441,8 @@ class PatientSession:
         self._baseline_volumes: list = []
         self._patient_folder: Path | None = None
         self._remove_patient_folder = None
+        self._patient = 0  # counts new patients: a step belongs to the one it started for
+        self._running: weakref.WeakSet[RunningStep] = weakref.WeakSet()
         # a weak reference: the scene's observer must not keep a discarded session alive
         session = weakref.ref(self)
 
@@ -456,6 +461,9 @@ class PatientSession:
         self.new_patient()
 
     def new_patient(self) -> None:
+        self._patient += 1
+        for step in list(self._running):
+            step.job.cancel()
         self.models.forget_patient_model()
         self.suggestions = []
         self._baseline_volumes = []
@@ -496,7 +504,9 @@ class PatientSession:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return RunningStep(kind, job, folder, volume_nodes[0].GetID(), labels, inputs["notes"])
+        step = RunningStep(kind, job, folder, volume_nodes[0].GetID(), labels, inputs["notes"], self._patient)
+        self._running.add(step)
+        return step
 
     def start_analyse(self, volume_nodes: Sequence, organ: MaskSource | None = None, k: int = 2, device: str = "auto") -> RunningStep:
         """Step 1: segment the baseline with the base model and suggest ``k`` slices."""
@@ -537,6 +547,9 @@ class PatientSession:
         """Load a finished step's results onto the volume it started from: the analysis
         (its suggestions become the session's), the patient model's description, or the
         follow-up results (one :class:`FollowupNodes` per model)."""
+        self._running.discard(step)
+        if step.patient != self._patient:
+            raise RuntimeError("the scene was closed while this step ran; its results, of the previous patient, were discarded")
         reference = self.scene.GetNodeByID(step.reference_node_id)
         if reference is None:
             raise RuntimeError("the volume this step read is no longer in the scene; its results were discarded")
@@ -550,9 +563,9 @@ class PatientSession:
             return result["description"]
         return [followup_nodes_from_job(self.scene, step.folder / "results", reference, label) for label in step.labels]
 
-    @staticmethod
-    def discard_step(step: RunningStep) -> None:
+    def discard_step(self, step: RunningStep) -> None:
         """Remove the step's folder (its inputs and, once loaded, its results)."""
+        self._running.discard(step)
         shutil.rmtree(step.folder, ignore_errors=True)
 
     def run_step(self, step: RunningStep, timeout: float | None = None, idle: Callable | None = None):

@@ -1,7 +1,10 @@
 """The Slicer module's three steps on real MRML nodes (slicer-core): the same numbers as
 the file-based library, results on the follow-up's grid."""
 
+import json
+import shlex
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -174,6 +177,58 @@ def test_the_three_steps_as_jobs_round_trip_through_the_scene(scene, small_pair_
     assert result.label == "base" and result.uncertainty is None
     session.close()
     assert left_behind() == [] and saved.is_file()  # the saved copy is the user's
+
+
+def test_a_step_of_the_previous_patient_never_reaches_the_next(scene, small_pair_dir, tmp_path):  # noqa: F811
+    # File > Close Scene while a step runs (the console's runStep keeps Slicer responsive,
+    # so the user can), then the next patient: the scene gives the new volumes the IDs the
+    # previous patient's had, so the step's results would land on the next patient. The
+    # job here is a stand-in that prints a fine-tuning result (what the step would load)
+    result = {"event": "result", "outputs": {"model": str(tmp_path / "previous-patient.pt")}, "description": "fine-tuned 5 iterations"}
+
+    def job_python(delay_s):
+        script = tmp_path / f"python-{delay_s}"
+        script.write_text(f"#!/bin/sh\nsleep {delay_s}\necho {shlex.quote(json.dumps(result))}\n")
+        script.chmod(0o755)
+        return str(script)
+
+    def start(session):
+        nodes, organ = _nodes(scene, small_pair_dir / "baseline")
+        lesions = mrml.image_to_volume(sitk.ReadImage(str(small_pair_dir / "baseline" / "lesions.nii.gz")), scene, "lesions",
+                                       node_class="vtkMRMLLabelMapVolumeNode")
+        return nodes, session.start_finetune(nodes, organ, MaskSource(lesions), "all-lesion", device="cpu")
+
+    # the step ended before the scene was closed, its results not yet loaded
+    session = PatientSession(scene, job_python(0))
+    session.choose_base_model("brain-wmh")
+    first, step = start(session)
+    assert step.job.wait(timeout=60) and step.job.succeeded, (step.job.error, list(step.job.log))
+    scene.Clear(False)
+    second, _organ = _nodes(scene, small_pair_dir / "baseline")
+    assert second[0].GetID() == first[0].GetID()  # what makes it dangerous
+    with pytest.raises(RuntimeError, match="scene was closed"):
+        session.finish_step(step)
+    assert session.models.patient_model is None
+    session.discard_step(step)
+    session.close()
+
+    # the step still runs when the scene is closed: it is cancelled, not waited for
+    session = PatientSession(scene, job_python(20))
+    session.choose_base_model("brain-wmh")
+    _first, step = start(session)
+    closed = []
+
+    def close_scene_once():
+        if not closed:
+            closed.append(True)
+            scene.Clear(False)
+
+    begin = time.monotonic()
+    with pytest.raises(RuntimeError):
+        session.run_step(step, timeout=60, idle=close_scene_once)
+    assert closed and step.job.cancelled and time.monotonic() - begin < 10
+    assert session.models.patient_model is None
+    session.close()
 
 
 def test_a_mask_with_several_segments_is_refused(scene, small_pair_dir):  # noqa: F811
