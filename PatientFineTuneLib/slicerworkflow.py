@@ -82,8 +82,7 @@ def read_case(bundle: ModelBundle, volume_nodes: Sequence, organ: MaskSource | N
     from .images import load_case, prepare_case
 
     names = [s["name"] for s in bundle.sequences]
-    if len(volume_nodes) != len(names) or any(n is None for n in volume_nodes):
-        raise ValueError(f"the model reads {len(names)} sequence(s) ({', '.join(names)}); select a volume for each")
+    check_volumes(volume_nodes, names)
     reference = volume_nodes[0]
     case = load_case(
         [mrml.volume_to_image(n) for n in volume_nodes],
@@ -384,7 +383,6 @@ def followup_nodes_from_job(scene, out: str | Path, reference_node, label: str) 
 def save_patient_model(choice: ModelChoice, path: str | Path) -> Path:
     """Copy the patient model to ``path`` (atomically; never over a shipped base model or
     the chosen base model)."""
-    from .files import atomic_write
     from .modelcard import resolve_model_path, shipped_models
 
     if choice.patient_model is None or not choice.patient_model.is_file():

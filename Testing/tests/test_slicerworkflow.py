@@ -99,6 +99,8 @@ def test_bad_inputs_give_clear_errors_and_cancel_stops(scene, bundle, small_pair
     nodes, organ = _nodes(scene, small_pair_dir / "baseline")
     with pytest.raises(ValueError, match="select a volume for each"):
         analyse_baseline(scene, bundle, nodes[:1], organ, device="cpu")
+    with pytest.raises(ValueError, match="select one volume per sequence"):  # the same checks as the jobs'
+        analyse_baseline(scene, bundle, [nodes[0], nodes[0]], organ, device="cpu")
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     with pytest.raises(ValueError, match="no segments"):
         finetune_from_nodes(bundle, nodes, MaskSource(empty), [3], organ, device="cpu")
