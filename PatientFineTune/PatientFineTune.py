@@ -13,7 +13,9 @@ self-test; one patient's state (base model, patient model, suggested slices, job
 folders) is a ``slicerworkflow.PatientSession`` that a new scene resets. Nothing this
 module imports, at load time or later, imports PyTorch or the packages installed after
 it (the jobs do, and report the device they run on): the panel opens in a fresh Slicer
-before they are installed, and Slicer's own process holds no GPU memory and no torch DLL.
+before they are installed, and Slicer's own process holds no GPU memory and no torch DLL
+(except in the session where the PyTorch extension's ``installTorch`` installs it: that
+installer imports it, see ``ensureDependencies``).
 """
 
 import logging
