@@ -24,7 +24,7 @@ from . import __version__
 from .files import json_ready
 from .modelcard import resolve_model_path  # torch-free: the CLI starts fast
 from .progress import MODES as PROGRESS_MODES
-from .progress import StepProgress, emit
+from .progress import StepProgress, emit, send_events_to
 
 def _step(args, name: str, total: int | None = None, unit: str = "it") -> StepProgress:
     """Progress of one step in this invocation's ``--progress`` mode."""
@@ -172,6 +172,7 @@ def cmd_synth(args) -> None:
         pair = generate_pair(args.preset, args.seed + i, small=args.small)
         write_pair(pair, target, overwrite=args.overwrite)
     print(f"wrote {len(targets)} {args.preset} patient pair(s) under {out}")
+    _report_result(args, "synth", {t.name: t for t in targets})
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,6 +299,7 @@ def cmd_train_base(args) -> None:
     sha = save_model(ModelBundle(model, metadata), out, overwrite=args.overwrite)
     checkpoint.unlink(missing_ok=True)
     print(f"saved {out} (sha256 {sha[:16]}..., {wall:.0f} s)")
+    _report_result(args, "train-base", {"model": out}, sha256=sha)
 
 
 def _train_unet3d(args, preset, device, out: Path) -> None:
@@ -332,6 +334,7 @@ def _train_unet3d(args, preset, device, out: Path) -> None:
     )
     sha = save_model(ModelBundle(model.cpu(), metadata), out, overwrite=args.overwrite)
     print(f"saved {out} (sha256 {sha[:16]}..., {wall:.0f} s)")
+    _report_result(args, "train-base", {"model": out}, sha256=sha)
 
 
 def _gather_names(names: list[str]) -> list[str]:
@@ -435,8 +438,9 @@ def cmd_suggest(args) -> None:
 
     bundle = load_model(resolve_model_path(args.model))
     case, _ = _case_for_model(args, bundle, lesions=args.candidates == "lesion")
-    suggestions = suggest_slices(bundle, case, k=args.k, candidates=args.candidates, ranking=args.ranking, device=args.device)
-    print(json.dumps([s.as_dict() for s in suggestions], indent=2))
+    suggestions = [s.as_dict() for s in suggest_slices(bundle, case, k=args.k, candidates=args.candidates, ranking=args.ranking, device=args.device)]
+    print(json.dumps(suggestions, indent=2))
+    _report_result(args, "suggest", {}, suggestions=suggestions)
 
 
 def _derived_model_paths(args, role: str) -> tuple[Path, Path]:
@@ -526,6 +530,7 @@ def cmd_transfer(args) -> None:
         out,
     )
     print(f"trained the {args.strategy} layers on {len(cases)} case(s) in {info['wall_time_s']} s; saved {out} (sha256 {sha[:16]}...)")
+    _report_result(args, "transfer", {"model": out}, sha256=sha)
 
 
 # ---------------------------------------------------------------------------------------
@@ -583,6 +588,7 @@ def cmd_compare(args) -> None:
     write_image(sitk.Cast(followup_lesions, sitk.sitkUInt8), out / "followup_lesions_on_baseline.nii.gz", overwrite=args.overwrite)
     counts = ", ".join(f"{summary[c]} {c}" for c in ("new", "enlarged", "stable", "shrinking", "resolved"))
     print(f"{counts}; lesion load {summary['baseline_load_mm3'] / 1000:.2f} -> {summary['followup_load_mm3'] / 1000:.2f} mL; outputs in {out}")
+    _report_result(args, "compare", {t.name: t for t in targets}, summary=summary)
 
 
 def cmd_experiment(args) -> None:
@@ -617,6 +623,7 @@ def cmd_experiment(args) -> None:
             "![box plots](boxplots.png)\n\nPer patient: `results.csv`, masks in `masks/`, outlines in `overlays/`.\n")
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text), overwrite=True)
     print(table)
+    _report_result(args, "experiment", {"results": out / "results.csv", "summary": out / "summary.md", "boxplots": out / "boxplots.png"})
 
 
 def cmd_evaluate(args) -> None:
@@ -657,14 +664,17 @@ def cmd_evaluate(args) -> None:
             print(f"{k}: median [IQR] {format_median_iqr([r[k] for r in results])}")
     if args.out:
         write_csv(results, args.out, columns=["case", *METRIC_NAMES], overwrite=args.overwrite)
+    comparison = []
     if args.compare_to:
         with open(args.compare_to, newline="") as f:
             reference = list(csv.DictReader(f))
         print(f"paired comparison with {args.compare_to} (p < 0.01 marked *, as in the paper):")
-        for row in compare_cohorts(results, reference):
+        comparison = compare_cohorts(results, reference)
+        for row in comparison:
             mark = "*" if row["p"] < 0.01 else ""
             print(f"  {row['metric']}: {row['results']} vs {row['reference']} ({row['summary']}; "
                   f"{row['test']} p = {row['p']:.3g}{mark}, n = {row['n']})")
+    _report_result(args, "evaluate", {"metrics": Path(args.out)} if args.out else {}, cases=results, **({"comparison": comparison} if comparison else {}))
 
 
 # ---------------------------------------------------------------------------------------
@@ -714,26 +724,49 @@ def cmd_info(args) -> None:
     if args.card:
         from .modelcard import render_card
 
-        print(render_card(bundle.metadata, count_parameters(bundle.model)))
+        card = render_card(bundle.metadata, count_parameters(bundle.model))
+        print(card)
+        _report_result(args, "info", {}, card=card)
         return
     print(json.dumps(bundle.metadata | {"parameters": count_parameters(bundle.model)}, indent=2))
+    _report_result(args, "info", {}, metadata=bundle.metadata, parameters=count_parameters(bundle.model))
 
 
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(check_output_folder(args.out), overwrite=args.overwrite, model=resolve_model_path(args.model), device=args.device,
-             finetune_iterations=args.iterations, mc_samples=args.mc_samples, seed=args.seed)
+    out = check_output_folder(args.out)
+    summary = run_demo(out, overwrite=args.overwrite, model=resolve_model_path(args.model), device=args.device,
+                       finetune_iterations=args.iterations, mc_samples=args.mc_samples, seed=args.seed)
+    _report_result(args, "demo", {"folder": out, "summary": out / "demo-summary.json"}, summary=summary)
 
 
 # ---------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error also sent as an ``error`` event when the command line
+    asks for ``--progress json`` (argparse's own text goes to stderr as always)."""
+
+    json_errors = False  # set by main() before parsing; the verbs' subparsers share it
+
+    def error(self, message):
+        if _Parser.json_errors:
+            emit("error", message=f"{self.prog}: error: {message}")
+        super().error(message)
+
+
+def _json_requested(argv: list[str]) -> bool:
+    """Whether ``argv`` asks for ``--progress json`` (looked at before parsing, so that
+    a usage error can be an event too)."""
+    return "--progress=json" in argv or any(a == "--progress" and b == "json" for a, b in zip(argv, argv[1:]))
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
     from .synth import PRESET_GENERATORS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="patient-finetune",
         description="Patient-specific fine-tuning of a lesion-segmentation CNN (Jansen et al.).",
     )
@@ -956,6 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    _Parser.json_errors = _json_requested(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     from .images import ImageError
     from .modelfile import ModelFileError
@@ -963,27 +997,41 @@ def main(argv=None) -> int:
 
     keep_freed_memory_for_reuse()
 
+    # In JSON mode stdout carries events only: what the verbs print for people goes to stderr.
+    events = sys.stdout
+    if args.progress == "json":
+        sys.stdout = sys.stderr
+        send_events_to(events)
     # A terminated job (Cancel in the Slicer module) unwinds like Ctrl-C, so the atomic
     # writers remove their partial files before the process ends.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print("cancelled; no partial output was left behind", file=sys.stderr)
-        return 130
+        return _cancelled(args, "cancelled; no partial output was left behind")
     except Cancelled as exc:
-        print(f"cancelled: {exc}", file=sys.stderr)
-        return 130
+        return _cancelled(args, f"cancelled: {exc}")
     except BrokenPipeError:
         # The program reading stdout stopped reading (``| head -1``): no event can reach it,
         # and Python's own flush at exit would fail again without the redirection.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), events.fileno())
         return _fail(args, "the program reading this command's output closed it before the end; the run was stopped", events=False)
     except (ImageError, ModelFileError, OSError, ValueError, RuntimeError) as exc:
         return _fail(args, _one_line(exc))
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.stdout = events
+        send_events_to(None)
     return 0
+
+
+def _cancelled(args, message: str) -> int:
+    """Say that the verb was cancelled (stderr; a final ``cancelled`` event in JSON mode);
+    returns the exit status, 130."""
+    if args.progress == "json":
+        emit("cancelled", message=message)
+    print(message, file=sys.stderr)
+    return 130
 
 
 def _fail(args, text: str, events: bool = True) -> int:

@@ -2,9 +2,10 @@
 line per step on stdout, read by :mod:`.jobs`).
 
 JSON lines have an ``"event"`` key: ``progress`` (``step``, ``done``, ``total``,
-``fraction`` and, for training, ``loss``), ``result`` (what a verb wrote) and ``error``
-(the one-line message a failing verb also prints on stderr). Nothing else a verb prints
-starts with ``{``.
+``fraction`` and, for training, ``loss``), ``device``, ``note``, ``result`` (what a verb
+wrote or found), ``error`` (the one-line message a failing verb also prints on stderr)
+and ``cancelled``. In JSON mode every line on stdout is an event; what the verbs print
+for people goes to stderr (see the README's table of events).
 """
 
 from __future__ import annotations
@@ -19,9 +20,20 @@ from .files import json_ready
 MODES = ("bar", "json", "none")
 
 
+#: Where events go when not stdout: the command line keeps the real stdout for them in
+#: JSON mode and points sys.stdout (what verbs print for people) at stderr.
+_events_stream: TextIO | None = None
+
+
+def send_events_to(stream: TextIO | None) -> None:
+    """Send later events to ``stream`` (None: back to sys.stdout)."""
+    global _events_stream
+    _events_stream = stream
+
+
 def emit(event: str, stream: TextIO | None = None, **fields) -> None:
     """Write one JSON event line and flush it (a reader polls the pipe)."""
-    print(json.dumps(json_ready({"event": event, **fields})), file=stream or sys.stdout, flush=True)
+    print(json.dumps(json_ready({"event": event, **fields})), file=stream or _events_stream or sys.stdout, flush=True)
 
 
 class StepProgress:

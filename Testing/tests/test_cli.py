@@ -196,10 +196,9 @@ def test_a_damaged_lesion_table_is_named_not_an_invalid_literal(segmented, tmp_p
                                     "--lesion-labels", "1,x", check=False).stderr
 
 
-@pytest.mark.parametrize("option", [("--method", "fast"), ("--angles", "0"), ("--hard-negatives", "2"), ("--check",), ("--pixel-fraction", "0.5")])
-def test_options_of_the_2d_network_are_refused_for_a_3d_unet(segmented, tmp_path, option):
+def test_options_of_the_2d_network_are_refused_for_a_3d_unet(segmented, tmp_path):
     """They were silently ignored (only --pixel-fraction was refused, after the case was
-    read); now each is refused before any work, naming the option."""
+    read); now they are refused before any work, each named."""
     from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
     from PatientFineTuneLib.unet3d import UNet3D
 
@@ -208,7 +207,48 @@ def test_options_of_the_2d_network_are_refused_for_a_3d_unet(segmented, tmp_path
     unet = tmp_path / "unet.pt"
     save_model(ModelBundle(net, make_metadata(net, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0, 2.0),
                                               preset="brain-wmh", patch_voxels=32)), unet)
-    proc = run("--progress", "none", "finetune", "--model", unet, "--case", case, "--iterations", 1, *option, "--out", tmp_path / "p.pt",
-               check=False)
-    assert proc.returncode == 2 and option[0] in proc.stderr and "3D U-Net" in proc.stderr, proc.stderr[-2000:]
+    options = [("--method", "fast"), ("--angles", "0"), ("--hard-negatives", "2"), ("--check",), ("--pixel-fraction", "0.5")]
+    proc = run("--progress", "none", "finetune", "--model", unet, "--case", case, "--iterations", 1, *[a for o in options for a in o],
+               "--out", tmp_path / "p.pt", check=False)
+    assert proc.returncode == 2 and "3D U-Net" in proc.stderr and all(o[0] in proc.stderr for o in options), proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.pt").exists()
+
+
+def json_events(proc) -> list[dict]:
+    """Every stdout line of a --progress json run, each checked to be an event."""
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert events and all(isinstance(e, dict) and "event" in e for e in events), proc.stdout[-3000:]
+    return events
+
+
+def test_in_json_mode_every_stdout_line_is_an_event_and_each_verb_ends_with_result(segmented, tmp_path):
+    """Plain text goes to stderr; synth, info, suggest, evaluate and compare end with a
+    ``result`` event holding what they found; a usage error is an ``error`` event."""
+    case, model, seg = segmented
+    lesions = case / "lesions.nii.gz"
+    runs = {
+        "synth": ("synth", "--preset", "brain-wmh", "--small", "--out", tmp_path / "synth"),
+        "info": ("info", model),
+        "suggest": ("suggest", "--model", model, "--case", case, "-k", 2),
+        "evaluate": ("evaluate", "--pred", seg / "segmentation.nii.gz", "--gt", lesions),
+        "compare": ("compare", "--baseline-lesions", lesions, "--followup-lesions", seg / "segmentation.nii.gz", "--out", tmp_path / "changes"),
+    }
+    found = {verb: json_events(run("--progress", "json", *args))[-1] for verb, args in runs.items()}
+    assert all(last["event"] == "result" and last["verb"] == verb for verb, last in found.items()), found
+    assert found["info"]["metadata"]["preset"] == "brain-wmh"
+    assert [s["slice"] for s in found["suggest"]["suggestions"]] and found["evaluate"]["cases"][0]["dice"] >= 0
+    proc = run("--progress", "json", "segment", "--model", model, check=False)  # --out missing: argparse's error
+    assert proc.returncode == 2 and json_events(proc)[-1]["event"] == "error" and "--out" in json_events(proc)[-1]["message"]
+
+
+def test_a_cancelled_json_run_ends_with_a_cancelled_event(segmented, tmp_path):
+    import signal
+
+    case, _, _ = segmented
+    proc = subprocess.Popen([sys.executable, "-m", "PatientFineTuneLib.cli", "--progress", "json", "segment", "--model", "brain-wmh",
+                             "--case", case, "--out", tmp_path / "o"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # the device event: the run has started
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    events = [json.loads(line) for line in (first + rest).splitlines()]
+    assert proc.returncode == 130 and events[-1]["event"] == "cancelled" and "no partial output" in events[-1]["message"], events[-3:]
