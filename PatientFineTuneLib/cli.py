@@ -542,6 +542,7 @@ def cmd_compare(args) -> None:
     import SimpleITK as sitk
 
     from .change import ChangeThresholds, lesion_changes, write_change_files
+    from .files import output_set
     from .images import GeometryError, grid_mismatch, read_image, write_image
     from .registration import register_followup, resample_mask
 
@@ -584,8 +585,9 @@ def cmd_compare(args) -> None:
     if registration is not None:
         summary["registration"] = {"correlation_before": registration.correlation_before, "correlation_after": registration.correlation_after,
                                    "warning": registration.warning}
-    write_change_files(rows, summary, out, overwrite=args.overwrite)
-    write_image(sitk.Cast(followup_lesions, sitk.sitkUInt8), out / "followup_lesions_on_baseline.nii.gz", overwrite=args.overwrite)
+    with output_set(out, args.overwrite) as stage:  # the three files appear together or not at all
+        write_change_files(rows, summary, stage)
+        write_image(sitk.Cast(followup_lesions, sitk.sitkUInt8), stage / "followup_lesions_on_baseline.nii.gz")
     counts = ", ".join(f"{summary[c]} {c}" for c in ("new", "enlarged", "stable", "shrinking", "resolved"))
     print(f"{counts}; lesion load {summary['baseline_load_mm3'] / 1000:.2f} -> {summary['followup_load_mm3'] / 1000:.2f} mL; outputs in {out}")
     _report_result(args, "compare", {t.name: t for t in targets}, summary=summary)
@@ -690,6 +692,8 @@ def cmd_report(args) -> None:
         label, sep, folder = item.partition("=")
         if not sep or not label or not folder:
             raise ValueError(f"--results takes LABEL=FOLDER (e.g. fine-tuned=seg-ft/), not {item!r}")
+        if label in results:
+            raise ValueError(f"--results names {label!r} twice ({results[label]} and {folder}); give each result its own label")
         results[label] = Path(folder)
     inputs = ReportInputs(Path(args.followup_image), results, title=args.title, truth=_optional_path(args.truth),
                           patient_model=_optional_path(args.model), changes=_optional_path(args.changes),

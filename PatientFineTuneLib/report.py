@@ -38,6 +38,9 @@ class ReportInputs:
     patient_model : the patient model file (provenance, never-worse outcome), optional.
     changes : a ``compare`` output folder, optional.
     suggestions : a ``suggestions.json`` (the baseline slices annotated), optional.
+    paths_shown : whether the report names the input files with their folders (False:
+        their names only, for inputs in a folder that is deleted after the report, as the
+        web app's session folder).
     """
 
     followup_image: Path
@@ -48,6 +51,11 @@ class ReportInputs:
     changes: Path | None = None
     suggestions: Path | None = None
     notes: list[str] = field(default_factory=list)
+    paths_shown: bool = True
+
+    def where(self, path: Path) -> str:
+        """How the report names an input file."""
+        return str(path) if self.paths_shown else Path(path).name
 
 
 def write_report(inputs: ReportInputs, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -84,7 +92,8 @@ th {{ background: #f3f3f3; }} td.text, th.text {{ text-align: left; }}
 .note {{ color: #555; }} img {{ max-width: 100%; }} figcaption {{ color: #444; font-size: .9em; }}
 </style></head><body>
 <h1>{html.escape(inputs.title)}</h1>
-<p class="note">PatientFineTune {__version__}, {created}. Research software: check every result against the images.</p>
+<p class="note">PatientFineTune {__version__}, {created}. Research software: check every result against the images.
+All coordinates are RAS (right, anterior, superior; as 3D Slicer shows them), in mm.</p>
 {notes}
 {''.join(sections)}
 </body></html>
@@ -118,10 +127,10 @@ def _format(value) -> str:
 
 
 def _provenance(inputs: ReportInputs) -> str:
-    rows = [["Follow-up image", str(inputs.followup_image)]]
-    rows += [[f"Result '{label}'", str(folder)] for label, folder in inputs.results.items()]
+    rows = [["Follow-up image", inputs.where(inputs.followup_image)]]
+    rows += [[f"Result '{label}'", inputs.where(folder)] for label, folder in inputs.results.items()]
     if inputs.truth:
-        rows.append(["Reference lesion mask", str(inputs.truth)])
+        rows.append(["Reference lesion mask", inputs.where(inputs.truth)])
     body = _table(["What", "Where"], rows, text_columns=2)
     if inputs.patient_model:
         from .modelcard import describe_held_out, describe_patient_model, read_model_metadata
@@ -131,7 +140,7 @@ def _provenance(inputs: ReportInputs) -> str:
         config = finetune.get("config", {})
         case = finetune.get("case") or {}
         rows = [
-            ["Patient model", str(inputs.patient_model)],
+            ["Patient model", inputs.where(inputs.patient_model)],
             ["Base model sha256", finetune.get("base_model_sha256", "-")],
             ["Preset", metadata.get("preset") or "-"],
             ["Slices annotated", ", ".join(map(str, finetune.get("slices", []))) or "-"],
@@ -202,11 +211,18 @@ def _changes_section(changes: Path | None) -> str:
     record = json.loads((Path(changes) / "changes.json").read_text())
     summary, lesions = record["summary"], record["lesions"]
     counts = _table([c for c in CATEGORIES], [[summary[c] for c in CATEGORIES]], text_columns=0)
-    rows = [[r["change"], r["baseline_mm3"], r["followup_mm3"], r["change_mm3"], r["centroid_lps_mm"]] for r in lesions]
-    table = _table(["Change", "Baseline (mm3)", "Follow-up (mm3)", "Change (mm3)", "Centroid (LPS mm)"], rows)
+    rows = [[r["change"], r["baseline_mm3"], r["followup_mm3"], r["change_mm3"], _ras_text(r["centroid_lps_mm"].split())] for r in lesions]
+    table = _table(["Change", "Baseline (mm3)", "Follow-up (mm3)", "Change (mm3)", "Centroid (RAS mm)"], rows)
     figure = load_figure(["baseline", "follow-up"], {"lesion load": [summary["baseline_load_mm3"] / 1000, summary["followup_load_mm3"] / 1000]})
     plot = _image(png_bytes(figure), "Lesion load at each visit")
     return _section("What changed", counts + plot + table)
+
+
+def _ras_text(lps) -> str:
+    """A position the files store in LPS (ITK's convention) as the report shows every
+    position: RAS mm, as 3D Slicer does."""
+    x, y, z = (float(c) for c in lps)
+    return f"{-x:.1f} {-y:.1f} {z:.1f}"
 
 
 def _uncertainty_section(results: dict) -> str:
@@ -220,8 +236,7 @@ def _uncertainty_section(results: dict) -> str:
         uncertain = sorted((r for r in result["lesions"] if math.isfinite(r.get("mean_sd", math.nan))), key=lambda r: -r["mean_sd"])
         if uncertain:
             lines = [[r["id"], r["volume_mm3"], r["mean_sd"], r.get("mean_probability"),
-                      f"{-r['centroid_x_mm']:.1f} {-r['centroid_y_mm']:.1f} {r['centroid_z_mm']:.1f}"]  # LPS -> RAS
-                     for r in uncertain[:UNCERTAIN_LESIONS]]
+                      _ras_text((r["centroid_x_mm"], r["centroid_y_mm"], r["centroid_z_mm"]))] for r in uncertain[:UNCERTAIN_LESIONS]]
             parts.append(f"<h3>Most uncertain lesions ({html.escape(label)})</h3>"
                          + _table(["Lesion", "Volume (mm3)", "Mean SD", "Mean probability", "Centroid (RAS mm)"], lines, text_columns=0))
     header = ["Result", "MC samples", "Max SD", "Mean SD in lesions"]
@@ -259,6 +274,7 @@ def report_figures(inputs: ReportInputs, results: dict) -> list[tuple[str, str, 
     the outlines of every result (and the reference) in distinct colours, and the
     uncertainty maps of the results that have one."""
     from .images import read_image, slice_layout
+    from .metrics import label_mask
     from .montage import to_uint8
     from .plots import outline_figure, uncertainty_figure
 
@@ -269,7 +285,7 @@ def report_figures(inputs: ReportInputs, results: dict) -> list[tuple[str, str, 
         raise ValueError(f"the follow-up image {inputs.followup_image} must be one 3D volume (give its first sequence)")
     outlines = {}
     if inputs.truth:
-        outlines["reference"] = layout.to_slices(sitk.GetArrayFromImage(read_image(inputs.truth)) > 0)
+        outlines["reference"] = layout.to_slices(label_mask(read_image(inputs.truth), f"the reference lesion mask {inputs.truth}"))
     for label, result in results.items():
         outlines[label] = layout.to_slices(sitk.GetArrayFromImage(result["segmentation"]) > 0)
     if any(m.shape != anatomy.shape for m in outlines.values()):

@@ -325,6 +325,7 @@ class PatientFineTuneWeb:
             self.state.status = f"{label} cancelled; nothing was changed."
         except Exception as error:  # shown in the page: bad input is the user's to fix
             self.state.error = f"{label} failed: {error}"
+            self.state.status = f"{label} failed; see the message below."
         with self.state:
             self.state.busy = False
         return result
@@ -431,8 +432,8 @@ class PatientFineTuneWeb:
             baseline = read_case(self.base_bundle, self.volumes["baseline"], lesions=MaskSource(self.baseline_segmentation, segment_id), name="baseline")
             followup = read_case(self.base_bundle, self.volumes["followup"], name="follow-up")
             slices = [s.index for s in self.suggestions] if self.state.slice_selection == "suggested" else "all-lesion"
-            config = shipped_config(self.base_bundle, iterations=int(self.state.iterations))
-            mc_samples = int(self.state.mc_samples)
+            iterations, mc_samples = run_settings(self.state.iterations, self.state.mc_samples)
+            config = shipped_config(self.base_bundle, iterations=iterations)
         except Exception as error:  # e.g. an empty annotation, a non-number: the user's to fix
             with self.state:
                 self.state.error = str(error)
@@ -492,7 +493,7 @@ class PatientFineTuneWeb:
             save_model(self.patient_bundle, session / "patient-model.pt")
             (session / "suggestions.json").write_text(json.dumps([s.as_dict() for s in self.suggestions], indent=2))
             write_image(volume_to_image(self.volumes["followup"][0]), session / "followup.nii.gz")  # as loaded, not normalised
-            inputs = ReportInputs(session / "followup.nii.gz", folders, title="PatientFineTune report",
+            inputs = ReportInputs(session / "followup.nii.gz", folders, title="PatientFineTune report", paths_shown=False,
                                   patient_model=session / "patient-model.pt", suggestions=session / "suggestions.json")
             return write_report(inputs, self.reports_dir / f"{session.name}.html")
         finally:
@@ -515,6 +516,27 @@ class PatientFineTuneWeb:
             self.state.overlay = shown.GetName() if shown is not None else ""
             self.state.lesion_rows = lesion_table_rows(nodes.lesions)
             self.state.sd_max = f"{nodes.summary['max_sd']:.3f}" if overlay is not None and nodes.summary else ""
+
+
+def run_settings(iterations, mc_samples) -> tuple[int, int]:
+    """The page's fine-tuning iterations and MC-dropout samples as whole numbers, checked
+    before any work (as the command line's options are): at least 1 iteration; 0 samples
+    (no uncertainty) or at least 2 (an SD needs two)."""
+    def whole(value, name):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a whole number, not {value!r}") from None
+        if number != int(number):
+            raise ValueError(f"{name} must be a whole number, not {value!r}")
+        return int(number)
+
+    iterations, mc_samples = whole(iterations, "Iterations"), whole(mc_samples, "MC samples")
+    if iterations < 1:
+        raise ValueError(f"Iterations must be at least 1 (the paper: 100), not {iterations}")
+    if mc_samples < 0 or mc_samples == 1:
+        raise ValueError(f"MC samples must be 0 (no uncertainty map) or at least 2 (the paper: 25), not {mc_samples}")
+    return iterations, mc_samples
 
 
 def _legend_gradient() -> str:

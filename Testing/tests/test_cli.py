@@ -252,3 +252,36 @@ def test_a_cancelled_json_run_ends_with_a_cancelled_event(segmented, tmp_path):
     rest, _ = proc.communicate(timeout=120)
     events = [json.loads(line) for line in (first + rest).splitlines()]
     assert proc.returncode == 130 and events[-1]["event"] == "cancelled" and "no partial output" in events[-1]["message"], events[-3:]
+
+
+def test_report_refuses_an_mr_image_as_truth_and_a_repeated_label_and_uses_ras_throughout(segmented, tmp_path):
+    case, _, seg = segmented
+    report = ("report", "--followup-image", case / "FLAIR.nii.gz", "--out", tmp_path / "r.html")
+    assert "not a label image" in failure(*report, "--results", f"base={seg}", "--truth", case / "FLAIR.nii.gz")
+    assert "base" in failure(*report, "--results", f"base={seg}", f"base={seg}") and not (tmp_path / "r.html").exists()
+    run("compare", "--baseline-lesions", case / "lesions.nii.gz", "--followup-lesions", seg / "segmentation.nii.gz", "--out", tmp_path / "changes")
+    run(*report, "--results", f"base={seg}", "--changes", tmp_path / "changes")
+    page = (tmp_path / "r.html").read_text()
+    assert "LPS" not in page and page.count("(RAS mm)") >= 1 and "coordinates are RAS" in page.replace("\n", " ")
+
+
+def test_a_failed_compare_leaves_neither_files_nor_an_empty_folder(segmented, tmp_path):
+    """A full disk (a real ulimit -f) while compare writes its three files."""
+    from test_outputs_complete import limited
+
+    case, _, seg = segmented
+    out = tmp_path / "changes"
+    proc = limited(1, "--progress", "none", "compare", "--baseline-lesions", case / "lesions.nii.gz", "--followup-lesions",
+                   seg / "segmentation.nii.gz", "--out", out)
+    assert proc.returncode == 2 and "disk is full" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_the_web_reports_name_no_server_path_of_the_session(segmented, tmp_path):
+    """The web app builds its report from a session folder it deletes right after: the
+    page names the files, not the folder."""
+    from PatientFineTuneLib.report import ReportInputs, build_report
+
+    case, _, seg = segmented
+    page = build_report(ReportInputs(case / "FLAIR.nii.gz", {"base": seg}, paths_shown=False))
+    assert str(seg) not in page and str(case) not in page and "FLAIR.nii.gz" in page

@@ -360,3 +360,15 @@ def test_only_files_in_the_data_folder_load_and_the_error_does_not_say_what_exis
     app.state.update({"baseline_paths": inside[0], "followup_paths": inside[1]})
     app.load_files()
     assert app.state.loaded and not app.state.error
+
+
+@pytest.mark.parametrize("iterations, samples, words", [(0, 25, "Iterations must be at least 1"), (100, 1, "MC samples must be 0"),
+                                                        ("ten", 25, "whole number"), (100, 2.5, "whole number")])
+def test_the_pages_numbers_are_checked_before_any_work(iterations, samples, words):
+    """Iterations 0 gave an internal message, MC samples 1 was refused only after the
+    whole fine-tune."""
+    from PatientFineTuneLib.web import run_settings
+
+    with pytest.raises(ValueError, match=words):
+        run_settings(iterations, samples)
+    assert run_settings(100.0, 0) == (100, 0)
