@@ -372,3 +372,20 @@ def test_the_pages_numbers_are_checked_before_any_work(iterations, samples, word
     with pytest.raises(ValueError, match=words):
         run_settings(iterations, samples)
     assert run_settings(100.0, 0) == (100, 0)
+
+
+def test_the_status_line_says_when_a_long_step_failed(tmp_path):
+    """It stayed at "Fine-tuning..." after a failure, beside the error."""
+    import asyncio
+
+    from PatientFineTuneLib.web import PatientFineTuneWeb
+
+    app = PatientFineTuneWeb(server=f"status-{time.monotonic_ns()}", work_dir=tmp_path, device="cpu")
+
+    def work(progress, cancelled):
+        from PatientFineTuneLib.images import read_image
+
+        return read_image(tmp_path / "gone.nii.gz")  # a real failure of the step: the file is not there
+
+    assert asyncio.run(app._run("Fine-tuning", work, 1)) is None
+    assert app.state.error.startswith("Fine-tuning failed") and "failed" in app.state.status and not app.state.busy, app.state.status
