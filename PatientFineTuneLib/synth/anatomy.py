@@ -26,6 +26,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+#: Changes whenever the same map, settings and seed would give other slices; recorded with
+#: every model and learning curve made from the synthesis, so a resumed run says which
+#: volumes its iterations saw.
+SYNTHESIS_VERSION = 2
+
 #: FreeSurfer labels by tissue. Labels not listed here (the extra-cerebral ones, >= 100)
 #: each get their own random intensity.
 TISSUES = {
@@ -68,6 +73,7 @@ PRIORS = {
         "amygdala": (1.15, 1.55), "csf": (0.08, 0.5), "lesion": (1.45, 2.6), "accumbens": (1.05, 1.4),
         "ventral_dc": (1.0, 1.3), "vessel": (0.2, 1.2), "choroid_plexus": (0.6, 1.5), "optic_chiasm": (0.9, 1.3),
         "oedema": (1.3, 2.0), "enhancing": (1.1, 1.7), "necrosis": (0.5, 1.6), "dura": (0.6, 1.3),
+        "grey_focus": (1.3, 2.0), "csf_flow": (0.5, 1.4),
     },
     "T1": {
         "wm": (1.0, 1.0), "cortex": (0.55, 0.8), "lateral_ventricle": (0.1, 0.35), "ventricle": (0.1, 0.35),
@@ -76,6 +82,7 @@ PRIORS = {
         "amygdala": (0.55, 0.8), "csf": (0.1, 0.35), "lesion": (0.4, 0.95), "accumbens": (0.65, 0.85),
         "ventral_dc": (0.8, 1.0), "vessel": (0.2, 1.0), "choroid_plexus": (0.4, 0.9), "optic_chiasm": (0.8, 1.0),
         "oedema": (0.55, 0.85), "enhancing": (0.55, 0.9), "necrosis": (0.15, 0.5), "dura": (0.4, 0.9),
+        "grey_focus": (0.5, 0.85), "csf_flow": (0.1, 0.4),
     },
     "T1c": {
         "wm": (1.0, 1.0), "cortex": (0.55, 0.8), "lateral_ventricle": (0.1, 0.35), "ventricle": (0.1, 0.35),
@@ -84,6 +91,7 @@ PRIORS = {
         "amygdala": (0.55, 0.8), "csf": (0.1, 0.35), "lesion": (0.5, 0.95), "accumbens": (0.65, 0.85),
         "ventral_dc": (0.8, 1.0), "vessel": (1.1, 1.8), "choroid_plexus": (1.1, 1.8), "optic_chiasm": (0.8, 1.0),
         "oedema": (0.55, 0.85), "enhancing": (1.15, 2.0), "necrosis": (0.15, 0.5), "dura": (1.05, 1.8),
+        "grey_focus": (0.5, 0.9), "csf_flow": (0.1, 0.4),
     },
 }
 
@@ -97,20 +105,16 @@ class AnatomyMap:
     """One label map, as compact tissue codes on its own grid.
 
     ``codes`` is a (k, j, i) uint8 array; ``names[code]`` is the tissue (or
-    ``"extra:<label>"``) of each code, code 0 being background. ``index_of_point`` maps
-    LPS mm to continuous (i, j, k) indices.
+    ``"extra:<label>"``) of each code, code 0 being background. ``inverse @ (p - origin)``
+    is the continuous (i, j, k) index of LPS point ``p`` (mm).
     """
 
     codes: np.ndarray
     names: tuple[str, ...]
     origin: np.ndarray
     inverse: np.ndarray  # (3, 3): LPS offset -> continuous index
+    brain_cells: np.ndarray  # (N, 3) (k, j, i) of the 4-voxel cells whose corner is brain
     name: str = ""
-
-    def index_of_points(self, points: np.ndarray) -> np.ndarray:
-        """(3, ...) LPS points -> (3, ...) continuous (i, j, k) indices."""
-        flat = points.reshape(3, -1) - self.origin[:, None]
-        return (self.inverse @ flat).reshape(points.shape)
 
     def codes_of(self, *tissues: str) -> np.ndarray:
         return np.array([c for c, n in enumerate(self.names) if n in tissues], dtype=np.uint8)
@@ -118,7 +122,11 @@ class AnatomyMap:
     @property
     def brain_codes(self) -> np.ndarray:
         """Codes inside a brain mask: every named tissue (extra-cerebral labels are not)."""
-        return np.array([c for c, n in enumerate(self.names) if c and not n.startswith("extra:")], dtype=np.uint8)
+        return _brain_codes(self.names)
+
+
+def _brain_codes(names: Sequence[str]) -> np.ndarray:
+    return np.array([c for c, n in enumerate(names) if c and not n.startswith("extra:")], dtype=np.uint8)
 
 
 def load_anatomy_map(path: str | Path) -> AnatomyMap:
@@ -138,7 +146,8 @@ def load_anatomy_map(path: str | Path) -> AnatomyMap:
     codes = lookup[np.clip(labels, 0, None)]
     direction = np.array(image.GetDirection()).reshape(3, 3)
     inverse = np.diag(1.0 / np.array(image.GetSpacing())) @ direction.T
-    return AnatomyMap(codes, tuple(names), np.array(image.GetOrigin()), inverse, name=Path(path).name)
+    cells = np.argwhere(np.isin(codes[::4, ::4, ::4], _brain_codes(names)))
+    return AnatomyMap(codes, tuple(names), np.array(image.GetOrigin()), inverse, cells, name=Path(path).name)
 
 
 @dataclass(frozen=True)
@@ -155,9 +164,14 @@ class SynthesisSettings:
 
 
 def _coarse_field(rng: np.random.Generator, coarse: Sequence[int], shape: Sequence[int]) -> np.ndarray:
-    """A smooth random field of ``shape``: normal values on a ``coarse`` grid, zoomed."""
-    values = rng.standard_normal(tuple(coarse)).astype(np.float32)
-    return ndimage.zoom(values, [s / c for s, c in zip(shape, coarse)], order=1, mode="nearest", grid_mode=True)
+    """A smooth random field of ``shape``: normal values on a ``coarse`` grid, linearly
+    interpolated (torch's interpolation: scipy's zoom took half of a volume's time)."""
+    import torch
+    import torch.nn.functional as F
+
+    values = torch.from_numpy(rng.standard_normal(tuple(coarse)).astype(np.float32))[None, None]
+    mode = {2: "bilinear", 3: "trilinear"}[len(shape)]
+    return F.interpolate(values, size=tuple(int(n) for n in shape), mode=mode, align_corners=False)[0, 0].numpy()
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -177,30 +191,29 @@ def sample_slab(anatomy: AnatomyMap, settings: SynthesisSettings, depth: int, rn
     which the library presents axial slices. Nearest-neighbour lookup: codes stay codes.
     """
     size = settings.size
-    brain = np.isin(anatomy.codes, anatomy.brain_codes)
-    k, j, i = np.nonzero(brain[::4, ::4, ::4])
-    pick = rng.integers(k.size)
-    # a centre inside the brain, away from its top and bottom few slices' worth
-    centre_index = np.array([i[pick], j[pick], k[pick]], dtype=np.float64) * 4 + rng.uniform(0, 4, 3)
-    forward = np.linalg.inv(anatomy.inverse)
-    centre = anatomy.origin + forward @ centre_index
-    axes = _rotation(rng, 12.0) * rng.uniform(0.9, 1.1, 3)[None, :]  # columns: col, row, slice directions
+    # a centre inside the brain: a random 4-voxel cell of the map's brain, jittered within it
+    cell = anatomy.brain_cells[rng.integers(len(anatomy.brain_cells))]
+    centre_index = cell[::-1] * 4.0 + rng.uniform(0, 4, 3)  # (i, j, k)
+    axes = _rotation(rng, 12.0) * rng.uniform(0.9, 1.1, 3)[None, :]  # columns: col, row, slice directions (LPS)
     if rng.random() < 0.5:
         axes[:, 0] *= -1  # left-right mirror
-    offsets = [
-        (np.arange(size) - (size - 1) / 2) * settings.spacing_mm[1],
-        (np.arange(size) - (size - 1) / 2) * settings.spacing_mm[0],
-        np.arange(depth) - (depth - 1) / 2,
-    ]
-    d, r, c = np.meshgrid(offsets[2], offsets[1], offsets[0], indexing="ij")
-    points = (axes[:, 0, None, None, None] * c + axes[:, 1, None, None, None] * r + axes[:, 2, None, None, None] * d
-              + centre[:, None, None, None])
+    # index = inverse @ (point - origin), with point = centre + axes @ (col, row, slice) mm:
+    # separable in the three slab axes, so it is built by broadcasting, not a full grid
+    steps = anatomy.inverse @ axes  # index change per mm along col, row, slice
+    col = ((np.arange(size) - (size - 1) / 2) * settings.spacing_mm[1]).astype(np.float32)
+    row = ((np.arange(size) - (size - 1) / 2) * settings.spacing_mm[0]).astype(np.float32)
+    sl = (np.arange(depth) - (depth - 1) / 2).astype(np.float32)
+    index = (centre_index.astype(np.float32)[:, None, None, None]
+             + steps[:, 2, None, None, None].astype(np.float32) * sl[None, :, None, None]
+             + steps[:, 1, None, None, None].astype(np.float32) * row[None, None, :, None]
+             + steps[:, 0, None, None, None].astype(np.float32) * col[None, None, None, :])
     amplitude = rng.uniform(0.0, 3.0)
     if amplitude > 0:
-        points = points + amplitude * np.stack([_coarse_field(rng, (2, 5, 5), (depth, size, size)) for _ in range(3)])
-    index = np.rint(anatomy.index_of_points(points)).astype(np.int64)
+        displacement = amplitude * np.stack([_coarse_field(rng, (2, 5, 5), (depth, size, size)) for _ in range(3)])
+        index = index + np.tensordot(anatomy.inverse.astype(np.float32), displacement, axes=1)
+    index = np.rint(index).astype(np.int32)
     shape = anatomy.codes.shape  # (k, j, i)
-    inside = np.all((index >= 0) & (index < np.array(shape[::-1])[:, None, None, None]), axis=0)
+    inside = np.all((index >= 0) & (index < np.array(shape[::-1], dtype=np.int32)[:, None, None, None]), axis=0)
     codes = np.zeros((depth, size, size), dtype=np.uint8)
     codes[inside] = anatomy.codes[index[2][inside], index[1][inside], index[0][inside]]
     return codes
@@ -227,16 +240,48 @@ def _ellipsoid(shape, centre, radii, rotation, rng, spacing) -> tuple[tuple[slic
     return tuple(box), (q**2).sum(0) + rough < 1.0
 
 
-def _random_voxel(mask: np.ndarray, rng: np.random.Generator, rows: slice | None = None) -> np.ndarray | None:
-    """A random voxel index of ``mask`` (restricted to slices ``rows``), or None."""
-    sub = mask if rows is None else mask[rows]
-    flat = np.flatnonzero(sub)
-    if flat.size == 0:
-        return None
-    index = np.array(np.unravel_index(flat[rng.integers(flat.size)], sub.shape), dtype=np.float64)
-    if rows is not None:
-        index[0] += rows.start
-    return index
+class _Voxels:
+    """The voxels of a mask within slices ``rows``, to draw random ones from (found once,
+    drawn from many times)."""
+
+    def __init__(self, mask: np.ndarray, rows: slice):
+        self.flat = np.flatnonzero(mask[rows])
+        self.shape = mask[rows].shape
+        self.offset = rows.start or 0
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray | None:
+        """A random voxel index (float), or None when there is none."""
+        if self.flat.size == 0:
+            return None
+        index = np.array(np.unravel_index(self.flat[rng.integers(self.flat.size)], self.shape), dtype=np.float64)
+        index[0] += self.offset
+        return index
+
+
+def grey_matter_foci(codes: np.ndarray, names: Sequence[str], spacing: Sequence[float], centre_slices: slice,
+                     rng: np.random.Generator) -> list[tuple[np.ndarray, str]]:
+    """Bright spots that are not lesions, as real FLAIR has them: foci in the cortex and
+    deep grey matter (gyral crowns, partial volume, vessels) and, in some volumes, CSF
+    whose signal the inversion did not null (flow). Overlays (mask, tissue), never target:
+    a white-matter lesion is told by where it is and its shape, not by brightness alone."""
+    lookup = {n: np.array([c for c, name in enumerate(names) if name == n], dtype=np.uint8) for n in set(names)}
+    grey = np.isin(codes, np.concatenate([lookup.get(n, np.zeros(0, np.uint8)) for n in
+                                          ("cortex", "cerebellum_cortex", "thalamus", "caudate", "putamen", "hippocampus", "amygdala")]))
+    spacing = np.asarray(spacing, dtype=np.float64)
+    foci = np.zeros(codes.shape, bool)
+    candidates = _Voxels(grey, centre_slices)
+    for _ in range(int(rng.integers(0, 60))):
+        centre = candidates.draw(rng)
+        if centre is None:
+            break
+        box, blob = _ellipsoid(codes.shape, centre, rng.uniform(0.8, 3.0, 3), _rotation(rng, 180.0), rng, spacing)
+        foci[box] |= blob & grey[box]
+    overlays = [(foci, "grey_focus")]
+    if rng.random() < 0.3:
+        csf = np.isin(codes, np.concatenate([lookup.get(n, np.zeros(0, np.uint8)) for n in ("csf", "lateral_ventricle", "ventricle")]))
+        flow = csf & (_coarse_field(rng, (3, 12, 12), codes.shape) > 1.0)
+        overlays.append((flow, "csf_flow"))
+    return overlays
 
 
 def insert_ms_lesions(codes: np.ndarray, names: Sequence[str], spacing: Sequence[float], centre_slices: slice,
@@ -256,16 +301,17 @@ def insert_ms_lesions(codes: np.ndarray, names: Sequence[str], spacing: Sequence
     cerebral_wm = tissue("wm")
     infratentorial = tissue("brainstem", "cerebellum_wm")
     lesions = tissue("lesion")
-    ventricle_wall = ventricle & ndimage.binary_dilation(cerebral_wm)
-    juxtacortical = cerebral_wm & ndimage.binary_dilation(cortex, iterations=2)
+    walls = _Voxels(ventricle & ndimage.binary_dilation(cerebral_wm), centre_slices)
+    sites = {"juxtacortical": _Voxels(cerebral_wm & ndimage.binary_dilation(cortex, iterations=2), centre_slices),
+             "infratentorial": _Voxels(infratentorial, centre_slices), "deep": _Voxels(cerebral_wm, centre_slices)}
     spacing = np.asarray(spacing, dtype=np.float64)
     # lesion loads from a few specks to confluent disease; a few volumes have none
     count = 0 if rng.random() < 0.05 else int(np.exp(rng.uniform(np.log(2), np.log(45))))
     for _ in range(count):
         kind = rng.choice(["periventricular", "cap", "deep", "juxtacortical", "infratentorial"], p=[0.38, 0.1, 0.27, 0.15, 0.1])
-        reach_cortex = False
+        reach_cortex = kind == "juxtacortical"
         if kind in ("periventricular", "cap"):
-            wall = _random_voxel(ventricle_wall, rng, centre_slices)
+            wall = walls.draw(rng)
             if wall is None:
                 continue
             # outward normal: away from the ventricle voxels around the wall point
@@ -284,14 +330,7 @@ def insert_ms_lesions(codes: np.ndarray, names: Sequence[str], spacing: Sequence
             second /= np.linalg.norm(second)
             rotation = np.stack([normal, second, np.cross(normal, second)], axis=1)
         else:
-            if kind == "juxtacortical":
-                where = juxtacortical
-                reach_cortex = True
-            elif kind == "infratentorial":
-                where = infratentorial
-            else:
-                where = cerebral_wm
-            centre = _random_voxel(where, rng, centre_slices)
+            centre = sites[kind].draw(rng)
             if centre is None:
                 continue
             radius = rng.uniform(1.5, 5.0) if kind != "deep" or rng.random() < 0.8 else rng.uniform(5.0, 9.0)
@@ -307,8 +346,9 @@ def _tubes(region: np.ndarray, count: int, spacing: np.ndarray, rng: np.random.G
     """``count`` thin straight tubes (vessels: 0.5-1.2 mm radius, 8-40 mm long) starting in
     ``region``."""
     out = np.zeros(region.shape, bool)
+    starts = _Voxels(region, centre_slices)
     for _ in range(count):
-        start = _random_voxel(region, rng, centre_slices)
+        start = starts.draw(rng)
         if start is None:
             break
         direction = rng.standard_normal(3)
@@ -343,8 +383,7 @@ def insert_tumour(codes: np.ndarray, names: Sequence[str], spacing: Sequence[flo
         return np.isin(codes, np.concatenate([lookup.get(w, np.zeros(0, np.uint8)) for w in wanted]))
 
     spacing = np.asarray(spacing, dtype=np.float64)
-    brain_codes = np.array([c for c, n in enumerate(names) if c and not n.startswith("extra:")], dtype=np.uint8)
-    brain = np.isin(codes, brain_codes)
+    brain = np.isin(codes, _brain_codes(names))
     overlays = []
     if rng.random() < 0.85:
         dura = ndimage.binary_dilation(brain, iterations=int(rng.integers(1, 4))) & ~brain
@@ -352,8 +391,9 @@ def insert_tumour(codes: np.ndarray, names: Sequence[str], spacing: Sequence[flo
     overlays.append((_tubes(tissue("csf", "cortex"), int(rng.integers(3, 16)), spacing, rng, centre_slices), "vessel"))
     ventricle = tissue("lateral_ventricle")
     plexus = np.zeros(codes.shape, bool)
+    sites = _Voxels(ventricle, centre_slices)
     for _ in range(int(rng.integers(0, 3))):
-        centre = _random_voxel(ventricle, rng, centre_slices)
+        centre = sites.draw(rng)
         if centre is not None:
             box, blob = _ellipsoid(codes.shape, centre, rng.uniform(2, 5, 3), _rotation(rng, 180.0), rng, spacing)
             plexus[box] |= blob & ventricle[box]
@@ -361,7 +401,7 @@ def insert_tumour(codes: np.ndarray, names: Sequence[str], spacing: Sequence[flo
     target = np.zeros(codes.shape, bool)
     if rng.random() < 0.1:
         return overlays, target
-    centre = _random_voxel(tissue("wm", "cortex", "thalamus", "putamen", "caudate"), rng, centre_slices)
+    centre = _Voxels(tissue("wm", "cortex", "thalamus", "putamen", "caudate"), centre_slices).draw(rng)
     if centre is None:
         return overlays, target
     radius = rng.uniform(6, 30)
@@ -436,6 +476,7 @@ def synthesize_slices(anatomy: AnatomyMap, settings: SynthesisSettings, rng: np.
     overlays = []
     if settings.lesion_kind == "ms":
         lesions = insert_ms_lesions(codes, anatomy.names, slab_spacing, middle, rng)
+        overlays = grey_matter_foci(codes, anatomy.names, slab_spacing, middle, rng)
     elif settings.lesion_kind == "tumour":
         overlays, lesions = insert_tumour(codes, anatomy.names, slab_spacing, middle, rng)
     else:
@@ -445,6 +486,8 @@ def synthesize_slices(anatomy: AnatomyMap, settings: SynthesisSettings, rng: np.
 
     # texture: smooth multiplicative variation within each tissue, and per-lesion contrast
     texture = 1.0 + rng.uniform(0.02, 0.08) * _coarse_field(rng, (max(2, depth // 4), 24, 24), codes.shape)
+    # fine-grained texture (1-2 voxels): real tissue is never a flat plateau
+    texture = texture * (1.0 + rng.uniform(0.02, 0.1) * ndimage.gaussian_filter(rng.standard_normal(codes.shape).astype(np.float32), 0.8) * 2.0)
     if settings.lesion_kind == "ms":
         lesion_ids, n_lesions = ndimage.label(lesions)
         lesion_gain = rng.uniform(0.75, 1.2, n_lesions + 1).astype(np.float32)
@@ -454,14 +497,14 @@ def synthesize_slices(anatomy: AnatomyMap, settings: SynthesisSettings, rng: np.
     for sequence in settings.sequences:
         values = _intensities(anatomy.names, sequence, rng)
         volume = values[codes] * texture
+        for mask, name in overlays:
+            volume = np.where(mask, rng.uniform(*PRIORS[sequence][name]) * texture, volume)
         if settings.lesion_kind == "ms":
             lesion_value = values[anatomy.names.index("lesion")] if "lesion" in anatomy.names else rng.uniform(*PRIORS[sequence]["lesion"])
             per_lesion = lesion_value * lesion_gain
             if sequence != "FLAIR":
                 per_lesion = np.minimum(per_lesion, 1.0)  # iso- to hypointense to white matter on T1
             volume = np.where(lesions, per_lesion[lesion_ids] * texture, volume)
-        for mask, name in overlays:
-            volume = np.where(mask, rng.uniform(*PRIORS[sequence][name]) * texture, volume)
         slices = np.einsum("t,sthw->shw", profile, volume[window])
         slices = np.stack([ndimage.gaussian_filter(s, sigma_px, mode="constant") for s in slices])
         bias = np.exp(rng.uniform(0.0, 0.35) * _coarse_field(rng, (settings.slices, 4, 4), slices.shape))

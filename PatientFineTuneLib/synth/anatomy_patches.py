@@ -19,7 +19,7 @@ import torch
 
 from ..images import normalise
 from ..patches import extract_patches
-from .anatomy import AnatomyMap, SynthesisSettings, load_anatomy_map, synthesize_slices
+from .anatomy import SYNTHESIS_VERSION, AnatomyMap, SynthesisSettings, load_anatomy_map, synthesize_slices
 
 
 class AnatomyPatches:
@@ -54,6 +54,7 @@ class AnatomyPatches:
     def describe(self) -> dict:
         """What a model's metadata records about this data."""
         return {
+            "synthesis_version": SYNTHESIS_VERSION,
             "label_maps": [p.name for p in self.map_paths],
             "sequences": list(self.settings.sequences),
             "lesions": self.settings.lesion_kind,

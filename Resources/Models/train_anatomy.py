@@ -82,6 +82,7 @@ def main(argv=None) -> None:
     from PatientFineTuneLib.model import LesionNet
     from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
     from PatientFineTuneLib.presets import get_preset
+    from PatientFineTuneLib.synth.anatomy import SYNTHESIS_VERSION
     from PatientFineTuneLib.synth.anatomy_patches import AnatomyPatches, settings_for_preset
     from PatientFineTuneLib.training import TrainingConfig, train_base_model, validation_scores
     from PatientFineTuneLib.runtime import Cancelled, resolve_device
@@ -118,6 +119,7 @@ def main(argv=None) -> None:
             model.train()
         entry["wall_s"] = round(previous + time.monotonic() - started, 1)
         entry["width"] = args.width
+        entry["synthesis_version"] = SYNTHESIS_VERSION
         with curve.open("a") as f:
             f.write(json.dumps(entry) + "\n")
 

@@ -47,9 +47,10 @@ def test_a_label_map_reads_as_tissue_codes_with_its_geometry(label_map):
     assert set(anatomy.names) == {"background", "wm", "cortex", "csf", "lateral_ventricle", "extra:507"}
     wm = anatomy.codes_of("wm")
     assert anatomy.codes.shape == (72, 72, 72) and np.isin(anatomy.codes, wm).sum() > 0
-    # LPS (x, y, z) = origin + direction @ index: the head's centre maps to the array centre
-    centre = np.array([0.0, 0.0, 0.0])
-    assert np.allclose(anatomy.index_of_points(centre[:, None])[:, 0], [35.5, 35.5, 35.5])
+    # LPS (x, y, z) = origin + direction @ index: the head's centre is the array's centre,
+    # and one mm superior is one voxel down the j axis (I in LIA)
+    assert np.allclose(anatomy.inverse @ (np.zeros(3) - anatomy.origin), [35.5, 35.5, 35.5])
+    assert np.allclose(anatomy.inverse @ np.array([0.0, 0.0, 1.0]), [0.0, -1.0, 0.0])
     assert set(anatomy.names[c] for c in anatomy.brain_codes) == {"wm", "cortex", "csf", "lateral_ventricle"}
 
 
