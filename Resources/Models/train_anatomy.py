@@ -75,6 +75,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="finished model (default training/<preset>-anatomy.pt)")
+    parser.add_argument("--export", action="store_true",
+                        help="only write the model of the latest checkpoint to --out (to evaluate a run in progress)")
     args = parser.parse_args(argv)
 
     import torch
@@ -101,10 +103,30 @@ def main(argv=None) -> None:
     config = TrainingConfig(iterations=args.iterations, seed=args.seed, precision=args.precision,
                             sequence_dropout=args.sequence_dropout, droppable_channels=tuple(range(1, n_channels)))
     device = resolve_device(args.device)
-    val_cases = load_validation(preset, args.data)
-    first_only = [without_channels(c, range(1, n_channels)) for c in val_cases] if n_channels > 1 else []
     torch.manual_seed(args.seed)
     model = LesionNet([c for _, c in preset.sequences], width=args.width)
+
+    def write_model(iterations: int, final_loss, wall_s: float) -> None:
+        metadata = make_metadata(model, preset.sequence_dicts(), preset.training_spacing_mm, preset=preset.name, training={
+            "command": " ".join(["python", "Resources/Models/train_anatomy.py", *sys.argv[1:]]),
+            "config": config.identity() | {"iterations": iterations},
+            "anatomy_synthesis": synthetic.describe(),
+            "train_cases": [],
+            "held_out_sets": list(VALIDATION[preset.name]),
+            "final_loss": final_loss,
+            "wall_time_s": round(wall_s, 1),
+        })
+        save_model(ModelBundle(model, metadata), out, overwrite=True)
+        print(f"saved {out} ({iterations} iterations)")
+
+    if args.export:
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(payload["model"])
+        lines = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()] if curve.exists() else []
+        write_model(int(payload["iteration"]), None, max((r.get("wall_s", 0.0) for r in lines), default=0.0))
+        return
+    val_cases = load_validation(preset, args.data)
+    first_only = [without_channels(c, range(1, n_channels)) for c in val_cases] if n_channels > 1 else []
     started = time.monotonic()
     previous = 0.0
     if curve.exists():
@@ -135,17 +157,7 @@ def main(argv=None) -> None:
         print(f"stopped after {args.hours} h; the checkpoint {checkpoint} holds the last {args.checkpoint_every}-iteration step; "
               "run the same command to continue", flush=True)
         return
-    metadata = make_metadata(model, preset.sequence_dicts(), preset.training_spacing_mm, preset=preset.name, training={
-        "command": " ".join(["python", "Resources/Models/train_anatomy.py", *sys.argv[1:]]),
-        "config": config.identity() | {"iterations": config.iterations},
-        "anatomy_synthesis": synthetic.describe(),
-        "train_cases": [],
-        "val_cases": [c.name for c in val_cases],
-        "final_loss": history[-1]["loss"] if history else None,
-        "wall_time_s": round(previous + time.monotonic() - started, 1),
-    })
-    save_model(ModelBundle(model, metadata), out, overwrite=True)
-    print(f"saved {out}")
+    write_model(config.iterations, history[-1]["loss"] if history else None, previous + time.monotonic() - started)
 
 
 if __name__ == "__main__":
