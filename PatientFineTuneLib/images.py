@@ -129,6 +129,8 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> sitk.Image
     if series_uid is None and len(series) > 1:
         raise ImageError(f"{folder} holds {len(series)} DICOM series ({listed}); choose one with --series-uid UID, or put each series in its own folder")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid or series[0])
+    if len(files) == 1 and _dicom_frames(files[0]) > 1:  # one multi-frame file holds the whole volume
+        return read_image(files[0])
     check_dicom_slices(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -141,6 +143,15 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> sitk.Image
 
 #: DICOM tags of a slice's geometry: Image Position and Image Orientation (Patient).
 _POSITION, _ORIENTATION = "0020|0032", "0020|0037"
+
+
+def _dicom_frames(file: str) -> int:
+    """How many frames (slices) one DICOM file holds."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    reader.ReadImageInformation()
+    size = reader.GetSize()
+    return size[2] if len(size) > 2 else 1
 
 
 def check_dicom_slices(folder: Path, files: Sequence[str]) -> None:

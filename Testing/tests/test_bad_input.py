@@ -235,6 +235,7 @@ def test_dicom_series_folders_are_read_and_a_single_slice_or_an_empty_folder_ref
     written = _write_dicom_series(volume, tmp_path / "series")
     image = read_image(tmp_path / "series")
     assert image.GetSize() == (24, 20, 6) and np.array_equal(sitk.GetArrayFromImage(image), volume)
+    assert image.GetSpacing() == pytest.approx((0.9, 0.9, 3.0))
     assert image.GetSpacing() == pytest.approx(written.GetSpacing()) and image.GetOrigin() == pytest.approx(written.GetOrigin())
     with pytest.raises(ImageError, match="single 2D DICOM image"):
         read_image(tmp_path / "series" / "slice000.dcm")
@@ -369,3 +370,32 @@ def test_what_the_libraries_would_say_unclearly_is_said_in_our_words_up_front(sm
         assert kind in message or kind == "coarse", message  # the file is named (N4 sees the whole case)
     proc = cli("segment", "--model", "brain-wmh", "--images", *variants["one-slice"], "--out", tmp_path / "o", timeout=120)
     assert proc.returncode == 2 and "single slice" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_folder_with_one_multi_frame_dicom_file_is_one_volume(tmp_path):
+    """One file holding every slice (multi-frame) is a volume, not a single slice: read
+    as 3D with its spacing (it was read as a 4D image before the series checks)."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from PatientFineTuneLib.images import read_image
+
+    volume = np.random.default_rng(3).integers(0, 1000, (6, 20, 24)).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid(), ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "MR"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 20, 24, 6
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelSpacing, ds.SliceThickness, ds.SpacingBetweenSlices = [0.9, 0.9], 3.0, 3.0
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [-100, -120, -40], [1, 0, 0, 0, 1, 0]
+    ds.PixelData = volume.tobytes()
+    (tmp_path / "mf").mkdir()
+    ds.save_as(tmp_path / "mf" / "volume.dcm", enforce_file_format=True)
+    image = read_image(tmp_path / "mf")
+    assert image.GetSize() == (24, 20, 6) and np.array_equal(sitk.GetArrayFromImage(image), volume)
+    assert image.GetSpacing() == pytest.approx((0.9, 0.9, 3.0))
