@@ -375,7 +375,7 @@ def test_what_the_libraries_would_say_unclearly_is_said_in_our_words_up_front(sm
 def test_a_folder_with_one_multi_frame_dicom_file_is_one_volume(tmp_path):
     """One file holding every slice (multi-frame) is a volume, not a single slice: read
     as 3D with its spacing (it was read as a 4D image before the series checks)."""
-    import pydicom
+    pytest.importorskip("pydicom", reason="pydicom comes with the web extra (trame-slicer), which the test extra installs")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
