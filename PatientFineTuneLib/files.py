@@ -47,6 +47,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or pass overwrite (--overwrite)")
     tmp = None
+    made = _missing_folders(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Keep the real suffixes at the end: writers such as SimpleITK pick the format from them.
@@ -60,6 +61,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        _remove_empty(made)
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             # the system names the temporary file; the user knows the output's name
             raise (incomplete_output(path) if exc.errno in _NO_ROOM else OutputError(f"could not write {path}: {exc.strerror or exc}")) from None
@@ -95,9 +97,7 @@ def output_set(folder: str | os.PathLike, overwrite: bool = False, replaces: Ite
             _move_into_place(stage, folder, names, stale)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-        for made_folder in made:  # innermost first; only where nothing else was put meanwhile
-            if made_folder.is_dir() and not any(made_folder.iterdir()):
-                made_folder.rmdir()
+        _remove_empty(made)
         raise
     shutil.rmtree(stage, ignore_errors=True)
 
@@ -109,6 +109,14 @@ def _missing_folders(folder: Path) -> list[Path]:
         missing.append(folder)
         folder = folder.parent
     return missing
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the folders a failed write made (innermost first), where nothing else was
+    put meanwhile: a failed run leaves no empty output folder."""
+    for folder in made:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _move_into_place(stage: Path, folder: Path, names: list[str], stale: list[str]) -> None:

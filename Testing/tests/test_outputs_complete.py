@@ -66,7 +66,7 @@ def test_segment_on_a_full_disk_fails_and_leaves_no_output(small_pair_dir, tiny_
 
 def test_finetune_and_report_on_a_full_disk_say_so_in_one_line(small_pair_dir, tiny_model_file, tmp_path):
     case = small_pair_dir / "baseline"
-    out = tmp_path / "patient.pt"
+    out = tmp_path / "models" / "patient.pt"  # a folder made for it goes again, too
     proc = limited(1, "--progress", "none", "finetune", "--model", tiny_model_file, "--case", case, "--iterations", 2, "--no-check", "--out", out)
     assert proc.returncode == 2 and "disk is full" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert files_under(tmp_path) == []
