@@ -717,7 +717,8 @@ def cmd_web(args) -> None:
         raise RuntimeError('the web app needs trame-slicer: pip install -e ".[web]"')
     from .web import main as serve
 
-    serve(host=args.host, port=args.port, model=args.model, work_dir=args.work, device=args.device, data_dir=args.data)
+    serve(host=args.host, port=args.port, model=args.model, work_dir=args.work, device=args.device, data_dir=args.data,
+          allowed_hosts=args.allow_host)
 
 
 def cmd_info(args) -> None:
@@ -987,6 +988,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="brain-wmh", help="base model file or shipped preset name")
     p.add_argument("--work", default=".", help="folder for the generated sample patient")
     p.add_argument("--data", help="the folder whose image files the page may load (default: --work); nothing outside it is read")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="another name the app answers to, e.g. the one a reverse proxy forwards (repeat for each); "
+                        "requests for any other Host or from any other Origin are refused")
     p.add_argument("--device", default="auto")
     return parser
 

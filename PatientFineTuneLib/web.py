@@ -547,14 +547,15 @@ def _legend_gradient() -> str:
     return f"linear-gradient(to right, {', '.join(stops)})"
 
 
-def own_address_only(host: str):
+def own_address_only(host: str, allowed: Sequence[str] = ()):
     """aiohttp middleware refusing (403) every request whose ``Host`` is not an address of
-    the app (``host``, or this machine's loopback names) or whose ``Origin`` is another
-    site: a page from elsewhere reaches 127.0.0.1 through the user's browser, directly
-    (its Origin gives it away) or by a DNS name it rebinds to 127.0.0.1 (its Host does)."""
+    the app (``host``, this machine's loopback names, or a name in ``allowed``, such as the
+    one a reverse proxy forwards) or whose ``Origin`` is another site: a page from
+    elsewhere reaches 127.0.0.1 through the user's browser, directly (its Origin gives it
+    away) or by a DNS name it rebinds to 127.0.0.1 (its Host does)."""
     from aiohttp import web
 
-    names = {"127.0.0.1", "localhost", "::1", host.strip("[]").lower()}
+    names = {"127.0.0.1", "localhost", "::1", host.strip("[]").lower(), *(name.strip("[]").lower() for name in allowed)}
 
     def ours(address: str | None) -> bool:
         return address is not None and address.lower() in names
@@ -570,14 +571,15 @@ def own_address_only(host: str):
 
 
 def main(host: str = "127.0.0.1", port: int = 8080, model: str = "brain-wmh", work_dir: str = ".", device: str = "auto",
-         data_dir: str | None = None, open_browser: bool = False) -> None:
+         data_dir: str | None = None, allowed_hosts: Sequence[str] = (), open_browser: bool = False) -> None:
     """Serve the app until interrupted; prints the address to open, with this start's
-    secret in it."""
+    secret in it. ``allowed_hosts``: more names the app answers to (see
+    :func:`own_address_only`)."""
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     app = PatientFineTuneWeb(model=model, work_dir=work_dir, device=device, data_dir=data_dir)
     secret = secrets.token_urlsafe(24)
     app.server.cli.set_defaults(authKey=secret)  # wslink's default ("wslink-secret") is public
-    app.server.controller.on_server_bind.add(lambda wslink_server: wslink_server.app.middlewares.append(own_address_only(host)))
+    app.server.controller.on_server_bind.add(lambda wslink_server: wslink_server.app.middlewares.append(own_address_only(host, allowed_hosts)))
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     app.server.controller.on_server_ready.add(
         lambda **_: print(f"PatientFineTune web app: open http://{shown}:{app.server.port}/?secret={secret} "

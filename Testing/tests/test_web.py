@@ -250,7 +250,7 @@ def guarded_server(tmp_path_factory):
     log_path = work / "server.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, "-m", "PatientFineTuneLib.cli", "web", "--port", str(port), "--work", str(work),
-                                   "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT)
+                                   "--device", "cpu", "--allow-host", "reading-room.example"], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while "secret=" not in log_path.read_text() and not _answers(port):
         if server.poll() is not None or time.monotonic() > deadline:
@@ -321,6 +321,8 @@ def test_a_foreign_origin_or_host_is_refused(guarded_server):
     assert _http(port, "/index.html", origin="http://evil.example")[0] == 403
     assert _hello(port, "wslink-secret", "http://evil.example")[0] == 403
     assert _hello(port, "wslink-secret", own)[0] == 101  # the upgrade itself is for the app's own page
+    # a name the user allowed (--allow-host: the address a reverse proxy forwards) is the app's own too
+    assert _http(port, "/index.html", host="reading-room.example", origin="https://reading-room.example")[0] == 200
 
 
 def test_the_websocket_needs_the_secret_printed_at_start(guarded_server):
