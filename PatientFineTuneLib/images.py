@@ -601,8 +601,9 @@ def check_usable_volume(image: sitk.Image, what: str) -> None:
     if image.GetPixelID() in (sitk.sitkFloat64, sitk.sitkVectorFloat64):
         values = sitk.GetArrayViewFromImage(image)
         largest = float(np.abs(values[np.isfinite(values)]).max(initial=0.0))
-        if largest > np.finfo(np.float32).max:
-            raise ImageError(f"{what} holds values up to {largest:.3g}, beyond what float32 holds ({np.finfo(np.float32).max:.3g}), which "
+        float32_max = float(np.finfo(np.float32).max)  # as a Python float: comparing with the float32 would cast 1e300 to it
+        if largest > float32_max:
+            raise ImageError(f"{what} holds values up to {largest:.3g}, beyond what float32 holds ({float32_max:.3g}), which "
                              "the network computes in; rescale the image (intensity units do not matter, the network normalises them)")
 
 
