@@ -354,34 +354,45 @@ def _case_for_model(args, bundle, lesions: bool = False):
     """Load and normalise the case named by --case/--images (+ --organ, --lesions) in the
     model's sequence order; returns (case, organ path or None)."""
     from .cases import find_image
-    from .images import assign_series_uids, load_case, prepare_case
+    from .images import assign_series_uids, load_case, prepare_case, with_absent_sequences
 
     names = [s["name"] for s in bundle.sequences]
+    # a model trained with sequence dropout reads scans without its trailing optional
+    # sequences (a FLAIR-only follow-up to a FLAIR + T1 model)
+    needed = len(names)
+    while needed > 1 and bundle.sequences[needed - 1].get("optional"):
+        needed -= 1
     lesion_path = getattr(args, "lesions", None)
     if args.case and args.images:
         raise ValueError("give --case FOLDER or --images FILES, not both")
     if args.case:
         folder = Path(args.case)
         paths = [find_image(folder, n) for n in names]
-        if not all(paths):
+        found = next((i for i, p in enumerate(paths) if p is None), len(paths))  # sequences found, in order
+        if found < needed or any(p is not None for p in paths[found:]):
             missing = [n for n, p in zip(names, paths) if p is None]
             raise FileNotFoundError(f"{folder} has no image for sequence(s) {', '.join(missing)} (expected {', '.join(n + '.nii.gz' for n in names)})")
+        paths = paths[:found]
         organ = args.organ or find_image(folder, "organ")
         if lesions:
             lesion_path = lesion_path or find_image(folder, "lesions")
     else:
         if not args.images:
             raise ValueError(f"give --case FOLDER or --images with {len(names)} file(s) in the order {', '.join(names)}")
+        if not needed <= len(args.images) <= len(names):
+            optional = f" ({', '.join(names[needed:])} optional)" if needed < len(names) else ""
+            raise ValueError(f"--images needs {len(names)} file(s) in the order {', '.join(names)}{optional}; got {len(args.images)}")
         paths, organ = args.images, args.organ
     if lesions and lesion_path is None:
         raise FileNotFoundError("this needs the baseline annotation: --lesions FILE (or lesions.nii.gz in the --case folder)")
+    given = bundle.sequences[:len(paths)]
     series_uids = assign_series_uids(paths, args.series_uid)
     case = load_case(
         paths,
         organ_path=organ,
         lesion_path=lesion_path if lesions else None,
-        expected_channels=[s["channels"] for s in bundle.sequences],
-        sequence_names=names,
+        expected_channels=[s["channels"] for s in given],
+        sequence_names=[s["name"] for s in given],
         resample_to_first=args.resample_to,
         auto_organ=bundle.auto_organ_mask,
         skull_stripped=args.skull_stripped,
@@ -392,6 +403,9 @@ def _case_for_model(args, bundle, lesions: bool = False):
         _note(args, case.sources["organ"])
     if case.sources["bias_corrected"]:
         _note(args, "bias field corrected (N4) inside the brain mask")
+    if len(given) < len(names):
+        _note(args, f"no {', '.join(names[len(given):])}: this model was trained to read {', '.join(s['name'] for s in given)} without it")
+        return with_absent_sequences(prepare_case(case), sum(s["channels"] for s in bundle.sequences)), organ
     return prepare_case(case), organ
 
 

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator, Sequence
@@ -761,3 +761,15 @@ def prepare_case(case: Case) -> Case:
     """Normalise the case's intensities inside its organ mask (in place); returns it."""
     case.images = normalise(case.images, case.organ, case.sources.get("channel_names"))
     return case
+
+
+def with_absent_sequences(case: Case, channels: int) -> Case:
+    """A normalised ``case`` whose images are extended with zero channels up to
+    ``channels``: the sequences a model was trained to do without (sequence dropout, e.g.
+    a FLAIR-only follow-up to a FLAIR + T1 model) reach it as they did in training, as the
+    normalised median. Returns a new case; ``case`` is left as it is."""
+    present = case.images.shape[0]
+    if present > channels:
+        raise ValueError(f"{case.name or 'the case'} has {present} channels; the model reads {channels}")
+    blank = np.zeros((channels - present, *case.images.shape[1:]), dtype=case.images.dtype)
+    return replace(case, images=np.concatenate([case.images, blank]))

@@ -128,7 +128,8 @@ def make_metadata(
     meta = {
         "architecture": model.architecture(),
         **({"receptive_field_px": model.receptive_field()} if isinstance(model, LesionNet) else {}),
-        "sequences": [{"name": str(s["name"]), "channels": int(s["channels"])} for s in sequences],
+        "sequences": [{"name": str(s["name"]), "channels": int(s["channels"]), **({"optional": True} if s.get("optional") else {})}
+                      for s in sequences],
         "normalisation": "robust z-score per channel inside the organ mask, clipped to [-5, 10]",
         "training_spacing_mm": [float(s) for s in training_spacing_mm],
         "preset": preset,
@@ -152,6 +153,8 @@ def metadata_problem(metadata: dict, model: LesionNet | UNet3D) -> str | None:
     if not (isinstance(sequences, list) and all(isinstance(s, dict) and isinstance(s.get("name"), str) and s["name"]
                                                 and type(s.get("channels")) is int and s["channels"] >= 1 for s in sequences)):
         return f"sequences {json.dumps(sequences)[:120]} must be a list of {{name, channels}}, one per pathway"
+    if any(not isinstance(s.get("optional", False), bool) for s in sequences) or (sequences and sequences[0].get("optional")):
+        return "a sequence's optional flag must be true or false, and the first sequence cannot be optional"
     if [s["channels"] for s in sequences] != list(model.in_channels):
         return (f"sequences give {len(sequences)} pathway(s) with channels {[s['channels'] for s in sequences]}, "
                 f"the network has {len(model.in_channels)} with {list(model.in_channels)}")

@@ -21,6 +21,7 @@ model).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -48,16 +49,6 @@ def load_validation(preset, data: Path):
     return [load_real_case(spec, [c for _, c in preset.sequences])[0] for spec in specs]
 
 
-def without_channels(case, channels):
-    """A copy of ``case`` with ``channels`` blanked (zero: the normalised median), as a
-    scan without those sequences reaches a model trained with sequence dropout."""
-    import dataclasses
-
-    images = case.images.copy()
-    images[list(channels)] = 0.0
-    return dataclasses.replace(case, images=images, name=case.name + " (first sequence only)")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="brain-wmh", choices=sorted(VALIDATION))
@@ -81,6 +72,7 @@ def main(argv=None) -> None:
 
     import torch
 
+    from PatientFineTuneLib.images import with_absent_sequences
     from PatientFineTuneLib.model import LesionNet
     from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
     from PatientFineTuneLib.presets import get_preset
@@ -106,8 +98,11 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     model = LesionNet([c for _, c in preset.sequences], width=args.width)
 
+    # sequences blanked in training are optional for the model (one channel each here)
+    sequences = [{**s, "optional": i > 0 and config.sequence_dropout > 0} for i, s in enumerate(preset.sequence_dicts())]
+
     def write_model(iterations: int, final_loss, wall_s: float) -> None:
-        metadata = make_metadata(model, preset.sequence_dicts(), preset.training_spacing_mm, preset=preset.name, training={
+        metadata = make_metadata(model, sequences, preset.training_spacing_mm, preset=preset.name, training={
             "command": " ".join(["python", "Resources/Models/train_anatomy.py", *sys.argv[1:]]),
             "config": config.identity() | {"iterations": iterations},
             "anatomy_synthesis": synthetic.describe(),
@@ -126,7 +121,9 @@ def main(argv=None) -> None:
         write_model(int(payload["iteration"]), None, max((r.get("wall_s", 0.0) for r in lines), default=0.0))
         return
     val_cases = load_validation(preset, args.data)
-    first_only = [without_channels(c, range(1, n_channels)) for c in val_cases] if n_channels > 1 else []
+    # the scans as a model trained with sequence dropout sees them without the later sequences
+    first_only = [with_absent_sequences(dataclasses.replace(c, images=c.images[:1], name=c.name + " (first sequence only)"), n_channels)
+                  for c in val_cases] if n_channels > 1 else []
     started = time.monotonic()
     previous = 0.0
     if curve.exists():

@@ -20,9 +20,9 @@ checkout), so the two can be compared:
     python Testing/benchmarks/eval_real_base_models.py --json /tmp/real_new.json
 
 ``--model PRESET=FILE`` scores another model of a preset (e.g. a candidate base model
-before it is shipped). ``--first-sequence-only`` blanks every sequence after the first
-after normalisation (zero, the normalised median: what a model trained with sequence
-dropout sees of a scan without them), for the FLAIR-only MS follow-up. ``--thick N``
+before it is shipped). ``--first-sequence-only`` reads only the first sequence and gives
+the model the others as absent (``images.with_absent_sequences``, as ``segment`` does for
+a model trained with sequence dropout): the FLAIR-only MS follow-up. ``--thick N``
 turns every N consecutive slices into one thick slice (their mean; the masks where at
 least half the slab is inside) before segmenting and scores against the thick lesion
 mask: the 1-mm Ljubljana scans as the 5-mm 2D FLAIR a routine MS follow-up often is.
@@ -165,11 +165,15 @@ def evaluate(spec: dict, bundle, scan_options: dict | None = None, first_sequenc
     dict : the case's identity, ``evaluate_case``'s metrics and the wall time (s).
     """
     start = time.perf_counter()
-    case, resample = load_real_case(spec, [s["channels"] for s in bundle.sequences], scan_options)
+    channels = [s["channels"] for s in bundle.sequences]
+    if first_sequence_only:  # loaded as a scan of the first sequence alone is, then as the model sees it
+        spec = {**spec, "sequences": spec["sequences"][:1]}
+        case, resample = load_real_case(spec, channels[:1], scan_options)
+        case = images.with_absent_sequences(case, sum(channels))
+    else:
+        case, resample = load_real_case(spec, channels, scan_options)
     if thick > 1:
         case = thicken(case, thick)
-    if first_sequence_only:
-        case.images[1:] = 0.0
     seg = inference.segment_case(bundle, case, device="cpu")
     pred = to_stored(case, seg.mask).astype(bool)
     if thick > 1:

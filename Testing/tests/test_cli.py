@@ -285,3 +285,36 @@ def test_the_web_reports_name_no_server_path_of_the_session(segmented, tmp_path)
     case, _, seg = segmented
     page = build_report(ReportInputs(case / "FLAIR.nii.gz", {"base": seg}, paths_shown=False))
     assert str(seg) not in page and str(case) not in page and "FLAIR.nii.gz" in page
+
+
+def test_a_model_trained_without_t1_segments_a_flair_only_scan_and_others_say_what_is_missing(segmented, tmp_path):
+    """The commonest MS follow-up is a FLAIR alone. A model whose T1 is optional (trained
+    with sequence dropout) segments it with no extra flag, as a --case folder without
+    T1 or as one --images file, on the FLAIR's grid, and says T1 was absent; a model that
+    needs T1 refuses with what is missing."""
+    import shutil
+
+    from conftest import tiny_model
+    from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
+
+    case, needs_t1, _ = segmented
+    net = tiny_model()
+    optional = tmp_path / "flair-or-both.pt"
+    save_model(ModelBundle(net, make_metadata(net, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1, "optional": True}],
+                                              (2.0, 2.0), preset="brain-wmh")), optional)
+    flair_only = tmp_path / "flair-only"
+    flair_only.mkdir()
+    for name in ("FLAIR.nii.gz", "organ.nii.gz"):
+        shutil.copy(case / name, flair_only / name)
+    flair = sitk.ReadImage(str(case / "FLAIR.nii.gz"))
+    for given in (("--case", flair_only), ("--images", case / "FLAIR.nii.gz", "--organ", case / "organ.nii.gz")):
+        out = tmp_path / f"seg{given[0]}"
+        proc = run("segment", "--model", optional, *given, "--out", out)
+        assert "no T1" in proc.stderr
+        seg = sitk.ReadImage(str(out / "segmentation.nii.gz"))
+        assert seg.GetSize() == flair.GetSize() and seg.GetOrigin() == pytest.approx(flair.GetOrigin())
+    refused = run("segment", "--model", needs_t1, "--case", flair_only, "--out", tmp_path / "no", check=False)
+    assert refused.returncode == 2 and "no image for sequence(s) T1" in refused.stderr
+    refused = run("segment", "--model", needs_t1, "--images", case / "FLAIR.nii.gz", "--out", tmp_path / "no", check=False)
+    assert refused.returncode == 2 and "needs 2 file(s) in the order FLAIR, T1; got 1" in refused.stderr
+    assert not (tmp_path / "no").exists()

@@ -149,3 +149,12 @@ def test_a_model_with_zero_spacing_is_one_line_from_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "--progress", "json", "info", path], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "training_spacing_mm" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_an_optional_sequence_is_kept_in_the_metadata_and_the_first_cannot_be_optional(tmp_path):
+    net = tiny_model()
+    sequences = [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1, "optional": True}]
+    save_model(ModelBundle(net, make_metadata(net, sequences, (2.0, 2.0), preset="brain-wmh")), tmp_path / "m.pt")
+    assert load_model(tmp_path / "m.pt").sequences == sequences
+    with pytest.raises(ValueError, match="first sequence cannot be optional"):
+        make_metadata(net, [{"name": "FLAIR", "channels": 1, "optional": True}, {"name": "T1", "channels": 1}], (2.0, 2.0))
