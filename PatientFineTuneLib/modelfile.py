@@ -201,6 +201,15 @@ def _nonfinite_tensors(state_dict: dict) -> list[str]:
     return [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
+def write_torch_file(payload, path: str | os.PathLike, overwrite: bool = False) -> None:
+    """``torch.save(payload)`` to ``path``, atomically. Serialised in memory and written by
+    Python, whose writes raise on a full disk; torch.save to a file reports that only as
+    "enforce fail at inline_container.cc"."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()), overwrite=overwrite)
+
+
 def save_model(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = False) -> str:
     """Save a model file atomically; returns its sha256. Never replaces an existing file
     unless ``overwrite`` (so a base model cannot be clobbered by accident)."""
@@ -221,11 +230,7 @@ def save_model(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = F
         "metadata_json": json.dumps(metadata, sort_keys=True),
         "state_dict": state_dict,
     }
-    # Serialised in memory and written by Python, whose writes raise on a full disk;
-    # torch.save to a file reports that only as "enforce fail at inline_container.cc".
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()), overwrite=overwrite)
+    write_torch_file(payload, path, overwrite=overwrite)
     bundle.metadata = metadata
     return metadata["sha256"]
 

@@ -28,14 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write
 from .images import Case, resample_array, resampled_shape
 from .inference import predict_mask
 from .runtime import resolve_device
 from .training_loop import Adam, check_precision, training_loop
 from .metrics import dice, lesion_detection
 from .model import LesionNet
-from .modelfile import ModelBundle
+from .modelfile import ModelBundle, write_torch_file
 from .patches import extract_patches, random_patch_centres
 
 CHECKPOINT_FORMAT = "PatientFineTune-checkpoint"
@@ -222,7 +221,7 @@ def _save_checkpoint(path: Path, model, optimizer, iteration: int, config: Train
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
     }
-    atomic_write(path, lambda tmp: torch.save(payload, tmp), overwrite=True)
+    write_torch_file(payload, path, overwrite=True)
 
 
 def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig) -> int:

@@ -78,6 +78,19 @@ def test_finetune_and_report_on_a_full_disk_say_so_in_one_line(small_pair_dir, t
     assert not report.exists() and not [f for f in files_under(tmp_path) if "report" in f]
 
 
+def test_base_training_on_a_full_disk_says_so_in_one_line(small_pair_dir, tmp_path):
+    """The checkpoint, written every iteration here, meets the full disk first: the run
+    ends with one line saying so (after training's own progress bar), exit 2, no
+    checkpoint or model left (torch.save to a file said only "enforce fail at
+    inline_container.cc")."""
+    out = tmp_path / "base.pt"
+    proc = limited(1, "--progress", "none", "train-base", "--preset", "brain-wmh", "--train", small_pair_dir / "baseline",
+                   "--out", out, "--iterations", 2, "--width", 4, "--patches-per-slice", 2, "--checkpoint-every", 1)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "disk is full" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert files_under(tmp_path) == []
+
+
 def _cancel_when(args, changed):
     """Start ``patient-finetune ARGS`` and send it SIGTERM as soon as ``changed()``; returns
     the process once it has ended, or None when it finished first."""
