@@ -240,6 +240,11 @@ def _ellipsoid(shape, centre, radii, rotation, rng, spacing) -> tuple[tuple[slic
     return tuple(box), (q**2).sum(0) + rough < 1.0
 
 
+def _tissue(codes: np.ndarray, names: Sequence[str], *wanted: str) -> np.ndarray:
+    """Where ``codes`` hold any of the ``wanted`` tissues (``names`` names each code)."""
+    return np.isin(codes, np.array([c for c, name in enumerate(names) if name in wanted], dtype=np.uint8))
+
+
 class _Voxels:
     """The voxels of a mask within slices ``rows``, to draw random ones from (found once,
     drawn from many times)."""
@@ -264,9 +269,7 @@ def grey_matter_foci(codes: np.ndarray, names: Sequence[str], spacing: Sequence[
     deep grey matter (gyral crowns, partial volume, vessels) and, in some volumes, CSF
     whose signal the inversion did not null (flow). Overlays (mask, tissue), never target:
     a white-matter lesion is told by where it is and its shape, not by brightness alone."""
-    lookup = {n: np.array([c for c, name in enumerate(names) if name == n], dtype=np.uint8) for n in set(names)}
-    grey = np.isin(codes, np.concatenate([lookup.get(n, np.zeros(0, np.uint8)) for n in
-                                          ("cortex", "cerebellum_cortex", "thalamus", "caudate", "putamen", "hippocampus", "amygdala")]))
+    grey = _tissue(codes, names, "cortex", "cerebellum_cortex", "thalamus", "caudate", "putamen", "hippocampus", "amygdala")
     spacing = np.asarray(spacing, dtype=np.float64)
     foci = np.zeros(codes.shape, bool)
     candidates = _Voxels(grey, centre_slices)
@@ -278,7 +281,7 @@ def grey_matter_foci(codes: np.ndarray, names: Sequence[str], spacing: Sequence[
         foci[box] |= blob & grey[box]
     overlays = [(foci, "grey_focus")]
     if rng.random() < 0.3:
-        csf = np.isin(codes, np.concatenate([lookup.get(n, np.zeros(0, np.uint8)) for n in ("csf", "lateral_ventricle", "ventricle")]))
+        csf = _tissue(codes, names, "csf", "lateral_ventricle", "ventricle")
         flow = csf & (_coarse_field(rng, (3, 12, 12), codes.shape) > 1.0)
         overlays.append((flow, "csf_flow"))
     return overlays
@@ -290,10 +293,8 @@ def insert_ms_lesions(codes: np.ndarray, names: Sequence[str], spacing: Sequence
     with their long axis perpendicular to the ventricle wall (Dawson's fingers), confluent
     periventricular caps, deep white-matter, juxtacortical and infratentorial lesions,
     3 mm to 2 cm across. Centres lie in ``centre_slices`` so the output slices see them."""
-    lookup = {n: np.array([c for c, name in enumerate(names) if name == n], dtype=np.uint8) for n in set(names)}
-
     def tissue(*wanted):
-        return np.isin(codes, np.concatenate([lookup.get(w, np.zeros(0, np.uint8)) for w in wanted]))
+        return _tissue(codes, names, *wanted)
 
     allowed = tissue(*LESION_TISSUE)
     cortex = tissue("cortex")
@@ -377,10 +378,8 @@ def insert_tumour(codes: np.ndarray, names: Sequence[str], spacing: Sequence[flo
     tumour core (enhancing tumour and necrosis, BraTS labels 1 + 4), as a T1c model
     segments it. A few volumes have no tumour, only the structures that mimic it.
     """
-    lookup = {n: np.array([c for c, name in enumerate(names) if name == n], dtype=np.uint8) for n in set(names)}
-
     def tissue(*wanted):
-        return np.isin(codes, np.concatenate([lookup.get(w, np.zeros(0, np.uint8)) for w in wanted]))
+        return _tissue(codes, names, *wanted)
 
     spacing = np.asarray(spacing, dtype=np.float64)
     brain = np.isin(codes, _brain_codes(names))
