@@ -471,11 +471,12 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = int(1000 * job.job.fraction())
         progress = job.job.progress
         if progress and job.kind == "finetune" and progress.get("loss") is not None:
-            # the job's iteration count includes the never-worse check's runs (several
-            # times what was asked): say what was asked and how far the whole job is
-            self.ui.statusLabel.text = "\n".join([_("Fine-tuning, {n} iterations asked (checked on held-out parts of the annotation "
-                                                   "first): {percent}% done, loss {loss:.4f}").format(
-                n=self._parameterNode.iterations, percent=int(100 * job.job.fraction()), loss=progress["loss"]), *job.notes])
+            # the job's iteration count includes the never-worse check's runs (more than
+            # was asked): say what was asked, the phase and how far the whole job is
+            self.ui.statusLabel.text = "\n".join([_("Fine-tuning, {n} iterations asked ({phase}; checked on held-out parts of the "
+                                                   "annotation first): {percent}% done, loss {loss:.4f}").format(
+                n=self._parameterNode.iterations, phase=progress.get("phase") or _("training"), percent=int(100 * job.job.fraction()),
+                loss=progress["loss"]), *job.notes])
         elif progress:
             self.ui.statusLabel.text = "\n".join([_("{what}: {step} {done} of {total}").format(
                 what=job.label, step=progress["step"], done=progress["done"], total=progress["total"]), *job.notes])

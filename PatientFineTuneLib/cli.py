@@ -469,13 +469,14 @@ def _derived_model_paths(args, role: str) -> tuple[Path, Path]:
 
 
 def _train_and_save(args, description: str, iterations: int, train, out: Path) -> tuple[dict, str]:
-    """Run ``train(progress) -> ModelBundle`` with progress reported, record its wall time
-    and this command in its ``finetune`` metadata and save it; returns (that record, sha256)."""
+    """Run ``train(step) -> ModelBundle`` with progress reported on ``step`` (a
+    :class:`StepProgress`), record its wall time and this command in its ``finetune``
+    metadata and save it; returns (that record, sha256)."""
     from .modelfile import save_model
 
     start = time.perf_counter()
     with _step(args, description, iterations) as step:
-        trained = train(step.training_callback())
+        trained = train(step)
     info = trained.metadata["finetune"]
     info["wall_time_s"] = round(time.perf_counter() - start, 1)
     info["command"] = _command_line()
@@ -503,7 +504,8 @@ def cmd_finetune(args) -> None:
                             **({"pixel_fraction": args.pixel_fraction} if args.pixel_fraction is not None else {}))
     info, sha = _train_and_save(
         args, "finetune", config.progress_total(),
-        lambda progress: finetune_patient_model(bundle, case, args.slices, config, device=args.device, progress=progress),
+        lambda step: finetune_patient_model(bundle, case, args.slices, config, device=args.device, progress=step.training_callback(),
+                                            phase=step.phase),
         out,
     )
     from .modelcard import describe_patient_model
@@ -540,7 +542,7 @@ def cmd_transfer(args) -> None:
                                   strategy=args.strategy, reset_last_layers=args.reset_last_layers, seed=args.seed, precision=args.precision)
     info, sha = _train_and_save(
         args, "transfer", config.iterations,
-        lambda progress: finetune_volume_model(bundle, cases, config, device=args.device, progress=progress),
+        lambda step: finetune_volume_model(bundle, cases, config, device=args.device, progress=step.training_callback()),
         out,
     )
     print(f"trained the {args.strategy} layers on {len(cases)} case(s) in {info['wall_time_s']} s; saved {out} (sha256 {sha[:16]}...)")
@@ -894,8 +896,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=count_at_least(1), default=100)
     p.add_argument("--check-iterations", type=count_at_least(1), nargs="+", metavar="N",
                    help="iteration counts the never-worse check compares on the held-out part; the patient model trains the best "
-                        "(default: 1, 2 and 4 times --iterations; counts above --iterations only where each fold holds out at least 3 whole slices, "
-                        "and where --iterations does not help there, only by a clear margin)")
+                        "(default: 1, 2 and 4 times --iterations where the head trains; where each fold would hold out at least 3 whole "
+                        "slices every layer trains, at twice the learning rate on one fold, comparing 1/2, 1 and 2 times --iterations; "
+                        "counts above --iterations replace it, where it does not help, only by a clear margin)")
     p.add_argument("--hard-negatives", type=count_at_least(0), metavar="K",
                    help="with --slices all-lesion: also train on the K lesion-free slices where the base model finds the most lesion "
                         "(default: the preset's, 6 for brain-tumor, 0 otherwise)")
@@ -907,8 +910,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["auto", "fast", "naive"], help="fast: cached backbone features; naive: the reference loop; "
                    "auto (default): fast where the cache fits in memory (2D network only)")
     p.add_argument("--pixel-fraction", type=fraction,
-                   help="where only the head trains, it runs on this random fraction of each patch's pixels per iteration "
-                        "(default 0.25: 3x faster, the same decisions on the real scans; 1 = exact, the paper)")
+                   help="the head runs, and the loss is taken, on this random fraction of each patch's pixels per iteration "
+                        "(default 0.25: 3x faster where the head trains, 1.7x where every layer does, the same decisions on the "
+                        "real scans; 1 = exact, the paper)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction,
                    help="never worse than the base model (default): fine-tune on each half of the annotation in turn and keep the base "
                         "model unless that beats it on the other half (about three times the head's training time; 2D network only)")

@@ -12,9 +12,9 @@ Differences from the paper: rotation angles come from a fixed set of ``n_angles`
 spanning [-45, 45] degrees instead of a continuous uniform draw, so that features can be
 reused. (The naive path uses the same set, to stay comparable.) ``n_angles=0`` restores
 the paper's continuous draw (every patch its own uniform angle; nothing repeats, so it
-always runs the naive path); the evaluation compares the two. And where only the head
-trains, the shipped configuration takes each iteration's loss on a random quarter of
-each patch's pixels (``pixel_fraction``; the paper uses every pixel): 3x faster, the same
+always runs the naive path); the evaluation compares the two. The shipped configuration
+takes each iteration's loss on a random quarter of each patch's pixels (``pixel_fraction``;
+the paper uses every pixel): the head trains 3x faster, every layer 1.7x, with the same
 decisions on the real scans (:data:`SHIPPED_PIXEL_FRACTION`).
 
 ``holdout_check`` (the command line's default, beyond the paper) makes fine-tuning never
@@ -34,9 +34,12 @@ lacks). Nothing is frozen, so nothing can be cached: it always runs the naive lo
 backbone's BatchNorm layers keep their base-model statistics (a batch of 4 patches of one
 patient is too small to re-estimate them); their scale and shift train. The shipped
 configuration (:func:`shipped_config`) trains every layer where the annotation is large
-(``large_annotation_layers``: the check holds out at least 3 whole slices in each fold)
+(``large_annotation``: the check would hold out at least 3 whole slices in each fold)
 and the head otherwise: on real scans every layer gained far more where many slices were
-annotated, and with 2 suggested slices it overfit them (docs/results.md).
+annotated, and with 2 suggested slices it overfit them (docs/results.md). There the check
+trains one fold, at twice the paper's learning rate, and compares half, once and twice the
+asked iterations (:func:`large_annotation_route`): 4.9x faster than two folds at the
+paper's rate with 1, 2 and 4 times, at the same held-out Dice on the real scans.
 """
 
 from __future__ import annotations
@@ -84,11 +87,11 @@ class FinetuneConfig(PatchTrainingConfig):
     weighting: str | None = None  # None, "segmentation" or "detection"
     method: str = "auto"  # "fast", "naive" or "auto"
     layers: str = "head"  # see LAYER_CHOICES
-    #: Approximate mode: where only the head trains, it runs, and the loss is taken, on
-    #: this uniform random fraction of each patch's pixels per iteration (1 = exact, the
-    #: paper; the shipped configuration's 0.25 is 3x faster and decided the same on the
-    #: real scans, see :func:`shipped_config`). Training every layer uses every pixel:
-    #: the backbone's cost dominates there.
+    #: Approximate mode: the head runs, and the loss is taken, on this uniform random
+    #: fraction of each patch's pixels per iteration (1 = exact, the paper; the shipped
+    #: configuration's 0.25 is 3x faster where the head trains, 1.7x where every layer
+    #: does (the backbone still runs on every pixel), and decided the same on the real
+    #: scans, see :func:`shipped_config`).
     pixel_fraction: float = 1.0
     #: Never worse than the base model: check on held-out blocks of the annotation first
     #: (see the module docstring; twice the training time). The 2D network only.
@@ -115,12 +118,13 @@ class FinetuneConfig(PatchTrainingConfig):
     #: slices: 200 iterations looked best on the held-out slice and lost 0.14 Dice on the
     #: rest).
     extend_min_held_out_slices: int = 3
-    #: Layers that train instead of ``layers`` where the annotation is large: each fold
-    #: of the check holds out at least ``extend_min_held_out_slices`` whole slices (the
-    #: rule that also allows longer training). None: ``layers`` everywhere. The shipped
-    #: "all": on real scans every layer gains far more than the head where many slices are
-    #: annotated, and overfits two (docs/results.md).
-    large_annotation_layers: str | None = None
+    #: Settings that replace these where the annotation is large: each fold of the check
+    #: holds out at least ``extend_min_held_out_slices`` whole slices (the rule that also
+    #: allows longer training), e.g. ``{"layers": "all"}``; None: these everywhere. The
+    #: shipped route (:data:`LARGE_ANNOTATION_ROUTE`): every layer gains far more than the
+    #: head on real scans where many slices are annotated, and overfits two
+    #: (docs/results.md). See :meth:`for_held_out_slices`.
+    large_annotation: dict | None = None
     #: The head's BatchNorm (see :data:`HEAD_NORM_MOMENTUM`): "batch" (PyTorch's training
     #: mode: batch statistics, running statistics updated at momentum 0.1), "slow" (the
     #: same at momentum 0.01, the paper's Keras default of 0.99 in PyTorch's terms) or
@@ -135,8 +139,13 @@ class FinetuneConfig(PatchTrainingConfig):
             raise ValueError(f"pixel_fraction must be in (0, 1], not {self.pixel_fraction}")
         if self.holdout_folds not in (1, 2):
             raise ValueError(f"holdout_folds must be 1 or 2, not {self.holdout_folds!r}")
-        if self.large_annotation_layers not in (None, *LAYER_CHOICES):
-            raise ValueError(f"large_annotation_layers must be None or one of {', '.join(LAYER_CHOICES)}, not {self.large_annotation_layers!r}")
+        if self.large_annotation is not None:
+            self.large_annotation = dict(self.large_annotation)
+            fields = {f.name for f in dataclasses.fields(self)} - {"large_annotation"}
+            unknown = sorted(set(self.large_annotation) - fields)
+            if unknown:
+                raise ValueError(f"large_annotation sets unknown fine-tuning settings: {', '.join(unknown)}")
+            dataclasses.replace(self, **self.large_annotation, large_annotation=None)  # the route's settings are valid
         if self.head_norm not in HEAD_NORM_MOMENTUM:
             raise ValueError(f"head_norm must be one of {', '.join(HEAD_NORM_MOMENTUM)}, not {self.head_norm!r}")
         if self.holdout_iterations is not None:
@@ -152,22 +161,27 @@ class FinetuneConfig(PatchTrainingConfig):
             counts = tuple(c for c in counts if c <= self.iterations) or (self.iterations,)
         return counts
 
-    def check_layers(self, held_out_slices: int) -> str:
-        """The layers the check (and then the patient model) trains where each fold holds
-        out ``held_out_slices`` whole slices (0 for blocks)."""
-        if self.large_annotation_layers and held_out_slices >= self.extend_min_held_out_slices:
-            return self.large_annotation_layers
-        return self.layers
+    def for_held_out_slices(self, held_out_slices: int) -> "FinetuneConfig":
+        """The settings the check (and then the patient model) uses where each fold holds
+        out ``held_out_slices`` whole slices (0 for blocks): ``large_annotation``'s where
+        that is at least ``extend_min_held_out_slices``, these otherwise."""
+        if self.large_annotation and held_out_slices >= self.extend_min_held_out_slices:
+            return dataclasses.replace(self, **self.large_annotation, large_annotation=None)
+        return dataclasses.replace(self, large_annotation=None)
 
     def progress_total(self) -> int:
-        """Iterations a progress bar counts: the check's (the largest count it compares,
-        once per fold) and the final model's (at most that many)."""
-        return (self.holdout_folds + 1) * max(self.check_iterations()) if self.holdout_check else self.iterations
+        """Iterations a progress bar counts before the check has split the annotation: the
+        most any route may take (the check's largest count once per fold, then the final
+        model's at most that many); :func:`finetune_patient_model` reports the route's own
+        total once it is known."""
+        if not self.holdout_check:
+            return self.iterations
+        routes = [self] + ([self.for_held_out_slices(self.extend_min_held_out_slices)] if self.large_annotation else [])
+        return max(r.check_total() for r in routes)
 
-    def head_pixel_fraction(self) -> float:
-        """The pixel fraction training uses: ``pixel_fraction`` where only the head trains,
-        every pixel (1) where more layers do."""
-        return self.pixel_fraction if self.layers == "head" else 1.0
+    def check_total(self) -> int:
+        """Iterations of the check's folds and the final model (at most the largest count)."""
+        return (self.holdout_folds + 1) * max(self.check_iterations())
 
     def angles(self) -> np.ndarray:
         """The fixed angle set; with ``n_angles=0`` one uniform angle per draw of the run,
@@ -207,11 +221,12 @@ def default_weighting(preset_name: str | None, volume_model: bool = False) -> st
     return preset.weighting
 
 
-#: The shipped configuration's approximate mode where the head trains (the 2-suggested-
+#: The shipped configuration's approximate mode. Where the head trains (the 2-suggested-
 #: slice route): on the five real scans of that route the check made the same decisions
 #: with held-out Dice within 0.007 of exact training, and the one fine-tuned model kept
-#: scored the same follow-up Dice (Ljubljana 07: 0.335); the head trains 3x faster
-#: (docs/results.md, docs/benchmarks.md).
+#: scored the same follow-up Dice (Ljubljana 07: 0.335); the head trains 3x faster.
+#: Where every layer trains, it is part of :func:`large_annotation_route` (docs/results.md,
+#: docs/benchmarks.md).
 SHIPPED_PIXEL_FRACTION = 0.25
 
 
@@ -219,20 +234,38 @@ def shipped_config(bundle: ModelBundle, **settings) -> FinetuneConfig:
     """The fine-tuning every front end (command line, Slicer, web app, demo) runs unless
     told otherwise: the preset's weighting (:func:`default_weighting`) and, for the 2D
     network, the preset's hard negatives and the never-worse check comparing 1, 2 and 4
-    times ``iterations`` (more only where at least 3 whole slices are held out), training
-    the head (on a quarter of each patch's pixels per iteration,
-    :data:`SHIPPED_PIXEL_FRACTION`), or every layer where that many are held out: chosen
+    times ``iterations`` and training the head (on a quarter of each patch's pixels per
+    iteration, :data:`SHIPPED_PIXEL_FRACTION`), or where at least 3 whole slices would
+    be held out in each fold, :func:`large_annotation_route` (every layer trains): chosen
     on the real scans, see docs/results.md; ``settings`` override any field (``layers``
-    set there trains those layers everywhere)."""
+    or ``large_annotation`` set there replace the large annotation's route)."""
     defaults = {"weighting": default_weighting(bundle.preset.name if bundle.preset else None, bundle.is_volume_model),
                 "holdout_check": not bundle.is_volume_model,
-                "large_annotation_layers": None if bundle.is_volume_model or "layers" in settings else "all",
                 "hard_negative_slices": bundle.preset.hard_negative_slices if bundle.preset and not bundle.is_volume_model else 0,
                 "pixel_fraction": 1.0 if bundle.is_volume_model else SHIPPED_PIXEL_FRACTION}
     config = FinetuneConfig(**{**defaults, **settings})
     if config.holdout_check and "holdout_iterations" not in settings:
         config = dataclasses.replace(config, holdout_iterations=(config.iterations, 2 * config.iterations, 4 * config.iterations))
+    if config.holdout_check and not bundle.is_volume_model and not {"layers", "large_annotation"} & set(settings):
+        # settings given explicitly hold on that route too (e.g. --check-iterations, --pixel-fraction)
+        route = {k: v for k, v in large_annotation_route(config.iterations).items() if k not in settings}
+        config = dataclasses.replace(config, large_annotation=route)
     return config
+
+
+#: The shipped route where the annotation is large (:func:`large_annotation_route`).
+LARGE_ANNOTATION_LEARNING_RATE = 2e-4
+
+
+def large_annotation_route(iterations: int) -> dict:
+    """The shipped settings where each fold of the check would hold out at least 3 whole
+    slices: every layer trains, at twice the paper's learning rate, on a quarter of each
+    patch's pixels; the check trains one fold (its half holds out 3 slices or more)
+    comparing 1/2, 1 and 2 times ``iterations``. Chosen on the real scans for time at the
+    same held-out results as training every layer on every pixel at the paper's rate with
+    two folds and 1, 2 and 4 times (docs/results.md, docs/benchmarks.md)."""
+    return {"layers": "all", "learning_rate": LARGE_ANNOTATION_LEARNING_RATE, "holdout_folds": 1, "pixel_fraction": SHIPPED_PIXEL_FRACTION,
+            "holdout_iterations": (max(1, iterations // 2), iterations, 2 * iterations)}
 
 
 def select_slices(spec: str | Sequence[int], case: Case, bundle: ModelBundle | None = None, **predict_kwargs) -> list[int]:
@@ -347,7 +380,7 @@ def sample_pixels(config: FinetuneConfig, iteration: int, patches: int) -> torch
     the loss uses in ``iteration``, the same fraction of every patch, from (seed, iteration)."""
     rng = np.random.default_rng([config.seed, iteration, 0x5A])
     n = config.patch_size**2
-    k = max(1, int(round(config.head_pixel_fraction() * n)))
+    k = max(1, int(round(config.pixel_fraction * n)))
     return torch.from_numpy(np.concatenate([b * n + np.sort(rng.choice(n, k, replace=False)) for b in range(patches)]))
 
 
@@ -379,6 +412,7 @@ def finetune_patient_model(
     progress: Callable[[int, float], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     allow_empty: bool = False,
+    phase: Callable[[str, int, int], None] | None = None,
 ) -> ModelBundle:
     """Fine-tune a copy of the base model to one patient; the base model is untouched.
 
@@ -389,6 +423,11 @@ def finetune_patient_model(
     progress : called as ``progress(iteration, loss)`` after every iteration.
     cancel : checked before every iteration; if it returns True, :class:`Cancelled` is
         raised and nothing is returned or written.
+    phase : called as ``phase(name, done, total)`` where a phase starts ("checking fold 1
+        of 2", "final model"): ``done`` iterations of ``total`` are behind. ``total`` is
+        :meth:`FinetuneConfig.progress_total` until the check has split the annotation,
+        then the route's own (:meth:`FinetuneConfig.check_total`); a front end resizes its
+        bar to it, so the time estimate stays honest.
 
     Returns
     -------
@@ -410,9 +449,9 @@ def finetune_patient_model(
         raise ValueError(f"the 2D network has no decoder; fine-tune its 'head' (the paper's last two layers) or 'all' layers, not {config.layers!r}")
     # gradients reach the channels-last backbone only when every layer trains
     check_precision(config.precision, device, channels_last_backward=config.layers == "all")
-    if config.large_annotation_layers == "all" and config.precision == "amp" and torch.device(device).type == "cpu":
+    if (config.large_annotation or {}).get("layers") == "all" and config.precision == "amp" and torch.device(device).type == "cpu":
         # mixed precision cannot train every layer on a CPU (refused above for `layers`): a large annotation trains the head
-        config = dataclasses.replace(config, large_annotation_layers=None)
+        config = dataclasses.replace(config, large_annotation=None)
     chosen = select_slices(slices, case, bundle, device=device)
     base_prediction, negatives = None, []
     if config.hard_negative_slices and slices == "all-lesion" and case.lesions is not None:
@@ -424,20 +463,24 @@ def finetune_patient_model(
         provenance["hard_negative_slices"] = negatives
     feature_cache = {}  # the backbone's outputs, computed once for the check's folds and the final model
     # where the final model's progress goes on the bar of config.progress_total()
-    offset, planned = 0, config.progress_total()
+    offset, planned, total = 0, config.progress_total(), config.progress_total()
     if config.holdout_check:
-        check = holdout_check(bundle, data, config, device, progress, cancel, feature_cache)
+        check = holdout_check(bundle, data, config, device, progress, cancel, feature_cache, phase)
         provenance["holdout_check"] = check
         if not check["kept"]:
             metadata = derived_metadata(bundle, config, [], method="base model kept", **provenance)
             return ModelBundle(copy.deepcopy(bundle.model).eval(), metadata)
         if not check.get("skipped"):
+            config = config.for_held_out_slices(check["fewest_held_out_slices"])
             planned = max(config.check_iterations())
-            offset = config.holdout_folds * planned
-            config = dataclasses.replace(config, iterations=check["iterations"], layers=check["layers"])
+            offset = check["folds"] * planned
+            total = offset + planned
+            config = dataclasses.replace(config, iterations=check["iterations"])
+    if phase is not None:
+        phase("final model", offset, total)
     final_progress = _progress_in_steps_of(progress, offset, planned, config.iterations)
     model, losses, method, _ = _train_head(bundle, data, config, device, final_progress, cancel, feature_cache=feature_cache)
-    return ModelBundle(model, derived_metadata(bundle, config, losses, method=method, **provenance))
+    return ModelBundle(model, derived_metadata(bundle, config, losses, method=method, pixel_fraction=config.pixel_fraction, **provenance))
 
 
 def network_mask(bundle: ModelBundle, case: Case, device, near: Sequence[int] | None = None) -> np.ndarray:
@@ -501,7 +544,7 @@ def holdout_split(data: FinetuneData, config: FinetuneConfig, fold: int = 0) -> 
 
 
 def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress=None, cancel=None,
-                  feature_cache: dict | None = None) -> dict:
+                  feature_cache: dict | None = None, phase=None) -> dict:
     """Fine-tune with the loss on one half of the annotation (:func:`holdout_split`) and
     score on the other, for each of ``config.holdout_folds`` folds, and compare with the
     base model on the pooled held-out pixels: pooled Dice of the 0.5-thresholded
@@ -528,16 +571,19 @@ def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfi
     if not folds:
         return {"skipped": "the annotated organ is too small to hold out part of it", "kept": True}
     held_out_slices = [[s for s, h in zip(data.slices, held) if split == "slices" and bool(h.any())] for held, _ in folds]
-    # the fewest whole slices any fold holds out decides which counts may be compared, and
-    # which layers train
+    # the fewest whole slices any fold holds out decides the route (its layers, folds and
+    # learning rate: FinetuneConfig.for_held_out_slices) and which counts it may compare
     fewest_held_out = min(len(slices) for slices in held_out_slices)
+    config = config.for_held_out_slices(fewest_held_out)
+    folds, held_out_slices = folds[:config.holdout_folds], held_out_slices[:config.holdout_folds]
     counts = config.check_iterations(fewest_held_out)
-    config = dataclasses.replace(config, layers=config.check_layers(fewest_held_out))
     planned = max(config.check_iterations())
     base = _HeldOut()
     finetuned = {count: _HeldOut() for count in counts}
     losses = []
     for fold, (held, check_data) in enumerate(folds):
+        if phase is not None:
+            phase(f"checking fold {fold + 1} of {len(folds)}", fold * planned, len(folds) * planned + planned)
         in_planned_steps = _progress_in_steps_of(progress, fold * planned, planned, counts[-1])
         model, fold_losses, _, states = _train_head(bundle, check_data, dataclasses.replace(config, iterations=counts[-1]), device,
                                                     in_planned_steps, cancel, keep_states_at=counts, feature_cache=feature_cache)
@@ -564,6 +610,8 @@ def holdout_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfi
         "per_fold_finetuned": best["per_fold"],
         "iterations": best["iterations"],
         "layers": config.layers,
+        "learning_rate": config.learning_rate,
+        "fewest_held_out_slices": fewest_held_out,
         "compared": compared if len(compared) > 1 else None,
         "kept": best["passes"],
         "final_loss": losses[-1] if losses else None,
@@ -833,7 +881,7 @@ def _train_head(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig,
 
     def loss_of(iteration: int) -> torch.Tensor:
         picks = draw_batch(data, config, iteration)
-        index = sample_pixels(config, iteration, len(picks)).to(device) if config.head_pixel_fraction() < 1 else None
+        index = sample_pixels(config, iteration, len(picks)).to(device) if config.pixel_fraction < 1 else None
         features = features_of(picks, index)
         labels, pixel_weights = zip(*(annotation(p) for p in picks))
         target = torch.cat(labels)[:, 0].round().long().to(device)

@@ -297,8 +297,9 @@ def describe_patient_model(finetune: dict) -> str:
                 f"of your annotation ({_check_numbers(check)})"
                 + (f"; {', '.join(map(str, longer))} iterations did better there, but too narrowly to replace "
                    "the asked iterations" if longer else ""))
-    # the approximate mode applies where only the head trains (FinetuneConfig.head_pixel_fraction)
-    fraction = finetune.get("config", {}).get("pixel_fraction", 1.0) if layers == "head" else 1.0
+    # the fraction the model trained on; files written before 2026-12-06 lack it, and there
+    # the approximate mode applied where only the head trained
+    fraction = finetune.get("pixel_fraction", finetune.get("config", {}).get("pixel_fraction", 1.0) if layers == "head" else 1.0)
     how = [f"{finetune['method']} path"] if "method" in finetune else []
     how += [f"{fraction:.0%} of each patch's pixels per iteration"] if fraction < 1 else []
     text = f"fine-tuned {every_layer}{iterations} iterations on {where}" + (f" ({', '.join(how)})" if how else "")

@@ -2,7 +2,7 @@
 line per step on stdout, read by :mod:`.jobs`).
 
 JSON lines have an ``"event"`` key: ``progress`` (``step``, ``done``, ``total``,
-``fraction`` and, for training, ``loss``), ``device``, ``note``, ``result`` (what a verb
+``fraction`` and, for training, ``loss``; ``phase`` where a step has phases), ``device``, ``note``, ``result`` (what a verb
 wrote or found), ``error`` (the one-line message a failing verb also prints on stderr)
 and ``cancelled``. In JSON mode every line on stdout is an event; what the verbs print
 for people goes to stderr (see the README's table of events).
@@ -44,6 +44,7 @@ class StepProgress:
         if mode not in MODES:
             raise ValueError(f"unknown progress mode {mode!r}; choose one of {', '.join(MODES)}")
         self.mode, self.step, self.total = mode, step, total
+        self.current_phase: str | None = None
         self._bar = None
         if mode == "bar":
             from tqdm.auto import tqdm
@@ -63,7 +64,15 @@ class StepProgress:
         elif self.mode == "json":
             fraction = done / self.total if self.total else None
             emit("progress", step=self.step, done=int(done), total=self.total, fraction=fraction,
-                 **({"loss": float(loss)} if loss is not None else {}))
+                 **({"loss": float(loss)} if loss is not None else {}), **({"phase": self.current_phase} if self.current_phase else {}))
+
+    def phase(self, name: str, done: int, total: int) -> None:
+        """A phase of the step starts (e.g. "checking fold 1 of 2"): the bar is resized to
+        ``total`` and named after it; JSON progress events carry it as ``phase``."""
+        self.current_phase, self.total = name, total
+        if self._bar is not None:
+            self._bar.set_description(f"{self.step}: {name}", refresh=False)
+        self.update(done)
 
     def training_callback(self) -> Callable[[int, float], None]:
         """``progress(iteration, loss)``, the form training loops call."""

@@ -306,6 +306,7 @@ class PatientFineTuneWeb:
 
         self._cancel.clear()
         done = [0]
+        self._progress_total, self._progress_phase = total, ""
 
         def progress(step, *_):
             done[0] = step
@@ -316,8 +317,9 @@ class PatientFineTuneWeb:
         while not future.done():
             await asyncio.sleep(0.25)
             with self.state:
+                total = self._progress_total  # a work's phase may resize it (_plan)
                 self.state.progress = 100.0 * done[0] / max(total, 1)
-                self.state.progress_text = f"{label}: {done[0]} / {total}"
+                self.state.progress_text = f"{label}{', ' + self._progress_phase if self._progress_phase else ''}: {done[0]} / {total}"
         result = None
         try:
             result = future.result()
@@ -329,6 +331,10 @@ class PatientFineTuneWeb:
         with self.state:
             self.state.busy = False
         return result
+
+    def _plan(self, phase: str, total: int) -> None:
+        """A phase of the running work starts; its bar now counts to ``total``."""
+        self._progress_total, self._progress_phase = total, phase
 
     def cancel(self):
         self._cancel.set()
@@ -440,17 +446,22 @@ class PatientFineTuneWeb:
             return
         base, device = self.base_bundle, self.device
         followup_slices = int(followup.organ.any(axis=(1, 2)).sum())
-        training = config.progress_total()
+        training = [config.progress_total()]  # the route's own total once the check has split the annotation
+
+        def phase(name: str, _done: int, total: int) -> None:
+            training[0] = total
+            self._plan(name, total + 2 * followup_slices)
 
         def work(progress, cancelled):
-            patient = finetune_patient_model(base, baseline, slices, config, device=device, progress=progress, cancel=cancelled)
+            patient = finetune_patient_model(base, baseline, slices, config, device=device, progress=progress, cancel=cancelled, phase=phase)
             results = {}
             for k, (label, bundle) in enumerate((("fine-tuned", patient), ("base", base))):
+                self._plan(f"segmenting the follow-up with the {label} model", training[0] + 2 * followup_slices)
                 results[label] = segment_case(bundle, followup, mc_samples=mc_samples, device=device,
-                                              progress=lambda done, _total, k=k: progress(training + k * followup_slices + done), cancel=cancelled)
+                                              progress=lambda done, _total, k=k: progress(training[0] + k * followup_slices + done), cancel=cancelled)
             return patient, results
 
-        outcome = await self._run("Fine-tuning, then segmenting the follow-up with both models", work, training + 2 * followup_slices)
+        outcome = await self._run("Fine-tuning, then segmenting the follow-up with both models", work, training[0] + 2 * followup_slices)
         if outcome is None:
             return
         self.patient_bundle, results = outcome

@@ -16,6 +16,13 @@ On the shipped ``brain-wmh`` model (width 16) and the demo's synthetic patient (
 - equality checks: fast vs naive fine-tuning (largest weight difference), MC fast vs
   naive on 4 follow-up slices, and the folded inference network vs the stored one.
 
+With ``--real`` (needs ../shared/data) it also times the all-lesion route as ``finetune``
+runs it by default (every lesion slice of the baseline annotated, so every layer trains) on
+two real scans: Ljubljana MS 26 (FLAIR + T1, 182x218x182, 1 mm, the whole lesion mask;
+aim < 60 s) and Brain-Tumor-Progression 01 Pre (T1c; aim < 30 s), each with one
+segmentation of the same scan as a ratio; ``--previous-route`` adds the route shipped
+until 2026-12-06 (two folds, every pixel, the paper's learning rate, 1/2/4x) as a ratio.
+
 The command line turns on :func:`~PatientFineTuneLib.runtime.keep_freed_memory_for_reuse`
 and so does this script, unless ``--no-reuse-memory`` (to measure what it is worth).
 """
@@ -30,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-AIMS = {"startup": 2.0, "suggest": 5.0, "pass": 3.0, "mc_ratio": 3.0, "finetune": 10.0}
+AIMS = {"startup": 2.0, "suggest": 5.0, "pass": 3.0, "mc_ratio": 3.0, "finetune": 10.0, "all_lesion_ms": 60.0, "all_lesion_tumour": 30.0}
 
 
 def wall(fn):
@@ -56,6 +63,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-reuse-memory", action="store_true")
+    parser.add_argument("--real", action="store_true", help="also time the all-lesion route on two real scans (../shared/data)")
+    parser.add_argument("--previous-route", action="store_true", help="with --real: also the route shipped until 2026-12-06")
     args = parser.parse_args()
 
     import numpy as np
@@ -121,6 +130,9 @@ def main() -> None:
                                                          device=device, allow_empty=True))
     line("the naive loop (whole network every iteration)", naive_s, "-", True, f"fast path {naive_s / fast_s:.2f}x faster")
 
+    if args.real:
+        real_all_lesion_rows(device, args.previous_route)
+
     print("\nequality checks")
     a, b = fast.model.state_dict(), naive.model.state_dict()
     weight_diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
@@ -143,6 +155,40 @@ def main() -> None:
     organ = followup.organ[s]
     print(f"  folded inference network vs the stored network, slice {s}: largest probability difference inside the brain "
           f"{np.abs(probability[s] - unfolded)[organ].max():.2e}")
+
+
+def real_all_lesion_rows(device, previous_route: bool) -> None:
+    """The all-lesion route (every layer trains) on Ljubljana 26 and BTP 01 Pre."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from eval_real_base_models import DATA, real_cases
+    from eval_real_finetune import load
+
+    from PatientFineTuneLib.finetune import finetune_patient_model, shipped_config
+    from PatientFineTuneLib.inference import predict_mask
+    from PatientFineTuneLib.modelcard import resolve_model_path
+    from PatientFineTuneLib.modelfile import load_model
+
+    if not DATA.is_dir():
+        print(f"\nno real data at {DATA}: the all-lesion rows are skipped")
+        return
+    specs = {c["case"]: c for c in real_cases(DATA)}
+    print("\nthe all-lesion route on real scans (the whole baseline mask annotated)")
+    for name, aim in (("patient26", "all_lesion_ms"), ("01_Pre", "all_lesion_tumour")):
+        spec = specs[name]
+        base = load_model(resolve_model_path(spec["preset"]), device=device)
+        case = load(spec, base)
+        size = "x".join(map(str, (*case.images.shape[2:], case.images.shape[1])))
+        segment_s, _ = wall(lambda: predict_mask(base, case, device=device))
+        tuned_s, tuned = wall(lambda: finetune_patient_model(base, case, "all-lesion", shipped_config(base), device=device))
+        check = tuned.metadata["finetune"]["holdout_check"]
+        outcome = f"{'fine-tuned kept' if check['kept'] else 'base model kept'}, {check['layers']} layers, {check['iterations']} iterations"
+        line(f"all-lesion fine-tuning, {spec['set']} {name} ({size})", tuned_s, f"< {AIMS[aim]:.0f} s", tuned_s < AIMS[aim],
+             f"{outcome}; {tuned_s / segment_s:.1f}x one segmentation ({segment_s:.1f} s)")
+        if previous_route:
+            before = shipped_config(base, large_annotation={"layers": "all", "pixel_fraction": 1.0})
+            before_s, _ = wall(lambda: finetune_patient_model(base, case, "all-lesion", before, device=device))
+            line("  the route shipped until 2026-12-06 (2 folds, every pixel, 1/2/4x)", before_s, "-", True,
+                 f"{before_s / tuned_s:.2f}x the shipped")
 
 
 if __name__ == "__main__":

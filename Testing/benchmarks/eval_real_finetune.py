@@ -2,8 +2,10 @@
 
 Two protocols, per case:
 
-  cross-time   Brain-Tumor-Progression 01-03 (brain-tumor): fine-tune on the Pre scan's full
-               annotation (all lesion slices), score base and patient model on the Post scan.
+  cross-time   Brain-Tumor-Progression 01-03 (brain-tumor): fine-tune on the Pre scan's
+               annotation, score base and patient model on the Post scan: "all-lesion" (the
+               full annotation, all lesion slices) and "suggested-2" (the 2 suggested among
+               the Pre scan's lesion slices, the interactive route).
   within-scan  Ljubljana MS cross 07, 19, 26 (brain-wmh) and BraTS 2015 05, 06 (brain-tumor;
                01-04 trained that base model, so they are left out): annotate a subset
                of one scan's slices, fine-tune on them, score both models on the slices
@@ -83,16 +85,25 @@ def finetune(base, case, slices):
     return patient, patient.metadata["finetune"]["holdout_check"]
 
 
-def cross_time(base, specs: dict, masks: Path | None = None) -> list[dict]:
+#: The within-scan routes: every other lesion slice annotated, or the 2 suggested ones.
+WITHIN_SCAN_ROUTES = ("every-other", "suggested-2")
+#: The cross-time routes: the whole Pre annotation, or its 2 suggested lesion slices.
+CROSS_TIME_ROUTES = ("all-lesion", "suggested-2")
+ROUTES = ("all-lesion", "every-other", "suggested-2")
+
+
+def cross_time(base, specs: dict, routes: tuple[str, ...] = CROSS_TIME_ROUTES, masks: Path | None = None) -> list[dict]:
     rows = []
-    for n in ("01", "02", "03"):
+    for n, route in [(n, route) for n in ("01", "02", "03") for route in routes]:
         pre, post = specs[f"{n}_Pre"], specs[f"{n}_Post"]
+        baseline = load(pre, base)
+        chosen = "all-lesion" if route == "all-lesion" else annotated_slices(route, baseline, base)
         start = time.perf_counter()
-        patient, check = finetune(base, load(pre, base), "all-lesion")
+        patient, check = finetune(base, baseline, chosen)
         follow = load(post, base)
         gt, spacing = ground_truth(post)
-        saved = kept_masks(masks, n, "all-lesion", follow, gt)
-        row = {"protocol": "cross-time", "case": n, "route": "all-lesion",
+        saved = kept_masks(masks, n, route, follow, gt)
+        row = {"protocol": "cross-time", "case": n, "route": route,
                "base": scores(base, follow, gt, spacing, save_as=saved["base"]),
                "finetuned": scores(patient, follow, gt, spacing, save_as=saved["finetuned"]),
                "kept": check["kept"], "check": check, "seconds": round(time.perf_counter() - start, 1),
@@ -114,11 +125,7 @@ def annotated_slices(route: str, case: images.Case, base) -> list[int]:
     return list(select_slices("suggested-lesion:2", case, base, device="cpu"))
 
 
-#: The within-scan routes: every other lesion slice annotated, or the 2 suggested ones.
-ROUTES = ("every-other", "suggested-2")
-
-
-def within_scan(base, specs: dict, names: tuple[str, ...], routes: tuple[str, ...] = ROUTES, masks: Path | None = None) -> list[dict]:
+def within_scan(base, specs: dict, names: tuple[str, ...], routes: tuple[str, ...] = WITHIN_SCAN_ROUTES, masks: Path | None = None) -> list[dict]:
     rows = []
     for name in names:
         spec = specs[name]
@@ -174,7 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a FinetuneConfig setting to change, e.g. head_norm=frozen or iterations=200 (repeatable)")
     parser.add_argument("--protocols", nargs="+", choices=["cross-time", "within-scan"], default=["cross-time", "within-scan"])
-    parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES), help="the within-scan routes to run (default: both)")
+    parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES),
+                        help="the routes to run (default: all; all-lesion is cross-time only, every-other within-scan only)")
     parser.add_argument("--masks", type=Path, help="folder for each run's scored base, fine-tuned and reference masks (NIfTI)")
     args = parser.parse_args(argv)
     for item in args.set:
@@ -192,10 +200,12 @@ def main(argv=None) -> int:
         args.masks.mkdir(parents=True, exist_ok=True)
     rows = []
     if "cross-time" in args.protocols:
-        rows += cross_time(modelfile.load_model(modelcard.resolve_model_path("brain-tumor")), specs, args.masks)
+        routes = tuple(r for r in CROSS_TIME_ROUTES if r in args.routes)
+        rows += cross_time(modelfile.load_model(modelcard.resolve_model_path("brain-tumor")), specs, routes, args.masks)
     if "within-scan" in args.protocols:
         for model, names in WITHIN_SCAN.items():
-            rows += within_scan(modelfile.load_model(modelcard.resolve_model_path(model)), specs, names, tuple(args.routes), args.masks)
+            routes = tuple(r for r in WITHIN_SCAN_ROUTES if r in args.routes)
+            rows += within_scan(modelfile.load_model(modelcard.resolve_model_path(model)), specs, names, routes, args.masks)
     summarise(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -237,6 +237,11 @@ def test_in_json_mode_every_stdout_line_is_an_event_and_each_verb_ends_with_resu
     assert all(last["event"] == "result" and last["verb"] == verb for verb, last in found.items()), found
     assert found["info"]["metadata"]["preset"] == "brain-wmh"
     assert [s["slice"] for s in found["suggest"]["suggestions"]] and found["evaluate"]["cases"][0]["dice"] >= 0
+    # fine-tuning's progress names its phases (the check's folds, then the final model)
+    tuned = json_events(run("--progress", "json", "finetune", "--model", model, "--case", case, "--iterations", 2, "--out", tmp_path / "ft.pt"))
+    phases = list(dict.fromkeys(e.get("phase") for e in tuned if e["event"] == "progress"))
+    folds = int(phases[0].rsplit(" ", 1)[-1])  # 1 where the annotation is large (every layer trains), else 2
+    assert phases == [f"checking fold {k} of {folds}" for k in range(1, folds + 1)] + ([] if tuned[-1]["base_model_kept"] else ["final model"])
     proc = run("--progress", "json", "segment", "--model", model, check=False)  # --out missing: argparse's error
     assert proc.returncode == 2 and json_events(proc)[-1]["event"] == "error" and "--out" in json_events(proc)[-1]["message"]
 
