@@ -758,9 +758,9 @@ def load_case(
 
 
 def prepare_case(case: Case) -> Case:
-    """Normalise the case's intensities inside its organ mask (in place); returns it."""
-    case.images = normalise(case.images, case.organ, case.sources.get("channel_names"))
-    return case
+    """The case with its intensities normalised inside its organ mask (a new case; the
+    caller's keeps the intensities as read)."""
+    return replace(case, images=normalise(case.images, case.organ, case.sources.get("channel_names")))
 
 
 def with_absent_sequences(case: Case, channels: int) -> Case:

@@ -234,7 +234,7 @@ def write_shipped_model(source: str | os.PathLike, card: dict, model_out: str | 
     metadata["card"] = card
     shipped = ModelBundle(bundle.model, metadata)
     save_model(shipped, model_out, overwrite=True)
-    text = render_card(shipped.metadata, count_parameters(bundle.model))
+    text = render_card(load_model(model_out).metadata, count_parameters(bundle.model))  # the file's, hash included
     atomic_write(Path(card_out), lambda tmp: Path(tmp).write_text(text), overwrite=True)
     return [Path(model_out), Path(card_out)]
 

@@ -212,7 +212,8 @@ def write_torch_file(payload, path: str | os.PathLike, overwrite: bool = False) 
 
 def save_model(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = False) -> str:
     """Save a model file atomically; returns its sha256. Never replaces an existing file
-    unless ``overwrite`` (so a base model cannot be clobbered by accident)."""
+    unless ``overwrite`` (so a base model cannot be clobbered by accident). The file's
+    metadata gains the architecture and the hash; ``bundle`` is left as it is."""
     state_dict = {k: v.detach().cpu().clone() for k, v in bundle.model.state_dict().items()}
     broken = _nonfinite_tensors(state_dict)
     if broken:
@@ -231,7 +232,6 @@ def save_model(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = F
         "state_dict": state_dict,
     }
     write_torch_file(payload, path, overwrite=overwrite)
-    bundle.metadata = metadata
     return metadata["sha256"]
 
 

@@ -9,6 +9,7 @@ touch the organ are skipped (their voxels stay at probability 0).
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Sequence
 
 import numpy as np
@@ -54,7 +55,8 @@ def predict_volume(
     ``n_samples`` >= 2 also the MC-dropout mean and SD (every sample a full pass through
     the windows; dropout masks seeded by (seed, window))."""
     device = torch.device(device)
-    model = bundle.model.to(device).eval()
+    # a copy in evaluation mode on the device: the caller's model keeps its mode and device
+    model = copy.deepcopy(bundle.model).to(device).eval()
     spacing = bundle.training_spacing
     window = int(bundle.metadata["patch_voxels"])
     images, organ, _ = case_on_model_grid(case, spacing)

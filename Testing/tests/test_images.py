@@ -175,3 +175,21 @@ def test_sheared_voxel_axes_are_refused_alike_in_nrrd_nifti_and_metaimage(tmp_pa
     assert len(set(messages)) == 1 and "\n" not in messages[0], messages
     write_volume(tmp_path / "oblique.nrrd", np.ones((6, 8, 10), np.float32), direction=rotation_direction(30))
     assert read_image(tmp_path / "oblique.nrrd").GetSize() == (10, 8, 6)  # oblique but orthogonal: fine
+
+
+def test_preparing_a_case_returns_a_new_one_and_leaves_the_callers_as_read(tmp_path):
+    """Normalisation gives a new case; the one read stays in the scan's intensities (the old
+    prepare_case normalised in place)."""
+    from PatientFineTuneLib.images import load_case, normalise, prepare_case
+
+    image = np.linspace(100, 900, 4 * 8 * 8, dtype=np.float32).reshape(4, 8, 8)
+    organ = np.zeros_like(image, dtype=np.uint8)
+    organ[1:3, 2:6, 2:6] = 1
+    write_volume(tmp_path / "flair.nii.gz", image, spacing=(1.0, 1.0, 2.0))
+    write_volume(tmp_path / "organ.nii.gz", organ, spacing=(1.0, 1.0, 2.0))
+    read = load_case([tmp_path / "flair.nii.gz"], organ_path=tmp_path / "organ.nii.gz")
+    as_read = read.images.copy()
+    prepared = prepare_case(read)
+    assert prepared is not read and np.array_equal(read.images, as_read)
+    assert not np.array_equal(prepared.images, as_read)
+    assert np.array_equal(prepared.images, normalise(as_read, read.organ, read.sources.get("channel_names")))

@@ -158,3 +158,13 @@ def test_an_optional_sequence_is_kept_in_the_metadata_and_the_first_cannot_be_op
     assert load_model(tmp_path / "m.pt").sequences == sequences
     with pytest.raises(ValueError, match="first sequence cannot be optional"):
         make_metadata(net, [{"name": "FLAIR", "channels": 1, "optional": True}, {"name": "T1", "channels": 1}], (2.0, 2.0))
+
+
+def test_saving_leaves_the_callers_bundle_as_it_was(tmp_path):
+    """save_model writes the architecture and the hash into the file, not into the
+    caller's bundle (the old code replaced ``bundle.metadata``)."""
+    bundle = _bundle()
+    before = dict(bundle.metadata)
+    sha = save_model(bundle, tmp_path / "m.pt")
+    assert bundle.metadata == before and "sha256" not in bundle.metadata
+    assert load_model(tmp_path / "m.pt").sha256 == sha

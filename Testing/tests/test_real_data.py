@@ -32,7 +32,7 @@ def test_real_case_segments_onto_its_own_grid(name):
     sequences, organ, lesions, _ = CASES[name]
     case = load_case([root / s for s in sequences], organ_path=root / organ if organ else None,
                      lesion_path=root / lesions if lesions else None, lesion_labels=[1, 4] if name == "brats2015_subset" else None)
-    prepare_case(case)
+    case = prepare_case(case)
     assert case.organ.sum() > 0.02 * case.organ.size  # the (automatic) brain mask found a brain
     bundle = ModelBundle(tiny_model([1] * len(sequences)), {"training_spacing_mm": [1.0, 1.0]})
     result = segment_case(bundle, case, device="cpu")

@@ -166,3 +166,18 @@ def test_finetuning_a_unet_keeps_the_base_and_checks_the_selection(baseline, tra
     transferred = finetune_volume_model(bundle, [baseline], VolumeTrainingConfig(iterations=1, strategy="all", reset_last_layers=True, spacing_mm=1.5), device="cpu")
     # the model's own spacing and window win over the configuration's
     assert transferred.metadata["finetune"]["config"]["spacing_mm"] == 2.0
+
+
+def test_predicting_leaves_the_callers_unet_in_its_mode(baseline, trained):
+    """The 3D path, as the 2D one: the caller's model keeps training mode and weights (the
+    old code switched it to eval)."""
+    bundle, _ = trained
+    bundle.model.train()
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    try:
+        predict_probability(bundle, baseline, device="cpu")
+        predict_with_uncertainty(bundle, baseline, n_samples=2, device="cpu")
+        assert all(m.training for m in bundle.model.modules())
+        assert all(torch.equal(v, before[k]) for k, v in bundle.model.state_dict().items())
+    finally:
+        bundle.model.eval()
