@@ -254,9 +254,9 @@ def test_a_cancelled_json_run_ends_with_a_cancelled_event(segmented, tmp_path):
                              "--case", case, "--out", tmp_path / "o"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stdout.readline()  # the device event: the run has started
     proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=120)
+    rest, err = proc.communicate(timeout=120)
     events = [json.loads(line) for line in (first + rest).splitlines()]
-    assert proc.returncode == 130 and events[-1]["event"] == "cancelled" and "no partial output" in events[-1]["message"], events[-3:]
+    assert proc.returncode == 130 and events[-1]["event"] == "cancelled" and "no partial output" in events[-1]["message"], (events[-3:], err)
 
 
 def test_report_refuses_an_mr_image_as_truth_and_a_repeated_label_and_uses_ras_throughout(segmented, tmp_path):

@@ -27,7 +27,7 @@ def _finetune_args(case_dir, out, iterations):
 def test_a_finetuning_job_reports_progress_and_its_patient_model_loads(small_pair_dir, tmp_path, threaded, monkeypatch):
     monkeypatch.setattr(CliJob, "threaded_reads", threaded)  # the thread is what Windows uses
     out = tmp_path / "patient.pt"
-    asked = 3  # the check compares 3, 6 and 12 iterations (at most 12 on each of its two folds)
+    asked = 4
     job = CliJob([_finetune_args(small_pair_dir, out, asked)]).start()
     seen, fractions = [], []
     while not job.finished:
@@ -38,19 +38,25 @@ def test_a_finetuning_job_reports_progress_and_its_patient_model_loads(small_pai
                 assert not job.finished or job.succeeded
         time.sleep(0.02)
     assert job.succeeded, (job.error, list(job.log))
-    # progress lines arrived one per iteration, with the loss, while it ran: the hold-out
-    # check's iterations on each of its two folds, then the final model's, on a bar sized
-    # for the check comparing 3, 6 and 12 iterations (3 x 12) that moves evenly to its end
+    # progress lines arrived one per iteration, with the loss, while it ran: the check's
+    # iterations on each of its folds, then the final model's. All lesion slices are
+    # annotated, so the large annotation's route runs (one fold, every layer, comparing 2,
+    # 4 and 8 iterations): the bar, first sized for the most any route may take, is resized
+    # to this route's own total when the check has split the annotation, and each phase is
+    # named
     bundle = load_model(out)
     check = bundle.metadata["finetune"]["holdout_check"]
-    compared = [c["iterations"] for c in check["compared"]] if check["compared"] else [asked]
+    compared = [c["iterations"] for c in check["compared"]]
     final = bundle.metadata["finetune"]["config"]["iterations"]
-    assert final == check["iterations"] and final in compared and set(compared) <= {asked, 2 * asked, 4 * asked}
-    training = [e for e in seen if e["step"] == "finetune"]
-    assert len(training) == 2 * max(compared) + final
-    done = [e["done"] for e in training]
-    assert done == sorted(set(done)) and done[-1] == 12 * asked
-    assert all(e["total"] == 12 * asked and e["loss"] > 0 for e in training)
+    assert check["folds"] == 1 and check["layers"] == "all" and compared == [asked // 2, asked, 2 * asked]
+    assert final == check["iterations"] and final in compared
+    training = [e for e in seen if e["step"] == "finetune" and "loss" in e]
+    assert len(training) == max(compared) + final
+    finetune = [e for e in seen if e["step"] == "finetune"]
+    done = [e["done"] for e in finetune]
+    assert done == sorted(done) and done[-1] == 2 * max(compared)
+    assert all(e["total"] == 2 * max(compared) for e in finetune) and all(e["loss"] > 0 for e in training)
+    assert list(dict.fromkeys(e["phase"] for e in finetune)) == ["checking fold 1 of 1", "final model"]
     assert fractions == sorted(fractions) and job.fraction() == 1.0
     assert job.results and job.results[-1]["outputs"]["model"] == str(out)
     assert job.device.startswith("CPU (")  # what ran the network, as the command reported it
