@@ -7,7 +7,7 @@ erase in the baseline view), fine-tune with a progress bar and Cancel, and segme
 follow-up with the base and the patient model (a switch shows either), the uncertainty
 overlay with its colour legend, the follow-up's lesions in the 3D view, the lesion table
 and a link to the patient's HTML report (:mod:`.report`). Fine-tuning runs the
-never-worse check (:func:`.finetune.holdout_check`) and says when the base model was kept.
+never-worse check (:func:`.finetune.never_worse_check`) and says when the base model was kept.
 
 Needs the ``web`` extra (``pip install -e ".[web]"``); started by
 ``patient-finetune web --host 127.0.0.1 --port N``. Any web page the user has open could

@@ -651,7 +651,7 @@ def test_the_check_and_the_weighting_see_every_lesion_the_network_finds(bundle, 
     check and the weighting do not: a 1-pixel false lesion still counts against the
     network on the held-out slices, and the base model's specks are where the weighting
     teaches it."""
-    from PatientFineTuneLib.finetune import FinetuneData, _HeldOut, network_mask
+    from PatientFineTuneLib.finetune import FinetuneData, HeldOutScores, network_mask
     from PatientFineTuneLib.inference import predict_mask
 
     class LogitMap(torch.nn.Module):  # a network whose lesion logit is its input
@@ -669,7 +669,7 @@ def test_the_check_and_the_weighting_see_every_lesion_the_network_finds(bundle, 
     label[0, 9:11, 9:11] = 1
     everywhere = torch.ones(12, 12, dtype=torch.bool)
     data = FinetuneData([0], [image[0]], [label], None, [], np.zeros(1), [everywhere])
-    held_out = _HeldOut()
+    held_out = HeldOutScores()
     held_out.add(LogitMap(), data, [everywhere], fold=0)
     assert held_out.scores()["lesion_f1"] == pytest.approx(2 / 3)  # 1 of 2 predicted lesions is true
 
