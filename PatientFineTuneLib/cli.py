@@ -16,12 +16,11 @@ import platform
 import shlex
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from . import __version__
-from .files import json_ready
+from .files import check_output_file, check_output_folder, json_ready, refuse_existing, refuse_inputs_as_outputs
 from .modelcard import resolve_model_path  # torch-free: the CLI starts fast
 from .progress import MODES as PROGRESS_MODES
 from .progress import StepProgress, emit, send_events_to
@@ -95,52 +94,6 @@ def mc_sample_count(text: str) -> int:
     return value
 
 
-def check_output_file(path: str | Path, option: str = "--out", suffix: str | None = None) -> Path:
-    """Refuse, before any work, an output file that cannot be written: a folder, a path
-    under a file, the wrong suffix, a folder without write permission."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{option} {path} is a folder; give a file name{f' ending in {suffix}' if suffix else ''}")
-    if suffix and not path.name.endswith(suffix):
-        raise ValueError(f"{option} {path} must end in {suffix}")
-    _check_writable_folder(path.parent, option, path)
-    return path
-
-
-def check_output_folder(path: str | Path, option: str = "--out") -> Path:
-    """Refuse, before any work, an output folder that is a file, lies under a file or
-    cannot be written."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{option} {path} is a file, not a folder; give a folder for the outputs")
-    _check_writable_folder(path, option, path)
-    return path
-
-
-def _check_writable_folder(folder: Path, option: str, target: Path) -> None:
-    existing = folder
-    while not existing.exists():  # the nearest existing ancestor is where the folders get made
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{option} {target}: {existing} is a file, not a folder")
-    try:  # a real file, not os.access: root passes that check in /proc and /sys, where nothing can be written
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        raise ValueError(f"{option} {target}: cannot write in {existing} ({exc.strerror}); choose another place") from None
-
-
-def refuse_inputs_as_outputs(inputs, outputs) -> None:
-    """No output may be one of the command's inputs (same path, symbolic or hard link),
-    with or without --overwrite."""
-    existing = [Path(p) for p in inputs if p is not None and Path(p).exists()]
-    for out in map(Path, outputs):
-        for source in existing:
-            same = out.exists() and os.path.samefile(out, source)
-            if same or out.resolve() == source.resolve():
-                raise ValueError(f"{out} is one of this command's inputs ({source}); an output never replaces an input: choose another --out")
-
-
 def _case_inputs(case, model: Path) -> list:
     sources = case.sources
     return [*sources["sequences"], sources.get("organ"), sources.get("lesions"), model]
@@ -165,9 +118,7 @@ def cmd_synth(args) -> None:
 
     out = check_output_folder(args.out)
     targets = [out / f"patient{args.seed + i:03d}" for i in range(args.patients)]
-    existing = [t for t in targets if t.exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(f"{existing[0]} already exists; choose another --out or pass --overwrite")
+    refuse_existing(targets, args.overwrite)
     for i, target in enumerate(tqdm(targets, desc=f"synth {args.preset}", unit="patient")):
         pair = generate_pair(args.preset, args.seed + i, small=args.small)
         write_pair(pair, target, overwrite=args.overwrite)
@@ -224,8 +175,7 @@ def cmd_train_base(args) -> None:
 
     preset = get_preset(args.preset)
     out = check_output_file(args.out, suffix=".pt")
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    refuse_existing([out], args.overwrite)
     checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".checkpoint")
     if checkpoint.exists() and not args.resume:
         raise FileExistsError(f"checkpoint {checkpoint} exists from an earlier run; pass --resume to continue it or delete it")
@@ -422,9 +372,7 @@ def cmd_segment(args) -> None:
     refuse_inputs_as_outputs(_case_inputs(case, model), outputs.values())
     produced = {"segmentation", "labels", "probability", "table"} | ({"organ"} if organ is None else set())
     produced |= ({"uncertainty", "summary"} if args.mc_samples else set()) | ({"suggestions"} if args.suggest else set())
-    clash = [outputs[k] for k in produced if outputs[k].exists()]
-    if clash and not args.overwrite:
-        raise FileExistsError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
+    refuse_existing([outputs[k] for k in produced], args.overwrite)
     _report_device(args, args.device)
     with _step(args, "segment", unit="slice") as step:
         result = segment_case(bundle, case, opening=args.opening, threshold=args.threshold, min_lesion_voxels=args.min_lesion_voxels,
@@ -463,8 +411,7 @@ def _derived_model_paths(args, role: str) -> tuple[Path, Path]:
     out, model = check_output_file(args.out, suffix=".pt"), resolve_model_path(args.model)
     if out.resolve() == model.resolve():
         raise ValueError(f"--out is the {role} model file; the {role} model is never overwritten, choose another name")
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    refuse_existing([out], args.overwrite)
     return out, model
 
 
@@ -654,8 +601,7 @@ def cmd_evaluate(args) -> None:
     if args.out:
         check_output_file(args.out, suffix=".csv")
         refuse_inputs_as_outputs([args.pred, args.gt, args.pairs, args.compare_to], [args.out])
-        if Path(args.out).exists() and not args.overwrite:
-            raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")
+        refuse_existing([args.out], args.overwrite)
     if args.pairs:
         with open(args.pairs, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -715,8 +661,7 @@ def cmd_report(args) -> None:
                           patient_model=_optional_path(args.model), changes=_optional_path(args.changes),
                           suggestions=_optional_path(args.suggestions))
     refuse_inputs_as_outputs([args.followup_image, args.truth, args.model, args.suggestions], [out])
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    refuse_existing([out], args.overwrite)
     write_report(inputs, out, overwrite=args.overwrite)
     print(f"wrote {out}")
     _report_result(args, "report", {"report": out})

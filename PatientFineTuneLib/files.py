@@ -174,3 +174,59 @@ def json_ready(value):
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalars
         return json_ready(value.item())
     return value
+
+
+# -- output guards: refuse, before any work, what could not be written or would be lost
+
+def check_output_file(path: str | Path, option: str = "--out", suffix: str | None = None) -> Path:
+    """Refuse, before any work, an output file that cannot be written: a folder, a path
+    under a file, the wrong suffix, a folder without write permission."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name{f' ending in {suffix}' if suffix else ''}")
+    if suffix and not path.name.endswith(suffix):
+        raise ValueError(f"{option} {path} must end in {suffix}")
+    _check_writable_folder(path.parent, option, path)
+    return path
+
+
+def check_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that is a file, lies under a file or
+    cannot be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file, not a folder; give a folder for the outputs")
+    _check_writable_folder(path, option, path)
+    return path
+
+
+def _check_writable_folder(folder: Path, option: str, target: Path) -> None:
+    existing = folder
+    while not existing.exists():  # the nearest existing ancestor is where the folders get made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {target}: {existing} is a file, not a folder")
+    try:  # a real file, not os.access: root passes that check in /proc and /sys, where nothing can be written
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {target}: cannot write in {existing} ({exc.strerror}); choose another place") from None
+
+
+def refuse_inputs_as_outputs(inputs, outputs) -> None:
+    """No output may be one of the command's inputs (same path, symbolic or hard link),
+    with or without --overwrite."""
+    existing = [Path(p) for p in inputs if p is not None and Path(p).exists()]
+    for out in map(Path, outputs):
+        for source in existing:
+            same = out.exists() and os.path.samefile(out, source)
+            if same or out.resolve() == source.resolve():
+                raise ValueError(f"{out} is one of this command's inputs ({source}); an output never replaces an input: choose another --out")
+
+
+def refuse_existing(paths: Iterable, overwrite: bool) -> None:
+    """Refuse, before any work, outputs that exist already (naming the first) unless
+    ``overwrite``."""
+    clash = [Path(p) for p in paths if Path(p).exists()]
+    if clash and not overwrite:
+        raise FileExistsError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
