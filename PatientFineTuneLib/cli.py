@@ -842,7 +842,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-iterations", type=count_at_least(1), nargs="+", metavar="N",
                    help="iteration counts the never-worse check compares on the held-out part; the patient model trains the best "
                         "(default: 1, 2 and 4 times --iterations where the head trains; where each fold would hold out at least 3 whole "
-                        "slices every layer trains, at twice the learning rate on one fold, comparing 1/2, 1 and 2 times --iterations; "
+                        "slices every layer trains, at twice the learning rate on one fold, comparing 1/2, 1 and 2 times --iterations, and the "
+                        "patient model continues that fold's model for half the chosen count; "
                         "counts above --iterations replace it, where it does not help, only by a clear margin)")
     p.add_argument("--hard-negatives", type=count_at_least(0), metavar="K",
                    help="with --slices all-lesion: also train on the K lesion-free slices where the base model finds the most lesion "

@@ -302,6 +302,8 @@ def describe_patient_model(finetune: dict) -> str:
     fraction = finetune.get("pixel_fraction", finetune.get("config", {}).get("pixel_fraction", 1.0) if layers == "head" else 1.0)
     how = [f"{finetune['method']} path"] if "method" in finetune else []
     how += [f"{fraction:.0%} of each patch's pixels per iteration"] if fraction < 1 else []
+    if finetune.get("continued_from_check_model") and check:  # the check's model at its chosen count, trained on further
+        iterations = f"{check['iterations']} iterations on the check's half of the annotation, then {iterations}"
     text = f"fine-tuned {every_layer}{iterations} iterations on {where}" + (f" ({', '.join(how)})" if how else "")
     if check:
         text += f"; checked on {_held_out_part(check)} of the annotation: {_check_numbers(check)}"

@@ -55,7 +55,7 @@ def holdout_split(data: FinetuneData, config: FinetuneConfig, fold: int = 0) -> 
 
 
 def never_worse_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress=None, cancel=None,
-                  feature_cache: dict | None = None, phase=None) -> dict:
+                  feature_cache: dict | None = None, phase=None, fold_states: dict | None = None) -> dict:
     """Fine-tune with the loss on one half of the annotation (:func:`holdout_split`) and
     score on the other, for each of ``config.holdout_folds`` folds, and compare with the
     base model on the pooled held-out pixels: pooled Dice of the 0.5-thresholded
@@ -94,11 +94,13 @@ def never_worse_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneC
     losses = []
     for fold, (held, check_data) in enumerate(folds):
         if phase is not None:
-            phase(f"checking fold {fold + 1} of {len(folds)}", fold * planned, len(folds) * planned + planned)
+            phase(f"checking fold {fold + 1} of {len(folds)}", fold * planned, config.check_total())
         in_planned_steps = progress_in_steps_of(progress, fold * planned, planned, counts[-1])
         model, fold_losses, _, states = train_patient_copy(bundle, check_data, dataclasses.replace(config, iterations=counts[-1]), device,
                                                     in_planned_steps, cancel, keep_states_at=counts, feature_cache=feature_cache)
         losses += fold_losses
+        if fold_states is not None and len(folds) == 1:
+            fold_states.update(states)  # the one fold's model at each count, for the patient model to continue
         base.add(bundle.model, data, held, fold)
         for count in counts:
             model.load_state_dict(states[count])

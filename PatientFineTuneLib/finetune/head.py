@@ -168,13 +168,15 @@ def _trainable_copy(bundle: ModelBundle, config: FinetuneConfig, device) -> tupl
 
 
 def train_patient_copy(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress, cancel, keep_states_at: Sequence[int] = (),
-                feature_cache: dict | None = None):
+                feature_cache: dict | None = None, start_state: dict | None = None):
     """Fine-tune a copy of the base model on ``data`` (the head, or every layer) in the
     one training loop; returns (model, losses, method, states): ``states`` the model's
     state after each iteration count of ``keep_states_at``. ``feature_cache``: the fast
     path's backbone outputs, shared between runs on the same slices (the check's folds
     and the final model: the frozen backbone is the base model's in each)."""
     model, parameters = _trainable_copy(bundle, config, device)
+    if start_state is not None:  # continue a model trained before (the check's)
+        model.load_state_dict(start_state)
     optimizer = Adam(parameters, lr=config.learning_rate)
     class_weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
     method = choose_method(data, config, feature_bytes=4 * model.feature_channels * config.patch_size**2)

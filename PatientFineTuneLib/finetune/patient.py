@@ -80,8 +80,10 @@ def finetune_patient_model(
     feature_cache = {}  # the backbone's outputs, computed once for the check's folds and the final model
     # where the final model's progress goes on the bar of config.progress_total()
     offset, planned, total = 0, config.progress_total(), config.progress_total()
+    start_state = None
     if config.holdout_check:
-        check = never_worse_check(bundle, data, config, device, progress, cancel, feature_cache, phase)
+        fold_states = {}
+        check = never_worse_check(bundle, data, config, device, progress, cancel, feature_cache, phase, fold_states)
         provenance["holdout_check"] = check
         if not check["kept"]:
             metadata = derived_metadata(bundle, config, [], method="base model kept", **provenance)
@@ -92,10 +94,17 @@ def finetune_patient_model(
             offset = check["folds"] * planned
             total = offset + planned
             config = dataclasses.replace(config, iterations=check["iterations"])
+            if config.final_continues_check and fold_states:
+                start_state = fold_states[check["iterations"]]
+                provenance["continued_from_check_model"] = True
+                config = dataclasses.replace(config, iterations=max(1, round(config.final_continues_check * check["iterations"])))
+                planned = max(1, round(config.final_continues_check * planned))  # the bar's share, as check_total sized it
+                total = offset + planned
     if phase is not None:
         phase("final model", offset, total)
     final_progress = progress_in_steps_of(progress, offset, planned, config.iterations)
-    model, losses, method, _ = train_patient_copy(bundle, data, config, device, final_progress, cancel, feature_cache=feature_cache)
+    model, losses, method, _ = train_patient_copy(bundle, data, config, device, final_progress, cancel, feature_cache=feature_cache,
+                                                  start_state=start_state)
     return ModelBundle(model, derived_metadata(bundle, config, losses, method=method, pixel_fraction=config.pixel_fraction, **provenance))
 
 

@@ -515,10 +515,14 @@ def test_the_shipped_fine_tuning_trains_every_layer_only_where_many_slices_are_a
     # the large annotation's route: one fold (holding out 3 of the 6 slices), every layer
     assert check["split"] == "slices" and check["folds"] == 1 and len(check["held_out_slices"]) == 3 and check["layers"] == "all"
     # progress names each phase and counts the route's own iterations (12 on the one fold,
-    # then the final model's), fewer than the bar's first estimate (the head's route)
-    assert config.progress_total() == 36 and phases == [("checking fold 1 of 1", 0, 24), ("final model", 12, 24)]
-    assert steps[:12] == list(range(1, 13)) and steps[-1] == 24
-    assert trained.metadata["finetune"]["config"]["learning_rate"] == 1e-2 and trained.metadata["finetune"]["pixel_fraction"] == 0.25
+    # then the patient model's 6: it continues the fold's model at the chosen count for half
+    # as many), fewer than the bar's first estimate (the head's route)
+    assert config.progress_total() == 36 and phases == [("checking fold 1 of 1", 0, 18), ("final model", 12, 18)]
+    assert steps[:12] == list(range(1, 13)) and steps[-1] == 18 and len(steps) == 12 + 6
+    record = trained.metadata["finetune"]
+    assert record["config"]["learning_rate"] == 1e-2 and record["pixel_fraction"] == 0.25
+    assert record["continued_from_check_model"] and record["config"]["iterations"] == 6 and check["iterations"] == 12
+    assert "12 iterations on the check's half of the annotation, then 6 iterations" in describe_patient_model(record)
     assert check["kept"], {k: check[k] for k in ("dice_base", "dice_finetuned", "lesion_f1_base", "lesion_f1_finetuned", "per_fold_base", "per_fold_finetuned")}  # deterministic (seed 0)
     changed = {k for k, v in trained.model.state_dict().items() if not torch.equal(v, before[k])}
     assert trained.metadata["finetune"]["config"]["layers"] == "all" and any(k.startswith("pathways.") for k in changed)
