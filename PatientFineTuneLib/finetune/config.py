@@ -90,6 +90,8 @@ class FinetuneConfig(PatchTrainingConfig):
             raise ValueError(f"pixel_fraction must be in (0, 1], not {self.pixel_fraction}")
         if self.holdout_folds not in (1, 2):
             raise ValueError(f"holdout_folds must be 1 or 2, not {self.holdout_folds!r}")
+        if self.final_continues_check is not None and not self.final_continues_check > 0:
+            raise ValueError(f"final_continues_check must be a positive fraction of the chosen count, not {self.final_continues_check!r}")
         if self.large_annotation is not None:
             self.large_annotation = dict(self.large_annotation)
             fields = {f.name for f in dataclasses.fields(self)} - {"large_annotation"}

@@ -535,6 +535,13 @@ def test_the_shipped_fine_tuning_trains_every_layer_only_where_many_slices_are_a
     assert amp.metadata["finetune"]["holdout_check"]["layers"] == "head"
     # layers asked for train everywhere
     assert shipped_config(bundle, layers="head").large_annotation is None
+    # the route's settings are checked like any others, before any work
+    with pytest.raises(ValueError, match="unknown fine-tuning settings: layerz"):
+        FinetuneConfig(large_annotation={"layerz": "all"})
+    with pytest.raises(ValueError, match="layers must be one of"):
+        FinetuneConfig(large_annotation={"layers": "every"})
+    with pytest.raises(ValueError, match="final_continues_check must be a positive"):
+        FinetuneConfig(final_continues_check=0)
     assert all(torch.equal(v, before[k]) for k, v in bundle.model.state_dict().items())  # the base model is untouched
 
 
