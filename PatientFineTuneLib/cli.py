@@ -977,6 +977,9 @@ def main(argv=None) -> int:
     # A terminated job (Cancel in the Slicer module) unwinds like Ctrl-C, so the atomic
     # writers remove their partial files before the process ends.
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    if hasattr(signal, "pthread_sigmask"):
+        # a launcher that blocks these signals passes its mask on to us: Cancel must still reach us
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         args.func(args)
     except KeyboardInterrupt:

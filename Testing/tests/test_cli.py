@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
@@ -253,10 +254,12 @@ def test_a_cancelled_json_run_ends_with_a_cancelled_event(segmented, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "PatientFineTuneLib.cli", "--progress", "json", "segment", "--model", "brain-wmh",
                              "--case", case, "--out", tmp_path / "o"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stdout.readline()  # the device event: the run has started
+    status = Path(f"/proc/{proc.pid}/status")
+    blocked = [line for line in status.read_text().splitlines() if line.startswith(("SigBlk", "SigIgn"))] if status.exists() else []
     proc.send_signal(signal.SIGTERM)
     rest, err = proc.communicate(timeout=120)
     events = [json.loads(line) for line in (first + rest).splitlines()]
-    assert proc.returncode == 130 and events[-1]["event"] == "cancelled" and "no partial output" in events[-1]["message"], (events[-3:], err)
+    assert proc.returncode == 130 and events[-1]["event"] == "cancelled" and "no partial output" in events[-1]["message"], (events[-3:], err, blocked)
 
 
 def test_report_refuses_an_mr_image_as_truth_and_a_repeated_label_and_uses_ras_throughout(segmented, tmp_path):
