@@ -136,8 +136,12 @@ class FinetuneConfig(PatchTrainingConfig):
         """Iterations of the check's folds and the final model (at most the largest count,
         or that fraction of it where the patient model continues the check's)."""
         largest = max(self.check_iterations())
-        final = max(1, round(self.final_continues_check * largest)) if self.final_continues_check and self.holdout_folds == 1 else largest
-        return self.holdout_folds * largest + final
+        return self.holdout_folds * largest + (self.continued_iterations(largest) if self.holdout_folds == 1 else largest)
+
+    def continued_iterations(self, count: int) -> int:
+        """Iterations the patient model trains after the check chose ``count``, where it
+        continues the check's model (``final_continues_check``); ``count`` otherwise."""
+        return max(1, round(self.final_continues_check * count)) if self.final_continues_check else count
 
     def angles(self) -> np.ndarray:
         """The fixed angle set; with ``n_angles=0`` one uniform angle per draw of the run,

@@ -97,8 +97,8 @@ def finetune_patient_model(
             if config.final_continues_check and fold_states:
                 start_state = fold_states[check["iterations"]]
                 provenance["continued_from_check_model"] = True
-                config = dataclasses.replace(config, iterations=max(1, round(config.final_continues_check * check["iterations"])))
-                planned = max(1, round(config.final_continues_check * planned))  # the bar's share, as check_total sized it
+                config = dataclasses.replace(config, iterations=config.continued_iterations(check["iterations"]))
+                planned = config.continued_iterations(planned)  # the bar's share, as check_total sized it
                 total = offset + planned
     if phase is not None:
         phase("final model", offset, total)
