@@ -1,4 +1,4 @@
-"""New-lesion segmentation from the FLAIR subtraction (seed 001), end to end.
+"""New-lesion segmentation from the FLAIR subtraction (Wahlig et al. 2023), end to end.
 
 Generates synthetic brain-wmh pairs (train seeds 100.., validation 200, test 300..),
 turns each into a ``brain-new-lesions`` case (follow-up FLAIR + subtraction of the
@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from PatientFineTuneLib.newlesions import ljubljana_case, synthetic_pair_case
-from PatientFineTuneLib.synth import generate_pair, write_pair
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from newlesions import ljubljana_case, synthetic_pair_case  # noqa: E402
+
+from PatientFineTuneLib.synth import generate_pair, write_pair  # noqa: E402
 
 LJUBLJANA = Path(__file__).resolve().parents[3] / "shared" / "data" / "ljubljana_ms_longitudinal"
 

@@ -1,19 +1,23 @@
-"""New-lesion segmentation from the FLAIR subtraction (seed 001)."""
+"""New-lesion segmentation from the FLAIR subtraction (Wahlig et al. 2023): the case builders
+of the evaluation scripts (Testing/benchmarks/newlesions.py) and a model of the preset."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from PatientFineTuneLib.modelfile import load_model
-from PatientFineTuneLib.newlesions import ljubljana_case, new_lesion_mask, synthetic_pair_case
 from PatientFineTuneLib.postprocess import label_lesions
 from PatientFineTuneLib.synth import generate_pair, write_pair
 
 from conftest import SHARED_DATA
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from newlesions import ljubljana_case, new_lesion_mask, synthetic_pair_case  # noqa: E402
 
 LJUBLJANA_LONG = SHARED_DATA / "ljubljana_ms_longitudinal"
 

@@ -1,4 +1,5 @@
-"""New-lesion segmentation from a subtraction image (seed 001).
+"""New-lesion segmentation from a subtraction image (Wahlig et al. 2023): the cases of the
+``brain-new-lesions`` preset, built for the evaluation (``eval_new_lesions.py``).
 
 The follow-up FLAIR and the baseline FLAIR brought onto its grid are normalised alike
 (robust z-score inside the brain), and their difference becomes a second input pathway
@@ -22,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .images import normalise, write_image
-from .postprocess import label_lesions
+from PatientFineTuneLib.images import normalise, write_image
+from PatientFineTuneLib.postprocess import label_lesions
 
 #: Sequence names of the ``brain-new-lesions`` preset, in pathway order.
 SEQUENCES = ("FLAIR", "FLAIR_subtraction")
@@ -69,7 +70,7 @@ def synthetic_pair_case(pair_folder: str | os.PathLike, out_folder: str | os.Pat
     """A ``brain-new-lesions`` case from a synthetic pair (``baseline/`` and ``followup/``
     with FLAIR, organ, lesions): the baseline is registered onto the follow-up (rigid +
     affine, inside the follow-up brain); returns the registration's quality figures."""
-    from .registration import register_followup, resample_mask
+    from PatientFineTuneLib.registration import register_followup, resample_mask
 
     pair_folder = Path(pair_folder)
 
