@@ -1,7 +1,7 @@
 """Per-case segmentation and detection metrics, and cohort statistics.
 
 Definitions follow the WMH Segmentation Challenge (Kuijf et al., IEEE TMI 2019) and
-seed 000:
+Jansen et al. 2020:
 
 * Dice = 2|P∩G| / (|P| + |G|); NaN when both masks are empty (0/0, as the challenge's
   scipy-based computation).
@@ -17,7 +17,7 @@ seed 000:
   is predicted); F1 = 2 PR / (P + R).
   Note: the challenge script counts *detected GT lesions* in the precision numerator,
   which exceeds 1 when one predicted object bridges two GT lesions; we count predicted
-  objects, as seed 000 defines precision. Both agree whenever no prediction touches two GT
+  objects, as Jansen et al. 2020 define precision. Both agree whenever no prediction touches two GT
   lesions.
 """
 

@@ -83,7 +83,7 @@ PRESETS: dict[str, Preset] = {
             weighting="detection",
             organ="brain",
             auto_organ_mask=True,
-            description="New MS lesions on the follow-up FLAIR + the FLAIR subtraction (follow-up minus registered baseline; seed 001)",
+            description="New MS lesions on the follow-up FLAIR + the FLAIR subtraction (follow-up minus registered baseline; Wahlig et al. 2023)",
             ships_base_model=False,
         ),
         Preset(

@@ -1,4 +1,4 @@
-"""Which baseline slices to annotate (seed 000): the slices whose mean lesion softmax
+"""Which baseline slices to annotate (Jansen et al. 2020): the slices whose mean lesion softmax
 over their organ pixels is closest to 0.5 come first."""
 
 from __future__ import annotations

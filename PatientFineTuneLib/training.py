@@ -1,4 +1,4 @@
-"""Base-model training (seed 000): weighted cross-entropy (1, 5), Adam 1e-4, batch 4,
+"""Base-model training (Jansen et al. 2020): weighted cross-entropy (1, 5), Adam 1e-4, batch 4,
 25 overlapping 128x128 patches per lesion slice inside the organ, online rotation in
 [-45, 45] degrees.
 

@@ -1,5 +1,5 @@
-"""The 3D U-Net of Rudie / Duong et al. (seed 001): four down-sampling and four
-up-sampling blocks, for whole-volume segmentation and cohort-level transfer (seed 002).
+"""The 3D U-Net of Wahlig et al. 2023 (after Rudie / Duong et al.): four down-sampling and four
+up-sampling blocks, for whole-volume segmentation and cohort-level transfer (Kaur et al. 2019).
 
 Each block is two 3x3x3 convolutions with instance normalisation and leaky ReLU; the
 encoder halves the grid with max pooling, the decoder doubles it with a transposed
@@ -9,7 +9,7 @@ Instance normalisation keeps no running statistics, so freezing part of the netw
 transfer learning cannot leave stale batch statistics behind, and the network behaves the
 same on a batch of 2 patches as on one volume window.
 
-Layer groups for transfer learning (seed 002), see :meth:`UNet3D.trainable_modules`:
+Layer groups for transfer learning (Kaur et al. 2019), see :meth:`UNet3D.trainable_modules`:
 ``all`` (FT_All), ``decoder`` (FT_Decoder: every up-sampling block and the output layer,
 the encoder frozen), ``last-layers`` (FT_LastThree: the two convolutions of the last
 decoder block and the output layer) and ``head`` (the output layer only, as the 2D
@@ -50,7 +50,7 @@ class UNet3D(nn.Module):
     width : int
         Filters of the first level; each level down doubles them.
     depth : int
-        Down-sampling (and up-sampling) blocks (seed 001: 4). Inputs must be a multiple
+        Down-sampling (and up-sampling) blocks (Wahlig et al. 2023: 4). Inputs must be a multiple
         of ``2 ** depth`` voxels along each axis (see :attr:`size_multiple`).
     dropout : float
         Dropout rate before the output layer (Monte-Carlo dropout at inference).
@@ -123,7 +123,7 @@ class UNet3D(nn.Module):
 
     def reset_last_layers(self) -> None:
         """Replace the last three layers (last decoder block's two convolutions and the
-        output layer) with freshly initialised ones, as seed 002 does before transfer."""
+        output layer) with freshly initialised ones, as Kaur et al. 2019 do before transfer."""
         for module in (self.decoder[-1], self.final):
             for m in module.modules():
                 self._reset(m)

@@ -1,22 +1,22 @@
-"""Training the 3D U-Net on whole volumes (seed 001) and transferring a trained one to
-another disease or site with a few studies (seed 002).
+"""Training the 3D U-Net on whole volumes (Wahlig et al. 2023) and transferring a trained one to
+another disease or site with a few studies (Kaur et al. 2019).
 
-Patches are cubes of ``patch_mm`` (seed 001: 96 mm) at the model's isotropic spacing.
+Patches are cubes of ``patch_mm`` (Wahlig et al. 2023: 96 mm) at the model's isotropic spacing.
 Half of the patches of a batch, on average, are lesion-inclusive (centred on a random
 lesion voxel) and half lesion-exclusive (centred on a random organ voxel, redrawn until
-the cube holds no lesion, or 20 times): the expectation of the paper's 30 + 30 patches
+the cube holds no lesion, or 20 times): the expectation of Wahlig et al. 2023's 30 + 30 patches
 per volume.
 Augmentation: a random flip along each axis and a random intensity scale and shift per
-patch. The paper's elastic deformations are left out (not cheap enough on a CPU).
+patch. Their elastic deformations are left out (not cheap enough on a CPU).
 Cross-entropy, Adam.
 
 Every random draw of iteration ``i`` (patches, flips, intensity, dropout masks) comes from
 ``(seed, i)``, so a run depends only on its inputs and seed.
 
-Transfer (seed 002): a copy of a trained model trains only the modules of a strategy
+Transfer (Kaur et al. 2019): a copy of a trained model trains only the modules of a strategy
 (:meth:`UNet3D.trainable_modules`: ``all``, ``decoder``, ``last-layers``, ``head``);
-``reset_last_layers`` first replaces the last three layers with new ones, as the paper
-does for its FT_LastThree / FT_Decoder / FT_All.
+``reset_last_layers`` first replaces the last three layers with new ones, as Kaur et al. 2019
+do for their FT_LastThree / FT_Decoder / FT_All.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from .volume_inference import case_on_model_grid
 
 @dataclass
 class VolumeTrainingConfig:
-    """Settings of 3D U-Net training and transfer. Defaults follow seed 001 where it gives
-    them, except the spacing: 2 mm (paper 1 mm) keeps a 96 mm patch at 48^3 voxels, which
+    """Settings of 3D U-Net training and transfer. Defaults follow Wahlig et al. 2023 where they give
+    them, except the spacing: 2 mm (theirs 1 mm) keeps a 96 mm patch at 48^3 voxels, which
     a laptop CPU can train."""
 
     iterations: int = 1000

@@ -1,4 +1,4 @@
-"""Pixel weight maps for fine-tuning (seed 000, "Weighting"), computed from the base
+"""Pixel weight maps for fine-tuning (Jansen et al. 2020, "Weighting"), computed from the base
 model's segmentation of the baseline against the baseline annotation. They replace the
 class weights in the loss.
 

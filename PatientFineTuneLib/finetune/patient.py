@@ -119,7 +119,7 @@ def _finetune_volume(bundle, case, slices, config: FinetuneConfig, device, progr
             "applies to the 2D network (annotate every lesion of the baseline and use all-lesion)"
         )
     if config.weighting:
-        raise ValueError(f"the {config.weighting!r} weighting of seed 000 is defined for the 2D network's slices; fine-tune a 3D U-Net without it")
+        raise ValueError(f"the {config.weighting!r} weighting of Jansen et al. 2020 is defined for the 2D network's slices; fine-tune a 3D U-Net without it")
     if config.pixel_fraction < 1:
         raise ValueError(f"a pixel fraction ({config.pixel_fraction}) applies to the 2D network's head; a 3D U-Net trains on every voxel "
                          "of its patches (leave --pixel-fraction out)")

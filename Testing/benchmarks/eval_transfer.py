@@ -1,4 +1,4 @@
-"""Cohort transfer learning with the 3D U-Net (seed 002): fine-tuning strategies against
+"""Cohort transfer learning with the 3D U-Net (Kaur et al. 2019): fine-tuning strategies against
 de-novo training on the same N target studies.
 
 Two settings, one input sequence each (the source and target must share the network's
@@ -10,7 +10,7 @@ input):
              FLAIR with the whole tumour as lesion (6 cases: 2 held out, N in {2, 4}).
 
 Arms for each N: ``de-novo`` (a fresh U-Net), ``all`` / ``decoder`` / ``last-layers``
-(the last three layers replaced with new ones first, as in seed 002), ``head`` (only the
+(the last three layers replaced with new ones first, as in Kaur et al. 2019), ``head`` (only the
 output layer, kept, as in patient-specific fine-tuning), and ``source`` (the source model
 as is). Every trained arm gets the same iterations. Reports Dice and lesion-wise
 sensitivity / PPV (26-connected, any overlap) per arm and N; writes results.csv and a
@@ -19,7 +19,7 @@ Markdown table into --work.
     python Testing/benchmarks/eval_transfer.py --work /tmp/pft-transfer
 
 The defaults are a reduced CPU configuration (2 mm voxels, width 8, a few hundred
-iterations; seed 001 trains at 1 mm for 30 epochs): compare arms with each other, not
+iterations; Wahlig et al. 2023 train at 1 mm for 30 epochs): compare arms with each other, not
 with the papers' absolute numbers.
 """
 
@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--spacing-mm", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--lesion-weight", type=float, default=5.0, help="cross-entropy weight of the lesion class (seed 002: weighted)")
+    parser.add_argument("--lesion-weight", type=float, default=5.0, help="cross-entropy weight of the lesion class (Kaur et al. 2019: weighted)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
