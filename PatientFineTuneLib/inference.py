@@ -75,7 +75,7 @@ def predict_logits(model: LesionNet, x: torch.Tensor, memory_budget: int = DEFAU
 
 def inference_network(model: LesionNet, device: torch.device) -> LesionNet:
     """The copy of ``model`` prediction runs: BatchNorm folded (:func:`inference_copy`),
-    channels-last (1.6x faster on a CPU than contiguous tensors), on ``device``."""
+    channels-last (faster on a CPU than contiguous tensors), on ``device``."""
     return inference_copy(model).to(device, memory_format=torch.channels_last)
 
 
@@ -99,9 +99,10 @@ def predict_probability(
     Only slices containing organ are run (of ``slices`` only, when given: the others stay
     zero; each slice is predicted on its own, so those are exactly as in a whole pass).
     Each batch is resampled in-plane to the model's training spacing, predicted, and the
-    lesion softmax resampled back (bilinear) to the case's grid. ``batch_size`` defaults to 1 slice on the CPU (larger batches were slower
-    per slice there: 0.66 s vs 0.38 s for 240x240 FLAIR + T1) and 8 on a GPU. The network
-    runs channels-last (1.6x faster on a CPU than contiguous tensors). A 3D U-Net is run
+    lesion softmax resampled back (bilinear) to the case's grid. ``batch_size`` defaults to
+    1 slice on the CPU (larger batches cost more per slice there) and 8 on a GPU. The
+    network runs channels-last (faster on a CPU than contiguous tensors; both measured in
+    docs/benchmarks.md). A 3D U-Net is run
     by :func:`~PatientFineTuneLib.volume_inference.predict_volume` instead. The bundle's
     model is left as it was (mode, layout, device): a folded copy runs.
     """

@@ -1,4 +1,4 @@
-"""The base CNN of Jansen et al. (seed 000, Fig. 2): a multi-pathway dilated 2D network.
+"""The base CNN of Jansen et al. 2020 (Fig. 2): a multi-pathway dilated 2D network.
 
 Each MR sequence gets its own pathway of 13 3x3 convolutions (conv + BatchNorm + ReLU) in
 five blocks; the output of every block of every pathway is concatenated and passed to a
@@ -37,9 +37,10 @@ def keep_mask(shape: Sequence[int], threshold: int, seed, device: torch.device |
     ``threshold`` (drop probability ``threshold / 256``), 1 elsewhere.
 
     The bytes come from a generator seeded by ``seed`` (an int or a sequence of ints):
-    numpy's SFC64 on the CPU (4x faster than torch's generator there), torch's generator on
+    numpy's SFC64 on the CPU (faster than torch's generator there), torch's generator on
     other devices. The mask is float, not bool: on the CPU torch's kernels on bool
-    tensors cost five times a float multiply. ``out``: a float buffer of ``shape`` to
+    tensors cost several times a float multiply (both measured in docs/benchmarks.md).
+    ``out``: a float buffer of ``shape`` to
     reuse (a fresh mask of tens of MB costs more in page faults than drawing it).
     """
     device = torch.device(device)

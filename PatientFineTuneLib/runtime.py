@@ -113,8 +113,8 @@ def keep_freed_memory_for_reuse(limit_bytes: int = 1 << 30) -> bool:
     ones for reuse instead of mapping and unmapping them each time.
 
     Every fine-tuning iteration allocates and frees tensors of tens of MB; glibc maps each
-    block over 32 MB afresh, and its page faults cost more than the arithmetic (2 slices,
-    100 iterations at width 16 on 2 CPU cores: 12.5 s -> 7.6 s). Freed memory stays with
+    block over 32 MB afresh, and its page faults cost more than the arithmetic (measured in
+    docs/benchmarks.md, "Freed memory kept for reuse"). Freed memory stays with
     the process until it ends, so the command line, whose processes are short, turns
     this on. Returns whether it applied (False off glibc: nothing changes).
     """

@@ -23,9 +23,9 @@ class Adam:
     weights (bit for bit on a CPU, where torch uses that update).
 
     Not ``torch.optim.Adam`` itself because the first use of any ``torch.optim`` optimiser
-    imports ``torch._dynamo`` (1.2 s alone, 2.4 s inside a fine-tuning run, on 2 CPU
-    cores), in every fine-tuning process the Slicer module and the web app start, against
-    an aim of 10 s for the whole fine-tuning. It has what the loop and
+    imports ``torch._dynamo``, which takes seconds in every fine-tuning process the Slicer
+    module and the web app start, where the whole fine-tuning should take seconds
+    (docs/benchmarks.md has the measurements). It has what the loop and
     ``torch.amp.GradScaler`` use (``param_groups``, ``zero_grad``, ``step``) and a
     ``state_dict`` in ``torch.optim.Adam``'s layout, so checkpoints load in either.
     """

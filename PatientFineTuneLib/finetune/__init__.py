@@ -1,4 +1,4 @@
-"""Patient-specific fine-tuning (seed 000): retrain only the last two layers of the base
+"""Patient-specific fine-tuning (Jansen et al. 2020): retrain only the last two layers of the base
 network on the patient's annotated baseline slices.
 
 From each chosen slice five 128x128 patches are taken (the four corners of the organ's
@@ -14,8 +14,8 @@ reused. (The naive path uses the same set, to stay comparable.) ``n_angles=0`` r
 the paper's continuous draw (every patch its own uniform angle; nothing repeats, so it
 always runs the naive path); the evaluation compares the two. The shipped configuration
 takes each iteration's loss on a random quarter of each patch's pixels (``pixel_fraction``;
-the paper uses every pixel): the head trains 3x faster, every layer 1.7x, with the same
-decisions on the real scans (:data:`SHIPPED_PIXEL_FRACTION`).
+the paper uses every pixel): each iteration costs less, most where only the head trains,
+with the same decisions on the real scans (:data:`SHIPPED_PIXEL_FRACTION`).
 
 ``holdout_check`` (the command line's default, beyond the paper) makes fine-tuning never
 worse than the base model on the patient's own annotation: the annotation is split in two
@@ -29,7 +29,7 @@ with the numbers in its metadata. The check can also compare longer training
 (``holdout_iterations``) and choose the count; a count longer than asked replaces an
 asked count that did not help only by a clear margin (:func:`choose_iterations`).
 
-``layers="all"`` trains every layer instead (seed 002's FT_All, a reference the paper
+``layers="all"`` trains every layer instead (FT_All of Kaur et al. 2019, a reference the paper
 lacks). Nothing is frozen, so nothing can be cached: it always runs the naive loop. The
 backbone's BatchNorm layers keep their base-model statistics (a batch of 4 patches of one
 patient is too small to re-estimate them); their scale and shift train. The shipped
@@ -39,8 +39,9 @@ and the head otherwise: on real scans every layer gained far more where many sli
 annotated, and with 2 suggested slices it overfit them (docs/results.md). There the check
 trains one fold, at twice the paper's learning rate, and compares half, once and twice the
 asked iterations, and the patient model continues that fold's model for half the chosen
-count (:func:`large_annotation_route`): about 4x faster than two folds at the paper's
-rate comparing 1, 2 and 4 times, with the same verdicts on the real scans.
+count (:func:`large_annotation_route`): a fraction of the time of two folds at the
+paper's rate comparing 1, 2 and 4 times, with the same verdicts on the real scans
+(docs/results.md, docs/benchmarks.md).
 """
 
 from .check import CHECK_F1_TOLERANCE, FOLD_DICE_TOLERANCE, RESCUE_DICE_MARGIN, HeldOutScores, choose_iterations, holdout_mask, holdout_split, never_worse_check

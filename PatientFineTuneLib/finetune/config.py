@@ -14,7 +14,7 @@ from ..training import PatchTrainingConfig
 
 
 #: What trains: "head" (the paper's last two layers; the 3D U-Net's output layer), "all"
-#: (FT_All); for the 3D U-Net also "decoder" and "last-layers" (seed 002).
+#: (FT_All); for the 3D U-Net also "decoder" and "last-layers" (Kaur et al. 2019).
 LAYER_CHOICES = ("head", "all", "decoder", "last-layers")
 
 
@@ -36,9 +36,9 @@ class FinetuneConfig(PatchTrainingConfig):
     layers: str = "head"  # see LAYER_CHOICES
     #: Approximate mode: the head runs, and the loss is taken, on this uniform random
     #: fraction of each patch's pixels per iteration (1 = exact, the paper; the shipped
-    #: configuration's 0.25 is 3x faster where the head trains, 1.7x where every layer
+    #: configuration's 0.25 saves most where the head trains, less where every layer
     #: does (the backbone still runs on every pixel), and decided the same on the real
-    #: scans, see :func:`shipped_config`).
+    #: scans, see :data:`SHIPPED_PIXEL_FRACTION`).
     pixel_fraction: float = 1.0
     #: Never worse than the base model: check on held-out blocks of the annotation first
     #: (see the module docstring; twice the training time). The 2D network only.
@@ -46,9 +46,9 @@ class FinetuneConfig(PatchTrainingConfig):
     #: Edge (model pixels) of the checkerboard blocks the check holds out.
     holdout_block_px: int = 32
     #: Folds of the check: 2 holds each half of the annotation out in turn and pools the
-    #: scores (the default); 1 holds out one half only (the check until 2026-12-01: with
-    #: 2 annotated slices its verdict depended on which slice was held out, and on a real
-    #: MS scan one choice passed a model that lost 0.09 Dice on the rest of the scan).
+    #: scores (the default); 1 holds out one half only. With 2 annotated slices one fold's
+    #: verdict depends on which slice is held out (on a real MS scan one choice passed a
+    #: model that lost Dice on the rest of the scan: docs/results.md).
     holdout_folds: int = 2
     #: Iteration counts the check compares on the held-out part (its model trains to the
     #: largest and is scored at each); the patient model trains the count that did best
@@ -61,9 +61,9 @@ class FinetuneConfig(PatchTrainingConfig):
     hard_negative_slices: int = 0
     #: Counts above ``iterations`` are compared only when each fold of the check holds out
     #: at least this many whole slices: with fewer annotated slices the head overfits
-    #: sooner and one held-out slice is too little evidence to tell (real MS scan, 2
-    #: slices: 200 iterations looked best on the held-out slice and lost 0.14 Dice on the
-    #: rest).
+    #: sooner and one held-out slice is too little evidence to tell (on a real MS scan
+    #: with 2 slices, twice the iterations looked best on the held-out slice and lost Dice
+    #: on the rest: docs/results.md).
     extend_min_held_out_slices: int = 3
     #: Settings that replace these where the annotation is large: each fold of the check
     #: holds out at least ``extend_min_held_out_slices`` whole slices (the rule that also
@@ -167,11 +167,10 @@ def default_weighting(preset_name: str | None, volume_model: bool = False) -> st
 
 
 #: The shipped configuration's approximate mode. Where the head trains (the 2-suggested-
-#: slice route): on the five real scans of that route the check made the same decisions
-#: with held-out Dice within 0.007 of exact training, and the one fine-tuned model kept
-#: scored the same follow-up Dice (Ljubljana 07: 0.335); the head trains 3x faster.
-#: Where every layer trains, it is part of :func:`large_annotation_route` (docs/results.md,
-#: docs/benchmarks.md).
+#: slice route): on the real scans of that route the check made the same decisions as
+#: with exact training, and the fine-tuned model it kept scored the same follow-up Dice,
+#: in a fraction of the time. Where every layer trains, it is part of
+#: :func:`large_annotation_route` (docs/results.md, docs/benchmarks.md).
 SHIPPED_PIXEL_FRACTION = 0.25
 
 
@@ -208,8 +207,9 @@ def large_annotation_route(iterations: int) -> dict:
     patch's pixels; the check trains one fold (its half holds out 3 slices or more)
     comparing 1/2, 1 and 2 times ``iterations``, and the patient model continues that
     fold's model at the chosen count on the whole annotation for half as many iterations.
-    Chosen on the real scans: 3.9x faster than two folds on every pixel at the paper's rate
-    comparing 1, 2 and 4 times, then the final model afresh, and Dice within 0.01 or
-    better on 7 of the 8 real runs of this route (docs/results.md, docs/benchmarks.md)."""
+    Chosen on the real scans against two folds on every pixel at the paper's rate
+    comparing 1, 2 and 4 times, then the final model afresh: a fraction of the time, the
+    same verdicts and, all but once, Dice as good or better (docs/results.md,
+    docs/benchmarks.md)."""
     return {"layers": "all", "learning_rate": LARGE_ANNOTATION_LEARNING_RATE, "holdout_folds": 1, "pixel_fraction": SHIPPED_PIXEL_FRACTION,
             "holdout_iterations": (max(1, iterations // 2), iterations, 2 * iterations), "final_continues_check": 0.5}

@@ -138,7 +138,7 @@ class HeadDropoutMasks:
 
 def weighted_loss(logits: torch.Tensor, target: torch.Tensor, pixel_weights: torch.Tensor | None, class_weights: torch.Tensor) -> torch.Tensor:
     """Fine-tuning's loss: cross-entropy with the class weights, or with per-pixel weights
-    (seed 000's weighting schemes; also the check's masking of held-out pixels)."""
+    (the weighting schemes of Jansen et al. 2020; also the check's masking of held-out pixels)."""
     if pixel_weights is None:
         return F.cross_entropy(logits, target, weight=class_weights)
     return (F.cross_entropy(logits, target, reduction="none") * pixel_weights).sum() / pixel_weights.sum().clamp_min(1e-6)
@@ -146,7 +146,7 @@ def weighted_loss(logits: torch.Tensor, target: torch.Tensor, pixel_weights: tor
 
 def _trainable_copy(bundle: ModelBundle, config: FinetuneConfig, device) -> tuple[torch.nn.Module, list]:
     """A copy of the base model with the head (or every layer) trainable; returns it and
-    the parameters to optimise. Channels-last (the backbone runs 1.5x faster on a CPU);
+    the parameters to optimise. Channels-last (faster for the backbone on a CPU);
     the backbone's BatchNorm keeps its statistics (evaluation mode), the head's follow
     ``head_norm``."""
     model = copy.deepcopy(bundle.model).to(device, memory_format=torch.channels_last).eval()
