@@ -1,4 +1,4 @@
-"""The interactive numbers of SPEC section 10, measured in one run at the shipped width.
+"""The interactive aims (docs/aims.md), measured in one run at the shipped width.
 
     python Testing/benchmarks/bench_interactive.py [--threads N] [--device auto] [--no-reuse-memory]
 

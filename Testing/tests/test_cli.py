@@ -127,7 +127,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
 
 
 def test_a_segment_or_fine_tune_run_imports_no_statistics_or_spatial_scipy():
-    """Start-up is held to 2 s (SPEC section 10): scipy.stats alone takes 0.4-0.6 s to
+    """Start-up is held to 2 s (docs/aims.md): scipy.stats alone takes 0.4-0.6 s to
     import and only the evaluation's paired tests need it, scipy.spatial only HD95."""
     modules = "cli inference finetune images modelfile outputs suggest metrics".split()
     script = "import sys\n" + "".join(f"import PatientFineTuneLib.{m}\n" for m in modules) + "print(sorted(m for m in ('scipy.stats', 'scipy.spatial') if m in sys.modules))"

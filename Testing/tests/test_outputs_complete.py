@@ -1,4 +1,4 @@
-"""Outputs are complete or absent (SPEC section 10): a run that cannot write everything,
+"""Outputs are complete or absent (docs/aims.md): a run that cannot write everything,
 because the disk is full (a real ``ulimit -f`` in a real shell) or because it is cancelled
 (a real SIGTERM), exits non-zero and leaves no file under a final name."""
 
