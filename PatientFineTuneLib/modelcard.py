@@ -5,6 +5,7 @@ rendered to Markdown next to the file, so the two cannot drift apart."""
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import pickle
@@ -20,26 +21,80 @@ from .presets import PRESETS
 
 PAPER_WIDTH = 64
 PAPER_ITERATIONS = 10_000
-RESOURCES = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+#: The shipped base models, their cards and ``registry.json``: package data, so that a
+#: wheel (``pip install .``), the editable install and the Slicer extension (which copies
+#: the package) all carry the same files. Resources/Models/build_models.py writes them.
+MODELS = Path(__file__).resolve().parent / "models"
+REGISTRY = "registry.json"
+
+
+def read_registry(folder: str | os.PathLike | None = None) -> dict[str, dict]:
+    """The entries of ``registry.json`` in ``models/`` (or ``folder``), by model name:
+    ``{"name", "file", "card", "sha256" (of the file's bytes), "sequences"}``. Empty when
+    there is no registry."""
+    path = Path(folder or MODELS) / REGISTRY
+    if not path.is_file():
+        return {}
+    return {entry["name"]: entry for entry in json.loads(path.read_text())["models"]}
 
 
 def shipped_models(folder: str | os.PathLike | None = None) -> dict[str, Path]:
-    """The base models in ``Resources/Models`` (or ``folder``), by preset name."""
-    folder = Path(folder) if folder else RESOURCES
-    return {name: folder / f"{name}.pt" for name in PRESETS if (folder / f"{name}.pt").is_file()}
+    """The base models the registry in ``models/`` (or ``folder``) lists, by preset name, in
+    preset order (a listed file that is absent is left out)."""
+    folder = Path(folder or MODELS)
+    registry = read_registry(folder)
+    paths = {name: folder / registry[name]["file"] for name in PRESETS if name in registry}
+    return {name: path for name, path in paths.items() if path.is_file()}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shipped_model(name: str, folder: str | os.PathLike | None = None) -> Path:
+    """The shipped model ``name``, its bytes checked against the registry's sha256 (no
+    torch needed). Raises FileNotFoundError when none is shipped, ValueError when the file
+    was changed or damaged."""
+    folder = Path(folder or MODELS)
+    path = shipped_models(folder).get(name)
+    if path is None:
+        raise FileNotFoundError(f"no base model for preset {name} is installed in {folder}; give a model file instead")
+    expected = read_registry(folder)[name]["sha256"]
+    if file_sha256(path) != expected:
+        raise ValueError(f"the shipped base model {path} does not match the sha256 in {folder / REGISTRY} (damaged or "
+                         "replaced); reinstall PatientFineTuneLib, or rebuild it with Resources/Models/build_models.py")
+    return path
 
 
 def resolve_model_path(name: str | os.PathLike) -> Path:
     """A model file, or the shipped base model when ``name`` is a preset name (and no
-    file of that name exists)."""
+    file of that name exists), checked against the registry's sha256."""
     path = Path(name)
     # only a *file* of that name wins: a folder called like a preset is not a model
     if path.is_file() or str(name) not in PRESETS:
         return path
-    shipped = shipped_models().get(str(name))
-    if shipped is None:
-        raise FileNotFoundError(f"no base model for preset {name} is installed in {RESOURCES}; give a model file instead")
-    return shipped
+    return verify_shipped_model(str(name))
+
+
+def register_shipped_model(path: str | os.PathLike, card: str | os.PathLike) -> dict:
+    """Add or replace the entry of the model file ``path`` and its card in the
+    ``registry.json`` of its folder (entries in preset order); returns the entry."""
+    path = Path(path)
+    metadata = read_model_metadata(path)
+    name = metadata.get("preset")
+    if name not in PRESETS:
+        raise ValueError(f"{path} has no preset ({name!r}); only a preset's base model ships")
+    entry = {"name": name, "file": path.name, "card": Path(card).name, "sha256": file_sha256(path),
+             "sequences": [{"name": s["name"], "channels": s["channels"]} for s in metadata["sequences"]]}
+    registry = {**read_registry(path.parent), name: entry}
+    text = json.dumps({"format": "PatientFineTune-model-registry", "models": [registry[n] for n in PRESETS if n in registry]},
+                      indent=1) + "\n"
+    atomic_write(path.parent / REGISTRY, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+    return entry
 
 
 class _MetadataOnlyUnpickler(pickle.Unpickler):
@@ -224,8 +279,9 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
 
 
 def write_shipped_model(source: str | os.PathLike, card: dict, model_out: str | os.PathLike, card_out: str | os.PathLike) -> list[Path]:
-    """Copy a trained model to ``model_out`` with ``card`` in its metadata and write the
-    rendered card to ``card_out``. Both are replaced atomically."""
+    """Copy a trained model to ``model_out`` (``<preset>.pt``) with ``card`` in its metadata,
+    write the rendered card to ``card_out`` and enter both, with the file's sha256, in the
+    ``registry.json`` next to ``model_out``. Each is replaced atomically."""
     from .model import count_parameters
     from .modelfile import ModelBundle, load_model, save_model
 
@@ -236,7 +292,8 @@ def write_shipped_model(source: str | os.PathLike, card: dict, model_out: str | 
     save_model(shipped, model_out, overwrite=True)
     text = render_card(load_model(model_out).metadata, count_parameters(bundle.model))  # the file's, hash included
     atomic_write(Path(card_out), lambda tmp: Path(tmp).write_text(text), overwrite=True)
-    return [Path(model_out), Path(card_out)]
+    register_shipped_model(model_out, card_out)
+    return [Path(model_out), Path(card_out), Path(model_out).parent / REGISTRY]
 
 
 def _smallest_lesion(min_lesion_voxels: int) -> str:

@@ -41,7 +41,7 @@ class Preset:
     #: promise holds in 19 of 20 (16 without). Liver keeps the paper's opening, and the
     #: research preset its small new lesions (no real data to decide on).
     min_lesion_voxels: int = 1
-    #: Whether Resources/Models ships a base model for it (the research preset
+    #: Whether PatientFineTuneLib/models ships a base model for it (the research preset
     #: brain-new-lesions is trained by Testing/benchmarks/eval_new_lesions.py instead).
     ships_base_model: bool = True
 

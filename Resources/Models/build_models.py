@@ -15,8 +15,10 @@ Steps (each recorded in the model's metadata):
    Dice, AVD, HD95 and lesion F1 (for the longitudinal MS studies, which only have a
    lesion-change mask, the share of change voxels and change regions the segmentations
    cover);
-5. write ``Resources/Models/<preset>.pt`` with the card in its metadata and the card as
-   ``Resources/Models/<preset>.md``.
+5. write ``PatientFineTuneLib/models/<preset>.pt`` (package data: the wheel, the editable
+   install and the Slicer extension ship it) with the card in its metadata, the card as
+   ``PatientFineTuneLib/models/<preset>.md``, and the file's entry (sha256, sequences) in
+   ``PatientFineTuneLib/models/registry.json``.
 
 ``--leave-out CASE`` (e.g. ``patient07``) trains one fold of leave-one-out over CASE's
 dataset: every real case of that dataset in the plan trains except CASE, which is held
@@ -42,6 +44,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+#: where the shipped models go: this checkout's package (not an installed copy's)
+SHIPPED = HERE.parents[1] / "PatientFineTuneLib" / "models"
 DEFAULT_DATA = HERE.parents[1].parent / "shared" / "data"
 
 LICENCES = {
@@ -348,7 +352,7 @@ def main() -> None:
             # the command that builds this model from scratch (a re-evaluation of the same
             # trained model, --evaluate-only, writes the same card)
             "build_command": "python Resources/Models/build_models.py " + " ".join(a for a in sys.argv[1:] if a != "--evaluate-only")}
-    written = write_shipped_model(model_path, card, HERE / f"{preset.name}.pt", HERE / f"{preset.name}.md")
+    written = write_shipped_model(model_path, card, SHIPPED / f"{preset.name}.pt", SHIPPED / f"{preset.name}.md")
     print(json.dumps({"written": [str(p) for p in written]}))
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from PatientFineTuneLib.modelcard import render_card, training_data_entries, write_shipped_model
+from PatientFineTuneLib.modelcard import file_sha256, read_registry, render_card, shipped_models, training_data_entries, write_shipped_model
 from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata, save_model
 
 from conftest import tiny_model
@@ -46,6 +46,10 @@ def test_card_goes_into_the_file_and_next_to_it(trained_file, tmp_path):
     assert "| held out | 2 | 0.70 ± 0.14 |" in text
     assert shipped.metadata["sha256"] in text
     assert torch.equal(shipped.model.state_dict()["classifier.5.weight"], load_model(trained_file).model.state_dict()["classifier.5.weight"])
+    # entered in the registry next to it, which is what finds it by preset name
+    assert shipped_models(out_pt.parent) == {"brain-wmh": out_pt}
+    assert read_registry(out_pt.parent)["brain-wmh"] == {"name": "brain-wmh", "file": "brain-wmh.pt", "card": "brain-wmh.md",
+                                                          "sha256": file_sha256(out_pt), "sequences": shipped.metadata["sequences"]}
 
 
 def test_the_card_says_which_smallest_lesion_its_numbers_were_measured_with(trained_file):

@@ -1,8 +1,11 @@
-"""The base models in Resources/Models: present for every preset that ships one, intact, described by
-their cards, and able to segment a generated patient of their preset."""
+"""The base models in PatientFineTuneLib/models: present for every preset that ships one, intact,
+listed in the registry with their sha256, described by their cards, and able to segment a
+generated patient of their preset."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,20 +13,21 @@ import pytest
 from PatientFineTuneLib.inference import segment_case
 from PatientFineTuneLib.metrics import lesion_detection
 from PatientFineTuneLib.model import count_parameters
-from PatientFineTuneLib.modelcard import RESOURCES, render_card, shipped_models
+from PatientFineTuneLib.modelcard import MODELS, REGISTRY, file_sha256, read_registry, render_card, resolve_model_path, shipped_models, verify_shipped_model
 from PatientFineTuneLib.modelfile import load_model
 from PatientFineTuneLib.presets import PRESETS
 from PatientFineTuneLib.synth import generate_pair, visit_case
 
 
 SHIPPED = [name for name, preset in PRESETS.items() if preset.ships_base_model]
+BUILD_MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "build_models.py"
 
 
 @pytest.fixture(scope="module", params=SHIPPED)
 def shipped(request):
     name = request.param
     path = shipped_models().get(name)
-    assert path is not None, f"{RESOURCES / (name + '.pt')} is missing; build it with Resources/Models/build_models.py"
+    assert path is not None, f"{MODELS / (name + '.pt')} is missing; build it with Resources/Models/build_models.py"
     return name, path, load_model(path)  # load_model checks the sha256
 
 
@@ -49,6 +53,33 @@ def test_card_has_held_out_results_and_matches_the_file(shipped):
         assert len(row["per_case"]) == row["cases"]
     # the Markdown card next to the file is exactly what the metadata renders to
     assert path.with_suffix(".md").read_text() == render_card(bundle.metadata, count_parameters(bundle.model))
+
+
+def test_the_registry_lists_each_shipped_model_with_its_sha256_card_and_sequences(shipped):
+    name, path, bundle = shipped
+    entry = read_registry()[name]
+    assert path == MODELS / entry["file"] == MODELS / f"{name}.pt"
+    assert entry["sha256"] == file_sha256(path)  # the registry was updated with the file
+    assert (MODELS / entry["card"]) == path.with_suffix(".md")
+    assert entry["sequences"] == [{"name": s["name"], "channels": s["channels"]} for s in bundle.metadata["sequences"]]
+    assert resolve_model_path(name) == verify_shipped_model(name) == path
+
+
+def test_a_changed_shipped_model_is_refused_by_its_registry_sha256(tmp_path):
+    """The registry's sha256 is checked whenever a preset name resolves to its model
+    (torch-free): a damaged or replaced file is refused, not loaded."""
+    for source in MODELS.glob("brain-wmh.*"):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    (tmp_path / REGISTRY).write_text(json.dumps({"models": [read_registry()["brain-wmh"]]}))
+    assert verify_shipped_model("brain-wmh", tmp_path) == tmp_path / "brain-wmh.pt"
+    data = bytearray((tmp_path / "brain-wmh.pt").read_bytes())
+    data[-100] ^= 0xFF
+    (tmp_path / "brain-wmh.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        verify_shipped_model("brain-wmh", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no base model for preset brain-tumor"):
+        verify_shipped_model("brain-tumor", tmp_path)
+    assert shipped_models(tmp_path / "empty") == {}
 
 
 def test_segments_a_generated_patient_of_its_preset(shipped):
@@ -88,7 +119,7 @@ def test_shipped_models_are_listed_without_torch():
 def _build_models_script():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("build_models", RESOURCES / "build_models.py")
+    spec = importlib.util.spec_from_file_location("build_models", BUILD_MODELS)
     build_models = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_models)
     return build_models
