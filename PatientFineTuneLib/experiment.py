@@ -121,27 +121,6 @@ def write_folder_cohort(root: str | os.PathLike, sequence_names: Sequence[str], 
     return manifest
 
 
-def write_tumor_progression_cohort(root: str | os.PathLike, manifest: str | os.PathLike, sequence_name: str = "T1c") -> Path:
-    """A cohort manifest for TCIA Brain-Tumor-Progression as shipped in ``../shared/data``:
-    ``NN/{Pre,Post}_Scan_T1.nii.gz`` (T1 post-contrast) with ``{Pre,Post}_Mask.nii.gz``
-    (enhancing tumour); Pre is the baseline, Post the follow-up; no brain mask."""
-    root, manifest = Path(root), Path(manifest)
-    rows = []
-    for patient in sorted(p for p in root.iterdir() if (p / "Pre_Scan_T1.nii.gz").is_file() and (p / "Post_Scan_T1.nii.gz").is_file()):
-        for visit, prefix in (("baseline", "Pre"), ("followup", "Post")):
-            rows.append({"patient": patient.name, "visit": visit,
-                         sequence_name: os.path.relpath(patient / f"{prefix}_Scan_T1.nii.gz", manifest.parent),
-                         "lesions": os.path.relpath(patient / f"{prefix}_Mask.nii.gz", manifest.parent), "organ": ""})
-    if not rows:
-        raise FileNotFoundError(f"no NN/Pre_Scan_T1.nii.gz + Post_Scan_T1.nii.gz under {root}")
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["patient", "visit", sequence_name, "lesions", "organ"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
-
-
 # ---------------------------------------------------------------------------------------
 # Running
 

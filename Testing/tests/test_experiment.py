@@ -4,6 +4,7 @@ import csv
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
@@ -15,6 +16,9 @@ from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
 from PatientFineTuneLib.synth import generate_pair, write_pair
 
 from conftest import tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from cohorts import main as cohorts_main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +43,26 @@ def test_folder_cohort_manifest(cohort_dir, tmp_path):
         writer.writerows(rows)
     with pytest.raises(ValueError, match="needs a baseline and a followup"):
         read_cohort(broken, ["FLAIR", "T1"])
+
+
+def test_a_data_set_laid_out_its_own_way_gets_its_manifest_from_the_benchmarks_script(tmp_path, capsys):
+    """Brain-Tumor-Progression's NN/{Pre,Post}_Scan_T1.nii.gz: Pre the baseline, Post the
+    follow-up, read as the model's sequence; the experiment then takes the manifest."""
+    root = tmp_path / "btp"
+    for patient in ("02", "01"):
+        for name in ("Pre_Scan_T1", "Pre_Mask", "Post_Scan_T1", "Post_Mask"):
+            (root / patient).mkdir(parents=True, exist_ok=True)
+            (root / patient / f"{name}.nii.gz").write_bytes(b"")
+    (root / "03").mkdir()  # no scans: not a patient
+    cohorts_main(["tumor-progression", str(root), "--out", str(tmp_path / "manifests" / "cohort.csv")])
+    manifest = Path(capsys.readouterr().out.strip())
+    pairs = read_cohort(manifest, ["T1c"])
+    assert [p.patient for p in pairs] == ["01", "02"]
+    assert pairs[0].visits["baseline"]["sequences"] == [(root / "01" / "Pre_Scan_T1.nii.gz").resolve()]
+    assert pairs[1].visits["followup"]["lesions"] == (root / "02" / "Post_Mask.nii.gz").resolve()
+    assert pairs[0].visits["followup"]["organ"] is None
+    with pytest.raises(FileNotFoundError, match="Pre_Scan_T1"):
+        cohorts_main(["tumor-progression", str(root / "03"), "--out", str(tmp_path / "none.csv")])
 
 
 def test_small_experiment_runs_resumes_and_summarises(cohort_dir, tmp_path):
