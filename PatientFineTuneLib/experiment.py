@@ -126,10 +126,10 @@ def write_folder_cohort(root: str | os.PathLike, sequence_names: Sequence[str], 
 
 
 def _load(visit: dict, bundle):
-    from .images import load_case, prepare_case
+    from .caseload import ScanOptions, load_for_model
 
-    return prepare_case(load_case(visit["sequences"], visit["organ"], visit["lesions"], expected_channels=[s["channels"] for s in bundle.sequences],
-                                  resample_to_first=True, auto_organ=bundle.auto_organ_mask))
+    return load_for_model(bundle.sequences, visit["sequences"], visit["organ"], visit["lesions"], auto_organ=bundle.auto_organ_mask,
+                          options=ScanOptions(resample_to_first=True)).case
 
 
 def _copy_forward(baseline_case, followup_case) -> tuple[np.ndarray, float]:

@@ -79,21 +79,20 @@ def read_case(bundle: ModelBundle, volume_nodes: Sequence, organ: MaskSource | N
               name: str = "") -> Case:
     """Normalised case from volume nodes in the model's sequence order (plus optional organ
     and lesion masks); the same checks and messages as for files."""
-    from .images import load_case, prepare_case
+    from .caseload import load_for_model
 
     names = [s["name"] for s in bundle.sequences]
     check_volumes(volume_nodes, names)
     reference = volume_nodes[0]
-    case = load_case(
+    return load_for_model(
+        bundle.sequences,
         [mrml.volume_to_image(n) for n in volume_nodes],
-        organ_path=organ.image(reference) if organ else None,
-        lesion_path=lesions.image(reference) if lesions else None,
-        expected_channels=[s["channels"] for s in bundle.sequences],
-        sequence_names=[f"{n} ({node.GetName()})" for n, node in zip(names, volume_nodes)],
+        organ.image(reference) if organ else None,
+        lesions.image(reference) if lesions else None,
         auto_organ=bundle.auto_organ_mask,
         name=name,
-    )
-    return prepare_case(case)
+        image_names=[f"{n} ({node.GetName()})" for n, node in zip(names, volume_nodes)],
+    ).case
 
 
 # ---------------------------------------------------------------------------------------
