@@ -163,9 +163,9 @@ def _spacing_line(metadata: dict) -> str:
 def _network_line(metadata: dict) -> str:
     arch = metadata["architecture"]
     if arch.get("type") == "unet3d":
-        return (f"3D U-Net (seed 001): {arch['depth']} down- and {arch['depth']} up-sampling blocks, first-level width "
-                f"{arch['width']}, instance normalisation, dropout {arch['dropout']} before the output layer")
-    return (f"Multi-pathway dilated 2D CNN (seed 000): width {arch['width']}, head width {arch['head_width']}, "
+        return (f"3D U-Net (Wahlig et al. 2023): {arch['depth']} down- and {arch['depth']} up-sampling blocks, "
+                f"first-level width {arch['width']}, instance normalisation, dropout {arch['dropout']} before the output layer")
+    return (f"Multi-pathway dilated 2D CNN (Jansen et al. 2020): width {arch['width']}, head width {arch['head_width']}, "
             f"dropout {arch['dropout']}, dilations {arch['dilations']}, receptive field {metadata.get('receptive_field_px')} px")
 
 
@@ -187,8 +187,8 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
     if arch.get("type") == "unet3d":
         lines += [
             f"> **Reduced configuration.** Trained at {metadata['training_spacing_mm'][0]} mm voxels, first-level width "
-            f"{arch['width']}, {config.get('iterations')} iterations of batch {config.get('batch_size')} (seed 001: 1 mm voxels, "
-            "30 epochs of 180 augmented patches per study, elastic deformations).",
+            f"{arch['width']}, {config.get('iterations')} iterations of batch {config.get('batch_size')} "
+            "(Wahlig et al. 2023: 1 mm voxels, 30 epochs of 180 augmented patches per study, elastic deformations).",
             "",
         ]
     elif not is_paper_configuration(metadata):
@@ -260,11 +260,12 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
             notes.append(f"- {row['set']}: {row['note']}")
     lines += ["", *notes] if notes else []
     if card.get("longitudinal"):
+        # which studies these are, and how they were read, comes with the card (the script that built the model
+        # writes it); the rest says what the table measures
         lines += [
             "",
-            "Longitudinal MS studies (`ljubljana_ms_longitudinal`, FLAIR + T1W in native space, skull on, brain mask "
-            "mapped from the common space). Their reference marks only lesion *change* between the two studies, so what "
-            "can be checked is that the two segmentations together cover the changed voxels:",
+            f"{card.get('longitudinal_about') or 'Longitudinal studies'}. Their reference marks only lesion *change* "
+            "between the two studies, so what can be checked is that the two segmentations together cover the changed voxels:",
             "",
             "| patient | change voxels covered | change regions touched | lesion volume study 1 / 2 (ml) |",
             "|---|---|---|---|",

@@ -214,6 +214,11 @@ def summary_row(title: str, results: list[dict], note: str = "") -> dict:
             "per_case": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]}
 
 
+#: What the card says of the longitudinal studies :func:`longitudinal_coverage` segments.
+LONGITUDINAL_ABOUT = ("Longitudinal MS studies (`ljubljana_ms_longitudinal`, FLAIR + T1W in native space, skull on, brain mask "
+                      "mapped from the common space)")
+
+
 def longitudinal_coverage(bundle, preset, data: Path, patient: str, device) -> dict:
     """Segment both studies of a longitudinal MS patient in native space and measure, on
     the common grid, how much of the lesion-change mask the two segmentations cover
@@ -285,7 +290,7 @@ def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, devic
     if plan["longitudinal"]:
         print("longitudinal MS studies (lesion-change masks):")
         longitudinal = [longitudinal_coverage(bundle, preset, data, p, device) for p in plan["longitudinal"]]
-    return {"evaluation": evaluation, "longitudinal": longitudinal}
+    return {"evaluation": evaluation, "longitudinal": longitudinal, **({"longitudinal_about": LONGITUDINAL_ABOUT} if longitudinal else {})}
 
 
 def leave_one_out_row(work: Path, preset, evaluation: list[dict]) -> dict | None:

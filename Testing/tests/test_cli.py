@@ -93,7 +93,7 @@ def test_unet3d_train_transfer_finetune_segment(tmp_path):
     info = json.loads(run("info", source).stdout)
     assert info["architecture"]["type"] == "unet3d" and info["patch_voxels"] == 32 and info["training_spacing_mm"] == [2.0, 2.0, 2.0]
     card = run("info", source, "--card").stdout
-    assert "3D U-Net (seed 001): 4 down- and 4 up-sampling blocks" in card and "2.000 mm isotropic" in card
+    assert "3D U-Net (Wahlig et al. 2023): 4 down- and 4 up-sampling blocks" in card and "2.000 mm isotropic" in card
 
     target = tmp_path / "target.pt"
     run("transfer", "--model", source, "--train", data / "patient000" / "baseline", "--strategy", "decoder", "--reset-last-layers",

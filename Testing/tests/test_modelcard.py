@@ -63,3 +63,18 @@ def test_the_card_says_which_smallest_lesion_its_numbers_were_measured_with(trai
     older = render_card({**metadata, "card": _card([0.7])})
     assert "(threshold 0.5, 3x3x3 closing)" in older
     assert "Measured keeping every lesion; this preset's segmentations now drop lesions of fewer than 2 voxels" in older
+
+
+def test_longitudinal_rows_are_described_by_the_card_not_the_library(trained_file):
+    """The card's data (written by the build script) names the longitudinal studies and how
+    they were read; the library's renderer holds no data set's description."""
+    metadata = load_model(trained_file).metadata
+    row = {"case": "some_set/patient01", "change_voxels_covered": 0.45, "change_regions": 13, "change_regions_touched": 2,
+           "lesion_volume_ml": {"study1": 0.2, "study2": 2.3}}
+    about = "Longitudinal MS studies (`some_set`, FLAIR in native space)"
+    described = render_card({**metadata, "card": {**_card([0.7]), "longitudinal": [row], "longitudinal_about": about}})
+    assert f"{about}. Their reference marks only lesion *change* between the two studies" in described
+    assert "| some_set/patient01 | 45% | 2 / 13 | 0.2 / 2.3 |" in described
+    plain = render_card({**metadata, "card": {**_card([0.7]), "longitudinal": [row]}})
+    assert "Longitudinal studies. Their reference marks only lesion *change*" in plain
+    assert "Longitudinal" not in render_card({**metadata, "card": _card([0.7])})
