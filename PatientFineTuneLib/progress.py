@@ -16,6 +16,10 @@ from typing import Callable, TextIO
 
 from .files import json_ready
 
+class Cancelled(Exception):
+    """Raised when a cancel callback asked long work to stop; nothing was written."""
+
+
 #: Modes of ``patient-finetune --progress``.
 MODES = ("bar", "json", "none")
 

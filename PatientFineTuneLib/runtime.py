@@ -13,9 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-
-class Cancelled(Exception):
-    """Raised when a cancel callback asked long work to stop; nothing was written."""
+from .progress import Cancelled  # noqa: F401  (re-exported: where long work raises it)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -1,37 +1,24 @@
-"""The three steps of the Slicer module on MRML nodes, without any GUI (imports ``slicer``
-through :mod:`.mrml`, never ``qt``), so the module's logic is a thin caller and all of it
-is tested against real MRML classes.
+"""The workflow's three steps (:mod:`.workflow`) on MRML nodes, without any GUI (imports
+``slicer`` through :mod:`.mrml`, never ``qt``), so that the Slicer module's logic and the
+web app are thin callers and all of it is tested against real MRML classes.
 
-1. :func:`analyse_baseline`: the base model's segmentation of the baseline as an editable
-   segmentation node, and the slices worth annotating.
-2. :func:`finetune_from_nodes`: the patient model from the (edited) baseline segment.
-3. :func:`segment_followup`: lesion segmentation, probability and MC-dropout uncertainty
-   volumes and a lesion table for the follow-up.
-
-Long steps take ``progress`` and ``cancel`` callables, like the rest of the library. They
-may run in a worker thread (no MRML access happens between the node reading at the start
-and the node creation at the end; the ``*_nodes`` helpers split the two).
-
-The Slicer module runs the long part of each step as a ``patient-finetune`` job in a
-subprocess instead (:mod:`.jobs`), so that Slicer's own process never imports PyTorch
-(nor the packages installed after it): only the in-process steps import the modules that
-need it, when they run. For the jobs, :func:`write_job_inputs` writes the nodes a job reads,
-:func:`analyse_job`, :func:`finetune_job` and :func:`followup_job` make the jobs, and
-:func:`baseline_nodes_from_job` / :func:`followup_nodes_from_job` load the results back
-into the scene. :class:`ModelChoice` holds the chosen base model and the patient model,
-and :class:`PatientSession` one patient's work in a scene (what the module's logic holds:
-the model choice, the suggested slices, the steps as jobs and their folders).
+Each step runs as a ``patient-finetune`` job in a subprocess, so that the front end's own
+process never imports PyTorch (nor the packages installed after it).
+:func:`write_job_inputs` writes the nodes a job reads; :func:`baseline_nodes_from_job` and
+:func:`followup_nodes_from_job` load its results back into the scene. :class:`ModelChoice`
+holds the chosen base model and the patient model, and :class:`PatientSession` one
+patient's work in a scene (what the module's logic holds: the model choice, the suggested
+slices, the steps as jobs and their folders).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,12 +28,7 @@ from .files import atomic_write
 from .jobs import CliJob
 from .outputs import read_segment_outputs
 from .suggest import SliceSuggestion
-
-if TYPE_CHECKING:  # the in-process steps need PyTorch; Slicer's process must not import it
-    from .images import Case
-    from .inference import Segmentation
-    from .modelfile import ModelBundle
-
+from .workflow import SUGGESTED_SLICES, analyse_job, finetune_job, followup_job, input_arguments, job_description, read_suggestions
 
 @dataclass
 class MaskSource:
@@ -75,28 +57,8 @@ class MaskSource:
         return mrml.volume_to_image(self.node)
 
 
-def read_case(bundle: ModelBundle, volume_nodes: Sequence, organ: MaskSource | None = None, lesions: MaskSource | None = None,
-              name: str = "") -> Case:
-    """Normalised case from volume nodes in the model's sequence order (plus optional organ
-    and lesion masks); the same checks and messages as for files."""
-    from .caseload import load_for_model
-
-    names = [s["name"] for s in bundle.sequences]
-    check_volumes(volume_nodes, names)
-    reference = volume_nodes[0]
-    return load_for_model(
-        bundle.sequences,
-        [mrml.volume_to_image(n) for n in volume_nodes],
-        organ.image(reference) if organ else None,
-        lesions.image(reference) if lesions else None,
-        auto_organ=bundle.auto_organ_mask,
-        name=name,
-        image_names=[f"{n} ({node.GetName()})" for n, node in zip(names, volume_nodes)],
-    ).case
-
-
 # ---------------------------------------------------------------------------------------
-# Step 1
+# The steps' results in the scene
 
 
 @dataclass
@@ -104,53 +66,6 @@ class BaselineAnalysis:
     segmentation_node: object
     segment_id: str
     suggestions: list[SliceSuggestion]
-    result: Segmentation | None = field(default=None, repr=False)  # None when loaded from a job's files
-
-
-def analyse_baseline(scene, bundle: ModelBundle, volume_nodes: Sequence, organ: MaskSource | None = None, k: int = 2,
-                     device="auto", progress: Callable | None = None, cancel: Callable | None = None) -> BaselineAnalysis:
-    """Segment the baseline with the base model into a new segmentation node (segment
-    "Lesion", ready to edit) and suggest the ``k`` slices to check and correct first."""
-    case = read_case(bundle, volume_nodes, organ, name="baseline")
-    result, suggestions = segment_and_suggest(bundle, case, k, device, progress, cancel)
-    return add_baseline_nodes(scene, case, result, suggestions, volume_nodes[0])
-
-
-def segment_and_suggest(bundle: ModelBundle, case: Case, k: int = 2, device="auto", progress: Callable | None = None,
-                        cancel: Callable | None = None) -> tuple[Segmentation, list[SliceSuggestion]]:
-    """The long part of :func:`analyse_baseline` (no scene access: may run in a worker)."""
-    from .inference import segment_case
-    from .suggest import suggest_slices
-
-    result = segment_case(bundle, case, device=device, progress=progress, cancel=cancel)
-    return result, suggest_slices(bundle, case, k=k, probability=result.probability)
-
-
-def add_baseline_nodes(scene, case: Case, result: Segmentation, suggestions: list[SliceSuggestion], reference_node) -> BaselineAnalysis:
-    """The baseline's editable "Baseline lesions" segmentation node (main thread only)."""
-    node = mrml.add_lesion_segmentation(scene, case.layout.from_slices(result.mask), reference_node, "Baseline lesions")
-    segment_id = node.GetSegmentation().GetSegmentIdBySegmentName("Lesion")
-    return BaselineAnalysis(node, segment_id, suggestions, result)
-
-
-# ---------------------------------------------------------------------------------------
-# Step 2
-
-
-def finetune_from_nodes(bundle: ModelBundle, volume_nodes: Sequence, annotation: MaskSource, slices, organ: MaskSource | None = None,
-                        config=None, device="auto", progress: Callable | None = None, cancel: Callable | None = None) -> ModelBundle:
-    """The patient model: fine-tune the base model (the shipped rule: its last two layers,
-    every layer where many slices are annotated) on the annotated baseline slices
-    (``slices``: indices along the slice axis, or a selection such as ``"all-lesion"``).
-    The base model is not modified; nothing is written."""
-    from .finetune import finetune_patient_model, shipped_config
-
-    case = read_case(bundle, volume_nodes, organ, lesions=annotation, name="baseline")
-    return finetune_patient_model(bundle, case, slices, config or shipped_config(bundle), device=device, progress=progress, cancel=cancel)
-
-
-# ---------------------------------------------------------------------------------------
-# Step 3
 
 
 @dataclass
@@ -168,30 +83,9 @@ class FollowupNodes:
     summary: dict | None = None  # uncertainty summary (max SD, mean SD in lesions) or None
 
 
-def segment_followup(scene, bundle: ModelBundle, volume_nodes: Sequence, organ: MaskSource | None = None, mc_samples: int = 25,
-                     seed: int = 0, label: str = "fine-tuned", device="auto", progress: Callable | None = None,
-                     cancel: Callable | None = None) -> FollowupNodes:
-    """Segment the follow-up and put the results in the scene: "Follow-up lesions
-    (<label>)" segmentation, probability and uncertainty (SD over ``mc_samples``
-    MC-dropout passes) volumes on the follow-up's grid, and a lesion table."""
-    from .inference import segment_case
-
-    case = read_case(bundle, volume_nodes, organ, name="follow-up")
-    result = segment_case(bundle, case, mc_samples=mc_samples, seed=seed, device=device,
-                          progress=progress, cancel=cancel)
-    return add_followup_nodes(scene, case, result, volume_nodes[0], label)
-
-
 #: Segment colour per result label, so base and fine-tuned results can be told apart when
 #: shown together (anything else: the lesion yellow).
 RESULT_COLOURS = {"base": (0.3, 0.75, 1.0)}
-
-
-def add_followup_nodes(scene, case: Case, result: Segmentation, reference_node, label: str) -> FollowupNodes:
-    """Scene nodes for a follow-up result (main thread only)."""
-    sd = None if result.uncertainty is None else case.layout.from_slices(result.uncertainty.sd)
-    return _followup_nodes(scene, reference_node, label, case.layout.from_slices(result.mask),
-                           case.layout.from_slices(result.probability), sd, result.lesions, result.summary)
 
 
 def _followup_nodes(scene, reference_node, label, mask_zyx, probability_zyx, sd_zyx, lesions, summary) -> FollowupNodes:
@@ -286,8 +180,8 @@ def write_job_inputs(folder: str | Path, volume_nodes: Sequence, sequence_names:
     labelmap as it is). The job resamples every other sequence and a labelmap onto the
     first volume's grid (``--resample-to``): sequences from separate series are rarely on
     one grid. Returns the command-line arguments (``arguments``: ``--images``, ``--organ``,
-    ``--lesions``, ``--resample-to``), the ``folder`` and the ``notes`` to show the user
-    (which volumes are resampled)."""
+    ``--lesions``, ``--resample-to``), the sequences' files (``images``), the ``folder``
+    and the ``notes`` to show the user (which volumes are resampled)."""
     check_volumes(volume_nodes, sequence_names)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -296,16 +190,15 @@ def write_job_inputs(folder: str | Path, volume_nodes: Sequence, sequence_names:
         path = folder / f"{_file_name(name)}.nii.gz"
         _write_nifti(mrml.volume_to_image(node), path)
         images.append(str(path))
-    arguments = ["--images", *images]
-    for option, source in (("--organ", organ), ("--lesions", lesions)):
+    masks = {}
+    for role, source in (("organ", organ), ("lesions", lesions)):
         if source is not None:
-            path = folder / f"{option.strip('-')}.nii.gz"
-            _write_nifti(source.image(volume_nodes[0]), path)
-            arguments += [option, str(path)]
+            masks[role] = folder / f"{role}.nii.gz"
+            _write_nifti(source.image(volume_nodes[0]), masks[role])
     first = volume_nodes[0]
     notes = [f"{node.GetName()} ({name}) is resampled onto the grid of {first.GetName()} ({sequence_names[0]})"
              for name, node in zip(sequence_names[1:], volume_nodes[1:]) if not mrml.same_grid(node, first)]
-    return {"arguments": arguments + ["--resample-to"], "folder": folder, "notes": notes}
+    return {"arguments": input_arguments(images, **masks), "images": images, "folder": folder, "notes": notes}
 
 
 def check_volumes(volume_nodes: Sequence, sequence_names: Sequence[str], other_visit: Sequence = ()) -> None:
@@ -333,35 +226,13 @@ def _file_name(sequence: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in sequence) or "sequence"
 
 
-def analyse_job(model: str, inputs: dict, out: str | Path, k: int = 2, device: str = "auto", python: str | None = None) -> CliJob:
-    """Step 1 as a job: segment the baseline and suggest ``k`` slices (``out``: its folder)."""
-    return CliJob([["segment", "--model", model, *inputs["arguments"], "--out", str(out), "--suggest", str(k), "--device", device]], python)
-
-
-def finetune_job(model: str, inputs: dict, out: str | Path, slices: str, iterations: int = 100, weighting: str = "preset",
-                 seed: int = 0, device: str = "auto", python: str | None = None) -> CliJob:
-    """Step 2 as a job: the patient model file ``out`` (``inputs`` with ``--lesions``);
-    ``weighting`` as ``finetune --weighting`` ("preset": the task's default)."""
-    return CliJob([["finetune", "--model", model, *inputs["arguments"], "--slices", slices, "--iterations", str(iterations),
-                    "--weighting", weighting, "--seed", str(seed), "--device", device, "--out", str(out)]], python)
-
-
-def followup_job(models: Sequence[tuple[str, str]], inputs: dict, out: str | Path, mc_samples: int = 25, device: str = "auto",
-                 python: str | None = None) -> CliJob:
-    """Step 3 as a job: the follow-up segmented with each (label, model), one after the
-    other, into ``out/<label>``."""
-    return CliJob([["segment", "--model", model, *inputs["arguments"], "--out", str(Path(out) / label), "--mc-samples", str(mc_samples),
-                    "--device", device] for label, model in models], python)
-
-
 def baseline_nodes_from_job(scene, out: str | Path, reference_node) -> BaselineAnalysis:
     """Step 1's results (an :func:`analyse_job` folder) as the editable "Baseline lesions"
     segmentation and the suggested slices (main thread)."""
     out = Path(out)
     mask = sitk.GetArrayFromImage(read_segment_outputs(out)["segmentation"]) > 0
     node = mrml.add_lesion_segmentation(scene, mask, reference_node, "Baseline lesions")
-    suggestions = [SliceSuggestion.from_dict(r) for r in json.loads((out / "suggestions.json").read_text())]
-    return BaselineAnalysis(node, node.GetSegmentation().GetSegmentIdBySegmentName("Lesion"), suggestions)
+    return BaselineAnalysis(node, node.GetSegmentation().GetSegmentIdBySegmentName("Lesion"), read_suggestions(out))
 
 
 def followup_nodes_from_job(scene, out: str | Path, reference_node, label: str) -> FollowupNodes:
@@ -403,13 +274,14 @@ def save_patient_model(choice: ModelChoice, path: str | Path) -> Path:
 class RunningStep:
     """A step's job and what its results bind to: the kind of step, the ID of the volume
     its results go onto, its private folder (removed when it ends), the result labels (the
-    follow-up's models), the notes on its inputs (e.g. a resampled sequence) and the
-    patient it was started for (the session's count of new patients)."""
+    follow-up's models), the notes on its inputs (e.g. a resampled sequence), the patient
+    it was started for (the session's count of new patients) and the files it reads the
+    sequences from (as they were in the scene: e.g. for the patient's report)."""
 
-    def __init__(self, kind: str, job: CliJob, folder: Path, reference_node_id: str, labels=(), notes=(), patient: int = 0):
+    def __init__(self, kind: str, job: CliJob, folder: Path, reference_node_id: str, labels=(), notes=(), patient: int = 0, images=()):
         self.kind, self.job, self.folder = kind, job, Path(folder)
         self.reference_node_id, self.labels, self.notes = reference_node_id, list(labels), list(notes)
-        self.patient = patient
+        self.patient, self.images = patient, [Path(p) for p in images]
 
 
 class PatientSession:
@@ -501,15 +373,15 @@ class PatientSession:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        step = RunningStep(kind, job, folder, volume_nodes[0].GetID(), labels, inputs["notes"], self._patient)
+        step = RunningStep(kind, job, folder, volume_nodes[0].GetID(), labels, inputs["notes"], self._patient, inputs["images"])
         self._running.add(step)
         return step
 
-    def start_analyse(self, volume_nodes: Sequence, organ: MaskSource | None = None, k: int = 2, device: str = "auto") -> RunningStep:
+    def start_analyse(self, volume_nodes: Sequence, organ: MaskSource | None = None, k: int = SUGGESTED_SLICES, device: str = "auto") -> RunningStep:
         """Step 1: segment the baseline with the base model and suggest ``k`` slices."""
         self._baseline_volumes = list(volume_nodes)
         return self._start("analyse", volume_nodes, lambda inputs, folder: analyse_job(
-            self.models.base_model, inputs, folder / "analysis", k, device, self.python), organ)
+            self.models.base_model, inputs["arguments"], folder / "analysis", k, device, self.python), organ)
 
     def start_finetune(self, volume_nodes: Sequence, organ: MaskSource | None, annotation: MaskSource, selection: str,
                        iterations: int = 100, weighting: str = "preset", device: str = "auto") -> RunningStep:
@@ -525,7 +397,7 @@ class PatientSession:
             self._remove_patient_folder = weakref.finalize(self, shutil.rmtree, self._patient_folder, True)
         out = self._patient_folder / f"patient-model-{len(list(self._patient_folder.iterdir()))}.pt"
         return self._start("finetune", volume_nodes, lambda inputs, folder: finetune_job(
-            self.models.base_model, inputs, out, slices, iterations, weighting, device=device, python=self.python), organ, annotation)
+            self.models.base_model, inputs["arguments"], out, slices, iterations, weighting, device=device, python=self.python), organ, annotation)
 
     def start_followup(self, volume_nodes: Sequence, organ: MaskSource | None = None, mc_samples: int = 25,
                        compare_with_base: bool = True, device: str = "auto") -> RunningStep:
@@ -537,7 +409,7 @@ class PatientSession:
         if self.models.patient_model is not None:
             models.append(("fine-tuned", str(self.models.patient_model)))
         return self._start("followup", volume_nodes, lambda inputs, folder: followup_job(
-            models, inputs, folder / "results", mc_samples, device, self.python), organ,
+            models, inputs["arguments"], folder / "results", mc_samples, device=device, python=self.python), organ,
             labels=[label for label, _model in models], other_visit=self._baseline_volumes)
 
     def finish_step(self, step: RunningStep):
@@ -555,9 +427,8 @@ class PatientSession:
             self.suggestions = analysis.suggestions
             return analysis
         if step.kind == "finetune":
-            result = step.job.results[-1]
-            self.models.set_patient_model(result["outputs"]["model"], result["description"])
-            return result["description"]
+            self.models.set_patient_model(step.job.results[-1]["outputs"]["model"], job_description(step.job))
+            return job_description(step.job)
         return [followup_nodes_from_job(self.scene, step.folder / "results", reference, label) for label in step.labels]
 
     def discard_step(self, step: RunningStep) -> None:

@@ -105,8 +105,7 @@ class PatientFineTuneWeb:
         from trame_slicer.core import LayoutManager, SlicerApp
         from trame_slicer.rca_view import register_rca_factories
 
-        from .modelcard import resolve_model_path
-        from .modelfile import load_model
+        from .slicerworkflow import PatientSession
 
         self.server = get_server(server, client_type="vue3")
         self.server.enable_module(trame_slicer_module)
@@ -119,13 +118,14 @@ class PatientFineTuneWeb:
         self.slicer = SlicerApp()
         register_rca_factories(self.slicer.view_manager, self.server)
         self.layout_manager = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
-        self.base_bundle = load_model(resolve_model_path(model))
-        self.patient_bundle = None
+        # the steps run as the Slicer module's jobs, on this app's scene (Clear starts a new patient)
+        self.session = PatientSession(self.slicer.scene)
+        self.session.choose_base_model(model)
+        self.sequences = self.session.base_metadata["sequences"]
         self.volumes: dict[str, list] = {}
         self.organs: dict[str, object] = {}
         self.baseline_segmentation = None
         self.followup_results: dict = {}  # label -> FollowupNodes: "fine-tuned", "base"
-        self.suggestions = []
         self._cancel = threading.Event()
         self._set_initial_state()
         self._build_layout()
@@ -135,11 +135,11 @@ class PatientFineTuneWeb:
     # -- state and layout ----------------------------------------------------------------
 
     def _set_initial_state(self):
-        names = [s["name"] for s in self.base_bundle.sequences]
+        names = [s["name"] for s in self.sequences]
         self.state.update({
             "trame__title": "PatientFineTune",
             "trame__favicon": None,  # the stock favicon points at an outside host
-            "model_info": f"{self.base_bundle.preset.name if self.base_bundle.preset else 'model'}: reads {', '.join(names)}",
+            "model_info": f"{self.session.base_metadata.get('preset') or 'model'}: reads {', '.join(names)}",
             "baseline_paths": "", "followup_paths": "", "sequence_names": ", ".join(names),
             "status": "Load the sample patient or a study.", "error": "",
             "loaded": False, "analysed": False, "finetuned": False, "busy": False,
@@ -275,7 +275,7 @@ class PatientFineTuneWeb:
         from .mrml import image_to_volume
 
         self.state.error = ""
-        n = len(self.base_bundle.sequences)
+        n = len(self.sequences)
         try:
             if len(baseline) != n or len(followup) != n:
                 raise ValueError(f"the model reads {n} sequence(s) ({self.state.sequence_names}); give that many files for each visit, in that order")
@@ -284,9 +284,9 @@ class PatientFineTuneWeb:
             self.state.error = str(error)
             return
         self.slicer.scene.Clear(0)
-        self.volumes = {visit: [image_to_volume(image, self.slicer.scene, f"{visit} {s['name']}") for image, s in zip(imgs, self.base_bundle.sequences)]
+        self.volumes = {visit: [image_to_volume(image, self.slicer.scene, f"{visit} {s['name']}") for image, s in zip(imgs, self.sequences)]
                         for visit, imgs in images.items()}
-        self.baseline_segmentation, self.followup_results, self.patient_bundle, self.suggestions = None, {}, None, []
+        self.baseline_segmentation, self.followup_results = None, {}
         self._show(BASELINE_VIEW, self.volumes["baseline"][0])
         self._show(FOLLOWUP_VIEW, self.volumes["followup"][0])
         for tag in (BASELINE_VIEW, FOLLOWUP_VIEW):
@@ -298,18 +298,17 @@ class PatientFineTuneWeb:
 
     # -- long work -------------------------------------------------------------------------
 
-    async def _run(self, label: str, work: Callable, total: int) -> object:
+    async def _run(self, label: str, work: Callable) -> object:
         """Run ``work(progress, cancelled)`` in a worker thread while the page shows its
-        progress; returns its result, or None when it failed (message shown) or was
-        cancelled (nothing kept)."""
-        from .runtime import Cancelled
+        progress (``progress(fraction, phase)``); returns its result, or None when it failed
+        (message shown) or was cancelled (nothing kept)."""
+        from .progress import Cancelled
 
         self._cancel.clear()
-        done = [0]
-        self._progress_total, self._progress_phase = total, ""
+        done = {"fraction": 0.0, "phase": ""}
 
-        def progress(step, *_):
-            done[0] = step
+        def progress(fraction: float, phase: str = "") -> None:
+            done.update(fraction=fraction, phase=phase)
 
         with self.state:
             self.state.update({"busy": True, "error": "", "progress": 0, "progress_text": label, "status": f"{label}..."})
@@ -317,9 +316,8 @@ class PatientFineTuneWeb:
         while not future.done():
             await asyncio.sleep(0.25)
             with self.state:
-                total = self._progress_total  # a work's phase may resize it (_plan)
-                self.state.progress = 100.0 * done[0] / max(total, 1)
-                self.state.progress_text = f"{label}{', ' + self._progress_phase if self._progress_phase else ''}: {done[0]} / {total}"
+                self.state.progress = 100.0 * done["fraction"]
+                self.state.progress_text = f"{label}{', ' + done['phase'] if done['phase'] else ''}: {100 * done['fraction']:.0f} %"
         result = None
         try:
             result = future.result()
@@ -332,9 +330,19 @@ class PatientFineTuneWeb:
             self.state.busy = False
         return result
 
-    def _plan(self, phase: str, total: int) -> None:
-        """A phase of the running work starts; its bar now counts to ``total``."""
-        self._progress_total, self._progress_phase = total, phase
+    async def _run_step(self, label: str, step) -> object:
+        """Run a session's step (its job) with the page's progress bar and Cancel, then load
+        its results into the scene; None when it failed or was cancelled. The caller removes
+        the step's folder (:meth:`PatientSession.discard_step`) when it is done with it."""
+        from .workflow import run_job
+
+        if await self._run(label, lambda progress, cancelled: run_job(step.job, progress, cancelled)) is None:
+            return None
+        try:
+            return self.session.finish_step(step)
+        except Exception as error:  # e.g. the scene was cleared meanwhile
+            self.state.error = f"{label} failed: {error}"
+            return None
 
     def cancel(self):
         self._cancel.set()
@@ -349,25 +357,19 @@ class PatientFineTuneWeb:
         create_task(self.analyse_baseline())
 
     async def analyse_baseline(self):
-        from .slicerworkflow import add_baseline_nodes, read_case, segment_and_suggest
+        from .workflow import SUGGESTED_SLICES
 
         try:
-            case = read_case(self.base_bundle, self.volumes["baseline"], name="baseline")
-        except Exception as error:  # e.g. no brain found: the user's to fix
+            step = self.session.start_analyse(self.volumes["baseline"], k=SUGGESTED_SLICES, device=self.device)
+        except Exception as error:  # e.g. a constant volume: the user's to fix
             with self.state:  # a task outside any request: flush to the page
                 self.state.error = str(error)
             return
-        bundle, device = self.base_bundle, self.device
-        slices = int(case.organ.any(axis=(1, 2)).sum())
-
-        def work(progress, cancelled):
-            return segment_and_suggest(bundle, case, 2, device, progress, cancelled)
-
-        outcome = await self._run("Segmenting the baseline", work, slices)
-        if outcome is None:
+        analysis = await self._run_step("Segmenting the baseline", step)
+        self.session.discard_step(step)
+        if analysis is None:
             return
-        analysis = add_baseline_nodes(self.slicer.scene, case, *outcome, self.volumes["baseline"][0])
-        node, self.suggestions = analysis.segmentation_node, analysis.suggestions
+        node = analysis.segmentation_node
         self._show_only_in(node, [BASELINE_VIEW, THREED_VIEW])
         self.baseline_segmentation = node
         editor = self.slicer.segmentation_editor
@@ -376,11 +378,11 @@ class PatientFineTuneWeb:
         editor.show_3d(True)
         self._count_annotation()
         with self.state:
-            self.state.suggestions = [{"index": i, "label": f"slice {s.index} (mean p {s.mean_probability:.2f})"} for i, s in enumerate(self.suggestions)]
+            self.state.suggestions = [{"index": i, "label": f"slice {s.index} (mean p {s.mean_probability:.2f})"} for i, s in enumerate(self.session.suggestions)]
             self.state.analysed = True
             self.state.status = ("The base model's lesions are on the baseline. Check and correct them on the suggested slices "
                                  "(Paint / Erase), then fine-tune.")
-        if self.suggestions:
+        if self.session.suggestions:
             self.jump_to(0)
 
     def jump_to(self, index: int):
@@ -388,7 +390,7 @@ class PatientFineTuneWeb:
         physical position, which is the same anatomy once the visits are aligned)."""
         from .mrml import jump_to_suggestion
 
-        suggestion = self.suggestions[int(index)]
+        suggestion = self.session.suggestions[int(index)]
         for tag in (BASELINE_VIEW, FOLLOWUP_VIEW):
             view = self.view(tag)
             jump_to_suggestion(view.get_view_node(), suggestion)
@@ -427,88 +429,61 @@ class PatientFineTuneWeb:
         create_task(self.finetune_and_segment())
 
     async def finetune_and_segment(self):
-        from .finetune import finetune_patient_model, shipped_config
-        from .inference import segment_case
-        from .modelcard import describe_patient_model
-        from .slicerworkflow import MaskSource, add_followup_nodes, describe_followup, read_case
+        from .slicerworkflow import MaskSource, describe_followup
 
         self.state.tool = "none"
         try:
             segment_id = self.baseline_segmentation.GetSegmentation().GetSegmentIdBySegmentName("Lesion")
-            baseline = read_case(self.base_bundle, self.volumes["baseline"], lesions=MaskSource(self.baseline_segmentation, segment_id), name="baseline")
-            followup = read_case(self.base_bundle, self.volumes["followup"], name="follow-up")
-            slices = [s.index for s in self.suggestions] if self.state.slice_selection == "suggested" else "all-lesion"
             iterations, mc_samples = run_settings(self.state.iterations, self.state.mc_samples)
-            config = shipped_config(self.base_bundle, iterations=iterations)
-        except Exception as error:  # e.g. an empty annotation, a non-number: the user's to fix
+            finetune = self.session.start_finetune(self.volumes["baseline"], None, MaskSource(self.baseline_segmentation, segment_id),
+                                                   "suggested" if self.state.slice_selection == "suggested" else "all-lesion",
+                                                   iterations, device=self.device)
+        except Exception as error:  # e.g. no suggestions, a non-number: the user's to fix
             with self.state:
                 self.state.error = str(error)
             return
-        base, device = self.base_bundle, self.device
-        followup_slices = int(followup.organ.any(axis=(1, 2)).sum())
-        training = [config.progress_total()]  # the route's own total once the check has split the annotation
-
-        def phase(name: str, _done: int, total: int) -> None:
-            training[0] = total
-            self._plan(name, total + 2 * followup_slices)
-
-        def work(progress, cancelled):
-            patient = finetune_patient_model(base, baseline, slices, config, device=device, progress=progress, cancel=cancelled, phase=phase)
-            results = {}
-            for k, (label, bundle) in enumerate((("fine-tuned", patient), ("base", base))):
-                self._plan(f"segmenting the follow-up with the {label} model", training[0] + 2 * followup_slices)
-                results[label] = segment_case(bundle, followup, mc_samples=mc_samples, device=device,
-                                              progress=lambda done, _total, k=k: progress(training[0] + k * followup_slices + done), cancel=cancelled)
-            return patient, results
-
-        outcome = await self._run("Fine-tuning, then segmenting the follow-up with both models", work, training[0] + 2 * followup_slices)
-        if outcome is None:
+        description = await self._run_step("Fine-tuning", finetune)
+        self.session.discard_step(finetune)
+        if description is None:
             return
-        self.patient_bundle, results = outcome
-        self.followup_results = {label: add_followup_nodes(self.slicer.scene, followup, result, self.volumes["followup"][0], label)
-                                 for label, result in results.items()}
+        followup = self.session.start_followup(self.volumes["followup"], mc_samples=mc_samples, device=self.device)
+        try:
+            runs = await self._run_step("Segmenting the follow-up with both models", followup)
+            if runs is None:
+                return
+            self.followup_results = {label: nodes for label in ("fine-tuned", "base") for step_label, nodes in zip(followup.labels, runs)
+                                     if step_label == label}
+            try:
+                report_url = f"{REPORTS_URL}/{self._write_report(followup).name}"
+            except Exception as error:  # the results stand without their report; say why there is none
+                report_url = ""
+                self.state.error = f"the report could not be written: {error}"
+        finally:
+            self.session.discard_step(followup)
         for nodes in self.followup_results.values():
             nodes.segmentation.CreateClosedSurfaceRepresentation()  # the follow-up's lesions in the 3D view
         self._show_only_in(self.baseline_segmentation, [BASELINE_VIEW])
         lines = [describe_followup(nodes) for nodes in self.followup_results.values()]
-        try:
-            report_url = f"{REPORTS_URL}/{self._write_report(followup, results).name}"
-        except Exception as error:  # the results stand without their report; say why there is none
-            report_url = ""
-            self.state.error = f"the report could not be written: {error}"
         with self.state:
             self.state.update({"finetuned": True, "result_text": "\n".join(lines), "shown_result": "fine-tuned",
-                               "status": describe_patient_model(self.patient_bundle.metadata["finetune"]) + ".",
-                               "uncertainty_shown": results["fine-tuned"].uncertainty is not None,
+                               "status": description + ".", "uncertainty_shown": self.followup_results["fine-tuned"].uncertainty is not None,
                                "report_url": report_url})
         self._on_result_shown(self.state.uncertainty_shown, self.state.shown_result)
 
-    def _write_report(self, followup, results: dict) -> Path:
-        """The patient's report from this session's results, in ``<work>/reports``."""
+    def _write_report(self, followup) -> Path:
+        """The patient's report from the follow-up step's files (its inputs and one results
+        folder per model), in ``<work>/reports`` under a name nobody can guess."""
         import json
-        import shutil
-        import tempfile
 
-        from .images import write_image
-        from .modelfile import save_model
-        from .mrml import volume_to_image
-        from .outputs import write_segment_outputs
         from .report import ReportInputs, write_report
 
-        session = Path(tempfile.mkdtemp(prefix="session-", dir=self.work_dir))
-        try:
-            folders = {}
-            for label, result in results.items():
-                folders[label] = session / label
-                write_segment_outputs(followup, result, folders[label], mc_samples=int(self.state.mc_samples))
-            save_model(self.patient_bundle, session / "patient-model.pt")
-            (session / "suggestions.json").write_text(json.dumps([s.as_dict() for s in self.suggestions], indent=2))
-            write_image(volume_to_image(self.volumes["followup"][0]), session / "followup.nii.gz")  # as loaded, not normalised
-            inputs = ReportInputs(session / "followup.nii.gz", folders, title="PatientFineTune report", paths_shown=False,
-                                  patient_model=session / "patient-model.pt", suggestions=session / "suggestions.json")
-            return write_report(inputs, self.reports_dir / f"{session.name}.html")
-        finally:
-            shutil.rmtree(session, ignore_errors=True)
+        suggestions = followup.folder / "suggestions.json"
+        suggestions.write_text(json.dumps([s.as_dict() for s in self.session.suggestions], indent=2))
+        inputs = ReportInputs(followup.images[0],
+                              {label: followup.folder / "results" / label for label in ("fine-tuned", "base")},
+                              title="PatientFineTune report", paths_shown=False, patient_model=self.session.models.patient_model,
+                              suggestions=suggestions)
+        return write_report(inputs, self.reports_dir / f"report-{secrets.token_urlsafe(12)}.html")
 
     def _on_result_shown(self, uncertainty_shown, shown_result, **_):
         """Show the chosen result (fine-tuned or base) in the follow-up and 3D views with its

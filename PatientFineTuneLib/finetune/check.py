@@ -131,7 +131,7 @@ def never_worse_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneC
     }
 
 
-#: How much lower the held-out lesion F1 of the fine-tuned model may be (SPEC section 10).
+#: How much lower the held-out lesion F1 of the fine-tuned model may be (the never-worse promise: docs/aims.md).
 CHECK_F1_TOLERANCE = 0.02
 
 

@@ -21,16 +21,13 @@ from PatientFineTuneLib.runtime import Cancelled
 from PatientFineTuneLib.inference import segment_case
 from PatientFineTuneLib.modelcard import describe_patient_model, shipped_models
 from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata
+from PatientFineTuneLib.workflow import analyse_job
 from PatientFineTuneLib.slicerworkflow import (
     MaskSource,
     ModelChoice,
     PatientSession,
-    analyse_baseline,
-    analyse_job,
     baseline_nodes_from_job,
-    finetune_from_nodes,
     save_patient_model,
-    segment_followup,
     show_followup_results,
     write_job_inputs,
 )
@@ -56,58 +53,22 @@ def _file_case(folder, lesions=True):
     return prepare_case(load_case(f.sequences, f.organ, f.lesions if lesions else None))
 
 
-def test_three_steps_on_nodes_match_the_file_workflow(scene, bundle, small_pair_dir):  # noqa: F811
-    baseline_nodes, organ = _nodes(scene, small_pair_dir / "baseline")
-
-    analysis = analyse_baseline(scene, bundle, baseline_nodes, organ, k=2, device="cpu")
-    file_case = _file_case(small_pair_dir / "baseline")
-    expected = segment_case(bundle, file_case, device="cpu")
-    segment = mrml.segment_to_array(analysis.segmentation_node, analysis.segment_id, baseline_nodes[0])
-    assert np.array_equal(segment, file_case.layout.from_slices(expected.mask))
-    assert len(analysis.suggestions) == 2 and all(0.0 <= s.mean_probability <= 1.0 for s in analysis.suggestions)
-
-    # the radiologist corrects the segment (here: to the truth) and fine-tunes on the suggested slices
-    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(small_pair_dir / "baseline" / "lesions.nii.gz"))) > 0
-    mrml.set_segment_from_array(analysis.segmentation_node, "Lesion", truth, baseline_nodes[0])
-    lesion_slices = file_case.lesion_slices()[:2]
-    config = FinetuneConfig(iterations=3, patch_size=64, seed=1)
-    annotation = MaskSource(analysis.segmentation_node, analysis.segment_id)
-    patient = finetune_from_nodes(bundle, baseline_nodes, annotation, lesion_slices, organ, config, device="cpu")
-    reference = finetune_patient_model(bundle, file_case, lesion_slices, config, device="cpu")
-    for k, v in reference.model.state_dict().items():
-        assert torch.equal(v, patient.model.state_dict()[k]), k
-    assert patient.metadata["finetune"]["slices"] == lesion_slices
-
-    followup_nodes, followup_organ = _nodes(scene, small_pair_dir / "followup")
-    nodes = segment_followup(scene, patient, followup_nodes, followup_organ, mc_samples=3, device="cpu")
-    for node in (nodes.probability, nodes.uncertainty):
-        assert np.allclose(mrml.ijk_to_ras_matrix(node), mrml.ijk_to_ras_matrix(followup_nodes[0]))
-    seg = nodes.segmentation.GetSegmentation()
-    lesion = mrml.segment_to_array(nodes.segmentation, seg.GetSegmentIdBySegmentName("Lesion"), followup_nodes[0])
-    followup_case = _file_case(small_pair_dir / "followup")
-    expected = segment_case(patient, followup_case, mc_samples=3, device="cpu")
-    assert np.array_equal(lesion, followup_case.layout.from_slices(expected.mask))
-    assert nodes.table.GetNumberOfRows() == len(expected.lesions) == len(nodes.lesions)
-    assert nodes.segmentation.GetName() == "Follow-up lesions (fine-tuned)" and nodes.label == "fine-tuned"
-    base = segment_followup(scene, bundle, followup_nodes, followup_organ, mc_samples=0, label="base", device="cpu")
-    colours = [n.segmentation.GetSegmentation().GetNthSegment(0).GetColor() for n in (nodes, base)]
-    assert colours[0] != colours[1]  # base and fine-tuned results are told apart in the views
-    assert base.uncertainty is None
-
-
-def test_bad_inputs_give_clear_errors_and_cancel_stops(scene, bundle, small_pair_dir):  # noqa: F811
+def test_bad_selections_are_refused_before_a_job_starts(scene, small_pair_dir, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    session = PatientSession(scene)
+    session.choose_base_model("brain-wmh")
     nodes, organ = _nodes(scene, small_pair_dir / "baseline")
     with pytest.raises(ValueError, match="select a volume for each"):
-        analyse_baseline(scene, bundle, nodes[:1], organ, device="cpu")
-    with pytest.raises(ValueError, match="select one volume per sequence"):  # the same checks as the jobs'
-        analyse_baseline(scene, bundle, [nodes[0], nodes[0]], organ, device="cpu")
+        session.start_analyse(nodes[:1], organ, device="cpu")
+    with pytest.raises(ValueError, match="select one volume per sequence"):
+        session.start_analyse([nodes[0], nodes[0]], organ, device="cpu")
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     with pytest.raises(ValueError, match="no segments"):
-        finetune_from_nodes(bundle, nodes, MaskSource(empty), [3], organ, device="cpu")
-    before = scene.GetNumberOfNodes()
-    with pytest.raises(Cancelled):
-        segment_followup(scene, bundle, nodes, organ, mc_samples=0, device="cpu", cancel=lambda: True)
-    assert scene.GetNumberOfNodes() == before  # nothing half-made left in the scene
+        session.start_finetune(nodes, organ, MaskSource(empty), "all-lesion", device="cpu")
+    with pytest.raises(ValueError, match="no suggested slices yet"):
+        session.start_finetune(nodes, organ, MaskSource(empty), "suggested", device="cpu")
+    assert not list(tmp_path.glob("PatientFineTune-*-*/inputs"))  # no step folder is left behind
+    session.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,6 +120,8 @@ def test_the_three_steps_as_jobs_round_trip_through_the_scene(scene, small_pair_
     assert show_followup_results(runs, "both") is runs[3]
     assert [r.segmentation.GetDisplayNode().GetVisibility() for r in runs] == [0, 0, 1, 1]
     fine = runs[3]
+    colours = [r.segmentation.GetSegmentation().GetNthSegment(0).GetColor() for r in runs[2:]]
+    assert colours[0] != colours[1]  # base and fine-tuned results are told apart in the views
     assert fine.uncertainty is not None and fine.summary["mc_samples"] == 2
     assert np.allclose(mrml.ijk_to_ras_matrix(fine.probability), mrml.ijk_to_ras_matrix(followup_nodes[0]))
     assert fine.table.GetNumberOfRows() == len(fine.lesions)
@@ -285,7 +248,7 @@ def test_sequences_on_different_grids_are_resampled_onto_the_first(scene, small_
     assert not mrml.same_grid(flair, t1)
 
     inputs = write_job_inputs(tmp_path / "in", [flair, t1], ["FLAIR", "T1"], MaskSource(organ))
-    job = analyse_job("brain-wmh", inputs, tmp_path / "analysis", k=1, device="cpu").start()
+    job = analyse_job("brain-wmh", inputs["arguments"], tmp_path / "analysis", k=1, device="cpu").start()
     assert job.wait(timeout=300) and job.succeeded, (job.error, list(job.log))
     # the status line says so
     assert inputs["notes"] == ["T1 series (T1) is resampled onto the grid of FLAIR series (FLAIR)"]

@@ -389,5 +389,5 @@ def test_the_status_line_says_when_a_long_step_failed(tmp_path):
 
         return read_image(tmp_path / "gone.nii.gz")  # a real failure of the step: the file is not there
 
-    assert asyncio.run(app._run("Fine-tuning", work, 1)) is None
+    assert asyncio.run(app._run("Fine-tuning", work)) is None
     assert app.state.error.startswith("Fine-tuning failed") and "failed" in app.state.status and not app.state.busy, app.state.status
