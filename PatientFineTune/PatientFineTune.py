@@ -578,7 +578,7 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
                 import PyTorchUtils
             except ImportError:
                 raise RuntimeError(_("This module needs the PyTorch extension. Install 'PyTorch' from the Extensions Manager and restart Slicer.")) from None
-            requirement = ">={0}.{1}".format(*TORCH_MINIMUM)
+            requirement = ">={}.{}".format(*TORCH_MINIMUM)
             # installTorch imports torch once it is installed (it returns the module): the
             # one session where Slicer's process holds torch, until Slicer restarts
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=ask, torchVersionRequirement=requirement) is None:

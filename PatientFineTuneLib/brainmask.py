@@ -24,8 +24,8 @@ has scalp, marrow and muscle there) or declared by the caller.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk

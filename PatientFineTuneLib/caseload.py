@@ -11,9 +11,10 @@ optional trailing sequences, automatic organ mask) and the normalisation.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from .cases import CaseFiles, find_cases, find_image
 from .images import Case, load_case, prepare_case, with_absent_sequences

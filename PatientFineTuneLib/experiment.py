@@ -20,9 +20,9 @@ from __future__ import annotations
 import csv
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -10,9 +10,10 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 #: errno values of a write that ran out of room: a full disk, a file-size limit, a quota.
 _NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}

@@ -27,11 +27,11 @@ import os
 import sys
 import tempfile
 import zlib
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk

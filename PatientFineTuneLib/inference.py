@@ -4,8 +4,9 @@ and halo tiling so large slices fit a memory budget with results identical to on
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch

@@ -26,8 +26,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 #: Folder that holds the PatientFineTuneLib package: put on the subprocess's PYTHONPATH,
 #: so the job runs this very library (a source checkout, or an installed extension's
@@ -85,7 +86,7 @@ class CliJob:
     def command(self, step: int) -> list[str]:
         return [self.python, "-m", "PatientFineTuneLib.cli", "--progress", "json", *self.steps[step]]
 
-    def start(self) -> "CliJob":
+    def start(self) -> CliJob:
         if self.step >= 0:
             raise RuntimeError("this job was already started")
         self._start_step(0)

@@ -10,7 +10,7 @@ the backbone output can be computed once and the head re-run cheaply.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -10,8 +10,8 @@ import json
 import os
 import pickle
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .files import atomic_write
 from .presets import PRESETS

@@ -18,11 +18,11 @@ import hashlib
 import io
 import json
 import math
-import pickle
 import os
+import pickle
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -30,7 +30,8 @@ from . import __version__
 from .files import atomic_write
 from .model import LesionNet
 from .presets import PRESETS, Preset
-from .unet3d import ARCHITECTURE_TYPE as UNET3D, UNet3D
+from .unet3d import ARCHITECTURE_TYPE as UNET3D
+from .unet3d import UNet3D
 
 FORMAT_NAME = "PatientFineTune-model"
 FORMAT_VERSION = 1

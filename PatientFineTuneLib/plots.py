@@ -8,8 +8,8 @@ order: the patient's right on the viewer's left), marked R and L."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 

@@ -16,6 +16,7 @@ from typing import Callable, TextIO
 
 from .files import json_ready
 
+
 class Cancelled(Exception):
     """Raised when a cancel callback asked long work to stop; nothing was written."""
 
@@ -86,7 +87,7 @@ class StepProgress:
         if self._bar is not None:
             self._bar.close()
 
-    def __enter__(self) -> "StepProgress":
+    def __enter__(self) -> StepProgress:
         return self
 
     def __exit__(self, *exc) -> None:

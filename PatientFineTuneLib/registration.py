@@ -10,8 +10,8 @@ two images inside the mask before and after, with a warning when it looks poor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk

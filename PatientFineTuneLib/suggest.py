@@ -36,7 +36,7 @@ class SliceSuggestion:
         }
 
     @classmethod
-    def from_dict(cls, record: dict) -> "SliceSuggestion":
+    def from_dict(cls, record: dict) -> SliceSuggestion:
         """Inverse of :meth:`as_dict` (e.g. a job's ``suggestions.json``)."""
         return cls(int(record["slice"]), float(record["score"]), float(record["mean_probability"]),
                    tuple(float(c) for c in record["centre_lps_mm"]), int(record["itk_slice_axis"]))

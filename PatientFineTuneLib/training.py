@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,12 +31,12 @@ import torch.nn.functional as F
 
 from .images import Case, resample_array, resampled_shape
 from .inference import predict_mask
-from .runtime import resolve_device
-from .training_loop import Adam, check_precision, training_loop
 from .metrics import dice, lesion_detection
 from .model import LesionNet
 from .modelfile import ModelBundle, write_torch_file
 from .patches import extract_patches, random_patch_centres
+from .runtime import resolve_device
+from .training_loop import Adam, check_precision, training_loop
 
 CHECKPOINT_FORMAT = "PatientFineTune-checkpoint"
 

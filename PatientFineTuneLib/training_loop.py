@@ -6,7 +6,8 @@ computes, checkpoints and validation) is the caller's ``loss_of`` and ``after_st
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Iterable
+from typing import Callable
 
 import torch
 

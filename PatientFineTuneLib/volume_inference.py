@@ -10,15 +10,16 @@ touch the organ are skipped (their voxels stay at probability 0).
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .images import Case, resample_array, resampled_shape
-from .runtime import Cancelled, Uncertainty, mc_dropout_mode, private_rng, reseed
 from .modelfile import ModelBundle
+from .runtime import Cancelled, Uncertainty, mc_dropout_mode, private_rng, reseed
 
 
 def case_on_model_grid(case: Case, spacing: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

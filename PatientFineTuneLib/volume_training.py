@@ -22,17 +22,18 @@ do for their FT_LastThree / FT_Decoder / FT_All.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .images import Case
+from .modelfile import ModelBundle, derived_metadata
 from .runtime import private_rng, resolve_device
 from .training_loop import Adam, check_precision, training_loop
-from .modelfile import ModelBundle, derived_metadata
 from .unet3d import UNet3D
 from .volume_inference import case_on_model_grid
 

@@ -150,7 +150,15 @@ def cmd_evaluate(args) -> None:
     import csv
 
     from ..images import read_image
-    from ..metrics import DETECTION_METRICS, METRIC_NAMES, SEGMENTATION_METRICS, compare_cohorts, evaluate_images, format_mean_sd, format_median_iqr
+    from ..metrics import (
+        DETECTION_METRICS,
+        METRIC_NAMES,
+        SEGMENTATION_METRICS,
+        compare_cohorts,
+        evaluate_images,
+        format_mean_sd,
+        format_median_iqr,
+    )
     from ..postprocess import write_csv
 
     if args.out:

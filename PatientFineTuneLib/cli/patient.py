@@ -8,8 +8,21 @@ import json
 
 from ..files import check_output_folder, refuse_existing, refuse_inputs_as_outputs
 from ..modelcard import resolve_model_path
-from .common import (add_verb, add_case_options, add_precision_option, case_for_model, case_inputs, count_at_least, derived_model_paths, fraction,
-                     mc_sample_count, report_device, report_result, step, train_and_save)
+from .common import (
+    add_case_options,
+    add_precision_option,
+    add_verb,
+    case_for_model,
+    case_inputs,
+    count_at_least,
+    derived_model_paths,
+    fraction,
+    mc_sample_count,
+    report_device,
+    report_result,
+    step,
+    train_and_save,
+)
 
 
 def register(sub) -> None:

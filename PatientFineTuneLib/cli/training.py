@@ -8,8 +8,18 @@ import time
 from pathlib import Path
 
 from ..files import check_output_file, check_output_folder, refuse_existing
-from .common import (add_verb, add_precision_option, add_training_data_options, command_line, count_at_least, derived_model_paths,
-                     report_result, scan_options, step, train_and_save)
+from .common import (
+    add_precision_option,
+    add_training_data_options,
+    add_verb,
+    command_line,
+    count_at_least,
+    derived_model_paths,
+    report_result,
+    scan_options,
+    step,
+    train_and_save,
+)
 
 
 def register(sub) -> None:

@@ -4,8 +4,8 @@ negatives), and the seeded draws of each iteration (patches, angles, pixels)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

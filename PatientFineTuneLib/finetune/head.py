@@ -5,7 +5,7 @@ naive path, and every layer)."""
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,6 @@ from ..modelfile import ModelBundle
 from ..training_loop import Adam, training_loop
 from .config import HEAD_NORM_MOMENTUM, FinetuneConfig
 from .data import FinetuneData, draw_batch, rotated_patch, sample_pixels
-
 
 #: Default upper bound for the fast path's feature cache (bytes).
 DEFAULT_CACHE_BUDGET = 4 << 30

@@ -14,14 +14,16 @@ def generate_pair(preset: str, seed: int, small: bool = False) -> dict:
     the lesion evolution record). ``small`` gives a reduced field of view for fast tests.
     """
     if preset in ("brain-wmh", "brain-tumor"):
-        from .brain import BRAIN_GRID, generate_pair as brain_pair
+        from .brain import BRAIN_GRID
+        from .brain import generate_pair as brain_pair
         from .common import Grid
 
         grid = Grid((12, 96, 96), (3.0, 2.0, 2.0)) if small else BRAIN_GRID
         return brain_pair(preset, seed, grid)
     if preset == "liver-metastases":
         from .common import Grid
-        from .liver import LIVER_GRID, generate_pair as liver_pair
+        from .liver import LIVER_GRID
+        from .liver import generate_pair as liver_pair
 
         grid = Grid((24, 96, 96), (5.0, 4.0, 4.0)) if small else LIVER_GRID
         return liver_pair(seed, grid)

@@ -38,7 +38,7 @@ class Pose:
     translation: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
     @staticmethod
-    def random(rng: np.random.Generator, max_deg=(2.0, 2.0, 3.0), max_mm=3.0) -> "Pose":
+    def random(rng: np.random.Generator, max_deg=(2.0, 2.0, 3.0), max_mm=3.0) -> Pose:
         ax, ay, az = np.deg2rad(rng.uniform(-1, 1, 3) * np.array(max_deg))
         rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
         ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
@@ -126,7 +126,7 @@ class Blob:
     ident: int = 0
     roughness: float = 0.25
 
-    def scaled(self, factor: float) -> "Blob":
+    def scaled(self, factor: float) -> Blob:
         return replace(self, radii=self.radii * factor)
 
 

@@ -76,10 +76,10 @@ def main(argv=None) -> None:
     from PatientFineTuneLib.model import LesionNet
     from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
     from PatientFineTuneLib.presets import get_preset
+    from PatientFineTuneLib.runtime import Cancelled, resolve_device
     from PatientFineTuneLib.synth.anatomy import SYNTHESIS_VERSION
     from PatientFineTuneLib.synth.anatomy_patches import AnatomyPatches, settings_for_preset
     from PatientFineTuneLib.training import TrainingConfig, train_base_model, validation_scores
-    from PatientFineTuneLib.runtime import Cancelled, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         config = TrainingConfig(iterations=args.steps + 2, precision="amp")
         weights = torch.tensor(config.class_weights)
 
-        def loss_of(_):
+        def loss_of(_, model=model, batch=batch, weights=weights):  # this iteration's model, bound now
             return torch.nn.functional.cross_entropy(model(batch[0]).float(), batch[1], weight=weights)
 
         optimiser = Adam(model.parameters(), lr=1e-4)

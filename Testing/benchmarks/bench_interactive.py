@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 AIMS = {"startup": 2.0, "suggest": 5.0, "pass": 3.0, "mc_ratio": 3.0, "finetune": 10.0, "all_lesion_ms": 60.0, "all_lesion_tumour": 30.0}
@@ -160,13 +161,13 @@ def main() -> None:
 def real_all_lesion_rows(device, previous_route: bool) -> None:
     """The all-lesion route (every layer trains) on Ljubljana 26 and BTP 01 Pre."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from eval_real_base_models import DATA, real_cases
-    from eval_real_finetune import load
-
     from PatientFineTuneLib.finetune import finetune_patient_model, shipped_config
     from PatientFineTuneLib.inference import predict_mask
     from PatientFineTuneLib.modelcard import resolve_model_path
     from PatientFineTuneLib.modelfile import load_model
+
+    from eval_real_base_models import DATA, real_cases
+    from eval_real_finetune import load
 
     if not DATA.is_dir():
         print(f"\nno real data at {DATA}: the all-lesion rows are skipped")
@@ -178,15 +179,15 @@ def real_all_lesion_rows(device, previous_route: bool) -> None:
         base = load_model(resolve_model_path(spec["preset"]), device=device)
         case = load(spec, base)
         size = "x".join(map(str, (*case.images.shape[2:], case.images.shape[1])))
-        segment_s, _ = wall(lambda: predict_mask(base, case, device=device))
-        tuned_s, tuned = wall(lambda: finetune_patient_model(base, case, "all-lesion", shipped_config(base), device=device))
+        segment_s, _ = wall(partial(predict_mask, base, case, device=device))
+        tuned_s, tuned = wall(partial(finetune_patient_model, base, case, "all-lesion", shipped_config(base), device=device))
         check = tuned.metadata["finetune"]["holdout_check"]
         outcome = f"{'fine-tuned kept' if check['kept'] else 'base model kept'}, {check['layers']} layers, {check['iterations']} iterations"
         line(f"all-lesion fine-tuning, {spec['set']} {name} ({size})", tuned_s, f"< {AIMS[aim]:.0f} s", tuned_s < AIMS[aim],
              f"{outcome}; {tuned_s / segment_s:.1f}x one segmentation ({segment_s:.1f} s)")
         if previous_route:
             before = shipped_config(base, large_annotation={"layers": "all", "pixel_fraction": 1.0})
-            before_s, _ = wall(lambda: finetune_patient_model(base, case, "all-lesion", before, device=device))
+            before_s, _ = wall(partial(finetune_patient_model, base, case, "all-lesion", before, device=device))
             line("  the route shipped until 2026-12-06 (2 folds, every pixel, 1/2/4x)", before_s, "-", True,
                  f"{before_s / tuned_s:.2f}x the shipped")
 

@@ -36,9 +36,9 @@ def main() -> None:
 
     import torch
 
-    from PatientFineTuneLib.runtime import resolve_device
     from PatientFineTuneLib.model import LesionNet
     from PatientFineTuneLib.presets import get_preset
+    from PatientFineTuneLib.runtime import resolve_device
     from PatientFineTuneLib.synth import generate_pair, visit_case
     from PatientFineTuneLib.training import TrainingConfig, build_patch_pool, patch_loss
     from PatientFineTuneLib.training_loop import check_precision, training_loop

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from newlesions import ljubljana_case, synthetic_pair_case  # noqa: E402
-
 from PatientFineTuneLib.synth import generate_pair, write_pair  # noqa: E402
+
+from newlesions import ljubljana_case, synthetic_pair_case  # noqa: E402
 
 LJUBLJANA = Path(__file__).resolve().parents[3] / "shared" / "data" / "ljubljana_ms_longitudinal"
 

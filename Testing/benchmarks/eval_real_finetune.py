@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_real_base_models import DATA, ground_truth, real_cases  # noqa: E402
-
 from PatientFineTuneLib import images, inference, metrics, modelcard, modelfile  # noqa: E402
 from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model, select_slices, shipped_config  # noqa: E402
+
+from eval_real_base_models import DATA, ground_truth, real_cases  # noqa: E402
 
 
 def load(spec: dict, bundle) -> images.Case:

@@ -78,7 +78,11 @@ def evaluate(bundle, cases) -> dict:
 def run_setting(name: str, source_cases, target_pool, test_cases, ns, args, writer) -> list[dict]:
     from PatientFineTuneLib.modelfile import ModelBundle, make_metadata
     from PatientFineTuneLib.volume_training import (
-        VolumeTrainingConfig, finetune_volume_model, new_volume_model, train_volume_model, volume_model_metadata,
+        VolumeTrainingConfig,
+        finetune_volume_model,
+        new_volume_model,
+        train_volume_model,
+        volume_model_metadata,
     )
 
     config = VolumeTrainingConfig(iterations=args.source_iterations, learning_rate=args.learning_rate, spacing_mm=args.spacing_mm,

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_real_base_models import DATA, ground_truth, real_cases  # noqa: E402
-from eval_real_finetune import WITHIN_SCAN, annotated_slices, load, mask_scores  # noqa: E402
-
 from PatientFineTuneLib import inference, modelcard, modelfile  # noqa: E402
 from PatientFineTuneLib.finetune import finetune_patient_model, shipped_config  # noqa: E402
+
+from eval_real_base_models import DATA, ground_truth, real_cases  # noqa: E402
+from eval_real_finetune import WITHIN_SCAN, annotated_slices, load, mask_scores  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -302,8 +302,9 @@ def test_a_model_trained_without_t1_segments_a_flair_only_scan_and_others_say_wh
     needs T1 refuses with what is missing."""
     import shutil
 
-    from conftest import tiny_model
     from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
+
+    from conftest import tiny_model
 
     case, needs_t1, _ = segmented
     net = tiny_model()

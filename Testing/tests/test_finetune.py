@@ -11,12 +11,26 @@ import pytest
 import torch
 
 from PatientFineTuneLib.cases import find_cases
-from PatientFineTuneLib.finetune import FinetuneConfig, draw_batch, finetune_patient_model, holdout_split, prepare_finetune_data, sample_pixels, select_slices
+from PatientFineTuneLib.finetune import (
+    FinetuneConfig,
+    draw_batch,
+    finetune_patient_model,
+    holdout_split,
+    prepare_finetune_data,
+    sample_pixels,
+    select_slices,
+)
 from PatientFineTuneLib.images import load_case, prepare_case
-from PatientFineTuneLib.runtime import Cancelled
-from PatientFineTuneLib.inference import inference_network, mc_head_samples, mc_masks, predict_probability, predict_with_uncertainty, segment_case
-from PatientFineTuneLib.runtime import mc_dropout_mode
+from PatientFineTuneLib.inference import (
+    inference_network,
+    mc_head_samples,
+    mc_masks,
+    predict_probability,
+    predict_with_uncertainty,
+    segment_case,
+)
 from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata, save_model
+from PatientFineTuneLib.runtime import Cancelled, mc_dropout_mode
 from PatientFineTuneLib.suggest import rank_slices, suggest_slices
 from PatientFineTuneLib.weighting import detection_weights, segmentation_weights
 

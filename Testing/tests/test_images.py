@@ -154,9 +154,9 @@ def test_sheared_voxel_axes_are_refused_alike_in_nrrd_nifti_and_metaimage(tmp_pa
     """Non-orthogonal axes have no place on the slice grid: results would land elsewhere
     (a corner voxel 23 mm away). NRRD was read as it is, NIfTI coerced to orthogonal or
     refused by ITK in its own words; every format now gets one message."""
-    from PatientFineTuneLib.images import ImageError, read_image
-
     import nibabel
+
+    from PatientFineTuneLib.images import ImageError, read_image
 
     direction = np.eye(3)
     direction[0, 1] = shear  # the j axis leans towards x

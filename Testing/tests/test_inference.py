@@ -4,9 +4,9 @@ import torch
 
 from PatientFineTuneLib.cases import find_cases
 from PatientFineTuneLib.images import load_case, prepare_case
-from PatientFineTuneLib.runtime import Cancelled
 from PatientFineTuneLib.inference import activation_bytes_per_pixel, predict_logits, predict_probability, segment_case
 from PatientFineTuneLib.modelfile import ModelBundle
+from PatientFineTuneLib.runtime import Cancelled
 
 from conftest import tiny_model
 

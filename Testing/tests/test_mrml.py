@@ -4,16 +4,15 @@ application logic and the Volumes, Segmentations and Colors module logics."""
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 import slicer  # (slicer-core, a pinned test dependency: these tests must run in CI, never skip)
 import vtk  # from slicer-core's vtk
 
-from PatientFineTuneLib import mrml  
-from PatientFineTuneLib.images import Case, slice_layout  
-from PatientFineTuneLib.postprocess import label_lesions, lesion_table  
-from PatientFineTuneLib.suggest import SliceSuggestion  
+from PatientFineTuneLib import mrml
+from PatientFineTuneLib.images import Case, slice_layout
+from PatientFineTuneLib.postprocess import label_lesions, lesion_table
+from PatientFineTuneLib.suggest import SliceSuggestion
 
-from conftest import rotation_direction  
+from conftest import rotation_direction
 
 
 @pytest.fixture

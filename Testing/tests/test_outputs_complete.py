@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from PatientFineTuneLib.outputs import SEGMENT_FILES
 from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
+from PatientFineTuneLib.outputs import SEGMENT_FILES
 
 from conftest import tiny_model
 

@@ -13,11 +13,19 @@ import pytest
 from PatientFineTuneLib.inference import segment_case
 from PatientFineTuneLib.metrics import lesion_detection
 from PatientFineTuneLib.model import count_parameters
-from PatientFineTuneLib.modelcard import MODELS, REGISTRY, file_sha256, read_registry, render_card, resolve_model_path, shipped_models, verify_shipped_model
+from PatientFineTuneLib.modelcard import (
+    MODELS,
+    REGISTRY,
+    file_sha256,
+    read_registry,
+    render_card,
+    resolve_model_path,
+    shipped_models,
+    verify_shipped_model,
+)
 from PatientFineTuneLib.modelfile import load_model
 from PatientFineTuneLib.presets import PRESETS
 from PatientFineTuneLib.synth import generate_pair, visit_case
-
 
 SHIPPED = [name for name, preset in PRESETS.items() if preset.ships_base_model]
 BUILD_MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "build_models.py"

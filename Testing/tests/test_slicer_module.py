@@ -11,10 +11,10 @@ import re
 import subprocess
 import sys
 import textwrap
-
-import pytest
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "PatientFineTune" / "PatientFineTune.py"
@@ -163,11 +163,11 @@ def test_every_node_type_of_the_parameter_node_can_be_instantiated_and_matches_i
 
 def test_the_mc_sample_range_is_the_one_the_library_accepts():
     import numpy as np
+    import SimpleITK as sitk
 
     from PatientFineTuneLib.images import Case, slice_layout
     from PatientFineTuneLib.inference import predict_with_uncertainty
     from PatientFineTuneLib.modelfile import ModelBundle
-    import SimpleITK as sitk
 
     from conftest import tiny_model
 

@@ -9,19 +9,14 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
-
 import slicer  # noqa: F401  (slicer-core, a pinned test dependency: these tests must run in CI, never skip)
 
 from PatientFineTuneLib import mrml
 from PatientFineTuneLib.cases import find_cases
-from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model
 from PatientFineTuneLib.images import load_case, prepare_case
-from PatientFineTuneLib.runtime import Cancelled
 from PatientFineTuneLib.inference import segment_case
 from PatientFineTuneLib.modelcard import describe_patient_model, shipped_models
 from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata
-from PatientFineTuneLib.workflow import analyse_job
 from PatientFineTuneLib.slicerworkflow import (
     MaskSource,
     ModelChoice,
@@ -31,6 +26,7 @@ from PatientFineTuneLib.slicerworkflow import (
     show_followup_results,
     write_job_inputs,
 )
+from PatientFineTuneLib.workflow import analyse_job
 
 from conftest import tiny_model
 from test_mrml import scene  # noqa: F401  (the MRML scene fixture)
