@@ -310,14 +310,6 @@ def channels_and_grid(image: sitk.Image) -> tuple[np.ndarray, sitk.Image]:
     return arr.astype(np.float32, copy=False), grid
 
 
-def describe_grid(image: sitk.Image) -> str:
-    fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
-    return (
-        f"size {image.GetSize()}, spacing {fmt(image.GetSpacing())}, origin {fmt(image.GetOrigin())}, "
-        f"direction {fmt(image.GetDirection())}"
-    )
-
-
 def grid_mismatch(a: sitk.Image, b: sitk.Image) -> str | None:
     """Name the first geometric difference between two 3D grids, or None if they match."""
     if a.GetSize() != b.GetSize():
@@ -556,10 +548,6 @@ class Case:
     def volume_spacing(self) -> tuple[float, float, float]:
         """Spacing (mm) of the (slices, rows, cols) axes of the arrays."""
         return self.layout.spacing(self.grid)
-
-    @property
-    def voxel_volume_mm3(self) -> float:
-        return float(np.prod(self.grid.GetSpacing()))
 
     def slice_tensor(self, s: int) -> torch.Tensor:
         """Slice ``s`` of every channel as a (C, H, W) float tensor."""

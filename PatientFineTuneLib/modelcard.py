@@ -307,15 +307,6 @@ def _postprocessing(preset, min_lesion_voxels: int) -> str:
     return ", ".join(steps + ([_smallest_lesion(min_lesion_voxels)] if min_lesion_voxels > 1 else []))
 
 
-def card_of(path: str | os.PathLike) -> str:
-    """The rendered card of a model file (verified on load)."""
-    from .model import count_parameters
-    from .modelfile import load_model
-
-    bundle = load_model(path)
-    return render_card(bundle.metadata, count_parameters(bundle.model))
-
-
 def describe_base_model(metadata: dict, name: str) -> str:
     """One line for the model chooser: preset, sequences read and the card's first
     held-out Dice."""

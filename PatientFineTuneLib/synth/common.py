@@ -25,10 +25,6 @@ class Grid:
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
 
-    @property
-    def extent_mm(self) -> np.ndarray:
-        return np.array(self.shape) * np.array(self.spacing)
-
 
 @dataclass
 class Pose:
