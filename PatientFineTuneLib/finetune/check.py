@@ -5,6 +5,7 @@ score on the other, compare with the base model and choose the iteration count
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -54,20 +55,49 @@ def holdout_split(data: FinetuneData, config: FinetuneConfig, fold: int = 0) -> 
             for r, o in zip(rank, data.organs)], "blocks"
 
 
+@dataclass(frozen=True)
+class CheckOutcome:
+    """What the never-worse check decided.
+
+    Attributes
+    ----------
+    kept : whether the fine-tuned model is kept (False: the base model is).
+    record : the numbers behind the decision, recorded in the patient model's metadata
+        (``holdout_check``): see :func:`never_worse_check`.
+    route : the configuration the patient model trains with: the route the annotation
+        allows (:meth:`FinetuneConfig.for_held_out_slices`) at the chosen iteration count;
+        None when the check was skipped.
+    planned_per_fold : the iterations each fold's share of the progress bar counts.
+    fold_states : the one fold's model at each compared count (empty with several
+        folds), for a patient model that continues it.
+    """
+
+    kept: bool
+    record: dict
+    route: FinetuneConfig | None = None
+    planned_per_fold: int = 0
+    fold_states: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def folds(self) -> int:
+        return self.record.get("folds", 0)
+
+
 def never_worse_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress=None, cancel=None,
-                  feature_cache: dict | None = None, phase=None, fold_states: dict | None = None) -> dict:
+                      feature_cache: dict | None = None, phase=None) -> CheckOutcome:
     """Fine-tune with the loss on one half of the annotation (:func:`holdout_split`) and
     score on the other, for each of ``config.holdout_folds`` folds, and compare with the
     base model on the pooled held-out pixels: pooled Dice of the 0.5-thresholded
     prediction against the annotation, and lesion F1 (8-connected lesions of each
     held-out slice, detected = overlap).
 
-    Returns the numbers (pooled, and ``per_fold_*`` for each fold) and ``kept``: the
-    fine-tuned model is kept when its pooled held-out Dice is at least the base model's,
-    its lesion F1 is not lower by more than 0.02 (the product's promise), and no fold is
-    worse beyond the tolerances (:func:`choose_iterations`); ``{"skipped": reason,
-    "kept": True}`` when the annotated organ is too small to split (nothing is held out,
-    and fine-tuning goes on without the check).
+    Returns the :class:`CheckOutcome`. Its record holds the numbers (pooled, and
+    ``per_fold_*`` for each fold) and ``kept``: the fine-tuned model is kept when its
+    pooled held-out Dice is at least the base model's, its lesion F1 is not lower by more
+    than 0.02 (the product's promise), and no fold is worse beyond the tolerances
+    (:func:`choose_iterations`); the record is ``{"skipped": reason, "kept": True}`` when
+    the annotated organ is too small to split (nothing is held out, and fine-tuning goes
+    on without the check).
     """
     class_weights = torch.tensor(config.class_weights, dtype=torch.float32)
     folds = []  # (held-out pixels, training data) of each fold that can be split
@@ -80,7 +110,7 @@ def never_worse_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneC
         if sum(int((w > 0).sum()) for w in weights) and sum(int(h.sum()) for h in held):
             folds.append((held, dataclasses.replace(data, weights=weights)))
     if not folds:
-        return {"skipped": "the annotated organ is too small to hold out part of it", "kept": True}
+        return CheckOutcome(True, {"skipped": "the annotated organ is too small to hold out part of it", "kept": True})
     held_out_slices = [[s for s, h in zip(data.slices, held) if split == "slices" and bool(h.any())] for held, _ in folds]
     # the fewest whole slices any fold holds out decides the route (its layers, folds and
     # learning rate: FinetuneConfig.for_held_out_slices) and which counts it may compare
@@ -91,7 +121,7 @@ def never_worse_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneC
     planned = max(config.check_iterations())
     base = HeldOutScores()
     finetuned = {count: HeldOutScores() for count in counts}
-    losses = []
+    losses, fold_states = [], {}
     for fold, (held, check_data) in enumerate(folds):
         if phase is not None:
             phase(f"checking fold {fold + 1} of {len(folds)}", fold * planned, config.check_total())
@@ -99,8 +129,8 @@ def never_worse_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneC
         model, fold_losses, _, states = train_patient_copy(bundle, check_data, dataclasses.replace(config, iterations=counts[-1]), device,
                                                     in_planned_steps, cancel, keep_states_at=counts, feature_cache=feature_cache)
         losses += fold_losses
-        if fold_states is not None and len(folds) == 1:
-            fold_states.update(states)  # the one fold's model at each count, for the patient model to continue
+        if len(folds) == 1:
+            fold_states = states  # the one fold's model at each count, for the patient model to continue
         base.add(bundle.model, data, held, fold)
         for count in counts:
             model.load_state_dict(states[count])
@@ -108,7 +138,7 @@ def never_worse_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneC
     base_scores = base.scores()
     compared = [{"iterations": count, **finetuned[count].scores()} for count in counts]
     best, compared = choose_iterations(compared, base_scores, config.iterations)
-    return {
+    record = {
         "split": split,
         "folds": len(folds),
         "held_out_slices": sorted(s for slices in held_out_slices for s in slices),
@@ -129,6 +159,7 @@ def never_worse_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneC
         "kept": best["passes"],
         "final_loss": losses[-1] if losses else None,
     }
+    return CheckOutcome(best["passes"], record, dataclasses.replace(config, iterations=best["iterations"]), planned, fold_states)
 
 
 #: How much lower the held-out lesion F1 of the fine-tuned model may be (the never-worse promise: docs/aims.md).

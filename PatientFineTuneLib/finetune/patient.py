@@ -82,24 +82,20 @@ def finetune_patient_model(
     offset, planned, total = 0, config.progress_total(), config.progress_total()
     start_state = None
     if config.holdout_check:
-        fold_states = {}
-        check = never_worse_check(bundle, data, config, device, progress, cancel, feature_cache, phase, fold_states)
-        provenance["holdout_check"] = check
-        if not check["kept"]:
+        check = never_worse_check(bundle, data, config, device, progress, cancel, feature_cache, phase)
+        provenance["holdout_check"] = check.record
+        if not check.kept:
             metadata = derived_metadata(bundle, config, [], method="base model kept", **provenance)
             return ModelBundle(copy.deepcopy(bundle.model).eval(), metadata)
-        if not check.get("skipped"):
-            config = config.for_held_out_slices(check["fewest_held_out_slices"])
-            planned = max(config.check_iterations())
-            offset = check["folds"] * planned
-            total = offset + planned
-            config = dataclasses.replace(config, iterations=check["iterations"])
-            if config.final_continues_check and fold_states:
-                start_state = fold_states[check["iterations"]]
+        if check.route is not None:
+            config, planned = check.route, check.planned_per_fold
+            offset = check.folds * planned
+            if config.final_continues_check and check.fold_states:
+                start_state = check.fold_states[config.iterations]
                 provenance["continued_from_check_model"] = True
-                config = dataclasses.replace(config, iterations=config.continued_iterations(check["iterations"]))
+                config = dataclasses.replace(config, iterations=config.continued_iterations(config.iterations))
                 planned = config.continued_iterations(planned)  # the bar's share, as check_total sized it
-                total = offset + planned
+            total = offset + planned
     if phase is not None:
         phase("final model", offset, total)
     final_progress = progress_in_steps_of(progress, offset, planned, config.iterations)
