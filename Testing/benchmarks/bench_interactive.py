@@ -73,7 +73,7 @@ def main() -> None:
 
     from PatientFineTuneLib.cases import find_cases
     from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model, shipped_config
-    from PatientFineTuneLib.images import load_case, prepare_case
+    from PatientFineTuneLib.caseload import load_for_model
     from PatientFineTuneLib.inference import predict_probability, predict_with_uncertainty
     from PatientFineTuneLib.modelcard import resolve_model_path
     from PatientFineTuneLib.modelfile import load_model
@@ -99,7 +99,7 @@ def main() -> None:
         visits = {}
         for visit in ("baseline", "followup"):
             files = find_cases(Path(tmp) / visit, names)[0]
-            visits[visit] = prepare_case(load_case(files.sequences, files.organ, files.lesions, sequence_names=names))
+            visits[visit] = load_for_model(base.sequences, files.sequences, files.organ, files.lesions, auto_organ=base.auto_organ_mask).case
     baseline, followup = visits["baseline"], visits["followup"]
     print(f"patient: synthetic brain-wmh seed 0, {baseline.images.shape[2]}x{baseline.images.shape[3]}x{baseline.images.shape[1]}, "
           f"{len(np.flatnonzero(followup.organ.any(axis=(1, 2))))} follow-up slices with brain")

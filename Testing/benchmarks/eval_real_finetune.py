@@ -36,17 +36,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from PatientFineTuneLib import images, inference, metrics, modelcard, modelfile  # noqa: E402
+from PatientFineTuneLib import caseload, images, inference, metrics, modelcard, modelfile  # noqa: E402
 from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model, select_slices, shipped_config  # noqa: E402
 
 from eval_real_base_models import DATA, ground_truth, real_cases  # noqa: E402
 
 
 def load(spec: dict, bundle) -> images.Case:
-    case = images.load_case([str(p) for p in spec["sequences"]], organ_path=None if spec["organ"] is None else str(spec["organ"]),
-                            lesion_path=str(spec["lesions"]), expected_channels=[s["channels"] for s in bundle.sequences],
-                            lesion_labels=spec["labels"], name=spec["case"])
-    return images.prepare_case(case)
+    options = caseload.ScanOptions(lesion_labels=tuple(spec["labels"]) if spec["labels"] else None)
+    return caseload.load_for_model(bundle.sequences, [str(p) for p in spec["sequences"]], spec["organ"], str(spec["lesions"]),
+                                   auto_organ=bundle.auto_organ_mask, options=options, name=spec["case"]).case
 
 
 def scores(bundle, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_slices: np.ndarray | None = None,
