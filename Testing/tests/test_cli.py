@@ -23,6 +23,7 @@ def test_every_verb_has_help(verb):
     assert "usage: patient-finetune " + verb in out
 
 
+@pytest.mark.slow
 def test_synth_train_segment_evaluate(tmp_path):
     data = tmp_path / "data"
     run("synth", "--preset", "brain-wmh", "--patients", "2", "--small", "--out", data)
@@ -84,6 +85,7 @@ def test_synth_train_segment_evaluate(tmp_path):
     assert "dice: mean ± SD" in compared and "paired comparison with" in compared and "wilcoxon" in compared
 
 
+@pytest.mark.slow
 def test_unet3d_train_transfer_finetune_segment(tmp_path):
     data = tmp_path / "data"
     run("synth", "--preset", "brain-wmh", "--patients", "2", "--small", "--out", data)
@@ -149,7 +151,7 @@ def segmented(tmp_path_factory):
     return case, model, root / "seg"
 
 
-def failure(*args, stdin_pipe=None):
+def failure(*args):
     """Run a verb that must fail in JSON mode; returns (stderr, the error event)."""
     proc = run("--progress", "json", *args, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
@@ -222,6 +224,7 @@ def json_events(proc) -> list[dict]:
     return events
 
 
+@pytest.mark.slow
 def test_in_json_mode_every_stdout_line_is_an_event_and_each_verb_ends_with_result(segmented, tmp_path):
     """Plain text goes to stderr; synth, info, suggest, evaluate and compare end with a
     ``result`` event holding what they found; a usage error is an ``error`` event."""

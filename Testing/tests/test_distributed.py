@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from PatientFineTuneLib.cases import find_cases
@@ -13,6 +14,8 @@ from PatientFineTuneLib.model import LesionNet
 from PatientFineTuneLib.training import TrainingConfig, train_base_model
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+pytestmark = pytest.mark.slow  # each test starts two torch processes under torchrun and trains
 
 
 def torchrun(*args, cwd=None):

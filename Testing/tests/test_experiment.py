@@ -65,6 +65,7 @@ def test_a_data_set_laid_out_its_own_way_gets_its_manifest_from_the_benchmarks_s
         cohorts_main(["tumor-progression", str(root / "03"), "--out", str(tmp_path / "none.csv")])
 
 
+@pytest.mark.slow
 def test_small_experiment_runs_resumes_and_summarises(cohort_dir, tmp_path):
     model = tiny_model()
     path = tmp_path / "base.pt"

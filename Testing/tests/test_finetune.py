@@ -369,6 +369,7 @@ def shipped_and_patient():
     return load_model(shipped_models()["brain-wmh"]), visit_case(generate_pair("brain-wmh", 7), "baseline")
 
 
+@pytest.mark.slow
 def test_a_harmful_finetuning_is_caught_and_the_base_model_returned(shipped_and_patient):
     base, baseline = shipped_and_patient
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
@@ -388,6 +389,7 @@ def test_a_harmful_finetuning_is_caught_and_the_base_model_returned(shipped_and_
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.slow
 def test_a_helpful_finetuning_passes_the_check_and_trains_on_the_whole_annotation(shipped_and_patient):
     base, baseline = shipped_and_patient
     slices = sorted(baseline.lesion_slices(), key=lambda s: -baseline.lesions[s].sum())[:2]
@@ -467,6 +469,7 @@ def test_shipped_fine_tuning_takes_the_tasks_weighting():
     assert shipped_config(load_model(resolve_model_path("brain-tumor")), holdout_check=False).holdout_iterations is None
 
 
+@pytest.mark.slow
 def test_the_check_compares_iteration_counts_and_the_patient_model_trains_the_best(shipped_and_patient):
     """Early stopping inside the check: its model is scored on the held-out part after each
     count; the patient model trains the count with the best held-out Dice that keeps the
@@ -559,6 +562,7 @@ def test_the_shipped_fine_tuning_trains_every_layer_only_where_many_slices_are_a
     assert all(torch.equal(v, before[k]) for k, v in bundle.model.state_dict().items())  # the base model is untouched
 
 
+@pytest.mark.slow
 def test_no_count_that_keeps_the_promise_returns_the_base_model(shipped_and_patient):
     base, baseline = shipped_and_patient
     before = {k: v.clone() for k, v in base.model.state_dict().items()}

@@ -23,6 +23,7 @@ def _finetune_args(case_dir, out, iterations):
             "--iterations", str(iterations), "--device", "cpu", "--out", str(out)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threaded", [False, True], ids=["non-blocking reads", "reader thread"])
 def test_a_finetuning_job_reports_progress_and_its_patient_model_loads(small_pair_dir, tmp_path, threaded, monkeypatch):
     monkeypatch.setattr(CliJob, "threaded_reads", threaded)  # the thread is what Windows uses

@@ -16,6 +16,9 @@ import SimpleITK as sitk
 ARTIFACTS = Path(os.environ.get("PFT_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts")) / "report"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
+# Every test here reads the session the fixture runs through the console script, fine-tuning included.
+pytestmark = pytest.mark.slow
+
 
 def cli(*args):
     proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)], capture_output=True, text=True, timeout=600)

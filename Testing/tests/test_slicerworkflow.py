@@ -71,6 +71,7 @@ def test_bad_selections_are_refused_before_a_job_starts(scene, small_pair_dir, t
 # The Slicer module's way: each step a patient-finetune job in a subprocess, files in and out
 
 
+@pytest.mark.slow
 def test_the_three_steps_as_jobs_round_trip_through_the_scene(scene, small_pair_dir, tmp_path, monkeypatch):  # noqa: F811
     # the Slicer module's whole path: a patient session in the scene, each step a real
     # patient-finetune job, the results loaded back; then File > Close Scene and a second

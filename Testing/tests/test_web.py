@@ -128,6 +128,7 @@ def web_server(tmp_path_factory):
     log.close()
 
 
+@pytest.mark.slow
 def test_whole_workflow_in_headless_chromium(web_server):
     from playwright.sync_api import sync_playwright
 
