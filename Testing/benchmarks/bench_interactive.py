@@ -71,9 +71,9 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from PatientFineTuneLib.caseload import load_for_model
     from PatientFineTuneLib.cases import find_cases
     from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model, shipped_config
-    from PatientFineTuneLib.caseload import load_for_model
     from PatientFineTuneLib.inference import predict_probability, predict_with_uncertainty
     from PatientFineTuneLib.modelcard import resolve_model_path
     from PatientFineTuneLib.modelfile import load_model
