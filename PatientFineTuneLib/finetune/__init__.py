@@ -44,11 +44,47 @@ paper's rate comparing 1, 2 and 4 times, with the same verdicts on the real scan
 (docs/results.md, docs/benchmarks.md).
 """
 
-from .check import CHECK_F1_TOLERANCE, FOLD_DICE_TOLERANCE, RESCUE_DICE_MARGIN, CheckOutcome, HeldOutScores, choose_iterations, holdout_mask, holdout_split, never_worse_check
-from .config import (HEAD_NORM_MOMENTUM, LARGE_ANNOTATION_LEARNING_RATE, LAYER_CHOICES, SHIPPED_PIXEL_FRACTION, FinetuneConfig, default_weighting,
-                     large_annotation_route, shipped_config)
-from .data import FinetuneData, draw_batch, find_hard_negatives, network_mask, prepare_finetune_data, rotated_patch, sample_pixels, select_slices
-from .head import DEFAULT_CACHE_BUDGET, CachedFeatures, HeadDropoutMasks, LiveFeatures, choose_method, sampled_pixel_features, train_patient_copy, weighted_loss
+from .check import (
+    CHECK_F1_TOLERANCE,
+    FOLD_DICE_TOLERANCE,
+    RESCUE_DICE_MARGIN,
+    CheckOutcome,
+    HeldOutScores,
+    choose_iterations,
+    holdout_mask,
+    holdout_split,
+    never_worse_check,
+)
+from .config import (
+    HEAD_NORM_MOMENTUM,
+    LARGE_ANNOTATION_LEARNING_RATE,
+    LAYER_CHOICES,
+    SHIPPED_PIXEL_FRACTION,
+    FinetuneConfig,
+    default_weighting,
+    large_annotation_route,
+    shipped_config,
+)
+from .data import (
+    FinetuneData,
+    draw_batch,
+    find_hard_negatives,
+    network_mask,
+    prepare_finetune_data,
+    rotated_patch,
+    sample_pixels,
+    select_slices,
+)
+from .head import (
+    DEFAULT_CACHE_BUDGET,
+    CachedFeatures,
+    HeadDropoutMasks,
+    LiveFeatures,
+    choose_method,
+    sampled_pixel_features,
+    train_patient_copy,
+    weighted_loss,
+)
 from .patient import finetune_patient_model
 
 __all__ = [
