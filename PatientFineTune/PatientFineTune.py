@@ -352,8 +352,11 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._cancelJob()
             return
         p = self._parameterNode
-        self._startStep(self.ui.analyseButton, _("Analyse baseline"), lambda: self.logic.startAnalyse(
-            self._volumes("baseline"), p.baselineOrgan, p.suggestedSliceCount, p.forceCpu))
+        self._startStep(
+            self.ui.analyseButton,
+            _("Analyse baseline"),
+            lambda: self.logic.startAnalyse(self._volumes("baseline"), p.baselineOrgan, p.suggestedSliceCount, p.forceCpu),
+        )
 
     def onAnalyseDone(self, analysis) -> None:
         p = self._parameterNode
@@ -366,8 +369,10 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.setSliceViewerLayers(background=p.baselineVolume1, fit=True)
         if analysis.suggestions:
             self.logic.jumpToSuggestion(analysis.suggestions[0], p.baselineVolume1)
-        self.ui.statusLabel.text = _("Check and correct the lesion segment on the suggested slices (a slice without lesions "
-                                     "is a valid answer: leave it empty), then fine-tune.")
+        self.ui.statusLabel.text = _(
+            "Check and correct the lesion segment on the suggested slices (a slice without lesions "
+            "is a valid answer: leave it empty), then fine-tune."
+        )
 
     def onSuggestionClicked(self, item) -> None:
         suggestion = next((s for s in self.logic.suggestions if s.index == item.data(qt.Qt.UserRole)), None)
@@ -386,9 +391,13 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._cancelJob()
             return
         p = self._parameterNode
-        self._startStep(self.ui.finetuneButton, _("Fine-tune"), lambda: self.logic.startFinetune(
-            self._volumes("baseline"), p.baselineOrgan, p.baselineSegmentation, p.sliceSelection, p.iterations,
-            p.weighting, p.forceCpu))
+        self._startStep(
+            self.ui.finetuneButton,
+            _("Fine-tune"),
+            lambda: self.logic.startFinetune(
+                self._volumes("baseline"), p.baselineOrgan, p.baselineSegmentation, p.sliceSelection, p.iterations, p.weighting, p.forceCpu
+            ),
+        )
 
     def onFinetuneDone(self, description) -> None:
         self._parameterNode.patientModelPath = ""
@@ -400,8 +409,13 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._cancelJob()
             return
         p = self._parameterNode
-        self._startStep(self.ui.segmentButton, _("Segment follow-up"), lambda: self.logic.startFollowup(
-            self._volumes("followup"), p.followupOrgan, p.mcSamples if p.computeUncertainty else 0, p.compareWithBase, p.forceCpu))
+        self._startStep(
+            self.ui.segmentButton,
+            _("Segment follow-up"),
+            lambda: self.logic.startFollowup(
+                self._volumes("followup"), p.followupOrgan, p.mcSamples if p.computeUncertainty else 0, p.compareWithBase, p.forceCpu
+            ),
+        )
 
     def onSegmentDone(self, runs) -> None:
         self._results += runs
@@ -416,8 +430,9 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         main = self.logic.showResults(self._results, self.ui.resultComboBox.currentText)
         self.ui.lesionTableView.setMRMLTableNode(main.table)
         node = {"uncertainty": main.uncertainty, "probability": main.probability}.get(self.ui.overlayComboBox.currentText)
-        self.logic.showOverlay(node, [r.uncertainty for r in self._results] + [r.probability for r in self._results],
-                               self._volumes("followup")[0])
+        self.logic.showOverlay(
+            node, [r.uncertainty for r in self._results] + [r.probability for r in self._results], self._volumes("followup")[0]
+        )
 
     # -- patient model files -------------------------------------------------------------
 
@@ -473,13 +488,29 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if progress and job.kind == "finetune" and progress.get("loss") is not None:
             # the job's iteration count includes the never-worse check's runs (more than
             # was asked): say what was asked, the phase and how far the whole job is
-            self.ui.statusLabel.text = "\n".join([_("Fine-tuning, {n} iterations asked ({phase}; checked on held-out parts of the "
-                                                   "annotation first): {percent}% done, loss {loss:.4f}").format(
-                n=self._parameterNode.iterations, phase=progress.get("phase") or _("training"), percent=int(100 * job.job.fraction()),
-                loss=progress["loss"]), *job.notes])
+            self.ui.statusLabel.text = "\n".join(
+                [
+                    _(
+                        "Fine-tuning, {n} iterations asked ({phase}; checked on held-out parts of the "
+                        "annotation first): {percent}% done, loss {loss:.4f}"
+                    ).format(
+                        n=self._parameterNode.iterations,
+                        phase=progress.get("phase") or _("training"),
+                        percent=int(100 * job.job.fraction()),
+                        loss=progress["loss"],
+                    ),
+                    *job.notes,
+                ]
+            )
         elif progress:
-            self.ui.statusLabel.text = "\n".join([_("{what}: {step} {done} of {total}").format(
-                what=job.label, step=progress["step"], done=progress["done"], total=progress["total"]), *job.notes])
+            self.ui.statusLabel.text = "\n".join(
+                [
+                    _("{what}: {step} {done} of {total}").format(
+                        what=job.label, step=progress["step"], done=progress["done"], total=progress["total"]
+                    ),
+                    *job.notes,
+                ]
+            )
         if job.job.finished:
             self._endJob()
 
@@ -502,7 +533,8 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 with slicer.util.tryWithErrorDisplay(_("Loading the results failed."), waitCursor=True):
                     {"analyse": self.onAnalyseDone, "finetune": self.onFinetuneDone, "followup": self.onSegmentDone}[job.kind](
-                        self.logic.finishStep(job))
+                        self.logic.finishStep(job)
+                    )
                 # what was done to the inputs: resampling, the automatic brain mask and N4
                 notes = job.notes + job.job.notes
                 if notes:
@@ -564,8 +596,11 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
 
     def missingPackages(self) -> list:
         """The pip requirements of EXTRA_PACKAGES that are absent or too old."""
-        return [requirement for distribution, (minimum, requirement) in EXTRA_PACKAGES.items()
-                if (self.installedVersion(distribution) or (-1,)) < minimum]
+        return [
+            requirement
+            for distribution, (minimum, requirement) in EXTRA_PACKAGES.items()
+            if (self.installedVersion(distribution) or (-1,)) < minimum
+        ]
 
     def ensureDependencies(self) -> bool:
         """Install PyTorch (through the PyTorch extension) and the other packages after
@@ -577,7 +612,9 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
             try:
                 import PyTorchUtils
             except ImportError:
-                raise RuntimeError(_("This module needs the PyTorch extension. Install 'PyTorch' from the Extensions Manager and restart Slicer.")) from None
+                raise RuntimeError(
+                    _("This module needs the PyTorch extension. Install 'PyTorch' from the Extensions Manager and restart Slicer.")
+                ) from None
             requirement = ">={}.{}".format(*TORCH_MINIMUM)
             # installTorch imports torch once it is installed (it returns the module): the
             # one session where Slicer's process holds torch, until Slicer restarts
@@ -585,7 +622,9 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
                 return False
         missing = self.missingPackages()
         if missing:
-            if ask and not slicer.util.confirmOkCancelDisplay(_("PatientFineTune needs these Python packages: {packages}. Install them now?").format(packages=", ".join(missing))):
+            if ask and not slicer.util.confirmOkCancelDisplay(
+                _("PatientFineTune needs these Python packages: {packages}. Install them now?").format(packages=", ".join(missing))
+            ):
                 return False
             with slicer.util.WaitCursor():
                 others = [r for r in missing if r != EXTRA_PACKAGES["deepbet"][1]]
@@ -658,12 +697,15 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
         """Step 1: segment the baseline with the base model and suggest ``k`` slices."""
         return self.session.start_analyse(volumes, self._mask(organNode), k, self._device(forceCpu))
 
-    def startFinetune(self, volumes, organNode, segmentationNode, selection="suggested", iterations=100, weighting="preset", forceCpu=False):
+    def startFinetune(
+        self, volumes, organNode, segmentationNode, selection="suggested", iterations=100, weighting="preset", forceCpu=False
+    ):
         """Step 2: fine-tune on the (edited) "Lesion" segment of ``segmentationNode``: on
         the suggested slices (a suggested slice left without lesions is a valid
         annotation) or, ``selection`` "all-lesion", on every slice with a lesion."""
-        return self.session.start_finetune(volumes, self._mask(organNode), self._mask(segmentationNode, "Lesion"), selection,
-                                           iterations, weighting, self._device(forceCpu))
+        return self.session.start_finetune(
+            volumes, self._mask(organNode), self._mask(segmentationNode, "Lesion"), selection, iterations, weighting, self._device(forceCpu)
+        )
 
     def startFollowup(self, volumes, organNode=None, mcSamples=25, compareWithBase=True, forceCpu=False):
         """Step 3: segment the follow-up with the base model (if asked, or if there is no
@@ -735,8 +777,9 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
         if not (patient / "followup" / "lesions.nii.gz").is_file():
             if not self.ensureDependencies():
                 return None
-            job = CliJob([["synth", "--preset", "brain-wmh", "--seed", str(seed), "--out", str(folder), "--overwrite"]],
-                         self.pythonExecutable()).start()
+            job = CliJob(
+                [["synth", "--preset", "brain-wmh", "--seed", str(seed), "--out", str(folder), "--overwrite"]], self.pythonExecutable()
+            ).start()
             with slicer.util.WaitCursor():
                 job.wait(idle=slicer.app.processEvents)
             if not job.succeeded:
@@ -744,8 +787,12 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
         nodes = {}
         for visit in ("baseline", "followup"):
             for sequence in ("FLAIR", "T1"):
-                nodes[f"{visit} {sequence}"] = slicer.util.loadVolume(str(patient / visit / f"{sequence}.nii.gz"), {"name": f"{visit} {sequence}"})
-            nodes[f"{visit} lesions"] = slicer.util.loadSegmentation(str(patient / visit / "lesions.nii.gz"), {"name": f"{visit} true lesions"})
+                nodes[f"{visit} {sequence}"] = slicer.util.loadVolume(
+                    str(patient / visit / f"{sequence}.nii.gz"), {"name": f"{visit} {sequence}"}
+                )
+            nodes[f"{visit} lesions"] = slicer.util.loadSegmentation(
+                str(patient / visit / "lesions.nii.gz"), {"name": f"{visit} true lesions"}
+            )
         slicer.util.setSliceViewerLayers(background=nodes["baseline FLAIR"], fit=True)
         self.selectSampleInputs(nodes)
         return nodes
@@ -818,7 +865,9 @@ class PatientFineTuneTest(ScriptedLoadableModuleTest):
         followTruth = mrml.segment_to_array(followTruthNode, followTruthNode.GetSegmentation().GetNthSegmentID(0), followup[0])
         scores = []
         for r in results:
-            lesion = mrml.segment_to_array(r.segmentation, r.segmentation.GetSegmentation().GetSegmentIdBySegmentName("Lesion"), followup[0])
+            lesion = mrml.segment_to_array(
+                r.segmentation, r.segmentation.GetSegmentation().GetSegmentIdBySegmentName("Lesion"), followup[0]
+            )
             scores.append(dice(lesion, followTruth))
             self.assertIsNotNone(r.uncertainty)
             self.assertEqual(r.table.GetNumberOfRows(), len(r.lesions))

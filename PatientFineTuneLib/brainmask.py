@@ -67,7 +67,11 @@ class BrainMask:
     shell_fraction: float | None = None
 
     def describe(self) -> str:
-        how = "declared" if self.shell_fraction is None else f"detected: {100 * self.shell_fraction:.1f} % of the shell outside the brain is tissue-bright"
+        how = (
+            "declared"
+            if self.shell_fraction is None
+            else f"detected: {100 * self.shell_fraction:.1f} % of the shell outside the brain is tissue-bright"
+        )
         state = "skull-stripped" if self.skull_stripped else "skull on"
         return f"automatic brain mask ({self.method}; scan {state}, {how})"
 
@@ -146,8 +150,9 @@ def deepbet_brain_mask(image: sitk.Image) -> np.ndarray:
         try:
             _, mask, _ = BrainExtraction(no_gpu=True).run(nibabel.Nifti1Image(voxels, affine))
         except (AssertionError, ValueError) as error:  # no foreground for its box, or no component to keep
-            raise ValueError(f"the automatic brain mask (deepbet) found no brain ({error}); is this a head scan? "
-                             "Provide an organ mask (--organ)") from None
+            raise ValueError(
+                f"the automatic brain mask (deepbet) found no brain ({error}); is this a head scan? Provide an organ mask (--organ)"
+            ) from None
     mask_image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(mask.dataobj).transpose(2, 1, 0)).astype(np.uint8))
     mask_image.CopyInformation(canonical)
     back = sitk.Resample(mask_image, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
@@ -215,16 +220,20 @@ def correct_bias_field(volume: np.ndarray, mask: np.ndarray, spacing_zyx: Sequen
     # extent is zero and ITK fails with "Zero-valued spacing ... Refusing to change spacing"
     spans = [int(np.ptp(ix)) + 1 if ix.size else 0 for ix in np.nonzero(sitk.GetArrayFromImage(shrunk_mask))]
     if min(spans) < 2:
-        raise ValueError(f"N4 bias-field correction cannot fit this volume: the brain spans {spans[::-1]} voxel(s) (x, y, z) of "
-                         f"{tuple(round(v, 3) for v in image.GetSpacing())} mm once shrunk by {factors} for the fit, and needs at least 2 "
-                         "along every axis; give --bias-correction off, or a finer scan")
+        raise ValueError(
+            f"N4 bias-field correction cannot fit this volume: the brain spans {spans[::-1]} voxel(s) (x, y, z) of "
+            f"{tuple(round(v, 3) for v in image.GetSpacing())} mm once shrunk by {factors} for the fit, and needs at least 2 "
+            "along every axis; give --bias-correction off, or a finer scan"
+        )
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
     corrector.Execute(sitk.Shrink(image, factors), shrunk_mask)
     log_field = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image))
     return (volume / np.exp(log_field)).astype(np.float32)
 
 
-def head_pair_for_registration(baseline: sitk.Image, followup: sitk.Image, skull_stripped: str = "auto") -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+def head_pair_for_registration(
+    baseline: sitk.Image, followup: sitk.Image, skull_stripped: str = "auto"
+) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
     """Two visits of a head, ready to register the follow-up onto the baseline.
 
     Returns the baseline and follow-up as float32 images, each bias-corrected inside its

@@ -51,15 +51,24 @@ def required_sequences(sequences: Sequence[dict]) -> int:
 
 
 def describe_sequences(sequences: Sequence[dict]) -> str:
-    """"FLAIR, T1 (T1 optional)": the order a model reads its sequences in."""
+    """ "FLAIR, T1 (T1 optional)": the order a model reads its sequences in."""
     names = [s["name"] for s in sequences]
-    optional = names[required_sequences(sequences):]
+    optional = names[required_sequences(sequences) :]
     return ", ".join(names) + (f" ({', '.join(optional)} optional)" if optional else "")
 
 
-def load_for_model(sequences: Sequence[dict], images: Sequence, organ=None, lesions=None, *, auto_organ: bool,
-                   options: ScanOptions = ScanOptions(), series_uids: Sequence[str | None] | None = None, name: str = "",
-                   image_names: Sequence[str] | None = None) -> LoadedCase:
+def load_for_model(
+    sequences: Sequence[dict],
+    images: Sequence,
+    organ=None,
+    lesions=None,
+    *,
+    auto_organ: bool,
+    options: ScanOptions = ScanOptions(),
+    series_uids: Sequence[str | None] | None = None,
+    name: str = "",
+    image_names: Sequence[str] | None = None,
+) -> LoadedCase:
     """Read one case for a model.
 
     Parameters
@@ -83,7 +92,7 @@ def load_for_model(sequences: Sequence[dict], images: Sequence, organ=None, lesi
     needed = required_sequences(sequences)
     if not needed <= len(images) <= len(sequences):
         raise ValueError(f"the model needs {len(sequences)} file(s) in the order {describe_sequences(sequences)}; got {len(images)}")
-    given = list(sequences[:len(images)])
+    given = list(sequences[: len(images)])
     case = load_case(
         images,
         organ_path=organ,
@@ -105,7 +114,7 @@ def load_for_model(sequences: Sequence[dict], images: Sequence, organ=None, lesi
         notes.append("bias field corrected (N4) inside the brain mask")
     prepared = prepare_case(case)
     if len(given) < len(sequences):
-        absent = ", ".join(s["name"] for s in sequences[len(given):])
+        absent = ", ".join(s["name"] for s in sequences[len(given) :])
         notes.append(f"no {absent}: this model was trained to read {', '.join(s['name'] for s in given)} without it")
         prepared = with_absent_sequences(prepared, sum(s["channels"] for s in sequences))
     return LoadedCase(prepared, tuple(notes))
@@ -119,13 +128,21 @@ def case_folder_files(folder: str | os.PathLike, sequences: Sequence[dict], lesi
     found = next((i for i, p in enumerate(paths) if p is None), len(paths))  # sequences found, in order
     if found < required_sequences(sequences) or any(p is not None for p in paths[found:]):
         missing = [s["name"] for s, p in zip(sequences, paths) if p is None]
-        raise FileNotFoundError(f"{folder} has no image for sequence(s) {', '.join(missing)} "
-                                f"(expected {', '.join(s['name'] + '.nii.gz' for s in sequences)})")
+        raise FileNotFoundError(
+            f"{folder} has no image for sequence(s) {', '.join(missing)} (expected {', '.join(s['name'] + '.nii.gz' for s in sequences)})"
+        )
     return CaseFiles(folder.name, paths[:found], find_image(folder, "lesions") if lesions else None, find_image(folder, "organ"))
 
 
-def load_training_cases(root: str | os.PathLike, sequences: Sequence[dict], *, auto_organ: bool, options: ScanOptions = ScanOptions(),
-                        shard: tuple[int, int] = (0, 1), progress: Callable | None = None) -> list[Case]:
+def load_training_cases(
+    root: str | os.PathLike,
+    sequences: Sequence[dict],
+    *,
+    auto_organ: bool,
+    options: ScanOptions = ScanOptions(),
+    shard: tuple[int, int] = (0, 1),
+    progress: Callable | None = None,
+) -> list[Case]:
     """Every annotated case under ``root`` (a folder of case folders or a CSV manifest; see
     :func:`~.cases.find_cases`), normalised. ``shard=(rank, world)`` keeps every world-th
     case starting at rank (each distributed training process loads only its own);

@@ -44,7 +44,9 @@ def _from_manifest(path: Path, sequence_names: Sequence[str]) -> list[CaseFiles]
         raise ValueError(f"manifest {path} has no rows")
     missing = [c for c in ["case", *sequence_names] if c not in rows[0]]
     if missing:
-        raise ValueError(f"manifest {path} lacks column(s) {', '.join(missing)}; it needs case, {', '.join(sequence_names)}[, lesions, organ]")
+        raise ValueError(
+            f"manifest {path} lacks column(s) {', '.join(missing)}; it needs case, {', '.join(sequence_names)}[, lesions, organ]"
+        )
     base = path.parent
 
     def resolve(value):

@@ -73,7 +73,9 @@ def lesion_changes(
     summary : count per category and total lesion load at both timepoints and its change.
     """
     if baseline.shape != followup.shape:
-        raise ValueError(f"baseline mask {baseline.shape} and follow-up mask {followup.shape} are not on one grid; register and resample first")
+        raise ValueError(
+            f"baseline mask {baseline.shape} and follow-up mask {followup.shape} are not on one grid; register and resample first"
+        )
     voxel_mm3 = float(np.prod(spacing_zyx))
     b_labels, n_b = label_lesions(baseline.astype(bool))
     f_labels, n_f = label_lesions(followup.astype(bool))
@@ -98,16 +100,18 @@ def lesion_changes(
         centre = ndimage.center_of_mass(where)
         if grid is not None:
             centre = grid.TransformContinuousIndexToPhysicalPoint([float(c) for c in centre[::-1]])
-        rows.append({
-            "change": change,
-            "baseline_ids": " ".join(map(str, b_ids)),
-            "followup_ids": " ".join(map(str, f_ids)),
-            "baseline_mm3": round(v_b, 3),
-            "followup_mm3": round(v_f, 3),
-            "change_mm3": round(delta, 3),
-            "change_relative": round(relative, 4) if np.isfinite(relative) else None,
-            "centroid": [round(float(c), 2) for c in centre],
-        })
+        rows.append(
+            {
+                "change": change,
+                "baseline_ids": " ".join(map(str, b_ids)),
+                "followup_ids": " ".join(map(str, f_ids)),
+                "baseline_mm3": round(v_b, 3),
+                "followup_mm3": round(v_f, 3),
+                "change_mm3": round(delta, 3),
+                "change_relative": round(relative, 4) if np.isfinite(relative) else None,
+                "centroid": [round(float(c), 2) for c in centre],
+            }
+        )
     order = {c: i for i, c in enumerate(CATEGORIES)}
     rows.sort(key=lambda r: (order[r["change"]], -abs(r["change_mm3"])))
     load_b, load_f = float(b_sizes[1:].sum()), float(f_sizes[1:].sum())
@@ -134,8 +138,23 @@ def write_change_files(rows: list[dict], summary: dict, folder, overwrite: bool 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{k: v for k, v in r.items() if k != "centroid"} | {"centroid_lps_mm": " ".join(f"{c:.2f}" for c in r["centroid"])} for r in rows]
-    write_csv(rows, folder / "changes.csv", columns=["change", "baseline_ids", "followup_ids", "baseline_mm3", "followup_mm3", "change_mm3",
-                                                     "change_relative", "centroid_lps_mm"], overwrite=overwrite)
+    rows = [
+        {k: v for k, v in r.items() if k != "centroid"} | {"centroid_lps_mm": " ".join(f"{c:.2f}" for c in r["centroid"])} for r in rows
+    ]
+    write_csv(
+        rows,
+        folder / "changes.csv",
+        columns=[
+            "change",
+            "baseline_ids",
+            "followup_ids",
+            "baseline_mm3",
+            "followup_mm3",
+            "change_mm3",
+            "change_relative",
+            "centroid_lps_mm",
+        ],
+        overwrite=overwrite,
+    )
     text = json.dumps(json_ready({"summary": summary, "lesions": rows}), indent=2)
     atomic_write(folder / "changes.json", lambda tmp: Path(tmp).write_text(text), overwrite=overwrite)

@@ -25,16 +25,23 @@ from pathlib import Path
 RESULT_FOLDERS = {"base": "patient000-followup-base", "fine-tuned": "patient000-followup-finetuned"}
 
 
-def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None, device: str = "auto",
-             finetune_iterations: int = 100, mc_samples: int = 25, seed: int = 0) -> dict:
+def run_demo(
+    out: Path,
+    overwrite: bool = False,
+    model: str | Path | None = None,
+    device: str = "auto",
+    finetune_iterations: int = 100,
+    mc_samples: int = 25,
+    seed: int = 0,
+) -> dict:
     """Run the demo into ``out``; ``model`` is a base-model file (default: the shipped
     ``brain-wmh`` model). Returns the summary also written to ``demo-summary.json``."""
     import SimpleITK as sitk
     from tqdm.auto import tqdm
 
     from .metrics import evaluate_case
-    from .outputs import read_segment_outputs
     from .modelcard import file_sha256, read_model_metadata, resolve_model_path
+    from .outputs import read_segment_outputs
     from .presets import get_preset
     from .synth import generate_pair, write_pair
     from .workflow import analyse_job, finetune_job, followup_job, input_arguments, job_description, read_suggestions, run_job
@@ -47,13 +54,16 @@ def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None
     model = resolve_model_path(model or preset.name)
     metadata = read_model_metadata(model)
     if [s["name"] for s in metadata["sequences"]] != names:
-        raise ValueError(f"the demo needs a brain-wmh model (FLAIR + T1); {model} reads {', '.join(s['name'] for s in metadata['sequences'])}")
+        raise ValueError(
+            f"the demo needs a brain-wmh model (FLAIR + T1); {model} reads {', '.join(s['name'] for s in metadata['sequences'])}"
+        )
     timings: dict[str, float] = {}
 
     def timed(name: str, what: str, job):
         """Run one step's job with a progress bar; its time goes into the summary."""
         start = time.perf_counter()
         with tqdm(total=100, desc=what, unit="%", leave=False) as bar:
+
             def progress(fraction, phase):
                 if phase != bar.postfix:
                     bar.set_postfix_str(phase, refresh=False)
@@ -74,32 +84,58 @@ def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None
 
     analysis = out / "baseline-analysis"
     shutil.rmtree(analysis, ignore_errors=True)
-    timed("analyse", "analysing the baseline", analyse_job(str(model), input_arguments(scans["baseline"], baseline / "organ.nii.gz"),
-                                                           analysis, device=device))
+    timed(
+        "analyse",
+        "analysing the baseline",
+        analyse_job(str(model), input_arguments(scans["baseline"], baseline / "organ.nii.gz"), analysis, device=device),
+    )
     suggestions = read_suggestions(analysis)
     chosen = ",".join(str(s.index) for s in suggestions)
-    print(f"[{timings['analyse']:6.1f} s] segmented the baseline with the base model and suggested slices {chosen} "
-          f"(mean lesion softmax {', '.join(f'{s.mean_probability:.2f}' for s in suggestions)})")
+    print(
+        f"[{timings['analyse']:6.1f} s] segmented the baseline with the base model and suggested slices {chosen} "
+        f"(mean lesion softmax {', '.join(f'{s.mean_probability:.2f}' for s in suggestions)})"
+    )
 
     # the generator's truth on the suggested slices plays the radiologist's annotation
     patient_model = out / "patient000-model.pt"
     patient_model.unlink(missing_ok=True)  # an earlier run's (the folder is the demo's: empty, or --overwrite)
-    job = timed("finetune", "fine-tuning", finetune_job(
-        str(model), input_arguments(scans["baseline"], baseline / "organ.nii.gz", baseline / "lesions.nii.gz"), patient_model,
-        chosen, finetune_iterations, seed=seed, device=device))
+    job = timed(
+        "finetune",
+        "fine-tuning",
+        finetune_job(
+            str(model),
+            input_arguments(scans["baseline"], baseline / "organ.nii.gz", baseline / "lesions.nii.gz"),
+            patient_model,
+            chosen,
+            finetune_iterations,
+            seed=seed,
+            device=device,
+        ),
+    )
     print(f"[{timings['finetune']:6.1f} s] {job_description(job)}")
 
     results = out / "followup-results"
     shutil.rmtree(results, ignore_errors=True)
-    timed("segment_followup", "segmenting the follow-up with both models", followup_job(
-        [("base", str(model)), ("fine-tuned", str(patient_model))], input_arguments(scans["followup"], followup / "organ.nii.gz"),
-        results, mc_samples, seed=seed, device=device))
+    timed(
+        "segment_followup",
+        "segmenting the follow-up with both models",
+        followup_job(
+            [("base", str(model)), ("fine-tuned", str(patient_model))],
+            input_arguments(scans["followup"], followup / "organ.nii.gz"),
+            results,
+            mc_samples,
+            seed=seed,
+            device=device,
+        ),
+    )
     for label, folder in RESULT_FOLDERS.items():
         shutil.rmtree(out / folder, ignore_errors=True)
         (results / label).rename(out / folder)
     results.rmdir()
-    print(f"[{timings['segment_followup']:6.1f} s] segmented the follow-up with the base and the fine-tuned model and "
-          f"{mc_samples} MC-dropout samples -> {', '.join(str(out / f) for f in RESULT_FOLDERS.values())}")
+    print(
+        f"[{timings['segment_followup']:6.1f} s] segmented the follow-up with the base and the fine-tuned model and "
+        f"{mc_samples} MC-dropout samples -> {', '.join(str(out / f) for f in RESULT_FOLDERS.values())}"
+    )
 
     truth = sitk.ReadImage(str(followup / "lesions.nii.gz"))
     spacing = truth.GetSpacing()[::-1]
@@ -114,8 +150,10 @@ def run_demo(out: Path, overwrite: bool = False, model: str | Path | None = None
     print(f"{'':12s}{'Dice':>8s}{'AVD %':>9s}{'lesion F1':>11s}{'recall':>8s}{'FP':>6s}{'max SD':>8s}")
     for name in ("base", "finetuned"):
         m, s = metrics[name], uncertainty[name]
-        print(f"{name:12s}{m['dice']:8.3f}{m['avd_percent']:9.1f}{m['lesion_f1']:11.3f}{m['lesion_recall']:8.2f}{m['fp_count']:6d}"
-              f"{s.get('max_sd', float('nan')):8.3f}")
+        print(
+            f"{name:12s}{m['dice']:8.3f}{m['avd_percent']:9.1f}{m['lesion_f1']:11.3f}{m['lesion_recall']:8.2f}{m['fp_count']:6d}"
+            f"{s.get('max_sd', float('nan')):8.3f}"
+        )
     summary = {
         "device": job.device,
         "base_model": {"file": str(model), "file_sha256": file_sha256(model)},
@@ -141,7 +179,9 @@ def _write_report(out: Path, patient_dir: Path, analysis: Path) -> Path:
     shutil.copyfile(analysis / "suggestions.json", out / "suggestions.json")
     before = sitk.ReadImage(str(patient_dir / "baseline" / "lesions.nii.gz"))
     after = sitk.ReadImage(str(out / RESULT_FOLDERS["fine-tuned"] / "segmentation.nii.gz"))
-    rows, summary = lesion_changes(sitk.GetArrayFromImage(before) > 0, sitk.GetArrayFromImage(after) > 0, after.GetSpacing()[::-1], grid=after)
+    rows, summary = lesion_changes(
+        sitk.GetArrayFromImage(before) > 0, sitk.GetArrayFromImage(after) > 0, after.GetSpacing()[::-1], grid=after
+    )
     write_change_files(rows, summary, out / "changes", overwrite=True)
     inputs = ReportInputs(
         patient_dir / "followup" / "FLAIR.nii.gz",
@@ -151,8 +191,10 @@ def _write_report(out: Path, patient_dir: Path, analysis: Path) -> Path:
         patient_model=out / "patient000-model.pt",
         changes=out / "changes",
         suggestions=out / "suggestions.json",
-        notes=["A generated patient: the reference outline is the generator's truth. The baseline annotation is the truth on the "
-               "suggested slices only; the change table compares the whole baseline truth with the fine-tuned follow-up."],
+        notes=[
+            "A generated patient: the reference outline is the generator's truth. The baseline annotation is the truth on the "
+            "suggested slices only; the change table compares the whole baseline truth with the fine-tuned follow-up."
+        ],
     )
     save_report_figures(inputs, out)
     return write_report(inputs, out / "report.html", overwrite=True)

@@ -77,8 +77,10 @@ def read_cohort(manifest: str | os.PathLike, sequence_names: Sequence[str]) -> l
         rows = list(csv.DictReader(f))
     missing = [c for c in ("patient", "visit", *sequence_names, "lesions") if rows and c not in rows[0]]
     if not rows or missing:
-        raise ValueError(f"cohort manifest {manifest} needs columns patient, visit, {', '.join(sequence_names)}, lesions[, organ]"
-                         + (f"; missing {', '.join(missing)}" if missing else "; it has no rows"))
+        raise ValueError(
+            f"cohort manifest {manifest} needs columns patient, visit, {', '.join(sequence_names)}, lesions[, organ]"
+            + (f"; missing {', '.join(missing)}" if missing else "; it has no rows")
+        )
     pairs: dict[str, PatientPair] = {}
     for row in rows:
         if row["visit"] not in VISITS:
@@ -88,7 +90,11 @@ def read_cohort(manifest: str | os.PathLike, sequence_names: Sequence[str]) -> l
             return (manifest.parent / value).resolve() if value else None
 
         pair = pairs.setdefault(row["patient"], PatientPair(row["patient"]))
-        pair.visits[row["visit"]] = {"sequences": [path(row[s]) for s in sequence_names], "lesions": path(row["lesions"]), "organ": path(row.get("organ"))}
+        pair.visits[row["visit"]] = {
+            "sequences": [path(row[s]) for s in sequence_names],
+            "lesions": path(row["lesions"]),
+            "organ": path(row.get("organ")),
+        }
     for pair in pairs.values():
         if set(pair.visits) != set(VISITS):
             raise ValueError(f"patient {pair.patient} needs a baseline and a followup row in {manifest}")
@@ -128,8 +134,14 @@ def write_folder_cohort(root: str | os.PathLike, sequence_names: Sequence[str], 
 def _load(visit: dict, bundle):
     from .caseload import ScanOptions, load_for_model
 
-    return load_for_model(bundle.sequences, visit["sequences"], visit["organ"], visit["lesions"], auto_organ=bundle.auto_organ_mask,
-                          options=ScanOptions(resample_to_first=True)).case
+    return load_for_model(
+        bundle.sequences,
+        visit["sequences"],
+        visit["organ"],
+        visit["lesions"],
+        auto_organ=bundle.auto_organ_mask,
+        options=ScanOptions(resample_to_first=True),
+    ).case
 
 
 def _copy_forward(baseline_case, followup_case) -> tuple[np.ndarray, float]:
@@ -148,8 +160,16 @@ def _copy_forward(baseline_case, followup_case) -> tuple[np.ndarray, float]:
     return followup_case.layout.to_slices(carried) & followup_case.organ, registration.correlation_after
 
 
-def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: set, seed: int = 0, mc_samples: int = 0,
-                mc_arms: Sequence[str] | None = None, out: str | os.PathLike | None = None) -> list[dict]:
+def run_patient(
+    pair: PatientPair,
+    model_path: str,
+    arms: Sequence[Arm],
+    done: set,
+    seed: int = 0,
+    mc_samples: int = 0,
+    mc_arms: Sequence[str] | None = None,
+    out: str | os.PathLike | None = None,
+) -> list[dict]:
     """Every arm not in ``done`` for one patient; one result row per arm.
 
     ``mc_samples`` MC-dropout samples are drawn for the arms named in ``mc_arms`` (all
@@ -183,7 +203,9 @@ def run_patient(pair: PatientPair, model_path: str, arms: Sequence[Arm], done: s
                 if arm.shipped:
                     config = shipped_config(base, iterations=arm.iterations, seed=seed)
                 else:
-                    config = FinetuneConfig(iterations=arm.iterations, weighting=arm.weighting, method=arm.method, layers=arm.layers, seed=seed)
+                    config = FinetuneConfig(
+                        iterations=arm.iterations, weighting=arm.weighting, method=arm.method, layers=arm.layers, seed=seed
+                    )
                 bundle = finetune_patient_model(base, baseline, arm.slices, config, device="cpu", allow_empty=True)
                 finetune = bundle.metadata["finetune"]
                 extra["finetune_method"] = finetune["method"]
@@ -229,9 +251,28 @@ def save_patient_overlay(followup, out: str | os.PathLike, patient: str, arm_nam
     return overlay_figure(image, masks, Path(out) / "overlays" / f"{patient}.png", title=f"{patient}, follow-up slice {s}")
 
 
-RESULT_COLUMNS = ["patient", "arm", "dice", "avd_percent", "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1", "fp_count",
-                  "gt_lesions", "pred_lesions", "volume_pred_ml", "volume_gt_ml", "seconds", "mean_sd_in_lesions", "max_sd",
-                  "finetune_method", "slices", "iterations", "registration_correlation"]
+RESULT_COLUMNS = [
+    "patient",
+    "arm",
+    "dice",
+    "avd_percent",
+    "hd95_mm",
+    "lesion_recall",
+    "lesion_precision",
+    "lesion_f1",
+    "fp_count",
+    "gt_lesions",
+    "pred_lesions",
+    "volume_pred_ml",
+    "volume_gt_ml",
+    "seconds",
+    "mean_sd_in_lesions",
+    "max_sd",
+    "finetune_method",
+    "slices",
+    "iterations",
+    "registration_correlation",
+]
 
 
 def _worker(job):
@@ -241,9 +282,17 @@ def _worker(job):
     return run_patient(*job)
 
 
-def run_experiment(cohort: Sequence[PatientPair], model_path: str, arms: Sequence[Arm], out: str | os.PathLike,
-                   workers: int = 1, seed: int = 0, mc_samples: int = 0, mc_arms: Sequence[str] | None = None,
-                   progress: bool = True) -> list[dict]:
+def run_experiment(
+    cohort: Sequence[PatientPair],
+    model_path: str,
+    arms: Sequence[Arm],
+    out: str | os.PathLike,
+    workers: int = 1,
+    seed: int = 0,
+    mc_samples: int = 0,
+    mc_arms: Sequence[str] | None = None,
+    progress: bool = True,
+) -> list[dict]:
     """Run every (patient, arm) not yet in ``out/results.csv``, appending rows as patients
     finish; returns all rows. ``workers`` > 1 runs patients in parallel processes (one
     torch thread each). Masks and overlays go under ``out`` (see :func:`run_patient`)."""

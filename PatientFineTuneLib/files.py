@@ -25,8 +25,10 @@ class OutputError(OSError):
 
 def incomplete_output(path: str | os.PathLike) -> OutputError:
     """The error of an output that could not be written whole (the one message for it)."""
-    return OutputError(f"could not write {path} whole: the disk is full (or a file-size limit was reached); "
-                       "free some space and run again (no output was left under its name)")
+    return OutputError(
+        f"could not write {path} whole: the disk is full (or a file-size limit was reached); "
+        "free some space and run again (no output was left under its name)"
+    )
 
 
 def _read_umask() -> int:
@@ -65,7 +67,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
         _remove_empty(made)
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             # the system names the temporary file; the user knows the output's name
-            raise (incomplete_output(path) if exc.errno in _NO_ROOM else OutputError(f"could not write {path}: {exc.strerror or exc}")) from None
+            raise (
+                incomplete_output(path) if exc.errno in _NO_ROOM else OutputError(f"could not write {path}: {exc.strerror or exc}")
+            ) from None
         raise
 
 
@@ -179,6 +183,7 @@ def json_ready(value):
 
 # -- output guards: refuse, before any work, what could not be written or would be lost
 
+
 def check_output_file(path: str | Path, option: str = "--out", suffix: str | None = None) -> Path:
     """Refuse, before any work, an output file that cannot be written: a folder, a path
     under a file, the wrong suffix, a folder without write permission."""
@@ -222,7 +227,9 @@ def refuse_inputs_as_outputs(inputs, outputs) -> None:
         for source in existing:
             same = out.exists() and os.path.samefile(out, source)
             if same or out.resolve() == source.resolve():
-                raise ValueError(f"{out} is one of this command's inputs ({source}); an output never replaces an input: choose another --out")
+                raise ValueError(
+                    f"{out} is one of this command's inputs ({source}); an output never replaces an input: choose another --out"
+                )
 
 
 def refuse_existing(paths: Iterable, overwrite: bool) -> None:

@@ -108,8 +108,10 @@ def _nifti_sheared(path: Path) -> bool:
 
 def _sheared_error(path: Path) -> ImageError:
     """The one message for an image with sheared axes, whatever its format."""
-    return ImageError(f"{path} has sheared (non-perpendicular) voxel axes, which the slice grid cannot hold: results would land "
-                      "on another grid. Resample it onto a grid with perpendicular axes first (e.g. 3D Slicer's Resample Scalar Volume)")
+    return ImageError(
+        f"{path} has sheared (non-perpendicular) voxel axes, which the slice grid cannot hold: results would land "
+        "on another grid. Resample it onto a grid with perpendicular axes first (e.g. 3D Slicer's Resample Scalar Volume)"
+    )
 
 
 def dicom_series_uids(folder: str | os.PathLike) -> list[str]:
@@ -127,7 +129,9 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> sitk.Image
     if series_uid is not None and series_uid not in series:
         raise ImageError(f"{folder} holds no DICOM series {series_uid}; its series: {listed}")
     if series_uid is None and len(series) > 1:
-        raise ImageError(f"{folder} holds {len(series)} DICOM series ({listed}); choose one with --series-uid UID, or put each series in its own folder")
+        raise ImageError(
+            f"{folder} holds {len(series)} DICOM series ({listed}); choose one with --series-uid UID, or put each series in its own folder"
+        )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid or series[0])
     if len(files) == 1 and _dicom_frames(files[0]) > 1:  # one multi-frame file holds the whole volume
         return read_image(files[0])
@@ -161,7 +165,9 @@ def check_dicom_slices(folder: Path, files: Sequence[str]) -> None:
     say so only in a warning. The message names the slices (their files)."""
     names = [Path(f).name for f in files]
     if len(files) < 2:
-        raise ImageError(f"{folder} holds a single DICOM slice ({names[0]}); a volume needs the whole series: give its folder with every slice")
+        raise ImageError(
+            f"{folder} holds a single DICOM slice ({names[0]}); a volume needs the whole series: give its folder with every slice"
+        )
     geometry = []
     for f in files:
         reader = sitk.ImageFileReader()
@@ -176,8 +182,10 @@ def check_dicom_slices(folder: Path, files: Sequence[str]) -> None:
     majority = int(np.argmax(alike.sum(axis=1)))  # a slice with the orientation most slices have
     turned = [n for n, like in zip(names, alike[majority]) if not like]
     if turned:
-        raise ImageError(f"{folder}: {len(turned)} of its {len(files)} slices ({', '.join(turned[:4])}{', ...' if len(turned) > 4 else ''}) "
-                         "have another orientation than the others; a series must be one stack of parallel slices: put them in a folder of their own")
+        raise ImageError(
+            f"{folder}: {len(turned)} of its {len(files)} slices ({', '.join(turned[:4])}{', ...' if len(turned) > 4 else ''}) "
+            "have another orientation than the others; a series must be one stack of parallel slices: put them in a folder of their own"
+        )
     normal = np.cross(orientations[majority, :3], orientations[majority, 3:])
     depth = positions @ normal
     order = np.argsort(depth, kind="stable")
@@ -185,14 +193,18 @@ def check_dicom_slices(folder: Path, files: Sequence[str]) -> None:
     same = np.flatnonzero(gaps < 1e-3)
     if same.size:
         a, b = names[order[same[0]]], names[order[same[0] + 1]]
-        raise ImageError(f"{folder}: slices {a} and {b} are at the same position ({depth[order[same[0]]]:.2f} mm along the slice normal): "
-                         "a slice was sent twice; remove one of them or export the series again")
+        raise ImageError(
+            f"{folder}: slices {a} and {b} are at the same position ({depth[order[same[0]]]:.2f} mm along the slice normal): "
+            "a slice was sent twice; remove one of them or export the series again"
+        )
     spacing = float(np.median(gaps))
     uneven = np.flatnonzero(np.abs(gaps - spacing) > 0.01 * spacing)
     if uneven.size:
         a, b = names[order[uneven[0]]], names[order[uneven[0] + 1]]
-        raise ImageError(f"{folder}: the slices are not evenly spaced: {a} and {b} are {gaps[uneven[0]]:g} mm apart where the others are "
-                         f"{spacing:g} mm (a missing slice?); export the whole series again")
+        raise ImageError(
+            f"{folder}: the slices are not evenly spaced: {a} and {b} are {gaps[uneven[0]]:g} mm apart where the others are "
+            f"{spacing:g} mm (a missing slice?); export the whole series again"
+        )
 
 
 def assign_series_uids(paths: Sequence, series_uids: Sequence[str]) -> list[str | None]:
@@ -210,8 +222,10 @@ def assign_series_uids(paths: Sequence, series_uids: Sequence[str]) -> list[str 
         several = not isinstance(path, sitk.Image) and Path(path).is_dir() and len(dicom_series_uids(path)) > 1
         assigned.append(remaining.pop(0) if several and remaining else None)
     if remaining:
-        raise ImageError(f"{len(series_uids)} --series-uid given but only {len(series_uids) - len(remaining)} image folder(s) hold several "
-                         "DICOM series; give one --series-uid per such folder, in the order of the images")
+        raise ImageError(
+            f"{len(series_uids)} --series-uid given but only {len(series_uids) - len(remaining)} image folder(s) hold several "
+            "DICOM series; give one --series-uid per such folder, in the order of the images"
+        )
     return assigned
 
 
@@ -454,10 +468,7 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequ
     Axes whose spacing is within ``SPACING_TOLERANCE`` of the target keep their size, so
     data already at the model's spacing is not interpolated.
     """
-    return tuple(
-        int(n) if abs(s / t - 1) < SPACING_TOLERANCE else max(1, int(round(n * s / t)))
-        for n, s, t in zip(shape, spacing, target)
-    )
+    return tuple(int(n) if abs(s / t - 1) < SPACING_TOLERANCE else max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
 
 
 def resample_array(x: torch.Tensor, shape: Sequence[int], label: bool = False) -> torch.Tensor:
@@ -506,8 +517,10 @@ def normalise(images: np.ndarray, organ: np.ndarray, names: Sequence[str] | None
         scale = (p75 - p25) / 1.349
         if not scale > 1e-6 * max(abs(float(p25)), abs(float(p75)), 1e-30):
             name = names[c] if names else f"channel {c + 1}"
-            raise ImageError(f"{name} has no intensity spread inside the organ mask (its middle half of values is "
-                             f"{float(median):g} throughout): a blank, constant or mostly empty image cannot be segmented; check the file")
+            raise ImageError(
+                f"{name} has no intensity spread inside the organ mask (its middle half of values is "
+                f"{float(median):g} throughout): a blank, constant or mostly empty image cannot be segmented; check the file"
+            )
         z = (images[c] - median) / scale
         np.clip(z, *NORMALISED_RANGE, out=z)
         out[c] = np.where(organ, z, 0.0)
@@ -584,15 +597,19 @@ def check_usable_volume(image: sitk.Image, what: str) -> None:
     float32's range (they become infinite in the network's float32)."""
     size = image.GetSize()[:3]
     if image.GetDimension() < 3 or min(size) < MIN_VOXELS_PER_AXIS:
-        raise ImageError(f"{what} is a single slice or too thin to be a volume (size {size}, at least {MIN_VOXELS_PER_AXIS} voxels along "
-                         "every axis are needed); give the whole scan (for DICOM, the folder with every slice)")
+        raise ImageError(
+            f"{what} is a single slice or too thin to be a volume (size {size}, at least {MIN_VOXELS_PER_AXIS} voxels along "
+            "every axis are needed); give the whole scan (for DICOM, the folder with every slice)"
+        )
     if image.GetPixelID() in (sitk.sitkFloat64, sitk.sitkVectorFloat64):
         values = sitk.GetArrayViewFromImage(image)
         largest = float(np.abs(values[np.isfinite(values)]).max(initial=0.0))
         float32_max = float(np.finfo(np.float32).max)  # as a Python float: comparing with the float32 would cast 1e300 to it
         if largest > float32_max:
-            raise ImageError(f"{what} holds values up to {largest:.3g}, beyond what float32 holds ({float32_max:.3g}), which "
-                             "the network computes in; rescale the image (intensity units do not matter, the network normalises them)")
+            raise ImageError(
+                f"{what} holds values up to {largest:.3g}, beyond what float32 holds ({float32_max:.3g}), which "
+                "the network computes in; rescale the image (intensity units do not matter, the network normalises them)"
+            )
 
 
 def source_name(source) -> str:
@@ -664,10 +681,7 @@ def load_case(
         raise ValueError(f"bias_correction must be one of {', '.join(BIAS_CORRECTION_CHOICES)}, not {bias_correction!r}")
     names = list(sequence_names or [f"sequence {i + 1}" for i in range(len(sequence_paths))])
     if expected_channels is not None and len(sequence_paths) != len(expected_channels):
-        raise ImageError(
-            f"the model expects {len(expected_channels)} sequences ({', '.join(names)}), "
-            f"but {len(sequence_paths)} were given"
-        )
+        raise ImageError(f"the model expects {len(expected_channels)} sequences ({', '.join(names)}), but {len(sequence_paths)} were given")
     channels: list[np.ndarray] = []
     channel_names: list[str] = []
     grid = None
@@ -701,8 +715,10 @@ def load_case(
         for c in range(arr.shape[0]):
             if not np.ptp(arr[c]) > 0:
                 where = f" (channel {c + 1})" if arr.shape[0] > 1 else ""
-                raise ImageError(f"{names[i]}{where} ({path}) is blank or constant (every voxel is {float(arr[c].flat[0]):g}); "
-                                 "check that the right file was given")
+                raise ImageError(
+                    f"{names[i]}{where} ({path}) is blank or constant (every voxel is {float(arr[c].flat[0]):g}); "
+                    "check that the right file was given"
+                )
             channel_names.append(f"{names[i]} channel {c + 1}" if arr.shape[0] > 1 else names[i])
         channels.append(arr)
     images = np.concatenate(channels, axis=0)

@@ -215,8 +215,10 @@ def mc_masks(model: LesionNet, n_samples: int, seed: int, slice_index: int, devi
     """Per-sample channel masks of the head's two dropout layers, (n_samples, C) and
     (n_samples, head_width), from (seed, slice)."""
     drop1, drop2 = model.classifier[0], model.classifier[4]
-    return (drop1.keep((n_samples, model.feature_channels), device, seed=[seed, slice_index, 1]),
-            drop2.keep((n_samples, model.head_width), device, seed=[seed, slice_index, 2]))
+    return (
+        drop1.keep((n_samples, model.feature_channels), device, seed=[seed, slice_index, 1]),
+        drop2.keep((n_samples, model.head_width), device, seed=[seed, slice_index, 2]),
+    )
 
 
 def mc_head_samples(model: LesionNet, rows: torch.Tensor, keep: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,10 +272,12 @@ def _uncertainty_of_slice(model, case, s, size, n_samples, seed, method, memory_
             deterministic, samples = mc_head_samples(model, _gather_rows(model.features(xw), index), keep)
         else:
             deterministic = torch.softmax(model.head_rows(_gather_rows(model.features(xw), index)), 1)[:, 1]
-            samples = torch.stack([
-                torch.softmax(model.head_rows(_gather_rows(model.features(xw), index), keep=(k1[None], k2[None])), 1)[:, 1]
-                for k1, k2 in zip(*keep)
-            ])
+            samples = torch.stack(
+                [
+                    torch.softmax(model.head_rows(_gather_rows(model.features(xw), index), keep=(k1[None], k2[None])), 1)[:, 1]
+                    for k1, k2 in zip(*keep)
+                ]
+            )
         column = {"probability": deterministic, "mean": samples.mean(0), "sd": samples.std(0, unbiased=False)}
         rows = index // xw.shape[-1] + window[0].start
         cols = index % xw.shape[-1] + window[1].start
@@ -333,8 +337,13 @@ def segment_case(
         probability, uncertainty = predict_with_uncertainty(bundle, case, n_samples=mc_samples, seed=seed, **predict_kwargs)
     else:
         probability = predict_probability(bundle, case, **predict_kwargs)
-    mask = postprocess(probability, case.organ, opening=bundle.opening if opening is None else opening, threshold=threshold,
-                       min_lesion_voxels=bundle.min_lesion_voxels if min_lesion_voxels is None else min_lesion_voxels)
+    mask = postprocess(
+        probability,
+        case.organ,
+        opening=bundle.opening if opening is None else opening,
+        threshold=threshold,
+        min_lesion_voxels=bundle.min_lesion_voxels if min_lesion_voxels is None else min_lesion_voxels,
+    )
     labels, _ = label_lesions(mask)
     maps = {"probability": probability}
     summary = None

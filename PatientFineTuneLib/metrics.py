@@ -31,7 +31,19 @@ import SimpleITK as sitk
 
 from .postprocess import label_lesions
 
-METRIC_NAMES = ["dice", "avd_percent", "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1", "fp_count", "gt_lesions", "pred_lesions", "volume_pred_ml", "volume_gt_ml"]
+METRIC_NAMES = [
+    "dice",
+    "avd_percent",
+    "hd95_mm",
+    "lesion_recall",
+    "lesion_precision",
+    "lesion_f1",
+    "fp_count",
+    "gt_lesions",
+    "pred_lesions",
+    "volume_pred_ml",
+    "volume_gt_ml",
+]
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -120,10 +132,14 @@ def label_mask(image: sitk.Image, what: str) -> np.ndarray:
     if np.issubdtype(values.dtype, np.floating):
         fractional = values[np.isfinite(values) & (values != np.round(values))]
         if fractional.size:
-            raise ImageError(f"{what} is not a label image (it has non-integer values such as {float(fractional.flat[0]):.3g}: "
-                             "an MR image or a probability map?); give a segmentation")
+            raise ImageError(
+                f"{what} is not a label image (it has non-integer values such as {float(fractional.flat[0]):.3g}: "
+                "an MR image or a probability map?); give a segmentation"
+            )
     if (values < 0).any():
-        raise ImageError(f"{what} has negative labels (such as {int(values.min())}); a label image holds 0 for background and positive labels")
+        raise ImageError(
+            f"{what} has negative labels (such as {int(values.min())}); a label image holds 0 for background and positive labels"
+        )
     if np.unique(values[values > 0]).size > MAX_LABELS:
         raise ImageError(f"{what} is not a label image (more than {MAX_LABELS} distinct values: an MR image?); give a segmentation")
     return values > 0
@@ -222,6 +238,7 @@ def compare_cohorts(results: Sequence[dict], reference: Sequence[dict], key: str
         segmentation = metric in SEGMENTATION_METRICS
         fmt = format_mean_sd if segmentation else format_median_iqr
         test = paired_test(a, b, "ttest" if segmentation else "wilcoxon")
-        rows.append({"metric": metric, "summary": "mean ± SD" if segmentation else "median [IQR]",
-                     "results": fmt(a), "reference": fmt(b), **test})
+        rows.append(
+            {"metric": metric, "summary": "mean ± SD" if segmentation else "median [IQR]", "results": fmt(a), "reference": fmt(b), **test}
+        )
     return rows

@@ -32,7 +32,9 @@ def _conv_bn_relu(in_channels: int, out_channels: int, dilation: int) -> nn.Sequ
     )
 
 
-def keep_mask(shape: Sequence[int], threshold: int, seed, device: torch.device | str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+def keep_mask(
+    shape: Sequence[int], threshold: int, seed, device: torch.device | str = "cpu", out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Float dropout mask of ``shape``: 0 where an element's random byte is below
     ``threshold`` (drop probability ``threshold / 256``), 1 elsewhere.
 
@@ -293,7 +295,9 @@ def inference_copy(model: LesionNet) -> LesionNet:
         for sequence, conv_at, norm_at in layers:
             conv, norm = sequence[conv_at], sequence[norm_at]
             scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, dilation=conv.dilation, bias=True)
+            fused = nn.Conv2d(
+                conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, dilation=conv.dilation, bias=True
+            )
             fused.weight.copy_(conv.weight * scale[:, None, None, None])
             bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
             fused.bias.copy_((bias - norm.running_mean) * scale + norm.bias)

@@ -65,8 +65,10 @@ def verify_shipped_model(name: str, folder: str | os.PathLike | None = None) -> 
         raise FileNotFoundError(f"no base model for preset {name} is installed in {folder}; give a model file instead")
     expected = read_registry(folder)[name]["sha256"]
     if file_sha256(path) != expected:
-        raise ValueError(f"the shipped base model {path} does not match the sha256 in {folder / REGISTRY} (damaged or "
-                         "replaced); reinstall PatientFineTuneLib, or rebuild it with Resources/Models/build_models.py")
+        raise ValueError(
+            f"the shipped base model {path} does not match the sha256 in {folder / REGISTRY} (damaged or "
+            "replaced); reinstall PatientFineTuneLib, or rebuild it with Resources/Models/build_models.py"
+        )
     return path
 
 
@@ -88,11 +90,17 @@ def register_shipped_model(path: str | os.PathLike, card: str | os.PathLike) -> 
     name = metadata.get("preset")
     if name not in PRESETS:
         raise ValueError(f"{path} has no preset ({name!r}); only a preset's base model ships")
-    entry = {"name": name, "file": path.name, "card": Path(card).name, "sha256": file_sha256(path),
-             "sequences": [{"name": s["name"], "channels": s["channels"]} for s in metadata["sequences"]]}
+    entry = {
+        "name": name,
+        "file": path.name,
+        "card": Path(card).name,
+        "sha256": file_sha256(path),
+        "sequences": [{"name": s["name"], "channels": s["channels"]} for s in metadata["sequences"]],
+    }
     registry = {**read_registry(path.parent), name: entry}
-    text = json.dumps({"format": "PatientFineTune-model-registry", "models": [registry[n] for n in PRESETS if n in registry]},
-                      indent=1) + "\n"
+    text = (
+        json.dumps({"format": "PatientFineTune-model-registry", "models": [registry[n] for n in PRESETS if n in registry]}, indent=1) + "\n"
+    )
     atomic_write(path.parent / REGISTRY, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     return entry
 
@@ -154,19 +162,27 @@ def _fmt(summary: dict, digits: int = 2) -> str:
 def _spacing_line(metadata: dict) -> str:
     spacing = metadata["training_spacing_mm"]
     if len(spacing) == 3:  # 3D U-Net
-        return (f"- Voxel size: volumes are resampled to {spacing[0]:.3f} mm isotropic for the network, segmented in "
-                f"overlapping {metadata.get('patch_voxels')}^3-voxel windows, and results are resampled back.")
-    return (f"- In-plane spacing: slices are resampled to {spacing[0]:.3f} x {spacing[1]:.3f} mm for the network "
-            "and results are resampled back.")
+        return (
+            f"- Voxel size: volumes are resampled to {spacing[0]:.3f} mm isotropic for the network, segmented in "
+            f"overlapping {metadata.get('patch_voxels')}^3-voxel windows, and results are resampled back."
+        )
+    return (
+        f"- In-plane spacing: slices are resampled to {spacing[0]:.3f} x {spacing[1]:.3f} mm for the network "
+        "and results are resampled back."
+    )
 
 
 def _network_line(metadata: dict) -> str:
     arch = metadata["architecture"]
     if arch.get("type") == "unet3d":
-        return (f"3D U-Net (Wahlig et al. 2023): {arch['depth']} down- and {arch['depth']} up-sampling blocks, "
-                f"first-level width {arch['width']}, instance normalisation, dropout {arch['dropout']} before the output layer")
-    return (f"Multi-pathway dilated 2D CNN (Jansen et al. 2020): width {arch['width']}, head width {arch['head_width']}, "
-            f"dropout {arch['dropout']}, dilations {arch['dilations']}, receptive field {metadata.get('receptive_field_px')} px")
+        return (
+            f"3D U-Net (Wahlig et al. 2023): {arch['depth']} down- and {arch['depth']} up-sampling blocks, "
+            f"first-level width {arch['width']}, instance normalisation, dropout {arch['dropout']} before the output layer"
+        )
+    return (
+        f"Multi-pathway dilated 2D CNN (Jansen et al. 2020): width {arch['width']}, head width {arch['head_width']}, "
+        f"dropout {arch['dropout']}, dilations {arch['dilations']}, receptive field {metadata.get('receptive_field_px')} px"
+    )
 
 
 def render_card(metadata: dict, parameters: int | None = None) -> str:
@@ -218,9 +234,7 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
         "",
         "## Network",
         "",
-        _network_line(metadata)
-        + (f", {parameters:,} parameters" if parameters else "")
-        + ".",
+        _network_line(metadata) + (f", {parameters:,} parameters" if parameters else "") + ".",
         "",
         "## Training",
         "",
@@ -243,8 +257,11 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
         "",
     ]
     if preset and preset.min_lesion_voxels != measured_min:
-        lines += [f"Measured {_smallest_lesion(measured_min)}; this preset's segmentations now drop lesions of fewer than "
-                  f"{preset.min_lesion_voxels} voxels (docs/results.md has the shipped models' numbers with it on the real scans).", ""]
+        lines += [
+            f"Measured {_smallest_lesion(measured_min)}; this preset's segmentations now drop lesions of fewer than "
+            f"{preset.min_lesion_voxels} voxels (docs/results.md has the shipped models' numbers with it on the real scans).",
+            "",
+        ]
     lines += [
         "| set | cases | Dice | AVD % | HD95 mm | lesion recall | lesion precision | lesion F1 |",
         "|---|---|---|---|---|---|---|---|",
@@ -272,8 +289,10 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
         ]
         for r in card["longitudinal"]:
             v = r["lesion_volume_ml"]
-            lines.append(f"| {r['case']} | {100 * r['change_voxels_covered']:.0f}% | {r['change_regions_touched']} / {r['change_regions']} | "
-                         f"{v['study1']:.1f} / {v['study2']:.1f} |")
+            lines.append(
+                f"| {r['case']} | {100 * r['change_voxels_covered']:.0f}% | {r['change_regions_touched']} / {r['change_regions']} | "
+                f"{v['study1']:.1f} / {v['study2']:.1f} |"
+            )
     lines += ["", "Per-case numbers are in the file's metadata (`patient-finetune info`).", ""]
     lines += ["## File", "", f"sha256 `{metadata.get('sha256', '')}` (metadata and weights; checked on every load).", ""]
     return "\n".join(lines)
@@ -332,7 +351,9 @@ def describe_patient_model(finetune: dict) -> str:
     if "slices" in finetune:
         where = f"slices {', '.join(map(str, finetune['slices']))}"
         if finetune.get("hard_negative_slices"):
-            where += f" and the lesion-free slices {', '.join(map(str, finetune['hard_negative_slices']))} where the base model found lesion"
+            where += (
+                f" and the lesion-free slices {', '.join(map(str, finetune['hard_negative_slices']))} where the base model found lesion"
+            )
     else:
         where = f"the whole baseline volume ({finetune.get('strategy') or finetune.get('config', {}).get('layers', '?')} layers)"
     if check and check.get("skipped"):
@@ -342,10 +363,15 @@ def describe_patient_model(finetune: dict) -> str:
         skipped = ""
     if check and not check["kept"]:
         longer = [c["iterations"] for c in check.get("compared") or [] if c.get("beats_base")]
-        return (f"the BASE MODEL was kept: fine-tuning ({every_layer}{iterations} iterations on {where}) did not help on {_held_out_part(check)} "
-                f"of your annotation ({_check_numbers(check)})"
-                + (f"; {', '.join(map(str, longer))} iterations did better there, but too narrowly to replace "
-                   "the asked iterations" if longer else ""))
+        return (
+            f"the BASE MODEL was kept: fine-tuning ({every_layer}{iterations} iterations on {where}) did not help on {_held_out_part(check)} "
+            f"of your annotation ({_check_numbers(check)})"
+            + (
+                f"; {', '.join(map(str, longer))} iterations did better there, but too narrowly to replace the asked iterations"
+                if longer
+                else ""
+            )
+        )
     # the fraction the model trained on; files written before 2026-12-06 lack it, and there
     # the approximate mode applied where only the head trained
     fraction = finetune.get("pixel_fraction", finetune.get("config", {}).get("pixel_fraction", 1.0) if layers == "head" else 1.0)

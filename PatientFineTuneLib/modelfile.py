@@ -129,8 +129,9 @@ def make_metadata(
     meta = {
         "architecture": model.architecture(),
         **({"receptive_field_px": model.receptive_field()} if isinstance(model, LesionNet) else {}),
-        "sequences": [{"name": str(s["name"]), "channels": int(s["channels"]), **({"optional": True} if s.get("optional") else {})}
-                      for s in sequences],
+        "sequences": [
+            {"name": str(s["name"]), "channels": int(s["channels"]), **({"optional": True} if s.get("optional") else {})} for s in sequences
+        ],
         "normalisation": "robust z-score per channel inside the organ mask, clipped to [-5, 10]",
         "training_spacing_mm": [float(s) for s in training_spacing_mm],
         "preset": preset,
@@ -151,26 +152,38 @@ def metadata_problem(metadata: dict, model: LesionNet | UNet3D) -> str | None:
     not match the pathways failed only after skull stripping) is caught here, on save and
     on load."""
     sequences = metadata.get("sequences")
-    if not (isinstance(sequences, list) and all(isinstance(s, dict) and isinstance(s.get("name"), str) and s["name"]
-                                                and type(s.get("channels")) is int and s["channels"] >= 1 for s in sequences)):
+    if not (
+        isinstance(sequences, list)
+        and all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and s["name"] and type(s.get("channels")) is int and s["channels"] >= 1
+            for s in sequences
+        )
+    ):
         return f"sequences {json.dumps(sequences)[:120]} must be a list of {{name, channels}}, one per pathway"
     if any(not isinstance(s.get("optional", False), bool) for s in sequences) or (sequences and sequences[0].get("optional")):
         return "a sequence's optional flag must be true or false, and the first sequence cannot be optional"
     if [s["channels"] for s in sequences] != list(model.in_channels):
-        return (f"sequences give {len(sequences)} pathway(s) with channels {[s['channels'] for s in sequences]}, "
-                f"the network has {len(model.in_channels)} with {list(model.in_channels)}")
+        return (
+            f"sequences give {len(sequences)} pathway(s) with channels {[s['channels'] for s in sequences]}, "
+            f"the network has {len(model.in_channels)} with {list(model.in_channels)}"
+        )
     volume = isinstance(model, UNet3D)
     spacing = metadata.get("training_spacing_mm")
-    if not (isinstance(spacing, (list, tuple)) and len(spacing) == (3 if volume else 2)
-            and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in spacing)):
+    if not (
+        isinstance(spacing, (list, tuple))
+        and len(spacing) == (3 if volume else 2)
+        and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in spacing)
+    ):
         return f"training_spacing_mm {spacing} needs {3 if volume else 2} values, each a positive number of mm, for this network"
     preset = metadata.get("preset")
     if preset is not None and preset not in PRESETS:
         return f"preset {preset!r} is unknown (known: {', '.join(PRESETS)})"
     patch = metadata.get("patch_voxels")
     if volume and not (type(patch) is int and patch >= model.size_multiple and patch % model.size_multiple == 0):
-        return (f"a 3D U-Net's metadata needs patch_voxels, the window it was trained on, a multiple of {model.size_multiple} "
-                f"(see volume_model_metadata), not {patch}")
+        return (
+            f"a 3D U-Net's metadata needs patch_voxels, the window it was trained on, a multiple of {model.size_multiple} "
+            f"(see volume_model_metadata), not {patch}"
+        )
     return None
 
 
@@ -218,8 +231,10 @@ def save_model(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = F
     state_dict = {k: v.detach().cpu().clone() for k, v in bundle.model.state_dict().items()}
     broken = _nonfinite_tensors(state_dict)
     if broken:
-        raise ValueError(f"the model has non-finite weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): training "
-                         f"diverged; nothing was saved to {path}. Train again with a lower learning rate")
+        raise ValueError(
+            f"the model has non-finite weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): training "
+            f"diverged; nothing was saved to {path}. Train again with a lower learning rate"
+        )
     metadata = dict(bundle.metadata)
     metadata["architecture"] = bundle.model.architecture()
     problem = metadata_problem(metadata, bundle.model)
@@ -280,9 +295,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
         state_dict = payload["state_dict"]
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path} has unreadable metadata ({exc})") from None
-    if not isinstance(metadata, dict) or not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ModelFileError(f"{path} is malformed: its header is PatientFineTune's but its metadata or weights are not; "
-                             "the file is damaged or was not written by PatientFineTune")
+    if (
+        not isinstance(metadata, dict)
+        or not isinstance(state_dict, dict)
+        or not all(isinstance(v, torch.Tensor) for v in state_dict.values())
+    ):
+        raise ModelFileError(
+            f"{path} is malformed: its header is PatientFineTune's but its metadata or weights are not; "
+            "the file is damaged or was not written by PatientFineTune"
+        )
     if _content_hash(metadata, state_dict) != metadata.get("sha256"):
         raise ModelFileError(
             f"{path} failed its integrity check: its weights or metadata do not match the "
@@ -291,8 +312,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
         )
     broken = _nonfinite_tensors(state_dict)
     if broken:
-        raise ModelFileError(f"{path} has non-finite weights ({', '.join(broken[:3])}): the training that made it diverged; "
-                             "it cannot segment anything. Use another model")
+        raise ModelFileError(
+            f"{path} has non-finite weights ({', '.join(broken[:3])}): the training that made it diverged; "
+            "it cannot segment anything. Use another model"
+        )
     try:
         model = build_network(metadata["architecture"])
         model.load_state_dict(state_dict, strict=True)
@@ -300,7 +323,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
         raise ModelFileError(f"{path}: weights do not fit the recorded architecture ({exc})") from None
     problem = metadata_problem(metadata, model)
     if problem:
-        raise ModelFileError(f"{path}: its metadata does not fit its network ({problem}); the file was edited after training "
-                             "or written by other software. Use a model file as PatientFineTune saved it")
+        raise ModelFileError(
+            f"{path}: its metadata does not fit its network ({problem}); the file was edited after training "
+            "or written by other software. Use a model file as PatientFineTune saved it"
+        )
     model.to(device).eval()
     return ModelBundle(model=model, metadata=metadata)

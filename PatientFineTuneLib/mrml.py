@@ -32,10 +32,20 @@ UNCERTAINTY_COLOURS = "PatientFineTune uncertainty"
 #: dark-to-bright ramps (viridis-like for probability, inferno-like for uncertainty),
 #: defined here so they exist in every scene, with or without Slicer's colour files.
 COLOUR_RAMPS = {
-    PROBABILITY_COLOURS: ((0.0, 0.267, 0.005, 0.329), (0.25, 0.229, 0.322, 0.546), (0.5, 0.128, 0.567, 0.551),
-                          (0.75, 0.369, 0.789, 0.383), (1.0, 0.993, 0.906, 0.144)),
-    UNCERTAINTY_COLOURS: ((0.0, 0.001, 0.0, 0.014), (0.25, 0.342, 0.062, 0.429), (0.5, 0.735, 0.216, 0.330),
-                          (0.75, 0.978, 0.557, 0.035), (1.0, 0.988, 1.0, 0.644)),
+    PROBABILITY_COLOURS: (
+        (0.0, 0.267, 0.005, 0.329),
+        (0.25, 0.229, 0.322, 0.546),
+        (0.5, 0.128, 0.567, 0.551),
+        (0.75, 0.369, 0.789, 0.383),
+        (1.0, 0.993, 0.906, 0.144),
+    ),
+    UNCERTAINTY_COLOURS: (
+        (0.0, 0.001, 0.0, 0.014),
+        (0.25, 0.342, 0.062, 0.429),
+        (0.5, 0.735, 0.216, 0.330),
+        (0.75, 0.978, 0.557, 0.035),
+        (1.0, 0.988, 1.0, 0.644),
+    ),
 }
 
 
@@ -55,7 +65,8 @@ def same_grid(a, b, tolerance: float = 1e-4) -> bool:
     if a.GetImageData() is None or b.GetImageData() is None:
         return False
     return a.GetImageData().GetDimensions() == b.GetImageData().GetDimensions() and np.allclose(
-        ijk_to_ras_matrix(a), ijk_to_ras_matrix(b), atol=tolerance)
+        ijk_to_ras_matrix(a), ijk_to_ras_matrix(b), atol=tolerance
+    )
 
 
 def _voxels(volume_node) -> np.ndarray:
@@ -164,7 +175,9 @@ def set_segment_from_array(segmentation_node, segment_name: str, mask_zyx: np.nd
     segmentation = segmentation_node.GetSegmentation()
     if segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole()) is None:
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
-    labelmap = array_to_volume(mask_zyx.astype(np.uint8), reference_node, scene, "__PatientFineTune_import", node_class="vtkMRMLLabelMapVolumeNode")
+    labelmap = array_to_volume(
+        mask_zyx.astype(np.uint8), reference_node, scene, "__PatientFineTune_import", node_class="vtkMRMLLabelMapVolumeNode"
+    )
     try:
         existing = segmentation.GetSegmentIdBySegmentName(segment_name)
         if existing:
@@ -253,7 +266,9 @@ def add_uncertainty_volume(scene, sd_zyx: np.ndarray, reference_node, name: str 
 
 def show_as_foreground(scene, volume_node, opacity: float = 0.5) -> int:
     """Show ``volume_node`` as the foreground layer of every slice view; returns how many."""
-    composites = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+    composites = [
+        scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))
+    ]
     for composite in composites:
         composite.SetForegroundVolumeID(volume_node.GetID())
         composite.SetForegroundOpacity(opacity)

@@ -31,8 +31,15 @@ SEGMENT_FILES = {
 }
 
 
-def write_segment_outputs(case: Case, result, folder: str | Path, overwrite: bool = False, organ: bool = False,
-                          suggestions: list[dict] | None = None, **summary_extra) -> dict[str, Path]:
+def write_segment_outputs(
+    case: Case,
+    result,
+    folder: str | Path,
+    overwrite: bool = False,
+    organ: bool = False,
+    suggestions: list[dict] | None = None,
+    **summary_extra,
+) -> dict[str, Path]:
     """Write a :class:`~PatientFineTuneLib.inference.Segmentation` of ``case`` into
     ``folder`` on the case's input grid: the 0/1 segmentation, the lesion labels, the
     probability, the lesion table, with ``organ`` the organ mask used, with an
@@ -92,8 +99,10 @@ def _table_value(column: str, text: str | None, folder: Path, line: int) -> int 
         return float(text) if text not in ("", None) else float("nan")
     except (TypeError, ValueError):
         kind = "a whole number" if column in ("id", "voxels") else "a number"
-        raise IncompleteResult(f"{folder / SEGMENT_FILES['table']}, line {line}: {column} is {text!r}, not {kind}; "
-                               "it is not a lesion table as segment writes it: segment the case again") from None
+        raise IncompleteResult(
+            f"{folder / SEGMENT_FILES['table']}, line {line}: {column} is {text!r}, not {kind}; "
+            "it is not a lesion table as segment writes it: segment the case again"
+        ) from None
 
 
 def read_segment_outputs(folder: str | Path) -> dict:
@@ -121,13 +130,22 @@ def read_segment_outputs(folder: str | Path) -> dict:
     with open(folder / SEGMENT_FILES["table"], newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "id" not in reader.fieldnames:
-            raise IncompleteResult(f"{folder} is not a complete segment result: an empty {SEGMENT_FILES['table']} (no header); segment the case again into it")
+            raise IncompleteResult(
+                f"{folder} is not a complete segment result: an empty {SEGMENT_FILES['table']} (no header); segment the case again into it"
+            )
         lesions = [{k: _table_value(k, v, folder, reader.line_num) for k, v in row.items()} for row in reader]
     labels = np.unique(sitk.GetArrayFromImage(image("labels")))
     labelled = int((labels > 0).sum())
     if labelled != len(lesions):
-        raise IncompleteResult(f"{folder} is not a complete segment result: {SEGMENT_FILES['table']} lists {len(lesions)} lesion(s) but "
-                               f"the lesion labels ({SEGMENT_FILES['labels']}) hold {labelled}; segment the case again into it")
+        raise IncompleteResult(
+            f"{folder} is not a complete segment result: {SEGMENT_FILES['table']} lists {len(lesions)} lesion(s) but "
+            f"the lesion labels ({SEGMENT_FILES['labels']}) hold {labelled}; segment the case again into it"
+        )
     summary_path = folder / SEGMENT_FILES["summary"]
-    return {"segmentation": image("segmentation"), "probability": image("probability"), "uncertainty": image("uncertainty"),
-            "lesions": lesions, "summary": json.loads(summary_path.read_text()) if summary_path.is_file() else None}
+    return {
+        "segmentation": image("segmentation"),
+        "probability": image("probability"),
+        "uncertainty": image("uncertainty"),
+        "lesions": lesions,
+        "summary": json.loads(summary_path.read_text()) if summary_path.is_file() else None,
+    }

@@ -63,8 +63,13 @@ def _mark_sides(ax, width: int, sides: tuple[str, str] = ("R", "L")) -> None:
         ax.text(x, 2, text, color="white", fontsize=8, fontweight="bold", ha=align, va="top")
 
 
-def outline_figure(anatomy: Sequence[np.ndarray], outlines: Mapping[str, Sequence[np.ndarray]], slice_titles: Sequence[str],
-                   row_title: str = "", sides: tuple[str, str] = ("R", "L")):
+def outline_figure(
+    anatomy: Sequence[np.ndarray],
+    outlines: Mapping[str, Sequence[np.ndarray]],
+    slice_titles: Sequence[str],
+    row_title: str = "",
+    sides: tuple[str, str] = ("R", "L"),
+):
     """One row of slices; on each, the outline of every named mask in its own colour, with
     a legend and a title per slice. Returns the matplotlib figure."""
     from matplotlib.lines import Line2D
@@ -88,8 +93,9 @@ def outline_figure(anatomy: Sequence[np.ndarray], outlines: Mapping[str, Sequenc
     return figure
 
 
-def uncertainty_figure(anatomy: Sequence[np.ndarray], sd: Mapping[str, Sequence[np.ndarray]], slice_titles: Sequence[str],
-                       sides: tuple[str, str] = ("R", "L")):
+def uncertainty_figure(
+    anatomy: Sequence[np.ndarray], sd: Mapping[str, Sequence[np.ndarray]], slice_titles: Sequence[str], sides: tuple[str, str] = ("R", "L")
+):
     """Rows: one per model; columns: slices. The anatomy in grey (dimmed) with the
     uncertainty (SD of the lesion probability over the MC-dropout samples) as a colour map
     over it, clear where it is below 10 % of the maximum, and one colour bar."""

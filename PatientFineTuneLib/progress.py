@@ -68,8 +68,15 @@ class StepProgress:
             self._bar.update(int(done) - self._bar.n)
         elif self.mode == "json":
             fraction = done / self.total if self.total else None
-            emit("progress", step=self.step, done=int(done), total=self.total, fraction=fraction,
-                 **({"loss": float(loss)} if loss is not None else {}), **({"phase": self.current_phase} if self.current_phase else {}))
+            emit(
+                "progress",
+                step=self.step,
+                done=int(done),
+                total=self.total,
+                fraction=fraction,
+                **({"loss": float(loss)} if loss is not None else {}),
+                **({"phase": self.current_phase} if self.current_phase else {}),
+            )
 
     def phase(self, name: str, done: int, total: int) -> None:
         """A phase of the step starts (e.g. "checking fold 1 of 2"): the bar is resized to

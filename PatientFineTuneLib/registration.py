@@ -77,7 +77,9 @@ def register_followup(
     # moments start is undefined on z-scored images, whose values are negative inside
     rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY)
     method = _method(mask, shrink, smooth, seed, iterations)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, gradientMagnitudeTolerance=1e-8)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, gradientMagnitudeTolerance=1e-8
+    )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetInitialTransform(rigid, inPlace=True)
     method.Execute(fixed, moving)
@@ -89,7 +91,9 @@ def register_followup(
         stage.SetMatrix(rigid.GetMatrix())
         stage.SetTranslation(rigid.GetTranslation())
         method = _method(mask, shrink, smooth, seed, iterations)
-        method.SetOptimizerAsRegularStepGradientDescent(learningRate=0.5, minStep=1e-5, numberOfIterations=iterations, gradientMagnitudeTolerance=1e-8)
+        method.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=0.5, minStep=1e-5, numberOfIterations=iterations, gradientMagnitudeTolerance=1e-8
+        )
         method.SetOptimizerScalesFromPhysicalShift()
         method.SetInitialTransform(stage, inPlace=True)
         method.Execute(fixed, moving)
@@ -107,12 +111,16 @@ def register_followup(
         transform = sitk.CompositeTransform([transform, spline])
 
     resampled = sitk.Resample(followup, baseline, transform, sitk.sitkLinear, 0.0, followup.GetPixelID())
-    before = masked_correlation(fixed, sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0), _overlap(fixed, moving, sitk.Transform(), mask))
+    before = masked_correlation(
+        fixed, sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0), _overlap(fixed, moving, sitk.Transform(), mask)
+    )
     after = masked_correlation(fixed, sitk.Cast(resampled, sitk.sitkFloat32), _overlap(fixed, moving, transform, mask))
     warning = None
     if not np.isfinite(after) or after < POOR_CORRELATION:
-        warning = (f"alignment looks poor (correlation {after:.2f} inside the mask after registration); check the overlay "
-                   "and the masks before trusting a change analysis")
+        warning = (
+            f"alignment looks poor (correlation {after:.2f} inside the mask after registration); check the overlay "
+            "and the masks before trusting a change analysis"
+        )
     return RegistrationResult(transform, resampled, before, after, warning)
 
 

@@ -95,7 +95,7 @@ th {{ background: #f3f3f3; }} td.text, th.text {{ text-align: left; }}
 <p class="note">PatientFineTune {__version__}, {created}. Research software: check every result against the images.
 All coordinates are RAS (right, anterior, superior; as 3D Slicer shows them), in mm.</p>
 {notes}
-{''.join(sections)}
+{"".join(sections)}
 </body></html>
 """
 
@@ -155,8 +155,10 @@ def _provenance(inputs: ReportInputs) -> str:
         check = finetune.get("holdout_check")
         if check and not check.get("skipped"):
             verdict = "kept the fine-tuned model" if check["kept"] else "KEPT THE BASE MODEL: fine-tuning did not help on the held-out part"
-            body += (f"<p class='{'' if check['kept'] else 'kept'}'>Never-worse check: {html.escape(verdict)} of the annotation "
-                     f"(held out: {html.escape(describe_held_out(check))}).</p>")
+            body += (
+                f"<p class='{'' if check['kept'] else 'kept'}'>Never-worse check: {html.escape(verdict)} of the annotation "
+                f"(held out: {html.escape(describe_held_out(check))}).</p>"
+            )
         else:
             body += f"<p>{html.escape(describe_patient_model(finetune))}; no never-worse check was run.</p>"
     return body
@@ -168,6 +170,7 @@ def read_suggestions(path: str | os.PathLike) -> list[dict]:
 
     Raises ValueError naming the file for anything else (another JSON file, a hand-edited
     one)."""
+
     def wrong(detail: str) -> ValueError:
         return ValueError(f"{path} is not a suggestions file of segment --suggest ({detail}); give the suggestions.json it wrote")
 
@@ -213,7 +216,9 @@ def _changes_section(changes: Path | None) -> str:
     counts = _table([c for c in CATEGORIES], [[summary[c] for c in CATEGORIES]], text_columns=0)
     rows = [[r["change"], r["baseline_mm3"], r["followup_mm3"], r["change_mm3"], _ras_text(r["centroid_lps_mm"].split())] for r in lesions]
     table = _table(["Change", "Baseline (mm3)", "Follow-up (mm3)", "Change (mm3)", "Centroid (RAS mm)"], rows)
-    figure = load_figure(["baseline", "follow-up"], {"lesion load": [summary["baseline_load_mm3"] / 1000, summary["followup_load_mm3"] / 1000]})
+    figure = load_figure(
+        ["baseline", "follow-up"], {"lesion load": [summary["baseline_load_mm3"] / 1000, summary["followup_load_mm3"] / 1000]}
+    )
     plot = _image(png_bytes(figure), "Lesion load at each visit")
     return _section("What changed", counts + plot + table)
 
@@ -235,12 +240,26 @@ def _uncertainty_section(results: dict) -> str:
         rows.append([label, summary.get("mc_samples"), summary.get("max_sd"), summary.get("mean_sd_in_lesions")])
         uncertain = sorted((r for r in result["lesions"] if math.isfinite(r.get("mean_sd", math.nan))), key=lambda r: -r["mean_sd"])
         if uncertain:
-            lines = [[r["id"], r["volume_mm3"], r["mean_sd"], r.get("mean_probability"),
-                      _ras_text((r["centroid_x_mm"], r["centroid_y_mm"], r["centroid_z_mm"]))] for r in uncertain[:UNCERTAIN_LESIONS]]
-            parts.append(f"<h3>Most uncertain lesions ({html.escape(label)})</h3>"
-                         + _table(["Lesion", "Volume (mm3)", "Mean SD", "Mean probability", "Centroid (RAS mm)"], lines, text_columns=0))
+            lines = [
+                [
+                    r["id"],
+                    r["volume_mm3"],
+                    r["mean_sd"],
+                    r.get("mean_probability"),
+                    _ras_text((r["centroid_x_mm"], r["centroid_y_mm"], r["centroid_z_mm"])),
+                ]
+                for r in uncertain[:UNCERTAIN_LESIONS]
+            ]
+            parts.append(
+                f"<h3>Most uncertain lesions ({html.escape(label)})</h3>"
+                + _table(["Lesion", "Volume (mm3)", "Mean SD", "Mean probability", "Centroid (RAS mm)"], lines, text_columns=0)
+            )
     header = ["Result", "MC samples", "Max SD", "Mean SD in lesions"]
-    return _table(header, rows) + "".join(parts) + ("" if any(r[1] for r in rows) else "<p>No uncertainty map was computed (segment --mc-samples).</p>")
+    return (
+        _table(header, rows)
+        + "".join(parts)
+        + ("" if any(r[1] for r in rows) else "<p>No uncertainty map was computed (segment --mc-samples).</p>")
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,10 +319,20 @@ def report_figures(inputs: ReportInputs, results: dict) -> list[tuple[str, str, 
     titles = [f"slice {s}" for s in picks]
     normal = int(np.argmax(np.abs(np.array(image.GetDirection()).reshape(3, 3)[:, layout.axis])))
     sides = ("A", "P") if normal == 0 else ("R", "L")  # sagittal slices run anterior to posterior
-    figures = [("outlines", "Lesion outlines on the follow-up: " + ", ".join(outlines) + f" (radiological orientation: {sides[0]} on the left)",
-                outline_figure(tiles, {n: [m[s] for s in picks] for n, m in outlines.items()}, titles, "follow-up", sides))]
+    figures = [
+        (
+            "outlines",
+            "Lesion outlines on the follow-up: " + ", ".join(outlines) + f" (radiological orientation: {sides[0]} on the left)",
+            outline_figure(tiles, {n: [m[s] for s in picks] for n, m in outlines.items()}, titles, "follow-up", sides),
+        )
+    ]
     sd = {label: layout.to_slices(sitk.GetArrayFromImage(r["uncertainty"])) for label, r in results.items() if r["uncertainty"] is not None}
     if sd:
-        figures.append(("uncertainty", "Uncertainty (SD over the Monte-Carlo-dropout samples) over the follow-up, one row per model",
-                        uncertainty_figure(tiles, {n: [m[s] for s in picks] for n, m in sd.items()}, titles, sides)))
+        figures.append(
+            (
+                "uncertainty",
+                "Uncertainty (SD over the Monte-Carlo-dropout samples) over the follow-up, one row per model",
+                uncertainty_figure(tiles, {n: [m[s] for s in picks] for n, m in sd.items()}, titles, sides),
+            )
+        )
     return figures

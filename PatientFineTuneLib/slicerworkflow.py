@@ -16,9 +16,10 @@ from __future__ import annotations
 import shutil
 import tempfile
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,6 +30,7 @@ from .jobs import CliJob
 from .outputs import read_segment_outputs
 from .suggest import SliceSuggestion
 from .workflow import SUGGESTED_SLICES, analyse_job, finetune_job, followup_job, input_arguments, job_description, read_suggestions
+
 
 @dataclass
 class MaskSource:
@@ -45,8 +47,10 @@ class MaskSource:
             segmentation = self.node.GetSegmentation()
             if self.segment_id is None and segmentation.GetNumberOfSegments() > 1:
                 # which segment is the organ is not ours to guess
-                raise ValueError(f"segmentation {self.node.GetName()} has {segmentation.GetNumberOfSegments()} segments; "
-                                 "select a segmentation (or labelmap) holding only the mask")
+                raise ValueError(
+                    f"segmentation {self.node.GetName()} has {segmentation.GetNumberOfSegments()} segments; "
+                    "select a segmentation (or labelmap) holding only the mask"
+                )
             segment_id = self.segment_id or segmentation.GetNthSegmentID(0)
             if not segment_id:
                 raise ValueError(f"segmentation {self.node.GetName()} has no segments")
@@ -89,8 +93,9 @@ RESULT_COLOURS = {"base": (0.3, 0.75, 1.0)}
 
 
 def _followup_nodes(scene, reference_node, label, mask_zyx, probability_zyx, sd_zyx, lesions, summary) -> FollowupNodes:
-    segmentation = mrml.add_lesion_segmentation(scene, mask_zyx, reference_node, f"Follow-up lesions ({label})",
-                                                colour=RESULT_COLOURS.get(label, mrml.LESION_COLOUR))
+    segmentation = mrml.add_lesion_segmentation(
+        scene, mask_zyx, reference_node, f"Follow-up lesions ({label})", colour=RESULT_COLOURS.get(label, mrml.LESION_COLOUR)
+    )
     probability = mrml.add_probability_volume(scene, probability_zyx, reference_node, f"Lesion probability ({label})")
     uncertainty = None if sd_zyx is None else mrml.add_uncertainty_volume(scene, sd_zyx, reference_node, f"Uncertainty SD ({label})")
     table = mrml.add_lesion_table(scene, lesions, f"Lesions ({label})")
@@ -173,8 +178,13 @@ def _same_model(a: str, b: str) -> bool:
         return a == b
 
 
-def write_job_inputs(folder: str | Path, volume_nodes: Sequence, sequence_names: Sequence[str], organ: MaskSource | None = None,
-                     lesions: MaskSource | None = None) -> dict:
+def write_job_inputs(
+    folder: str | Path,
+    volume_nodes: Sequence,
+    sequence_names: Sequence[str],
+    organ: MaskSource | None = None,
+    lesions: MaskSource | None = None,
+) -> dict:
     """Write what a job reads (main thread): one NIfTI per sequence, in the model's order,
     and the organ and lesion masks (a segment exported onto the first volume's grid, a
     labelmap as it is). The job resamples every other sequence and a labelmap onto the
@@ -196,8 +206,11 @@ def write_job_inputs(folder: str | Path, volume_nodes: Sequence, sequence_names:
             masks[role] = folder / f"{role}.nii.gz"
             _write_nifti(source.image(volume_nodes[0]), masks[role])
     first = volume_nodes[0]
-    notes = [f"{node.GetName()} ({name}) is resampled onto the grid of {first.GetName()} ({sequence_names[0]})"
-             for name, node in zip(sequence_names[1:], volume_nodes[1:]) if not mrml.same_grid(node, first)]
+    notes = [
+        f"{node.GetName()} ({name}) is resampled onto the grid of {first.GetName()} ({sequence_names[0]})"
+        for name, node in zip(sequence_names[1:], volume_nodes[1:])
+        if not mrml.same_grid(node, first)
+    ]
     return {"arguments": input_arguments(images, **masks), "images": images, "folder": folder, "notes": notes}
 
 
@@ -241,7 +254,9 @@ def followup_nodes_from_job(scene, out: str | Path, reference_node, label: str) 
     outputs = read_segment_outputs(Path(out) / label)
     sd = outputs["uncertainty"]
     return _followup_nodes(
-        scene, reference_node, label,
+        scene,
+        reference_node,
+        label,
         sitk.GetArrayFromImage(outputs["segmentation"]) > 0,
         sitk.GetArrayFromImage(outputs["probability"]),
         None if sd is None else sitk.GetArrayFromImage(sd),
@@ -351,8 +366,10 @@ class PatientSession:
             self.base_metadata = None  # until read: no sequences, no step can start
             metadata = self.models.base_model_metadata()
             if len(metadata["sequences"]) > self.max_sequences:
-                raise ValueError(f"{model} reads {len(metadata['sequences'])} sequences; this module offers at most "
-                                 f"{self.max_sequences}. Use the command line.")
+                raise ValueError(
+                    f"{model} reads {len(metadata['sequences'])} sequences; this module offers at most "
+                    f"{self.max_sequences}. Use the command line."
+                )
             self.base_metadata = metadata
         return describe_base_model(self.base_metadata, Path(model).name)
 
@@ -361,8 +378,9 @@ class PatientSession:
 
     # -- the three steps as jobs -------------------------------------------------------------
 
-    def _start(self, kind: str, volume_nodes: Sequence, make_job: Callable, organ=None, lesions=None, labels=(),
-               other_visit: Sequence = ()) -> RunningStep:
+    def _start(
+        self, kind: str, volume_nodes: Sequence, make_job: Callable, organ=None, lesions=None, labels=(), other_visit: Sequence = ()
+    ) -> RunningStep:
         """Write the inputs into a new step folder and start ``make_job(inputs, folder)``;
         the folder is removed if either fails."""
         check_volumes(volume_nodes, self.sequence_names(), other_visit)
@@ -377,14 +395,28 @@ class PatientSession:
         self._running.add(step)
         return step
 
-    def start_analyse(self, volume_nodes: Sequence, organ: MaskSource | None = None, k: int = SUGGESTED_SLICES, device: str = "auto") -> RunningStep:
+    def start_analyse(
+        self, volume_nodes: Sequence, organ: MaskSource | None = None, k: int = SUGGESTED_SLICES, device: str = "auto"
+    ) -> RunningStep:
         """Step 1: segment the baseline with the base model and suggest ``k`` slices."""
         self._baseline_volumes = list(volume_nodes)
-        return self._start("analyse", volume_nodes, lambda inputs, folder: analyse_job(
-            self.models.base_model, inputs["arguments"], folder / "analysis", k, device, self.python), organ)
+        return self._start(
+            "analyse",
+            volume_nodes,
+            lambda inputs, folder: analyse_job(self.models.base_model, inputs["arguments"], folder / "analysis", k, device, self.python),
+            organ,
+        )
 
-    def start_finetune(self, volume_nodes: Sequence, organ: MaskSource | None, annotation: MaskSource, selection: str,
-                       iterations: int = 100, weighting: str = "preset", device: str = "auto") -> RunningStep:
+    def start_finetune(
+        self,
+        volume_nodes: Sequence,
+        organ: MaskSource | None,
+        annotation: MaskSource,
+        selection: str,
+        iterations: int = 100,
+        weighting: str = "preset",
+        device: str = "auto",
+    ) -> RunningStep:
         """Step 2: fine-tune on the (edited) baseline segment: the suggested slices
         (``selection`` "suggested"; a suggested slice left without lesions is a valid
         annotation) or "all-lesion"."""
@@ -396,11 +428,24 @@ class PatientSession:
             self._patient_folder = Path(tempfile.mkdtemp(prefix="PatientFineTune-patient-"))
             self._remove_patient_folder = weakref.finalize(self, shutil.rmtree, self._patient_folder, True)
         out = self._patient_folder / f"patient-model-{len(list(self._patient_folder.iterdir()))}.pt"
-        return self._start("finetune", volume_nodes, lambda inputs, folder: finetune_job(
-            self.models.base_model, inputs["arguments"], out, slices, iterations, weighting, device=device, python=self.python), organ, annotation)
+        return self._start(
+            "finetune",
+            volume_nodes,
+            lambda inputs, folder: finetune_job(
+                self.models.base_model, inputs["arguments"], out, slices, iterations, weighting, device=device, python=self.python
+            ),
+            organ,
+            annotation,
+        )
 
-    def start_followup(self, volume_nodes: Sequence, organ: MaskSource | None = None, mc_samples: int = 25,
-                       compare_with_base: bool = True, device: str = "auto") -> RunningStep:
+    def start_followup(
+        self,
+        volume_nodes: Sequence,
+        organ: MaskSource | None = None,
+        mc_samples: int = 25,
+        compare_with_base: bool = True,
+        device: str = "auto",
+    ) -> RunningStep:
         """Step 3: segment the follow-up with the base model (if asked, or if there is no
         patient model) and the patient model; ``mc_samples`` 0 for no uncertainty map."""
         models = []
@@ -408,9 +453,16 @@ class PatientSession:
             models.append(("base", self.models.base_model))
         if self.models.patient_model is not None:
             models.append(("fine-tuned", str(self.models.patient_model)))
-        return self._start("followup", volume_nodes, lambda inputs, folder: followup_job(
-            models, inputs["arguments"], folder / "results", mc_samples, device=device, python=self.python), organ,
-            labels=[label for label, _model in models], other_visit=self._baseline_volumes)
+        return self._start(
+            "followup",
+            volume_nodes,
+            lambda inputs, folder: followup_job(
+                models, inputs["arguments"], folder / "results", mc_samples, device=device, python=self.python
+            ),
+            organ,
+            labels=[label for label, _model in models],
+            other_visit=self._baseline_volumes,
+        )
 
     def finish_step(self, step: RunningStep):
         """Load a finished step's results onto the volume it started from: the analysis

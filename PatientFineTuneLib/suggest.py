@@ -38,11 +38,18 @@ class SliceSuggestion:
     @classmethod
     def from_dict(cls, record: dict) -> SliceSuggestion:
         """Inverse of :meth:`as_dict` (e.g. a job's ``suggestions.json``)."""
-        return cls(int(record["slice"]), float(record["score"]), float(record["mean_probability"]),
-                   tuple(float(c) for c in record["centre_lps_mm"]), int(record["itk_slice_axis"]))
+        return cls(
+            int(record["slice"]),
+            float(record["score"]),
+            float(record["mean_probability"]),
+            tuple(float(c) for c in record["centre_lps_mm"]),
+            int(record["itk_slice_axis"]),
+        )
 
 
-def rank_slices(probability: np.ndarray, organ: np.ndarray, candidates: np.ndarray, ranking: str = "softmax") -> list[tuple[int, float, float]]:
+def rank_slices(
+    probability: np.ndarray, organ: np.ndarray, candidates: np.ndarray, ranking: str = "softmax"
+) -> list[tuple[int, float, float]]:
     """(slice, score, mean probability) of the candidate slices, best first.
 
     ``softmax``: |mean lesion probability over organ pixels - 0.5| (the paper).

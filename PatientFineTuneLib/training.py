@@ -102,9 +102,7 @@ class PatchPool:
         return len(self.images)
 
 
-def build_patch_pool(
-    cases: Sequence[Case], training_spacing: Sequence[float], patches_per_slice: int, seed: int
-) -> PatchPool:
+def build_patch_pool(cases: Sequence[Case], training_spacing: Sequence[float], patches_per_slice: int, seed: int) -> PatchPool:
     """Lesion-containing slices of normalised cases, resampled in-plane to
     ``training_spacing``, each with ``patches_per_slice`` centres inside the organ."""
     rng = np.random.default_rng([seed, 0x9A7C4])
@@ -127,7 +125,9 @@ def build_patch_pool(
     return pool
 
 
-def sample_batch(pool: PatchPool, config: TrainingConfig, iteration: int, rank: int = 0, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    pool: PatchPool, config: TrainingConfig, iteration: int, rank: int = 0, n: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The mini-batch of ``iteration`` (on process ``rank``): random (slice, patch) pairs,
     random rotations; ``n`` patches (default: the batch size)."""
     rng = np.random.default_rng([config.seed, iteration, rank])
@@ -141,7 +141,9 @@ def sample_batch(pool: PatchPool, config: TrainingConfig, iteration: int, rank: 
     return torch.cat(xs), torch.cat(ys)[:, 0].round().long()
 
 
-def draw_batch(pool: PatchPool | None, synthetic, config: TrainingConfig, iteration: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_batch(
+    pool: PatchPool | None, synthetic, config: TrainingConfig, iteration: int, rank: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The mini-batch of ``iteration``: real patches from ``pool``, synthetic ones from
     ``synthetic`` (an :class:`~PatientFineTuneLib.synth.anatomy_patches.AnatomyPatches`), in
     the config's proportion, then the config's sequence dropout. Without synthesis and
@@ -194,8 +196,9 @@ def init_distributed(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def patch_loss(network: torch.nn.Module, pool: PatchPool | None, config: TrainingConfig, device: torch.device, rank: int = 0,
-               synthetic=None) -> Callable[[int], torch.Tensor]:
+def patch_loss(
+    network: torch.nn.Module, pool: PatchPool | None, config: TrainingConfig, device: torch.device, rank: int = 0, synthetic=None
+) -> Callable[[int], torch.Tensor]:
     """The loss of base training's iteration ``i`` as a function of ``i``: weighted
     cross-entropy of ``network`` on :func:`draw_batch`'s patches. Shared with the
     throughput benchmark, so what it times is what training runs. ``network`` may be a
@@ -339,8 +342,18 @@ def train_base_model(
                 on_validation(record)
 
     try:
-        training_loop(patch_loss(network, pool, config, device, rank, synthetic), optimizer, range(start, config.iterations), seed=config.seed,
-                      device=device, precision=config.precision, rank=rank, world=world, after_step=after_step, cancel=cancel)
+        training_loop(
+            patch_loss(network, pool, config, device, rank, synthetic),
+            optimizer,
+            range(start, config.iterations),
+            seed=config.seed,
+            device=device,
+            precision=config.precision,
+            rank=rank,
+            world=world,
+            after_step=after_step,
+            cancel=cancel,
+        )
     finally:
         bar.close()
     model.eval()

@@ -34,8 +34,16 @@ class Adam:
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.params = list(params)
         # the one place the settings live, as in torch (what GradScaler and schedulers read)
-        self.param_groups = [{"params": self.params, "lr": float(lr), "betas": (float(betas[0]), float(betas[1])), "eps": float(eps),
-                              "weight_decay": 0.0, "amsgrad": False}]
+        self.param_groups = [
+            {
+                "params": self.params,
+                "lr": float(lr),
+                "betas": (float(betas[0]), float(betas[1])),
+                "eps": float(eps),
+                "weight_decay": 0.0,
+                "amsgrad": False,
+            }
+        ]
         # per parameter, created at its first step as torch does: steps taken, first and second moments
         self.state: dict[int, dict] = {}
 
@@ -65,7 +73,10 @@ class Adam:
 
     def state_dict(self) -> dict:
         """The state in ``torch.optim.Adam.state_dict()``'s layout."""
-        state = {i: {"step": torch.tensor(float(s["step"])), "exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]} for i, s in self.state.items()}
+        state = {
+            i: {"step": torch.tensor(float(s["step"])), "exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]}
+            for i, s in self.state.items()
+        }
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         return {"state": state, "param_groups": [{**group, "params": list(range(len(self.params)))}]}
 
@@ -74,8 +85,14 @@ class Adam:
         groups = state_dict["param_groups"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
             raise ValueError(f"optimiser state for {sum(len(g['params']) for g in groups)} parameters, not {len(self.params)}")
-        self.state = {int(i): {"step": int(s["step"]), "exp_avg": s["exp_avg"].to(self.params[int(i)]).clone(),
-                               "exp_avg_sq": s["exp_avg_sq"].to(self.params[int(i)]).clone()} for i, s in state_dict["state"].items()}
+        self.state = {
+            int(i): {
+                "step": int(s["step"]),
+                "exp_avg": s["exp_avg"].to(self.params[int(i)]).clone(),
+                "exp_avg_sq": s["exp_avg_sq"].to(self.params[int(i)]).clone(),
+            }
+            for i, s in state_dict["state"].items()
+        }
 
 
 def check_precision(precision: str, device: torch.device | None = None, channels_last_backward: bool = False) -> None:

@@ -89,17 +89,21 @@ def prepare_volumes(cases: Sequence[Case], spacing: Sequence[float], patch: int)
             raise ValueError(f"case {case.name or '?'} has no organ voxels at {spacing} mm")
         half = patch // 2
         pad = [half, patch - half] * 3
-        volumes.append(TrainingVolume(
-            image=F.pad(images, pad),
-            label=F.pad(lesions.long(), pad),
-            # a patch centred on voxel v of the unpadded grid starts at v in the padded one
-            lesion_voxels=np.argwhere(lesions.numpy()),
-            organ_voxels=np.argwhere((organ & ~lesions).numpy()),
-        ))
+        volumes.append(
+            TrainingVolume(
+                image=F.pad(images, pad),
+                label=F.pad(lesions.long(), pad),
+                # a patch centred on voxel v of the unpadded grid starts at v in the padded one
+                lesion_voxels=np.argwhere(lesions.numpy()),
+                organ_voxels=np.argwhere((organ & ~lesions).numpy()),
+            )
+        )
     return volumes
 
 
-def sample_volume_batch(volumes: Sequence[TrainingVolume], config: VolumeTrainingConfig, patch: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_volume_batch(
+    volumes: Sequence[TrainingVolume], config: VolumeTrainingConfig, patch: int, iteration: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The augmented mini-batch of ``iteration``: (B, C, P, P, P) images, (B, P, P, P) labels."""
     rng = np.random.default_rng([config.seed, iteration, 0x3D])
     xs, ys = [], []
@@ -165,8 +169,16 @@ def train_volume_model(
         x, y = sample_volume_batch(volumes, config, patch, iteration)
         return F.cross_entropy(model(x.to(device)).float(), y.to(device), weight=weights)
 
-    losses = training_loop(loss_of, optimizer, range(config.iterations), seed=config.seed, device=device, precision=config.precision,
-                           after_step=progress, cancel=cancel)
+    losses = training_loop(
+        loss_of,
+        optimizer,
+        range(config.iterations),
+        seed=config.seed,
+        device=device,
+        precision=config.precision,
+        after_step=progress,
+        cancel=cancel,
+    )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -25,8 +25,9 @@ import asyncio
 import os
 import secrets
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -81,10 +82,16 @@ def lesion_table_rows(lesions: Sequence[dict]) -> list[dict]:
     def fmt(value, digits):
         return "" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
-    return [{"id": r["id"], "volume": fmt(r["volume_mm3"], 1),
-             "ras": ", ".join(f"{r[k]:.1f}" for k in ("centroid_r_mm", "centroid_a_mm", "centroid_s_mm")),
-             "probability": fmt(r.get("mean_probability"), 2), "sd": fmt(r.get("mean_sd"), 3)}
-            for r in lesion_rows_in_ras(lesions)]
+    return [
+        {
+            "id": r["id"],
+            "volume": fmt(r["volume_mm3"], 1),
+            "ras": ", ".join(f"{r[k]:.1f}" for k in ("centroid_r_mm", "centroid_a_mm", "centroid_s_mm")),
+            "probability": fmt(r.get("mean_probability"), 2),
+            "sd": fmt(r.get("mean_sd"), 3),
+        }
+        for r in lesion_rows_in_ras(lesions)
+    ]
 
 
 class PatientFineTuneWeb:
@@ -98,8 +105,14 @@ class PatientFineTuneWeb:
     device : torch device for the model ("auto": CUDA when available).
     """
 
-    def __init__(self, server=None, model: str = "brain-wmh", work_dir: str | os.PathLike = ".", device: str = "auto",
-                 data_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        server=None,
+        model: str = "brain-wmh",
+        work_dir: str | os.PathLike = ".",
+        device: str = "auto",
+        data_dir: str | os.PathLike | None = None,
+    ):
         from trame.app import get_server
         from trame_slicer import module as trame_slicer_module
         from trame_slicer.core import LayoutManager, SlicerApp
@@ -136,20 +149,41 @@ class PatientFineTuneWeb:
 
     def _set_initial_state(self):
         names = [s["name"] for s in self.sequences]
-        self.state.update({
-            "trame__title": "PatientFineTune",
-            "trame__favicon": None,  # the stock favicon points at an outside host
-            "model_info": f"{self.session.base_metadata.get('preset') or 'model'}: reads {', '.join(names)}",
-            "baseline_paths": "", "followup_paths": "", "sequence_names": ", ".join(names),
-            "status": "Load the sample patient or a study.", "error": "",
-            "loaded": False, "analysed": False, "finetuned": False, "busy": False,
-            "progress": 0, "progress_text": "",
-            "suggestions": [], "current_slice": "",
-            "annotation_voxels": 0, "tool": "none", "brush_mm": 5.0, "overlay": "",
-            "slice_selection": "suggested", "iterations": 100, "mc_samples": 25,
-            "lesion_headers": LESION_HEADERS, "lesion_rows": [], "result_text": "", "uncertainty_shown": False,
-            "shown_result": "fine-tuned", "sd_max": "", "legend_gradient": _legend_gradient(), "report_url": "",
-        })
+        self.state.update(
+            {
+                "trame__title": "PatientFineTune",
+                "trame__favicon": None,  # the stock favicon points at an outside host
+                "model_info": f"{self.session.base_metadata.get('preset') or 'model'}: reads {', '.join(names)}",
+                "baseline_paths": "",
+                "followup_paths": "",
+                "sequence_names": ", ".join(names),
+                "status": "Load the sample patient or a study.",
+                "error": "",
+                "loaded": False,
+                "analysed": False,
+                "finetuned": False,
+                "busy": False,
+                "progress": 0,
+                "progress_text": "",
+                "suggestions": [],
+                "current_slice": "",
+                "annotation_voxels": 0,
+                "tool": "none",
+                "brush_mm": 5.0,
+                "overlay": "",
+                "slice_selection": "suggested",
+                "iterations": 100,
+                "mc_samples": 25,
+                "lesion_headers": LESION_HEADERS,
+                "lesion_rows": [],
+                "result_text": "",
+                "uncertainty_shown": False,
+                "shown_result": "fine-tuned",
+                "sd_max": "",
+                "legend_gradient": _legend_gradient(),
+                "report_url": "",
+            }
+        )
 
     def _build_layout(self):
         from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition, ViewProps, ViewType
@@ -157,9 +191,13 @@ class PatientFineTuneWeb:
         def axial(tag, group, colour):
             return ViewLayoutDefinition(tag, ViewType.SLICE_VIEW, ViewProps(orientation="Axial", label=tag, color=colour, group=group))
 
-        threed = ViewLayoutDefinition(THREED_VIEW, ViewType.THREE_D_VIEW, ViewProps(label="3D", group=0, background_color=("#1f2020", "#3c3c3c")))
-        layout = Layout(LayoutDirection.Horizontal, [axial(BASELINE_VIEW, 0, "#F34A33"), axial(FOLLOWUP_VIEW, 1, "#6DAD4A"),
-                                                     Layout(LayoutDirection.Vertical, [threed])])
+        threed = ViewLayoutDefinition(
+            THREED_VIEW, ViewType.THREE_D_VIEW, ViewProps(label="3D", group=0, background_color=("#1f2020", "#3c3c3c"))
+        )
+        layout = Layout(
+            LayoutDirection.Horizontal,
+            [axial(BASELINE_VIEW, 0, "#F34A33"), axial(FOLLOWUP_VIEW, 1, "#6DAD4A"), Layout(LayoutDirection.Vertical, [threed])],
+        )
         self.layout_manager.register_layout("baseline-followup", layout)
         self.layout_manager.set_layout("baseline-followup")
 
@@ -178,30 +216,70 @@ class PatientFineTuneWeb:
                 with html.Div(classes="pa-3 d-flex flex-column ga-2"):
                     html.Div("1. Patient", classes="text-subtitle-1")
                     v.VBtn("Load sample patient", id="load-sample", click=self.load_sample, disabled=("busy",), block=True)
-                    v.VTextField(v_model=("baseline_paths",), label=("`Baseline files (${sequence_names}), comma-separated`",), density="compact", hide_details=True)
+                    v.VTextField(
+                        v_model=("baseline_paths",),
+                        label=("`Baseline files (${sequence_names}), comma-separated`",),
+                        density="compact",
+                        hide_details=True,
+                    )
                     v.VTextField(v_model=("followup_paths",), label="Follow-up files, same order", density="compact", hide_details=True)
                     v.VBtn("Load study from files", id="load-files", click=self.load_files, disabled=("busy",), block=True, variant="tonal")
 
                     html.Div("2. Baseline", classes="text-subtitle-1 mt-2")
                     v.VBtn("Analyse baseline", id="analyse", click=self.analyse, disabled=("busy || !loaded",), block=True)
                     with html.Div(v_if=("suggestions.length",), classes="d-flex flex-wrap ga-1", id="suggestions"):
-                        v.VBtn("{{ s.label }}", v_for=("s in suggestions",), key="s.index", size="small", variant="outlined",
-                               classes="suggestion", click=(self.jump_to, "[s.index]"))
+                        v.VBtn(
+                            "{{ s.label }}",
+                            v_for=("s in suggestions",),
+                            key="s.index",
+                            size="small",
+                            variant="outlined",
+                            classes="suggestion",
+                            click=(self.jump_to, "[s.index]"),
+                        )
                     html.Div("{{ current_slice }}", classes="text-caption", id="current-slice")
                     with v.VBtnToggle(v_model=("tool",), mandatory=True, density="compact", divided=True, disabled=("!analysed || busy",)):
                         v.VBtn("View", value="none", id="tool-none")
                         v.VBtn("Paint", value="paint", id="tool-paint")
                         v.VBtn("Erase", value="erase", id="tool-erase")
-                    v.VSlider(v_model=("brush_mm",), min=1, max=20, step=0.5, label="Brush (mm)", density="compact", hide_details=True,
-                              thumb_label=True, disabled=("!analysed || busy",))
+                    v.VSlider(
+                        v_model=("brush_mm",),
+                        min=1,
+                        max=20,
+                        step=0.5,
+                        label="Brush (mm)",
+                        density="compact",
+                        hide_details=True,
+                        thumb_label=True,
+                        disabled=("!analysed || busy",),
+                    )
                     html.Div("Annotation: <span id='annotation-voxels'>{{ annotation_voxels }}</span> voxels", classes="text-caption")
 
                     html.Div("3. Fine-tune and segment the follow-up", classes="text-subtitle-1 mt-2")
-                    v.VSelect(v_model=("slice_selection",), items=("[{title: 'suggested slices', value: 'suggested'}, {title: 'all lesion slices', value: 'all-lesion'}]",),
-                              label="Train on", density="compact", hide_details=True)
+                    v.VSelect(
+                        v_model=("slice_selection",),
+                        items=("[{title: 'suggested slices', value: 'suggested'}, {title: 'all lesion slices', value: 'all-lesion'}]",),
+                        label="Train on",
+                        density="compact",
+                        hide_details=True,
+                    )
                     with html.Div(classes="d-flex ga-2"):
-                        v.VTextField(v_model_number=("iterations",), type="number", label="Iterations", density="compact", hide_details=True, id="iterations")
-                        v.VTextField(v_model_number=("mc_samples",), type="number", label="MC samples", density="compact", hide_details=True, id="mc-samples")
+                        v.VTextField(
+                            v_model_number=("iterations",),
+                            type="number",
+                            label="Iterations",
+                            density="compact",
+                            hide_details=True,
+                            id="iterations",
+                        )
+                        v.VTextField(
+                            v_model_number=("mc_samples",),
+                            type="number",
+                            label="MC samples",
+                            density="compact",
+                            hide_details=True,
+                            id="mc-samples",
+                        )
                     with html.Div(classes="d-flex ga-2"):
                         v.VBtn("Fine-tune", id="finetune", click=self.finetune, disabled=("busy || !analysed",), color="primary")
                         v.VBtn("Cancel", id="cancel", click=self.cancel, disabled=("!busy",), variant="outlined")
@@ -209,13 +287,22 @@ class PatientFineTuneWeb:
                     html.Div("{{ progress_text }}", v_show=("busy",), classes="text-caption")
                     html.Div("{{ status }}", classes="text-body-2", id="status")
                     v.VAlert(text=("error",), v_if=("error",), type="error", density="compact", id="error")
-                    html.Div("{{ result_text }}", v_if=("result_text",), classes="text-body-2", id="result-text", style="white-space: pre-line")
-                    with v.VBtnToggle(v_model=("shown_result",), v_if=("finetuned",), mandatory=True, density="compact", divided=True,
-                                      id="result-switch"):
+                    html.Div(
+                        "{{ result_text }}", v_if=("result_text",), classes="text-body-2", id="result-text", style="white-space: pre-line"
+                    )
+                    with v.VBtnToggle(
+                        v_model=("shown_result",), v_if=("finetuned",), mandatory=True, density="compact", divided=True, id="result-switch"
+                    ):
                         v.VBtn("Fine-tuned", value="fine-tuned", id="show-finetuned")
                         v.VBtn("Base", value="base", id="show-base")
-                    v.VSwitch(v_model=("uncertainty_shown",), label="Uncertainty overlay (follow-up view)", v_if=("finetuned",),
-                              density="compact", hide_details=True, id="uncertainty-switch")
+                    v.VSwitch(
+                        v_model=("uncertainty_shown",),
+                        label="Uncertainty overlay (follow-up view)",
+                        v_if=("finetuned",),
+                        density="compact",
+                        hide_details=True,
+                        id="uncertainty-switch",
+                    )
                     html.Div("Follow-up view overlay: {{ overlay }}", v_if=("overlay",), classes="text-caption", id="overlay")
                     with html.Div(v_if=("uncertainty_shown && sd_max",), id="uncertainty-legend", classes="text-caption"):
                         html.Div("Uncertainty (SD of the lesion probability)")
@@ -223,10 +310,22 @@ class PatientFineTuneWeb:
                         with html.Div(classes="d-flex justify-space-between"):
                             html.Span("0")
                             html.Span("{{ sd_max }}", id="legend-max")
-                    html.A("Open the patient's report", v_if=("report_url",), href=("report_url",), target="_blank", id="report-link",
-                           classes="text-body-2")
-                    v.VDataTable(v_if=("lesion_rows.length",), headers=("lesion_headers",), items=("lesion_rows",), density="compact",
-                                 items_per_page=8, id="lesion-table")
+                    html.A(
+                        "Open the patient's report",
+                        v_if=("report_url",),
+                        href=("report_url",),
+                        target="_blank",
+                        id="report-link",
+                        classes="text-body-2",
+                    )
+                    v.VDataTable(
+                        v_if=("lesion_rows.length",),
+                        headers=("lesion_headers",),
+                        items=("lesion_rows",),
+                        density="compact",
+                        items_per_page=8,
+                        id="lesion-table",
+                    )
             with self.ui.content:
                 self.layout_manager.initialize_layout_grid(self.ui)
         reattach_effect_pipelines(self.slicer)
@@ -260,8 +359,10 @@ class PatientFineTuneWeb:
         split = [[p.strip() for p in str(self.state[k]).split(",") if p.strip()] for k in ("baseline_paths", "followup_paths")]
         outside = [p for paths in split for p in paths if not self.may_read(p)]
         if outside:  # the same words whether it exists or not: the page must not learn which files the server has
-            self.state.error = (f"{outside[0]}: only files inside the data folder {self.data_dir} can be loaded "
-                                "(start the app with --data FOLDER to allow another folder)")
+            self.state.error = (
+                f"{outside[0]}: only files inside the data folder {self.data_dir} can be loaded "
+                "(start the app with --data FOLDER to allow another folder)"
+            )
             return
         self.load_study(*split, name="study from files")
 
@@ -278,23 +379,40 @@ class PatientFineTuneWeb:
         n = len(self.sequences)
         try:
             if len(baseline) != n or len(followup) != n:
-                raise ValueError(f"the model reads {n} sequence(s) ({self.state.sequence_names}); give that many files for each visit, in that order")
+                raise ValueError(
+                    f"the model reads {n} sequence(s) ({self.state.sequence_names}); give that many files for each visit, in that order"
+                )
             images = {visit: [read_image(p) for p in paths] for visit, paths in (("baseline", baseline), ("followup", followup))}
         except Exception as error:  # shown to the user, who can fix the paths
             self.state.error = str(error)
             return
         self.slicer.scene.Clear(0)
-        self.volumes = {visit: [image_to_volume(image, self.slicer.scene, f"{visit} {s['name']}") for image, s in zip(imgs, self.sequences)]
-                        for visit, imgs in images.items()}
+        self.volumes = {
+            visit: [image_to_volume(image, self.slicer.scene, f"{visit} {s['name']}") for image, s in zip(imgs, self.sequences)]
+            for visit, imgs in images.items()
+        }
         self.baseline_segmentation, self.followup_results = None, {}
         self._show(BASELINE_VIEW, self.volumes["baseline"][0])
         self._show(FOLLOWUP_VIEW, self.volumes["followup"][0])
         for tag in (BASELINE_VIEW, FOLLOWUP_VIEW):
             self.view(tag).fit_view_to_content()
-        self.state.update({"loaded": True, "analysed": False, "finetuned": False, "suggestions": [], "lesion_rows": [],
-                           "result_text": "", "annotation_voxels": 0, "tool": "none", "uncertainty_shown": False,
-                           "shown_result": "fine-tuned", "sd_max": "", "report_url": "",
-                           "status": f"Loaded {name}. Next: analyse the baseline."})
+        self.state.update(
+            {
+                "loaded": True,
+                "analysed": False,
+                "finetuned": False,
+                "suggestions": [],
+                "lesion_rows": [],
+                "result_text": "",
+                "annotation_voxels": 0,
+                "tool": "none",
+                "uncertainty_shown": False,
+                "shown_result": "fine-tuned",
+                "sd_max": "",
+                "report_url": "",
+                "status": f"Loaded {name}. Next: analyse the baseline.",
+            }
+        )
 
     # -- long work -------------------------------------------------------------------------
 
@@ -378,10 +496,14 @@ class PatientFineTuneWeb:
         editor.show_3d(True)
         self._count_annotation()
         with self.state:
-            self.state.suggestions = [{"index": i, "label": f"slice {s.index} (mean p {s.mean_probability:.2f})"} for i, s in enumerate(self.session.suggestions)]
+            self.state.suggestions = [
+                {"index": i, "label": f"slice {s.index} (mean p {s.mean_probability:.2f})"} for i, s in enumerate(self.session.suggestions)
+            ]
             self.state.analysed = True
-            self.state.status = ("The base model's lesions are on the baseline. Check and correct them on the suggested slices "
-                                 "(Paint / Erase), then fine-tune.")
+            self.state.status = (
+                "The base model's lesions are on the baseline. Check and correct them on the suggested slices "
+                "(Paint / Erase), then fine-tune."
+            )
         if self.session.suggestions:
             self.jump_to(0)
 
@@ -435,9 +557,14 @@ class PatientFineTuneWeb:
         try:
             segment_id = self.baseline_segmentation.GetSegmentation().GetSegmentIdBySegmentName("Lesion")
             iterations, mc_samples = run_settings(self.state.iterations, self.state.mc_samples)
-            finetune = self.session.start_finetune(self.volumes["baseline"], None, MaskSource(self.baseline_segmentation, segment_id),
-                                                   "suggested" if self.state.slice_selection == "suggested" else "all-lesion",
-                                                   iterations, device=self.device)
+            finetune = self.session.start_finetune(
+                self.volumes["baseline"],
+                None,
+                MaskSource(self.baseline_segmentation, segment_id),
+                "suggested" if self.state.slice_selection == "suggested" else "all-lesion",
+                iterations,
+                device=self.device,
+            )
         except Exception as error:  # e.g. no suggestions, a non-number: the user's to fix
             with self.state:
                 self.state.error = str(error)
@@ -451,8 +578,9 @@ class PatientFineTuneWeb:
             runs = await self._run_step("Segmenting the follow-up with both models", followup)
             if runs is None:
                 return
-            self.followup_results = {label: nodes for label in ("fine-tuned", "base") for step_label, nodes in zip(followup.labels, runs)
-                                     if step_label == label}
+            self.followup_results = {
+                label: nodes for label in ("fine-tuned", "base") for step_label, nodes in zip(followup.labels, runs) if step_label == label
+            }
             try:
                 report_url = f"{REPORTS_URL}/{self._write_report(followup).name}"
             except Exception as error:  # the results stand without their report; say why there is none
@@ -465,9 +593,16 @@ class PatientFineTuneWeb:
         self._show_only_in(self.baseline_segmentation, [BASELINE_VIEW])
         lines = [describe_followup(nodes) for nodes in self.followup_results.values()]
         with self.state:
-            self.state.update({"finetuned": True, "result_text": "\n".join(lines), "shown_result": "fine-tuned",
-                               "status": description + ".", "uncertainty_shown": self.followup_results["fine-tuned"].uncertainty is not None,
-                               "report_url": report_url})
+            self.state.update(
+                {
+                    "finetuned": True,
+                    "result_text": "\n".join(lines),
+                    "shown_result": "fine-tuned",
+                    "status": description + ".",
+                    "uncertainty_shown": self.followup_results["fine-tuned"].uncertainty is not None,
+                    "report_url": report_url,
+                }
+            )
         self._on_result_shown(self.state.uncertainty_shown, self.state.shown_result)
 
     def _write_report(self, followup) -> Path:
@@ -479,10 +614,14 @@ class PatientFineTuneWeb:
 
         suggestions = followup.folder / "suggestions.json"
         suggestions.write_text(json.dumps([s.as_dict() for s in self.session.suggestions], indent=2))
-        inputs = ReportInputs(followup.images[0],
-                              {label: followup.folder / "results" / label for label in ("fine-tuned", "base")},
-                              title="PatientFineTune report", paths_shown=False, patient_model=self.session.models.patient_model,
-                              suggestions=suggestions)
+        inputs = ReportInputs(
+            followup.images[0],
+            {label: followup.folder / "results" / label for label in ("fine-tuned", "base")},
+            title="PatientFineTune report",
+            paths_shown=False,
+            patient_model=self.session.models.patient_model,
+            suggestions=suggestions,
+        )
         return write_report(inputs, self.reports_dir / f"report-{secrets.token_urlsafe(12)}.html")
 
     def _on_result_shown(self, uncertainty_shown, shown_result, **_):
@@ -508,6 +647,7 @@ def run_settings(iterations, mc_samples) -> tuple[int, int]:
     """The page's fine-tuning iterations and MC-dropout samples as whole numbers, checked
     before any work (as the command line's options are): at least 1 iteration; 0 samples
     (no uncertainty) or at least 2 (an SD needs two)."""
+
     def whole(value, name):
         try:
             number = float(value)
@@ -556,8 +696,16 @@ def own_address_only(host: str, allowed: Sequence[str] = ()):
     return guard
 
 
-def main(host: str = "127.0.0.1", port: int = 8080, model: str = "brain-wmh", work_dir: str = ".", device: str = "auto",
-         data_dir: str | None = None, allowed_hosts: Sequence[str] = (), open_browser: bool = False) -> None:
+def main(
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    model: str = "brain-wmh",
+    work_dir: str = ".",
+    device: str = "auto",
+    data_dir: str | None = None,
+    allowed_hosts: Sequence[str] = (),
+    open_browser: bool = False,
+) -> None:
     """Serve the app until interrupted; prints the address to open, with this start's
     secret in it. ``allowed_hosts``: more names the app answers to (see
     :func:`own_address_only`)."""
@@ -565,9 +713,15 @@ def main(host: str = "127.0.0.1", port: int = 8080, model: str = "brain-wmh", wo
     app = PatientFineTuneWeb(model=model, work_dir=work_dir, device=device, data_dir=data_dir)
     secret = secrets.token_urlsafe(24)
     app.server.cli.set_defaults(authKey=secret)  # wslink's default ("wslink-secret") is public
-    app.server.controller.on_server_bind.add(lambda wslink_server: wslink_server.app.middlewares.append(own_address_only(host, allowed_hosts)))
+    app.server.controller.on_server_bind.add(
+        lambda wslink_server: wslink_server.app.middlewares.append(own_address_only(host, allowed_hosts))
+    )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     app.server.controller.on_server_ready.add(
-        lambda **_: print(f"PatientFineTune web app: open http://{shown}:{app.server.port}/?secret={secret} "
-                          f"(the secret admits this browser; the app reads images in {app.data_dir} only)", flush=True))
+        lambda **_: print(
+            f"PatientFineTune web app: open http://{shown}:{app.server.port}/?secret={secret} "
+            f"(the secret admits this browser; the app reads images in {app.data_dir} only)",
+            flush=True,
+        )
+    )
     app.server.start(host=host, port=port, open_browser=open_browser, show_connection_info=False)

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from .jobs import CliJob
 from .progress import Cancelled
@@ -46,27 +47,83 @@ def input_arguments(images: Sequence, organ=None, lesions=None, resample: bool =
     return arguments + (["--resample-to"] if resample else [])
 
 
-def analyse_job(model: str, arguments: Sequence[str], out: str | Path, k: int = SUGGESTED_SLICES, device: str = "auto",
-                python: str | None = None) -> CliJob:
+def analyse_job(
+    model: str, arguments: Sequence[str], out: str | Path, k: int = SUGGESTED_SLICES, device: str = "auto", python: str | None = None
+) -> CliJob:
     """Step 1: segment the baseline and suggest ``k`` slices (``out``: its folder)."""
     return CliJob([["segment", "--model", model, *arguments, "--out", str(out), "--suggest", str(k), "--device", device]], python)
 
 
-def finetune_job(model: str, arguments: Sequence[str], out: str | Path, slices: str, iterations: int = 100, weighting: str = "preset",
-                 seed: int = 0, device: str = "auto", python: str | None = None) -> CliJob:
+def finetune_job(
+    model: str,
+    arguments: Sequence[str],
+    out: str | Path,
+    slices: str,
+    iterations: int = 100,
+    weighting: str = "preset",
+    seed: int = 0,
+    device: str = "auto",
+    python: str | None = None,
+) -> CliJob:
     """Step 2: the patient model file ``out`` (``arguments`` with ``--lesions``);
     ``slices`` as ``finetune --slices``; ``weighting`` as ``finetune --weighting``
     ("preset": the task's default)."""
-    return CliJob([["finetune", "--model", model, *arguments, "--slices", slices, "--iterations", str(iterations),
-                    "--weighting", weighting, "--seed", str(seed), "--device", device, "--out", str(out)]], python)
+    return CliJob(
+        [
+            [
+                "finetune",
+                "--model",
+                model,
+                *arguments,
+                "--slices",
+                slices,
+                "--iterations",
+                str(iterations),
+                "--weighting",
+                weighting,
+                "--seed",
+                str(seed),
+                "--device",
+                device,
+                "--out",
+                str(out),
+            ]
+        ],
+        python,
+    )
 
 
-def followup_job(models: Sequence[tuple[str, str]], arguments: Sequence[str], out: str | Path, mc_samples: int = 25, seed: int = 0,
-                 device: str = "auto", python: str | None = None) -> CliJob:
+def followup_job(
+    models: Sequence[tuple[str, str]],
+    arguments: Sequence[str],
+    out: str | Path,
+    mc_samples: int = 25,
+    seed: int = 0,
+    device: str = "auto",
+    python: str | None = None,
+) -> CliJob:
     """Step 3: the follow-up segmented with each (label, model), one after the other, into
     ``out/<label>``; ``mc_samples`` 0 for no uncertainty map."""
-    return CliJob([["segment", "--model", model, *arguments, "--out", str(Path(out) / label), "--mc-samples", str(mc_samples),
-                    "--seed", str(seed), "--device", device] for label, model in models], python)
+    return CliJob(
+        [
+            [
+                "segment",
+                "--model",
+                model,
+                *arguments,
+                "--out",
+                str(Path(out) / label),
+                "--mc-samples",
+                str(mc_samples),
+                "--seed",
+                str(seed),
+                "--device",
+                device,
+            ]
+            for label, model in models
+        ],
+        python,
+    )
 
 
 def read_suggestions(out: str | Path) -> list[SliceSuggestion]:
@@ -79,8 +136,9 @@ def job_description(job: CliJob) -> str:
     return job.results[-1]["description"]
 
 
-def run_job(job: CliJob, progress: Callable[[float, str], object] | None = None, cancel: Callable[[], bool] | None = None,
-            interval: float = 0.1) -> CliJob:
+def run_job(
+    job: CliJob, progress: Callable[[float, str], object] | None = None, cancel: Callable[[], bool] | None = None, interval: float = 0.1
+) -> CliJob:
     """Start ``job`` if it is not running and wait for it in this thread, calling
     ``progress(fraction done, phase)`` as it moves; ``cancel()`` returning True terminates
     it. Returns the job once it succeeded.

@@ -51,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Patient-specific fine-tuning of a lesion-segmentation CNN (Jansen et al.).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
-                        help="bar: progress bars on stderr (default); json: one JSON line per step on stdout, for programs; none")
+    parser.add_argument(
+        "--progress",
+        choices=PROGRESS_MODES,
+        default="bar",
+        help="bar: progress bars on stderr (default); json: one JSON line per step on stdout, for programs; none",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
     for group in VERB_GROUPS:
         group.register(sub)

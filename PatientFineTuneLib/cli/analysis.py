@@ -14,27 +14,53 @@ from .common import add_verb, count_at_least, mc_sample_count, report_result
 
 
 def register(sub) -> None:
-    p = add_verb(sub, "compare", cmd_compare, "What changed between baseline and follow-up: new, enlarged, stable, shrinking and resolved lesions.")
+    p = add_verb(
+        sub, "compare", cmd_compare, "What changed between baseline and follow-up: new, enlarged, stable, shrinking and resolved lesions."
+    )
     p.add_argument("--baseline-lesions", required=True, help="baseline lesion mask (any label > 0)")
     p.add_argument("--followup-lesions", required=True, help="follow-up lesion mask")
     p.add_argument("--baseline-image", help="baseline image (e.g. FLAIR) to register the follow-up onto")
     p.add_argument("--followup-image", help="follow-up image of the same sequence")
-    p.add_argument("--baseline-organ", help="organ mask on the baseline grid: registration looks only inside it; 'brain' for head "
-                   "scans: the automatic brain mask (deepbet on skull-on scans, which are also bias-corrected first)")
+    p.add_argument(
+        "--baseline-organ",
+        help="organ mask on the baseline grid: registration looks only inside it; 'brain' for head "
+        "scans: the automatic brain mask (deepbet on skull-on scans, which are also bias-corrected first)",
+    )
     p.add_argument("--bspline", action="store_true", help="add a B-spline stage after rigid and affine")
-    p.add_argument("--relative-change", type=float, default=0.5, help="enlarged/shrinking: relative volume change at least this (default 0.5)")
+    p.add_argument(
+        "--relative-change", type=float, default=0.5, help="enlarged/shrinking: relative volume change at least this (default 0.5)"
+    )
     p.add_argument("--min-change-mm3", type=float, default=10.0, help="... and an absolute change at least this (default 10 mm3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the registration's metric sampling")
     p.add_argument("--out", required=True, help="output folder: changes.csv, changes.json, followup_lesions_on_baseline.nii.gz")
     p.add_argument("--overwrite", action="store_true")
-    p = add_verb(sub, "experiment", cmd_experiment, "The paper's experiments on a cohort: base vs fine-tuned follow-ups along each axis, with references.")
+    p = add_verb(
+        sub,
+        "experiment",
+        cmd_experiment,
+        "The paper's experiments on a cohort: base vs fine-tuned follow-ups along each axis, with references.",
+    )
     p.add_argument("--model", required=True, help="base model file, or a preset name for its shipped base model")
-    p.add_argument("--cohort", required=True, help="cohort CSV (patient, visit, sequences, lesions[, organ]), or a folder of patient/{baseline,followup}")
+    p.add_argument(
+        "--cohort",
+        required=True,
+        help="cohort CSV (patient, visit, sequences, lesions[, organ]), or a folder of patient/{baseline,followup}",
+    )
     p.add_argument("--out", required=True, help="output folder: results.csv (resumable), summary.md")
     p.add_argument("--arms", help="comma-separated subset of the arms (default: all)")
-    p.add_argument("--iterations-axis", type=count_at_least(1), nargs="+", default=[50, 100, 500, 1000], help="fine-tuning iterations compared (default 50 100 500 1000)")
-    p.add_argument("--default-iterations", type=count_at_least(1), default=100, help="iterations of the slice, weighting and naive arms (paper: 100)")
-    p.add_argument("--mc-samples", type=mc_sample_count, default=0, help="MC-dropout samples for the uncertainty numbers (0 = off; else at least 2)")
+    p.add_argument(
+        "--iterations-axis",
+        type=count_at_least(1),
+        nargs="+",
+        default=[50, 100, 500, 1000],
+        help="fine-tuning iterations compared (default 50 100 500 1000)",
+    )
+    p.add_argument(
+        "--default-iterations", type=count_at_least(1), default=100, help="iterations of the slice, weighting and naive arms (paper: 100)"
+    )
+    p.add_argument(
+        "--mc-samples", type=mc_sample_count, default=0, help="MC-dropout samples for the uncertainty numbers (0 = off; else at least 2)"
+    )
     p.add_argument("--mc-arms", help="comma-separated arms that get the MC samples (default: base and ft-iter<default-iterations>)")
     p.add_argument("--workers", type=count_at_least(1), default=1, help="patients run in parallel processes")
     p.add_argument("--seed", type=int, default=0)
@@ -45,9 +71,13 @@ def register(sub) -> None:
     p.add_argument("--out", help="write per-case metrics CSV here")
     p.add_argument("--compare-to", help="per-case metrics CSV of another method (from --out): paired tests by case")
     p.add_argument("--overwrite", action="store_true")
-    p = add_verb(sub, "report", cmd_report, "One self-contained HTML report for a patient from the outputs of segment, compare and finetune.")
+    p = add_verb(
+        sub, "report", cmd_report, "One self-contained HTML report for a patient from the outputs of segment, compare and finetune."
+    )
     p.add_argument("--followup-image", required=True, help="the follow-up image the results are on (e.g. its FLAIR), for the figures")
-    p.add_argument("--results", nargs="+", required=True, metavar="LABEL=FOLDER", help="segment output folders, e.g. base=seg/ fine-tuned=seg-ft/")
+    p.add_argument(
+        "--results", nargs="+", required=True, metavar="LABEL=FOLDER", help="segment output folders, e.g. base=seg/ fine-tuned=seg-ft/"
+    )
     p.add_argument("--model", help="the patient model file (provenance and the never-worse check's outcome)")
     p.add_argument("--changes", help="a compare output folder (change table, lesion load over time)")
     p.add_argument("--suggestions", help="suggestions.json of the baseline (segment --suggest)")
@@ -87,8 +117,10 @@ def cmd_compare(args) -> None:
         try:
             registration = register_followup(baseline, followup, organ, bspline=args.bspline, seed=args.seed)
         except RuntimeError as exc:  # ITK's exception text is many lines of C++ context
-            raise ValueError(f"registering the follow-up onto the baseline failed ({str(exc).strip().splitlines()[-1]}); check that "
-                             "both images show the same anatomy, or give masks already on one grid without the images") from None
+            raise ValueError(
+                f"registering the follow-up onto the baseline failed ({str(exc).strip().splitlines()[-1]}); check that "
+                "both images show the same anatomy, or give masks already on one grid without the images"
+            ) from None
         before, after = (f"{c:.3f}" if np.isfinite(c) else "n/a" for c in (registration.correlation_before, registration.correlation_after))
         print(f"registered the follow-up onto the baseline: correlation {before} -> {after}")
         if registration.warning:
@@ -98,18 +130,30 @@ def cmd_compare(args) -> None:
         raise ValueError("give both --baseline-image and --followup-image to register, or neither (masks already on one grid)")
     mismatch = grid_mismatch(baseline_lesions, followup_lesions)
     if mismatch:
-        raise GeometryError(f"the lesion masks are on different grids ({mismatch}); give --baseline-image and --followup-image to register them")
+        raise GeometryError(
+            f"the lesion masks are on different grids ({mismatch}); give --baseline-image and --followup-image to register them"
+        )
     thresholds = ChangeThresholds(args.relative_change, args.min_change_mm3)
-    rows, summary = lesion_changes(sitk.GetArrayFromImage(baseline_lesions), sitk.GetArrayFromImage(followup_lesions),
-                                   baseline_lesions.GetSpacing()[::-1], thresholds, grid=baseline_lesions)
+    rows, summary = lesion_changes(
+        sitk.GetArrayFromImage(baseline_lesions),
+        sitk.GetArrayFromImage(followup_lesions),
+        baseline_lesions.GetSpacing()[::-1],
+        thresholds,
+        grid=baseline_lesions,
+    )
     if registration is not None:
-        summary["registration"] = {"correlation_before": registration.correlation_before, "correlation_after": registration.correlation_after,
-                                   "warning": registration.warning}
+        summary["registration"] = {
+            "correlation_before": registration.correlation_before,
+            "correlation_after": registration.correlation_after,
+            "warning": registration.warning,
+        }
     with output_set(out, args.overwrite) as stage:  # the three files appear together or not at all
         write_change_files(rows, summary, stage)
         write_image(sitk.Cast(followup_lesions, sitk.sitkUInt8), stage / "followup_lesions_on_baseline.nii.gz")
     counts = ", ".join(f"{summary[c]} {c}" for c in ("new", "enlarged", "stable", "shrinking", "resolved"))
-    print(f"{counts}; lesion load {summary['baseline_load_mm3'] / 1000:.2f} -> {summary['followup_load_mm3'] / 1000:.2f} mL; outputs in {out}")
+    print(
+        f"{counts}; lesion load {summary['baseline_load_mm3'] / 1000:.2f} -> {summary['followup_load_mm3'] / 1000:.2f} mL; outputs in {out}"
+    )
     report_result(args, "compare", {t.name: t for t in targets}, summary=summary)
 
 
@@ -139,8 +183,10 @@ def cmd_experiment(args) -> None:
     rows = run_experiment(cohort, str(model), arms, out, workers=args.workers, seed=args.seed, mc_samples=args.mc_samples, mc_arms=mc_arms)
     table = summary_table(rows)
     box_plots(rows, out / "boxplots.png", title=f"{bundle.preset.name if bundle.preset else model.name}: {len(cohort)} patients")
-    text = (f"# Experiment\n\nModel `{model}` (sha256 {bundle.sha256[:16]}...), cohort `{cohort_path}`, {len(cohort)} patients.\n\n{table}\n\n"
-            "![box plots](boxplots.png)\n\nPer patient: `results.csv`, masks in `masks/`, outlines in `overlays/`.\n")
+    text = (
+        f"# Experiment\n\nModel `{model}` (sha256 {bundle.sha256[:16]}...), cohort `{cohort_path}`, {len(cohort)} patients.\n\n{table}\n\n"
+        "![box plots](boxplots.png)\n\nPer patient: `results.csv`, masks in `masks/`, outlines in `overlays/`.\n"
+    )
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text), overwrite=True)
     print(table)
     report_result(args, "experiment", {"results": out / "results.csv", "summary": out / "summary.md", "boxplots": out / "boxplots.png"})
@@ -170,8 +216,10 @@ def cmd_evaluate(args) -> None:
             rows = list(csv.DictReader(f))
         missing = {"case", "pred", "gt"} - set(rows[0] if rows else {})
         if missing or not rows:
-            raise ValueError(f"{args.pairs} needs a header with the columns case,pred,gt and one row per case "
-                             f"(missing: {', '.join(sorted(missing)) or 'rows'})")
+            raise ValueError(
+                f"{args.pairs} needs a header with the columns case,pred,gt and one row per case "
+                f"(missing: {', '.join(sorted(missing)) or 'rows'})"
+            )
         base = Path(args.pairs).parent
         pairs = [(r["case"], base / r["pred"], base / r["gt"]) for r in rows]
     elif args.pred and args.gt:
@@ -199,9 +247,17 @@ def cmd_evaluate(args) -> None:
         comparison = compare_cohorts(results, reference)
         for row in comparison:
             mark = "*" if row["p"] < 0.01 else ""
-            print(f"  {row['metric']}: {row['results']} vs {row['reference']} ({row['summary']}; "
-                  f"{row['test']} p = {row['p']:.3g}{mark}, n = {row['n']})")
-    report_result(args, "evaluate", {"metrics": Path(args.out)} if args.out else {}, cases=results, **({"comparison": comparison} if comparison else {}))
+            print(
+                f"  {row['metric']}: {row['results']} vs {row['reference']} ({row['summary']}; "
+                f"{row['test']} p = {row['p']:.3g}{mark}, n = {row['n']})"
+            )
+    report_result(
+        args,
+        "evaluate",
+        {"metrics": Path(args.out)} if args.out else {},
+        cases=results,
+        **({"comparison": comparison} if comparison else {}),
+    )
 
 
 def cmd_report(args) -> None:
@@ -216,9 +272,15 @@ def cmd_report(args) -> None:
         if label in results:
             raise ValueError(f"--results names {label!r} twice ({results[label]} and {folder}); give each result its own label")
         results[label] = Path(folder)
-    inputs = ReportInputs(Path(args.followup_image), results, title=args.title, truth=optional_path(args.truth),
-                          patient_model=optional_path(args.model), changes=optional_path(args.changes),
-                          suggestions=optional_path(args.suggestions))
+    inputs = ReportInputs(
+        Path(args.followup_image),
+        results,
+        title=args.title,
+        truth=optional_path(args.truth),
+        patient_model=optional_path(args.model),
+        changes=optional_path(args.changes),
+        suggestions=optional_path(args.suggestions),
+    )
     refuse_inputs_as_outputs([args.followup_image, args.truth, args.model, args.suggestions], [out])
     refuse_existing([out], args.overwrite)
     write_report(inputs, out, overwrite=args.overwrite)

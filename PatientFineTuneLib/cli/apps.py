@@ -15,7 +15,9 @@ def register(sub) -> None:
     p.add_argument("model", help="model file, or a shipped preset name (brain-wmh, brain-tumor, liver-metastases)")
     p.add_argument("--card", action="store_true", help="print the model card (Markdown) instead of the metadata")
 
-    p = add_verb(sub, "demo", cmd_demo, "The whole workflow on a synthetic patient: suggest, fine-tune, segment the follow-up with uncertainty.")
+    p = add_verb(
+        sub, "demo", cmd_demo, "The whole workflow on a synthetic patient: suggest, fine-tune, segment the follow-up with uncertainty."
+    )
     p.add_argument("--out", default="demo-output")
     p.add_argument("--model", default="brain-wmh", help="base model file (default: the shipped brain-wmh model)")
     p.add_argument("--iterations", type=count_at_least(1), default=100, help="fine-tuning iterations")
@@ -30,9 +32,14 @@ def register(sub) -> None:
     p.add_argument("--model", default="brain-wmh", help="base model file or shipped preset name")
     p.add_argument("--work", default=".", help="folder for the generated sample patient")
     p.add_argument("--data", help="the folder whose image files the page may load (default: --work); nothing outside it is read")
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="another name the app answers to, e.g. the one a reverse proxy forwards (repeat for each); "
-                        "requests for any other Host or from any other Origin are refused")
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name the app answers to, e.g. the one a reverse proxy forwards (repeat for each); "
+        "requests for any other Host or from any other Origin are refused",
+    )
     p.add_argument("--device", default="auto")
 
 
@@ -56,8 +63,15 @@ def cmd_demo(args) -> None:
     from ..demo import run_demo
 
     out = check_output_folder(args.out)
-    summary = run_demo(out, overwrite=args.overwrite, model=resolve_model_path(args.model), device=args.device,
-                       finetune_iterations=args.iterations, mc_samples=args.mc_samples, seed=args.seed)
+    summary = run_demo(
+        out,
+        overwrite=args.overwrite,
+        model=resolve_model_path(args.model),
+        device=args.device,
+        finetune_iterations=args.iterations,
+        mc_samples=args.mc_samples,
+        seed=args.seed,
+    )
     report_result(args, "demo", {"folder": out, "summary": out / "demo-summary.json"}, summary=summary)
 
 
@@ -68,5 +82,12 @@ def cmd_web(args) -> None:
         raise RuntimeError('the web app needs trame-slicer: pip install -e ".[web]"')
     from ..web import main as serve
 
-    serve(host=args.host, port=args.port, model=args.model, work_dir=args.work, device=args.device, data_dir=args.data,
-          allowed_hosts=args.allow_host)
+    serve(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        work_dir=args.work,
+        device=args.device,
+        data_dir=args.data,
+        allowed_hosts=args.allow_host,
+    )

@@ -108,11 +108,21 @@ def add_scan_options(parser) -> None:
     # the choices of brainmask.SKULL_STRIPPED_CHOICES and BIAS_CORRECTION_CHOICES, spelled
     # out so that --help does not import SimpleITK and scipy (load_case checks them)
     group = parser.add_argument_group("reading the scans")
-    group.add_argument("--skull-stripped", choices=("auto", "yes", "no"), default="auto",
-                       help="brain presets without --organ: is the scan skull-stripped? auto detects it; a skull-on scan is masked by deepbet")
-    group.add_argument("--bias-correction", choices=("auto", "on", "off"), default="auto",
-                       help="N4 bias-field correction inside the brain mask (auto: for skull-on scans without --organ)")
-    group.add_argument("--resample-to", action="store_true", help="resample every other sequence and the masks onto the first sequence's grid")
+    group.add_argument(
+        "--skull-stripped",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="brain presets without --organ: is the scan skull-stripped? auto detects it; a skull-on scan is masked by deepbet",
+    )
+    group.add_argument(
+        "--bias-correction",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="N4 bias-field correction inside the brain mask (auto: for skull-on scans without --organ)",
+    )
+    group.add_argument(
+        "--resample-to", action="store_true", help="resample every other sequence and the masks onto the first sequence's grid"
+    )
 
 
 def add_training_data_options(parser, what: str) -> None:
@@ -133,13 +143,20 @@ def add_case_options(parser, lesions: bool = False) -> None:
         parser.add_argument("--lesions", help="baseline annotation (default: lesions.* in the case folder)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     add_scan_options(parser)
-    parser.add_argument("--series-uid", action="append", default=[], metavar="UID",
-                        help="for an image folder holding several DICOM series: the one to read (repeat it for each such folder, in the order of the images)")
+    parser.add_argument(
+        "--series-uid",
+        action="append",
+        default=[],
+        metavar="UID",
+        help="for an image folder holding several DICOM series: the one to read (repeat it for each such folder, in the order of the images)",
+    )
 
 
 def add_precision_option(parser) -> None:
     # training_loop.PRECISIONS, spelled out so that --help does not import torch
-    parser.add_argument("--precision", choices=("fp32", "amp"), default="fp32", help="amp: mixed precision (float16 on GPUs, bfloat16 on CPUs)")
+    parser.add_argument(
+        "--precision", choices=("fp32", "amp"), default="fp32", help="amp: mixed precision (float16 on GPUs, bfloat16 on CPUs)"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,8 +188,15 @@ def case_for_model(args, bundle, lesions: bool = False):
         raise ValueError(f"give --case FOLDER or --images with the model's sequences in the order {describe_sequences(bundle.sequences)}")
     if lesions and lesion_path is None:
         raise FileNotFoundError("this needs the baseline annotation: --lesions FILE (or lesions.nii.gz in the --case folder)")
-    loaded = load_for_model(bundle.sequences, paths, organ, lesion_path if lesions else None, auto_organ=bundle.auto_organ_mask,
-                            options=scan_options(args), series_uids=assign_series_uids(paths, args.series_uid))
+    loaded = load_for_model(
+        bundle.sequences,
+        paths,
+        organ,
+        lesion_path if lesions else None,
+        auto_organ=bundle.auto_organ_mask,
+        options=scan_options(args),
+        series_uids=assign_series_uids(paths, args.series_uid),
+    )
     for text in loaded.notes:
         note(args, text)
     return loaded.case, organ

@@ -40,17 +40,29 @@ def register(sub) -> None:
     p.add_argument("--val", help="held-out cases (folder or CSV) for validation Dice")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
     p.add_argument("--iterations", type=count_at_least(1), default=10_000)
-    p.add_argument("--architecture", choices=["lesionnet", "unet3d"], default="lesionnet",
-                   help="lesionnet: the paper's 2D multi-pathway network; unet3d: the 3D U-Net of Wahlig et al. 2023 "
-                        "(whole volumes, no checkpoints)")
-    p.add_argument("--width", type=count_at_least(1), default=64, help="filters per 3x3 conv (paper 64; 16 for a quick CPU model); unet3d: filters of its first level")
-    p.add_argument("--spacing-mm", type=float, default=2.0, help="unet3d: isotropic voxel size it trains and predicts at (paper 1; 2 for a CPU)")
+    p.add_argument(
+        "--architecture",
+        choices=["lesionnet", "unet3d"],
+        default="lesionnet",
+        help="lesionnet: the paper's 2D multi-pathway network; unet3d: the 3D U-Net of Wahlig et al. 2023 (whole volumes, no checkpoints)",
+    )
+    p.add_argument(
+        "--width",
+        type=count_at_least(1),
+        default=64,
+        help="filters per 3x3 conv (paper 64; 16 for a quick CPU model); unet3d: filters of its first level",
+    )
+    p.add_argument(
+        "--spacing-mm", type=float, default=2.0, help="unet3d: isotropic voxel size it trains and predicts at (paper 1; 2 for a CPU)"
+    )
     p.add_argument("--patch-mm", type=float, default=96.0, help="unet3d: patch edge in mm (paper 96)")
     p.add_argument("--batch-size", type=count_at_least(1), default=4)
     p.add_argument("--patches-per-slice", type=count_at_least(1), default=25)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps; under torchrun each process uses cuda:LOCAL_RANK")
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps; under torchrun each process uses cuda:LOCAL_RANK"
+    )
     add_precision_option(p)
     p.add_argument("--channels-last", action="store_true", help="channels-last tensors (faster convolutions on recent GPUs)")
     p.add_argument("--checkpoint", help="checkpoint file (default OUT.checkpoint)")
@@ -59,12 +71,21 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("--overwrite", action="store_true")
 
-    p = add_verb(sub, "transfer", cmd_transfer, "Adapt a trained 3D U-Net to another disease or site with a few annotated studies (Kaur et al. 2019).")
+    p = add_verb(
+        sub,
+        "transfer",
+        cmd_transfer,
+        "Adapt a trained 3D U-Net to another disease or site with a few annotated studies (Kaur et al. 2019).",
+    )
     p.add_argument("--model", required=True, help="source 3D U-Net model file")
     add_training_data_options(p, "target cases")
     p.add_argument("--out", required=True, help="model file to write (never the source model)")
-    p.add_argument("--strategy", choices=["all", "decoder", "last-layers", "head"], default="all",
-                   help="which layers train: all (FT_All, best with few cases), decoder, last-layers (FT_LastThree), head (output layer)")
+    p.add_argument(
+        "--strategy",
+        choices=["all", "decoder", "last-layers", "head"],
+        default="all",
+        help="which layers train: all (FT_All, best with few cases), decoder, last-layers (FT_LastThree), head (output layer)",
+    )
     p.add_argument("--reset-last-layers", action="store_true", help="replace the last three layers with new ones first")
     p.add_argument("--iterations", type=count_at_least(1), default=1000)
     p.add_argument("--batch-size", type=count_at_least(1), default=2)
@@ -98,8 +119,14 @@ def load_training_cases(args, root, sequences, auto_organ: bool, shard: tuple[in
 
     from ..caseload import load_training_cases as load
 
-    return load(root, sequences, auto_organ=auto_organ, options=scan_options(args), shard=shard,
-                progress=partial(tqdm, desc=f"loading {root}", unit="case", leave=False))
+    return load(
+        root,
+        sequences,
+        auto_organ=auto_organ,
+        options=scan_options(args),
+        shard=shard,
+        progress=partial(tqdm, desc=f"loading {root}", unit="case", leave=False),
+    )
 
 
 def cmd_train_base(args) -> None:
@@ -137,8 +164,10 @@ def cmd_train_base(args) -> None:
     torch.manual_seed(args.seed)  # He-uniform initialisation, identical on every process
     model = LesionNet([s["channels"] for s in sequences], width=args.width)
     if rank == 0:
-        print(f"{count_parameters(model):,} parameters, receptive field {model.receptive_field()} px, device {device}"
-              + (f", {world} processes" if world > 1 else ""))
+        print(
+            f"{count_parameters(model):,} parameters, receptive field {model.receptive_field()} px, device {device}"
+            + (f", {world} processes" if world > 1 else "")
+        )
     start = time.perf_counter()
     history = train_base_model(
         model,
@@ -178,7 +207,11 @@ def cmd_train_base(args) -> None:
             "final_loss": history[-1]["loss"] if history else None,
             "final_val_dice": final_val[-1] if final_val else None,
             "wall_time_s": round(wall, 1),
-            "hardware": (torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({platform.processor() or platform.machine()})")
+            "hardware": (
+                torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else f"{device.type} ({platform.processor() or platform.machine()})"
+            )
             + (f" x {world} processes" if world > 1 else ""),
         },
     )
@@ -196,18 +229,29 @@ def _train_unet3d(args, preset, device, out: Path) -> None:
     sequences = preset.sequence_dicts()
     cases = load_training_cases(args, args.train, sequences, preset.auto_organ_mask)
     config = VolumeTrainingConfig(
-        iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        spacing_mm=args.spacing_mm, patch_mm=args.patch_mm, seed=args.seed, precision=args.precision,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        spacing_mm=args.spacing_mm,
+        patch_mm=args.patch_mm,
+        seed=args.seed,
+        precision=args.precision,
     )
     model = new_volume_model([s["channels"] for s in sequences], width=args.width, seed=args.seed)
-    print(f"3D U-Net, {sum(p.numel() for p in model.parameters()):,} parameters, {config.patch_voxels(model.size_multiple)}^3-voxel patches "
-          f"at {config.spacing_mm} mm, {len(cases)} case(s), device {device}")
+    print(
+        f"3D U-Net, {sum(p.numel() for p in model.parameters()):,} parameters, {config.patch_voxels(model.size_multiple)}^3-voxel patches "
+        f"at {config.spacing_mm} mm, {len(cases)} case(s), device {device}"
+    )
     start = time.perf_counter()
     with step(args, "train-base", config.iterations) as progress:
         losses = train_volume_model(model, cases, config, device=device, progress=progress.training_callback())
     wall = time.perf_counter() - start
     metadata = make_metadata(
-        model, sequences, (config.spacing_mm,) * 3, preset=preset.name, **volume_model_metadata(config, model),
+        model,
+        sequences,
+        (config.spacing_mm,) * 3,
+        preset=preset.name,
+        **volume_model_metadata(config, model),
         training={
             "command": command_line(),
             "config": config_record(config),
@@ -242,10 +286,19 @@ def cmd_transfer(args) -> None:
     if not bundle.is_volume_model:
         raise ValueError(f"{model} holds the 2D network; transfer strategies apply to the 3D U-Net (train-base --architecture unet3d)")
     cases = load_training_cases(args, args.train, bundle.sequences, bundle.auto_organ_mask)
-    config = VolumeTrainingConfig(iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                  strategy=args.strategy, reset_last_layers=args.reset_last_layers, seed=args.seed, precision=args.precision)
+    config = VolumeTrainingConfig(
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        strategy=args.strategy,
+        reset_last_layers=args.reset_last_layers,
+        seed=args.seed,
+        precision=args.precision,
+    )
     info, sha = train_and_save(
-        args, "transfer", config.iterations,
+        args,
+        "transfer",
+        config.iterations,
         lambda progress: finetune_volume_model(bundle, cases, config, device=args.device, progress=progress.training_callback()),
         out,
     )

@@ -5,8 +5,8 @@ score on the other, compare with the base model and choose the iteration count
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -51,8 +51,10 @@ def holdout_split(data: FinetuneData, config: FinetuneConfig, fold: int = 0) -> 
     # hard negatives hold no lesion, so the other fold's halves are valid exactly when these are
     if any(lesion and not h for h, lesion in zip(held, has_lesion)) and any(lesion and h for h, lesion in zip(held, has_lesion)):
         return [organ & h for organ, h in zip(data.organs, held)], "slices"
-    return [holdout_mask(o.shape, config.holdout_block_px, config.seed + fold) & o if r is not None else torch.zeros_like(o)
-            for r, o in zip(rank, data.organs)], "blocks"
+    return [
+        holdout_mask(o.shape, config.holdout_block_px, config.seed + fold) & o if r is not None else torch.zeros_like(o)
+        for r, o in zip(rank, data.organs)
+    ], "blocks"
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,16 @@ class CheckOutcome:
         return self.record.get("folds", 0)
 
 
-def never_worse_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress=None, cancel=None,
-                      feature_cache: dict | None = None, phase=None) -> CheckOutcome:
+def never_worse_check(
+    bundle: ModelBundle,
+    data: FinetuneData,
+    config: FinetuneConfig,
+    device,
+    progress=None,
+    cancel=None,
+    feature_cache: dict | None = None,
+    phase=None,
+) -> CheckOutcome:
     """Fine-tune with the loss on one half of the annotation (:func:`holdout_split`) and
     score on the other, for each of ``config.holdout_folds`` folds, and compare with the
     base model on the pooled held-out pixels: pooled Dice of the 0.5-thresholded
@@ -116,7 +126,7 @@ def never_worse_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneC
     # learning rate: FinetuneConfig.for_held_out_slices) and which counts it may compare
     fewest_held_out = min(len(slices) for slices in held_out_slices)
     config = config.for_held_out_slices(fewest_held_out)
-    folds, held_out_slices = folds[:config.holdout_folds], held_out_slices[:config.holdout_folds]
+    folds, held_out_slices = folds[: config.holdout_folds], held_out_slices[: config.holdout_folds]
     counts = config.check_iterations(fewest_held_out)
     planned = max(config.check_iterations())
     base = HeldOutScores()
@@ -126,8 +136,16 @@ def never_worse_check(bundle: ModelBundle, data: FinetuneData, config: FinetuneC
         if phase is not None:
             phase(f"checking fold {fold + 1} of {len(folds)}", fold * planned, config.check_total())
         in_planned_steps = progress_in_steps_of(progress, fold * planned, planned, counts[-1])
-        model, fold_losses, _, states = train_patient_copy(bundle, check_data, dataclasses.replace(config, iterations=counts[-1]), device,
-                                                    in_planned_steps, cancel, keep_states_at=counts, feature_cache=feature_cache)
+        model, fold_losses, _, states = train_patient_copy(
+            bundle,
+            check_data,
+            dataclasses.replace(config, iterations=counts[-1]),
+            device,
+            in_planned_steps,
+            cancel,
+            keep_states_at=counts,
+            feature_cache=feature_cache,
+        )
         losses += fold_losses
         if len(folds) == 1:
             fold_states = states  # the one fold's model at each count, for the patient model to continue
@@ -213,6 +231,7 @@ def choose_iterations(compared: Sequence[dict], base: dict, asked: int) -> tuple
     scan; on synthetic MS patients 400 iterations rescued failing 100-iteration runs by
     0.10 and 0.32 held-out Dice and gained on the follow-up.
     """
+
     def keeps_promise(scores: dict, reference: dict, dice_tolerance: float = 0.0) -> bool:
         return scores["dice"] >= reference["dice"] - dice_tolerance and scores["lesion_f1"] >= reference["lesion_f1"] - CHECK_F1_TOLERANCE
 
@@ -276,5 +295,7 @@ class HeldOutScores:
         def stack(masks):  # an empty slice between held-out slices: lesions never join across them
             return np.stack([m for pair in zip(masks, [np.zeros_like(masks[0])] * len(masks)) for m in pair])
 
-        return {"dice": 1.0 if total == 0 else 2 * overlap / total,
-                "lesion_f1": float(lesion_detection(stack(predicted), stack(annotated))["lesion_f1"])}
+        return {
+            "dice": 1.0 if total == 0 else 2 * overlap / total,
+            "lesion_f1": float(lesion_detection(stack(predicted), stack(annotated))["lesion_f1"]),
+        }

@@ -12,7 +12,6 @@ import numpy as np
 from ..modelfile import ModelBundle
 from ..training import PatchTrainingConfig
 
-
 #: What trains: "head" (the paper's last two layers; the 3D U-Net's output layer), "all"
 #: (FT_All); for the 3D U-Net also "decoder" and "last-layers" (Kaur et al. 2019).
 LAYER_CHOICES = ("head", "all", "decoder", "last-layers")
@@ -114,7 +113,7 @@ class FinetuneConfig(PatchTrainingConfig):
             counts = tuple(c for c in counts if c <= self.iterations) or (self.iterations,)
         return counts
 
-    def for_held_out_slices(self, held_out_slices: int) -> "FinetuneConfig":
+    def for_held_out_slices(self, held_out_slices: int) -> FinetuneConfig:
         """The settings the check (and then the patient model) uses where each fold holds
         out ``held_out_slices`` whole slices (0 for blocks): ``large_annotation``'s where
         that is at least ``extend_min_held_out_slices``, these otherwise."""
@@ -183,10 +182,12 @@ def shipped_config(bundle: ModelBundle, **settings) -> FinetuneConfig:
     be held out in each fold, :func:`large_annotation_route` (every layer trains): chosen
     on the real scans, see docs/results.md; ``settings`` override any field (``layers``
     or ``large_annotation`` set there replace the large annotation's route)."""
-    defaults = {"weighting": default_weighting(bundle.preset.name if bundle.preset else None, bundle.is_volume_model),
-                "holdout_check": not bundle.is_volume_model,
-                "hard_negative_slices": bundle.preset.hard_negative_slices if bundle.preset and not bundle.is_volume_model else 0,
-                "pixel_fraction": 1.0 if bundle.is_volume_model else SHIPPED_PIXEL_FRACTION}
+    defaults = {
+        "weighting": default_weighting(bundle.preset.name if bundle.preset else None, bundle.is_volume_model),
+        "holdout_check": not bundle.is_volume_model,
+        "hard_negative_slices": bundle.preset.hard_negative_slices if bundle.preset and not bundle.is_volume_model else 0,
+        "pixel_fraction": 1.0 if bundle.is_volume_model else SHIPPED_PIXEL_FRACTION,
+    }
     config = FinetuneConfig(**{**defaults, **settings})
     if config.holdout_check and "holdout_iterations" not in settings:
         config = dataclasses.replace(config, holdout_iterations=(config.iterations, 2 * config.iterations, 4 * config.iterations))
@@ -211,5 +212,11 @@ def large_annotation_route(iterations: int) -> dict:
     comparing 1, 2 and 4 times, then the final model afresh: a fraction of the time, the
     same verdicts and, all but once, Dice as good or better (docs/results.md,
     docs/benchmarks.md)."""
-    return {"layers": "all", "learning_rate": LARGE_ANNOTATION_LEARNING_RATE, "holdout_folds": 1, "pixel_fraction": SHIPPED_PIXEL_FRACTION,
-            "holdout_iterations": (max(1, iterations // 2), iterations, 2 * iterations), "final_continues_check": 0.5}
+    return {
+        "layers": "all",
+        "learning_rate": LARGE_ANNOTATION_LEARNING_RATE,
+        "holdout_folds": 1,
+        "pixel_fraction": SHIPPED_PIXEL_FRACTION,
+        "holdout_iterations": (max(1, iterations // 2), iterations, 2 * iterations),
+        "final_continues_check": 0.5,
+    }

@@ -50,12 +50,14 @@ def select_slices(spec: str | Sequence[int], case: Case, bundle: ModelBundle | N
         if spec.startswith(prefix):
             if bundle is None:
                 raise ValueError("suggested slices need the base model")
-            k = int(spec[len(prefix):])
+            k = int(spec[len(prefix) :])
             return [s.index for s in suggest_slices(bundle, case, k=k, candidates=candidates, **predict_kwargs)]
     try:
         return [int(s) for s in spec.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"unknown slice selection {spec!r}: use all-lesion, all-organ, suggested:K, suggested-lesion:K or indices like 3,7") from None
+        raise ValueError(
+            f"unknown slice selection {spec!r}: use all-lesion, all-organ, suggested:K, suggested-lesion:K or indices like 3,7"
+        ) from None
 
 
 def find_hard_negatives(base_prediction: np.ndarray, case: Case, k: int) -> list[int]:
@@ -111,8 +113,10 @@ def prepare_finetune_data(
     # a chosen slice without lesion is a valid annotation ("nothing here"), but with no
     # lesion on any of them there is nothing to learn a lesion from
     if not allow_empty and not any(case.lesions[s].any() for s in slices):
-        raise ValueError(f"none of the chosen slices ({', '.join(map(str, slices))}) has an annotated lesion; annotate the lesions "
-                         "on them (or choose slices with lesions) before fine-tuning")
+        raise ValueError(
+            f"none of the chosen slices ({', '.join(map(str, slices))}) has an annotated lesion; annotate the lesions "
+            "on them (or choose slices with lesions) before fine-tuning"
+        )
     pixel_weights = None
     if config.weighting:
         # the base model's own result on the baseline decides where it must learn most

@@ -135,7 +135,9 @@ class HeadDropoutMasks:
         return masks[0], masks[1]
 
 
-def weighted_loss(logits: torch.Tensor, target: torch.Tensor, pixel_weights: torch.Tensor | None, class_weights: torch.Tensor) -> torch.Tensor:
+def weighted_loss(
+    logits: torch.Tensor, target: torch.Tensor, pixel_weights: torch.Tensor | None, class_weights: torch.Tensor
+) -> torch.Tensor:
     """Fine-tuning's loss: cross-entropy with the class weights, or with per-pixel weights
     (the weighting schemes of Jansen et al. 2020; also the check's masking of held-out pixels)."""
     if pixel_weights is None:
@@ -166,8 +168,17 @@ def _trainable_copy(bundle: ModelBundle, config: FinetuneConfig, device) -> tupl
     return model, list((model if train_all else head).parameters())
 
 
-def train_patient_copy(bundle: ModelBundle, data: FinetuneData, config: FinetuneConfig, device, progress, cancel, keep_states_at: Sequence[int] = (),
-                feature_cache: dict | None = None, start_state: dict | None = None):
+def train_patient_copy(
+    bundle: ModelBundle,
+    data: FinetuneData,
+    config: FinetuneConfig,
+    device,
+    progress,
+    cancel,
+    keep_states_at: Sequence[int] = (),
+    feature_cache: dict | None = None,
+    start_state: dict | None = None,
+):
     """Fine-tune a copy of the base model on ``data`` (the head, or every layer) in the
     one training loop; returns (model, losses, method, states): ``states`` the model's
     state after each iteration count of ``keep_states_at``. ``feature_cache``: the fast
@@ -179,7 +190,9 @@ def train_patient_copy(bundle: ModelBundle, data: FinetuneData, config: Finetune
     optimizer = Adam(parameters, lr=config.learning_rate)
     class_weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
     method = choose_method(data, config, feature_bytes=4 * model.feature_channels * config.patch_size**2)
-    features_of = CachedFeatures(model, data, config, device, feature_cache) if method == "fast" else LiveFeatures(model, data, config, device)
+    features_of = (
+        CachedFeatures(model, data, config, device, feature_cache) if method == "fast" else LiveFeatures(model, data, config, device)
+    )
     dropout_masks = HeadDropoutMasks(model, config.seed, device)
     # each pick's rotated label and weight patches; kept where its features are (the fast
     # path: few distinct picks, each drawn many times)
@@ -188,7 +201,10 @@ def train_patient_copy(bundle: ModelBundle, data: FinetuneData, config: Finetune
     def annotation(pick) -> tuple:
         if pick in annotations:
             return annotations[pick]
-        found = (rotated_patch(data, pick, config.patch_size, "label"), rotated_patch(data, pick, config.patch_size, "weight") if data.weights is not None else None)
+        found = (
+            rotated_patch(data, pick, config.patch_size, "label"),
+            rotated_patch(data, pick, config.patch_size, "weight") if data.weights is not None else None,
+        )
         if method == "fast":
             annotations[pick] = found
         return found
@@ -217,8 +233,17 @@ def train_patient_copy(bundle: ModelBundle, data: FinetuneData, config: Finetune
         if progress is not None:
             progress(done, loss)
 
-    losses = training_loop(loss_of, optimizer, range(config.iterations), seed=config.seed, device=device, precision=config.precision,
-                           after_step=after_step, cancel=cancel, what="fine-tuning")
+    losses = training_loop(
+        loss_of,
+        optimizer,
+        range(config.iterations),
+        seed=config.seed,
+        device=device,
+        precision=config.precision,
+        after_step=after_step,
+        cancel=cancel,
+        what="fine-tuning",
+    )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

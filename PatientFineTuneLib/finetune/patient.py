@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 
@@ -62,7 +63,9 @@ def finetune_patient_model(
     if bundle.is_volume_model:
         return _finetune_volume(bundle, case, slices, config, device, progress, cancel)
     if config.layers not in ("head", "all"):
-        raise ValueError(f"the 2D network has no decoder; fine-tune its 'head' (the paper's last two layers) or 'all' layers, not {config.layers!r}")
+        raise ValueError(
+            f"the 2D network has no decoder; fine-tune its 'head' (the paper's last two layers) or 'all' layers, not {config.layers!r}"
+        )
     # gradients reach the channels-last backbone only when every layer trains
     check_precision(config.precision, device, channels_last_backward=config.layers == "all")
     if (config.large_annotation or {}).get("layers") == "all" and config.precision == "amp" and torch.device(device).type == "cpu":
@@ -99,8 +102,9 @@ def finetune_patient_model(
     if phase is not None:
         phase("final model", offset, total)
     final_progress = progress_in_steps_of(progress, offset, planned, config.iterations)
-    model, losses, method, _ = train_patient_copy(bundle, data, config, device, final_progress, cancel, feature_cache=feature_cache,
-                                                  start_state=start_state)
+    model, losses, method, _ = train_patient_copy(
+        bundle, data, config, device, final_progress, cancel, feature_cache=feature_cache, start_state=start_state
+    )
     return ModelBundle(model, derived_metadata(bundle, config, losses, method=method, pixel_fraction=config.pixel_fraction, **provenance))
 
 
@@ -115,13 +119,21 @@ def _finetune_volume(bundle, case, slices, config: FinetuneConfig, device, progr
             "applies to the 2D network (annotate every lesion of the baseline and use all-lesion)"
         )
     if config.weighting:
-        raise ValueError(f"the {config.weighting!r} weighting of Jansen et al. 2020 is defined for the 2D network's slices; fine-tune a 3D U-Net without it")
+        raise ValueError(
+            f"the {config.weighting!r} weighting of Jansen et al. 2020 is defined for the 2D network's slices; fine-tune a 3D U-Net without it"
+        )
     if config.pixel_fraction < 1:
-        raise ValueError(f"a pixel fraction ({config.pixel_fraction}) applies to the 2D network's head; a 3D U-Net trains on every voxel "
-                         "of its patches (leave --pixel-fraction out)")
+        raise ValueError(
+            f"a pixel fraction ({config.pixel_fraction}) applies to the 2D network's head; a 3D U-Net trains on every voxel "
+            "of its patches (leave --pixel-fraction out)"
+        )
     if case.lesions is None or not case.lesions.any():
         raise ValueError("fine-tuning needs the baseline annotation (lesion mask) with at least one lesion")
     volume_config = VolumeTrainingConfig(
-        iterations=config.iterations, learning_rate=config.learning_rate, strategy=config.layers, seed=config.seed, precision=config.precision
+        iterations=config.iterations,
+        learning_rate=config.learning_rate,
+        strategy=config.layers,
+        seed=config.seed,
+        precision=config.precision,
     )
     return finetune_volume_model(bundle, [case], volume_config, device, progress, cancel)

@@ -93,4 +93,11 @@ def visit_case(pair: dict, visit: str):
     layout = slice_layout(grid)
     images = np.concatenate([a if a.ndim == 4 else a[None] for a in data["images"].values()])
     organ = layout.to_slices(data["organ"])
-    return Case(normalise(layout.to_slices(images), organ), organ, layout.to_slices(data["lesions"]), grid, layout, name=f"{pair['info']['seed']}/{visit}")
+    return Case(
+        normalise(layout.to_slices(images), organ),
+        organ,
+        layout.to_slices(data["lesions"]),
+        grid,
+        layout,
+        name=f"{pair['info']['seed']}/{visit}",
+    )

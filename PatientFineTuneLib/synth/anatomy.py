@@ -67,31 +67,88 @@ LESION_TISSUE = ("wm", "cerebellum_wm", "brainstem", "ventral_dc", "lesion")
 #: plexus (the bright structures a tumour model must learn to reject).
 PRIORS = {
     "FLAIR": {
-        "wm": (1.0, 1.0), "cortex": (1.12, 1.5), "lateral_ventricle": (0.08, 0.45), "ventricle": (0.08, 0.45),
-        "cerebellum_wm": (0.9, 1.1), "cerebellum_cortex": (1.05, 1.45), "thalamus": (1.0, 1.3), "caudate": (1.1, 1.45),
-        "putamen": (1.05, 1.4), "pallidum": (0.8, 1.15), "brainstem": (1.0, 1.35), "hippocampus": (1.15, 1.6),
-        "amygdala": (1.15, 1.55), "csf": (0.08, 0.5), "lesion": (1.45, 2.6), "accumbens": (1.05, 1.4),
-        "ventral_dc": (1.0, 1.3), "vessel": (0.2, 1.2), "choroid_plexus": (0.6, 1.5), "optic_chiasm": (0.9, 1.3),
-        "oedema": (1.3, 2.0), "enhancing": (1.1, 1.7), "necrosis": (0.5, 1.6), "dura": (0.6, 1.3),
-        "grey_focus": (1.3, 2.0), "csf_flow": (0.5, 1.4),
+        "wm": (1.0, 1.0),
+        "cortex": (1.12, 1.5),
+        "lateral_ventricle": (0.08, 0.45),
+        "ventricle": (0.08, 0.45),
+        "cerebellum_wm": (0.9, 1.1),
+        "cerebellum_cortex": (1.05, 1.45),
+        "thalamus": (1.0, 1.3),
+        "caudate": (1.1, 1.45),
+        "putamen": (1.05, 1.4),
+        "pallidum": (0.8, 1.15),
+        "brainstem": (1.0, 1.35),
+        "hippocampus": (1.15, 1.6),
+        "amygdala": (1.15, 1.55),
+        "csf": (0.08, 0.5),
+        "lesion": (1.45, 2.6),
+        "accumbens": (1.05, 1.4),
+        "ventral_dc": (1.0, 1.3),
+        "vessel": (0.2, 1.2),
+        "choroid_plexus": (0.6, 1.5),
+        "optic_chiasm": (0.9, 1.3),
+        "oedema": (1.3, 2.0),
+        "enhancing": (1.1, 1.7),
+        "necrosis": (0.5, 1.6),
+        "dura": (0.6, 1.3),
+        "grey_focus": (1.3, 2.0),
+        "csf_flow": (0.5, 1.4),
     },
     "T1": {
-        "wm": (1.0, 1.0), "cortex": (0.55, 0.8), "lateral_ventricle": (0.1, 0.35), "ventricle": (0.1, 0.35),
-        "cerebellum_wm": (0.9, 1.05), "cerebellum_cortex": (0.6, 0.8), "thalamus": (0.75, 0.95), "caudate": (0.65, 0.85),
-        "putamen": (0.7, 0.9), "pallidum": (0.8, 1.0), "brainstem": (0.8, 1.0), "hippocampus": (0.55, 0.8),
-        "amygdala": (0.55, 0.8), "csf": (0.1, 0.35), "lesion": (0.4, 0.95), "accumbens": (0.65, 0.85),
-        "ventral_dc": (0.8, 1.0), "vessel": (0.2, 1.0), "choroid_plexus": (0.4, 0.9), "optic_chiasm": (0.8, 1.0),
-        "oedema": (0.55, 0.85), "enhancing": (0.55, 0.9), "necrosis": (0.15, 0.5), "dura": (0.4, 0.9),
-        "grey_focus": (0.5, 0.85), "csf_flow": (0.1, 0.4),
+        "wm": (1.0, 1.0),
+        "cortex": (0.55, 0.8),
+        "lateral_ventricle": (0.1, 0.35),
+        "ventricle": (0.1, 0.35),
+        "cerebellum_wm": (0.9, 1.05),
+        "cerebellum_cortex": (0.6, 0.8),
+        "thalamus": (0.75, 0.95),
+        "caudate": (0.65, 0.85),
+        "putamen": (0.7, 0.9),
+        "pallidum": (0.8, 1.0),
+        "brainstem": (0.8, 1.0),
+        "hippocampus": (0.55, 0.8),
+        "amygdala": (0.55, 0.8),
+        "csf": (0.1, 0.35),
+        "lesion": (0.4, 0.95),
+        "accumbens": (0.65, 0.85),
+        "ventral_dc": (0.8, 1.0),
+        "vessel": (0.2, 1.0),
+        "choroid_plexus": (0.4, 0.9),
+        "optic_chiasm": (0.8, 1.0),
+        "oedema": (0.55, 0.85),
+        "enhancing": (0.55, 0.9),
+        "necrosis": (0.15, 0.5),
+        "dura": (0.4, 0.9),
+        "grey_focus": (0.5, 0.85),
+        "csf_flow": (0.1, 0.4),
     },
     "T1c": {
-        "wm": (1.0, 1.0), "cortex": (0.55, 0.8), "lateral_ventricle": (0.1, 0.35), "ventricle": (0.1, 0.35),
-        "cerebellum_wm": (0.9, 1.05), "cerebellum_cortex": (0.6, 0.85), "thalamus": (0.75, 0.95), "caudate": (0.65, 0.85),
-        "putamen": (0.7, 0.9), "pallidum": (0.8, 1.0), "brainstem": (0.8, 1.0), "hippocampus": (0.55, 0.8),
-        "amygdala": (0.55, 0.8), "csf": (0.1, 0.35), "lesion": (0.5, 0.95), "accumbens": (0.65, 0.85),
-        "ventral_dc": (0.8, 1.0), "vessel": (1.1, 1.8), "choroid_plexus": (1.1, 1.8), "optic_chiasm": (0.8, 1.0),
-        "oedema": (0.55, 0.85), "enhancing": (1.15, 2.0), "necrosis": (0.15, 0.5), "dura": (1.05, 1.8),
-        "grey_focus": (0.5, 0.9), "csf_flow": (0.1, 0.4),
+        "wm": (1.0, 1.0),
+        "cortex": (0.55, 0.8),
+        "lateral_ventricle": (0.1, 0.35),
+        "ventricle": (0.1, 0.35),
+        "cerebellum_wm": (0.9, 1.05),
+        "cerebellum_cortex": (0.6, 0.85),
+        "thalamus": (0.75, 0.95),
+        "caudate": (0.65, 0.85),
+        "putamen": (0.7, 0.9),
+        "pallidum": (0.8, 1.0),
+        "brainstem": (0.8, 1.0),
+        "hippocampus": (0.55, 0.8),
+        "amygdala": (0.55, 0.8),
+        "csf": (0.1, 0.35),
+        "lesion": (0.5, 0.95),
+        "accumbens": (0.65, 0.85),
+        "ventral_dc": (0.8, 1.0),
+        "vessel": (1.1, 1.8),
+        "choroid_plexus": (1.1, 1.8),
+        "optic_chiasm": (0.8, 1.0),
+        "oedema": (0.55, 0.85),
+        "enhancing": (1.15, 2.0),
+        "necrosis": (0.15, 0.5),
+        "dura": (1.05, 1.8),
+        "grey_focus": (0.5, 0.9),
+        "csf_flow": (0.1, 0.4),
     },
 }
 
@@ -203,10 +260,12 @@ def sample_slab(anatomy: AnatomyMap, settings: SynthesisSettings, depth: int, rn
     col = ((np.arange(size) - (size - 1) / 2) * settings.spacing_mm[1]).astype(np.float32)
     row = ((np.arange(size) - (size - 1) / 2) * settings.spacing_mm[0]).astype(np.float32)
     sl = (np.arange(depth) - (depth - 1) / 2).astype(np.float32)
-    index = (centre_index.astype(np.float32)[:, None, None, None]
-             + steps[:, 2, None, None, None].astype(np.float32) * sl[None, :, None, None]
-             + steps[:, 1, None, None, None].astype(np.float32) * row[None, None, :, None]
-             + steps[:, 0, None, None, None].astype(np.float32) * col[None, None, None, :])
+    index = (
+        centre_index.astype(np.float32)[:, None, None, None]
+        + steps[:, 2, None, None, None].astype(np.float32) * sl[None, :, None, None]
+        + steps[:, 1, None, None, None].astype(np.float32) * row[None, None, :, None]
+        + steps[:, 0, None, None, None].astype(np.float32) * col[None, None, None, :]
+    )
     amplitude = rng.uniform(0.0, 3.0)
     if amplitude > 0:
         displacement = amplitude * np.stack([_coarse_field(rng, (2, 5, 5), (depth, size, size)) for _ in range(3)])
@@ -263,8 +322,9 @@ class _Voxels:
         return index
 
 
-def grey_matter_foci(codes: np.ndarray, names: Sequence[str], spacing: Sequence[float], centre_slices: slice,
-                     rng: np.random.Generator) -> list[tuple[np.ndarray, str]]:
+def grey_matter_foci(
+    codes: np.ndarray, names: Sequence[str], spacing: Sequence[float], centre_slices: slice, rng: np.random.Generator
+) -> list[tuple[np.ndarray, str]]:
     """Bright spots that are not lesions, as real FLAIR has them: foci in the cortex and
     deep grey matter (gyral crowns, partial volume, vessels) and, in some volumes, CSF
     whose signal the inversion did not null (flow). Overlays (mask, tissue), never target:
@@ -287,12 +347,14 @@ def grey_matter_foci(codes: np.ndarray, names: Sequence[str], spacing: Sequence[
     return overlays
 
 
-def insert_ms_lesions(codes: np.ndarray, names: Sequence[str], spacing: Sequence[float], centre_slices: slice,
-                      rng: np.random.Generator) -> np.ndarray:
+def insert_ms_lesions(
+    codes: np.ndarray, names: Sequence[str], spacing: Sequence[float], centre_slices: slice, rng: np.random.Generator
+) -> np.ndarray:
     """A mask of MS lesions drawn into ``codes``' white matter: ovoid periventricular lesions
     with their long axis perpendicular to the ventricle wall (Dawson's fingers), confluent
     periventricular caps, deep white-matter, juxtacortical and infratentorial lesions,
     3 mm to 2 cm across. Centres lie in ``centre_slices`` so the output slices see them."""
+
     def tissue(*wanted):
         return _tissue(codes, names, *wanted)
 
@@ -303,8 +365,11 @@ def insert_ms_lesions(codes: np.ndarray, names: Sequence[str], spacing: Sequence
     infratentorial = tissue("brainstem", "cerebellum_wm")
     lesions = tissue("lesion")
     walls = _Voxels(ventricle & ndimage.binary_dilation(cerebral_wm), centre_slices)
-    sites = {"juxtacortical": _Voxels(cerebral_wm & ndimage.binary_dilation(cortex, iterations=2), centre_slices),
-             "infratentorial": _Voxels(infratentorial, centre_slices), "deep": _Voxels(cerebral_wm, centre_slices)}
+    sites = {
+        "juxtacortical": _Voxels(cerebral_wm & ndimage.binary_dilation(cortex, iterations=2), centre_slices),
+        "infratentorial": _Voxels(infratentorial, centre_slices),
+        "deep": _Voxels(cerebral_wm, centre_slices),
+    }
     spacing = np.asarray(spacing, dtype=np.float64)
     # lesion loads from a few specks to confluent disease; a few volumes have none
     count = 0 if rng.random() < 0.05 else int(np.exp(rng.uniform(np.log(2), np.log(45))))
@@ -317,7 +382,7 @@ def insert_ms_lesions(codes: np.ndarray, names: Sequence[str], spacing: Sequence
                 continue
             # outward normal: away from the ventricle voxels around the wall point
             lo = np.maximum(wall.astype(int) - 5, 0)
-            window = ventricle[lo[0]:wall[0].astype(int) + 6, lo[1]:wall[1].astype(int) + 6, lo[2]:wall[2].astype(int) + 6]
+            window = ventricle[lo[0] : wall[0].astype(int) + 6, lo[1] : wall[1].astype(int) + 6, lo[2] : wall[2].astype(int) + 6]
             inner = np.array(np.nonzero(window), dtype=np.float64).mean(axis=1) + lo
             normal = (wall - inner) * spacing
             normal /= np.linalg.norm(normal) + 1e-6
@@ -363,12 +428,13 @@ def _tubes(region: np.ndarray, count: int, spacing: np.ndarray, rng: np.random.G
                 break
             grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"))
             near = (((grid - point[:, None, None, None]) * spacing[:, None, None, None]) ** 2).sum(0) <= radius**2
-            out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] |= near
+            out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] |= near
     return out
 
 
-def insert_tumour(codes: np.ndarray, names: Sequence[str], spacing: Sequence[float], centre_slices: slice,
-                  rng: np.random.Generator) -> tuple[list[tuple[np.ndarray, str]], np.ndarray]:
+def insert_tumour(
+    codes: np.ndarray, names: Sequence[str], spacing: Sequence[float], centre_slices: slice, rng: np.random.Generator
+) -> tuple[list[tuple[np.ndarray, str]], np.ndarray]:
     """A glioma drawn into ``codes``: a necrotic core inside an irregular enhancing rim (or a
     solid enhancing tumour), surrounded by oedema that spreads along white matter; and the
     enhancing structures that are not tumour, in every volume: dura and venous sinuses
@@ -378,6 +444,7 @@ def insert_tumour(codes: np.ndarray, names: Sequence[str], spacing: Sequence[flo
     tumour core (enhancing tumour and necrosis, BraTS labels 1 + 4), as a T1c model
     segments it. A few volumes have no tumour, only the structures that mimic it.
     """
+
     def tissue(*wanted):
         return _tissue(codes, names, *wanted)
 
@@ -486,12 +553,14 @@ def synthesize_slices(anatomy: AnatomyMap, settings: SynthesisSettings, rng: np.
     # texture: smooth multiplicative variation within each tissue, and per-lesion contrast
     texture = 1.0 + rng.uniform(0.02, 0.08) * _coarse_field(rng, (max(2, depth // 4), 24, 24), codes.shape)
     # fine-grained texture (1-2 voxels): real tissue is never a flat plateau
-    texture = texture * (1.0 + rng.uniform(0.02, 0.1) * ndimage.gaussian_filter(rng.standard_normal(codes.shape).astype(np.float32), 0.8) * 2.0)
+    texture = texture * (
+        1.0 + rng.uniform(0.02, 0.1) * ndimage.gaussian_filter(rng.standard_normal(codes.shape).astype(np.float32), 0.8) * 2.0
+    )
     if settings.lesion_kind == "ms":
         lesion_ids, n_lesions = ndimage.label(lesions)
         lesion_gain = rng.uniform(0.75, 1.2, n_lesions + 1).astype(np.float32)
     in_plane = rng.uniform(0.6, 1.6, 2)
-    sigma_px = [max(0.0, (r ** 2 - s ** 2)) ** 0.5 / 2.355 / s for r, s in zip(in_plane, settings.spacing_mm)]
+    sigma_px = [max(0.0, (r**2 - s**2)) ** 0.5 / 2.355 / s for r, s in zip(in_plane, settings.spacing_mm)]
     images = []
     for sequence in settings.sequences:
         values = _intensities(anatomy.names, sequence, rng)

@@ -38,8 +38,15 @@ class AnatomyPatches:
         the rest are centred anywhere in the organ, as the paper's base training does.
     """
 
-    def __init__(self, map_paths: Sequence[str | Path], settings: SynthesisSettings, seed: int = 0,
-                 volume_every: int = 4, bank: int = 8, lesion_centred: float = 0.5):
+    def __init__(
+        self,
+        map_paths: Sequence[str | Path],
+        settings: SynthesisSettings,
+        seed: int = 0,
+        volume_every: int = 4,
+        bank: int = 8,
+        lesion_centred: float = 0.5,
+    ):
         if not map_paths:
             raise ValueError("no anatomy label maps given; pass the folder of synthseg_label_maps")
         self.map_paths = [Path(p) for p in map_paths]

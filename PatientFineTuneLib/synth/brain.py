@@ -37,9 +37,54 @@ BRAIN_GRID = Grid(shape=(48, 240, 240), spacing=(3.0, 0.958, 0.958))
 # suppressed, GM brighter than WM, lesions bright. T1: WM brightest, lesions hypointense.
 # T1c: T1 with enhancing vessels/dura/choroid plexus and enhancing tumour rim.
 BASE_INTENSITY = {
-    "FLAIR": dict(scalp=0.75, marrow=0.45, skull=0.04, csf=0.12, gm=0.73, wm=0.62, deep_gm=0.68, eye=0.15, orbit_fat=0.7, lesion=1.25, mimic=1.15, core=0.9, oedema=0.95, rim=1.0),
-    "T1": dict(scalp=1.0, marrow=0.8, skull=0.04, csf=0.15, gm=0.55, wm=0.82, deep_gm=0.62, eye=0.12, orbit_fat=1.0, lesion=0.55, mimic=0.2, core=0.3, oedema=0.62, rim=0.6),
-    "T1c": dict(scalp=1.0, marrow=0.8, skull=0.04, csf=0.15, gm=0.55, wm=0.8, deep_gm=0.62, eye=0.12, orbit_fat=1.0, lesion=1.0, mimic=1.05, core=0.25, oedema=0.6, rim=1.15),
+    "FLAIR": dict(
+        scalp=0.75,
+        marrow=0.45,
+        skull=0.04,
+        csf=0.12,
+        gm=0.73,
+        wm=0.62,
+        deep_gm=0.68,
+        eye=0.15,
+        orbit_fat=0.7,
+        lesion=1.25,
+        mimic=1.15,
+        core=0.9,
+        oedema=0.95,
+        rim=1.0,
+    ),
+    "T1": dict(
+        scalp=1.0,
+        marrow=0.8,
+        skull=0.04,
+        csf=0.15,
+        gm=0.55,
+        wm=0.82,
+        deep_gm=0.62,
+        eye=0.12,
+        orbit_fat=1.0,
+        lesion=0.55,
+        mimic=0.2,
+        core=0.3,
+        oedema=0.62,
+        rim=0.6,
+    ),
+    "T1c": dict(
+        scalp=1.0,
+        marrow=0.8,
+        skull=0.04,
+        csf=0.15,
+        gm=0.55,
+        wm=0.8,
+        deep_gm=0.62,
+        eye=0.12,
+        orbit_fat=1.0,
+        lesion=1.0,
+        mimic=1.05,
+        core=0.25,
+        oedema=0.6,
+        rim=1.15,
+    ),
 }
 
 
@@ -174,10 +219,27 @@ def make_patient(preset: str, seed: int) -> BrainPatient:
         for k in ("lesion", "mimic", "rim"):
             values[k] = values["wm"] * (base[k] / base["wm"]) ** lesion_gain
         intensities[seq] = values
-    texture_amp = {"wm": rng.uniform(0.02, 0.06), "gm": rng.uniform(0.03, 0.08), "lesion": rng.uniform(0.05, 0.25), "rim": rng.uniform(0.1, 0.25), "deep_gm": 0.04}
+    texture_amp = {
+        "wm": rng.uniform(0.02, 0.06),
+        "gm": rng.uniform(0.03, 0.08),
+        "lesion": rng.uniform(0.05, 0.25),
+        "rim": rng.uniform(0.1, 0.25),
+        "deep_gm": 0.04,
+    }
     fields = NoiseFields(
         rng,
-        {"shape": 40.0, "sulci": 7.0, "sulci2": 5.0, "gyri": 14.0, "folia": 3.5, "tex_fine": 3.0, "tex_coarse": 12.0, "rough": 5.0, "bias": 120.0, "bias2": 90.0},
+        {
+            "shape": 40.0,
+            "sulci": 7.0,
+            "sulci2": 5.0,
+            "gyri": 14.0,
+            "folia": 3.5,
+            "tex_fine": 3.0,
+            "tex_coarse": 12.0,
+            "rough": 5.0,
+            "bias": 120.0,
+            "bias2": 90.0,
+        },
     )
     if preset == "brain-wmh":
         n = int(rng.integers(12, 70))
@@ -206,7 +268,10 @@ def render_visit(p: BrainPatient, blobs: list[Blob], intensities: dict, pose: Po
     layers, brain_mask = _anatomy(p, xyz, f, grid, pose)
     weights = compose(layers, grid.shape)
     width = float(min(grid.spacing))
-    occ = {k: render_blobs([b for b in blobs if b.kind == k], xyz, grid, pose, f["rough"], width) for k in ("lesion", "mimic", "oedema", "core")}
+    occ = {
+        k: render_blobs([b for b in blobs if b.kind == k], xyz, grid, pose, f["rough"], width)
+        for k in ("lesion", "mimic", "oedema", "core")
+    }
     if p.sequences == ("T1c",):
         lesion = occ["lesion"] * brain_mask
         overlay(weights, "oedema", occ["oedema"] * brain_mask)
@@ -243,7 +308,12 @@ def generate_pair(preset: str, seed: int, grid: Grid = BRAIN_GRID) -> dict:
     if preset == "brain-wmh":
         follow_blobs, evolution = evolve_blobs(p.blobs, rng, lambda r: _wmh_blob(p.scale, r))
     else:
-        follow_blobs, evolution = evolve_blobs(p.blobs, rng, lambda r: Blob(p.blobs[1].centre + r.normal(0, 20, 3), r.uniform(2, 5) * np.ones(3), "lesion", 0, 0.3), growth=(0.8, 1.3))
+        follow_blobs, evolution = evolve_blobs(
+            p.blobs,
+            rng,
+            lambda r: Blob(p.blobs[1].centre + r.normal(0, 20, 3), r.uniform(2, 5) * np.ones(3), "lesion", 0, 0.3),
+            growth=(0.8, 1.3),
+        )
         factor = {e["id"]: e["radius_factor"] for e in evolution}
         # necrosis and oedema follow their tumour
         follow_blobs = [b.scaled(factor.get(1) or 0.0) if b.kind in ("core", "oedema") else b for b in follow_blobs]
@@ -256,6 +326,14 @@ def generate_pair(preset: str, seed: int, grid: Grid = BRAIN_GRID) -> dict:
     return {
         "visits": visits,
         "grid": grid,
-        "info": {"preset": preset, "seed": seed, "sequences": list(p.sequences), "noise": p.noise, "bias": p.bias, "atrophy": p.atrophy, "evolution": evolution,
-                 "mimics": sum(b.kind == "mimic" for b in p.blobs)},
+        "info": {
+            "preset": preset,
+            "seed": seed,
+            "sequences": list(p.sequences),
+            "noise": p.noise,
+            "bias": p.bias,
+            "atrophy": p.atrophy,
+            "evolution": evolution,
+            "mimics": sum(b.kind == "mimic" for b in p.blobs),
+        },
     }

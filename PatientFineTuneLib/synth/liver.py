@@ -105,7 +105,9 @@ def make_patient(seed: int) -> dict:
         "dwi_noise": rng.uniform(0.02, 0.05),
         "bias": rng.uniform(0.1, 0.35),
         "rim": rng.uniform(0.15, 0.35),
-        "fields": NoiseFields(rng, {"shape": 60.0, "vessels": 14.0, "vessels2": 9.0, "tex": 4.0, "bowel": 12.0, "rough": 6.0, "bias": 150.0, "bias2": 110.0}),
+        "fields": NoiseFields(
+            rng, {"shape": 60.0, "vessels": 14.0, "vessels2": 9.0, "tex": 4.0, "bowel": 12.0, "rough": 6.0, "bias": 150.0, "bias2": 110.0}
+        ),
         "blobs": blobs,
     }
 

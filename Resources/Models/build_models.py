@@ -70,10 +70,12 @@ PLANS = {
     "brain-tumor": {
         "synthetic_train": 8,
         "real_train": [
-            ("brats2015_subset", f"brats_2013_pat000{i}_1", {"T1c": "T1c_subtrMeanDivStd", "lesions": "OTMultiClass", "organ": "brainmask"}) for i in (1, 2, 3, 4)
+            ("brats2015_subset", f"brats_2013_pat000{i}_1", {"T1c": "T1c_subtrMeanDivStd", "lesions": "OTMultiClass", "organ": "brainmask"})
+            for i in (1, 2, 3, 4)
         ],
         "real_test": [
-            ("brats2015_subset", f"brats_2013_pat000{i}_1", {"T1c": "T1c_subtrMeanDivStd", "lesions": "OTMultiClass", "organ": "brainmask"}) for i in (5, 6)
+            ("brats2015_subset", f"brats_2013_pat000{i}_1", {"T1c": "T1c_subtrMeanDivStd", "lesions": "OTMultiClass", "organ": "brainmask"})
+            for i in (5, 6)
         ]
         + [
             ("brain_tumor_progression", f"{p}/{visit}", {"T1c": f"{visit}_Scan_T1", "lesions": f"{visit}_Mask"})
@@ -96,9 +98,11 @@ PLANS = {
         "real_test": [],
         "longitudinal": [],
         "lesion_labels": None,
-        "notes": ["No real liver MRI with lesion masks was available: trained and tested on synthetic patients only. "
-                  "The synthetic metastases are easier than real ones (clear DCE/DWI contrast, no motion), so the held-out "
-                  "numbers overstate what to expect on real scans; expect to fine-tune (or retrain) before any real use."],
+        "notes": [
+            "No real liver MRI with lesion masks was available: trained and tested on synthetic patients only. "
+            "The synthetic metastases are easier than real ones (clear DCE/DWI contrast, no motion), so the held-out "
+            "numbers overstate what to expect on real scans; expect to fine-tune (or retrain) before any real use."
+        ],
     },
 }
 SYNTHETIC_TEST = 5
@@ -133,10 +137,12 @@ def leave_out(plan: dict, case: str) -> dict:
     if not any(d == dataset for d, _, _ in plan["real_train"]):
         # e.g. the tumour pairs: both visits of one patient, and only ever a test set
         raise SystemExit(f"--leave-out {case}: this preset never trains on {dataset}; leave out a case of a dataset it trains on")
-    return {**plan,
-            "real_train": [e for e in entries if e[0] == dataset and e[1] != case] + [e for e in plan["real_train"] if e[0] != dataset],
-            "real_test": [e for e in entries if e[1] == case] + [e for e in plan["real_test"] if e[0] != dataset],
-            "suffix": f"-without-{case}"}
+    return {
+        **plan,
+        "real_train": [e for e in entries if e[0] == dataset and e[1] != case] + [e for e in plan["real_train"] if e[0] != dataset],
+        "real_test": [e for e in entries if e[1] == case] + [e for e in plan["real_test"] if e[0] != dataset],
+        "suffix": f"-without-{case}",
+    }
 
 
 def prepare_data(preset, plan: dict, work: Path, data: Path) -> tuple[Path, Path]:
@@ -150,8 +156,14 @@ def prepare_data(preset, plan: dict, work: Path, data: Path) -> tuple[Path, Path
     for patient in sorted((synth / "train").glob("patient*")):
         for visit in ("baseline", "followup"):
             folder = patient / visit
-            rows.append({"case": f"synthetic/{patient.name}/{visit}", **{n: folder / f"{n}.nii.gz" for n in names},
-                         "lesions": folder / "lesions.nii.gz", "organ": folder / "organ.nii.gz"})
+            rows.append(
+                {
+                    "case": f"synthetic/{patient.name}/{visit}",
+                    **{n: folder / f"{n}.nii.gz" for n in names},
+                    "lesions": folder / "lesions.nii.gz",
+                    "organ": folder / "organ.nii.gz",
+                }
+            )
     for dataset, case, files in plan["real_train"]:
         rows.append({"case": f"{dataset}/{case}", "organ": ""} | real_case_files(data, dataset, case, files))
     manifest = work / f"{model_stem(preset, plan)}-train.csv"
@@ -170,9 +182,28 @@ def model_stem(preset, plan: dict) -> str:
 
 def train(preset, plan: dict, args, manifest: Path, val: Path) -> Path:
     out = args.work / f"{model_stem(preset, plan)}.pt"
-    command = ["train-base", "--preset", preset.name, "--train", manifest, "--val", val, "--out", out,
-               "--width", args.width, "--iterations", args.iterations, "--precision", args.precision,
-               "--seed", args.seed, "--validate-every", 1000, "--overwrite"]
+    command = [
+        "train-base",
+        "--preset",
+        preset.name,
+        "--train",
+        manifest,
+        "--val",
+        val,
+        "--out",
+        out,
+        "--width",
+        args.width,
+        "--iterations",
+        args.iterations,
+        "--precision",
+        args.precision,
+        "--seed",
+        args.seed,
+        "--validate-every",
+        1000,
+        "--overwrite",
+    ]
     if plan["lesion_labels"]:
         command += ["--lesion-labels", plan["lesion_labels"]]
     checkpoint = out.with_name(out.name + ".checkpoint")
@@ -196,11 +227,15 @@ def evaluate_cases(bundle, preset, cases, device) -> list[dict]:
 
     results = []
     for name, kwargs in cases:
-        case = prepare_case(load_case(**kwargs, expected_channels=[c for _, c in preset.sequences], auto_organ=preset.auto_organ_mask, name=name))
+        case = prepare_case(
+            load_case(**kwargs, expected_channels=[c for _, c in preset.sequences], auto_organ=preset.auto_organ_mask, name=name)
+        )
         mask = _segment(bundle, case, preset, device)
         gt = case.lesions
         metrics = evaluate_case(case.layout.from_slices(mask), case.layout.from_slices(gt), case.grid.GetSpacing()[::-1])
-        print(f"  {name}: Dice {metrics['dice']:.3f}, AVD {metrics['avd_percent']:.1f}%, HD95 {metrics['hd95_mm']:.1f} mm, lesion F1 {metrics['lesion_f1']:.2f}")
+        print(
+            f"  {name}: Dice {metrics['dice']:.3f}, AVD {metrics['avd_percent']:.1f}%, HD95 {metrics['hd95_mm']:.1f} mm, lesion F1 {metrics['lesion_f1']:.2f}"
+        )
         results.append({"case": name, **metrics})
     return results
 
@@ -209,14 +244,19 @@ def summary_row(title: str, results: list[dict], note: str = "") -> dict:
     from PatientFineTuneLib.metrics import summarise
 
     keys = ("dice", "avd_percent", "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1")
-    return {"set": title, "cases": len(results), "note": note,
-            "metrics": {k: summarise([r[k] for r in results]) for k in keys},
-            "per_case": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]}
+    return {
+        "set": title,
+        "cases": len(results),
+        "note": note,
+        "metrics": {k: summarise([r[k] for r in results]) for k in keys},
+        "per_case": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results],
+    }
 
 
 #: What the card says of the longitudinal studies :func:`longitudinal_coverage` segments.
-LONGITUDINAL_ABOUT = ("Longitudinal MS studies (`ljubljana_ms_longitudinal`, FLAIR + T1W in native space, skull on, brain mask "
-                      "mapped from the common space)")
+LONGITUDINAL_ABOUT = (
+    "Longitudinal MS studies (`ljubljana_ms_longitudinal`, FLAIR + T1W in native space, skull on, brain mask mapped from the common space)"
+)
 
 
 def longitudinal_coverage(bundle, preset, data: Path, patient: str, device) -> dict:
@@ -238,8 +278,13 @@ def longitudinal_coverage(bundle, preset, data: Path, patient: str, device) -> d
         for study in ("study1", "study2"):
             flair = sitk.ReadImage(str(folder / f"{study}_FLAIR.nii.gz"), sitk.sitkFloat32)
             to_common = sitk.ReadTransform(str(folder / f"{study}_FLAIR_to_common_space.txt"))
-            t1 = sitk.Resample(sitk.ReadImage(str(folder / f"{study}_T1W.nii.gz"), sitk.sitkFloat32), flair,
-                               sitk.ReadTransform(str(folder / f"{study}_T1W_intrastudy_to_FLAIR.txt")), sitk.sitkLinear, 0.0)
+            t1 = sitk.Resample(
+                sitk.ReadImage(str(folder / f"{study}_T1W.nii.gz"), sitk.sitkFloat32),
+                flair,
+                sitk.ReadTransform(str(folder / f"{study}_T1W_intrastudy_to_FLAIR.txt")),
+                sitk.sitkLinear,
+                0.0,
+            )
             brain = sitk.Resample(brain_common, flair, to_common.GetInverse(), sitk.sitkNearestNeighbor, 0)
             paths = {}
             for name, image in (("FLAIR", flair), ("T1", t1), ("organ", brain)):
@@ -253,10 +298,17 @@ def longitudinal_coverage(bundle, preset, data: Path, patient: str, device) -> d
             covered |= sitk.GetArrayFromImage(sitk.Resample(image, gt, to_common, sitk.sitkNearestNeighbor, 0)) > 0
     regions, n = label_lesions(change)
     hit = np.unique(regions[covered & change]).size
-    result = {"case": f"ljubljana_ms_longitudinal/{patient}", "change_voxels_covered": float((covered & change).sum() / max(change.sum(), 1)),
-              "change_regions": int(n), "change_regions_touched": int(hit),
-              "lesion_volume_ml": volumes, "brain_voxels_common": int((sitk.GetArrayFromImage(brain_common) > 0).sum())}
-    print(f"  {result['case']}: {100 * result['change_voxels_covered']:.0f}% of change voxels, {hit}/{n} change regions covered; volumes {volumes}")
+    result = {
+        "case": f"ljubljana_ms_longitudinal/{patient}",
+        "change_voxels_covered": float((covered & change).sum() / max(change.sum(), 1)),
+        "change_regions": int(n),
+        "change_regions_touched": int(hit),
+        "lesion_volume_ml": volumes,
+        "brain_voxels_common": int((sitk.GetArrayFromImage(brain_common) > 0).sum()),
+    }
+    print(
+        f"  {result['case']}: {100 * result['change_voxels_covered']:.0f}% of change voxels, {hit}/{n} change regions covered; volumes {volumes}"
+    )
     return result
 
 
@@ -267,10 +319,22 @@ def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, devic
     synth_test = sorted((work / f"synthetic-{preset.name}" / "test").glob("patient*"))
     names = [n for n, _ in preset.sequences]
     print(f"held-out synthetic follow-ups ({len(synth_test)}):")
-    synthetic = evaluate_cases(bundle, preset, [
-        (f"synthetic/{p.name}/followup", {"sequence_paths": [p / "followup" / f"{n}.nii.gz" for n in names],
-                                          "organ_path": p / "followup" / "organ.nii.gz", "lesion_path": p / "followup" / "lesions.nii.gz"})
-        for p in synth_test], device)
+    synthetic = evaluate_cases(
+        bundle,
+        preset,
+        [
+            (
+                f"synthetic/{p.name}/followup",
+                {
+                    "sequence_paths": [p / "followup" / f"{n}.nii.gz" for n in names],
+                    "organ_path": p / "followup" / "organ.nii.gz",
+                    "lesion_path": p / "followup" / "lesions.nii.gz",
+                },
+            )
+            for p in synth_test
+        ],
+        device,
+    )
     evaluation = [summary_row("synthetic follow-ups (seeds 300-304, never trained on)", synthetic)]
     if plan["real_test"]:
         print("held-out real cases:")
@@ -278,13 +342,27 @@ def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, devic
         by_dataset: dict[str, list] = {}
         for dataset, case, files in plan["real_test"]:
             f = real_case_files(data, dataset, case, files)
-            by_dataset.setdefault(dataset, []).append((f"{dataset}/{case}", {
-                "sequence_paths": [f[n] for n in names], "organ_path": f.get("organ"), "lesion_path": f["lesions"], "lesion_labels": labels}))
+            by_dataset.setdefault(dataset, []).append(
+                (
+                    f"{dataset}/{case}",
+                    {
+                        "sequence_paths": [f[n] for n in names],
+                        "organ_path": f.get("organ"),
+                        "lesion_path": f["lesions"],
+                        "lesion_labels": labels,
+                    },
+                )
+            )
         for dataset, cases in by_dataset.items():
             results = evaluate_cases(bundle, preset, cases, device)
-            note = "" if dataset != "brain_tumor_progression" else (
-                "raw, skull on: detected, masked by deepbet and N4-corrected (brainmask.py); header spacing (1, 1, 1) mm is not the "
-                "true spacing; masks are enhancing tumour only")
+            note = (
+                ""
+                if dataset != "brain_tumor_progression"
+                else (
+                    "raw, skull on: detected, masked by deepbet and N4-corrected (brainmask.py); header spacing (1, 1, 1) mm is not the "
+                    "true spacing; masks are enhancing tumour only"
+                )
+            )
             evaluation.append(summary_row(f"{dataset} (held out)", results, note) | {"licence": LICENCES[dataset]})
     longitudinal = []
     if plan["longitudinal"]:
@@ -306,8 +384,10 @@ def leave_one_out_row(work: Path, preset, evaluation: list[dict]) -> dict | None
     dataset = rows[0]["case"].split("/")[0]
     in_folds = {r["case"] for r in rows}
     rows += [r for entry in evaluation for r in entry["per_case"] if r["case"].startswith(dataset + "/") and r["case"] not in in_folds]
-    note = (f"each of {', '.join(sorted(r['case'].split('/', 1)[1] for r in rows))} scored by a model trained without it: "
-            "the shipped model for its own held-out case, `--leave-out CASE` folds (same recipe) for the others")
+    note = (
+        f"each of {', '.join(sorted(r['case'].split('/', 1)[1] for r in rows))} scored by a model trained without it: "
+        "the shipped model for its own held-out case, `--leave-out CASE` folds (same recipe) for the others"
+    )
     return summary_row(f"{dataset}, leave-one-out", sorted(rows, key=lambda r: r["case"]), note) | {"licence": LICENCES[dataset]}
 
 
@@ -322,8 +402,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--evaluate-only", action="store_true", help="re-evaluate WORK/<preset>.pt and rewrite the card")
-    parser.add_argument("--leave-out", metavar="CASE", help="one fold of leave-one-out over CASE's dataset: the plan's other "
-                        "cases of that dataset train, CASE is held out; writes WORK/<preset>-without-CASE.pt and .json, ships nothing")
+    parser.add_argument(
+        "--leave-out",
+        metavar="CASE",
+        help="one fold of leave-one-out over CASE's dataset: the plan's other "
+        "cases of that dataset train, CASE is held out; writes WORK/<preset>-without-CASE.pt and .json, ships nothing",
+    )
     args = parser.parse_args()
 
     from PatientFineTuneLib.presets import get_preset
@@ -340,8 +424,15 @@ def main() -> None:
         from PatientFineTuneLib.files import atomic_write
 
         report = model_path.with_suffix(".json")
-        text = json.dumps({"left_out": args.leave_out, "train_cases": [f"{d}/{c}" for d, c, _ in plan["real_train"]],
-                           "command": "python Resources/Models/build_models.py " + " ".join(sys.argv[1:]), **results}, indent=1)
+        text = json.dumps(
+            {
+                "left_out": args.leave_out,
+                "train_cases": [f"{d}/{c}" for d, c, _ in plan["real_train"]],
+                "command": "python Resources/Models/build_models.py " + " ".join(sys.argv[1:]),
+                **results,
+            },
+            indent=1,
+        )
         atomic_write(report, lambda tmp: Path(tmp).write_text(text), overwrite=True)
         print(json.dumps({"written": [str(model_path), str(report)]}))
         return
@@ -351,12 +442,24 @@ def main() -> None:
     from PatientFineTuneLib.modelcard import training_data_entries, write_shipped_model
 
     training_data = training_data_entries(
-        [("synthetic", f"{2 * plan['synthetic_train']} volumes (both visits of seeds 100-{99 + plan['synthetic_train']})", LICENCES["synthetic"])]
-        + [(dataset, case, LICENCES[dataset]) for dataset, case, _ in plan["real_train"]])
-    card = {"training_data": training_data, **results, "notes": plan["notes"], "min_lesion_voxels": preset.min_lesion_voxels,
-            # the command that builds this model from scratch (a re-evaluation of the same
-            # trained model, --evaluate-only, writes the same card)
-            "build_command": "python Resources/Models/build_models.py " + " ".join(a for a in sys.argv[1:] if a != "--evaluate-only")}
+        [
+            (
+                "synthetic",
+                f"{2 * plan['synthetic_train']} volumes (both visits of seeds 100-{99 + plan['synthetic_train']})",
+                LICENCES["synthetic"],
+            )
+        ]
+        + [(dataset, case, LICENCES[dataset]) for dataset, case, _ in plan["real_train"]]
+    )
+    card = {
+        "training_data": training_data,
+        **results,
+        "notes": plan["notes"],
+        "min_lesion_voxels": preset.min_lesion_voxels,
+        # the command that builds this model from scratch (a re-evaluation of the same
+        # trained model, --evaluate-only, writes the same card)
+        "build_command": "python Resources/Models/build_models.py " + " ".join(a for a in sys.argv[1:] if a != "--evaluate-only"),
+    }
     written = write_shipped_model(model_path, card, SHIPPED / f"{preset.name}.pt", SHIPPED / f"{preset.name}.md")
     print(json.dumps({"written": [str(p) for p in written]}))
 

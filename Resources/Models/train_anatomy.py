@@ -66,8 +66,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="finished model (default training/<preset>-anatomy.pt)")
-    parser.add_argument("--export", action="store_true",
-                        help="only write the model of the latest checkpoint to --out (to evaluate a run in progress)")
+    parser.add_argument(
+        "--export", action="store_true", help="only write the model of the latest checkpoint to --out (to evaluate a run in progress)"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -92,8 +93,13 @@ def main(argv=None) -> None:
     maps = sorted(args.maps.glob("*.nii*"))
     synthetic = AnatomyPatches(maps, settings_for_preset(preset), seed=args.seed, volume_every=args.volume_every)
     n_channels = sum(c for _, c in preset.sequences)
-    config = TrainingConfig(iterations=args.iterations, seed=args.seed, precision=args.precision,
-                            sequence_dropout=args.sequence_dropout, droppable_channels=tuple(range(1, n_channels)))
+    config = TrainingConfig(
+        iterations=args.iterations,
+        seed=args.seed,
+        precision=args.precision,
+        sequence_dropout=args.sequence_dropout,
+        droppable_channels=tuple(range(1, n_channels)),
+    )
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model = LesionNet([c for _, c in preset.sequences], width=args.width)
@@ -102,15 +108,21 @@ def main(argv=None) -> None:
     sequences = [{**s, "optional": i > 0 and config.sequence_dropout > 0} for i, s in enumerate(preset.sequence_dicts())]
 
     def write_model(iterations: int, final_loss, wall_s: float) -> None:
-        metadata = make_metadata(model, sequences, preset.training_spacing_mm, preset=preset.name, training={
-            "command": " ".join(["python", "Resources/Models/train_anatomy.py", *sys.argv[1:]]),
-            "config": config.identity() | {"iterations": iterations},
-            "anatomy_synthesis": synthetic.describe(),
-            "train_cases": [],
-            "held_out_sets": list(VALIDATION[preset.name]),
-            "final_loss": final_loss,
-            "wall_time_s": round(wall_s, 1),
-        })
+        metadata = make_metadata(
+            model,
+            sequences,
+            preset.training_spacing_mm,
+            preset=preset.name,
+            training={
+                "command": " ".join(["python", "Resources/Models/train_anatomy.py", *sys.argv[1:]]),
+                "config": config.identity() | {"iterations": iterations},
+                "anatomy_synthesis": synthetic.describe(),
+                "train_cases": [],
+                "held_out_sets": list(VALIDATION[preset.name]),
+                "final_loss": final_loss,
+                "wall_time_s": round(wall_s, 1),
+            },
+        )
         save_model(ModelBundle(model, metadata), out, overwrite=True)
         print(f"saved {out} ({iterations} iterations)")
 
@@ -122,8 +134,14 @@ def main(argv=None) -> None:
         return
     val_cases = load_validation(preset, args.data)
     # the scans as a model trained with sequence dropout sees them without the later sequences
-    first_only = [with_absent_sequences(dataclasses.replace(c, images=c.images[:1], name=c.name + " (first sequence only)"), n_channels)
-                  for c in val_cases] if n_channels > 1 else []
+    first_only = (
+        [
+            with_absent_sequences(dataclasses.replace(c, images=c.images[:1], name=c.name + " (first sequence only)"), n_channels)
+            for c in val_cases
+        ]
+        if n_channels > 1
+        else []
+    )
     started = time.monotonic()
     previous = 0.0
     if curve.exists():
@@ -145,14 +163,27 @@ def main(argv=None) -> None:
     deadline = None if args.hours is None else started + 3600 * args.hours
     try:
         history = train_base_model(
-            model, [], preset.training_spacing_mm, config, val_cases=val_cases, device=device,
-            checkpoint_path=checkpoint, checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
-            resume=checkpoint.exists(), preset=preset.name, synthetic=synthetic, on_validation=record,
+            model,
+            [],
+            preset.training_spacing_mm,
+            config,
+            val_cases=val_cases,
+            device=device,
+            checkpoint_path=checkpoint,
+            checkpoint_every=args.checkpoint_every,
+            validate_every=args.validate_every,
+            resume=checkpoint.exists(),
+            preset=preset.name,
+            synthetic=synthetic,
+            on_validation=record,
             cancel=(lambda: time.monotonic() > deadline) if deadline else None,
         )
     except Cancelled:
-        print(f"stopped after {args.hours} h; the checkpoint {checkpoint} holds the last {args.checkpoint_every}-iteration step; "
-              "run the same command to continue", flush=True)
+        print(
+            f"stopped after {args.hours} h; the checkpoint {checkpoint} holds the last {args.checkpoint_every}-iteration step; "
+            "run the same command to continue",
+            flush=True,
+        )
         return
     write_model(config.iterations, history[-1]["loss"] if history else None, previous + time.monotonic() - started)
 

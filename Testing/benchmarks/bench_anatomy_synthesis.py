@@ -67,8 +67,10 @@ def main(argv=None) -> int:
         training_loop(loss_of, optimiser, range(2, 2 + args.steps), seed=0, device=torch.device("cpu"), precision="amp")
         per_step = (time.perf_counter() - start) / args.steps
         share = per_volume / every / (per_volume / every + per_step)
-        print(f"{name:<12} synthesis {per_volume:.2f} s per volume ({settings.slices} slices), training step {per_step:.2f} s: "
-              f"a new volume every {every} iterations is {share:.0%} of an iteration")
+        print(
+            f"{name:<12} synthesis {per_volume:.2f} s per volume ({settings.slices} slices), training step {per_step:.2f} s: "
+            f"a new volume every {every} iterations is {share:.0%} of an iteration"
+        )
     return 0
 
 

@@ -51,8 +51,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
 
     model = LesionNet((1, 1)).eval()
-    print(f"paper network (FLAIR + T1): {count_parameters(model):,} parameters "
-          f"({count_parameters(model.classifier):,} in the two fine-tuned layers), receptive field {model.receptive_field()} px")
+    print(
+        f"paper network (FLAIR + T1): {count_parameters(model):,} parameters "
+        f"({count_parameters(model.classifier):,} in the two fine-tuned layers), receptive field {model.receptive_field()} px"
+    )
     x = torch.randn(1, 2, 240, 240)
     # contiguous weights as stored, then channels-last as inference and fine-tuning run it
     for layout in (torch.contiguous_format, torch.channels_last):
@@ -61,8 +63,10 @@ def main() -> None:
             model(x)
             median, best = timed(lambda: model(x), 5)
             median_b, _ = timed(lambda: model(torch.randn(4, 2, 240, 240)), 2)
-        print(f"forward ({'channels-last' if layout == torch.channels_last else 'contiguous'}), one 240x240 two-sequence slice: "
-              f"median {median:.3f} s (best {best:.3f} s); batch of 4: {median_b / 4:.3f} s per slice")
+        print(
+            f"forward ({'channels-last' if layout == torch.channels_last else 'contiguous'}), one 240x240 two-sequence slice: "
+            f"median {median:.3f} s (best {best:.3f} s); batch of 4: {median_b / 4:.3f} s per slice"
+        )
 
     from PatientFineTuneLib.synth import generate_pair
 
@@ -104,8 +108,10 @@ def memory_benchmark() -> None:
     segment_case(bundle, case, device="cpu")
     elapsed = time.perf_counter() - t
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(f"segment 512x512x200 two-sequence volume ({int(organ.any(axis=(1, 2)).sum())} organ slices): "
-          f"{elapsed:.1f} s, {elapsed / 4:.1f} s per slice; peak resident memory {peak_gb:.2f} GB")
+    print(
+        f"segment 512x512x200 two-sequence volume ({int(organ.any(axis=(1, 2)).sum())} organ slices): "
+        f"{elapsed:.1f} s, {elapsed / 4:.1f} s per slice; peak resident memory {peak_gb:.2f} GB"
+    )
 
 
 if __name__ == "__main__":

@@ -61,10 +61,14 @@ def main() -> None:
             times[method] = time.perf_counter() - t
         if len(slices) <= 2:  # the approximate mode, for reference (never the default)
             t = time.perf_counter()
-            finetune_patient_model(bundle, case, slices, FinetuneConfig(iterations=args.iterations, pixel_fraction=args.pixel_fraction), device="cpu")
+            finetune_patient_model(
+                bundle, case, slices, FinetuneConfig(iterations=args.iterations, pixel_fraction=args.pixel_fraction), device="cpu"
+            )
             approximate = time.perf_counter() - t
-            print(f"fine-tune, {name}, approximate mode (pixel fraction {args.pixel_fraction}): {approximate:.1f} s -> naive/approximate "
-                  f"{times['naive'] / approximate:.2f}x")
+            print(
+                f"fine-tune, {name}, approximate mode (pixel fraction {args.pixel_fraction}): {approximate:.1f} s -> naive/approximate "
+                f"{times['naive'] / approximate:.2f}x"
+            )
         # floor: the head's own training on features that are already there
         config = FinetuneConfig(iterations=args.iterations)
         data = prepare_finetune_data(bundle, case, slices, config)
@@ -83,12 +87,14 @@ def main() -> None:
             optimizer.step()
         floor = time.perf_counter() - t
         fast = times.get("fast", times["auto"])
-        print(f"fine-tune, {name}: " + ", ".join(f"{m} {t:.1f} s" for m, t in times.items()) + f", head-only floor {floor:.1f} s -> "
-              f"naive/fast {times['naive'] / fast:.2f}x, fast/floor {fast / floor:.2f}x, naive/auto {times['naive'] / times['auto']:.2f}x "
-              f"({len(data.images) * 5 * len(data.angles)} distinct patch inputs)")
+        print(
+            f"fine-tune, {name}: " + ", ".join(f"{m} {t:.1f} s" for m, t in times.items()) + f", head-only floor {floor:.1f} s -> "
+            f"naive/fast {times['naive'] / fast:.2f}x, fast/floor {fast / floor:.2f}x, naive/auto {times['naive'] / times['auto']:.2f}x "
+            f"({len(data.images) * 5 * len(data.angles)} distinct patch inputs)"
+        )
 
     organ_slices = np.flatnonzero(case.organ.any(axis=(1, 2)))
-    keep = organ_slices[len(organ_slices) // 2 - args.mc_slices // 2:][: args.mc_slices]
+    keep = organ_slices[len(organ_slices) // 2 - args.mc_slices // 2 :][: args.mc_slices]
     sub = Case(case.images, case.organ & np.isin(np.arange(case.organ.shape[0]), keep)[:, None, None], None, case.grid, case.layout)
     t = time.perf_counter()
     predict_probability(bundle, sub, device="cpu")
@@ -98,8 +104,10 @@ def main() -> None:
         t = time.perf_counter()
         predict_with_uncertainty(bundle, sub, n_samples=args.samples, method=method, device="cpu")
         mc[method] = time.perf_counter() - t
-    print(f"MC dropout, {args.samples} samples, {len(keep)} slices of 240x240: one deterministic pass {one:.1f} s, "
-          f"naive {mc['naive']:.1f} s ({mc['naive'] / one:.1f}x), fast {mc['fast']:.1f} s ({mc['fast'] / one:.2f}x)")
+    print(
+        f"MC dropout, {args.samples} samples, {len(keep)} slices of 240x240: one deterministic pass {one:.1f} s, "
+        f"naive {mc['naive']:.1f} s ({mc['naive'] / one:.1f}x), fast {mc['fast']:.1f} s ({mc['fast'] / one:.2f}x)"
+    )
     print(f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.2f} GB")
 
 

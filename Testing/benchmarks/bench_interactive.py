@@ -49,8 +49,10 @@ def wall(fn):
 
 def startup_times() -> tuple[float, float]:
     help_s, _ = wall(lambda: subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "--help"], check=True, capture_output=True))
-    imports = ("import PatientFineTuneLib.cli, PatientFineTuneLib.inference, PatientFineTuneLib.finetune, "
-               "PatientFineTuneLib.images, PatientFineTuneLib.modelfile, PatientFineTuneLib.outputs, PatientFineTuneLib.suggest")
+    imports = (
+        "import PatientFineTuneLib.cli, PatientFineTuneLib.inference, PatientFineTuneLib.finetune, "
+        "PatientFineTuneLib.images, PatientFineTuneLib.modelfile, PatientFineTuneLib.outputs, PatientFineTuneLib.suggest"
+    )
     import_s, _ = wall(lambda: subprocess.run([sys.executable, "-c", imports], check=True, capture_output=True))
     return help_s, import_s
 
@@ -86,8 +88,10 @@ def main() -> None:
     reuse = False if args.no_reuse_memory else keep_freed_memory_for_reuse()
     device = resolve_device(args.device)
     base = load_model(resolve_model_path("brain-wmh"), device=device)
-    print(f"torch {torch.__version__}; {describe_device(device)}; shipped brain-wmh model, width {base.model.width}; "
-          f"freed memory kept for reuse: {reuse}")
+    print(
+        f"torch {torch.__version__}; {describe_device(device)}; shipped brain-wmh model, width {base.model.width}; "
+        f"freed memory kept for reuse: {reuse}"
+    )
 
     help_s, import_s = startup_times()
     line("CLI start-up: patient-finetune --help", help_s, "< 2 s", help_s < AIMS["startup"])
@@ -99,10 +103,14 @@ def main() -> None:
         visits = {}
         for visit in ("baseline", "followup"):
             files = find_cases(Path(tmp) / visit, names)[0]
-            visits[visit] = load_for_model(base.sequences, files.sequences, files.organ, files.lesions, auto_organ=base.auto_organ_mask).case
+            visits[visit] = load_for_model(
+                base.sequences, files.sequences, files.organ, files.lesions, auto_organ=base.auto_organ_mask
+            ).case
     baseline, followup = visits["baseline"], visits["followup"]
-    print(f"patient: synthetic brain-wmh seed 0, {baseline.images.shape[2]}x{baseline.images.shape[3]}x{baseline.images.shape[1]}, "
-          f"{len(np.flatnonzero(followup.organ.any(axis=(1, 2))))} follow-up slices with brain")
+    print(
+        f"patient: synthetic brain-wmh seed 0, {baseline.images.shape[2]}x{baseline.images.shape[3]}x{baseline.images.shape[1]}, "
+        f"{len(np.flatnonzero(followup.organ.any(axis=(1, 2))))} follow-up slices with brain"
+    )
 
     predict_probability(base, followup, device=device)  # warm-up: allocator, kernels
     suggest_s, suggestions = wall(lambda: suggest_slices(base, baseline, k=2, device=device))
@@ -111,24 +119,43 @@ def main() -> None:
     pass_s, probability = wall(lambda: predict_probability(base, followup, device=device))
     line("one deterministic pass of the follow-up", pass_s, "< 3 s", pass_s < AIMS["pass"])
     mc_s, (mc_probability, _) = wall(lambda: predict_with_uncertainty(base, followup, n_samples=25, device=device))
-    line("25 MC-dropout samples (with the deterministic result)", mc_s, "<= 3x pass", mc_s <= AIMS["mc_ratio"] * pass_s,
-         f"{mc_s / pass_s:.2f}x the pass")
+    line(
+        "25 MC-dropout samples (with the deterministic result)",
+        mc_s,
+        "<= 3x pass",
+        mc_s <= AIMS["mc_ratio"] * pass_s,
+        f"{mc_s / pass_s:.2f}x the pass",
+    )
 
     config = FinetuneConfig(iterations=100, seed=0)
     fast_s, fast = wall(lambda: finetune_patient_model(base, baseline, chosen, config, device=device, allow_empty=True))
-    line(f"fine-tuning, 2 slices, 100 iterations, exact ({fast.metadata['finetune']['method']} path)", fast_s, "< 10 s", fast_s < AIMS["finetune"])
+    line(
+        f"fine-tuning, 2 slices, 100 iterations, exact ({fast.metadata['finetune']['method']} path)",
+        fast_s,
+        "< 10 s",
+        fast_s < AIMS["finetune"],
+    )
     # what every front end runs: the preset's weighting (a pass near the chosen slices), the
     # check (two folds, then the final model) and the head on a quarter of the pixels
-    check_s, checked = wall(lambda: finetune_patient_model(base, baseline, chosen, shipped_config(base, iterations=100, seed=0),
-                                                           device=device, allow_empty=True))
+    check_s, checked = wall(
+        lambda: finetune_patient_model(
+            base, baseline, chosen, shipped_config(base, iterations=100, seed=0), device=device, allow_empty=True
+        )
+    )
     kept = "fine-tuned kept" if checked.metadata["finetune"]["holdout_check"]["kept"] else "base model kept"
     line("the shipped fine-tuning (weighting, check, 1/4 of the pixels)", check_s, "< 10 s", check_s < AIMS["finetune"], kept)
-    every_s, every = wall(lambda: finetune_patient_model(base, baseline, chosen, shipped_config(base, iterations=100, seed=0, pixel_fraction=1.0),
-                                                         device=device, allow_empty=True))
+    every_s, every = wall(
+        lambda: finetune_patient_model(
+            base, baseline, chosen, shipped_config(base, iterations=100, seed=0, pixel_fraction=1.0), device=device, allow_empty=True
+        )
+    )
     kept = "fine-tuned kept" if every.metadata["finetune"]["holdout_check"]["kept"] else "base model kept"
     line("the same on every pixel", every_s, "-", True, f"{kept}; {every_s / check_s:.2f}x the shipped")
-    naive_s, naive = wall(lambda: finetune_patient_model(base, baseline, chosen, FinetuneConfig(iterations=100, seed=0, method="naive"),
-                                                         device=device, allow_empty=True))
+    naive_s, naive = wall(
+        lambda: finetune_patient_model(
+            base, baseline, chosen, FinetuneConfig(iterations=100, seed=0, method="naive"), device=device, allow_empty=True
+        )
+    )
     line("the naive loop (whole network every iteration)", naive_s, "-", True, f"fast path {naive_s / fast_s:.2f}x faster")
 
     if args.real:
@@ -145,8 +172,10 @@ def main() -> None:
     with torch.no_grad():
         _, fast_mc = predict_with_uncertainty(base, subset, n_samples=25, method="fast", device=device)
         _, naive_mc = predict_with_uncertainty(base, subset, n_samples=25, method="naive", device=device)
-    print(f"  MC-25 fast vs naive on {int(keep.sum())} slices: largest difference of the mean {np.abs(fast_mc.mean - naive_mc.mean).max():.2e}, "
-          f"of the SD {np.abs(fast_mc.sd - naive_mc.sd).max():.2e}")
+    print(
+        f"  MC-25 fast vs naive on {int(keep.sum())} slices: largest difference of the mean {np.abs(fast_mc.mean - naive_mc.mean).max():.2e}, "
+        f"of the SD {np.abs(fast_mc.sd - naive_mc.sd).max():.2e}"
+    )
     print(f"  deterministic result of the MC run vs the pass: largest difference {np.abs(mc_probability - probability).max():.2e}")
     stored = base.model.eval()
     with torch.no_grad():
@@ -154,8 +183,10 @@ def main() -> None:
         x = followup.slice_tensor(s)[None].to(device)
         unfolded = torch.softmax(stored(x), 1)[0, 1].cpu().numpy()
     organ = followup.organ[s]
-    print(f"  folded inference network vs the stored network, slice {s}: largest probability difference inside the brain "
-          f"{np.abs(probability[s] - unfolded)[organ].max():.2e}")
+    print(
+        f"  folded inference network vs the stored network, slice {s}: largest probability difference inside the brain "
+        f"{np.abs(probability[s] - unfolded)[organ].max():.2e}"
+    )
 
 
 def real_all_lesion_rows(device, previous_route: bool) -> None:
@@ -183,13 +214,23 @@ def real_all_lesion_rows(device, previous_route: bool) -> None:
         tuned_s, tuned = wall(partial(finetune_patient_model, base, case, "all-lesion", shipped_config(base), device=device))
         check = tuned.metadata["finetune"]["holdout_check"]
         outcome = f"{'fine-tuned kept' if check['kept'] else 'base model kept'}, {check['layers']} layers, {check['iterations']} iterations"
-        line(f"all-lesion fine-tuning, {spec['set']} {name} ({size})", tuned_s, f"< {AIMS[aim]:.0f} s", tuned_s < AIMS[aim],
-             f"{outcome}; {tuned_s / segment_s:.1f}x one segmentation ({segment_s:.1f} s)")
+        line(
+            f"all-lesion fine-tuning, {spec['set']} {name} ({size})",
+            tuned_s,
+            f"< {AIMS[aim]:.0f} s",
+            tuned_s < AIMS[aim],
+            f"{outcome}; {tuned_s / segment_s:.1f}x one segmentation ({segment_s:.1f} s)",
+        )
         if previous_route:
             before = shipped_config(base, large_annotation={"layers": "all", "pixel_fraction": 1.0})
             before_s, _ = wall(partial(finetune_patient_model, base, case, "all-lesion", before, device=device))
-            line("  the route shipped until 2026-12-06 (2 folds, every pixel, 1/2/4x)", before_s, "-", True,
-                 f"{before_s / tuned_s:.2f}x the shipped")
+            line(
+                "  the route shipped until 2026-12-06 (2 folds, every pixel, 1/2/4x)",
+                before_s,
+                "-",
+                True,
+                f"{before_s / tuned_s:.2f}x the shipped",
+            )
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ def main() -> None:
             optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
 
             def run(iterations, model=model, config=config, optimizer=optimizer):
-                return training_loop(patch_loss(model, pool, config, device), optimizer, iterations, seed=0, device=device, precision=config.precision)
+                return training_loop(
+                    patch_loss(model, pool, config, device), optimizer, iterations, seed=0, device=device, precision=config.precision
+                )
 
             run(range(2))
             synchronise()
@@ -80,8 +82,10 @@ def main() -> None:
             synchronise()
             rate = args.iterations / (time.perf_counter() - start)
             baseline = baseline or rate
-            print(f"width {width:3d}  {label:24s} {rate:7.2f} it/s  x{rate / baseline:4.2f}  "
-                  f"10,000 iterations in {10_000 / rate / 60:6.1f} min  (last loss {loss:.3f})")
+            print(
+                f"width {width:3d}  {label:24s} {rate:7.2f} it/s  x{rate / baseline:4.2f}  "
+                f"10,000 iterations in {10_000 / rate / 60:6.1f} min  (last loss {loss:.3f})"
+            )
 
     for width in args.unet3d_widths:
         time_unet3d(case, width, args.iterations, device)
@@ -100,11 +104,15 @@ def time_unet3d(case, width: int, iterations: int, device) -> None:
     start = time.perf_counter()
     train_volume_model(model, [flair], config, device=device)
     rate = iterations / (time.perf_counter() - start)
-    bundle = ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}], (2.0,) * 3, **volume_model_metadata(config, model)))
+    bundle = ModelBundle(
+        model, make_metadata(model, [{"name": "FLAIR", "channels": 1}], (2.0,) * 3, **volume_model_metadata(config, model))
+    )
     start = time.perf_counter()
     predict_probability(bundle, flair, device=device)
-    print(f"3D U-Net width {width:3d}: {rate:5.2f} training it/s (batch 2 of 48^3), segmenting the "
-          f"{flair.organ.shape} volume at 2 mm {time.perf_counter() - start:5.1f} s")
+    print(
+        f"3D U-Net width {width:3d}: {rate:5.2f} training it/s (batch 2 of 48^3), segmenting the "
+        f"{flair.organ.shape} volume at 2 mm {time.perf_counter() - start:5.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,15 @@ def write_tumor_progression_cohort(root: str | os.PathLike, manifest: str | os.P
     rows = []
     for patient in sorted(p for p in root.iterdir() if (p / "Pre_Scan_T1.nii.gz").is_file() and (p / "Post_Scan_T1.nii.gz").is_file()):
         for visit, prefix in (("baseline", "Pre"), ("followup", "Post")):
-            rows.append({"patient": patient.name, "visit": visit,
-                         sequence_name: os.path.relpath(patient / f"{prefix}_Scan_T1.nii.gz", manifest.parent),
-                         "lesions": os.path.relpath(patient / f"{prefix}_Mask.nii.gz", manifest.parent), "organ": ""})
+            rows.append(
+                {
+                    "patient": patient.name,
+                    "visit": visit,
+                    sequence_name: os.path.relpath(patient / f"{prefix}_Scan_T1.nii.gz", manifest.parent),
+                    "lesions": os.path.relpath(patient / f"{prefix}_Mask.nii.gz", manifest.parent),
+                    "organ": "",
+                }
+            )
     if not rows:
         raise FileNotFoundError(f"no NN/Pre_Scan_T1.nii.gz + Post_Scan_T1.nii.gz under {root}")
     manifest.parent.mkdir(parents=True, exist_ok=True)
@@ -43,10 +49,14 @@ COHORTS = {"tumor-progression": write_tumor_progression_cohort}
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", choices=sorted(COHORTS), help="tumor-progression: TCIA Brain-Tumor-Progression (NN/{Pre,Post}_Scan_T1.nii.gz)")
+    parser.add_argument(
+        "dataset", choices=sorted(COHORTS), help="tumor-progression: TCIA Brain-Tumor-Progression (NN/{Pre,Post}_Scan_T1.nii.gz)"
+    )
     parser.add_argument("root", type=Path, help="the data set's folder")
     parser.add_argument("--out", type=Path, required=True, help="the manifest to write (CSV; paths in it are relative to its folder)")
-    parser.add_argument("--sequence", default="T1c", help="the model's sequence name the scans are read as (default T1c, the brain-tumor preset's)")
+    parser.add_argument(
+        "--sequence", default="T1c", help="the model's sequence name the scans are read as (default T1c, the brain-tumor preset's)"
+    )
     args = parser.parse_args(argv)
     print(COHORTS[args.dataset](args.root, args.out, args.sequence))
 

@@ -23,7 +23,11 @@ def main() -> None:
     parser.add_argument("--slices", default="all-lesion")
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--angles", type=int, default=8, help="fixed angle set size; 0 = continuous angles as in the paper")
-    parser.add_argument("--pixel-fraction", type=float, help="also fine-tune in the approximate mode with this pixel fraction and compare it with exact fine-tuning")
+    parser.add_argument(
+        "--pixel-fraction",
+        type=float,
+        help="also fine-tune in the approximate mode with this pixel fraction and compare it with exact fine-tuning",
+    )
     parser.add_argument("--out", help="per-pair CSV")
     args = parser.parse_args()
 
@@ -56,11 +60,15 @@ def main() -> None:
         print(", ".join(line) + f" ({time.perf_counter() - t:.0f} s)", flush=True)
     print(f"\nfine-tuned ({args.slices}, {args.iterations} iterations) vs base on {args.pairs} synthetic brain-wmh pairs:")
     for row in compare_cohorts(rows["finetuned"], rows["base"]):
-        print(f"  {row['metric']}: {row['results']} vs {row['reference']} ({row['summary']}; {row['test']} p = {row['p']:.3g}, n = {row['n']})")
+        print(
+            f"  {row['metric']}: {row['results']} vs {row['reference']} ({row['summary']}; {row['test']} p = {row['p']:.3g}, n = {row['n']})"
+        )
     if args.pixel_fraction:
         print(f"\napproximate (pixel fraction {args.pixel_fraction}) vs exact fine-tuning:")
         for row in compare_cohorts(rows["approximate"], rows["finetuned"]):
-            print(f"  {row['metric']}: {row['results']} vs {row['reference']} ({row['summary']}; {row['test']} p = {row['p']:.3g}, n = {row['n']})")
+            print(
+                f"  {row['metric']}: {row['results']} vs {row['reference']} ({row['summary']}; {row['test']} p = {row['p']:.3g}, n = {row['n']})"
+            )
     if args.out:
         write_csv(rows["base"] + rows["finetuned"] + rows["approximate"], args.out, overwrite=True)
 

@@ -39,8 +39,11 @@ def build_cases(work: Path, n_train: int, n_test: int) -> dict[str, list[Path]]:
                 if not (pair / "followup" / "lesions.nii.gz").is_file():
                     write_pair(generate_pair("brain-wmh", seed), pair, overwrite=True, preview=False)
                 quality = synthetic_pair_case(pair, case)
-                print(f"{split} patient{seed}: registration correlation {quality['correlation_before']:.2f} -> "
-                      f"{quality['correlation_after']:.2f}, {quality['new_lesions']} new lesions", flush=True)
+                print(
+                    f"{split} patient{seed}: registration correlation {quality['correlation_before']:.2f} -> "
+                    f"{quality['correlation_after']:.2f}, {quality['new_lesions']} new lesions",
+                    flush=True,
+                )
             cases[split].append(case)
     cases["ljubljana"] = []
     for patient in ("patient01", "patient12"):
@@ -61,7 +64,9 @@ def evaluate(model_path: Path, cases: list[Path]) -> list[dict]:
     bundle = load_model(model_path)
     rows = []
     for folder in cases:
-        case = prepare_case(load_case([folder / "FLAIR.nii.gz", folder / "FLAIR_subtraction.nii.gz"], folder / "organ.nii.gz", folder / "lesions.nii.gz"))
+        case = prepare_case(
+            load_case([folder / "FLAIR.nii.gz", folder / "FLAIR_subtraction.nii.gz"], folder / "organ.nii.gz", folder / "lesions.nii.gz")
+        )
         result = segment_case(bundle, case, device="cpu")
         pred, gt = case.layout.from_slices(result.mask), case.layout.from_slices(case.lesions)
         detection = lesion_detection(pred, gt)
@@ -72,13 +77,17 @@ def evaluate(model_path: Path, cases: list[Path]) -> list[dict]:
 def table(name: str, rows: list[dict]) -> str:
     lines = [f"| {name} | Dice | reference lesions | found | sensitivity | predicted | PPV |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['dice']:.2f} | {r['gt_lesions']} | {r['detected_gt_lesions']} | {r['lesion_recall']:.2f} | "
-                     f"{r['pred_lesions']} | {r['lesion_precision']:.2f} |")
+        lines.append(
+            f"| {r['case']} | {r['dice']:.2f} | {r['gt_lesions']} | {r['detected_gt_lesions']} | {r['lesion_recall']:.2f} | "
+            f"{r['pred_lesions']} | {r['lesion_precision']:.2f} |"
+        )
     if len(rows) > 1:
         found, total = sum(r["detected_gt_lesions"] for r in rows), sum(r["gt_lesions"] for r in rows)
         predicted, false = sum(r["pred_lesions"] for r in rows), sum(r["fp_count"] for r in rows)
-        lines.append(f"| all (pooled) | {np.mean([r['dice'] for r in rows]):.2f} (mean) | {total} | {found} | {found / max(total, 1):.2f} | "
-                     f"{predicted} | {(predicted - false) / max(predicted, 1):.2f} |")
+        lines.append(
+            f"| all (pooled) | {np.mean([r['dice'] for r in rows]):.2f} (mean) | {total} | {found} | {found / max(total, 1):.2f} | "
+            f"{predicted} | {(predicted - false) / max(predicted, 1):.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -98,9 +107,29 @@ def main() -> None:
     model = args.work / "brain-new-lesions.pt"
     if not model.is_file():
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "train-base", "--preset", "brain-new-lesions",
-                        "--train", str(args.work / "cases" / "train"), "--val", str(args.work / "cases" / "val"), "--out", str(model),
-                        "--iterations", str(args.iterations), "--width", str(args.width), "--precision", args.precision], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "PatientFineTuneLib.cli",
+                "train-base",
+                "--preset",
+                "brain-new-lesions",
+                "--train",
+                str(args.work / "cases" / "train"),
+                "--val",
+                str(args.work / "cases" / "val"),
+                "--out",
+                str(model),
+                "--iterations",
+                str(args.iterations),
+                "--width",
+                str(args.width),
+                "--precision",
+                args.precision,
+            ],
+            check=True,
+        )
         print(f"trained in {time.perf_counter() - t:.0f} s", flush=True)
     print(table("synthetic test pair (target: new lesions)", evaluate(model, cases["test"])))
     if cases["ljubljana"]:

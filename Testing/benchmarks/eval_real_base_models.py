@@ -62,19 +62,43 @@ def real_cases(data: Path) -> list[dict]:
     cases = []
     for n in ("07", "19", "26"):
         folder = data / "ljubljana_ms_cross" / f"patient{n}"
-        cases.append({"set": "ljubljana_ms_cross", "case": f"patient{n}", "preset": "brain-wmh",
-                      "sequences": [folder / "FLAIR.nii.gz", folder / "T1.nii.gz"],
-                      "organ": None, "lesions": folder / "lesions.nii.gz", "labels": None})
+        cases.append(
+            {
+                "set": "ljubljana_ms_cross",
+                "case": f"patient{n}",
+                "preset": "brain-wmh",
+                "sequences": [folder / "FLAIR.nii.gz", folder / "T1.nii.gz"],
+                "organ": None,
+                "lesions": folder / "lesions.nii.gz",
+                "labels": None,
+            }
+        )
     for folder in sorted((data / "brats2015_subset").glob("brats_*")):
-        cases.append({"set": "brats2015_subset", "case": folder.name, "preset": "brain-tumor",
-                      "sequences": [folder / "T1c_subtrMeanDivStd.nii.gz"],
-                      "organ": folder / "brainmask.nii.gz", "lesions": folder / "OTMultiClass.nii.gz", "labels": [1, 4]})
+        cases.append(
+            {
+                "set": "brats2015_subset",
+                "case": folder.name,
+                "preset": "brain-tumor",
+                "sequences": [folder / "T1c_subtrMeanDivStd.nii.gz"],
+                "organ": folder / "brainmask.nii.gz",
+                "lesions": folder / "OTMultiClass.nii.gz",
+                "labels": [1, 4],
+            }
+        )
     for n in ("01", "02", "03"):
         folder = data / "brain_tumor_progression" / n
         for when in ("Pre", "Post"):
-            cases.append({"set": "brain_tumor_progression", "case": f"{n}_{when}", "preset": "brain-tumor",
-                          "sequences": [folder / f"{when}_Scan_T1.nii.gz"],
-                          "organ": None, "lesions": folder / f"{when}_Mask.nii.gz", "labels": None})
+            cases.append(
+                {
+                    "set": "brain_tumor_progression",
+                    "case": f"{n}_{when}",
+                    "preset": "brain-tumor",
+                    "sequences": [folder / f"{when}_Scan_T1.nii.gz"],
+                    "organ": None,
+                    "lesions": folder / f"{when}_Mask.nii.gz",
+                    "labels": None,
+                }
+            )
     return cases
 
 
@@ -89,10 +113,12 @@ def needs_resample(spec: dict) -> bool:
             readers.append(reader)
     first = readers[0]
     for r in readers[1:]:
-        if (r.GetSize()[:3] != first.GetSize()[:3]
-                or not np.allclose(r.GetSpacing()[:3], first.GetSpacing()[:3], atol=1e-4)
-                or not np.allclose(r.GetOrigin()[:3], first.GetOrigin()[:3], atol=1e-3)
-                or not np.allclose(r.GetDirection()[:9], first.GetDirection()[:9], atol=1e-4)):
+        if (
+            r.GetSize()[:3] != first.GetSize()[:3]
+            or not np.allclose(r.GetSpacing()[:3], first.GetSpacing()[:3], atol=1e-4)
+            or not np.allclose(r.GetOrigin()[:3], first.GetOrigin()[:3], atol=1e-3)
+            or not np.allclose(r.GetDirection()[:9], first.GetDirection()[:9], atol=1e-4)
+        ):
             return True
     return False
 
@@ -136,8 +162,9 @@ def thicken(case, factor: int):
     grid.SetSpacing(spacing)
     grid.SetDirection(case.grid.GetDirection())
     grid.SetOrigin(tuple(origin))
-    return dataclasses.replace(case, images=slabs(case.images), organ=slabs(case.organ) >= 0.5,
-                               lesions=slabs(case.lesions) >= 0.5, grid=grid)
+    return dataclasses.replace(
+        case, images=slabs(case.images), organ=slabs(case.organ) >= 0.5, lesions=slabs(case.lesions) >= 0.5, grid=grid
+    )
 
 
 def load_real_case(spec: dict, channels, scan_options: dict | None = None) -> tuple:
@@ -189,7 +216,13 @@ def evaluate(spec: dict, bundle, scan_options: dict | None = None, first_sequenc
 
 
 def fmt(value: float) -> str:
-    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return (
+        "nan"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:.3f}"
+        if abs(value) < 10
+        else f"{value:.1f}"
+    )
 
 
 def print_row(row: dict) -> None:
@@ -213,8 +246,12 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", help="comma-separated sets to run (default: all)")
     parser.add_argument("--skull-stripped", choices=("auto", "yes", "no"), help="load_case's skull_stripped (default: the library's)")
     parser.add_argument("--bias-correction", choices=("auto", "on", "off"), help="load_case's bias_correction (default: the library's)")
-    parser.add_argument("--model", action="append", default=[], metavar="PRESET=FILE", help="score FILE instead of PRESET's shipped model (repeatable)")
-    parser.add_argument("--first-sequence-only", action="store_true", help="blank every sequence after the first (FLAIR-only for brain-wmh)")
+    parser.add_argument(
+        "--model", action="append", default=[], metavar="PRESET=FILE", help="score FILE instead of PRESET's shipped model (repeatable)"
+    )
+    parser.add_argument(
+        "--first-sequence-only", action="store_true", help="blank every sequence after the first (FLAIR-only for brain-wmh)"
+    )
     parser.add_argument("--thick", type=int, default=1, metavar="N", help="average every N slices into one thick slice first")
     args = parser.parse_args(argv)
     models = dict(m.split("=", 1) for m in args.model)
@@ -223,7 +260,10 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     print(f"PatientFineTuneLib from {Path(PatientFineTuneLib.__file__).parent}")
-    print(f"{'set':<24} {'case':<22} {'preset':<12} " + " ".join(f"{c[:9]:>9}" for c in ["Dice", "AVD %", "les F1", "les rec", "les prec", "seconds"]))
+    print(
+        f"{'set':<24} {'case':<22} {'preset':<12} "
+        + " ".join(f"{c[:9]:>9}" for c in ["Dice", "AVD %", "les F1", "les rec", "les prec", "seconds"])
+    )
     bundles, rows = {}, []
     scan_options = {k: v for k, v in (("skull_stripped", args.skull_stripped), ("bias_correction", args.bias_correction)) if v}
     for spec in real_cases(args.data):

@@ -44,12 +44,20 @@ from eval_real_base_models import DATA, ground_truth, real_cases  # noqa: E402
 
 def load(spec: dict, bundle) -> images.Case:
     options = caseload.ScanOptions(lesion_labels=tuple(spec["labels"]) if spec["labels"] else None)
-    return caseload.load_for_model(bundle.sequences, [str(p) for p in spec["sequences"]], spec["organ"], str(spec["lesions"]),
-                                   auto_organ=bundle.auto_organ_mask, options=options, name=spec["case"]).case
+    return caseload.load_for_model(
+        bundle.sequences,
+        [str(p) for p in spec["sequences"]],
+        spec["organ"],
+        str(spec["lesions"]),
+        auto_organ=bundle.auto_organ_mask,
+        options=options,
+        name=spec["case"],
+    ).case
 
 
-def scores(bundle, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_slices: np.ndarray | None = None,
-           save_as: Path | None = None) -> dict:
+def scores(
+    bundle, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_slices: np.ndarray | None = None, save_as: Path | None = None
+) -> dict:
     """Dice, AVD and lesion F1 of ``bundle`` on ``case`` (only the slices in ``keep_slices``);
     the scored mask is written to ``save_as`` when given."""
     pred = inference.predict_mask(bundle, case, device="cpu")
@@ -103,11 +111,17 @@ def cross_time(base, specs: dict, routes: tuple[str, ...] = CROSS_TIME_ROUTES, m
         follow = load(post, base)
         gt, spacing = ground_truth(post)
         saved = kept_masks(masks, n, route, follow, gt)
-        row = {"protocol": "cross-time", "case": n, "route": route,
-               "base": scores(base, follow, gt, spacing, save_as=saved["base"]),
-               "finetuned": scores(patient, follow, gt, spacing, save_as=saved["finetuned"]),
-               "kept": check["kept"], "check": check, "seconds": round(time.perf_counter() - start, 1),
-               "hard_negative_slices": patient.metadata["finetune"].get("hard_negative_slices", [])}
+        row = {
+            "protocol": "cross-time",
+            "case": n,
+            "route": route,
+            "base": scores(base, follow, gt, spacing, save_as=saved["base"]),
+            "finetuned": scores(patient, follow, gt, spacing, save_as=saved["finetuned"]),
+            "kept": check["kept"],
+            "check": check,
+            "seconds": round(time.perf_counter() - start, 1),
+            "hard_negative_slices": patient.metadata["finetune"].get("hard_negative_slices", []),
+        }
         rows.append(row)
         report(row)
     return rows
@@ -125,7 +139,9 @@ def annotated_slices(route: str, case: images.Case, base) -> list[int]:
     return list(select_slices("suggested-lesion:2", case, base, device="cpu"))
 
 
-def within_scan(base, specs: dict, names: tuple[str, ...], routes: tuple[str, ...] = WITHIN_SCAN_ROUTES, masks: Path | None = None) -> list[dict]:
+def within_scan(
+    base, specs: dict, names: tuple[str, ...], routes: tuple[str, ...] = WITHIN_SCAN_ROUTES, masks: Path | None = None
+) -> list[dict]:
     rows = []
     for name in names:
         spec = specs[name]
@@ -138,17 +154,25 @@ def within_scan(base, specs: dict, names: tuple[str, ...], routes: tuple[str, ..
             keep[list(chosen)] = False  # score only on the slices not annotated for fine-tuning
             patient, check = finetune(base, case, list(chosen))
             saved = kept_masks(masks, name, route, case, gt, keep)
-            row = {"protocol": "within-scan", "case": name, "route": route, "slices": len(chosen),
-                   "base": scores(base, case, gt, spacing, keep, saved["base"]),
-                   "finetuned": scores(patient, case, gt, spacing, keep, saved["finetuned"]),
-                   "kept": check["kept"], "check": check, "seconds": round(time.perf_counter() - start, 1)}
+            row = {
+                "protocol": "within-scan",
+                "case": name,
+                "route": route,
+                "slices": len(chosen),
+                "base": scores(base, case, gt, spacing, keep, saved["base"]),
+                "finetuned": scores(patient, case, gt, spacing, keep, saved["finetuned"]),
+                "kept": check["kept"],
+                "check": check,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
             rows.append(row)
             report(row)
     return rows
 
 
-def kept_masks(folder: Path | None, name: str, route: str, case: images.Case, gt_stored: np.ndarray,
-               keep_slices: np.ndarray | None = None) -> dict:
+def kept_masks(
+    folder: Path | None, name: str, route: str, case: images.Case, gt_stored: np.ndarray, keep_slices: np.ndarray | None = None
+) -> dict:
     """Where ``--masks`` keeps one run's base and fine-tuned masks (None: not kept); the
     scored reference is written there now."""
     paths = {kind: None if folder is None else folder / f"{name}_{route}_{kind}.nii.gz" for kind in ("base", "finetuned", "reference")}
@@ -159,18 +183,27 @@ def kept_masks(folder: Path | None, name: str, route: str, case: images.Case, gt
 
 def report(row: dict) -> None:
     b, f = row["base"], row["finetuned"]
-    print(f"{row['protocol']:<12} {row['case']:<10} {row['route']:<12} Dice {b['dice']:.3f} -> {f['dice']:.3f}  "
-          f"lesion F1 {b['lesion_f1']:.3f} -> {f['lesion_f1']:.3f}  "
-          f"{'fine-tuned kept' if row['kept'] else 'BASE kept'}  {row['seconds']:.0f} s", flush=True)
+    print(
+        f"{row['protocol']:<12} {row['case']:<10} {row['route']:<12} Dice {b['dice']:.3f} -> {f['dice']:.3f}  "
+        f"lesion F1 {b['lesion_f1']:.3f} -> {f['lesion_f1']:.3f}  "
+        f"{'fine-tuned kept' if row['kept'] else 'BASE kept'}  {row['seconds']:.0f} s",
+        flush=True,
+    )
     check = row["check"]
     for k, (b_fold, f_fold) in enumerate(zip(check.get("per_fold_base", []), check.get("per_fold_finetuned", []))):
-        print(f"    check, fold {k + 1} ({check['iterations']} iterations): held-out Dice {f_fold['dice']:.3f} vs base {b_fold['dice']:.3f}, "
-              f"F1 {f_fold['lesion_f1']:.3f} vs {b_fold['lesion_f1']:.3f}", flush=True)
+        print(
+            f"    check, fold {k + 1} ({check['iterations']} iterations): held-out Dice {f_fold['dice']:.3f} vs base {b_fold['dice']:.3f}, "
+            f"F1 {f_fold['lesion_f1']:.3f} vs {b_fold['lesion_f1']:.3f}",
+            flush=True,
+        )
     for c in row["check"].get("compared") or []:
-        print(f"    check, {c['iterations']} iterations: held-out Dice {c['dice']:.3f} vs base {row['check']['dice_base']:.3f}, "
-              f"F1 {c['lesion_f1']:.3f} vs {row['check']['lesion_f1_base']:.3f}"
-              f"{'' if c['passes'] else ' (fails: too narrow a win where the asked count failed)' if c.get('beats_base') else ' (fails)'}"
-              f"{'  <- chosen' if c['iterations'] == row['check']['iterations'] and row['kept'] else ''}", flush=True)
+        print(
+            f"    check, {c['iterations']} iterations: held-out Dice {c['dice']:.3f} vs base {row['check']['dice_base']:.3f}, "
+            f"F1 {c['lesion_f1']:.3f} vs {row['check']['lesion_f1_base']:.3f}"
+            f"{'' if c['passes'] else ' (fails: too narrow a win where the asked count failed)' if c.get('beats_base') else ' (fails)'}"
+            f"{'  <- chosen' if c['iterations'] == row['check']['iterations'] and row['kept'] else ''}",
+            flush=True,
+        )
 
 
 def main(argv=None) -> int:
@@ -178,11 +211,21 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="a FinetuneConfig setting to change, e.g. head_norm=frozen or iterations=200 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a FinetuneConfig setting to change, e.g. head_norm=frozen or iterations=200 (repeatable)",
+    )
     parser.add_argument("--protocols", nargs="+", choices=["cross-time", "within-scan"], default=["cross-time", "within-scan"])
-    parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES),
-                        help="the routes to run (default: all; all-lesion is cross-time only, every-other within-scan only)")
+    parser.add_argument(
+        "--routes",
+        nargs="+",
+        choices=ROUTES,
+        default=list(ROUTES),
+        help="the routes to run (default: all; all-lesion is cross-time only, every-other within-scan only)",
+    )
     parser.add_argument("--masks", type=Path, help="folder for each run's scored base, fine-tuned and reference masks (NIfTI)")
     args = parser.parse_args(argv)
     for item in args.set:
@@ -215,16 +258,23 @@ def main(argv=None) -> int:
 def summarise(rows: list[dict]) -> None:
     """The paper's statistics over the runs, the promise and the mean Dice gain."""
     print(f"\nover {len(rows)} runs, base vs fine-tuned:")
-    for metric, fmt, test in (("dice", metrics.format_mean_sd, "ttest"), ("avd_percent", metrics.format_mean_sd, "ttest"),
-                              ("lesion_f1", metrics.format_median_iqr, "wilcoxon")):
+    for metric, fmt, test in (
+        ("dice", metrics.format_mean_sd, "ttest"),
+        ("avd_percent", metrics.format_mean_sd, "ttest"),
+        ("lesion_f1", metrics.format_median_iqr, "wilcoxon"),
+    ):
         a, b = [r["base"][metric] for r in rows], [r["finetuned"][metric] for r in rows]
         t = metrics.paired_test(b, a, test)
         print(f"  {metric:<12} {fmt(a, 3)} -> {fmt(b, 3)}   {test} p = {t['p']:.3g}")
-    promise = [r for r in rows if r["finetuned"]["dice"] >= r["base"]["dice"] and r["finetuned"]["lesion_f1"] >= r["base"]["lesion_f1"] - 0.02]
+    promise = [
+        r for r in rows if r["finetuned"]["dice"] >= r["base"]["dice"] and r["finetuned"]["lesion_f1"] >= r["base"]["lesion_f1"] - 0.02
+    ]
     room = [r for r in rows if r["base"]["dice"] < 0.85]
     gain = np.mean([r["finetuned"]["dice"] - r["base"]["dice"] for r in room]) if room else float("nan")
-    print(f"  promise (Dice not lower, lesion F1 not lower by > 0.02) held in {len(promise)} of {len(rows)}; "
-          f"mean Dice gain {gain:+.3f} over the {len(room)} runs with base Dice < 0.85; base model kept in {sum(not r['kept'] for r in rows)}")
+    print(
+        f"  promise (Dice not lower, lesion F1 not lower by > 0.02) held in {len(promise)} of {len(rows)}; "
+        f"mean Dice gain {gain:+.3f} over the {len(room)} runs with base Dice < 0.85; base model kept in {sum(not r['kept'] for r in rows)}"
+    )
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ def main(argv=None) -> int:
         study2 = sitk.ReadImage(str(folder / "study2_FLAIR.nii.gz"), sitk.sitkFloat32)
         to_common1 = sitk.ReadTransform(str(folder / "study1_FLAIR_to_common_space.txt"))
         to_common2 = sitk.ReadTransform(str(folder / "study2_FLAIR_to_common_space.txt"))
-        judge = sitk.Resample(sitk.ReadImage(str(folder / "brainmask_common.nii.gz")), study1, to_common1.GetInverse(), sitk.sitkNearestNeighbor, 0)
+        judge = sitk.Resample(
+            sitk.ReadImage(str(folder / "brainmask_common.nii.gz")), study1, to_common1.GetInverse(), sitk.sitkNearestNeighbor, 0
+        )
         supplied = sitk.CompositeTransform([to_common2, to_common1.GetInverse()])
         reference = masked_correlation(study1, sitk.Resample(study2, study1, supplied, sitk.sitkLinear, 0.0), judge)
         brain1 = deepbet_brain_mask(study1)
@@ -64,7 +66,9 @@ def main(argv=None) -> int:
             "reference mask": (study1, study2, judge),
             "no mask": (study1, study2, None),
             "deepbet mask": (study1, study2, as_mask(brain1, study1)),
-            "deepbet mask + N4": head_pair_for_registration(study1, study2, skull_stripped="no"),  # what compare --baseline-organ brain does
+            "deepbet mask + N4": head_pair_for_registration(
+                study1, study2, skull_stripped="no"
+            ),  # what compare --baseline-organ brain does
         }
         for name, (fixed, moving, mask) in variants.items():
             start = time.perf_counter()
@@ -72,10 +76,20 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - start
             # judged on the raw FLAIRs, inside the reference brain, whatever the variant saw
             after = masked_correlation(study1, sitk.Resample(study2, study1, result.transform, sitk.sitkLinear, 0.0), judge)
-            rows.append({"patient": patient[-2:], "variant": name, "correlation": round(after, 4), "supplied": round(reference, 4),
-                         "gap": round(reference - after, 4), "seconds": round(seconds, 1)})
-            print(f"{patient}  {name:<18} correlation {after:.4f}  supplied transforms {reference:.4f}  gap {reference - after:+.4f}  {seconds:5.1f} s",
-                  flush=True)
+            rows.append(
+                {
+                    "patient": patient[-2:],
+                    "variant": name,
+                    "correlation": round(after, 4),
+                    "supplied": round(reference, 4),
+                    "gap": round(reference - after, 4),
+                    "seconds": round(seconds, 1),
+                }
+            )
+            print(
+                f"{patient}  {name:<18} correlation {after:.4f}  supplied transforms {reference:.4f}  gap {reference - after:+.4f}  {seconds:5.1f} s",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

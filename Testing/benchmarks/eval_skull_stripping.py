@@ -42,14 +42,22 @@ def scans(data: Path) -> list[dict]:
         folder = data / "ljubljana_ms_longitudinal" / patient
         for study in ("study1", "study2"):
             for sequence in ("FLAIR", "T1W"):
-                out.append({"name": f"Ljubljana {patient[-2:]} {study} {sequence}", "image": folder / f"{study}_{sequence}.nii.gz",
-                            "reference": folder / "brainmask_common.nii.gz", "to_common": folder / f"{study}_FLAIR_to_common_space.txt",
-                            "flair": folder / f"{study}_FLAIR.nii.gz",
-                            "to_flair": folder / f"{study}_T1W_intrastudy_to_FLAIR.txt" if sequence == "T1W" else None})
+                out.append(
+                    {
+                        "name": f"Ljubljana {patient[-2:]} {study} {sequence}",
+                        "image": folder / f"{study}_{sequence}.nii.gz",
+                        "reference": folder / "brainmask_common.nii.gz",
+                        "to_common": folder / f"{study}_FLAIR_to_common_space.txt",
+                        "flair": folder / f"{study}_FLAIR.nii.gz",
+                        "to_flair": folder / f"{study}_T1W_intrastudy_to_FLAIR.txt" if sequence == "T1W" else None,
+                    }
+                )
     for n in ("01", "02", "03"):
         for visit in ("Pre", "Post"):
             folder = data / "brain_tumor_progression" / n
-            out.append({"name": f"BTP {n} {visit} T1c", "image": folder / f"{visit}_Scan_T1.nii.gz", "tumour": folder / f"{visit}_Mask.nii.gz"})
+            out.append(
+                {"name": f"BTP {n} {visit} T1c", "image": folder / f"{visit}_Scan_T1.nii.gz", "tumour": folder / f"{visit}_Mask.nii.gz"}
+            )
     return out
 
 

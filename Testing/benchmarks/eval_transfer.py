@@ -58,7 +58,8 @@ def real_cases(folder: Path, pattern: tuple[str, str, str | None]):
     image, lesions, organ = pattern
     return [
         prepare_case(load_case([p / image], organ_path=p / organ if organ else None, lesion_path=p / lesions, name=p.name))
-        for p in sorted(folder.iterdir()) if (p / image).is_file()
+        for p in sorted(folder.iterdir())
+        if (p / image).is_file()
     ]
 
 
@@ -85,8 +86,14 @@ def run_setting(name: str, source_cases, target_pool, test_cases, ns, args, writ
         volume_model_metadata,
     )
 
-    config = VolumeTrainingConfig(iterations=args.source_iterations, learning_rate=args.learning_rate, spacing_mm=args.spacing_mm,
-                                  batch_size=args.batch_size, class_weights=(1.0, args.lesion_weight), seed=args.seed)
+    config = VolumeTrainingConfig(
+        iterations=args.source_iterations,
+        learning_rate=args.learning_rate,
+        spacing_mm=args.spacing_mm,
+        batch_size=args.batch_size,
+        class_weights=(1.0, args.lesion_weight),
+        seed=args.seed,
+    )
     sequences = [{"name": "input", "channels": 1}]
 
     def bundle_of(model):
@@ -96,7 +103,9 @@ def run_setting(name: str, source_cases, target_pool, test_cases, ns, args, writ
     source = new_volume_model((1,), width=args.width, seed=args.seed)
     train_volume_model(source, source_cases, config, device="cpu")
     source = bundle_of(source)
-    print(f"[{name}] source model: {len(source_cases)} studies, {config.iterations} iterations, {time.perf_counter() - t:.0f} s", flush=True)
+    print(
+        f"[{name}] source model: {len(source_cases)} studies, {config.iterations} iterations, {time.perf_counter() - t:.0f} s", flush=True
+    )
     rows = []
     target_config = replace(config, iterations=args.iterations)
     for n in ns:
@@ -113,7 +122,10 @@ def run_setting(name: str, source_cases, target_pool, test_cases, ns, args, writ
                 strategy_config = replace(target_config, strategy=arm, reset_last_layers=arm != "head")
                 model = finetune_volume_model(source, train, strategy_config, device="cpu")
             row = {"setting": name, "n": n, "arm": arm, **evaluate(model, test_cases), "seconds": round(time.perf_counter() - t, 1)}
-            print(f"[{name}] N={n} {arm:12s} Dice {row['dice']:.3f} sensitivity {row['sensitivity']:.3f} PPV {row['ppv']:.3f} ({row['seconds']} s)", flush=True)
+            print(
+                f"[{name}] N={n} {arm:12s} Dice {row['dice']:.3f} sensitivity {row['sensitivity']:.3f} PPV {row['ppv']:.3f} ({row['seconds']} s)",
+                flush=True,
+            )
             writer.writerow(row)
             rows.append(row)
     return rows
@@ -123,8 +135,12 @@ def markdown(rows: list[dict]) -> str:
     lines = []
     for setting in dict.fromkeys(r["setting"] for r in rows):
         ns = sorted({r["n"] for r in rows if r["setting"] == setting})
-        lines += [f"**{setting}** (Dice / lesion sensitivity / lesion PPV on the held-out target studies)", "",
-                  "| arm | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+        lines += [
+            f"**{setting}** (Dice / lesion sensitivity / lesion PPV on the held-out target studies)",
+            "",
+            "| arm | " + " | ".join(f"N = {n}" for n in ns) + " |",
+            "|---|" + "---|" * len(ns),
+        ]
         for arm in ARMS:
             cells = []
             for n in ns:
@@ -148,7 +164,9 @@ def main() -> None:
     parser.add_argument("--spacing-mm", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--lesion-weight", type=float, default=5.0, help="cross-entropy weight of the lesion class (Kaur et al. 2019: weighted)")
+    parser.add_argument(
+        "--lesion-weight", type=float, default=5.0, help="cross-entropy weight of the lesion class (Kaur et al. 2019: weighted)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

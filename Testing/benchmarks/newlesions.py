@@ -90,8 +90,11 @@ def synthetic_pair_case(pair_folder: str | os.PathLike, out_folder: str | os.Pat
     target_image = sitk.GetImageFromArray(target.astype(np.uint8))
     target_image.CopyInformation(followup)
     write_case(out_folder, followup, subtraction, brain, target_image)
-    return {"correlation_before": registration.correlation_before, "correlation_after": registration.correlation_after,
-            "new_lesions": int(label_lesions(target)[1])}
+    return {
+        "correlation_before": registration.correlation_before,
+        "correlation_after": registration.correlation_after,
+        "new_lesions": int(label_lesions(target)[1]),
+    }
 
 
 def ljubljana_case(patient_folder: str | os.PathLike, out_folder: str | os.PathLike) -> None:

@@ -25,13 +25,19 @@ def main(argv=None) -> int:
             entry = json.loads(line)
             rows[entry["iteration"]] = entry  # a validation repeated after a resume: the later one
     rows = [rows[k] for k in sorted(rows)]
-    keys = [("val_dice", "Dice"), ("val_lesion_f1", "lesion F1"),
-            ("val_dice_first_sequence_only", "Dice, first sequence only"), ("val_lesion_f1_first_sequence_only", "lesion F1, first sequence only")]
+    keys = [
+        ("val_dice", "Dice"),
+        ("val_lesion_f1", "lesion F1"),
+        ("val_dice_first_sequence_only", "Dice, first sequence only"),
+        ("val_lesion_f1_first_sequence_only", "lesion F1, first sequence only"),
+    ]
     keys = [(k, label) for k, label in keys if any(k in r for r in rows)]
     print("| iteration | hours | " + " | ".join(label for _, label in keys) + " |")
     print("|---" * (len(keys) + 2) + "|")
     for r in rows:
-        print(f"| {r['iteration']} | {r.get('wall_s', 0) / 3600:.2f} | " + " | ".join(f"{r[k]:.3f}" if k in r else "" for k, _ in keys) + " |")
+        print(
+            f"| {r['iteration']} | {r.get('wall_s', 0) / 3600:.2f} | " + " | ".join(f"{r[k]:.3f}" if k in r else "" for k, _ in keys) + " |"
+        )
     if args.out:
         import matplotlib
 
@@ -40,8 +46,13 @@ def main(argv=None) -> int:
 
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for k, label in keys:
-            ax.plot([r["iteration"] for r in rows if k in r], [r[k] for r in rows if k in r], marker="o", label=label,
-                    linestyle="--" if "first" in k else "-")
+            ax.plot(
+                [r["iteration"] for r in rows if k in r],
+                [r[k] for r in rows if k in r],
+                marker="o",
+                label=label,
+                linestyle="--" if "first" in k else "-",
+            )
         ax.set_xlabel("iteration")
         ax.set_ylabel("held-out score (mean over scans)")
         ax.set_ylim(0, 1)

@@ -49,16 +49,21 @@ def main(argv=None) -> int:
     keep[chosen] = False
     truth = case.layout.to_slices(gt_stored).astype(bool) & keep[:, None, None]
     on_lesion_slice = truth.any(axis=(1, 2))
-    print(f"{args.case}, {args.route}: {len(chosen)} slices annotated, scored on the other {int(keep.sum())} "
-          f"({int(on_lesion_slice.sum())} with lesion), {int(truth.sum())} lesion voxels there")
+    print(
+        f"{args.case}, {args.route}: {len(chosen)} slices annotated, scored on the other {int(keep.sum())} "
+        f"({int(on_lesion_slice.sum())} with lesion), {int(truth.sum())} lesion voxels there"
+    )
 
     def report(name: str, bundle) -> None:
         predicted = inference.predict_mask(bundle, case, device="cpu") & keep[:, None, None]
         s = mask_scores(predicted, case, gt_stored, spacing, keep)
         false = predicted & ~truth
-        print(f"{name:<8} Dice {s['dice']:.3f}  AVD {s['avd_percent']:4.0f} %  lesion F1 {s['lesion_f1']:.3f}  "
-              f"predicted {int(predicted.sum()):6d} voxels, false positives on lesion slices {int(false[on_lesion_slice].sum()):6d}, "
-              f"on lesion-free slices {int(false[~on_lesion_slice].sum()):6d}", flush=True)
+        print(
+            f"{name:<8} Dice {s['dice']:.3f}  AVD {s['avd_percent']:4.0f} %  lesion F1 {s['lesion_f1']:.3f}  "
+            f"predicted {int(predicted.sum()):6d} voxels, false positives on lesion slices {int(false[on_lesion_slice].sum()):6d}, "
+            f"on lesion-free slices {int(false[~on_lesion_slice].sum()):6d}",
+            flush=True,
+        )
 
     report("base", base)
     for count in args.counts:

@@ -158,8 +158,19 @@ def test_training_on_synthesis_alone_resumes_exactly(label_map, tmp_path):
         model = tiny_model().train()
         config = TrainingConfig(iterations=iterations, patch_size=32, seed=1)
         source = AnatomyPatches([label_map], SETTINGS, seed=1, volume_every=2, bank=2)
-        train_base_model(model, [], (1.5, 1.5), config, device="cpu", checkpoint_path=tmp_path / "ckpt.pt",
-                         checkpoint_every=2, resume=resume, progress=False, log=lambda m: None, synthetic=source)
+        train_base_model(
+            model,
+            [],
+            (1.5, 1.5),
+            config,
+            device="cpu",
+            checkpoint_path=tmp_path / "ckpt.pt",
+            checkpoint_every=2,
+            resume=resume,
+            progress=False,
+            log=lambda m: None,
+            synthetic=source,
+        )
         return model
 
     straight = run(4)

@@ -20,7 +20,9 @@ from conftest import tiny_model, write_volume
 
 
 def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _variant(src, dst, values):
@@ -80,8 +82,19 @@ def test_an_input_is_never_replaced_by_the_commands_output(small_pair_dir, tmp_p
     # segment's output folder holding an input named like one of its outputs
     shutil.copy(case / "organ.nii.gz", case / "segmentation.nii.gz")
     organ_before = (case / "segmentation.nii.gz").read_bytes()
-    proc = cli("segment", "--model", "brain-wmh", "--images", case / "FLAIR.nii.gz", case / "T1.nii.gz", "--organ", case / "segmentation.nii.gz",
-               "--out", case, "--overwrite")
+    proc = cli(
+        "segment",
+        "--model",
+        "brain-wmh",
+        "--images",
+        case / "FLAIR.nii.gz",
+        case / "T1.nii.gz",
+        "--organ",
+        case / "segmentation.nii.gz",
+        "--out",
+        case,
+        "--overwrite",
+    )
     assert proc.returncode == 2 and "input" in proc.stderr, proc.stderr
     assert (case / "segmentation.nii.gz").read_bytes() == organ_before
 
@@ -104,17 +117,20 @@ def test_output_problems_are_found_before_any_work(small_pair_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
-@pytest.mark.parametrize("args", [
-    ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--iterations", "0"),
-    ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--iterations", "-5"),
-    ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--angles", "-1"),
-    ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--pixel-fraction", "0"),
-    ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--pixel-fraction", "1.5"),
-    ("synth", "--preset", "brain-wmh", "--out", "x", "--patients", "-1"),
-    ("experiment", "--model", "brain-wmh", "--cohort", ".", "--out", "x", "--workers", "0"),
-    ("segment", "--model", "brain-wmh", "--case", ".", "--out", "x", "--mc-samples", "1"),
-    ("segment", "--model", "brain-wmh", "--case", ".", "--out", "x", "--min-lesion-voxels", "0"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--iterations", "0"),
+        ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--iterations", "-5"),
+        ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--angles", "-1"),
+        ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--pixel-fraction", "0"),
+        ("finetune", "--model", "brain-wmh", "--case", ".", "--out", "x.pt", "--pixel-fraction", "1.5"),
+        ("synth", "--preset", "brain-wmh", "--out", "x", "--patients", "-1"),
+        ("experiment", "--model", "brain-wmh", "--cohort", ".", "--out", "x", "--workers", "0"),
+        ("segment", "--model", "brain-wmh", "--case", ".", "--out", "x", "--mc-samples", "1"),
+        ("segment", "--model", "brain-wmh", "--case", ".", "--out", "x", "--min-lesion-voxels", "0"),
+    ],
+)
 def test_nonsense_counts_are_refused_by_the_parser(args, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", *args], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 2 and "invalid" in proc.stderr, proc.stderr
@@ -137,15 +153,34 @@ def test_a_diverged_model_is_neither_saved_nor_loaded(tmp_path):
     meta["sha256"] = modelfile._content_hash(meta, state)
     import json
 
-    torch.save({"format": modelfile.FORMAT_NAME, "format_version": modelfile.FORMAT_VERSION, "metadata_json": json.dumps(meta, sort_keys=True),
-                "state_dict": state}, tmp_path / "old.pt")
+    torch.save(
+        {
+            "format": modelfile.FORMAT_NAME,
+            "format_version": modelfile.FORMAT_VERSION,
+            "metadata_json": json.dumps(meta, sort_keys=True),
+            "state_dict": state,
+        },
+        tmp_path / "old.pt",
+    )
     with pytest.raises(ModelFileError, match="non-finite"):
         load_model(tmp_path / "old.pt")
 
 
 def test_the_training_progress_bar_moves(small_pair_dir, tmp_path):
-    proc = cli("finetune", "--model", "brain-wmh", "--case", small_pair_dir / "baseline", "--iterations", 12, "--slices", "all-lesion",
-               "--no-check", "--out", tmp_path / "p.pt")
+    proc = cli(
+        "finetune",
+        "--model",
+        "brain-wmh",
+        "--case",
+        small_pair_dir / "baseline",
+        "--iterations",
+        12,
+        "--slices",
+        "all-lesion",
+        "--no-check",
+        "--out",
+        tmp_path / "p.pt",
+    )
     assert proc.returncode == 0, proc.stderr
     counts = {int(part.split("/")[0].split()[-1]) for part in proc.stderr.replace("\r", "\n").splitlines() if "/12 " in part}
     assert len(counts) >= 3 and max(counts) == 12, proc.stderr[-2000:]
@@ -154,11 +189,37 @@ def test_the_training_progress_bar_moves(small_pair_dir, tmp_path):
 def test_segment_overwrite_removes_what_the_earlier_run_wrote_and_this_one_does_not(small_pair_dir, tmp_path):
     case = small_pair_dir / "baseline"
     out = tmp_path / "seg"
-    assert cli("segment", "--model", "brain-wmh", "--images", case / "FLAIR.nii.gz", case / "T1.nii.gz", "--mc-samples", 2, "--suggest", 1,
-               "--out", out).returncode == 0
+    assert (
+        cli(
+            "segment",
+            "--model",
+            "brain-wmh",
+            "--images",
+            case / "FLAIR.nii.gz",
+            case / "T1.nii.gz",
+            "--mc-samples",
+            2,
+            "--suggest",
+            1,
+            "--out",
+            out,
+        ).returncode
+        == 0
+    )
     assert {"organ_mask.nii.gz", "uncertainty_sd.nii.gz", "uncertainty.json", "suggestions.json"} <= {p.name for p in out.iterdir()}
-    proc = cli("segment", "--model", "brain-wmh", "--images", case / "FLAIR.nii.gz", case / "T1.nii.gz", "--organ", case / "organ.nii.gz",
-               "--out", out, "--overwrite")
+    proc = cli(
+        "segment",
+        "--model",
+        "brain-wmh",
+        "--images",
+        case / "FLAIR.nii.gz",
+        case / "T1.nii.gz",
+        "--organ",
+        case / "organ.nii.gz",
+        "--out",
+        out,
+        "--overwrite",
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["lesion_labels.nii.gz", "lesions.csv", "probability.nii.gz", "segmentation.nii.gz"]
 
@@ -177,7 +238,11 @@ def test_evaluate_writes_valid_json_and_names_missing_columns(small_pair_dir, tm
     import json
 
     case = small_pair_dir / "baseline"
-    empty = _variant(case / "lesions.nii.gz", tmp_path / "empty.nii.gz", np.zeros_like(sitk.GetArrayFromImage(sitk.ReadImage(str(case / "lesions.nii.gz")))))
+    empty = _variant(
+        case / "lesions.nii.gz",
+        tmp_path / "empty.nii.gz",
+        np.zeros_like(sitk.GetArrayFromImage(sitk.ReadImage(str(case / "lesions.nii.gz")))),
+    )
     proc = cli("evaluate", "--pred", empty, "--gt", case / "lesions.nii.gz", timeout=120)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout.splitlines()[0], parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
@@ -197,8 +262,15 @@ def test_a_model_file_with_a_malformed_body_is_refused_cleanly(tmp_path):
             load_model(tmp_path / "m.pt")
 
 
-def _write_dicom_series(volume: np.ndarray, folder, spacing=(0.9, 0.9, 3.0), origin=(-100.0, -120.0, -40.0),
-                        series="1.2.826.0.1.3680043.2.1125.1.4242", prefix="slice", orientation="1\\0\\0\\0\\1\\0"):
+def _write_dicom_series(
+    volume: np.ndarray,
+    folder,
+    spacing=(0.9, 0.9, 3.0),
+    origin=(-100.0, -120.0, -40.0),
+    series="1.2.826.0.1.3680043.2.1125.1.4242",
+    prefix="slice",
+    orientation="1\\0\\0\\0\\1\\0",
+):
     """A real DICOM series (one file per slice, with position, orientation and spacing;
     each file gets its own new SOP instance UID)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -220,9 +292,16 @@ def _write_dicom_series(volume: np.ndarray, folder, spacing=(0.9, 0.9, 3.0), ori
 def _write_slices(image, n, folder, writer, series, spacing, prefix, orientation):
     for z in range(n):
         slice_ = image[:, :, z]
-        for tag, value in {"0008|0060": "MR", "0020|000d": series + ".1", "0020|000e": series, "0020|0013": str(z + 1),
-                           "0020|0037": orientation, "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
-                           "0020|0032": "\\".join(str(c) for c in image.TransformIndexToPhysicalPoint((0, 0, z)))}.items():
+        for tag, value in {
+            "0008|0060": "MR",
+            "0020|000d": series + ".1",
+            "0020|000e": series,
+            "0020|0013": str(z + 1),
+            "0020|0037": orientation,
+            "0028|0030": f"{spacing[1]}\\{spacing[0]}",
+            "0018|0050": str(spacing[2]),
+            "0020|0032": "\\".join(str(c) for c in image.TransformIndexToPhysicalPoint((0, 0, z))),
+        }.items():
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{prefix}{z:03d}.dcm"))
         writer.Execute(slice_)
@@ -282,12 +361,24 @@ def test_messages_name_options_not_python_and_case_with_images_is_refused(small_
     a, b = sitk.Image(4, 4, 4, sitk.sitkUInt8), sitk.Image(4, 4, 4, sitk.sitkUInt8)
     b.SetSpacing((1.0, 1.5, 2.0))
     assert "np.float64" not in grid_mismatch(a, b)
-    proc = cli("segment", "--model", "brain-wmh", "--case", small_pair_dir / "baseline", "--images", small_pair_dir / "baseline" / "FLAIR.nii.gz",
-               small_pair_dir / "baseline" / "T1.nii.gz", "--out", tmp_path / "o")
+    proc = cli(
+        "segment",
+        "--model",
+        "brain-wmh",
+        "--case",
+        small_pair_dir / "baseline",
+        "--images",
+        small_pair_dir / "baseline" / "FLAIR.nii.gz",
+        small_pair_dir / "baseline" / "T1.nii.gz",
+        "--out",
+        tmp_path / "o",
+    )
     assert proc.returncode == 2 and "not both" in proc.stderr
     # a folder in the working directory named like a preset does not shadow the shipped model
     (tmp_path / "brain-wmh").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "info", "brain-wmh"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "PatientFineTuneLib.cli", "info", "brain-wmh"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert proc.returncode == 0 and '"preset": "brain-wmh"' in proc.stdout, proc.stderr
 
 
@@ -298,8 +389,20 @@ def test_a_failing_registration_is_one_line_not_itks_exception(tmp_path):
     for name, values in (("baseline", np.full(box.shape, 5.0)), ("followup", np.full(box.shape, 5.0)), ("lesions", box)):
         paths[name] = tmp_path / f"{name}.nii.gz"
         sitk.WriteImage(sitk.GetImageFromArray(values.astype(np.float32 if name != "lesions" else np.uint8)), str(paths[name]))
-    proc = cli("compare", "--baseline-image", paths["baseline"], "--followup-image", paths["followup"], "--baseline-lesions", paths["lesions"],
-               "--followup-lesions", paths["lesions"], "--out", tmp_path / "out", timeout=120)
+    proc = cli(
+        "compare",
+        "--baseline-image",
+        paths["baseline"],
+        "--followup-image",
+        paths["followup"],
+        "--baseline-lesions",
+        paths["lesions"],
+        "--followup-lesions",
+        paths["lesions"],
+        "--out",
+        tmp_path / "out",
+        timeout=120,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "registering" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
 
@@ -346,7 +449,9 @@ def _followup_variants(small_pair_dir, folder):
     made = {}
     for name in ("FLAIR", "T1"):
         image = sitk.ReadImage(str(small_pair_dir / "followup" / f"{name}.nii.gz"))
-        coarse = sitk.Resample(image, [10, 10, 12], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (19.2, 19.2, 3.0), image.GetDirection())
+        coarse = sitk.Resample(
+            image, [10, 10, 12], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (19.2, 19.2, 3.0), image.GetDirection()
+        )
         huge = sitk.GetImageFromArray(sitk.GetArrayFromImage(image).astype(np.float64) * 1e300)
         huge.CopyInformation(image)
         for kind, variant in (("2d", image[:, :, 5]), ("one-slice", image[:, :, 5:6]), ("coarse", coarse), ("huge", huge)):
@@ -383,7 +488,11 @@ def test_a_folder_with_one_multi_frame_dicom_file_is_one_volume(tmp_path):
 
     volume = np.random.default_rng(3).integers(0, 1000, (6, 20, 24)).astype(np.uint16)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid(), ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = (
+        "1.2.840.10008.5.1.4.1.1.7",
+        generate_uid(),
+        ExplicitVRLittleEndian,
+    )
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID

@@ -90,8 +90,13 @@ def test_the_mask_does_not_depend_on_how_the_scan_is_stored(head, head_mask, sto
         # array, so the mask's voxels must be the same ones
         a = np.deg2rad(12)
         stored = sitk.Image(image)
-        stored.SetDirection(tuple((np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-                                   @ np.reshape(image.GetDirection(), (3, 3))).ravel()))
+        stored.SetDirection(
+            tuple(
+                (
+                    np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.reshape(image.GetDirection(), (3, 3))
+                ).ravel()
+            )
+        )
         mask = deepbet_brain_mask(stored)
         assert np.array_equal(mask, head_mask.mask)
         return
@@ -210,8 +215,19 @@ def test_segment_cli_masks_a_raw_head_and_says_how(tmp_path):
     write_pair(generate_pair("brain-wmh", 7), tmp_path / "pair", preview=False)
     visit = tmp_path / "pair" / "baseline"
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "PatientFineTuneLib.cli", "segment", "--model", "brain-wmh", "--images",
-           visit / "FLAIR.nii.gz", visit / "T1.nii.gz", "--out", out]
+    cmd = [
+        sys.executable,
+        "-m",
+        "PatientFineTuneLib.cli",
+        "segment",
+        "--model",
+        "brain-wmh",
+        "--images",
+        visit / "FLAIR.nii.gz",
+        visit / "T1.nii.gz",
+        "--out",
+        out,
+    ]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "automatic brain mask (deepbet; scan skull on" in proc.stderr and "bias field corrected (N4)" in proc.stderr
@@ -221,6 +237,8 @@ def test_segment_cli_masks_a_raw_head_and_says_how(tmp_path):
     # as a job (what the Slicer module runs): the same two facts arrive as note events
     from PatientFineTuneLib.jobs import CliJob
 
-    job = CliJob([["segment", "--model", "brain-wmh", "--images", visit / "FLAIR.nii.gz", visit / "T1.nii.gz", "--out", tmp_path / "job"]]).start()
+    job = CliJob(
+        [["segment", "--model", "brain-wmh", "--images", visit / "FLAIR.nii.gz", visit / "T1.nii.gz", "--out", tmp_path / "job"]]
+    ).start()
     assert job.wait(300) and job.succeeded, job.error
     assert len(job.notes) == 2 and job.notes[0].startswith("automatic brain mask (deepbet; scan skull on") and "N4" in job.notes[1]

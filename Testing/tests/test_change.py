@@ -16,7 +16,7 @@ from conftest import SHARED_DATA
 
 def cube(mask, centre, half):
     z, y, x = centre
-    mask[z - half:z + half + 1, y - half:y + half + 1, x - half:x + half + 1] = True
+    mask[z - half : z + half + 1, y - half : y + half + 1, x - half : x + half + 1] = True
 
 
 def test_every_category_on_hand_built_masks():
@@ -34,7 +34,11 @@ def test_every_category_on_hand_built_masks():
     merged = next(r for r in rows if len(r["baseline_ids"].split()) == 2)
     assert merged["change"] == "enlarged" and merged["baseline_mm3"] == 2.0 and merged["followup_mm3"] == 27.0
     enlarged = next(r for r in rows if r["baseline_mm3"] == 27.0 and r["change"] == "enlarged")
-    assert enlarged["followup_mm3"] == 125.0 and enlarged["change_mm3"] == 98.0 and enlarged["change_relative"] == pytest.approx(98 / 27, abs=1e-4)
+    assert (
+        enlarged["followup_mm3"] == 125.0
+        and enlarged["change_mm3"] == 98.0
+        and enlarged["change_relative"] == pytest.approx(98 / 27, abs=1e-4)
+    )
     assert summary["baseline_load_mm3"] == baseline.sum() and summary["load_change_mm3"] == followup.sum() - baseline.sum()
     new = next(r for r in rows if r["change"] == "new")
     assert new["baseline_ids"] == "" and new["change_relative"] is None and new["centroid"] == [14.0, 50.0, 50.0]
@@ -76,7 +80,9 @@ def test_registration_recovers_a_known_rigid_plus_affine_transform_within_a_voxe
     moving = sitk.Resample(fixed, fixed, known, sitk.sitkLinear, 0.0)  # moving(x) = fixed(known(x))
     result = register_followup(fixed, moving, mask)
     truth = known.GetInverse()
-    points = [fixed.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]]) for idx in np.argwhere(sitk.GetArrayFromImage(mask) > 0)[::997]]
+    points = [
+        fixed.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]]) for idx in np.argwhere(sitk.GetArrayFromImage(mask) > 0)[::997]
+    ]
     errors = np.abs([np.subtract(result.transform.TransformPoint(p), truth.TransformPoint(p)) for p in points])
     assert (errors.max(axis=0) < np.array(fixed.GetSpacing())).all(), errors.max(axis=0)
     assert result.correlation_after > result.correlation_before + 0.3 and result.warning is None
@@ -98,7 +104,9 @@ def test_real_longitudinal_pair_aligns_as_well_as_the_supplied_transforms(patien
     study2 = sitk.ReadImage(str(folder / "study2_FLAIR.nii.gz"), sitk.sitkFloat32)
     to_common1 = sitk.ReadTransform(str(folder / "study1_FLAIR_to_common_space.txt"))
     to_common2 = sitk.ReadTransform(str(folder / "study2_FLAIR_to_common_space.txt"))
-    brain = sitk.Resample(sitk.ReadImage(str(folder / "brainmask_common.nii.gz")), study1, to_common1.GetInverse(), sitk.sitkNearestNeighbor, 0)
+    brain = sitk.Resample(
+        sitk.ReadImage(str(folder / "brainmask_common.nii.gz")), study1, to_common1.GetInverse(), sitk.sitkNearestNeighbor, 0
+    )
     reference = sitk.CompositeTransform([to_common2, to_common1.GetInverse()])  # study1 -> common -> study2
     reference_corr = masked_correlation(study1, sitk.Resample(study2, study1, reference, sitk.sitkLinear, 0.0), brain)
     if mask == "reference":
@@ -134,8 +142,22 @@ def test_compare_cli_registers_and_writes_the_change_table(tmp_path):
         paths[name] = tmp_path / f"{name}.nii.gz"
         sitk.WriteImage(image, str(paths[name]))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "PatientFineTuneLib.cli", "compare", "--baseline-image", paths["b_img"], "--followup-image", paths["f_img"],
-           "--baseline-lesions", paths["b_les"], "--followup-lesions", paths["f_les"], "--out", out]
+    cmd = [
+        sys.executable,
+        "-m",
+        "PatientFineTuneLib.cli",
+        "compare",
+        "--baseline-image",
+        paths["b_img"],
+        "--followup-image",
+        paths["f_img"],
+        "--baseline-lesions",
+        paths["b_les"],
+        "--followup-lesions",
+        paths["f_les"],
+        "--out",
+        out,
+    ]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "changes.json").read_text())["summary"]
@@ -158,8 +180,13 @@ def test_compare_cli_registers_skull_on_heads_inside_the_automatic_brain_mask(tm
     pair = generate_pair("brain-wmh", 2)
     baseline = sitk.Cast(to_image(pair["visits"]["baseline"]["images"]["FLAIR"], pair["grid"]), sitk.sitkFloat32)
     lesions = to_image(pair["visits"]["baseline"]["lesions"], pair["grid"], sitk.sitkUInt8)
-    moved = sitk.Euler3DTransform(baseline.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in baseline.GetSize()]),
-                                  0.0, 0.0, np.deg2rad(3.0), (4.0, -2.0, 1.0))
+    moved = sitk.Euler3DTransform(
+        baseline.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in baseline.GetSize()]),
+        0.0,
+        0.0,
+        np.deg2rad(3.0),
+        (4.0, -2.0, 1.0),
+    )
     followup = sitk.Resample(baseline, baseline, moved, sitk.sitkLinear, 0.0)
     followup_lesions = sitk.Resample(lesions, baseline, moved, sitk.sitkNearestNeighbor, 0)
     paths = {}
@@ -168,8 +195,24 @@ def test_compare_cli_registers_skull_on_heads_inside_the_automatic_brain_mask(tm
         sitk.WriteImage(image, str(paths[name]))
     before = {name: path.read_bytes() for name, path in paths.items()}
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "PatientFineTuneLib.cli", "compare", "--baseline-image", paths["b_img"], "--followup-image", paths["f_img"],
-           "--baseline-lesions", paths["b_les"], "--followup-lesions", paths["f_les"], "--baseline-organ", "brain", "--out", out]
+    cmd = [
+        sys.executable,
+        "-m",
+        "PatientFineTuneLib.cli",
+        "compare",
+        "--baseline-image",
+        paths["b_img"],
+        "--followup-image",
+        paths["f_img"],
+        "--baseline-lesions",
+        paths["b_les"],
+        "--followup-lesions",
+        paths["f_les"],
+        "--baseline-organ",
+        "brain",
+        "--out",
+        out,
+    ]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "changes.json").read_text())["summary"]

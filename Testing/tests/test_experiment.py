@@ -69,11 +69,35 @@ def test_a_data_set_laid_out_its_own_way_gets_its_manifest_from_the_benchmarks_s
 def test_small_experiment_runs_resumes_and_summarises(cohort_dir, tmp_path):
     model = tiny_model()
     path = tmp_path / "base.pt"
-    save_model(ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0), preset="brain-wmh")), path)
+    save_model(
+        ModelBundle(
+            model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0), preset="brain-wmh")
+        ),
+        path,
+    )
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "PatientFineTuneLib.cli", "experiment", "--model", str(path), "--cohort", str(cohort_dir), "--out", str(out),
-           "--iterations-axis", "5", "--default-iterations", "5", "--arms", "base,copy-forward,ft-iter5,ft-suggested1,ft-segmentation,ft-naive,ft-all,ft-shipped",
-           "--mc-samples", "2", "--mc-arms", "base,ft-iter5,ft-all"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "PatientFineTuneLib.cli",
+        "experiment",
+        "--model",
+        str(path),
+        "--cohort",
+        str(cohort_dir),
+        "--out",
+        str(out),
+        "--iterations-axis",
+        "5",
+        "--default-iterations",
+        "5",
+        "--arms",
+        "base,copy-forward,ft-iter5,ft-suggested1,ft-segmentation,ft-naive,ft-all,ft-shipped",
+        "--mc-samples",
+        "2",
+        "--mc-arms",
+        "base,ft-iter5,ft-all",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -105,8 +129,21 @@ def test_small_experiment_runs_resumes_and_summarises(cohort_dir, tmp_path):
 
 
 def test_summary_without_the_reference_arm_has_no_tests():
-    rows = [{"patient": f"p{k}", "arm": arm, "dice": 0.5 + 0.1 * k, "avd_percent": 10, "hd95_mm": 3, "lesion_recall": 1, "fp_count": k,
-             "lesion_precision": 1, "lesion_f1": 1} for k in range(3) for arm in ("ft-all", "ft-naive")]
+    rows = [
+        {
+            "patient": f"p{k}",
+            "arm": arm,
+            "dice": 0.5 + 0.1 * k,
+            "avd_percent": 10,
+            "hd95_mm": 3,
+            "lesion_recall": 1,
+            "fp_count": k,
+            "lesion_precision": 1,
+            "lesion_f1": 1,
+        }
+        for k in range(3)
+        for arm in ("ft-all", "ft-naive")
+    ]
     table = summary_table(rows)
     assert "| ft-all | 3 | 0.60 ± 0.10 |" in table and "p=" not in table
     with_base = summary_table(rows + [dict(r, arm="base", dice=0.4) for r in rows if r["arm"] == "ft-all"])

@@ -69,7 +69,9 @@ def test_only_the_last_two_layers_change(bundle, baseline):
 
 def test_all_layers_train_everything_but_the_backbone_statistics(bundle, baseline):
     before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
-    patient = finetune_patient_model(bundle, baseline, baseline.lesion_slices()[:2], FinetuneConfig(**CONFIG, layers="all", method="fast"), device="cpu")
+    patient = finetune_patient_model(
+        bundle, baseline, baseline.lesion_slices()[:2], FinetuneConfig(**CONFIG, layers="all", method="fast"), device="cpu"
+    )
     after = patient.model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     # every convolution and BatchNorm weight, backbone included, has trained
@@ -91,8 +93,13 @@ def test_head_norm_sets_how_fast_the_heads_batchnorm_statistics_move(bundle, bas
         return torch.cat([b for n, b in model.head_modules().named_buffers() if "running_" in n])
 
     base = head_statistics(bundle.model).clone()
-    moved = {norm: head_statistics(finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**one_step, head_norm=norm), device="cpu").model) - base
-             for norm in ("batch", "slow", "frozen")}
+    moved = {
+        norm: head_statistics(
+            finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**one_step, head_norm=norm), device="cpu").model
+        )
+        - base
+        for norm in ("batch", "slow", "frozen")
+    }
     # one step sees the same batch through the same weights, so the statistics move by the
     # momentum times the same amount: 0.1 (PyTorch's default) and 0.01 (Keras's 0.99)
     assert moved["batch"].abs().max() > 1e-4
@@ -142,7 +149,9 @@ def test_the_shipped_fine_tuning_samples_pixels_whatever_layers_train(bundle, ba
     models = {}
     for layers in ("head", "all"):
         for fraction in (0.25, 1.0):
-            trained = finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**CONFIG, layers=layers, pixel_fraction=fraction), device="cpu")
+            trained = finetune_patient_model(
+                bundle, baseline, slices, FinetuneConfig(**CONFIG, layers=layers, pixel_fraction=fraction), device="cpu"
+            )
             assert trained.metadata["finetune"]["pixel_fraction"] == fraction
             models[layers, fraction] = trained.model.state_dict()
     for layers in ("head", "all"):
@@ -163,7 +172,9 @@ def test_pixel_sample_is_a_seeded_fraction_of_every_patch():
 
 def test_same_seed_same_model_and_progress_is_reported(bundle, baseline):
     calls = []
-    a = finetune_patient_model(bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG), device="cpu", progress=lambda i, loss: calls.append((i, loss)))
+    a = finetune_patient_model(
+        bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG), device="cpu", progress=lambda i, loss: calls.append((i, loss))
+    )
     b = finetune_patient_model(bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG), device="cpu")
     assert all(torch.equal(a.model.state_dict()[k], b.model.state_dict()[k]) for k in a.model.state_dict())
     assert [i for i, _ in calls] == [1, 2, 3, 4] and all(np.isfinite(loss) for _, loss in calls)
@@ -403,8 +414,10 @@ def test_a_helpful_finetuning_passes_the_check_and_trains_on_the_whole_annotatio
     def promise(finetuned, base, dice_tolerance=0.0):
         return finetuned["dice"] >= base["dice"] - dice_tolerance and finetuned["lesion_f1"] >= base["lesion_f1"] - 0.02
 
-    pooled = promise({"dice": check["dice_finetuned"], "lesion_f1": check["lesion_f1_finetuned"]},
-                     {"dice": check["dice_base"], "lesion_f1": check["lesion_f1_base"]})
+    pooled = promise(
+        {"dice": check["dice_finetuned"], "lesion_f1": check["lesion_f1_finetuned"]},
+        {"dice": check["dice_base"], "lesion_f1": check["lesion_f1_base"]},
+    )
     folds = [promise(f, b, dice_tolerance=0.02) for f, b in zip(check["per_fold_finetuned"], check["per_fold_base"])]
     assert len(folds) == 2 and check["kept"] == (pooled and all(folds)), check
     if check["kept"]:
@@ -490,7 +503,9 @@ def test_the_check_compares_iteration_counts_and_the_patient_model_trains_the_be
     assert len({c["dice"] for c in compared.values()}) > 1  # really scored at each count
     for c in compared.values():
         assert len(c["per_fold"]) == 2
-        promise = [f["dice"] >= b["dice"] - 0.02 and f["lesion_f1"] >= b["lesion_f1"] - 0.02 for f, b in zip(c["per_fold"], check["per_fold_base"])]
+        promise = [
+            f["dice"] >= b["dice"] - 0.02 and f["lesion_f1"] >= b["lesion_f1"] - 0.02 for f, b in zip(c["per_fold"], check["per_fold_base"])
+        ]
         assert c["passes"] == (c["dice"] >= check["dice_base"] and c["lesion_f1"] >= check["lesion_f1_base"] - 0.02 and all(promise))
     passing = [c for c in compared.values() if c["passes"]]
     assert check["kept"] == bool(passing)
@@ -526,8 +541,9 @@ def test_the_shipped_fine_tuning_trains_every_layer_only_where_many_slices_are_a
     assert config.layers == "head" and config.large_annotation["layers"] == "all"
     many = baseline.lesion_slices()[:6]
     phases, steps = [], []
-    trained = finetune_patient_model(bundle, baseline, many, config, device="cpu", phase=lambda *p: phases.append(p),
-                                     progress=lambda i, loss: steps.append(i))
+    trained = finetune_patient_model(
+        bundle, baseline, many, config, device="cpu", phase=lambda *p: phases.append(p), progress=lambda i, loss: steps.append(i)
+    )
     check = trained.metadata["finetune"]["holdout_check"]
     # the large annotation's route: one fold (holding out 3 of the 6 slices), every layer
     assert check["split"] == "slices" and check["folds"] == 1 and len(check["held_out_slices"]) == 3 and check["layers"] == "all"
@@ -540,7 +556,9 @@ def test_the_shipped_fine_tuning_trains_every_layer_only_where_many_slices_are_a
     assert record["config"]["learning_rate"] == 1e-2 and record["pixel_fraction"] == 0.25
     assert record["continued_from_check_model"] and record["config"]["iterations"] == 6 and check["iterations"] == 12
     assert "12 iterations on the check's half of the annotation, then 6 iterations" in describe_patient_model(record)
-    assert check["kept"], {k: check[k] for k in ("dice_base", "dice_finetuned", "lesion_f1_base", "lesion_f1_finetuned", "per_fold_base", "per_fold_finetuned")}  # deterministic (seed 0)
+    assert check["kept"], {
+        k: check[k] for k in ("dice_base", "dice_finetuned", "lesion_f1_base", "lesion_f1_finetuned", "per_fold_base", "per_fold_finetuned")
+    }  # deterministic (seed 0)
     changed = {k for k, v in trained.model.state_dict().items() if not torch.equal(v, before[k])}
     assert trained.metadata["finetune"]["config"]["layers"] == "all" and any(k.startswith("pathways.") for k in changed)
     assert describe_patient_model(trained.metadata["finetune"]).startswith("fine-tuned every layer, ")
@@ -548,7 +566,9 @@ def test_the_shipped_fine_tuning_trains_every_layer_only_where_many_slices_are_a
     assert few.metadata["finetune"]["holdout_check"]["layers"] == "head"
     assert all(torch.equal(v, before[k]) for k, v in few.model.state_dict().items() if k.startswith("pathways."))
     # mixed precision cannot train every layer on a CPU: there the head trains
-    amp = finetune_patient_model(bundle, baseline, many, dataclasses.replace(config, precision="amp", holdout_iterations=(1,), iterations=1), device="cpu")
+    amp = finetune_patient_model(
+        bundle, baseline, many, dataclasses.replace(config, precision="amp", holdout_iterations=(1,), iterations=1), device="cpu"
+    )
     assert amp.metadata["finetune"]["holdout_check"]["layers"] == "head"
     # layers asked for train everywhere
     assert shipped_config(bundle, layers="head").large_annotation is None
@@ -594,11 +614,28 @@ def test_a_longer_count_replaces_a_failing_asked_count_only_by_a_clear_margin():
     assert not chosen["passes"] and chosen["iterations"] == 100
     assert brats[2]["beats_base"] and not brats[2]["passes"]  # it beat the base model, too narrowly to count
     assert "passes" not in held_out[2]  # the caller's entries are left as they were
-    said = describe_patient_model({"config": {"iterations": 100}, "slices": [40, 42], "method": "base model kept", "holdout_check": {
-        "kept": False, "split": "slices", "held_out_slices": [42], "dice_base": 0.744, "dice_finetuned": 0.740, "lesion_f1_base": 0.310,
-        "lesion_f1_finetuned": 0.290, "iterations": 100, "compared": brats}})
+    said = describe_patient_model(
+        {
+            "config": {"iterations": 100},
+            "slices": [40, 42],
+            "method": "base model kept",
+            "holdout_check": {
+                "kept": False,
+                "split": "slices",
+                "held_out_slices": [42],
+                "dice_base": 0.744,
+                "dice_finetuned": 0.740,
+                "lesion_f1_base": 0.310,
+                "lesion_f1_finetuned": 0.290,
+                "iterations": 100,
+                "compared": brats,
+            },
+        }
+    )
     assert said.startswith("the BASE MODEL was kept") and "400 iterations did better there" in said
-    chosen, rescued = choose_iterations(counts((0.762, 0.506), (0.886, 0.662), (0.912, 0.838)), {"dice": 0.593, "lesion_f1": 0.652}, asked=100)
+    chosen, rescued = choose_iterations(
+        counts((0.762, 0.506), (0.886, 0.662), (0.912, 0.838)), {"dice": 0.593, "lesion_f1": 0.652}, asked=100
+    )
     assert chosen["iterations"] == 400 and not rescued[0]["passes"] and rescued[1]["passes"]
     # the asked count helps: any longer count that beats the base model may be chosen
     assert choose_iterations(counts((0.760, 0.300), (0.770, 0.320), (0.765, 0.330)), base, asked=100)[0]["iterations"] == 200
@@ -620,8 +657,12 @@ def test_a_win_on_one_held_out_half_does_not_hide_a_loss_on_the_other():
     from PatientFineTuneLib.finetune import choose_iterations
 
     base = {"dice": 0.822, "lesion_f1": 0.519, "per_fold": [{"dice": 0.853, "lesion_f1": 0.584}, {"dice": 0.784, "lesion_f1": 0.462}]}
-    finetuned = {"iterations": 100, "dice": 0.836, "lesion_f1": 0.754,
-                 "per_fold": [{"dice": 0.818, "lesion_f1": 0.857}, {"dice": 0.858, "lesion_f1": 0.636}]}
+    finetuned = {
+        "iterations": 100,
+        "dice": 0.836,
+        "lesion_f1": 0.754,
+        "per_fold": [{"dice": 0.818, "lesion_f1": 0.857}, {"dice": 0.858, "lesion_f1": 0.636}],
+    }
     chosen, _ = choose_iterations([finetuned], base, asked=100)
     assert not chosen["passes"]
     both = {**finetuned, "per_fold": [{"dice": 0.860, "lesion_f1": 0.857}, {"dice": 0.858, "lesion_f1": 0.636}]}
@@ -632,7 +673,12 @@ def test_a_win_on_one_held_out_half_does_not_hide_a_loss_on_the_other():
     # a tie on one fold is no loss: Brain-Tumor-Progression 02 (fold Dice 0.504 vs 0.505;
     # the model gained 0.10 Dice on the follow-up)
     tumour = {"dice": 0.514, "lesion_f1": 0.352, "per_fold": [{"dice": 0.519, "lesion_f1": 0.303}, {"dice": 0.505, "lesion_f1": 0.428}]}
-    tie = {"iterations": 100, "dice": 0.563, "lesion_f1": 0.371, "per_fold": [{"dice": 0.604, "lesion_f1": 0.317}, {"dice": 0.504, "lesion_f1": 0.428}]}
+    tie = {
+        "iterations": 100,
+        "dice": 0.563,
+        "lesion_f1": 0.371,
+        "per_fold": [{"dice": 0.604, "lesion_f1": 0.317}, {"dice": 0.504, "lesion_f1": 0.428}],
+    }
     assert choose_iterations([tie], tumour, asked=100)[0]["passes"]
 
 

@@ -184,16 +184,15 @@ def test_storage_order_does_not_change_the_network_input_or_the_segmentation(tmp
             image = _stored_differently(arr, spacing, origin, direction, variant)
             paths[name, variant] = tmp_path / f"{name}-{variant}.nii.gz"
             sitk.WriteImage(image, str(paths[name, variant]))
-    cases = {
-        v: prepare_case(load_case([paths["flair", v], paths["t1", v]], organ_path=paths["organ", v]))
-        for v in ("stored", how)
-    }
+    cases = {v: prepare_case(load_case([paths["flair", v], paths["t1", v]], organ_path=paths["organ", v])) for v in ("stored", how)}
     # the network sees the same slices
     assert np.array_equal(cases["stored"].images, cases[how].images)
     assert cases["stored"].spacing == pytest.approx(cases[how].spacing)
     # and its result, written on each input's own grid, is the same physical image
     model = tiny_model()
-    bundle = ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (1.0, 1.0), preset="brain-wmh"))
+    bundle = ModelBundle(
+        model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (1.0, 1.0), preset="brain-wmh")
+    )
     results = {v: cases[v].to_image(predict_probability(bundle, cases[v])) for v in cases}
     moved = sitk.Resample(results[how], results["stored"], sitk.Transform(), sitk.sitkNearestNeighbor)
     assert np.allclose(sitk.GetArrayFromImage(moved), sitk.GetArrayFromImage(results["stored"]), atol=1e-6)

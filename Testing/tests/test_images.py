@@ -130,7 +130,9 @@ def test_foreground_brain_mask_on_a_skull_on_head():
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
-@pytest.mark.parametrize("swap, flip_rows, flip_cols", [(False, False, False), (True, True, False), (False, False, True), (True, True, True)])
+@pytest.mark.parametrize(
+    "swap, flip_rows, flip_cols", [(False, False, False), (True, True, False), (False, False, True), (True, True, True)]
+)
 def test_physical_point_of_a_slice_first_index(axis, swap, flip_rows, flip_cols):
     from PatientFineTuneLib.images import Case, SliceLayout
 
@@ -162,8 +164,10 @@ def test_sheared_voxel_axes_are_refused_alike_in_nrrd_nifti_and_metaimage(tmp_pa
     direction[0, 1] = shear  # the j axis leans towards x
     values = np.random.default_rng(0).random((6, 8, 10), dtype=np.float32)
     # SimpleITK's NIfTI writer makes the axes perpendicular on the way out: write that one with nibabel (x, y, z order, RAS)
-    nibabel.save(nibabel.Nifti1Image(values.T, np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.block([[direction, np.zeros((3, 1))], [0, 0, 0, 1]])),
-                 tmp_path / "sheared.nii.gz")
+    nibabel.save(
+        nibabel.Nifti1Image(values.T, np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.block([[direction, np.zeros((3, 1))], [0, 0, 0, 1]])),
+        tmp_path / "sheared.nii.gz",
+    )
     messages = []
     for suffix in ("nrrd", "nii.gz", "mha"):
         path = tmp_path / f"sheared.{suffix}"

@@ -19,8 +19,21 @@ from PatientFineTuneLib.modelfile import load_model
 
 
 def _finetune_args(case_dir, out, iterations):
-    return ["finetune", "--model", "brain-wmh", "--case", str(case_dir / "baseline"), "--slices", "all-lesion",
-            "--iterations", str(iterations), "--device", "cpu", "--out", str(out)]
+    return [
+        "finetune",
+        "--model",
+        "brain-wmh",
+        "--case",
+        str(case_dir / "baseline"),
+        "--slices",
+        "all-lesion",
+        "--iterations",
+        str(iterations),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.mark.slow
@@ -85,10 +98,21 @@ def test_cancel_terminates_the_job_quickly_and_leaves_no_file(small_pair_dir, tm
 
 def test_a_failing_job_surfaces_its_one_line_error_and_stops_the_chain(small_pair_dir, tmp_path):
     second = tmp_path / "never.pt"
-    job = CliJob([
-        ["segment", "--model", "brain-wmh", "--images", str(tmp_path / "missing.nii.gz"), str(tmp_path / "missing2.nii.gz"), "--out", str(tmp_path / "seg")],
-        _finetune_args(small_pair_dir, second, 2),
-    ]).start()
+    job = CliJob(
+        [
+            [
+                "segment",
+                "--model",
+                "brain-wmh",
+                "--images",
+                str(tmp_path / "missing.nii.gz"),
+                str(tmp_path / "missing2.nii.gz"),
+                "--out",
+                str(tmp_path / "seg"),
+            ],
+            _finetune_args(small_pair_dir, second, 2),
+        ]
+    ).start()
     assert job.wait(timeout=120)
     assert not job.succeeded and job.step == 0
     assert "missing.nii.gz" in job.error and "\n" not in job.error
@@ -96,10 +120,12 @@ def test_a_failing_job_surfaces_its_one_line_error_and_stops_the_chain(small_pai
 
 
 def test_commands_run_one_after_another(small_pair_dir, tmp_path):
-    job = CliJob([
-        ["segment", "--model", "brain-wmh", "--case", str(small_pair_dir / "baseline"), "--out", str(tmp_path / "a"), "--suggest", "2"],
-        ["segment", "--model", "brain-wmh", "--case", str(small_pair_dir / "followup"), "--out", str(tmp_path / "b")],
-    ]).start()
+    job = CliJob(
+        [
+            ["segment", "--model", "brain-wmh", "--case", str(small_pair_dir / "baseline"), "--out", str(tmp_path / "a"), "--suggest", "2"],
+            ["segment", "--model", "brain-wmh", "--case", str(small_pair_dir / "followup"), "--out", str(tmp_path / "b")],
+        ]
+    ).start()
     assert job.wait(timeout=300), "the job did not finish"
     assert job.succeeded, (job.error, list(job.log))
     assert [r["verb"] for r in job.results] == ["segment", "segment"]
@@ -110,9 +136,23 @@ def test_commands_run_one_after_another(small_pair_dir, tmp_path):
 
 def test_progress_json_lines_are_the_only_lines_starting_with_a_brace(small_pair_dir, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "PatientFineTuneLib.cli", "--progress", "json", "segment", "--model", "brain-wmh",
-         "--case", str(small_pair_dir / "baseline"), "--out", str(tmp_path / "seg")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "PatientFineTuneLib.cli",
+            "--progress",
+            "json",
+            "segment",
+            "--model",
+            "brain-wmh",
+            "--case",
+            str(small_pair_dir / "baseline"),
+            "--out",
+            str(tmp_path / "seg"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -127,9 +167,19 @@ def test_cancel_kills_what_the_launcher_leaves_behind(tmp_path):
     # at once on SIGTERM; an interpreter stuck in a long native or GPU call does not. A
     # real launcher of that kind: a shell that starts a Python process ignoring SIGTERM
     launcher = tmp_path / "PythonSlicer"
-    launcher.write_text("#!/bin/sh\n" + shlex.join([sys.executable, "-c", (
-        "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('pid', os.getpid(), flush=True); time.sleep(600)")])
-        + " &\nwait\n")
+    launcher.write_text(
+        "#!/bin/sh\n"
+        + shlex.join(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('pid', os.getpid(), flush=True); time.sleep(600)"
+                ),
+            ]
+        )
+        + " &\nwait\n"
+    )
     launcher.chmod(0o755)
     job = CliJob([["segment"]], python=str(launcher)).start()
     deadline = time.monotonic() + 30
@@ -190,7 +240,8 @@ def test_a_job_does_not_outlive_the_application_that_started_it(small_pair_dir, 
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     application = tmp_path / "application.py"
-    application.write_text(textwrap.dedent(f"""
+    application.write_text(
+        textwrap.dedent(f"""
         import os, time
         from PatientFineTuneLib.jobs import CliJob
         job = CliJob([{_finetune_args(small_pair_dir, out_dir / "patient.pt", 5000)!r}]).start()
@@ -199,7 +250,8 @@ def test_a_job_does_not_outlive_the_application_that_started_it(small_pair_dir, 
             time.sleep(0.02)
         print(job._process.pid, flush=True)
         os._exit(1)  # no cleanup of any kind, as in a crash
-    """))
+    """)
+    )
     crashed = subprocess.run([sys.executable, str(application)], capture_output=True, text=True, timeout=300)
     group = int(crashed.stdout.split()[-1])
     deadline = time.monotonic() + 60

@@ -138,8 +138,16 @@ def test_compare_cohorts_pairs_by_case_and_picks_the_papers_test():
     from PatientFineTuneLib.metrics import compare_cohorts
 
     def row(case, dice, recall):
-        return {"case": case, "dice": dice, "avd_percent": 10.0, "hd95_mm": 2.0, "lesion_recall": recall,
-                "fp_count": 1, "lesion_precision": 0.5, "lesion_f1": 0.5}
+        return {
+            "case": case,
+            "dice": dice,
+            "avd_percent": 10.0,
+            "hd95_mm": 2.0,
+            "lesion_recall": recall,
+            "fp_count": 1,
+            "lesion_precision": 0.5,
+            "lesion_f1": 0.5,
+        }
 
     new = [row(f"p{i}", 0.80 + 0.01 * i, 0.9) for i in range(6)]
     old = [row(f"p{i}", 0.70 + 0.02 * i, 0.5) for i in reversed(range(6))]  # order must not matter

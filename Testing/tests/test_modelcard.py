@@ -12,9 +12,21 @@ from conftest import tiny_model
 @pytest.fixture
 def trained_file(tmp_path):
     model = tiny_model()
-    meta = make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (0.958, 0.958), preset="brain-wmh",
-                         training={"command": "patient-finetune train-base --preset brain-wmh", "config": {"iterations": 50},
-                                   "train_cases": ["a", "b"], "final_loss": 0.3, "final_val_dice": 0.5, "wall_time_s": 60.0, "hardware": "cpu"})
+    meta = make_metadata(
+        model,
+        [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}],
+        (0.958, 0.958),
+        preset="brain-wmh",
+        training={
+            "command": "patient-finetune train-base --preset brain-wmh",
+            "config": {"iterations": 50},
+            "train_cases": ["a", "b"],
+            "final_loss": 0.3,
+            "final_val_dice": 0.5,
+            "wall_time_s": 60.0,
+            "hardware": "cpu",
+        },
+    )
     path = tmp_path / "trained.pt"
     save_model(ModelBundle(model, meta), path)
     return path
@@ -26,8 +38,15 @@ def _card(dice_values):
     keys = ("dice", "avd_percent", "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1")
     return {
         "training_data": training_data_entries([("synthetic", "2 volumes", "generated")]),
-        "evaluation": [{"set": "held out", "cases": len(dice_values), "note": "a note",
-                        "metrics": {k: summarise(dice_values) for k in keys}, "per_case": []}],
+        "evaluation": [
+            {
+                "set": "held out",
+                "cases": len(dice_values),
+                "note": "a note",
+                "metrics": {k: summarise(dice_values) for k in keys},
+                "per_case": [],
+            }
+        ],
         "longitudinal": [],
         "build_command": "python Resources/Models/build_models.py --preset brain-wmh",
     }
@@ -45,11 +64,18 @@ def test_card_goes_into_the_file_and_next_to_it(trained_file, tmp_path):
     assert "Reduced configuration" in text and "width 4" in text  # not the paper's width 64
     assert "| held out | 2 | 0.70 ± 0.14 |" in text
     assert shipped.metadata["sha256"] in text
-    assert torch.equal(shipped.model.state_dict()["classifier.5.weight"], load_model(trained_file).model.state_dict()["classifier.5.weight"])
+    assert torch.equal(
+        shipped.model.state_dict()["classifier.5.weight"], load_model(trained_file).model.state_dict()["classifier.5.weight"]
+    )
     # entered in the registry next to it, which is what finds it by preset name
     assert shipped_models(out_pt.parent) == {"brain-wmh": out_pt}
-    assert read_registry(out_pt.parent)["brain-wmh"] == {"name": "brain-wmh", "file": "brain-wmh.pt", "card": "brain-wmh.md",
-                                                          "sha256": file_sha256(out_pt), "sequences": shipped.metadata["sequences"]}
+    assert read_registry(out_pt.parent)["brain-wmh"] == {
+        "name": "brain-wmh",
+        "file": "brain-wmh.pt",
+        "card": "brain-wmh.md",
+        "sha256": file_sha256(out_pt),
+        "sequences": shipped.metadata["sequences"],
+    }
 
 
 def test_the_card_says_which_smallest_lesion_its_numbers_were_measured_with(trained_file):
@@ -69,8 +95,13 @@ def test_longitudinal_rows_are_described_by_the_card_not_the_library(trained_fil
     """The card's data (written by the build script) names the longitudinal studies and how
     they were read; the library's renderer holds no data set's description."""
     metadata = load_model(trained_file).metadata
-    row = {"case": "some_set/patient01", "change_voxels_covered": 0.45, "change_regions": 13, "change_regions_touched": 2,
-           "lesion_volume_ml": {"study1": 0.2, "study2": 2.3}}
+    row = {
+        "case": "some_set/patient01",
+        "change_voxels_covered": 0.45,
+        "change_regions": 13,
+        "change_regions_touched": 2,
+        "lesion_volume_ml": {"study1": 0.2, "study2": 2.3},
+    }
     about = "Longitudinal MS studies (`some_set`, FLAIR in native space)"
     described = render_card({**metadata, "card": {**_card([0.7]), "longitudinal": [row], "longitudinal_about": about}})
     assert f"{about}. Their reference marks only lesion *change* between the two studies" in described

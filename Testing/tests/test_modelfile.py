@@ -10,7 +10,13 @@ from conftest import tiny_model
 
 def _bundle():
     model = tiny_model((1, 1))
-    meta = make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (0.958, 0.958), preset="brain-wmh", training={"command": "test"})
+    meta = make_metadata(
+        model,
+        [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}],
+        (0.958, 0.958),
+        preset="brain-wmh",
+        training={"command": "test"},
+    )
     return ModelBundle(model, meta)
 
 
@@ -117,19 +123,29 @@ def _resaved(bundle, path, **changes):
     metadata = dict(bundle.metadata) | changes
     state_dict = bundle.model.state_dict()
     metadata["sha256"] = modelfile._content_hash(metadata, state_dict)
-    torch.save({"format": modelfile.FORMAT_NAME, "format_version": modelfile.FORMAT_VERSION,
-                "metadata_json": json.dumps(metadata, sort_keys=True), "state_dict": state_dict}, path)
+    torch.save(
+        {
+            "format": modelfile.FORMAT_NAME,
+            "format_version": modelfile.FORMAT_VERSION,
+            "metadata_json": json.dumps(metadata, sort_keys=True),
+            "state_dict": state_dict,
+        },
+        path,
+    )
     return path
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"training_spacing_mm": [-2.0, -2.0]}, "training_spacing_mm"),
-    ({"training_spacing_mm": [0.0, 0.958]}, "training_spacing_mm"),
-    ({"training_spacing_mm": [0.958]}, "training_spacing_mm"),
-    ({"sequences": [{"name": "FLAIR", "channels": 1}]}, "sequences"),
-    ({"sequences": [{"name": "FLAIR", "channels": 2}, {"name": "T1", "channels": 1}]}, "sequences"),
-    ({"preset": "brain-nonsense"}, "preset"),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"training_spacing_mm": [-2.0, -2.0]}, "training_spacing_mm"),
+        ({"training_spacing_mm": [0.0, 0.958]}, "training_spacing_mm"),
+        ({"training_spacing_mm": [0.958]}, "training_spacing_mm"),
+        ({"sequences": [{"name": "FLAIR", "channels": 1}]}, "sequences"),
+        ({"sequences": [{"name": "FLAIR", "channels": 2}, {"name": "T1", "channels": 1}]}, "sequences"),
+        ({"preset": "brain-nonsense"}, "preset"),
+    ],
+)
 def test_metadata_that_does_not_fit_the_network_is_refused_on_save_and_on_load(tmp_path, changes, words):
     """Spacing -2 segmented "0 lesions" with exit 0, spacing 0 divided by zero, a sequence
     list that does not match the pathways failed only after skull stripping."""
@@ -146,8 +162,9 @@ def test_a_model_with_zero_spacing_is_one_line_from_the_command_line(tmp_path):
     import sys
 
     path = _resaved(_bundle(), tmp_path / "zero.pt", training_spacing_mm=[0.0, 0.0])
-    proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "--progress", "json", "info", path], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "PatientFineTuneLib.cli", "--progress", "json", "info", path], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "training_spacing_mm" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 

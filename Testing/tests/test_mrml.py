@@ -192,8 +192,9 @@ def test_maps_are_transparent_where_they_carry_no_information(scene):
     assert probability.GetApplyThreshold() and probability.GetLowerThreshold() == pytest.approx(mrml.MAP_THRESHOLD_FRACTION)
 
 
-@pytest.mark.parametrize("axis_order, view", [((0, 1, 2), "Red"), ((1, 2, 0), "Yellow"), ((0, 2, 1), "Green")],
-                         ids=["axial", "sagittal", "coronal"])
+@pytest.mark.parametrize(
+    "axis_order, view", [((0, 1, 2), "Red"), ((1, 2, 0), "Yellow"), ((0, 2, 1), "Green")], ids=["axial", "sagittal", "coronal"]
+)
 def test_the_view_that_shows_the_slices_of_an_acquisition(scene, axis_order, view):
     # slices along index axis 2 of an axial, a sagittal and a coronal acquisition: the
     # plane they lie in is the Red, Yellow or Green view's

@@ -64,20 +64,41 @@ def test_synthetic_case_has_the_generator_s_new_lesions_bright_in_the_subtractio
     # new lesions stand out in the subtraction; lesions present at baseline much less
     assert subtraction[target].mean() > subtraction[old].mean() + 0.5 > subtraction[brain & ~followup_lesions].mean() + 0.5
     for name in ("FLAIR", "organ", "lesions"):
-        assert sitk.ReadImage(str(out / f"{name}.nii.gz")).GetSize() == sitk.ReadImage(str(pair_dir / "followup" / "FLAIR.nii.gz")).GetSize()
+        assert (
+            sitk.ReadImage(str(out / f"{name}.nii.gz")).GetSize() == sitk.ReadImage(str(pair_dir / "followup" / "FLAIR.nii.gz")).GetSize()
+        )
 
 
 def test_train_base_and_segment_read_the_subtraction_preset(new_lesion_case, tmp_path):
     out, _ = new_lesion_case
     model = tmp_path / "new-lesions.pt"
     cli = [sys.executable, "-m", "PatientFineTuneLib.cli"]
-    train = subprocess.run([*cli, "train-base", "--preset", "brain-new-lesions", "--train", str(out.parent), "--out", str(model),
-                            "--iterations", "3", "--width", "4", "--device", "cpu"], capture_output=True, text=True)
+    train = subprocess.run(
+        [
+            *cli,
+            "train-base",
+            "--preset",
+            "brain-new-lesions",
+            "--train",
+            str(out.parent),
+            "--out",
+            str(model),
+            "--iterations",
+            "3",
+            "--width",
+            "4",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert train.returncode == 0, train.stderr[-2000:]
     bundle = load_model(model)
     assert bundle.preset.name == "brain-new-lesions" and [s["name"] for s in bundle.sequences] == ["FLAIR", "FLAIR_subtraction"]
-    segment = subprocess.run([*cli, "segment", "--model", str(model), "--case", str(out), "--out", str(tmp_path / "seg")],
-                             capture_output=True, text=True)
+    segment = subprocess.run(
+        [*cli, "segment", "--model", str(model), "--case", str(out), "--out", str(tmp_path / "seg")], capture_output=True, text=True
+    )
     assert segment.returncode == 0, segment.stderr[-2000:]
     segmentation = sitk.ReadImage(str(tmp_path / "seg" / "segmentation.nii.gz"))
     assert segmentation.GetSize() == sitk.ReadImage(str(out / "FLAIR.nii.gz")).GetSize()

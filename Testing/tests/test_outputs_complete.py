@@ -48,8 +48,19 @@ def files_under(folder) -> list[str]:
 
 
 def segment_args(case, model, out, *extra):
-    return ("segment", "--model", model, "--images", case / "FLAIR.nii.gz", case / "T1.nii.gz", "--organ", case / "organ.nii.gz",
-            "--out", out, *extra)
+    return (
+        "segment",
+        "--model",
+        model,
+        "--images",
+        case / "FLAIR.nii.gz",
+        case / "T1.nii.gz",
+        "--organ",
+        case / "organ.nii.gz",
+        "--out",
+        out,
+        *extra,
+    )
 
 
 @pytest.mark.parametrize("kilobytes", [1, 100])
@@ -67,13 +78,26 @@ def test_segment_on_a_full_disk_fails_and_leaves_no_output(small_pair_dir, tiny_
 def test_finetune_and_report_on_a_full_disk_say_so_in_one_line(small_pair_dir, tiny_model_file, tmp_path):
     case = small_pair_dir / "baseline"
     out = tmp_path / "models" / "patient.pt"  # a folder made for it goes again, too
-    proc = limited(1, "--progress", "none", "finetune", "--model", tiny_model_file, "--case", case, "--iterations", 2, "--no-check", "--out", out)
+    proc = limited(
+        1, "--progress", "none", "finetune", "--model", tiny_model_file, "--case", case, "--iterations", 2, "--no-check", "--out", out
+    )
     assert proc.returncode == 2 and "disk is full" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert files_under(tmp_path) == []
     seg = tmp_path / "seg"
     assert limited(10_000, *segment_args(small_pair_dir / "followup", tiny_model_file, seg)).returncode == 0
     report = tmp_path / "report.html"
-    proc = limited(1, "--progress", "none", "report", "--followup-image", small_pair_dir / "followup" / "FLAIR.nii.gz", "--results", f"base={seg}", "--out", report)
+    proc = limited(
+        1,
+        "--progress",
+        "none",
+        "report",
+        "--followup-image",
+        small_pair_dir / "followup" / "FLAIR.nii.gz",
+        "--results",
+        f"base={seg}",
+        "--out",
+        report,
+    )
     assert proc.returncode == 2 and "disk is full" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert not report.exists() and not [f for f in files_under(tmp_path) if "report" in f]
 
@@ -84,8 +108,26 @@ def test_base_training_on_a_full_disk_says_so_in_one_line(small_pair_dir, tmp_pa
     checkpoint or model left (torch.save to a file said only "enforce fail at
     inline_container.cc")."""
     out = tmp_path / "base.pt"
-    proc = limited(1, "--progress", "none", "train-base", "--preset", "brain-wmh", "--train", small_pair_dir / "baseline",
-                   "--out", out, "--iterations", 2, "--width", 4, "--patches-per-slice", 2, "--checkpoint-every", 1)
+    proc = limited(
+        1,
+        "--progress",
+        "none",
+        "train-base",
+        "--preset",
+        "brain-wmh",
+        "--train",
+        small_pair_dir / "baseline",
+        "--out",
+        out,
+        "--iterations",
+        2,
+        "--width",
+        4,
+        "--patches-per-slice",
+        2,
+        "--checkpoint-every",
+        1,
+    )
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "disk is full" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert files_under(tmp_path) == []
@@ -94,8 +136,9 @@ def test_base_training_on_a_full_disk_says_so_in_one_line(small_pair_dir, tmp_pa
 def _cancel_when(args, changed):
     """Start ``patient-finetune ARGS`` and send it SIGTERM as soon as ``changed()``; returns
     the process once it has ended, or None when it finished first."""
-    proc = subprocess.Popen([sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     while proc.poll() is None and not changed():
         time.sleep(0.001)
     if proc.poll() is not None:
@@ -109,6 +152,7 @@ def _cancel_when(args, changed):
 def _written_since(out, stamps: dict):
     """Whether an output file under ``out`` (under its final name, in ``out`` or in a
     folder inside it) is new or newer than in ``stamps`` (name -> mtime)."""
+
     def changed():
         try:
             return any(p.name in SEGMENT_FILES.values() and stamps.get(p.name) != p.stat().st_mtime_ns for p in out.rglob("*"))

@@ -60,10 +60,12 @@ def test_a_non_editable_install_resolves_the_preset_to_its_own_model(wheel, tmp_
     elsewhere.mkdir()
     run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", target, wheel])
     env = {**os.environ, "PYTHONPATH": str(target)}
-    code = ("import json, sys; sys.modules['torch'] = None; import PatientFineTuneLib; "
-            "from PatientFineTuneLib.modelcard import read_model_metadata, resolve_model_path, shipped_models; "
-            "print(json.dumps({'package': PatientFineTuneLib.__file__, 'path': str(resolve_model_path('brain-wmh')), "
-            "'shipped': list(shipped_models()), 'metadata': read_model_metadata('brain-wmh')}))")
+    code = (
+        "import json, sys; sys.modules['torch'] = None; import PatientFineTuneLib; "
+        "from PatientFineTuneLib.modelcard import read_model_metadata, resolve_model_path, shipped_models; "
+        "print(json.dumps({'package': PatientFineTuneLib.__file__, 'path': str(resolve_model_path('brain-wmh')), "
+        "'shipped': list(shipped_models()), 'metadata': read_model_metadata('brain-wmh')}))"
+    )
     found = json.loads(run([sys.executable, "-c", code], cwd=elsewhere, env=env))
     package = target / "PatientFineTuneLib"
     assert Path(found["package"]) == package / "__init__.py"  # the installed copy ran

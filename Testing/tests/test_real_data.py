@@ -19,7 +19,12 @@ pytestmark = pytest.mark.realdata
 CASES = {
     "ljubljana_ms_cross": (["patient07/FLAIR.nii.gz", "patient07/T1.nii.gz"], None, "patient07/lesions.nii.gz", False),
     "ljubljana_ms_longitudinal": (["patient01/study1_FLAIR.nii.gz"], None, None, False),
-    "brats2015_subset": (["brats_2013_pat0001_1/T1c_subtrMeanDivStd.nii.gz"], "brats_2013_pat0001_1/brainmask.nii.gz", "brats_2013_pat0001_1/OTMultiClass.nii.gz", False),
+    "brats2015_subset": (
+        ["brats_2013_pat0001_1/T1c_subtrMeanDivStd.nii.gz"],
+        "brats_2013_pat0001_1/brainmask.nii.gz",
+        "brats_2013_pat0001_1/OTMultiClass.nii.gz",
+        False,
+    ),
     "brain_tumor_progression": (["01/Post_Scan_T1.nii.gz"], None, "01/Post_Mask.nii.gz", False),
 }
 
@@ -30,8 +35,12 @@ def test_real_case_segments_onto_its_own_grid(name):
     if not root.is_dir():
         pytest.skip(f"{root} is absent (real data lives in ../shared/data, outside the repository)")
     sequences, organ, lesions, _ = CASES[name]
-    case = load_case([root / s for s in sequences], organ_path=root / organ if organ else None,
-                     lesion_path=root / lesions if lesions else None, lesion_labels=[1, 4] if name == "brats2015_subset" else None)
+    case = load_case(
+        [root / s for s in sequences],
+        organ_path=root / organ if organ else None,
+        lesion_path=root / lesions if lesions else None,
+        lesion_labels=[1, 4] if name == "brats2015_subset" else None,
+    )
     case = prepare_case(case)
     assert case.organ.sum() > 0.02 * case.organ.size  # the (automatic) brain mask found a brain
     bundle = ModelBundle(tiny_model([1] * len(sequences)), {"training_spacing_mm": [1.0, 1.0]})

@@ -36,17 +36,29 @@ def patient_outputs(small_pair_dir, tmp_path_factory):
     cli("finetune", "--model", "brain-wmh", "--case", baseline, "--iterations", 2, "--out", out / "patient.pt")
     cli("segment", "--model", "brain-wmh", "--case", followup, "--mc-samples", 3, "--out", out / "base")
     cli("segment", "--model", out / "patient.pt", "--case", followup, "--mc-samples", 3, "--out", out / "fine-tuned")
-    cli("compare", "--baseline-lesions", baseline / "lesions.nii.gz", "--followup-lesions", out / "fine-tuned" / "segmentation.nii.gz",
-        "--out", out / "changes")
+    cli(
+        "compare",
+        "--baseline-lesions",
+        baseline / "lesions.nii.gz",
+        "--followup-lesions",
+        out / "fine-tuned" / "segmentation.nii.gz",
+        "--out",
+        out / "changes",
+    )
     return out
 
 
 def _inputs(small_pair_dir, out):
     from PatientFineTuneLib.report import ReportInputs
 
-    return ReportInputs(small_pair_dir / "followup" / "FLAIR.nii.gz", {"base": out / "base", "fine-tuned": out / "fine-tuned"},
-                        truth=small_pair_dir / "followup" / "lesions.nii.gz", patient_model=out / "patient.pt",
-                        changes=out / "changes", suggestions=out / "analysis" / "suggestions.json")
+    return ReportInputs(
+        small_pair_dir / "followup" / "FLAIR.nii.gz",
+        {"base": out / "base", "fine-tuned": out / "fine-tuned"},
+        truth=small_pair_dir / "followup" / "lesions.nii.gz",
+        patient_model=out / "patient.pt",
+        changes=out / "changes",
+        suggestions=out / "analysis" / "suggestions.json",
+    )
 
 
 def test_the_figures_have_legends_titles_sides_and_a_colour_bar(small_pair_dir, patient_outputs):
@@ -73,9 +85,26 @@ def test_the_figures_have_legends_titles_sides_and_a_colour_bar(small_pair_dir, 
 def test_the_report_opens_in_chromium_and_shows_what_a_radiologist_needs(small_pair_dir, patient_outputs, tmp_path):
     out = patient_outputs
     report = tmp_path / "report.html"
-    cli("report", "--followup-image", small_pair_dir / "followup" / "FLAIR.nii.gz", "--results", f"base={out / 'base'}",
-        f"fine-tuned={out / 'fine-tuned'}", "--truth", small_pair_dir / "followup" / "lesions.nii.gz", "--model", out / "patient.pt",
-        "--changes", out / "changes", "--suggestions", out / "analysis" / "suggestions.json", "--title", "Patient 000", "--out", report)
+    cli(
+        "report",
+        "--followup-image",
+        small_pair_dir / "followup" / "FLAIR.nii.gz",
+        "--results",
+        f"base={out / 'base'}",
+        f"fine-tuned={out / 'fine-tuned'}",
+        "--truth",
+        small_pair_dir / "followup" / "lesions.nii.gz",
+        "--model",
+        out / "patient.pt",
+        "--changes",
+        out / "changes",
+        "--suggestions",
+        out / "analysis" / "suggestions.json",
+        "--title",
+        "Patient 000",
+        "--out",
+        report,
+    )
     text = report.read_text()
     assert "src='http" not in text and 'src="http' not in text  # self-contained
     if not Path(CHROMIUM).is_file():
@@ -93,7 +122,14 @@ def test_the_report_opens_in_chromium_and_shows_what_a_radiologist_needs(small_p
         page.on("request", lambda r: requests.append(r.url))
         page.goto(report.as_uri())
         body = page.inner_text("body")
-        for heading in ("Inputs and models", "Suggested baseline slices", "Lesions at each visit", "What changed", "Uncertainty", "Figures"):
+        for heading in (
+            "Inputs and models",
+            "Suggested baseline slices",
+            "Lesions at each visit",
+            "What changed",
+            "Uncertainty",
+            "Figures",
+        ):
             assert heading in body, heading
         assert "Never-worse check" in body and "Base model sha256" in body
         # which brain mask the patient model was fine-tuned inside, and whether N4 ran
@@ -101,7 +137,13 @@ def test_the_report_opens_in_chromium_and_shows_what_a_radiologist_needs(small_p
         # the change table: one row per lesion group, with its category
         rows = page.locator("section:has(h2:text('What changed')) table").nth(1).locator("tbody tr")
         assert rows.count() == len(changes["lesions"]) > 0
-        assert {rows.nth(i).locator("td").first.inner_text() for i in range(rows.count())} <= {"new", "enlarged", "stable", "shrinking", "resolved"}
+        assert {rows.nth(i).locator("td").first.inner_text() for i in range(rows.count())} <= {
+            "new",
+            "enlarged",
+            "stable",
+            "shrinking",
+            "resolved",
+        }
         # every figure is decoded and drawn
         images = page.locator("img")
         assert images.count() == 3  # lesion load, outlines, uncertainty
@@ -110,8 +152,10 @@ def test_the_report_opens_in_chromium_and_shows_what_a_radiologist_needs(small_p
         page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
         browser.close()
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
-    np.testing.assert_equal(sitk.ReadImage(str(out / "base" / "segmentation.nii.gz")).GetSize(),
-                            sitk.ReadImage(str(small_pair_dir / "followup" / "FLAIR.nii.gz")).GetSize())
+    np.testing.assert_equal(
+        sitk.ReadImage(str(out / "base" / "segmentation.nii.gz")).GetSize(),
+        sitk.ReadImage(str(small_pair_dir / "followup" / "FLAIR.nii.gz")).GetSize(),
+    )
 
 
 def test_an_incomplete_result_folder_is_refused_not_reported_as_no_lesions(small_pair_dir, patient_outputs, tmp_path):
@@ -130,7 +174,24 @@ def test_an_incomplete_result_folder_is_refused_not_reported_as_no_lesions(small
         shutil.copytree(patient_outputs / "base", folder)
         spoil(folder / ("probability.nii.gz" if words.startswith("probability") else "lesions.csv"))
         report = tmp_path / "report.html"
-        proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "--progress", "none", "report", "--followup-image", followup,
-                               "--results", f"base={folder}", "--out", report], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "PatientFineTuneLib.cli",
+                "--progress",
+                "none",
+                "report",
+                "--followup-image",
+                followup,
+                "--results",
+                f"base={folder}",
+                "--out",
+                report,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 2 and str(folder) in proc.stderr and words.split()[-1] in proc.stderr, (words, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and not report.exists(), proc.stderr

@@ -103,7 +103,9 @@ def test_segments_a_generated_patient_of_its_preset(shipped):
 
 def test_cli_finds_shipped_models_by_preset_name():
     name = next(iter(shipped_models()))
-    out = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "info", name, "--card"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "PatientFineTuneLib.cli", "info", name, "--card"], capture_output=True, text=True, check=True
+    ).stdout
     assert out.startswith(f"# Base model `{name}`") and "Held-out results" in out
     missing = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "info", "not-a-model.pt"], capture_output=True, text=True)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
@@ -119,7 +121,9 @@ def test_shipped_probabilities_are_reproducible():
 
 def test_shipped_models_are_listed_without_torch():
     # the Slicer module lists them before PyTorch is installed
-    code = "import sys; sys.modules['torch'] = None; from PatientFineTuneLib.modelcard import shipped_models; print(sorted(shipped_models()))"
+    code = (
+        "import sys; sys.modules['torch'] = None; from PatientFineTuneLib.modelcard import shipped_models; print(sorted(shipped_models()))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(sorted(SHIPPED))
 
@@ -143,8 +147,11 @@ def test_the_build_scripts_evaluation_scores_a_case_in_stored_order(tmp_path):
     build_models = _build_models_script()
     write_pair(generate_pair("brain-wmh", 7, small=True), tmp_path / "pair", preview=False)
     visit = tmp_path / "pair" / "followup"
-    files = {"sequence_paths": [visit / "FLAIR.nii.gz", visit / "T1.nii.gz"], "organ_path": visit / "organ.nii.gz",
-             "lesion_path": visit / "lesions.nii.gz"}
+    files = {
+        "sequence_paths": [visit / "FLAIR.nii.gz", visit / "T1.nii.gz"],
+        "organ_path": visit / "organ.nii.gz",
+        "lesion_path": visit / "lesions.nii.gz",
+    }
     preset = PRESETS["brain-wmh"]
     bundle = load_model(shipped_models()["brain-wmh"])
     (row,) = build_models.evaluate_cases(bundle, preset, [("small", files)], "cpu")
@@ -191,8 +198,10 @@ def test_the_cards_leave_one_out_row_scores_each_case_by_the_fold_that_held_it_o
     assert build_models.leave_one_out_row(tmp_path, preset, shipped) is None
     for case, dice in (("patient07", 0.2), ("patient19", 0.4)):
         # a fold also scores the synthetic follow-ups; they are not part of the row
-        evaluation = [{"per_case": [{**metrics, "case": "synthetic/patient300/followup", "dice": 0.9}]},
-                      {"per_case": [{**metrics, "case": f"ljubljana_ms_cross/{case}", "dice": dice}]}]
+        evaluation = [
+            {"per_case": [{**metrics, "case": "synthetic/patient300/followup", "dice": 0.9}]},
+            {"per_case": [{**metrics, "case": f"ljubljana_ms_cross/{case}", "dice": dice}]},
+        ]
         (tmp_path / f"brain-wmh-without-{case}.json").write_text(json.dumps({"left_out": case, "evaluation": evaluation}))
     row = build_models.leave_one_out_row(tmp_path, preset, shipped)
     assert row["cases"] == 3 and row["set"] == "ljubljana_ms_cross, leave-one-out"

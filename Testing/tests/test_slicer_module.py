@@ -101,7 +101,9 @@ def test_module_cmake_lists_existing_files():
         assert listed in text
         assert (ROOT / "PatientFineTune" / listed.replace("${MODULE_NAME}", "PatientFineTune")).is_file()
     top = (ROOT / "CMakeLists.txt").read_text()
-    assert "add_subdirectory(PatientFineTune)" in top and 'EXTENSION_DEPENDS "PyTorch"' in top and 'EXTENSION_CATEGORY "Segmentation"' in top
+    assert (
+        "add_subdirectory(PatientFineTune)" in top and 'EXTENSION_DEPENDS "PyTorch"' in top and 'EXTENSION_CATEGORY "Segmentation"' in top
+    )
 
 
 def test_library_core_imports_neither_slicer_nor_qt():
@@ -177,7 +179,9 @@ def test_the_mc_sample_range_is_the_one_the_library_accepts():
     spin = next(w for w in ET.parse(UI).iter("widget") if w.get("name") == "mcSamplesSpinBox")
     assert int(spin.find("property[@name='minimum']/number").text) == low
     grid = sitk.Image(16, 16, 2, sitk.sitkFloat32)
-    case = Case(np.random.default_rng(0).normal(size=(2, 2, 16, 16)).astype(np.float32), np.ones((2, 16, 16), bool), None, grid, slice_layout(grid))
+    case = Case(
+        np.random.default_rng(0).normal(size=(2, 2, 16, 16)).astype(np.float32), np.ones((2, 16, 16), bool), None, grid, slice_layout(grid)
+    )
     bundle = ModelBundle(tiny_model(), {"training_spacing_mm": [1.0, 1.0]})
     predict_with_uncertainty(bundle, case, n_samples=low)  # the lowest value the GUI allows works
     with pytest.raises(ValueError):
@@ -242,8 +246,14 @@ def run_without_fresh_slicer_packages(code: str, *args, env: dict | None = None)
     imported (``sys.modules[name] = None`` makes every import of them raise); ``env``:
     extra environment variables."""
     blocker = f"import sys\nfor _name in {ABSENT_IN_FRESH_SLICER!r}:\n    sys.modules[_name] = None\n"
-    return subprocess.run([sys.executable, "-c", blocker + textwrap.dedent(code), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-c", blocker + textwrap.dedent(code), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_what_the_module_imports_needs_no_torch_nor_the_packages_installed_after_it():
@@ -326,13 +336,18 @@ def run_in_fresh_slicer(sources: str, code: str, *args, env: dict | None = None)
     return run_without_fresh_slicer_packages(FRESH_SLICER + textwrap.dedent(code), sources, MODULE, *args, env=env)
 
 
-fresh_slicer = pytest.mark.parametrize("sources", SLICER_SOURCES or [pytest.param(None, marks=pytest.mark.skip(
-    reason="set PATIENTFINETUNE_SLICER_SOURCES to Slicer's Base/Python/slicer folder(s)"))])
+fresh_slicer = pytest.mark.parametrize(
+    "sources",
+    SLICER_SOURCES
+    or [pytest.param(None, marks=pytest.mark.skip(reason="set PATIENTFINETUNE_SLICER_SOURCES to Slicer's Base/Python/slicer folder(s)"))],
+)
 
 
 @fresh_slicer
 def test_the_panel_logic_and_parameter_node_build_in_a_fresh_slicer(sources):
-    proc = run_in_fresh_slicer(sources, """
+    proc = run_in_fresh_slicer(
+        sources,
+        """
         logic = PatientFineTune.PatientFineTuneLogic()
         parameters = logic.getParameterNode()
         assert parameters.iterations == 100 and parameters.baseModel == "brain-wmh" and parameters.baselineVolume1 is None
@@ -341,7 +356,8 @@ def test_the_panel_logic_and_parameter_node_build_in_a_fresh_slicer(sources):
         assert logic.getParameterNode().baselineVolume1 is volume
         assert "FLAIR" in logic.chooseBaseModel(parameters.baseModel) and logic.sequenceNames() == ["FLAIR", "T1"]
         assert sys.modules.get("torch") is None
-    """)
+    """,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -349,9 +365,13 @@ def test_every_mrml_widget_gets_the_scene():
     # a qMRML widget without the scene lists no nodes: the .ui hands the scene to each one
     tree = ET.parse(UI)
     top = tree.find("widget").get("name")
-    connected = {c.findtext("receiver") for c in tree.iter("connection")
-                 if c.findtext("sender") == top and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
-                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    connected = {
+        c.findtext("receiver")
+        for c in tree.iter("connection")
+        if c.findtext("sender") == top
+        and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+        and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
+    }
     mrml_widgets = {name for name, cls in ui_widgets().items() if cls.startswith("qMRML") and name != top}
     assert mrml_widgets and mrml_widgets <= connected, f"never given the scene: {sorted(mrml_widgets - connected)}"
 
@@ -361,7 +381,9 @@ def test_a_new_scene_starts_a_new_patient_in_the_logic(sources, tmp_path):
     # File > Close Scene, then the next patient: nothing of the previous one may be used
     model = tmp_path / "patient-model.pt"
     model.write_bytes(b"the previous patient's model")
-    proc = run_in_fresh_slicer(sources, """
+    proc = run_in_fresh_slicer(
+        sources,
+        """
         from PatientFineTuneLib.suggest import SliceSuggestion
         logic = PatientFineTune.PatientFineTuneLogic()
         logic.chooseBaseModel("brain-wmh")
@@ -372,13 +394,17 @@ def test_a_new_scene_starts_a_new_patient_in_the_logic(sources, tmp_path):
         assert logic.suggestions == [], "the previous patient's suggestions are still listed"
         assert logic.models.base_model == "brain-wmh" and logic.sequenceNames() == ["FLAIR", "T1"]
         assert logic.patientModelText() == "No patient model yet."
-    """, model)
+    """,
+        model,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @fresh_slicer
 def test_no_folder_of_patient_data_is_left_behind(sources, tmp_path):
-    proc = run_in_fresh_slicer(sources, """
+    proc = run_in_fresh_slicer(
+        sources,
+        """
         import tempfile
         from pathlib import Path
         temp = Path(tempfile.gettempdir())
@@ -399,7 +425,9 @@ def test_no_folder_of_patient_data_is_left_behind(sources, tmp_path):
         logic.cleanup()
         left = sorted(p.name for p in temp.glob("PatientFineTune-*"))
         assert left == [], f"left behind: {left}"
-    """, env={"TMPDIR": str(tmp_path)})
+    """,
+        env={"TMPDIR": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -468,8 +496,11 @@ def test_the_repository_size_counts_tracked_files_only(tmp_path):
                 pass
 
 
-@pytest.mark.xfail(strict=True, reason="owed: the repository has no public address yet, and the index needs the homepage, "
-                                       "icon and screenshot URLs on it (the icon and the screenshots are in the repository)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="owed: the repository has no public address yet, and the index needs the homepage, "
+    "icon and screenshot URLs on it (the icon and the screenshots are in the repository)",
+)
 def test_the_extension_description_has_its_public_urls():
     fields = extension_fields()
     for name in ("HOMEPAGE", "ICONURL"):
@@ -480,7 +511,9 @@ def test_the_extension_description_has_its_public_urls():
 
 @fresh_slicer
 def test_the_sample_patient_fills_each_selector_with_its_own_volume(sources):
-    proc = run_in_fresh_slicer(sources, """
+    proc = run_in_fresh_slicer(
+        sources,
+        """
         nodes = {f"{visit} {sequence}": scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{visit} {sequence}")
                  for visit in ("baseline", "followup") for sequence in ("FLAIR", "T1")}
         logic = PatientFineTune.PatientFineTuneLogic()
@@ -491,18 +524,22 @@ def test_the_sample_patient_fills_each_selector_with_its_own_volume(sources):
         assert chosen == {"baselineVolume1": "baseline FLAIR", "baselineVolume2": "baseline T1",
                           "followupVolume1": "followup FLAIR", "followupVolume2": "followup T1"}, chosen
         assert parameters.baselineVolume3 is None
-    """)
+    """,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @fresh_slicer
 def test_the_packages_the_jobs_need_are_checked_by_version(sources):
-    proc = run_in_fresh_slicer(sources, """
+    proc = run_in_fresh_slicer(
+        sources,
+        """
         logic = PatientFineTune.PatientFineTuneLogic()
         assert logic.missingPackages() == [], logic.missingPackages()  # this environment has them, new enough
         assert logic.installedVersion("scikit-image") >= (0, 21) and logic.installedVersion("no-such-distribution") is None
         # an installed but too old package is asked for again, with its requirement
         PatientFineTune.EXTRA_PACKAGES["tqdm"] = ((99, 0), "tqdm>=99.0")
         assert logic.missingPackages() == ["tqdm>=99.0"], logic.missingPackages()
-    """)
+    """,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -35,7 +35,9 @@ from test_mrml import scene  # noqa: F401  (the MRML scene fixture)
 @pytest.fixture
 def bundle():
     model = tiny_model()
-    return ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0), preset="brain-wmh"))
+    return ModelBundle(
+        model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0), preset="brain-wmh")
+    )
 
 
 def _nodes(scene, folder):  # noqa: F811
@@ -95,8 +97,11 @@ def test_the_three_steps_as_jobs_round_trip_through_the_scene(scene, small_pair_
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(small_pair_dir / "baseline" / "lesions.nii.gz"))) > 0
     mrml.set_segment_from_array(analysis.segmentation_node, "Lesion", truth, baseline_nodes[0])
     selection = "suggested" if any(file_case.lesions[s.index].any() for s in analysis.suggestions) else "all-lesion"
-    description = session.run_step(session.start_finetune(baseline_nodes, organ, MaskSource(analysis.segmentation_node, analysis.segment_id),
-                                                          selection, iterations=5, device="cpu"))
+    description = session.run_step(
+        session.start_finetune(
+            baseline_nodes, organ, MaskSource(analysis.segmentation_node, analysis.segment_id), selection, iterations=5, device="cpu"
+        )
+    )
     assert "5 iterations on slices" in description and "held out in turn" in description
     assert session.models.patient_description == description and session.models.patient_model.is_file()
     assert left_behind() == [f"PatientFineTune-patient-{session.models.patient_model.parent.name.rsplit('-', 1)[1]}"]
@@ -156,8 +161,9 @@ def test_a_step_of_the_previous_patient_never_reaches_the_next(scene, small_pair
 
     def start(session):
         nodes, organ = _nodes(scene, small_pair_dir / "baseline")
-        lesions = mrml.image_to_volume(sitk.ReadImage(str(small_pair_dir / "baseline" / "lesions.nii.gz")), scene, "lesions",
-                                       node_class="vtkMRMLLabelMapVolumeNode")
+        lesions = mrml.image_to_volume(
+            sitk.ReadImage(str(small_pair_dir / "baseline" / "lesions.nii.gz")), scene, "lesions", node_class="vtkMRMLLabelMapVolumeNode"
+        )
         return nodes, session.start_finetune(nodes, organ, MaskSource(lesions), "all-lesion", device="cpu")
 
     # the step ended before the scene was closed, its results not yet loaded
@@ -202,7 +208,10 @@ def test_a_mask_with_several_segments_is_refused(scene, small_pair_dir):  # noqa
     mrml.set_segment_from_array(masks, "ventricles", mask[::-1], nodes[0])
     with pytest.raises(ValueError, match="brain and ventricles has 2 segments; select a segmentation"):
         MaskSource(masks).image(nodes[0])
-    assert MaskSource(masks, masks.GetSegmentation().GetSegmentIdBySegmentName("brain")).image(nodes[0]).GetSize() == mrml.volume_to_image(nodes[0]).GetSize()
+    assert (
+        MaskSource(masks, masks.GetSegmentation().GetSegmentIdBySegmentName("brain")).image(nodes[0]).GetSize()
+        == mrml.volume_to_image(nodes[0]).GetSize()
+    )
 
 
 def test_choosing_the_same_base_model_again_keeps_the_patient_model(tmp_path):
@@ -218,15 +227,27 @@ def test_choosing_the_same_base_model_again_keeps_the_patient_model(tmp_path):
 
 
 def test_a_patient_model_is_described_for_both_networks():
-    assert describe_patient_model({"config": {"iterations": 100}, "slices": [12, 20], "method": "fast"}) == "fine-tuned 100 iterations on slices 12, 20 (fast path)"
+    assert (
+        describe_patient_model({"config": {"iterations": 100}, "slices": [12, 20], "method": "fast"})
+        == "fine-tuned 100 iterations on slices 12, 20 (fast path)"
+    )
     sampled = {"config": {"iterations": 100, "layers": "head", "pixel_fraction": 0.25}, "slices": [12, 20], "method": "fast"}
-    assert describe_patient_model(sampled) == "fine-tuned 100 iterations on slices 12, 20 (fast path, 25% of each patch's pixels per iteration)"
+    assert (
+        describe_patient_model(sampled)
+        == "fine-tuned 100 iterations on slices 12, 20 (fast path, 25% of each patch's pixels per iteration)"
+    )
     every = {**sampled, "config": {**sampled["config"], "layers": "all"}, "method": "naive"}  # every layer uses every pixel
     assert describe_patient_model(every) == "fine-tuned every layer, 100 iterations on slices 12, 20 (naive path)"
     unet = describe_patient_model({"config": {"iterations": 50, "layers": "decoder"}, "strategy": "decoder"})
     assert unet == "fine-tuned 50 iterations on the whole baseline volume (decoder layers)"
-    kept = describe_patient_model({"config": {"iterations": 100}, "slices": [3], "method": "base model kept",
-                                   "holdout_check": {"kept": False, "dice_base": 0.8, "dice_finetuned": 0.7}})
+    kept = describe_patient_model(
+        {
+            "config": {"iterations": 100},
+            "slices": [3],
+            "method": "base model kept",
+            "holdout_check": {"kept": False, "dice_base": 0.8, "dice_finetuned": 0.7},
+        }
+    )
     assert kept.startswith("the BASE MODEL was kept") and "0.700" in kept and "0.800" in kept
 
 
@@ -240,7 +261,9 @@ def test_sequences_on_different_grids_are_resampled_onto_the_first(scene, small_
     grid.SetDirection(t1_image.GetDirection())
     grid.SetOrigin(t1_image.TransformContinuousIndexToPhysicalPoint([0.7, 0.4, 0.2]))
     t1 = mrml.image_to_volume(sitk.Resample(t1_image, grid, sitk.Transform(), sitk.sitkLinear), scene, "T1 series")
-    organ_image = sitk.Resample(sitk.ReadImage(str(small_pair_dir / "baseline" / "organ.nii.gz")), grid, sitk.Transform(), sitk.sitkNearestNeighbor)
+    organ_image = sitk.Resample(
+        sitk.ReadImage(str(small_pair_dir / "baseline" / "organ.nii.gz")), grid, sitk.Transform(), sitk.sitkNearestNeighbor
+    )
     organ = mrml.image_to_volume(organ_image, scene, "brain", node_class="vtkMRMLLabelMapVolumeNode")
     assert not mrml.same_grid(flair, t1)
 

@@ -20,7 +20,9 @@ def test_generator_is_deterministic_by_seed(preset):
     assert not np.array_equal(a["visits"]["baseline"]["images"][first], c["visits"]["baseline"]["images"][first])
 
 
-@pytest.mark.parametrize("preset,channels", [("brain-wmh", {"FLAIR": 1, "T1": 1}), ("brain-tumor", {"T1c": 1}), ("liver-metastases", {"DCE": 16, "DWI": 3})])
+@pytest.mark.parametrize(
+    "preset,channels", [("brain-wmh", {"FLAIR": 1, "T1": 1}), ("brain-tumor", {"T1c": 1}), ("liver-metastases", {"DCE": 16, "DWI": 3})]
+)
 def test_sequences_masks_and_lesions_in_the_organ(preset, channels):
     pair = generate_pair(preset, 1, small=True)
     for visit in pair["visits"].values():

@@ -45,7 +45,18 @@ def _train(cases, iterations, tmp_path=None, resume=False, seed=0):
     model = tiny_model(seed=seed).train()
     config = TrainingConfig(iterations=iterations, patch_size=64, seed=seed)
     ckpt = tmp_path / "ckpt.pt" if tmp_path else None
-    history = train_base_model(model, cases, SPACING, config, device="cpu", checkpoint_path=ckpt, checkpoint_every=2, resume=resume, progress=False, log=lambda m: None)
+    history = train_base_model(
+        model,
+        cases,
+        SPACING,
+        config,
+        device="cpu",
+        checkpoint_path=ckpt,
+        checkpoint_every=2,
+        resume=resume,
+        progress=False,
+        log=lambda m: None,
+    )
     return model, history
 
 
@@ -77,7 +88,9 @@ def test_resume_with_other_settings_is_refused(cases, tmp_path):
 def test_validation_dice_is_reported_and_cancel_stops(cases):
     model = tiny_model().train()
     config = TrainingConfig(iterations=2, patch_size=64)
-    history = train_base_model(model, cases[:1], SPACING, config, val_cases=cases[1:], device="cpu", validate_every=2, progress=False, log=lambda m: None)
+    history = train_base_model(
+        model, cases[:1], SPACING, config, val_cases=cases[1:], device="cpu", validate_every=2, progress=False, log=lambda m: None
+    )
     assert 0.0 <= history[-1]["val_dice"] <= 1.0
     with pytest.raises(Cancelled):
         train_base_model(model, cases, SPACING, config, device="cpu", progress=False, log=lambda m: None, cancel=lambda: True)
@@ -144,7 +157,17 @@ def test_resume_with_other_precision_is_refused(cases, tmp_path):
     model = tiny_model().train()
     config = TrainingConfig(iterations=4, patch_size=64, precision="amp")
     with pytest.raises(ValueError, match="different settings"):
-        train_base_model(model, cases, SPACING, config, device="cpu", checkpoint_path=tmp_path / "ckpt.pt", resume=True, progress=False, log=lambda m: None)
+        train_base_model(
+            model,
+            cases,
+            SPACING,
+            config,
+            device="cpu",
+            checkpoint_path=tmp_path / "ckpt.pt",
+            resume=True,
+            progress=False,
+            log=lambda m: None,
+        )
 
 
 @pytest.mark.parametrize("loop", ["base training", "fine-tuning", "U-Net training"])
@@ -161,7 +184,9 @@ def test_every_training_loop_stops_on_a_non_finite_loss_before_changing_weights(
     if loop == "base training":
         model = tiny_model()
         before = copy.deepcopy(model.state_dict())
-        run = lambda: train_base_model(model, [poisoned], SPACING, TrainingConfig(iterations=2, batch_size=2, patch_size=32, seed=0), device="cpu")  # noqa: E731
+        run = lambda: train_base_model(  # noqa: E731
+            model, [poisoned], SPACING, TrainingConfig(iterations=2, batch_size=2, patch_size=32, seed=0), device="cpu"
+        )
     elif loop == "fine-tuning":
         model = tiny_model()
         before = copy.deepcopy(model.state_dict())
@@ -170,11 +195,17 @@ def test_every_training_loop_stops_on_a_non_finite_loss_before_changing_weights(
     else:
         model = new_volume_model([1, 1], width=4, depth=2)
         before = copy.deepcopy(model.state_dict())
-        run = lambda: train_volume_model(model, [poisoned], VolumeTrainingConfig(iterations=2, batch_size=1, patch_mm=32.0, spacing_mm=4.0), device="cpu")  # noqa: E731
+        run = lambda: train_volume_model(  # noqa: E731
+            model, [poisoned], VolumeTrainingConfig(iterations=2, batch_size=1, patch_mm=32.0, spacing_mm=4.0), device="cpu"
+        )
     with pytest.raises(RuntimeError, match="training diverged \\(non-finite loss\\)"):
         run()
     after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point and "running" not in k and "num_batches" not in k)
+    assert all(
+        torch.equal(before[k], after[k])
+        for k in before
+        if before[k].dtype.is_floating_point and "running" not in k and "num_batches" not in k
+    )
 
 
 @pytest.mark.parametrize("loop", ["fine-tuning, cached features", "fine-tuning, live features", "U-Net training"])
@@ -191,11 +222,22 @@ def test_fine_tuning_and_unet_training_run_in_mixed_precision_like_base_training
             bundle = ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], SPACING))
             method = "fast" if "cached" in loop else "naive"
             losses = []
-            patient = finetune_patient_model(bundle, cases[0], "all-lesion", FinetuneConfig(iterations=3, method=method, precision=precision), device="cpu",
-                                             progress=lambda i, loss: losses.append(loss))
+            patient = finetune_patient_model(
+                bundle,
+                cases[0],
+                "all-lesion",
+                FinetuneConfig(iterations=3, method=method, precision=precision),
+                device="cpu",
+                progress=lambda i, loss: losses.append(loss),
+            )
             return patient.model.state_dict(), losses
         model = new_volume_model([1, 1], width=4, depth=2)
-        losses = train_volume_model(model, [cases[0]], VolumeTrainingConfig(iterations=3, batch_size=1, patch_mm=32.0, spacing_mm=4.0, precision=precision), device="cpu")
+        losses = train_volume_model(
+            model,
+            [cases[0]],
+            VolumeTrainingConfig(iterations=3, batch_size=1, patch_mm=32.0, spacing_mm=4.0, precision=precision),
+            device="cpu",
+        )
         return model.state_dict(), losses
 
     reference, ref_losses = run("fp32")
@@ -213,13 +255,17 @@ def test_mixed_precision_through_the_channels_last_backbone_is_refused_on_cpu_be
     bundle = ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], SPACING))
     calls = []
     with pytest.raises(ValueError, match="not supported on CPU"):
-        finetune_patient_model(bundle, cases[0], "all-lesion", FinetuneConfig(iterations=3, layers="all", precision="amp"), device="cpu",
-                               progress=lambda i, loss: calls.append(i))
+        finetune_patient_model(
+            bundle,
+            cases[0],
+            "all-lesion",
+            FinetuneConfig(iterations=3, layers="all", precision="amp"),
+            device="cpu",
+            progress=lambda i, loss: calls.append(i),
+        )
     assert calls == []
     with pytest.raises(ValueError, match="precision must be one of fp32, amp"):
         FinetuneConfig(precision="fp16")
-
-
 
 
 def test_adam_takes_the_steps_of_torch_optim_adam_and_shares_its_checkpoints(cases):

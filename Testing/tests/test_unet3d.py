@@ -62,12 +62,15 @@ def test_unet_shapes_and_size_check():
     assert len(model.encoder) == 5 and len(model.up) == 4 and len(model.decoder) == 4
 
 
-@pytest.mark.parametrize("strategy, trained_prefixes", [
-    ("head", ("final.",)),
-    ("last-layers", ("decoder.3.", "final.")),
-    ("decoder", ("up.", "decoder.", "final.")),
-    ("all", ("encoder.", "up.", "decoder.", "final.")),
-])
+@pytest.mark.parametrize(
+    "strategy, trained_prefixes",
+    [
+        ("head", ("final.",)),
+        ("last-layers", ("decoder.3.", "final.")),
+        ("decoder", ("up.", "decoder.", "final.")),
+        ("all", ("encoder.", "up.", "decoder.", "final.")),
+    ],
+)
 def test_each_strategy_trains_exactly_its_layers(baseline, strategy, trained_prefixes):
     model = new_volume_model((1, 1), width=2, seed=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -163,7 +166,9 @@ def test_finetuning_a_unet_keeps_the_base_and_checks_the_selection(baseline, tra
         finetune_patient_model(bundle, baseline, config=FinetuneConfig(iterations=1, weighting="segmentation"), device="cpu")
     with pytest.raises(ValueError, match="every voxel"):  # the pixel fraction is the 2D head's
         finetune_patient_model(bundle, baseline, config=FinetuneConfig(iterations=1, layers="decoder", pixel_fraction=0.25), device="cpu")
-    transferred = finetune_volume_model(bundle, [baseline], VolumeTrainingConfig(iterations=1, strategy="all", reset_last_layers=True, spacing_mm=1.5), device="cpu")
+    transferred = finetune_volume_model(
+        bundle, [baseline], VolumeTrainingConfig(iterations=1, strategy="all", reset_last_layers=True, spacing_mm=1.5), device="cpu"
+    )
     # the model's own spacing and window win over the configuration's
     assert transferred.metadata["finetune"]["config"]["spacing_mm"] == 2.0
 

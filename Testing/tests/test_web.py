@@ -76,8 +76,19 @@ def test_reattaching_the_pipelines_makes_paint_work():
 def test_the_lesion_table_rows_are_in_ras():
     from PatientFineTuneLib.web import lesion_table_rows
 
-    rows = lesion_table_rows([{"id": 1, "volume_mm3": 12.34, "centroid_x_mm": 10.0, "centroid_y_mm": -20.0, "centroid_z_mm": 5.0,
-                               "mean_probability": 0.8, "mean_sd": float("nan")}])
+    rows = lesion_table_rows(
+        [
+            {
+                "id": 1,
+                "volume_mm3": 12.34,
+                "centroid_x_mm": 10.0,
+                "centroid_y_mm": -20.0,
+                "centroid_z_mm": 5.0,
+                "mean_probability": 0.8,
+                "mean_sd": float("nan"),
+            }
+        ]
+    )
     assert rows == [{"id": 1, "volume": "12.3", "ras": "-10.0, 20.0, 5.0", "probability": "0.80", "sd": ""}]
 
 
@@ -109,8 +120,11 @@ def web_server(tmp_path_factory):
     work = tmp_path_factory.mktemp("web")
     port = _free_port()
     log = open(work / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "PatientFineTuneLib.cli", "web", "--port", str(port), "--work", str(work), "--device", "cpu"],
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "PatientFineTuneLib.cli", "web", "--port", str(port), "--work", str(work), "--device", "cpu"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 120
     while not (url := _printed_url(work / "server.log", port)):  # the address with this start's secret
         if server.poll() is not None or time.monotonic() > deadline:
@@ -143,9 +157,18 @@ def test_whole_workflow_in_headless_chromium(web_server):
         return route.abort()
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1600, "height": 900})
         page.route("**/*", only_localhost)
 
@@ -162,11 +185,17 @@ def test_whole_workflow_in_headless_chromium(web_server):
             page.screenshot(path=str(ARTIFACTS / f"{len(timings)}-{name}.png"))
 
         step("open", lambda: page.goto(web_server), "#load-sample", 60)
-        step("load-sample", lambda: page.click("#load-sample"), "() => document.querySelector('#status').innerText.startsWith('Loaded')", 120)
+        step(
+            "load-sample", lambda: page.click("#load-sample"), "() => document.querySelector('#status').innerText.startsWith('Loaded')", 120
+        )
         step("analyse-baseline", lambda: page.click("#analyse"), ".suggestion", 300)
         suggestion = page.locator(".suggestion").nth(0).inner_text().lower()
-        step("jump-to-suggestion", lambda: page.locator(".suggestion").nth(0).click(),
-             "() => document.querySelector('#current-slice').innerText.includes('suggested slice')", 30)
+        step(
+            "jump-to-suggestion",
+            lambda: page.locator(".suggestion").nth(0).click(),
+            "() => document.querySelector('#current-slice').innerText.includes('suggested slice')",
+            30,
+        )
         assert suggestion.split()[1] in page.inner_text("#current-slice")
 
         before = int(page.inner_text("#annotation-voxels"))
@@ -187,8 +216,12 @@ def test_whole_workflow_in_headless_chromium(web_server):
         assert after > before
 
         page.fill("#iterations", "5000")
-        step("cancel", lambda: (page.click("#finetune"), page.wait_for_selector("#progress", state="visible"), page.click("#cancel")),
-             "() => document.querySelector('#status').innerText.includes('cancelled')", 60)
+        step(
+            "cancel",
+            lambda: (page.click("#finetune"), page.wait_for_selector("#progress", state="visible"), page.click("#cancel")),
+            "() => document.querySelector('#status').innerText.includes('cancelled')",
+            60,
+        )
         assert page.locator("#lesion-table").count() == 0  # nothing kept
 
         page.fill("#iterations", "10")
@@ -230,7 +263,10 @@ def test_loading_a_study_checks_the_files_and_fills_both_views(small_pair_dir, t
     app = PatientFineTuneWeb(server=f"load-{time.monotonic_ns()}", work_dir=tmp_path, device="cpu")
     app.load_study([small_pair_dir / "baseline" / "FLAIR.nii.gz"], [small_pair_dir / "followup" / "FLAIR.nii.gz"])
     assert "2 sequence(s) (FLAIR, T1)" in app.state.error and not app.state.loaded
-    app.load_study([small_pair_dir / "baseline" / "FLAIR.nii.gz", tmp_path / "missing.nii.gz"], [small_pair_dir / "followup" / s for s in ("FLAIR.nii.gz", "T1.nii.gz")])
+    app.load_study(
+        [small_pair_dir / "baseline" / "FLAIR.nii.gz", tmp_path / "missing.nii.gz"],
+        [small_pair_dir / "followup" / s for s in ("FLAIR.nii.gz", "T1.nii.gz")],
+    )
     assert "missing.nii.gz" in app.state.error and not app.state.loaded
     app.load_study(*[[small_pair_dir / visit / f"{s}.nii.gz" for s in ("FLAIR", "T1")] for visit in ("baseline", "followup")])
     assert app.state.loaded and not app.state.error
@@ -250,8 +286,24 @@ def guarded_server(tmp_path_factory):
     port = _free_port()
     log_path = work / "server.log"
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "PatientFineTuneLib.cli", "web", "--port", str(port), "--work", str(work),
-                                   "--device", "cpu", "--allow-host", "reading-room.example"], stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "PatientFineTuneLib.cli",
+                "web",
+                "--port",
+                str(port),
+                "--work",
+                str(work),
+                "--device",
+                "cpu",
+                "--allow-host",
+                "reading-room.example",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 120
     while "secret=" not in log_path.read_text() and not _answers(port):
         if server.poll() is not None or time.monotonic() > deadline:
@@ -302,7 +354,9 @@ def _hello(port, secret, origin):
             except aiohttp.WSServerHandshakeError as refused:
                 return refused.status, None
             async with ws:
-                message = msgpack.packb({"wslink": "1.0", "id": "system:c0:0", "method": "wslink.hello", "args": [{"secret": secret}], "kwargs": {}})
+                message = msgpack.packb(
+                    {"wslink": "1.0", "id": "system:c0:0", "method": "wslink.hello", "args": [{"secret": secret}], "kwargs": {}}
+                )
                 for chunk in generate_chunks(message, 0):
                     await ws.send_bytes(chunk)
                 reply = await ws.receive(timeout=30)
@@ -365,8 +419,10 @@ def test_only_files_in_the_data_folder_load_and_the_error_does_not_say_what_exis
     assert app.state.loaded and not app.state.error
 
 
-@pytest.mark.parametrize("iterations, samples, words", [(0, 25, "Iterations must be at least 1"), (100, 1, "MC samples must be 0"),
-                                                        ("ten", 25, "whole number"), (100, 2.5, "whole number")])
+@pytest.mark.parametrize(
+    "iterations, samples, words",
+    [(0, 25, "Iterations must be at least 1"), (100, 1, "MC samples must be 0"), ("ten", 25, "whole number"), (100, 2.5, "whole number")],
+)
 def test_the_pages_numbers_are_checked_before_any_work(iterations, samples, words):
     """Iterations 0 gave an internal message, MC samples 1 was refused only after the
     whole fine-tune."""
