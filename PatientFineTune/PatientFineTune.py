@@ -74,7 +74,11 @@ WIDGET_CLASSES = {
     "browseModelButton": "QPushButton",
     "modelInfoLabel": "QLabel",
     **{f"{visit}Volume{i}Label": "QLabel" for visit in ("baseline", "followup") for i in range(1, MAX_SEQUENCES + 1)},
-    **{f"{visit}Volume{i}Selector": "qMRMLNodeComboBox" for visit in ("baseline", "followup") for i in range(1, MAX_SEQUENCES + 1)},
+    **{
+        f"{visit}Volume{i}Selector": "qMRMLNodeComboBox"
+        for visit in ("baseline", "followup")
+        for i in range(1, MAX_SEQUENCES + 1)
+    },
     "baselineOrganSelector": "qMRMLNodeComboBox",
     "followupOrganSelector": "qMRMLNodeComboBox",
     "deviceLabel": "QLabel",
@@ -355,7 +359,9 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._startStep(
             self.ui.analyseButton,
             _("Analyse baseline"),
-            lambda: self.logic.startAnalyse(self._volumes("baseline"), p.baselineOrgan, p.suggestedSliceCount, p.forceCpu),
+            lambda: self.logic.startAnalyse(
+                self._volumes("baseline"), p.baselineOrgan, p.suggestedSliceCount, p.forceCpu
+            ),
         )
 
     def onAnalyseDone(self, analysis) -> None:
@@ -363,7 +369,9 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.baselineSegmentation = analysis.segmentation_node
         self.ui.suggestionsListWidget.clear()
         for s in analysis.suggestions:
-            item = qt.QListWidgetItem(_("Slice {index}: mean lesion probability {p:.2f}").format(index=s.index, p=s.mean_probability))
+            item = qt.QListWidgetItem(
+                _("Slice {index}: mean lesion probability {p:.2f}").format(index=s.index, p=s.mean_probability)
+            )
             item.setData(qt.Qt.UserRole, s.index)
             self.ui.suggestionsListWidget.addItem(item)
         slicer.util.setSliceViewerLayers(background=p.baselineVolume1, fit=True)
@@ -395,7 +403,13 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.finetuneButton,
             _("Fine-tune"),
             lambda: self.logic.startFinetune(
-                self._volumes("baseline"), p.baselineOrgan, p.baselineSegmentation, p.sliceSelection, p.iterations, p.weighting, p.forceCpu
+                self._volumes("baseline"),
+                p.baselineOrgan,
+                p.baselineSegmentation,
+                p.sliceSelection,
+                p.iterations,
+                p.weighting,
+                p.forceCpu,
             ),
         )
 
@@ -413,7 +427,11 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.segmentButton,
             _("Segment follow-up"),
             lambda: self.logic.startFollowup(
-                self._volumes("followup"), p.followupOrgan, p.mcSamples if p.computeUncertainty else 0, p.compareWithBase, p.forceCpu
+                self._volumes("followup"),
+                p.followupOrgan,
+                p.mcSamples if p.computeUncertainty else 0,
+                p.compareWithBase,
+                p.forceCpu,
             ),
         )
 
@@ -429,23 +447,31 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         main = self.logic.showResults(self._results, self.ui.resultComboBox.currentText)
         self.ui.lesionTableView.setMRMLTableNode(main.table)
-        node = {"uncertainty": main.uncertainty, "probability": main.probability}.get(self.ui.overlayComboBox.currentText)
+        node = {"uncertainty": main.uncertainty, "probability": main.probability}.get(
+            self.ui.overlayComboBox.currentText
+        )
         self.logic.showOverlay(
-            node, [r.uncertainty for r in self._results] + [r.probability for r in self._results], self._volumes("followup")[0]
+            node,
+            [r.uncertainty for r in self._results] + [r.probability for r in self._results],
+            self._volumes("followup")[0],
         )
 
     # -- patient model files -------------------------------------------------------------
 
     def onSaveModel(self) -> None:
         default = str(Path(slicer.mrmlScene.GetRootDirectory()) / "patient-model.pt")
-        path = qt.QFileDialog.getSaveFileName(self.parent, _("Save patient model"), default, _("PatientFineTune model (*.pt)"))
+        path = qt.QFileDialog.getSaveFileName(
+            self.parent, _("Save patient model"), default, _("PatientFineTune model (*.pt)")
+        )
         if path:
             with slicer.util.tryWithErrorDisplay(_("Saving the patient model failed."), waitCursor=True):
                 self._parameterNode.patientModelPath = str(self.logic.savePatientModel(path))
                 self.ui.patientModelLabel.text = _("Patient model saved to {path}").format(path=path)
 
     def onLoadPatientModel(self) -> None:
-        path = qt.QFileDialog.getOpenFileName(self.parent, _("Load patient model"), "", _("PatientFineTune model (*.pt)"))
+        path = qt.QFileDialog.getOpenFileName(
+            self.parent, _("Load patient model"), "", _("PatientFineTune model (*.pt)")
+        )
         if path:
             with slicer.util.tryWithErrorDisplay(_("Loading the patient model failed."), waitCursor=True):
                 self.logic.loadPatientModel(path)
@@ -532,9 +558,9 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(_("{what} failed: {error}").format(what=job.label, error=job.job.error))
             else:
                 with slicer.util.tryWithErrorDisplay(_("Loading the results failed."), waitCursor=True):
-                    {"analyse": self.onAnalyseDone, "finetune": self.onFinetuneDone, "followup": self.onSegmentDone}[job.kind](
-                        self.logic.finishStep(job)
-                    )
+                    {"analyse": self.onAnalyseDone, "finetune": self.onFinetuneDone, "followup": self.onSegmentDone}[
+                        job.kind
+                    ](self.logic.finishStep(job))
                 # what was done to the inputs: resampling, the automatic brain mask and N4
                 notes = job.notes + job.job.notes
                 if notes:
@@ -613,17 +639,24 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
                 import PyTorchUtils
             except ImportError:
                 raise RuntimeError(
-                    _("This module needs the PyTorch extension. Install 'PyTorch' from the Extensions Manager and restart Slicer.")
+                    _(
+                        "This module needs the PyTorch extension. Install 'PyTorch' from the Extensions Manager and restart Slicer."
+                    )
                 ) from None
             requirement = ">={}.{}".format(*TORCH_MINIMUM)
             # installTorch imports torch once it is installed (it returns the module): the
             # one session where Slicer's process holds torch, until Slicer restarts
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=ask, torchVersionRequirement=requirement) is None:
+            if (
+                PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=ask, torchVersionRequirement=requirement)
+                is None
+            ):
                 return False
         missing = self.missingPackages()
         if missing:
             if ask and not slicer.util.confirmOkCancelDisplay(
-                _("PatientFineTune needs these Python packages: {packages}. Install them now?").format(packages=", ".join(missing))
+                _("PatientFineTune needs these Python packages: {packages}. Install them now?").format(
+                    packages=", ".join(missing)
+                )
             ):
                 return False
             with slicer.util.WaitCursor():
@@ -672,7 +705,9 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
 
         finetune = read_model_metadata(path).get("finetune")
         if finetune is None:
-            raise ValueError(_("{path} is a base model, not a patient model (no fine-tuning record).").format(path=path))
+            raise ValueError(
+                _("{path} is a base model, not a patient model (no fine-tuning record).").format(path=path)
+            )
         if finetune.get("base_model_sha256") != (self.session.base_metadata or {}).get("sha256"):
             logging.warning("patient model %s was fine-tuned from another base model than the one selected", path)
         self.models.set_patient_model(path, describe_patient_model(finetune))
@@ -698,19 +733,34 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
         return self.session.start_analyse(volumes, self._mask(organNode), k, self._device(forceCpu))
 
     def startFinetune(
-        self, volumes, organNode, segmentationNode, selection="suggested", iterations=100, weighting="preset", forceCpu=False
+        self,
+        volumes,
+        organNode,
+        segmentationNode,
+        selection="suggested",
+        iterations=100,
+        weighting="preset",
+        forceCpu=False,
     ):
         """Step 2: fine-tune on the (edited) "Lesion" segment of ``segmentationNode``: on
         the suggested slices (a suggested slice left without lesions is a valid
         annotation) or, ``selection`` "all-lesion", on every slice with a lesion."""
         return self.session.start_finetune(
-            volumes, self._mask(organNode), self._mask(segmentationNode, "Lesion"), selection, iterations, weighting, self._device(forceCpu)
+            volumes,
+            self._mask(organNode),
+            self._mask(segmentationNode, "Lesion"),
+            selection,
+            iterations,
+            weighting,
+            self._device(forceCpu),
         )
 
     def startFollowup(self, volumes, organNode=None, mcSamples=25, compareWithBase=True, forceCpu=False):
         """Step 3: segment the follow-up with the base model (if asked, or if there is no
         patient model) and the patient model; ``mcSamples`` 0 for no uncertainty map."""
-        return self.session.start_followup(volumes, self._mask(organNode), mcSamples, compareWithBase, self._device(forceCpu))
+        return self.session.start_followup(
+            volumes, self._mask(organNode), mcSamples, compareWithBase, self._device(forceCpu)
+        )
 
     def finishStep(self, step):
         """Load a finished step's results onto the volume it started from."""
@@ -753,7 +803,9 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
         ``overlays`` hidden, so they do not pile up. The maps are transparent where they
         carry no information (below their display threshold), so the overlay does not
         dim the whole follow-up."""
-        slicer.util.setSliceViewerLayers(background=backgroundVolume, foreground=node, foregroundOpacity=0.6 if node else 0.0)
+        slicer.util.setSliceViewerLayers(
+            background=backgroundVolume, foreground=node, foregroundOpacity=0.6 if node else 0.0
+        )
         colorLogic = slicer.modules.colors.logic()
         for other in overlays:
             legend = colorLogic.GetColorLegendDisplayNode(other) if other is not None and other is not node else None
@@ -778,7 +830,8 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
             if not self.ensureDependencies():
                 return None
             job = CliJob(
-                [["synth", "--preset", "brain-wmh", "--seed", str(seed), "--out", str(folder), "--overwrite"]], self.pythonExecutable()
+                [["synth", "--preset", "brain-wmh", "--seed", str(seed), "--out", str(folder), "--overwrite"]],
+                self.pythonExecutable(),
             ).start()
             with slicer.util.WaitCursor():
                 job.wait(idle=slicer.app.processEvents)
@@ -855,14 +908,18 @@ class PatientFineTuneTest(ScriptedLoadableModuleTest):
             plane[2 - s.axis] = s.index
             edited[tuple(plane)] = truth[tuple(plane)]
         mrml.set_segment_from_array(analysis.segmentation_node, "Lesion", edited, baseline[0])
-        logic.runStep(logic.startFinetune(baseline, None, analysis.segmentation_node, "suggested", iterations=100, forceCpu=True))
+        logic.runStep(
+            logic.startFinetune(baseline, None, analysis.segmentation_node, "suggested", iterations=100, forceCpu=True)
+        )
         self.assertIsNotNone(logic.models.patient_model)
 
         self.delayDisplay("Step 3: segment the follow-up with both models")
         results = logic.runStep(logic.startFollowup(followup, mcSamples=3, compareWithBase=True, forceCpu=True))
         self.assertEqual([r.label for r in results], ["base", "fine-tuned"])
         followTruthNode = nodes["followup lesions"]
-        followTruth = mrml.segment_to_array(followTruthNode, followTruthNode.GetSegmentation().GetNthSegmentID(0), followup[0])
+        followTruth = mrml.segment_to_array(
+            followTruthNode, followTruthNode.GetSegmentation().GetNthSegmentID(0), followup[0]
+        )
         scores = []
         for r in results:
             lesion = mrml.segment_to_array(
@@ -872,5 +929,7 @@ class PatientFineTuneTest(ScriptedLoadableModuleTest):
             self.assertIsNotNone(r.uncertainty)
             self.assertEqual(r.table.GetNumberOfRows(), len(r.lesions))
             self.assertTrue(np.isfinite(slicer.util.arrayFromVolume(r.uncertainty)).all())
-        self.assertGreater(scores[1], scores[0], f"fine-tuned Dice {scores[1]:.3f} should beat base Dice {scores[0]:.3f}")
+        self.assertGreater(
+            scores[1], scores[0], f"fine-tuned Dice {scores[1]:.3f} should beat base Dice {scores[0]:.3f}"
+        )
         self.delayDisplay(f"Dice base {scores[0]:.3f} -> fine-tuned {scores[1]:.3f}")

@@ -153,7 +153,9 @@ def deepbet_brain_mask(image: sitk.Image) -> np.ndarray:
             raise ValueError(
                 f"the automatic brain mask (deepbet) found no brain ({error}); is this a head scan? Provide an organ mask (--organ)"
             ) from None
-    mask_image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(mask.dataobj).transpose(2, 1, 0)).astype(np.uint8))
+    mask_image = sitk.GetImageFromArray(
+        np.ascontiguousarray(np.asarray(mask.dataobj).transpose(2, 1, 0)).astype(np.uint8)
+    )
     mask_image.CopyInformation(canonical)
     back = sitk.Resample(mask_image, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(back) > 0
@@ -192,7 +194,9 @@ def brain_mask(image: sitk.Image, skull_stripped: str = "auto") -> BrainMask:
         return BrainMask(foreground_brain_mask(volume, spacing_zyx), True, "foreground heuristic")
     deep = deepbet_brain_mask(image)
     if not deep.any():
-        raise ValueError("the automatic brain mask (deepbet) found no brain; is this a head scan? Provide an organ mask (--organ)")
+        raise ValueError(
+            "the automatic brain mask (deepbet) found no brain; is this a head scan? Provide an organ mask (--organ)"
+        )
     if skull_stripped == "no":
         return BrainMask(deep, False, "deepbet")
     shell = tissue_outside_brain(volume, deep, spacing_zyx)
@@ -201,7 +205,9 @@ def brain_mask(image: sitk.Image, skull_stripped: str = "auto") -> BrainMask:
     return BrainMask(deep, False, "deepbet", shell)
 
 
-def correct_bias_field(volume: np.ndarray, mask: np.ndarray, spacing_zyx: Sequence[float], shrink: int = N4_SHRINK) -> np.ndarray:
+def correct_bias_field(
+    volume: np.ndarray, mask: np.ndarray, spacing_zyx: Sequence[float], shrink: int = N4_SHRINK
+) -> np.ndarray:
     """N4 bias-field correction of one volume inside ``mask`` (SimpleITK defaults otherwise).
 
     The field is fitted on a copy shrunk by ``shrink`` (slices thicker than ``shrink``
@@ -249,7 +255,9 @@ def head_pair_for_registration(
         image = sitk.Cast(image, sitk.sitkFloat32)
         brain = brain_mask(image, skull_stripped)
         if not brain.skull_stripped:
-            corrected = sitk.GetImageFromArray(correct_bias_field(sitk.GetArrayFromImage(image), brain.mask, image.GetSpacing()[::-1]))
+            corrected = sitk.GetImageFromArray(
+                correct_bias_field(sitk.GetArrayFromImage(image), brain.mask, image.GetSpacing()[::-1])
+            )
             corrected.CopyInformation(image)
             image = corrected
         prepared.append(image)

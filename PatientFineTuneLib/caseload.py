@@ -91,7 +91,9 @@ def load_for_model(
     """
     needed = required_sequences(sequences)
     if not needed <= len(images) <= len(sequences):
-        raise ValueError(f"the model needs {len(sequences)} file(s) in the order {describe_sequences(sequences)}; got {len(images)}")
+        raise ValueError(
+            f"the model needs {len(sequences)} file(s) in the order {describe_sequences(sequences)}; got {len(images)}"
+        )
     given = list(sequences[: len(images)])
     case = load_case(
         images,
@@ -131,7 +133,9 @@ def case_folder_files(folder: str | os.PathLike, sequences: Sequence[dict], lesi
         raise FileNotFoundError(
             f"{folder} has no image for sequence(s) {', '.join(missing)} (expected {', '.join(s['name'] + '.nii.gz' for s in sequences)})"
         )
-    return CaseFiles(folder.name, paths[:found], find_image(folder, "lesions") if lesions else None, find_image(folder, "organ"))
+    return CaseFiles(
+        folder.name, paths[:found], find_image(folder, "lesions") if lesions else None, find_image(folder, "organ")
+    )
 
 
 def load_training_cases(
@@ -150,10 +154,16 @@ def load_training_cases(
     files = find_cases(root, [s["name"] for s in sequences])
     rank, world = shard
     if len(files) < world:
-        raise ValueError(f"{len(files)} training case(s) cannot be shared among {world} processes; use at most {len(files)}")
+        raise ValueError(
+            f"{len(files)} training case(s) cannot be shared among {world} processes; use at most {len(files)}"
+        )
     cases = []
     for f in (progress or iter)(files[rank::world]):
         if f.lesions is None:
             raise FileNotFoundError(f"case {f.name} has no lesion mask (lesions.nii.gz or a 'lesions' manifest column)")
-        cases.append(load_for_model(sequences, f.sequences, f.organ, f.lesions, auto_organ=auto_organ, options=options, name=f.name).case)
+        cases.append(
+            load_for_model(
+                sequences, f.sequences, f.organ, f.lesions, auto_organ=auto_organ, options=options, name=f.name
+            ).case
+        )
     return cases

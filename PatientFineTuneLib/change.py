@@ -37,7 +37,11 @@ class ChangeThresholds:
 def _groups(baseline_labels, n_baseline, followup_labels, n_followup):
     """Connected groups of the overlap graph: lists of (baseline ids, follow-up ids)."""
     both = (baseline_labels > 0) & (followup_labels > 0)
-    pairs = np.unique(np.stack([baseline_labels[both], followup_labels[both]]), axis=1).T if both.any() else np.zeros((0, 2), int)
+    pairs = (
+        np.unique(np.stack([baseline_labels[both], followup_labels[both]]), axis=1).T
+        if both.any()
+        else np.zeros((0, 2), int)
+    )
     parent = list(range(n_baseline + n_followup + 1))
 
     def find(a):
@@ -139,7 +143,9 @@ def write_change_files(rows: list[dict], summary: dict, folder, overwrite: bool 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = [
-        {k: v for k, v in r.items() if k != "centroid"} | {"centroid_lps_mm": " ".join(f"{c:.2f}" for c in r["centroid"])} for r in rows
+        {k: v for k, v in r.items() if k != "centroid"}
+        | {"centroid_lps_mm": " ".join(f"{c:.2f}" for c in r["centroid"])}
+        for r in rows
     ]
     write_csv(
         rows,

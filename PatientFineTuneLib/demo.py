@@ -44,7 +44,15 @@ def run_demo(
     from .outputs import read_segment_outputs
     from .presets import get_preset
     from .synth import generate_pair, write_pair
-    from .workflow import analyse_job, finetune_job, followup_job, input_arguments, job_description, read_suggestions, run_job
+    from .workflow import (
+        analyse_job,
+        finetune_job,
+        followup_job,
+        input_arguments,
+        job_description,
+        read_suggestions,
+        run_job,
+    )
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -80,7 +88,10 @@ def run_demo(
     timings["synth"] = time.perf_counter() - start
     print(f"[{timings['synth']:6.1f} s] generated a synthetic brain-wmh patient (seed {seed}) -> {patient_dir}")
     baseline, followup = patient_dir / "baseline", patient_dir / "followup"
-    scans = {visit: [folder / f"{n}.nii.gz" for n in names] for visit, folder in (("baseline", baseline), ("followup", followup))}
+    scans = {
+        visit: [folder / f"{n}.nii.gz" for n in names]
+        for visit, folder in (("baseline", baseline), ("followup", followup))
+    }
 
     analysis = out / "baseline-analysis"
     shutil.rmtree(analysis, ignore_errors=True)
@@ -143,7 +154,9 @@ def run_demo(
     for label, folder in RESULT_FOLDERS.items():
         name = label.replace("-", "")
         result = read_segment_outputs(out / folder)
-        metrics[name] = evaluate_case(sitk.GetArrayFromImage(result["segmentation"]) > 0, sitk.GetArrayFromImage(truth) > 0, spacing)
+        metrics[name] = evaluate_case(
+            sitk.GetArrayFromImage(result["segmentation"]) > 0, sitk.GetArrayFromImage(truth) > 0, spacing
+        )
         uncertainty[name] = result["summary"] or {}
     report = _write_report(out, patient_dir, analysis)
     print("\nfollow-up of patient000, against the known lesions:")
@@ -159,8 +172,13 @@ def run_demo(
         "base_model": {"file": str(model), "file_sha256": file_sha256(model)},
         "suggested_slices": [s.as_dict() for s in suggestions],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "followup_metrics": {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()} for name, m in metrics.items()},
-        "uncertainty": {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()} for name, s in uncertainty.items()},
+        "followup_metrics": {
+            name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()} for name, m in metrics.items()
+        },
+        "uncertainty": {
+            name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}
+            for name, s in uncertainty.items()
+        },
     }
     (out / "demo-summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nresults, figures, demo-summary.json and the patient's report {report} in {out}")

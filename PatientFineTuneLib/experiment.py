@@ -46,7 +46,9 @@ class Arm:
     shipped: bool = False
 
 
-def paper_arms(weighting: str | None, iterations: Sequence[int] = (50, 100, 500, 1000), default_iterations: int = 100) -> list[Arm]:
+def paper_arms(
+    weighting: str | None, iterations: Sequence[int] = (50, 100, 500, 1000), default_iterations: int = 100
+) -> list[Arm]:
     """The base model, fine-tuning varied one axis at a time around the paper's default
     (all lesion slices, ``default_iterations``, no weighting), the naive loop, fine-tuning
     every layer (``ft-all``), copy-forward, and the product's shipped fine-tuning on all
@@ -60,14 +62,18 @@ def paper_arms(weighting: str | None, iterations: Sequence[int] = (50, 100, 500,
     arms.append(Arm("ft-naive", "finetune", method="naive", iterations=default_iterations))
     arms.append(Arm("ft-all", "finetune", layers="all", iterations=default_iterations))
     arms.append(Arm("ft-shipped", "finetune", iterations=default_iterations, shipped=True))
-    arms.append(Arm("ft-shipped-suggested2", "finetune", slices="suggested:2", iterations=default_iterations, shipped=True))
+    arms.append(
+        Arm("ft-shipped-suggested2", "finetune", slices="suggested:2", iterations=default_iterations, shipped=True)
+    )
     return arms
 
 
 @dataclass
 class PatientPair:
     patient: str
-    visits: dict = field(default_factory=dict)  # visit -> {"sequences": [...], "lesions": path|None, "organ": path|None}
+    visits: dict = field(
+        default_factory=dict
+    )  # visit -> {"sequences": [...], "lesions": path|None, "organ": path|None}
 
 
 def read_cohort(manifest: str | os.PathLike, sequence_names: Sequence[str]) -> list[PatientPair]:
@@ -204,7 +210,11 @@ def run_patient(
                     config = shipped_config(base, iterations=arm.iterations, seed=seed)
                 else:
                     config = FinetuneConfig(
-                        iterations=arm.iterations, weighting=arm.weighting, method=arm.method, layers=arm.layers, seed=seed
+                        iterations=arm.iterations,
+                        weighting=arm.weighting,
+                        method=arm.method,
+                        layers=arm.layers,
+                        seed=seed,
                     )
                 bundle = finetune_patient_model(base, baseline, arm.slices, config, device="cpu", allow_empty=True)
                 finetune = bundle.metadata["finetune"]
@@ -216,13 +226,19 @@ def run_patient(
             result = segment_case(bundle, followup, mc_samples=samples, seed=seed, device="cpu")
             mask, summary = result.mask, result.summary
         seconds = round(time.perf_counter() - start, 2)
-        metrics = evaluate_case(followup.layout.from_slices(mask), followup.layout.from_slices(followup.lesions), spacing)
+        metrics = evaluate_case(
+            followup.layout.from_slices(mask), followup.layout.from_slices(followup.lesions), spacing
+        )
         row = {"patient": pair.patient, "arm": arm.name, **metrics, "seconds": seconds, **extra}
         if summary:
             row.update({"mean_sd_in_lesions": summary["mean_sd_in_lesions"], "max_sd": summary["max_sd"]})
         rows.append(row)
         if out is not None:
-            write_image(followup.to_image(mask.astype(np.uint8), sitk.sitkUInt8), _mask_path(out, pair.patient, arm.name), overwrite=True)
+            write_image(
+                followup.to_image(mask.astype(np.uint8), sitk.sitkUInt8),
+                _mask_path(out, pair.patient, arm.name),
+                overwrite=True,
+            )
     if out is not None:
         save_patient_overlay(followup, out, pair.patient, [a.name for a in arms])
     return rows
@@ -248,7 +264,9 @@ def save_patient_overlay(followup, out: str | os.PathLike, patient: str, arm_nam
             masks[arm] = followup.layout.to_slices(sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0)[s]
     # the case's slices are in radiological display order already (images.SliceLayout)
     image = np.where(followup.organ[s], to_uint8(followup.images[0], followup.organ)[s], 0)  # black outside the organ
-    return overlay_figure(image, masks, Path(out) / "overlays" / f"{patient}.png", title=f"{patient}, follow-up slice {s}")
+    return overlay_figure(
+        image, masks, Path(out) / "overlays" / f"{patient}.png", title=f"{patient}, follow-up slice {s}"
+    )
 
 
 RESULT_COLUMNS = [

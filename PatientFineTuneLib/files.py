@@ -68,7 +68,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             # the system names the temporary file; the user knows the output's name
             raise (
-                incomplete_output(path) if exc.errno in _NO_ROOM else OutputError(f"could not write {path}: {exc.strerror or exc}")
+                incomplete_output(path)
+                if exc.errno in _NO_ROOM
+                else OutputError(f"could not write {path}: {exc.strerror or exc}")
             ) from None
         raise
 
@@ -157,7 +159,9 @@ def _signals_held() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -216,7 +220,9 @@ def _check_writable_folder(folder: Path, option: str, target: Path) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        raise ValueError(f"{option} {target}: cannot write in {existing} ({exc.strerror}); choose another place") from None
+        raise ValueError(
+            f"{option} {target}: cannot write in {existing} ({exc.strerror}); choose another place"
+        ) from None
 
 
 def refuse_inputs_as_outputs(inputs, outputs) -> None:

@@ -70,7 +70,9 @@ def read_image(path: str | os.PathLike | sitk.Image, series_uid: str | None = No
         return read_dicom_series(path, series_uid)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
-    if _nifti_sheared(path):  # before ITK, which coerces such a NIfTI to orthogonal axes (a warning) or refuses it in its words
+    if _nifti_sheared(
+        path
+    ):  # before ITK, which coerces such a NIfTI to orthogonal axes (a warning) or refuses it in its words
         raise _sheared_error(path)
     try:
         with native_stderr_captured():
@@ -124,7 +126,9 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> sitk.Image
     one, or the one with ``series_uid``."""
     series = dicom_series_uids(folder)
     if not series:
-        raise ImageError(f"{folder} is a folder without a DICOM series; give an image file (NIfTI, NRRD, ...) or a DICOM series folder")
+        raise ImageError(
+            f"{folder} is a folder without a DICOM series; give an image file (NIfTI, NRRD, ...) or a DICOM series folder"
+        )
     listed = f"{', '.join(series[:4])}{', ...' if len(series) > 4 else ''}"
     if series_uid is not None and series_uid not in series:
         raise ImageError(f"{folder} holds no DICOM series {series_uid}; its series: {listed}")
@@ -175,7 +179,9 @@ def check_dicom_slices(folder: Path, files: Sequence[str]) -> None:
         reader.ReadImageInformation()
         if not (reader.HasMetaDataKey(_POSITION) and reader.HasMetaDataKey(_ORIENTATION)):
             return  # no geometry in the headers to check (ITK orders such files by name)
-        geometry.append([float(v) for v in (reader.GetMetaData(_POSITION) + "\\" + reader.GetMetaData(_ORIENTATION)).split("\\")])
+        geometry.append(
+            [float(v) for v in (reader.GetMetaData(_POSITION) + "\\" + reader.GetMetaData(_ORIENTATION)).split("\\")]
+        )
     geometry = np.array(geometry)
     positions, orientations = geometry[:, :3], geometry[:, 3:9]
     alike = np.all(np.abs(orientations[:, None] - orientations[None]) < 1e-3, axis=2)
@@ -468,7 +474,10 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequ
     Axes whose spacing is within ``SPACING_TOLERANCE`` of the target keep their size, so
     data already at the model's spacing is not interpolated.
     """
-    return tuple(int(n) if abs(s / t - 1) < SPACING_TOLERANCE else max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+    return tuple(
+        int(n) if abs(s / t - 1) < SPACING_TOLERANCE else max(1, int(round(n * s / t)))
+        for n, s, t in zip(shape, spacing, target)
+    )
 
 
 def resample_array(x: torch.Tensor, shape: Sequence[int], label: bool = False) -> torch.Tensor:
@@ -487,7 +496,9 @@ def resample_array(x: torch.Tensor, shape: Sequence[int], label: bool = False) -
     if tuple(x.shape[2:]) == shape:
         return x
     if len(shape) not in (2, 3) or x.dim() != len(shape) + 2:
-        raise ValueError(f"cannot resample a {tuple(x.shape)} tensor to {shape}: expected (N, C, *spatial) with 2 or 3 spatial axes")
+        raise ValueError(
+            f"cannot resample a {tuple(x.shape)} tensor to {shape}: expected (N, C, *spatial) with 2 or 3 spatial axes"
+        )
     if label:
         return F.interpolate(x, size=shape, mode="nearest-exact")
     return F.interpolate(x, size=shape, mode="bilinear" if len(shape) == 2 else "trilinear", align_corners=False)
@@ -604,7 +615,9 @@ def check_usable_volume(image: sitk.Image, what: str) -> None:
     if image.GetPixelID() in (sitk.sitkFloat64, sitk.sitkVectorFloat64):
         values = sitk.GetArrayViewFromImage(image)
         largest = float(np.abs(values[np.isfinite(values)]).max(initial=0.0))
-        float32_max = float(np.finfo(np.float32).max)  # as a Python float: comparing with the float32 would cast 1e300 to it
+        float32_max = float(
+            np.finfo(np.float32).max
+        )  # as a Python float: comparing with the float32 would cast 1e300 to it
         if largest > float32_max:
             raise ImageError(
                 f"{what} holds values up to {largest:.3g}, beyond what float32 holds ({float32_max:.3g}), which "
@@ -678,10 +691,14 @@ def load_case(
     if skull_stripped not in SKULL_STRIPPED_CHOICES:
         raise ValueError(f"skull_stripped must be one of {', '.join(SKULL_STRIPPED_CHOICES)}, not {skull_stripped!r}")
     if bias_correction not in BIAS_CORRECTION_CHOICES:
-        raise ValueError(f"bias_correction must be one of {', '.join(BIAS_CORRECTION_CHOICES)}, not {bias_correction!r}")
+        raise ValueError(
+            f"bias_correction must be one of {', '.join(BIAS_CORRECTION_CHOICES)}, not {bias_correction!r}"
+        )
     names = list(sequence_names or [f"sequence {i + 1}" for i in range(len(sequence_paths))])
     if expected_channels is not None and len(sequence_paths) != len(expected_channels):
-        raise ImageError(f"the model expects {len(expected_channels)} sequences ({', '.join(names)}), but {len(sequence_paths)} were given")
+        raise ImageError(
+            f"the model expects {len(expected_channels)} sequences ({', '.join(names)}), but {len(sequence_paths)} were given"
+        )
     channels: list[np.ndarray] = []
     channel_names: list[str] = []
     grid = None
@@ -736,7 +753,9 @@ def load_case(
         raise ImageError("this preset needs an organ mask (e.g. a liver mask); pass it with --organ")
     if not organ.any():
         raise ImageError(f"the organ mask {source_name(organ_path)} is empty")
-    corrected = bias_correction == "on" or (bias_correction == "auto" and brain is not None and not brain.skull_stripped)
+    corrected = bias_correction == "on" or (
+        bias_correction == "auto" and brain is not None and not brain.skull_stripped
+    )
     if corrected:
         images = np.stack([correct_bias_field(channel, organ, spacing_zyx) for channel in images])
     lesions = None

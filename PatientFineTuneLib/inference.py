@@ -70,7 +70,9 @@ def predict_logits(model: LesionNet, x: torch.Tensor, memory_budget: int = DEFAU
     out = torch.empty((n, model.n_classes, h, w), dtype=x.dtype, device=x.device)
     for i in range(n):
         for window, crop, target in windows(model, h, w, memory_budget):
-            out[i : i + 1, :, target[0], target[1]] = model(x[i : i + 1, :, window[0], window[1]])[:, :, crop[0], crop[1]]
+            out[i : i + 1, :, target[0], target[1]] = model(x[i : i + 1, :, window[0], window[1]])[
+                :, :, crop[0], crop[1]
+            ]
     return out
 
 
@@ -178,9 +180,13 @@ def predict_with_uncertainty(
         raise ValueError("MC dropout needs at least 2 samples")
     device = resolve_device(device)
     if bundle.is_volume_model:  # the U-Net's dropout is at its end: every sample is a full pass
-        return predict_volume(bundle, case, n_samples=n_samples, seed=seed, device=device, progress=progress, cancel=cancel)
+        return predict_volume(
+            bundle, case, n_samples=n_samples, seed=seed, device=device, progress=progress, cancel=cancel
+        )
     # the naive reference runs the network as stored (BatchNorm not folded)
-    model = inference_network(bundle.model, device) if method == "fast" else copy.deepcopy(bundle.model).to(device).eval()
+    model = (
+        inference_network(bundle.model, device) if method == "fast" else copy.deepcopy(bundle.model).to(device).eval()
+    )
     _, n_slices, h, w = case.images.shape
     size = resampled_shape((h, w), case.spacing, bundle.training_spacing)
     outputs = {k: np.zeros((n_slices, h, w), dtype=np.float32) for k in ("probability", "mean", "sd")}
@@ -211,7 +217,9 @@ def _gather_rows(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).index_select(0, index)
 
 
-def mc_masks(model: LesionNet, n_samples: int, seed: int, slice_index: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def mc_masks(
+    model: LesionNet, n_samples: int, seed: int, slice_index: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample channel masks of the head's two dropout layers, (n_samples, C) and
     (n_samples, head_width), from (seed, slice)."""
     drop1, drop2 = model.classifier[0], model.classifier[4]
@@ -221,7 +229,9 @@ def mc_masks(model: LesionNet, n_samples: int, seed: int, slice_index: int, devi
     )
 
 
-def mc_head_samples(model: LesionNet, rows: torch.Tensor, keep: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def mc_head_samples(
+    model: LesionNet, rows: torch.Tensor, keep: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic lesion probability (P,) and MC samples (n_samples, P) of a folded
     head (:func:`inference_copy`) on feature rows (P, C), with per-sample channel masks.
 
@@ -242,7 +252,9 @@ def mc_head_samples(model: LesionNet, rows: torch.Tensor, keep: tuple[torch.Tens
     samples = torch.empty((len(keep[0]), len(rows)), device=rows.device)
     for k, (kept, kept2) in enumerate(zip(*keep)):
         dropped = torch.nonzero(kept == 0)[:, 0]
-        hidden = torch.addmm(shifted, rows.index_select(1, dropped), w1.index_select(1, dropped).t(), alpha=-drop1.scale).relu_()
+        hidden = torch.addmm(
+            shifted, rows.index_select(1, dropped), w1.index_select(1, dropped).t(), alpha=-drop1.scale
+        ).relu_()
         torch.mv(hidden, difference * kept2 * drop2.scale, out=samples[k])
     return deterministic, torch.sigmoid(samples.add_(offset))
 
@@ -274,7 +286,9 @@ def _uncertainty_of_slice(model, case, s, size, n_samples, seed, method, memory_
             deterministic = torch.softmax(model.head_rows(_gather_rows(model.features(xw), index)), 1)[:, 1]
             samples = torch.stack(
                 [
-                    torch.softmax(model.head_rows(_gather_rows(model.features(xw), index), keep=(k1[None], k2[None])), 1)[:, 1]
+                    torch.softmax(
+                        model.head_rows(_gather_rows(model.features(xw), index), keep=(k1[None], k2[None])), 1
+                    )[:, 1]
                     for k1, k2 in zip(*keep)
                 ]
             )
@@ -313,7 +327,12 @@ def predict_mask(bundle: ModelBundle, case: Case, min_lesion_voxels: int | None 
     preset's post-processing (:func:`segment_case` without the lesion table);
     ``min_lesion_voxels`` replaces the preset's smallest lesion."""
     minimum = bundle.min_lesion_voxels if min_lesion_voxels is None else min_lesion_voxels
-    return postprocess(predict_probability(bundle, case, **predict_kwargs), case.organ, opening=bundle.opening, min_lesion_voxels=minimum)
+    return postprocess(
+        predict_probability(bundle, case, **predict_kwargs),
+        case.organ,
+        opening=bundle.opening,
+        min_lesion_voxels=minimum,
+    )
 
 
 def segment_case(
@@ -334,7 +353,9 @@ def segment_case(
     each lesion's mean SD."""
     uncertainty = None
     if mc_samples:
-        probability, uncertainty = predict_with_uncertainty(bundle, case, n_samples=mc_samples, seed=seed, **predict_kwargs)
+        probability, uncertainty = predict_with_uncertainty(
+            bundle, case, n_samples=mc_samples, seed=seed, **predict_kwargs
+        )
     else:
         probability = predict_probability(bundle, case, **predict_kwargs)
     mask = postprocess(
@@ -351,4 +372,6 @@ def segment_case(
         maps["sd"] = uncertainty.sd
         summary = uncertainty_summary(uncertainty.sd, mask, case.organ)
     table = lesion_table(labels, case.grid, case.layout, extra_maps=maps)
-    return Segmentation(probability=probability, mask=mask, labels=labels, lesions=table, uncertainty=uncertainty, summary=summary)
+    return Segmentation(
+        probability=probability, mask=mask, labels=labels, lesions=table, uncertainty=uncertainty, summary=summary
+    )

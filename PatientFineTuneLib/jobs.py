@@ -95,14 +95,23 @@ class CliJob:
     def _start_step(self, step: int) -> None:
         self.step = step
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = os.pathsep.join([str(LIBRARY_PARENT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(LIBRARY_PARENT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
         self._process = subprocess.Popen(
-            self.command(step), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **_process_options()
+            self.command(step),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            **_process_options(),
         )
         if self.threaded_reads:
             self._chunks = queue.Queue()
             stream, chunks = self._process.stdout, self._chunks
-            self._reader = threading.Thread(target=lambda: [chunks.put(c) for c in iter(lambda: stream.read1(65536), b"")], daemon=True)
+            self._reader = threading.Thread(
+                target=lambda: [chunks.put(c) for c in iter(lambda: stream.read1(65536), b"")], daemon=True
+            )
             self._reader.start()
         else:  # read whatever is there on each poll, never wait for a line
             os.set_blocking(self._process.stdout.fileno(), False)
@@ -137,7 +146,9 @@ class CliJob:
             self._done = True
         return events
 
-    def wait(self, timeout: float | None = None, interval: float = 0.05, idle: Callable[[], object] | None = None) -> bool:
+    def wait(
+        self, timeout: float | None = None, interval: float = 0.05, idle: Callable[[], object] | None = None
+    ) -> bool:
         """Poll until finished (console and tests); False if ``timeout`` passed first.
         ``idle`` is called between polls (in Slicer: ``slicer.app.processEvents``, so the
         application stays responsive while a script waits)."""
@@ -194,7 +205,9 @@ class CliJob:
             except ProcessLookupError:
                 pass
         else:  # Windows has no SIGTERM: end the whole tree; the job folder goes with the job
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, **_process_options(new_group=False))
+            subprocess.run(
+                ["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, **_process_options(new_group=False)
+            )
 
     # -- output ----------------------------------------------------------------------------
 

@@ -141,7 +141,9 @@ def label_mask(image: sitk.Image, what: str) -> np.ndarray:
             f"{what} has negative labels (such as {int(values.min())}); a label image holds 0 for background and positive labels"
         )
     if np.unique(values[values > 0]).size > MAX_LABELS:
-        raise ImageError(f"{what} is not a label image (more than {MAX_LABELS} distinct values: an MR image?); give a segmentation")
+        raise ImageError(
+            f"{what} is not a label image (more than {MAX_LABELS} distinct values: an MR image?); give a segmentation"
+        )
     return values > 0
 
 
@@ -239,6 +241,12 @@ def compare_cohorts(results: Sequence[dict], reference: Sequence[dict], key: str
         fmt = format_mean_sd if segmentation else format_median_iqr
         test = paired_test(a, b, "ttest" if segmentation else "wilcoxon")
         rows.append(
-            {"metric": metric, "summary": "mean ± SD" if segmentation else "median [IQR]", "results": fmt(a), "reference": fmt(b), **test}
+            {
+                "metric": metric,
+                "summary": "mean ± SD" if segmentation else "median [IQR]",
+                "results": fmt(a),
+                "reference": fmt(b),
+                **test,
+            }
         )
     return rows

@@ -78,7 +78,9 @@ class ByteDropout(nn.Dropout):
         """Whether the layer drops anything now (training mode and a rate above 0)."""
         return self.training and self.threshold > 0
 
-    def keep(self, shape: Sequence[int], device: torch.device | str, seed=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def keep(
+        self, shape: Sequence[int], device: torch.device | str, seed=None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """A float 0/1 mask of this layer's rate (see :func:`keep_mask`); ``seed=None``
         draws the seed from torch's global generator."""
         if seed is None:
@@ -266,7 +268,9 @@ class LesionNet(nn.Module):
             w1 = w1 * drop1.scale
         y = F.linear(x, w1, conv1.bias)
         if isinstance(norm, nn.BatchNorm2d):
-            y = F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.training, norm.momentum, norm.eps)
+            y = F.batch_norm(
+                y, norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.training, norm.momentum, norm.eps
+            )
             if norm.training:
                 norm.num_batches_tracked.add_(1)
         w2 = conv2.weight.flatten(1)
@@ -296,7 +300,12 @@ def inference_copy(model: LesionNet) -> LesionNet:
             conv, norm = sequence[conv_at], sequence[norm_at]
             scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
             fused = nn.Conv2d(
-                conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, dilation=conv.dilation, bias=True
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                padding=conv.padding,
+                dilation=conv.dilation,
+                bias=True,
             )
             fused.weight.copy_(conv.weight * scale[:, None, None, None])
             bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)

@@ -99,7 +99,11 @@ def register_shipped_model(path: str | os.PathLike, card: str | os.PathLike) -> 
     }
     registry = {**read_registry(path.parent), name: entry}
     text = (
-        json.dumps({"format": "PatientFineTune-model-registry", "models": [registry[n] for n in PRESETS if n in registry]}, indent=1) + "\n"
+        json.dumps(
+            {"format": "PatientFineTune-model-registry", "models": [registry[n] for n in PRESETS if n in registry]},
+            indent=1,
+        )
+        + "\n"
     )
     atomic_write(path.parent / REGISTRY, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     return entry
@@ -137,7 +141,15 @@ def read_model_metadata(path: str | os.PathLike) -> dict:
         if payload.get("format") != "PatientFineTune-model":
             raise ValueError("no PatientFineTune header")
         return json.loads(payload["metadata_json"])
-    except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, ValueError, KeyError, AttributeError, EOFError) as exc:
+    except (
+        zipfile.BadZipFile,
+        StopIteration,
+        pickle.UnpicklingError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        EOFError,
+    ) as exc:
         raise ValueError(f"{path} is not a PatientFineTune model file ({exc}); nothing from it was executed") from None
 
 
@@ -195,7 +207,8 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
     # cards written before segmentations had a minimum lesion size record none: every lesion kept
     measured_min = card.get("min_lesion_voxels", 1)
     inputs = ", ".join(
-        f"{i + 1}. {s['name']} ({s['channels']} channel{'s' if s['channels'] > 1 else ''})" for i, s in enumerate(metadata["sequences"])
+        f"{i + 1}. {s['name']} ({s['channels']} channel{'s' if s['channels'] > 1 else ''})"
+        for i, s in enumerate(metadata["sequences"])
     )
     lines = [f"# Base model `{metadata.get('preset')}`", ""]
     if preset:
@@ -294,11 +307,18 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
                 f"{v['study1']:.1f} / {v['study2']:.1f} |"
             )
     lines += ["", "Per-case numbers are in the file's metadata (`patient-finetune info`).", ""]
-    lines += ["## File", "", f"sha256 `{metadata.get('sha256', '')}` (metadata and weights; checked on every load).", ""]
+    lines += [
+        "## File",
+        "",
+        f"sha256 `{metadata.get('sha256', '')}` (metadata and weights; checked on every load).",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def write_shipped_model(source: str | os.PathLike, card: dict, model_out: str | os.PathLike, card_out: str | os.PathLike) -> list[Path]:
+def write_shipped_model(
+    source: str | os.PathLike, card: dict, model_out: str | os.PathLike, card_out: str | os.PathLike
+) -> list[Path]:
     """Copy a trained model to ``model_out`` (``<preset>.pt``) with ``card`` in its metadata,
     write the rendered card to ``card_out`` and enter both, with the file's sha256, in the
     ``registry.json`` next to ``model_out``. Each is replaced atomically."""
@@ -317,7 +337,11 @@ def write_shipped_model(source: str | os.PathLike, card: dict, model_out: str | 
 
 
 def _smallest_lesion(min_lesion_voxels: int) -> str:
-    return "keeping every lesion" if min_lesion_voxels <= 1 else f"dropping lesions of fewer than {min_lesion_voxels} voxels"
+    return (
+        "keeping every lesion"
+        if min_lesion_voxels <= 1
+        else f"dropping lesions of fewer than {min_lesion_voxels} voxels"
+    )
 
 
 def _postprocessing(preset, min_lesion_voxels: int) -> str:
@@ -351,9 +375,7 @@ def describe_patient_model(finetune: dict) -> str:
     if "slices" in finetune:
         where = f"slices {', '.join(map(str, finetune['slices']))}"
         if finetune.get("hard_negative_slices"):
-            where += (
-                f" and the lesion-free slices {', '.join(map(str, finetune['hard_negative_slices']))} where the base model found lesion"
-            )
+            where += f" and the lesion-free slices {', '.join(map(str, finetune['hard_negative_slices']))} where the base model found lesion"
     else:
         where = f"the whole baseline volume ({finetune.get('strategy') or finetune.get('config', {}).get('layers', '?')} layers)"
     if check and check.get("skipped"):
@@ -374,10 +396,14 @@ def describe_patient_model(finetune: dict) -> str:
         )
     # the fraction the model trained on; files written before 2026-12-06 lack it, and there
     # the approximate mode applied where only the head trained
-    fraction = finetune.get("pixel_fraction", finetune.get("config", {}).get("pixel_fraction", 1.0) if layers == "head" else 1.0)
+    fraction = finetune.get(
+        "pixel_fraction", finetune.get("config", {}).get("pixel_fraction", 1.0) if layers == "head" else 1.0
+    )
     how = [f"{finetune['method']} path"] if "method" in finetune else []
     how += [f"{fraction:.0%} of each patch's pixels per iteration"] if fraction < 1 else []
-    if finetune.get("continued_from_check_model") and check:  # the check's model at its chosen count, trained on further
+    if (
+        finetune.get("continued_from_check_model") and check
+    ):  # the check's model at its chosen count, trained on further
         iterations = f"{check['iterations']} iterations on the check's half of the annotation, then {iterations}"
     text = f"fine-tuned {every_layer}{iterations} iterations on {where}" + (f" ({', '.join(how)})" if how else "")
     if check:

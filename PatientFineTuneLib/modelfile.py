@@ -130,7 +130,12 @@ def make_metadata(
         "architecture": model.architecture(),
         **({"receptive_field_px": model.receptive_field()} if isinstance(model, LesionNet) else {}),
         "sequences": [
-            {"name": str(s["name"]), "channels": int(s["channels"]), **({"optional": True} if s.get("optional") else {})} for s in sequences
+            {
+                "name": str(s["name"]),
+                "channels": int(s["channels"]),
+                **({"optional": True} if s.get("optional") else {}),
+            }
+            for s in sequences
         ],
         "normalisation": "robust z-score per channel inside the organ mask, clipped to [-5, 10]",
         "training_spacing_mm": [float(s) for s in training_spacing_mm],
@@ -155,12 +160,18 @@ def metadata_problem(metadata: dict, model: LesionNet | UNet3D) -> str | None:
     if not (
         isinstance(sequences, list)
         and all(
-            isinstance(s, dict) and isinstance(s.get("name"), str) and s["name"] and type(s.get("channels")) is int and s["channels"] >= 1
+            isinstance(s, dict)
+            and isinstance(s.get("name"), str)
+            and s["name"]
+            and type(s.get("channels")) is int
+            and s["channels"] >= 1
             for s in sequences
         )
     ):
         return f"sequences {json.dumps(sequences)[:120]} must be a list of {{name, channels}}, one per pathway"
-    if any(not isinstance(s.get("optional", False), bool) for s in sequences) or (sequences and sequences[0].get("optional")):
+    if any(not isinstance(s.get("optional", False), bool) for s in sequences) or (
+        sequences and sequences[0].get("optional")
+    ):
         return "a sequence's optional flag must be true or false, and the first sequence cannot be optional"
     if [s["channels"] for s in sequences] != list(model.in_channels):
         return (
@@ -212,7 +223,11 @@ def derived_metadata(bundle: ModelBundle, config, losses: Sequence[float], **pro
 
 
 def _nonfinite_tensors(state_dict: dict) -> list[str]:
-    return [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    return [
+        k
+        for k, v in state_dict.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
+    ]
 
 
 def write_torch_file(payload, path: str | os.PathLike, overwrite: bool = False) -> None:

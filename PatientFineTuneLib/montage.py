@@ -33,7 +33,9 @@ def montage(slices: list[np.ndarray], outlines: list[np.ndarray | None] | None =
     return canvas
 
 
-def volume_montage(volume: np.ndarray, lesions: np.ndarray | None, n_slices: int = 4, organ: np.ndarray | None = None) -> list[np.ndarray]:
+def volume_montage(
+    volume: np.ndarray, lesions: np.ndarray | None, n_slices: int = 4, organ: np.ndarray | None = None
+) -> list[np.ndarray]:
     """``n_slices`` evenly spaced slices (axis 0) of a volume, windowed, with lesion masks."""
     idx = np.linspace(0.2, 0.8, n_slices) * (volume.shape[0] - 1)
     scaled = to_uint8(volume, organ)

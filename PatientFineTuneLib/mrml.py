@@ -117,7 +117,9 @@ def _set_voxels(volume_node, array_zyx: np.ndarray) -> None:
     array_zyx = np.ascontiguousarray(array_zyx)
     image_data = vtk.vtkImageData()
     image_data.SetDimensions(*reversed(array_zyx.shape[:3]))
-    vtk_array = numpy_support.numpy_to_vtk(array_zyx.reshape(-1, array_zyx.shape[3] if array_zyx.ndim == 4 else 1), deep=True)
+    vtk_array = numpy_support.numpy_to_vtk(
+        array_zyx.reshape(-1, array_zyx.shape[3] if array_zyx.ndim == 4 else 1), deep=True
+    )
     image_data.GetPointData().SetScalars(vtk_array)
     volume_node.SetAndObserveImageData(image_data)
 
@@ -132,11 +134,15 @@ def image_to_volume(image: sitk.Image, scene, name: str, node=None, node_class: 
     return node
 
 
-def array_to_volume(array_zyx: np.ndarray, reference_node, scene, name: str, node=None, node_class: str = "vtkMRMLScalarVolumeNode"):
+def array_to_volume(
+    array_zyx: np.ndarray, reference_node, scene, name: str, node=None, node_class: str = "vtkMRMLScalarVolumeNode"
+):
     """A (z, y, x) array on ``reference_node``'s grid as a volume node."""
     expected = tuple(reversed(reference_node.GetImageData().GetDimensions()))
     if array_zyx.shape[:3] != expected:
-        raise ValueError(f"array of shape {array_zyx.shape[:3]} does not fit volume {reference_node.GetName()} ({expected})")
+        raise ValueError(
+            f"array of shape {array_zyx.shape[:3]} does not fit volume {reference_node.GetName()} ({expected})"
+        )
     if node is None:
         node = scene.AddNewNodeByClass(node_class, scene.GenerateUniqueName(name))
     m = vtk.vtkMatrix4x4()
@@ -160,15 +166,21 @@ def segment_to_array(segmentation_node, segment_id: str, reference_node) -> np.n
     try:
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segment_id)
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference_node)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, labelmap, reference_node
+        )
         if not ok:
-            raise ValueError(f"could not export segment {segment_id!r} of {segmentation_node.GetName()} onto {reference_node.GetName()}")
+            raise ValueError(
+                f"could not export segment {segment_id!r} of {segmentation_node.GetName()} onto {reference_node.GetName()}"
+            )
         return _voxels(labelmap) > 0
     finally:
         scene.RemoveNode(labelmap)
 
 
-def set_segment_from_array(segmentation_node, segment_name: str, mask_zyx: np.ndarray, reference_node, colour=LESION_COLOUR) -> str:
+def set_segment_from_array(
+    segmentation_node, segment_name: str, mask_zyx: np.ndarray, reference_node, colour=LESION_COLOUR
+) -> str:
     """Replace (or create) the segment called ``segment_name`` with a boolean (z, y, x)
     mask on ``reference_node``'s grid; returns the segment id."""
     scene = segmentation_node.GetScene()
@@ -176,14 +188,20 @@ def set_segment_from_array(segmentation_node, segment_name: str, mask_zyx: np.nd
     if segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole()) is None:
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
     labelmap = array_to_volume(
-        mask_zyx.astype(np.uint8), reference_node, scene, "__PatientFineTune_import", node_class="vtkMRMLLabelMapVolumeNode"
+        mask_zyx.astype(np.uint8),
+        reference_node,
+        scene,
+        "__PatientFineTune_import",
+        node_class="vtkMRMLLabelMapVolumeNode",
     )
     try:
         existing = segmentation.GetSegmentIdBySegmentName(segment_name)
         if existing:
             ids = vtk.vtkStringArray()
             ids.InsertNextValue(existing)
-            ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, ids)
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+                labelmap, segmentation_node, ids
+            )
             segment_id = existing
         else:
             before = set(_segment_ids(segmentation))
@@ -207,7 +225,9 @@ def _segment_ids(segmentation) -> list[str]:
     return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
 
 
-def add_lesion_segmentation(scene, mask_zyx: np.ndarray, reference_node, name: str, segment_name: str = "Lesion", colour=LESION_COLOUR):
+def add_lesion_segmentation(
+    scene, mask_zyx: np.ndarray, reference_node, name: str, segment_name: str = "Lesion", colour=LESION_COLOUR
+):
     """A new segmentation node holding one lesion segment."""
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
     node.CreateDefaultDisplayNodes()
@@ -261,13 +281,16 @@ def add_probability_volume(scene, probability_zyx: np.ndarray, reference_node, n
 
 
 def add_uncertainty_volume(scene, sd_zyx: np.ndarray, reference_node, name: str = "Uncertainty (SD)"):
-    return add_map_volume(scene, sd_zyx, reference_node, name, UNCERTAINTY_COLOURS, float(np.max(sd_zyx)) if sd_zyx.size else 1.0)
+    return add_map_volume(
+        scene, sd_zyx, reference_node, name, UNCERTAINTY_COLOURS, float(np.max(sd_zyx)) if sd_zyx.size else 1.0
+    )
 
 
 def show_as_foreground(scene, volume_node, opacity: float = 0.5) -> int:
     """Show ``volume_node`` as the foreground layer of every slice view; returns how many."""
     composites = [
-        scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))
+        scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))
     ]
     for composite in composites:
         composite.SetForegroundVolumeID(volume_node.GetID())

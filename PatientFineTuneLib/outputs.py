@@ -62,7 +62,9 @@ def write_segment_outputs(
             written[role] = folder / SEGMENT_FILES[role]
 
         def text(role, value):
-            atomic_write(stage / SEGMENT_FILES[role], lambda tmp: Path(tmp).write_text(json.dumps(json_ready(value), indent=2)))
+            atomic_write(
+                stage / SEGMENT_FILES[role], lambda tmp: Path(tmp).write_text(json.dumps(json_ready(value), indent=2))
+            )
             written[role] = folder / SEGMENT_FILES[role]
 
         image("segmentation", result.mask.astype(np.uint8), sitk.sitkUInt8)
@@ -121,7 +123,9 @@ def read_segment_outputs(folder: str | Path) -> dict:
         raise FileNotFoundError(f"{folder} is not a folder; give a segment output folder")
     missing = [SEGMENT_FILES[r] for r in REQUIRED_ROLES if not (folder / SEGMENT_FILES[r]).is_file()]
     if missing:
-        raise IncompleteResult(f"{folder} is not a complete segment result: {', '.join(missing)} missing; segment the case again into it")
+        raise IncompleteResult(
+            f"{folder} is not a complete segment result: {', '.join(missing)} missing; segment the case again into it"
+        )
 
     def image(role):
         path = folder / SEGMENT_FILES[role]

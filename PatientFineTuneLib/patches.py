@@ -57,7 +57,9 @@ def corner_and_centre_patch_centres(organ: np.ndarray, size: int = PATCH_SIZE) -
     )
 
 
-def sampling_grid(centres: np.ndarray, angles_deg: np.ndarray, image_shape: tuple[int, int], size: int = PATCH_SIZE) -> torch.Tensor:
+def sampling_grid(
+    centres: np.ndarray, angles_deg: np.ndarray, image_shape: tuple[int, int], size: int = PATCH_SIZE
+) -> torch.Tensor:
     """``grid_sample`` grid (N, size, size, 2) of rotated square patches.
 
     Output pixel (u, v) of patch k samples the slice at
@@ -100,4 +102,6 @@ def extract_patches(
     centres = np.atleast_2d(centres)
     grid = sampling_grid(centres, np.asarray(angles_deg, dtype=np.float64), tuple(image.shape[-2:]), size)
     batch = image[None].expand(len(centres), *image.shape).to(grid.device)
-    return F.grid_sample(batch.float(), grid, mode="nearest" if label else "bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(
+        batch.float(), grid, mode="nearest" if label else "bilinear", padding_mode="zeros", align_corners=False
+    )

@@ -14,7 +14,12 @@ from pathlib import Path
 import numpy as np
 
 #: Metrics drawn by :func:`box_plots`, with their axis labels.
-BOX_PLOT_METRICS = {"dice": "Dice", "avd_percent": "AVD (%)", "lesion_f1": "lesion F1", "fp_count": "false-positive lesions"}
+BOX_PLOT_METRICS = {
+    "dice": "Dice",
+    "avd_percent": "AVD (%)",
+    "lesion_f1": "lesion F1",
+    "fp_count": "false-positive lesions",
+}
 
 
 def _grid_figure(nrows: int, ncols: int, width: float, height: float):
@@ -52,7 +57,13 @@ def png_bytes(figure) -> bytes:
 
 #: Outline colours of the report figures: the reference and each model, told apart also
 #: by colour-blind readers (Okabe-Ito palette).
-OUTLINE_COLOURS = {"truth": "#009E73", "reference": "#009E73", "base": "#56B4E9", "fine-tuned": "#E69F00", "finetuned": "#E69F00"}
+OUTLINE_COLOURS = {
+    "truth": "#009E73",
+    "reference": "#009E73",
+    "base": "#56B4E9",
+    "fine-tuned": "#E69F00",
+    "finetuned": "#E69F00",
+}
 _OTHER_COLOURS = ("#CC79A7", "#F0E442", "#D55E00", "#0072B2")
 
 
@@ -75,7 +86,9 @@ def outline_figure(
     from matplotlib.lines import Line2D
 
     figure, axes = _figure(len(anatomy), 2.7, 3.1)
-    colours = {name: OUTLINE_COLOURS.get(name, _OTHER_COLOURS[k % len(_OTHER_COLOURS)]) for k, name in enumerate(outlines)}
+    colours = {
+        name: OUTLINE_COLOURS.get(name, _OTHER_COLOURS[k % len(_OTHER_COLOURS)]) for k, name in enumerate(outlines)
+    }
     for k, (ax, image) in enumerate(zip(axes, anatomy)):
         ax.imshow(image, cmap="gray", interpolation="nearest")
         # widest first, so that outlines that coincide stay visible as nested bands
@@ -94,7 +107,10 @@ def outline_figure(
 
 
 def uncertainty_figure(
-    anatomy: Sequence[np.ndarray], sd: Mapping[str, Sequence[np.ndarray]], slice_titles: Sequence[str], sides: tuple[str, str] = ("R", "L")
+    anatomy: Sequence[np.ndarray],
+    sd: Mapping[str, Sequence[np.ndarray]],
+    slice_titles: Sequence[str],
+    sides: tuple[str, str] = ("R", "L"),
 ):
     """Rows: one per model; columns: slices. The anatomy in grey (dimmed) with the
     uncertainty (SD of the lesion probability over the MC-dropout samples) as a colour map
@@ -126,7 +142,13 @@ def load_figure(times: Sequence[str], loads_ml: Mapping[str, Sequence[float]]):
     figure, axes = _figure(1, 3.6, 2.8)
     ax = axes[0]
     for k, (name, values) in enumerate(loads_ml.items()):
-        ax.plot(range(len(times)), values, "o-", color=OUTLINE_COLOURS.get(name, _OTHER_COLOURS[k % len(_OTHER_COLOURS)]), label=name)
+        ax.plot(
+            range(len(times)),
+            values,
+            "o-",
+            color=OUTLINE_COLOURS.get(name, _OTHER_COLOURS[k % len(_OTHER_COLOURS)]),
+            label=name,
+        )
     ax.set_xticks(range(len(times)), times)
     ax.set_ylabel("lesion load (ml)")
     ax.set_ylim(bottom=0)
@@ -135,13 +157,18 @@ def load_figure(times: Sequence[str], loads_ml: Mapping[str, Sequence[float]]):
     return figure
 
 
-def box_plots(rows: Sequence[Mapping], path: str | os.PathLike, metrics: Mapping[str, str] = BOX_PLOT_METRICS, title: str = "") -> Path:
+def box_plots(
+    rows: Sequence[Mapping], path: str | os.PathLike, metrics: Mapping[str, str] = BOX_PLOT_METRICS, title: str = ""
+) -> Path:
     """One box plot per metric, one box per arm (in order of first appearance), every
     patient drawn as a dot; non-finite values are left out."""
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     figure, axes = _figure(len(metrics), max(2.5, 0.55 * len(arms) + 1), 4.0)
     for ax, (metric, label) in zip(axes, metrics.items()):
-        values = [np.array([float(r[metric]) for r in rows if r["arm"] == arm and r.get(metric) not in ("", None)]) for arm in arms]
+        values = [
+            np.array([float(r[metric]) for r in rows if r["arm"] == arm and r.get(metric) not in ("", None)])
+            for arm in arms
+        ]
         values = [v[np.isfinite(v)] for v in values]
         ax.boxplot(values, showfliers=False)
         for k, v in enumerate(values, start=1):
@@ -154,7 +181,9 @@ def box_plots(rows: Sequence[Mapping], path: str | os.PathLike, metrics: Mapping
     return _save(figure, path)
 
 
-def overlay_figure(image: np.ndarray, masks: Mapping[str, np.ndarray], path: str | os.PathLike, title: str = "") -> Path:
+def overlay_figure(
+    image: np.ndarray, masks: Mapping[str, np.ndarray], path: str | os.PathLike, title: str = ""
+) -> Path:
     """The same 2D slice once per mask, each with that mask's outline and its name above."""
     figure, axes = _figure(len(masks), 2.6, 2.9)
     for ax, (name, mask) in zip(axes, masks.items()):

@@ -25,7 +25,9 @@ CUBE_3x3x3 = np.ones((3, 3, 3), dtype=bool)
 PLUS_IN_PLANE = ndimage.generate_binary_structure(2, 1)[None]
 
 
-def threshold_probability(probability: np.ndarray, organ: np.ndarray | None = None, threshold: float = 0.5) -> np.ndarray:
+def threshold_probability(
+    probability: np.ndarray, organ: np.ndarray | None = None, threshold: float = 0.5
+) -> np.ndarray:
     """Lesion where the (organ-masked) lesion probability exceeds ``threshold``."""
     mask = probability > threshold
     if organ is not None:

@@ -75,7 +75,9 @@ def register_followup(
 
     # start from the grid centres (two scans of one patient overlap largely): an intensity-
     # moments start is undefined on z-scored images, whose values are negative inside
-    rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    rigid = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
+    )
     method = _method(mask, shrink, smooth, seed, iterations)
     method.SetOptimizerAsRegularStepGradientDescent(
         learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, gradientMagnitudeTolerance=1e-8
@@ -112,7 +114,9 @@ def register_followup(
 
     resampled = sitk.Resample(followup, baseline, transform, sitk.sitkLinear, 0.0, followup.GetPixelID())
     before = masked_correlation(
-        fixed, sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0), _overlap(fixed, moving, sitk.Transform(), mask)
+        fixed,
+        sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0),
+        _overlap(fixed, moving, sitk.Transform(), mask),
     )
     after = masked_correlation(fixed, sitk.Cast(resampled, sitk.sitkFloat32), _overlap(fixed, moving, transform, mask))
     warning = None

@@ -154,7 +154,11 @@ def _provenance(inputs: ReportInputs) -> str:
         body += _table(["Patient model", ""], rows, text_columns=2)
         check = finetune.get("holdout_check")
         if check and not check.get("skipped"):
-            verdict = "kept the fine-tuned model" if check["kept"] else "KEPT THE BASE MODEL: fine-tuning did not help on the held-out part"
+            verdict = (
+                "kept the fine-tuned model"
+                if check["kept"]
+                else "KEPT THE BASE MODEL: fine-tuning did not help on the held-out part"
+            )
             body += (
                 f"<p class='{'' if check['kept'] else 'kept'}'>Never-worse check: {html.escape(verdict)} of the annotation "
                 f"(held out: {html.escape(describe_held_out(check))}).</p>"
@@ -172,7 +176,9 @@ def read_suggestions(path: str | os.PathLike) -> list[dict]:
     one)."""
 
     def wrong(detail: str) -> ValueError:
-        return ValueError(f"{path} is not a suggestions file of segment --suggest ({detail}); give the suggestions.json it wrote")
+        return ValueError(
+            f"{path} is not a suggestions file of segment --suggest ({detail}); give the suggestions.json it wrote"
+        )
 
     try:
         suggestions = json.loads(Path(path).read_text())
@@ -181,9 +187,18 @@ def read_suggestions(path: str | os.PathLike) -> list[dict]:
     if not isinstance(suggestions, list):
         raise wrong("not a list of slices")
     for s in suggestions:
-        fields_ok = isinstance(s, dict) and isinstance(s.get("slice"), int) and isinstance(s.get("mean_probability"), (int, float))
+        fields_ok = (
+            isinstance(s, dict)
+            and isinstance(s.get("slice"), int)
+            and isinstance(s.get("mean_probability"), (int, float))
+        )
         centre = s.get("centre_ras_mm") if isinstance(s, dict) else None
-        if not (fields_ok and isinstance(centre, list) and len(centre) == 3 and all(isinstance(c, (int, float)) for c in centre)):
+        if not (
+            fields_ok
+            and isinstance(centre, list)
+            and len(centre) == 3
+            and all(isinstance(c, (int, float)) for c in centre)
+        ):
             raise wrong(f"an entry without slice, mean_probability and centre_ras_mm: {json.dumps(s)[:80]}")
     return suggestions
 
@@ -191,8 +206,14 @@ def read_suggestions(path: str | os.PathLike) -> list[dict]:
 def _suggestions_section(path: Path | None) -> str:
     if not path:
         return ""
-    rows = [[s["slice"], s["mean_probability"], " ".join(f"{c:.1f}" for c in s["centre_ras_mm"])] for s in read_suggestions(path)]
-    return _section("Suggested baseline slices", _table(["Slice", "Mean lesion probability", "Centre (RAS mm)"], rows, text_columns=0))
+    rows = [
+        [s["slice"], s["mean_probability"], " ".join(f"{c:.1f}" for c in s["centre_ras_mm"])]
+        for s in read_suggestions(path)
+    ]
+    return _section(
+        "Suggested baseline slices",
+        _table(["Slice", "Mean lesion probability", "Centre (RAS mm)"], rows, text_columns=0),
+    )
 
 
 def _visits_table(results: dict, changes: Path | None) -> str:
@@ -201,7 +222,13 @@ def _visits_table(results: dict, changes: Path | None) -> str:
         summary = json.loads((Path(changes) / "changes.json").read_text())["summary"]
         rows.append(["Baseline (annotation)", summary["baseline_lesions"], summary["baseline_load_mm3"] / 1000])
     for label, result in results.items():
-        rows.append([f"Follow-up ({label})", len(result["lesions"]), sum(float(r["volume_mm3"]) for r in result["lesions"]) / 1000])
+        rows.append(
+            [
+                f"Follow-up ({label})",
+                len(result["lesions"]),
+                sum(float(r["volume_mm3"]) for r in result["lesions"]) / 1000,
+            ]
+        )
     return _table(["Visit (source)", "Lesions", "Volume (ml)"], rows)
 
 
@@ -214,10 +241,14 @@ def _changes_section(changes: Path | None) -> str:
     record = json.loads((Path(changes) / "changes.json").read_text())
     summary, lesions = record["summary"], record["lesions"]
     counts = _table([c for c in CATEGORIES], [[summary[c] for c in CATEGORIES]], text_columns=0)
-    rows = [[r["change"], r["baseline_mm3"], r["followup_mm3"], r["change_mm3"], _ras_text(r["centroid_lps_mm"].split())] for r in lesions]
+    rows = [
+        [r["change"], r["baseline_mm3"], r["followup_mm3"], r["change_mm3"], _ras_text(r["centroid_lps_mm"].split())]
+        for r in lesions
+    ]
     table = _table(["Change", "Baseline (mm3)", "Follow-up (mm3)", "Change (mm3)", "Centroid (RAS mm)"], rows)
     figure = load_figure(
-        ["baseline", "follow-up"], {"lesion load": [summary["baseline_load_mm3"] / 1000, summary["followup_load_mm3"] / 1000]}
+        ["baseline", "follow-up"],
+        {"lesion load": [summary["baseline_load_mm3"] / 1000, summary["followup_load_mm3"] / 1000]},
     )
     plot = _image(png_bytes(figure), "Lesion load at each visit")
     return _section("What changed", counts + plot + table)
@@ -238,7 +269,9 @@ def _uncertainty_section(results: dict) -> str:
             rows.append([label, None, None, None])
             continue
         rows.append([label, summary.get("mc_samples"), summary.get("max_sd"), summary.get("mean_sd_in_lesions")])
-        uncertain = sorted((r for r in result["lesions"] if math.isfinite(r.get("mean_sd", math.nan))), key=lambda r: -r["mean_sd"])
+        uncertain = sorted(
+            (r for r in result["lesions"] if math.isfinite(r.get("mean_sd", math.nan))), key=lambda r: -r["mean_sd"]
+        )
         if uncertain:
             lines = [
                 [
@@ -252,7 +285,11 @@ def _uncertainty_section(results: dict) -> str:
             ]
             parts.append(
                 f"<h3>Most uncertain lesions ({html.escape(label)})</h3>"
-                + _table(["Lesion", "Volume (mm3)", "Mean SD", "Mean probability", "Centroid (RAS mm)"], lines, text_columns=0)
+                + _table(
+                    ["Lesion", "Volume (mm3)", "Mean SD", "Mean probability", "Centroid (RAS mm)"],
+                    lines,
+                    text_columns=0,
+                )
             )
     header = ["Result", "MC samples", "Max SD", "Mean SD in lesions"]
     return (
@@ -304,7 +341,9 @@ def report_figures(inputs: ReportInputs, results: dict) -> list[tuple[str, str, 
         raise ValueError(f"the follow-up image {inputs.followup_image} must be one 3D volume (give its first sequence)")
     outlines = {}
     if inputs.truth:
-        outlines["reference"] = layout.to_slices(label_mask(read_image(inputs.truth), f"the reference lesion mask {inputs.truth}"))
+        outlines["reference"] = layout.to_slices(
+            label_mask(read_image(inputs.truth), f"the reference lesion mask {inputs.truth}")
+        )
     for label, result in results.items():
         outlines[label] = layout.to_slices(sitk.GetArrayFromImage(result["segmentation"]) > 0)
     if any(m.shape != anatomy.shape for m in outlines.values()):
@@ -322,11 +361,17 @@ def report_figures(inputs: ReportInputs, results: dict) -> list[tuple[str, str, 
     figures = [
         (
             "outlines",
-            "Lesion outlines on the follow-up: " + ", ".join(outlines) + f" (radiological orientation: {sides[0]} on the left)",
+            "Lesion outlines on the follow-up: "
+            + ", ".join(outlines)
+            + f" (radiological orientation: {sides[0]} on the left)",
             outline_figure(tiles, {n: [m[s] for s in picks] for n, m in outlines.items()}, titles, "follow-up", sides),
         )
     ]
-    sd = {label: layout.to_slices(sitk.GetArrayFromImage(r["uncertainty"])) for label, r in results.items() if r["uncertainty"] is not None}
+    sd = {
+        label: layout.to_slices(sitk.GetArrayFromImage(r["uncertainty"]))
+        for label, r in results.items()
+        if r["uncertainty"] is not None
+    }
     if sd:
         figures.append(
             (

@@ -69,7 +69,9 @@ def optimiser_step(optimizer, loss: torch.Tensor, scaler: torch.amp.GradScaler |
     """
     value = loss.item()
     if not np.isfinite(value):
-        raise RuntimeError("training diverged (non-finite loss); lower the learning rate, train in fp32, or check the inputs")
+        raise RuntimeError(
+            "training diverged (non-finite loss); lower the learning rate, train in fp32, or check the inputs"
+        )
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -120,4 +122,7 @@ def keep_freed_memory_for_reuse(limit_bytes: int = 1 << 30) -> bool:
         return False
     libc = ctypes.CDLL(None)
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, ctypes.c_int(limit_bytes)) and libc.mallopt(m_trim_threshold, ctypes.c_int(limit_bytes)))
+    return bool(
+        libc.mallopt(m_mmap_threshold, ctypes.c_int(limit_bytes))
+        and libc.mallopt(m_trim_threshold, ctypes.c_int(limit_bytes))
+    )

@@ -29,7 +29,15 @@ from .files import atomic_write
 from .jobs import CliJob
 from .outputs import read_segment_outputs
 from .suggest import SliceSuggestion
-from .workflow import SUGGESTED_SLICES, analyse_job, finetune_job, followup_job, input_arguments, job_description, read_suggestions
+from .workflow import (
+    SUGGESTED_SLICES,
+    analyse_job,
+    finetune_job,
+    followup_job,
+    input_arguments,
+    job_description,
+    read_suggestions,
+)
 
 
 @dataclass
@@ -94,10 +102,18 @@ RESULT_COLOURS = {"base": (0.3, 0.75, 1.0)}
 
 def _followup_nodes(scene, reference_node, label, mask_zyx, probability_zyx, sd_zyx, lesions, summary) -> FollowupNodes:
     segmentation = mrml.add_lesion_segmentation(
-        scene, mask_zyx, reference_node, f"Follow-up lesions ({label})", colour=RESULT_COLOURS.get(label, mrml.LESION_COLOUR)
+        scene,
+        mask_zyx,
+        reference_node,
+        f"Follow-up lesions ({label})",
+        colour=RESULT_COLOURS.get(label, mrml.LESION_COLOUR),
     )
     probability = mrml.add_probability_volume(scene, probability_zyx, reference_node, f"Lesion probability ({label})")
-    uncertainty = None if sd_zyx is None else mrml.add_uncertainty_volume(scene, sd_zyx, reference_node, f"Uncertainty SD ({label})")
+    uncertainty = (
+        None
+        if sd_zyx is None
+        else mrml.add_uncertainty_volume(scene, sd_zyx, reference_node, f"Uncertainty SD ({label})")
+    )
     table = mrml.add_lesion_table(scene, lesions, f"Lesions ({label})")
     return FollowupNodes(label, segmentation, probability, uncertainty, table, list(lesions), summary)
 
@@ -218,11 +234,15 @@ def check_volumes(volume_nodes: Sequence, sequence_names: Sequence[str], other_v
     """Refuse a missing volume, one volume selected for two sequences, and a volume of the
     other visit (``other_visit``: e.g. the baseline volumes when segmenting the follow-up)."""
     if len(volume_nodes) != len(sequence_names) or any(n is None for n in volume_nodes):
-        raise ValueError(f"the model reads {len(sequence_names)} sequence(s) ({', '.join(sequence_names)}); select a volume for each")
+        raise ValueError(
+            f"the model reads {len(sequence_names)} sequence(s) ({', '.join(sequence_names)}); select a volume for each"
+        )
     seen = {}
     for name, node in zip(sequence_names, volume_nodes):
         if node.GetID() in seen:
-            raise ValueError(f"{node.GetName()} is selected for both {seen[node.GetID()]} and {name}; select one volume per sequence")
+            raise ValueError(
+                f"{node.GetName()} is selected for both {seen[node.GetID()]} and {name}; select one volume per sequence"
+            )
         seen[node.GetID()] = name
     earlier = {node.GetID() for node in other_visit if node is not None}
     for name, node in zip(sequence_names, volume_nodes):
@@ -293,7 +313,17 @@ class RunningStep:
     it was started for (the session's count of new patients) and the files it reads the
     sequences from (as they were in the scene: e.g. for the patient's report)."""
 
-    def __init__(self, kind: str, job: CliJob, folder: Path, reference_node_id: str, labels=(), notes=(), patient: int = 0, images=()):
+    def __init__(
+        self,
+        kind: str,
+        job: CliJob,
+        folder: Path,
+        reference_node_id: str,
+        labels=(),
+        notes=(),
+        patient: int = 0,
+        images=(),
+    ):
         self.kind, self.job, self.folder = kind, job, Path(folder)
         self.reference_node_id, self.labels, self.notes = reference_node_id, list(labels), list(notes)
         self.patient, self.images = patient, [Path(p) for p in images]
@@ -379,7 +409,14 @@ class PatientSession:
     # -- the three steps as jobs -------------------------------------------------------------
 
     def _start(
-        self, kind: str, volume_nodes: Sequence, make_job: Callable, organ=None, lesions=None, labels=(), other_visit: Sequence = ()
+        self,
+        kind: str,
+        volume_nodes: Sequence,
+        make_job: Callable,
+        organ=None,
+        lesions=None,
+        labels=(),
+        other_visit: Sequence = (),
     ) -> RunningStep:
         """Write the inputs into a new step folder and start ``make_job(inputs, folder)``;
         the folder is removed if either fails."""
@@ -391,7 +428,9 @@ class PatientSession:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        step = RunningStep(kind, job, folder, volume_nodes[0].GetID(), labels, inputs["notes"], self._patient, inputs["images"])
+        step = RunningStep(
+            kind, job, folder, volume_nodes[0].GetID(), labels, inputs["notes"], self._patient, inputs["images"]
+        )
         self._running.add(step)
         return step
 
@@ -403,7 +442,9 @@ class PatientSession:
         return self._start(
             "analyse",
             volume_nodes,
-            lambda inputs, folder: analyse_job(self.models.base_model, inputs["arguments"], folder / "analysis", k, device, self.python),
+            lambda inputs, folder: analyse_job(
+                self.models.base_model, inputs["arguments"], folder / "analysis", k, device, self.python
+            ),
             organ,
         )
 
@@ -432,7 +473,14 @@ class PatientSession:
             "finetune",
             volume_nodes,
             lambda inputs, folder: finetune_job(
-                self.models.base_model, inputs["arguments"], out, slices, iterations, weighting, device=device, python=self.python
+                self.models.base_model,
+                inputs["arguments"],
+                out,
+                slices,
+                iterations,
+                weighting,
+                device=device,
+                python=self.python,
             ),
             organ,
             annotation,
@@ -470,7 +518,9 @@ class PatientSession:
         follow-up results (one :class:`FollowupNodes` per model)."""
         self._running.discard(step)
         if step.patient != self._patient:
-            raise RuntimeError("the scene was closed while this step ran; its results, of the previous patient, were discarded")
+            raise RuntimeError(
+                "the scene was closed while this step ran; its results, of the previous patient, were discarded"
+            )
         reference = self.scene.GetNodeByID(step.reference_node_id)
         if reference is None:
             raise RuntimeError("the volume this step read is no longer in the scene; its results were discarded")

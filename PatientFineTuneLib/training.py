@@ -102,7 +102,9 @@ class PatchPool:
         return len(self.images)
 
 
-def build_patch_pool(cases: Sequence[Case], training_spacing: Sequence[float], patches_per_slice: int, seed: int) -> PatchPool:
+def build_patch_pool(
+    cases: Sequence[Case], training_spacing: Sequence[float], patches_per_slice: int, seed: int
+) -> PatchPool:
     """Lesion-containing slices of normalised cases, resampled in-plane to
     ``training_spacing``, each with ``patches_per_slice`` centres inside the organ."""
     rng = np.random.default_rng([seed, 0x9A7C4])
@@ -152,7 +154,9 @@ def draw_batch(
         x, y = sample_batch(pool, config, iteration, rank)
     else:
         rng = np.random.default_rng([config.seed, iteration, rank, 0x313])
-        n_synthetic = config.batch_size if pool is None else int(rng.binomial(config.batch_size, config.synthetic_fraction))
+        n_synthetic = (
+            config.batch_size if pool is None else int(rng.binomial(config.batch_size, config.synthetic_fraction))
+        )
         parts = []
         if n_synthetic < config.batch_size:
             parts.append(sample_batch(pool, config, iteration, rank, n=config.batch_size - n_synthetic))
@@ -197,7 +201,12 @@ def init_distributed(device: str | torch.device = "auto") -> torch.device:
 
 
 def patch_loss(
-    network: torch.nn.Module, pool: PatchPool | None, config: TrainingConfig, device: torch.device, rank: int = 0, synthetic=None
+    network: torch.nn.Module,
+    pool: PatchPool | None,
+    config: TrainingConfig,
+    device: torch.device,
+    rank: int = 0,
+    synthetic=None,
 ) -> Callable[[int], torch.Tensor]:
     """The loss of base training's iteration ``i`` as a function of ``i``: weighted
     cross-entropy of ``network`` on :func:`draw_batch`'s patches. Shared with the
@@ -232,7 +241,10 @@ def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig) -> in
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a PatientFineTune training checkpoint")
-    if json.loads(payload["config_json"]) != config.identity() or json.loads(payload["architecture_json"]) != model.architecture():
+    if (
+        json.loads(payload["config_json"]) != config.identity()
+        or json.loads(payload["architecture_json"]) != model.architecture()
+    ):
         raise ValueError(
             f"checkpoint {path} was written with different settings; resume with the same "
             "settings (only --iterations may change) or delete the checkpoint to start over"
@@ -242,7 +254,9 @@ def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig) -> in
     return int(payload["iteration"])
 
 
-def validation_scores(model: LesionNet, cases: Sequence[Case], training_spacing, device, preset: str | None = None) -> dict:
+def validation_scores(
+    model: LesionNet, cases: Sequence[Case], training_spacing, device, preset: str | None = None
+) -> dict:
     """Mean Dice and lesion F1 of whole-volume segmentation over validation cases (model
     left in eval), post-processed as the model will be used (``preset``'s opening and
     smallest lesion)."""
@@ -310,7 +324,11 @@ def train_base_model(
         log(f"resumed from {checkpoint_path} at iteration {start}")
     if not train_cases and synthetic is None:
         raise ValueError("nothing to train on: give training cases, anatomy synthesis, or both")
-    pool = build_patch_pool(train_cases, training_spacing, config.patches_per_slice, config.seed + rank) if train_cases else None
+    pool = (
+        build_patch_pool(train_cases, training_spacing, config.patches_per_slice, config.seed + rank)
+        if train_cases
+        else None
+    )
     where = f"process {rank} of {world}, " if world > 1 else ""
     real = f"{len(pool)} lesion slices x {config.patches_per_slice} patches" if pool is not None else "no real cases"
     share = 1.0 if pool is None else config.synthetic_fraction if synthetic is not None else 0.0
@@ -322,7 +340,9 @@ def train_base_model(
     else:
         network = model
     history: list[dict] = []
-    bar = tqdm(total=config.iterations, initial=start, disable=not progress or rank > 0, desc="train-base", mininterval=2.0)
+    bar = tqdm(
+        total=config.iterations, initial=start, disable=not progress or rank > 0, desc="train-base", mininterval=2.0
+    )
 
     def after_step(done: int, loss: float) -> None:
         record = {"iteration": done, "loss": loss}
@@ -337,7 +357,9 @@ def train_base_model(
             scores = validation_scores(model, val_cases, training_spacing, device, preset)
             record["val_dice"], record["val_lesion_f1"] = scores["dice"], scores["lesion_f1"]
             model.train()
-            bar.write(f"iteration {done}: loss {loss:.4f}, validation Dice {scores['dice']:.3f}, lesion F1 {scores['lesion_f1']:.3f}")
+            bar.write(
+                f"iteration {done}: loss {loss:.4f}, validation Dice {scores['dice']:.3f}, lesion F1 {scores['lesion_f1']:.3f}"
+            )
             if on_validation is not None:
                 on_validation(record)
 

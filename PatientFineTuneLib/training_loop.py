@@ -31,7 +31,13 @@ class Adam:
     ``state_dict`` in ``torch.optim.Adam``'s layout, so checkpoints load in either.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
         self.params = list(params)
         # the one place the settings live, as in torch (what GradScaler and schedulers read)
         self.param_groups = [
@@ -62,7 +68,9 @@ class Adam:
         for index, p in enumerate(self.params):
             if p.grad is None:
                 continue
-            state = self.state.setdefault(index, {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)})
+            state = self.state.setdefault(
+                index, {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            )
             state["step"] += 1
             state["exp_avg"].lerp_(p.grad, 1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
@@ -84,7 +92,9 @@ class Adam:
         """Continue from :meth:`state_dict` (or ``torch.optim.Adam``'s) of the same parameters."""
         groups = state_dict["param_groups"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
-            raise ValueError(f"optimiser state for {sum(len(g['params']) for g in groups)} parameters, not {len(self.params)}")
+            raise ValueError(
+                f"optimiser state for {sum(len(g['params']) for g in groups)} parameters, not {len(self.params)}"
+            )
         self.state = {
             int(i): {
                 "step": int(s["step"]),
@@ -105,7 +115,9 @@ def check_precision(precision: str, device: torch.device | None = None, channels
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if device is not None and precision == "amp" and channels_last_backward and torch.device(device).type == "cpu":
-        raise ValueError("mixed precision with channels-last is not supported on CPU (non-finite gradients); use one of the two")
+        raise ValueError(
+            "mixed precision with channels-last is not supported on CPU (non-finite gradients); use one of the two"
+        )
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:

@@ -58,17 +58,30 @@ class UNet3D(nn.Module):
         Output classes (background, lesion).
     """
 
-    def __init__(self, in_channels: Sequence[int] = (1,), width: int = 16, depth: int = 4, dropout: float = 0.2, n_classes: int = 2):
+    def __init__(
+        self,
+        in_channels: Sequence[int] = (1,),
+        width: int = 16,
+        depth: int = 4,
+        dropout: float = 0.2,
+        n_classes: int = 2,
+    ):
         super().__init__()
         if len(in_channels) < 1 or any(int(c) < 1 for c in in_channels):
             raise ValueError(f"in_channels must list at least one positive channel count, got {in_channels!r}")
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.in_channels = tuple(int(c) for c in in_channels)
-        self.width, self.depth, self.dropout_rate, self.n_classes = int(width), int(depth), float(dropout), int(n_classes)
+        self.width, self.depth, self.dropout_rate, self.n_classes = (
+            int(width),
+            int(depth),
+            float(dropout),
+            int(n_classes),
+        )
         widths = [self.width * 2**level for level in range(self.depth + 1)]
         self.encoder = nn.ModuleList(
-            _double_conv(sum(self.in_channels) if level == 0 else widths[level - 1], widths[level]) for level in range(self.depth + 1)
+            _double_conv(sum(self.in_channels) if level == 0 else widths[level - 1], widths[level])
+            for level in range(self.depth + 1)
         )
         # decoder[i] and up[i] work at level depth - 1 - i (coarse to fine)
         levels = range(self.depth - 1, -1, -1)

@@ -202,7 +202,9 @@ def finetune_volume_model(
     a new disease or site); the given model is untouched. The model's own spacing and
     patch size are kept whatever ``config`` says."""
     if not bundle.is_volume_model:
-        raise ValueError("finetune_volume_model needs a 3D U-Net model; the 2D network fine-tunes with finetune_patient_model")
+        raise ValueError(
+            "finetune_volume_model needs a 3D U-Net model; the 2D network fine-tunes with finetune_patient_model"
+        )
     spacing = bundle.training_spacing
     config = copy.copy(config)
     config.spacing_mm = float(spacing[0])

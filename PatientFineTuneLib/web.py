@@ -189,14 +189,20 @@ class PatientFineTuneWeb:
         from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition, ViewProps, ViewType
 
         def axial(tag, group, colour):
-            return ViewLayoutDefinition(tag, ViewType.SLICE_VIEW, ViewProps(orientation="Axial", label=tag, color=colour, group=group))
+            return ViewLayoutDefinition(
+                tag, ViewType.SLICE_VIEW, ViewProps(orientation="Axial", label=tag, color=colour, group=group)
+            )
 
         threed = ViewLayoutDefinition(
             THREED_VIEW, ViewType.THREE_D_VIEW, ViewProps(label="3D", group=0, background_color=("#1f2020", "#3c3c3c"))
         )
         layout = Layout(
             LayoutDirection.Horizontal,
-            [axial(BASELINE_VIEW, 0, "#F34A33"), axial(FOLLOWUP_VIEW, 1, "#6DAD4A"), Layout(LayoutDirection.Vertical, [threed])],
+            [
+                axial(BASELINE_VIEW, 0, "#F34A33"),
+                axial(FOLLOWUP_VIEW, 1, "#6DAD4A"),
+                Layout(LayoutDirection.Vertical, [threed]),
+            ],
         )
         self.layout_manager.register_layout("baseline-followup", layout)
         self.layout_manager.set_layout("baseline-followup")
@@ -215,18 +221,34 @@ class PatientFineTuneWeb:
                 drawer.width = 460
                 with html.Div(classes="pa-3 d-flex flex-column ga-2"):
                     html.Div("1. Patient", classes="text-subtitle-1")
-                    v.VBtn("Load sample patient", id="load-sample", click=self.load_sample, disabled=("busy",), block=True)
+                    v.VBtn(
+                        "Load sample patient", id="load-sample", click=self.load_sample, disabled=("busy",), block=True
+                    )
                     v.VTextField(
                         v_model=("baseline_paths",),
                         label=("`Baseline files (${sequence_names}), comma-separated`",),
                         density="compact",
                         hide_details=True,
                     )
-                    v.VTextField(v_model=("followup_paths",), label="Follow-up files, same order", density="compact", hide_details=True)
-                    v.VBtn("Load study from files", id="load-files", click=self.load_files, disabled=("busy",), block=True, variant="tonal")
+                    v.VTextField(
+                        v_model=("followup_paths",),
+                        label="Follow-up files, same order",
+                        density="compact",
+                        hide_details=True,
+                    )
+                    v.VBtn(
+                        "Load study from files",
+                        id="load-files",
+                        click=self.load_files,
+                        disabled=("busy",),
+                        block=True,
+                        variant="tonal",
+                    )
 
                     html.Div("2. Baseline", classes="text-subtitle-1 mt-2")
-                    v.VBtn("Analyse baseline", id="analyse", click=self.analyse, disabled=("busy || !loaded",), block=True)
+                    v.VBtn(
+                        "Analyse baseline", id="analyse", click=self.analyse, disabled=("busy || !loaded",), block=True
+                    )
                     with html.Div(v_if=("suggestions.length",), classes="d-flex flex-wrap ga-1", id="suggestions"):
                         v.VBtn(
                             "{{ s.label }}",
@@ -238,7 +260,13 @@ class PatientFineTuneWeb:
                             click=(self.jump_to, "[s.index]"),
                         )
                     html.Div("{{ current_slice }}", classes="text-caption", id="current-slice")
-                    with v.VBtnToggle(v_model=("tool",), mandatory=True, density="compact", divided=True, disabled=("!analysed || busy",)):
+                    with v.VBtnToggle(
+                        v_model=("tool",),
+                        mandatory=True,
+                        density="compact",
+                        divided=True,
+                        disabled=("!analysed || busy",),
+                    ):
                         v.VBtn("View", value="none", id="tool-none")
                         v.VBtn("Paint", value="paint", id="tool-paint")
                         v.VBtn("Erase", value="erase", id="tool-erase")
@@ -253,12 +281,17 @@ class PatientFineTuneWeb:
                         thumb_label=True,
                         disabled=("!analysed || busy",),
                     )
-                    html.Div("Annotation: <span id='annotation-voxels'>{{ annotation_voxels }}</span> voxels", classes="text-caption")
+                    html.Div(
+                        "Annotation: <span id='annotation-voxels'>{{ annotation_voxels }}</span> voxels",
+                        classes="text-caption",
+                    )
 
                     html.Div("3. Fine-tune and segment the follow-up", classes="text-subtitle-1 mt-2")
                     v.VSelect(
                         v_model=("slice_selection",),
-                        items=("[{title: 'suggested slices', value: 'suggested'}, {title: 'all lesion slices', value: 'all-lesion'}]",),
+                        items=(
+                            "[{title: 'suggested slices', value: 'suggested'}, {title: 'all lesion slices', value: 'all-lesion'}]",
+                        ),
                         label="Train on",
                         density="compact",
                         hide_details=True,
@@ -281,17 +314,32 @@ class PatientFineTuneWeb:
                             id="mc-samples",
                         )
                     with html.Div(classes="d-flex ga-2"):
-                        v.VBtn("Fine-tune", id="finetune", click=self.finetune, disabled=("busy || !analysed",), color="primary")
+                        v.VBtn(
+                            "Fine-tune",
+                            id="finetune",
+                            click=self.finetune,
+                            disabled=("busy || !analysed",),
+                            color="primary",
+                        )
                         v.VBtn("Cancel", id="cancel", click=self.cancel, disabled=("!busy",), variant="outlined")
                     v.VProgressLinear(model_value=("progress",), v_show=("busy",), height=8, id="progress")
                     html.Div("{{ progress_text }}", v_show=("busy",), classes="text-caption")
                     html.Div("{{ status }}", classes="text-body-2", id="status")
                     v.VAlert(text=("error",), v_if=("error",), type="error", density="compact", id="error")
                     html.Div(
-                        "{{ result_text }}", v_if=("result_text",), classes="text-body-2", id="result-text", style="white-space: pre-line"
+                        "{{ result_text }}",
+                        v_if=("result_text",),
+                        classes="text-body-2",
+                        id="result-text",
+                        style="white-space: pre-line",
                     )
                     with v.VBtnToggle(
-                        v_model=("shown_result",), v_if=("finetuned",), mandatory=True, density="compact", divided=True, id="result-switch"
+                        v_model=("shown_result",),
+                        v_if=("finetuned",),
+                        mandatory=True,
+                        density="compact",
+                        divided=True,
+                        id="result-switch",
                     ):
                         v.VBtn("Fine-tuned", value="fine-tuned", id="show-finetuned")
                         v.VBtn("Base", value="base", id="show-base")
@@ -303,8 +351,12 @@ class PatientFineTuneWeb:
                         hide_details=True,
                         id="uncertainty-switch",
                     )
-                    html.Div("Follow-up view overlay: {{ overlay }}", v_if=("overlay",), classes="text-caption", id="overlay")
-                    with html.Div(v_if=("uncertainty_shown && sd_max",), id="uncertainty-legend", classes="text-caption"):
+                    html.Div(
+                        "Follow-up view overlay: {{ overlay }}", v_if=("overlay",), classes="text-caption", id="overlay"
+                    )
+                    with html.Div(
+                        v_if=("uncertainty_shown && sd_max",), id="uncertainty-legend", classes="text-caption"
+                    ):
                         html.Div("Uncertainty (SD of the lesion probability)")
                         html.Div(style=("`height: 12px; border-radius: 2px; background: ${legend_gradient}`",))
                         with html.Div(classes="d-flex justify-space-between"):
@@ -356,7 +408,10 @@ class PatientFineTuneWeb:
 
     def load_files(self):
         """Button handler: the files typed in the page, if all are inside the data folder."""
-        split = [[p.strip() for p in str(self.state[k]).split(",") if p.strip()] for k in ("baseline_paths", "followup_paths")]
+        split = [
+            [p.strip() for p in str(self.state[k]).split(",") if p.strip()]
+            for k in ("baseline_paths", "followup_paths")
+        ]
         outside = [p for paths in split for p in paths if not self.may_read(p)]
         if outside:  # the same words whether it exists or not: the page must not learn which files the server has
             self.state.error = (
@@ -382,13 +437,19 @@ class PatientFineTuneWeb:
                 raise ValueError(
                     f"the model reads {n} sequence(s) ({self.state.sequence_names}); give that many files for each visit, in that order"
                 )
-            images = {visit: [read_image(p) for p in paths] for visit, paths in (("baseline", baseline), ("followup", followup))}
+            images = {
+                visit: [read_image(p) for p in paths]
+                for visit, paths in (("baseline", baseline), ("followup", followup))
+            }
         except Exception as error:  # shown to the user, who can fix the paths
             self.state.error = str(error)
             return
         self.slicer.scene.Clear(0)
         self.volumes = {
-            visit: [image_to_volume(image, self.slicer.scene, f"{visit} {s['name']}") for image, s in zip(imgs, self.sequences)]
+            visit: [
+                image_to_volume(image, self.slicer.scene, f"{visit} {s['name']}")
+                for image, s in zip(imgs, self.sequences)
+            ]
             for visit, imgs in images.items()
         }
         self.baseline_segmentation, self.followup_results = None, {}
@@ -429,13 +490,17 @@ class PatientFineTuneWeb:
             done.update(fraction=fraction, phase=phase)
 
         with self.state:
-            self.state.update({"busy": True, "error": "", "progress": 0, "progress_text": label, "status": f"{label}..."})
+            self.state.update(
+                {"busy": True, "error": "", "progress": 0, "progress_text": label, "status": f"{label}..."}
+            )
         future = asyncio.get_running_loop().run_in_executor(None, work, progress, self._cancel.is_set)
         while not future.done():
             await asyncio.sleep(0.25)
             with self.state:
                 self.state.progress = 100.0 * done["fraction"]
-                self.state.progress_text = f"{label}{', ' + done['phase'] if done['phase'] else ''}: {100 * done['fraction']:.0f} %"
+                self.state.progress_text = (
+                    f"{label}{', ' + done['phase'] if done['phase'] else ''}: {100 * done['fraction']:.0f} %"
+                )
         result = None
         try:
             result = future.result()
@@ -497,7 +562,8 @@ class PatientFineTuneWeb:
         self._count_annotation()
         with self.state:
             self.state.suggestions = [
-                {"index": i, "label": f"slice {s.index} (mean p {s.mean_probability:.2f})"} for i, s in enumerate(self.session.suggestions)
+                {"index": i, "label": f"slice {s.index} (mean p {s.mean_probability:.2f})"}
+                for i, s in enumerate(self.session.suggestions)
             ]
             self.state.analysed = True
             self.state.status = (
@@ -520,11 +586,18 @@ class PatientFineTuneWeb:
         self.state.current_slice = f"Baseline view at suggested slice {suggestion.index}"
 
     def _on_tool(self, tool, brush_mm, **_):
-        from trame_slicer.segmentation import BrushDiameterMode, SegmentationEffectErase, SegmentationEffectNoTool, SegmentationEffectPaint
+        from trame_slicer.segmentation import (
+            BrushDiameterMode,
+            SegmentationEffectErase,
+            SegmentationEffectNoTool,
+            SegmentationEffectPaint,
+        )
 
         if self.baseline_segmentation is None:
             return
-        effect_type = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}.get(tool, SegmentationEffectNoTool)
+        effect_type = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}.get(
+            tool, SegmentationEffectNoTool
+        )
         reattach_effect_pipelines(self.slicer)
         effect = self.slicer.segmentation_editor.set_active_effect_type(effect_type)
         if effect_type is not SegmentationEffectNoTool:
@@ -535,7 +608,9 @@ class PatientFineTuneWeb:
         from .mrml import segment_to_array
 
         node = self.baseline_segmentation
-        return segment_to_array(node, node.GetSegmentation().GetSegmentIdBySegmentName("Lesion"), self.volumes["baseline"][0])
+        return segment_to_array(
+            node, node.GetSegmentation().GetSegmentIdBySegmentName("Lesion"), self.volumes["baseline"][0]
+        )
 
     def _count_annotation(self, *_):
         if self.baseline_segmentation is not None:
@@ -579,7 +654,10 @@ class PatientFineTuneWeb:
             if runs is None:
                 return
             self.followup_results = {
-                label: nodes for label in ("fine-tuned", "base") for step_label, nodes in zip(followup.labels, runs) if step_label == label
+                label: nodes
+                for label in ("fine-tuned", "base")
+                for step_label, nodes in zip(followup.labels, runs)
+                if step_label == label
             }
             try:
                 report_url = f"{REPORTS_URL}/{self._write_report(followup).name}"
@@ -669,7 +747,10 @@ def _legend_gradient() -> str:
     """CSS gradient of the uncertainty colour map (the one its volume is shown with)."""
     from .mrml import COLOUR_RAMPS, UNCERTAINTY_COLOURS
 
-    stops = [f"rgb({int(r * 255)}, {int(g * 255)}, {int(b * 255)}) {int(v * 100)}%" for v, r, g, b in COLOUR_RAMPS[UNCERTAINTY_COLOURS]]
+    stops = [
+        f"rgb({int(r * 255)}, {int(g * 255)}, {int(b * 255)}) {int(v * 100)}%"
+        for v, r, g, b in COLOUR_RAMPS[UNCERTAINTY_COLOURS]
+    ]
     return f"linear-gradient(to right, {', '.join(stops)})"
 
 
@@ -689,7 +770,9 @@ def own_address_only(host: str, allowed: Sequence[str] = ()):
     @web.middleware
     async def guard(request, handler):
         origin = request.headers.get("Origin")
-        if not ours(urlsplit("//" + request.host).hostname) or (origin is not None and not ours(urlsplit(origin).hostname)):
+        if not ours(urlsplit("//" + request.host).hostname) or (
+            origin is not None and not ours(urlsplit(origin).hostname)
+        ):
             raise web.HTTPForbidden(text="PatientFineTune answers its own page only (Host or Origin is another site's)")
         return await handler(request)
 

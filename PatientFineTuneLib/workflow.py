@@ -48,10 +48,17 @@ def input_arguments(images: Sequence, organ=None, lesions=None, resample: bool =
 
 
 def analyse_job(
-    model: str, arguments: Sequence[str], out: str | Path, k: int = SUGGESTED_SLICES, device: str = "auto", python: str | None = None
+    model: str,
+    arguments: Sequence[str],
+    out: str | Path,
+    k: int = SUGGESTED_SLICES,
+    device: str = "auto",
+    python: str | None = None,
 ) -> CliJob:
     """Step 1: segment the baseline and suggest ``k`` slices (``out``: its folder)."""
-    return CliJob([["segment", "--model", model, *arguments, "--out", str(out), "--suggest", str(k), "--device", device]], python)
+    return CliJob(
+        [["segment", "--model", model, *arguments, "--out", str(out), "--suggest", str(k), "--device", device]], python
+    )
 
 
 def finetune_job(
@@ -137,7 +144,10 @@ def job_description(job: CliJob) -> str:
 
 
 def run_job(
-    job: CliJob, progress: Callable[[float, str], object] | None = None, cancel: Callable[[], bool] | None = None, interval: float = 0.1
+    job: CliJob,
+    progress: Callable[[float, str], object] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    interval: float = 0.1,
 ) -> CliJob:
     """Start ``job`` if it is not running and wait for it in this thread, calling
     ``progress(fraction done, phase)`` as it moves; ``cancel()`` returning True terminates

@@ -94,12 +94,21 @@ def main(argv=None) -> int:
         # The program reading stdout stopped reading (``| head -1``): no event can reach it,
         # and Python's own flush at exit would fail again without the redirection.
         os.dup2(os.open(os.devnull, os.O_WRONLY), events.fileno())
-        return _fail(args, "the program reading this command's output closed it before the end; the run was stopped", events=False)
+        return _fail(
+            args,
+            "the program reading this command's output closed it before the end; the run was stopped",
+            events=False,
+        )
     except (ImageError, ModelFileError, OSError, ValueError, RuntimeError) as exc:
         return _fail(args, _one_line(exc))
-    except Exception as exc:  # a defect of ours: a program reading events still gets its error event; people get the traceback
+    except (
+        Exception
+    ) as exc:  # a defect of ours: a program reading events still gets its error event; people get the traceback
         if args.progress == "json":
-            emit("error", message=f"patient-finetune {args.command}: internal error: {type(exc).__name__}: {exc} (please report it)")
+            emit(
+                "error",
+                message=f"patient-finetune {args.command}: internal error: {type(exc).__name__}: {exc} (please report it)",
+            )
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -15,7 +15,10 @@ from .common import add_verb, count_at_least, mc_sample_count, report_result
 
 def register(sub) -> None:
     p = add_verb(
-        sub, "compare", cmd_compare, "What changed between baseline and follow-up: new, enlarged, stable, shrinking and resolved lesions."
+        sub,
+        "compare",
+        cmd_compare,
+        "What changed between baseline and follow-up: new, enlarged, stable, shrinking and resolved lesions.",
     )
     p.add_argument("--baseline-lesions", required=True, help="baseline lesion mask (any label > 0)")
     p.add_argument("--followup-lesions", required=True, help="follow-up lesion mask")
@@ -28,11 +31,18 @@ def register(sub) -> None:
     )
     p.add_argument("--bspline", action="store_true", help="add a B-spline stage after rigid and affine")
     p.add_argument(
-        "--relative-change", type=float, default=0.5, help="enlarged/shrinking: relative volume change at least this (default 0.5)"
+        "--relative-change",
+        type=float,
+        default=0.5,
+        help="enlarged/shrinking: relative volume change at least this (default 0.5)",
     )
-    p.add_argument("--min-change-mm3", type=float, default=10.0, help="... and an absolute change at least this (default 10 mm3)")
+    p.add_argument(
+        "--min-change-mm3", type=float, default=10.0, help="... and an absolute change at least this (default 10 mm3)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the registration's metric sampling")
-    p.add_argument("--out", required=True, help="output folder: changes.csv, changes.json, followup_lesions_on_baseline.nii.gz")
+    p.add_argument(
+        "--out", required=True, help="output folder: changes.csv, changes.json, followup_lesions_on_baseline.nii.gz"
+    )
     p.add_argument("--overwrite", action="store_true")
     p = add_verb(
         sub,
@@ -56,15 +66,25 @@ def register(sub) -> None:
         help="fine-tuning iterations compared (default 50 100 500 1000)",
     )
     p.add_argument(
-        "--default-iterations", type=count_at_least(1), default=100, help="iterations of the slice, weighting and naive arms (paper: 100)"
+        "--default-iterations",
+        type=count_at_least(1),
+        default=100,
+        help="iterations of the slice, weighting and naive arms (paper: 100)",
     )
     p.add_argument(
-        "--mc-samples", type=mc_sample_count, default=0, help="MC-dropout samples for the uncertainty numbers (0 = off; else at least 2)"
+        "--mc-samples",
+        type=mc_sample_count,
+        default=0,
+        help="MC-dropout samples for the uncertainty numbers (0 = off; else at least 2)",
     )
-    p.add_argument("--mc-arms", help="comma-separated arms that get the MC samples (default: base and ft-iter<default-iterations>)")
+    p.add_argument(
+        "--mc-arms", help="comma-separated arms that get the MC samples (default: base and ft-iter<default-iterations>)"
+    )
     p.add_argument("--workers", type=count_at_least(1), default=1, help="patients run in parallel processes")
     p.add_argument("--seed", type=int, default=0)
-    p = add_verb(sub, "evaluate", cmd_evaluate, "Dice, AVD, HD95 and lesion-wise metrics of predictions against ground truth.")
+    p = add_verb(
+        sub, "evaluate", cmd_evaluate, "Dice, AVD, HD95 and lesion-wise metrics of predictions against ground truth."
+    )
     p.add_argument("--pred", help="predicted label image")
     p.add_argument("--gt", help="ground-truth label image")
     p.add_argument("--pairs", help="CSV with columns case,pred,gt (paths relative to the CSV)")
@@ -72,11 +92,22 @@ def register(sub) -> None:
     p.add_argument("--compare-to", help="per-case metrics CSV of another method (from --out): paired tests by case")
     p.add_argument("--overwrite", action="store_true")
     p = add_verb(
-        sub, "report", cmd_report, "One self-contained HTML report for a patient from the outputs of segment, compare and finetune."
+        sub,
+        "report",
+        cmd_report,
+        "One self-contained HTML report for a patient from the outputs of segment, compare and finetune.",
     )
-    p.add_argument("--followup-image", required=True, help="the follow-up image the results are on (e.g. its FLAIR), for the figures")
     p.add_argument(
-        "--results", nargs="+", required=True, metavar="LABEL=FOLDER", help="segment output folders, e.g. base=seg/ fine-tuned=seg-ft/"
+        "--followup-image",
+        required=True,
+        help="the follow-up image the results are on (e.g. its FLAIR), for the figures",
+    )
+    p.add_argument(
+        "--results",
+        nargs="+",
+        required=True,
+        metavar="LABEL=FOLDER",
+        help="segment output folders, e.g. base=seg/ fine-tuned=seg-ft/",
     )
     p.add_argument("--model", help="the patient model file (provenance and the never-worse check's outcome)")
     p.add_argument("--changes", help="a compare output folder (change table, lesion load over time)")
@@ -99,7 +130,9 @@ def cmd_compare(args) -> None:
     out = check_output_folder(args.out)
     targets = [out / n for n in ("changes.csv", "changes.json", "followup_lesions_on_baseline.nii.gz")]
     organ_file = args.baseline_organ if args.baseline_organ != "brain" else None
-    refuse_inputs_as_outputs([args.baseline_lesions, args.followup_lesions, args.baseline_image, args.followup_image, organ_file], targets)
+    refuse_inputs_as_outputs(
+        [args.baseline_lesions, args.followup_lesions, args.baseline_image, args.followup_image, organ_file], targets
+    )
     if any(t.exists() for t in targets) and not args.overwrite:
         raise FileExistsError(f"{out} already holds compare outputs; choose another --out or pass --overwrite")
     baseline_lesions = read_image(args.baseline_lesions) > 0
@@ -121,13 +154,20 @@ def cmd_compare(args) -> None:
                 f"registering the follow-up onto the baseline failed ({str(exc).strip().splitlines()[-1]}); check that "
                 "both images show the same anatomy, or give masks already on one grid without the images"
             ) from None
-        before, after = (f"{c:.3f}" if np.isfinite(c) else "n/a" for c in (registration.correlation_before, registration.correlation_after))
+        before, after = (
+            f"{c:.3f}" if np.isfinite(c) else "n/a"
+            for c in (registration.correlation_before, registration.correlation_after)
+        )
         print(f"registered the follow-up onto the baseline: correlation {before} -> {after}")
         if registration.warning:
             print(f"warning: {registration.warning}", file=sys.stderr)
-        followup_lesions = resample_mask(sitk.Cast(followup_lesions, sitk.sitkUInt8), baseline_lesions, registration.transform) > 0
+        followup_lesions = (
+            resample_mask(sitk.Cast(followup_lesions, sitk.sitkUInt8), baseline_lesions, registration.transform) > 0
+        )
     elif args.baseline_image or args.followup_image:
-        raise ValueError("give both --baseline-image and --followup-image to register, or neither (masks already on one grid)")
+        raise ValueError(
+            "give both --baseline-image and --followup-image to register, or neither (masks already on one grid)"
+        )
     mismatch = grid_mismatch(baseline_lesions, followup_lesions)
     if mismatch:
         raise GeometryError(
@@ -180,16 +220,26 @@ def cmd_experiment(args) -> None:
         arms = [a for a in arms if a.name in wanted]
     mc_arms = args.mc_arms.split(",") if args.mc_arms else ["base", f"ft-iter{args.default_iterations}"]
     print(f"{len(cohort)} patients x {len(arms)} arms ({', '.join(a.name for a in arms)}), {args.workers} worker(s)")
-    rows = run_experiment(cohort, str(model), arms, out, workers=args.workers, seed=args.seed, mc_samples=args.mc_samples, mc_arms=mc_arms)
+    rows = run_experiment(
+        cohort, str(model), arms, out, workers=args.workers, seed=args.seed, mc_samples=args.mc_samples, mc_arms=mc_arms
+    )
     table = summary_table(rows)
-    box_plots(rows, out / "boxplots.png", title=f"{bundle.preset.name if bundle.preset else model.name}: {len(cohort)} patients")
+    box_plots(
+        rows,
+        out / "boxplots.png",
+        title=f"{bundle.preset.name if bundle.preset else model.name}: {len(cohort)} patients",
+    )
     text = (
         f"# Experiment\n\nModel `{model}` (sha256 {bundle.sha256[:16]}...), cohort `{cohort_path}`, {len(cohort)} patients.\n\n{table}\n\n"
         "![box plots](boxplots.png)\n\nPer patient: `results.csv`, masks in `masks/`, outlines in `overlays/`.\n"
     )
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text), overwrite=True)
     print(table)
-    report_result(args, "experiment", {"results": out / "results.csv", "summary": out / "summary.md", "boxplots": out / "boxplots.png"})
+    report_result(
+        args,
+        "experiment",
+        {"results": out / "results.csv", "summary": out / "summary.md", "boxplots": out / "boxplots.png"},
+    )
 
 
 def cmd_evaluate(args) -> None:
@@ -270,7 +320,9 @@ def cmd_report(args) -> None:
         if not sep or not label or not folder:
             raise ValueError(f"--results takes LABEL=FOLDER (e.g. fine-tuned=seg-ft/), not {item!r}")
         if label in results:
-            raise ValueError(f"--results names {label!r} twice ({results[label]} and {folder}); give each result its own label")
+            raise ValueError(
+                f"--results names {label!r} twice ({results[label]} and {folder}); give each result its own label"
+            )
         results[label] = Path(folder)
     inputs = ReportInputs(
         Path(args.followup_image),

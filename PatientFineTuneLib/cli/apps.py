@@ -16,13 +16,18 @@ def register(sub) -> None:
     p.add_argument("--card", action="store_true", help="print the model card (Markdown) instead of the metadata")
 
     p = add_verb(
-        sub, "demo", cmd_demo, "The whole workflow on a synthetic patient: suggest, fine-tune, segment the follow-up with uncertainty."
+        sub,
+        "demo",
+        cmd_demo,
+        "The whole workflow on a synthetic patient: suggest, fine-tune, segment the follow-up with uncertainty.",
     )
     p.add_argument("--out", default="demo-output")
     p.add_argument("--model", default="brain-wmh", help="base model file (default: the shipped brain-wmh model)")
     p.add_argument("--iterations", type=count_at_least(1), default=100, help="fine-tuning iterations")
     p.add_argument("--mc-samples", type=mc_sample_count, default=25)
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated patient, the fine-tuning and the MC masks")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the generated patient, the fine-tuning and the MC masks"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
 
@@ -31,7 +36,9 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--model", default="brain-wmh", help="base model file or shipped preset name")
     p.add_argument("--work", default=".", help="folder for the generated sample patient")
-    p.add_argument("--data", help="the folder whose image files the page may load (default: --work); nothing outside it is read")
+    p.add_argument(
+        "--data", help="the folder whose image files the page may load (default: --work); nothing outside it is read"
+    )
     p.add_argument(
         "--allow-host",
         action="append",

@@ -87,7 +87,9 @@ def mc_sample_count(text: str) -> int:
     """argparse type of --mc-samples: 0 (no uncertainty) or at least 2 (an SD needs two)."""
     value = count_at_least(0)(text)
     if value == 1:
-        raise argparse.ArgumentTypeError("invalid value 1: use 0 for no uncertainty map, or at least 2 samples (the paper: 25)")
+        raise argparse.ArgumentTypeError(
+            "invalid value 1: use 0 for no uncertainty map, or at least 2 samples (the paper: 25)"
+        )
     return value
 
 
@@ -96,7 +98,9 @@ def label_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected comma-separated whole numbers such as 1,2") from None
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected comma-separated whole numbers such as 1,2"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,14 +125,18 @@ def add_scan_options(parser) -> None:
         help="N4 bias-field correction inside the brain mask (auto: for skull-on scans without --organ)",
     )
     group.add_argument(
-        "--resample-to", action="store_true", help="resample every other sequence and the masks onto the first sequence's grid"
+        "--resample-to",
+        action="store_true",
+        help="resample every other sequence and the masks onto the first sequence's grid",
     )
 
 
 def add_training_data_options(parser, what: str) -> None:
     """The annotated cases a verb trains on: --train, --lesion-labels and the scan options."""
     parser.add_argument("--train", required=True, help=f"folder of {what} or CSV manifest (with lesion masks)")
-    parser.add_argument("--lesion-labels", type=label_list, help="comma-separated label values counted as lesion (default: any > 0)")
+    parser.add_argument(
+        "--lesion-labels", type=label_list, help="comma-separated label values counted as lesion (default: any > 0)"
+    )
     add_scan_options(parser)
 
 
@@ -155,7 +163,10 @@ def add_case_options(parser, lesions: bool = False) -> None:
 def add_precision_option(parser) -> None:
     # training_loop.PRECISIONS, spelled out so that --help does not import torch
     parser.add_argument(
-        "--precision", choices=("fp32", "amp"), default="fp32", help="amp: mixed precision (float16 on GPUs, bfloat16 on CPUs)"
+        "--precision",
+        choices=("fp32", "amp"),
+        default="fp32",
+        help="amp: mixed precision (float16 on GPUs, bfloat16 on CPUs)",
     )
 
 
@@ -181,13 +192,21 @@ def case_for_model(args, bundle, lesions: bool = False):
         raise ValueError("give --case FOLDER or --images FILES, not both")
     if args.case:
         files = case_folder_files(args.case, bundle.sequences, lesions=lesions)
-        paths, organ, lesion_path = files.sequences, args.organ or files.organ, (getattr(args, "lesions", None) or files.lesions)
+        paths, organ, lesion_path = (
+            files.sequences,
+            args.organ or files.organ,
+            (getattr(args, "lesions", None) or files.lesions),
+        )
     elif args.images:
         paths, organ, lesion_path = args.images, args.organ, getattr(args, "lesions", None)
     else:
-        raise ValueError(f"give --case FOLDER or --images with the model's sequences in the order {describe_sequences(bundle.sequences)}")
+        raise ValueError(
+            f"give --case FOLDER or --images with the model's sequences in the order {describe_sequences(bundle.sequences)}"
+        )
     if lesions and lesion_path is None:
-        raise FileNotFoundError("this needs the baseline annotation: --lesions FILE (or lesions.nii.gz in the --case folder)")
+        raise FileNotFoundError(
+            "this needs the baseline annotation: --lesions FILE (or lesions.nii.gz in the --case folder)"
+        )
     loaded = load_for_model(
         bundle.sequences,
         paths,

@@ -31,7 +31,10 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument(
-        "--opening", action=argparse.BooleanOptionalAction, default=None, help="per-slice plus opening (default: from the model's preset)"
+        "--opening",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="per-slice plus opening (default: from the model's preset)",
     )
     p.add_argument(
         "--min-lesion-voxels",
@@ -56,10 +59,17 @@ def register(sub) -> None:
     )
     p.add_argument("--overwrite", action="store_true")
 
-    p = add_verb(sub, "suggest", cmd_suggest, "Rank baseline slices to annotate: mean lesion softmax closest to 0.5 first.")
+    p = add_verb(
+        sub, "suggest", cmd_suggest, "Rank baseline slices to annotate: mean lesion softmax closest to 0.5 first."
+    )
     add_case_options(p, lesions=True)
     p.add_argument("-k", type=count_at_least(0), default=2, help="how many slices (0 = all, ranked)")
-    p.add_argument("--candidates", choices=["organ", "lesion"], default="organ", help="all organ slices, or only annotated lesion slices")
+    p.add_argument(
+        "--candidates",
+        choices=["organ", "lesion"],
+        default="organ",
+        help="all organ slices, or only annotated lesion slices",
+    )
     p.add_argument("--ranking", choices=["softmax", "entropy"], default="softmax")
 
     p = add_verb(
@@ -71,7 +81,9 @@ def register(sub) -> None:
     add_case_options(p, lesions=True)
     p.add_argument("--out", required=True, help="patient model file to write (never the base model)")
     p.add_argument(
-        "--slices", default="all-lesion", help="all-lesion (default), all-organ, suggested:K, suggested-lesion:K, or indices like 12,20"
+        "--slices",
+        default="all-lesion",
+        help="all-lesion (default), all-organ, suggested:K, suggested-lesion:K, or indices like 12,20",
     )
     p.add_argument("--iterations", type=count_at_least(1), default=100)
     p.add_argument(
@@ -139,7 +151,9 @@ def cmd_segment(args) -> None:
     case, organ = case_for_model(args, bundle)
     refuse_inputs_as_outputs(case_inputs(case, model), outputs.values())
     produced = {"segmentation", "labels", "probability", "table"} | ({"organ"} if organ is None else set())
-    produced |= ({"uncertainty", "summary"} if args.mc_samples else set()) | ({"suggestions"} if args.suggest else set())
+    produced |= ({"uncertainty", "summary"} if args.mc_samples else set()) | (
+        {"suggestions"} if args.suggest else set()
+    )
     refuse_existing([outputs[k] for k in produced], args.overwrite)
     report_device(args, args.device)
     with step(args, "segment", unit="slice") as progress:
@@ -158,7 +172,9 @@ def cmd_segment(args) -> None:
     if args.suggest:
         from ..suggest import suggest_slices
 
-        suggestions = [s.as_dict() for s in suggest_slices(bundle, case, k=args.suggest, probability=result.probability)]
+        suggestions = [
+            s.as_dict() for s in suggest_slices(bundle, case, k=args.suggest, probability=result.probability)
+        ]
     written = write_segment_outputs(
         case,
         result,
@@ -188,7 +204,10 @@ def cmd_suggest(args) -> None:
     bundle = load_model(resolve_model_path(args.model))
     case, _ = case_for_model(args, bundle, lesions=args.candidates == "lesion")
     suggestions = [
-        s.as_dict() for s in suggest_slices(bundle, case, k=args.k, candidates=args.candidates, ranking=args.ranking, device=args.device)
+        s.as_dict()
+        for s in suggest_slices(
+            bundle, case, k=args.k, candidates=args.candidates, ranking=args.ranking, device=args.device
+        )
     ]
     print(json.dumps(suggestions, indent=2))
     report_result(args, "suggest", {}, suggestions=suggestions)
@@ -246,14 +265,25 @@ def cmd_finetune(args) -> None:
     check = args.check is not False and not bundle.is_volume_model  # the check holds out 2D slice blocks
     report_device(args, args.device)
     config = shipped_config(
-        bundle, iterations=args.iterations, seed=args.seed, holdout_check=check, precision=args.precision, **finetune_settings(args)
+        bundle,
+        iterations=args.iterations,
+        seed=args.seed,
+        holdout_check=check,
+        precision=args.precision,
+        **finetune_settings(args),
     )
     info, sha = train_and_save(
         args,
         "finetune",
         config.progress_total(),
         lambda progress: finetune_patient_model(
-            bundle, case, args.slices, config, device=args.device, progress=progress.training_callback(), phase=progress.phase
+            bundle,
+            case,
+            args.slices,
+            config,
+            device=args.device,
+            progress=progress.training_callback(),
+            phase=progress.phase,
         ),
         out,
     )

@@ -53,7 +53,10 @@ def register(sub) -> None:
         help="filters per 3x3 conv (paper 64; 16 for a quick CPU model); unet3d: filters of its first level",
     )
     p.add_argument(
-        "--spacing-mm", type=float, default=2.0, help="unet3d: isotropic voxel size it trains and predicts at (paper 1; 2 for a CPU)"
+        "--spacing-mm",
+        type=float,
+        default=2.0,
+        help="unet3d: isotropic voxel size it trains and predicts at (paper 1; 2 for a CPU)",
     )
     p.add_argument("--patch-mm", type=float, default=96.0, help="unet3d: patch edge in mm (paper 96)")
     p.add_argument("--batch-size", type=count_at_least(1), default=4)
@@ -61,10 +64,14 @@ def register(sub) -> None:
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps; under torchrun each process uses cuda:LOCAL_RANK"
+        "--device",
+        default="auto",
+        help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps; under torchrun each process uses cuda:LOCAL_RANK",
     )
     add_precision_option(p)
-    p.add_argument("--channels-last", action="store_true", help="channels-last tensors (faster convolutions on recent GPUs)")
+    p.add_argument(
+        "--channels-last", action="store_true", help="channels-last tensors (faster convolutions on recent GPUs)"
+    )
     p.add_argument("--checkpoint", help="checkpoint file (default OUT.checkpoint)")
     p.add_argument("--checkpoint-every", type=count_at_least(1), default=500)
     p.add_argument("--validate-every", type=count_at_least(1), default=1000)
@@ -142,7 +149,9 @@ def cmd_train_base(args) -> None:
     refuse_existing([out], args.overwrite)
     checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".checkpoint")
     if checkpoint.exists() and not args.resume:
-        raise FileExistsError(f"checkpoint {checkpoint} exists from an earlier run; pass --resume to continue it or delete it")
+        raise FileExistsError(
+            f"checkpoint {checkpoint} exists from an earlier run; pass --resume to continue it or delete it"
+        )
     config = TrainingConfig(
         iterations=args.iterations,
         batch_size=args.batch_size,
@@ -284,7 +293,9 @@ def cmd_transfer(args) -> None:
     out, model = derived_model_paths(args, "source")
     bundle = load_model(model)
     if not bundle.is_volume_model:
-        raise ValueError(f"{model} holds the 2D network; transfer strategies apply to the 3D U-Net (train-base --architecture unet3d)")
+        raise ValueError(
+            f"{model} holds the 2D network; transfer strategies apply to the 3D U-Net (train-base --architecture unet3d)"
+        )
     cases = load_training_cases(args, args.train, bundle.sequences, bundle.auto_organ_mask)
     config = VolumeTrainingConfig(
         iterations=args.iterations,
@@ -299,8 +310,12 @@ def cmd_transfer(args) -> None:
         args,
         "transfer",
         config.iterations,
-        lambda progress: finetune_volume_model(bundle, cases, config, device=args.device, progress=progress.training_callback()),
+        lambda progress: finetune_volume_model(
+            bundle, cases, config, device=args.device, progress=progress.training_callback()
+        ),
         out,
     )
-    print(f"trained the {args.strategy} layers on {len(cases)} case(s) in {info['wall_time_s']} s; saved {out} (sha256 {sha[:16]}...)")
+    print(
+        f"trained the {args.strategy} layers on {len(cases)} case(s) in {info['wall_time_s']} s; saved {out} (sha256 {sha[:16]}...)"
+    )
     report_result(args, "transfer", {"model": out}, sha256=sha)

@@ -49,7 +49,9 @@ def holdout_split(data: FinetuneData, config: FinetuneConfig, fold: int = 0) -> 
     parity = (config.seed + fold) % 2
     held = [r is not None and r % 2 == parity for r in rank]
     # hard negatives hold no lesion, so the other fold's halves are valid exactly when these are
-    if any(lesion and not h for h, lesion in zip(held, has_lesion)) and any(lesion and h for h, lesion in zip(held, has_lesion)):
+    if any(lesion and not h for h, lesion in zip(held, has_lesion)) and any(
+        lesion and h for h, lesion in zip(held, has_lesion)
+    ):
         return [organ & h for organ, h in zip(data.organs, held)], "slices"
     return [
         holdout_mask(o.shape, config.holdout_block_px, config.seed + fold) & o if r is not None else torch.zeros_like(o)
@@ -121,7 +123,9 @@ def never_worse_check(
             folds.append((held, dataclasses.replace(data, weights=weights)))
     if not folds:
         return CheckOutcome(True, {"skipped": "the annotated organ is too small to hold out part of it", "kept": True})
-    held_out_slices = [[s for s, h in zip(data.slices, held) if split == "slices" and bool(h.any())] for held, _ in folds]
+    held_out_slices = [
+        [s for s, h in zip(data.slices, held) if split == "slices" and bool(h.any())] for held, _ in folds
+    ]
     # the fewest whole slices any fold holds out decides the route (its layers, folds and
     # learning rate: FinetuneConfig.for_held_out_slices) and which counts it may compare
     fewest_held_out = min(len(slices) for slices in held_out_slices)
@@ -162,7 +166,9 @@ def never_worse_check(
         "held_out_slices": sorted(s for slices in held_out_slices for s in slices),
         "block_px": config.holdout_block_px if split == "blocks" else None,
         "held_out_pixels": int(sum(int(h.sum()) for held, _ in folds for h in held)),
-        "held_out_lesion_pixels": int(sum(int((d[0] > 0.5)[h].sum()) for held, _ in folds for d, h in zip(data.labels, held))),
+        "held_out_lesion_pixels": int(
+            sum(int((d[0] > 0.5)[h].sum()) for held, _ in folds for d, h in zip(data.labels, held))
+        ),
         "dice_base": base_scores["dice"],
         "dice_finetuned": best["dice"],
         "lesion_f1_base": base_scores["lesion_f1"],
@@ -177,7 +183,9 @@ def never_worse_check(
         "kept": best["passes"],
         "final_loss": losses[-1] if losses else None,
     }
-    return CheckOutcome(best["passes"], record, dataclasses.replace(config, iterations=best["iterations"]), planned, fold_states)
+    return CheckOutcome(
+        best["passes"], record, dataclasses.replace(config, iterations=best["iterations"]), planned, fold_states
+    )
 
 
 #: How much lower the held-out lesion F1 of the fine-tuned model may be (the never-worse promise: docs/aims.md).
@@ -233,10 +241,15 @@ def choose_iterations(compared: Sequence[dict], base: dict, asked: int) -> tuple
     """
 
     def keeps_promise(scores: dict, reference: dict, dice_tolerance: float = 0.0) -> bool:
-        return scores["dice"] >= reference["dice"] - dice_tolerance and scores["lesion_f1"] >= reference["lesion_f1"] - CHECK_F1_TOLERANCE
+        return (
+            scores["dice"] >= reference["dice"] - dice_tolerance
+            and scores["lesion_f1"] >= reference["lesion_f1"] - CHECK_F1_TOLERANCE
+        )
 
     def no_fold_worse(c: dict) -> bool:
-        return all(keeps_promise(f, b, FOLD_DICE_TOLERANCE) for f, b in zip(c.get("per_fold", []), base.get("per_fold", [])))
+        return all(
+            keeps_promise(f, b, FOLD_DICE_TOLERANCE) for f, b in zip(c.get("per_fold", []), base.get("per_fold", []))
+        )
 
     judged = [{**c, "beats_base": keeps_promise(c, base) and no_fold_worse(c)} for c in compared]
     up_to_asked = [c for c in judged if c["iterations"] <= asked]

@@ -90,7 +90,9 @@ class FinetuneConfig(PatchTrainingConfig):
         if self.holdout_folds not in (1, 2):
             raise ValueError(f"holdout_folds must be 1 or 2, not {self.holdout_folds!r}")
         if self.final_continues_check is not None and not self.final_continues_check > 0:
-            raise ValueError(f"final_continues_check must be a positive fraction of the chosen count, not {self.final_continues_check!r}")
+            raise ValueError(
+                f"final_continues_check must be a positive fraction of the chosen count, not {self.final_continues_check!r}"
+            )
         if self.large_annotation is not None:
             self.large_annotation = dict(self.large_annotation)
             fields = {f.name for f in dataclasses.fields(self)} - {"large_annotation"}
@@ -103,7 +105,9 @@ class FinetuneConfig(PatchTrainingConfig):
         if self.holdout_iterations is not None:
             self.holdout_iterations = tuple(sorted({int(n) for n in self.holdout_iterations}))
             if not self.holdout_iterations or self.holdout_iterations[0] < 1:
-                raise ValueError(f"holdout_iterations must be positive iteration counts, not {self.holdout_iterations!r}")
+                raise ValueError(
+                    f"holdout_iterations must be positive iteration counts, not {self.holdout_iterations!r}"
+                )
 
     def check_iterations(self, held_out_slices: int | None = None) -> tuple[int, ...]:
         """The iteration counts the never-worse check compares; with ``held_out_slices``
@@ -135,7 +139,9 @@ class FinetuneConfig(PatchTrainingConfig):
         """Iterations of the check's folds and the final model (at most the largest count,
         or that fraction of it where the patient model continues the check's)."""
         largest = max(self.check_iterations())
-        return self.holdout_folds * largest + (self.continued_iterations(largest) if self.holdout_folds == 1 else largest)
+        return self.holdout_folds * largest + (
+            self.continued_iterations(largest) if self.holdout_folds == 1 else largest
+        )
 
     def continued_iterations(self, count: int) -> int:
         """Iterations the patient model trains after the check chose ``count``, where it
@@ -185,12 +191,16 @@ def shipped_config(bundle: ModelBundle, **settings) -> FinetuneConfig:
     defaults = {
         "weighting": default_weighting(bundle.preset.name if bundle.preset else None, bundle.is_volume_model),
         "holdout_check": not bundle.is_volume_model,
-        "hard_negative_slices": bundle.preset.hard_negative_slices if bundle.preset and not bundle.is_volume_model else 0,
+        "hard_negative_slices": bundle.preset.hard_negative_slices
+        if bundle.preset and not bundle.is_volume_model
+        else 0,
         "pixel_fraction": 1.0 if bundle.is_volume_model else SHIPPED_PIXEL_FRACTION,
     }
     config = FinetuneConfig(**{**defaults, **settings})
     if config.holdout_check and "holdout_iterations" not in settings:
-        config = dataclasses.replace(config, holdout_iterations=(config.iterations, 2 * config.iterations, 4 * config.iterations))
+        config = dataclasses.replace(
+            config, holdout_iterations=(config.iterations, 2 * config.iterations, 4 * config.iterations)
+        )
     if config.holdout_check and not bundle.is_volume_model and not {"layers", "large_annotation"} & set(settings):
         # settings given explicitly hold on that route too (e.g. --check-iterations, --pixel-fraction)
         route = {k: v for k, v in large_annotation_route(config.iterations).items() if k not in settings}

@@ -33,7 +33,9 @@ class FinetuneData:
     negatives: frozenset[int] = frozenset()
 
 
-def select_slices(spec: str | Sequence[int], case: Case, bundle: ModelBundle | None = None, **predict_kwargs) -> list[int]:
+def select_slices(
+    spec: str | Sequence[int], case: Case, bundle: ModelBundle | None = None, **predict_kwargs
+) -> list[int]:
     """Slice indices from a selection: ``"all-lesion"`` (default of the paper),
     ``"all-organ"``, ``"suggested:K"`` (K suggested among organ slices),
     ``"suggested-lesion:K"`` (K suggested among annotated lesion slices), explicit indices
@@ -123,10 +125,14 @@ def prepare_finetune_data(
         if base_prediction is None:
             # the segmentation scheme weighs a pixel by the prediction there alone: only the
             # chosen slices need it (2 chosen of 44: 10 slices predicted instead of 44)
-            base_prediction = network_mask(bundle, case, device, near=slices if config.weighting == "segmentation" else None)
+            base_prediction = network_mask(
+                bundle, case, device, near=slices if config.weighting == "segmentation" else None
+            )
         pixel_weights = weight_map(config.weighting, base_prediction, case.lesions)
     size = resampled_shape(case.images.shape[-2:], case.spacing, bundle.training_spacing)
-    data = FinetuneData(list(slices), [], [], [] if pixel_weights is not None else None, [], config.angles(), [], frozenset(negatives))
+    data = FinetuneData(
+        list(slices), [], [], [] if pixel_weights is not None else None, [], config.angles(), [], frozenset(negatives)
+    )
     for s in slices:
         data.images.append(resample_array(case.slice_tensor(s)[None], size)[0])
         masks = [case.lesions[s], case.organ[s]] + ([pixel_weights[s]] if pixel_weights is not None else [])
@@ -144,7 +150,11 @@ def draw_batch(data: FinetuneData, config: FinetuneConfig, iteration: int) -> li
     rng = np.random.default_rng([config.seed, iteration, 0xF1])
     picks = []
     for b in range(config.batch_size):
-        k, j, a = int(rng.integers(len(data.images))), int(rng.integers(len(data.centres[0]))), int(rng.integers(len(data.angles)))
+        k, j, a = (
+            int(rng.integers(len(data.images))),
+            int(rng.integers(len(data.centres[0]))),
+            int(rng.integers(len(data.angles))),
+        )
         if config.n_angles == 0:  # continuous: this draw's own angle
             a = iteration * config.batch_size + b
         picks.append((k, j, a))

@@ -19,7 +19,9 @@ from .data import FinetuneData, draw_batch, rotated_patch, sample_pixels
 DEFAULT_CACHE_BUDGET = 4 << 30
 
 
-def choose_method(data: FinetuneData, config: FinetuneConfig, feature_bytes: int, cache_budget: int = DEFAULT_CACHE_BUDGET) -> str:
+def choose_method(
+    data: FinetuneData, config: FinetuneConfig, feature_bytes: int, cache_budget: int = DEFAULT_CACHE_BUDGET
+) -> str:
     """``"fast"`` when caching is worth it and fits in memory, else ``"naive"``.
 
     The fast path computes each distinct (slice, patch, angle) input once; the naive path
@@ -84,7 +86,9 @@ class CachedFeatures:
         :func:`sampled_pixel_features` gives them, gathered straight from the cache."""
         missing = list(dict.fromkeys(p for p in picks if p not in self.cache))
         if missing:
-            x = torch.cat([rotated_patch(self.data, p, self.config.patch_size, "image") for p in missing]).to(self.device)
+            x = torch.cat([rotated_patch(self.data, p, self.config.patch_size, "image") for p in missing]).to(
+                self.device
+            )
             with torch.autocast(self.device.type, enabled=False):  # cached once, kept exact
                 features = self.model.features(x).contiguous(memory_format=torch.channels_last)
             for p, f in zip(missing, features):
@@ -142,7 +146,9 @@ def weighted_loss(
     (the weighting schemes of Jansen et al. 2020; also the check's masking of held-out pixels)."""
     if pixel_weights is None:
         return F.cross_entropy(logits, target, weight=class_weights)
-    return (F.cross_entropy(logits, target, reduction="none") * pixel_weights).sum() / pixel_weights.sum().clamp_min(1e-6)
+    return (F.cross_entropy(logits, target, reduction="none") * pixel_weights).sum() / pixel_weights.sum().clamp_min(
+        1e-6
+    )
 
 
 def _trainable_copy(bundle: ModelBundle, config: FinetuneConfig, device) -> tuple[torch.nn.Module, list]:
@@ -191,7 +197,9 @@ def train_patient_copy(
     class_weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
     method = choose_method(data, config, feature_bytes=4 * model.feature_channels * config.patch_size**2)
     features_of = (
-        CachedFeatures(model, data, config, device, feature_cache) if method == "fast" else LiveFeatures(model, data, config, device)
+        CachedFeatures(model, data, config, device, feature_cache)
+        if method == "fast"
+        else LiveFeatures(model, data, config, device)
     )
     dropout_masks = HeadDropoutMasks(model, config.seed, device)
     # each pick's rotated label and weight patches; kept where its features are (the fast

@@ -68,7 +68,11 @@ def finetune_patient_model(
         )
     # gradients reach the channels-last backbone only when every layer trains
     check_precision(config.precision, device, channels_last_backward=config.layers == "all")
-    if (config.large_annotation or {}).get("layers") == "all" and config.precision == "amp" and torch.device(device).type == "cpu":
+    if (
+        (config.large_annotation or {}).get("layers") == "all"
+        and config.precision == "amp"
+        and torch.device(device).type == "cpu"
+    ):
         # mixed precision cannot train every layer on a CPU (refused above for `layers`): a large annotation trains the head
         config = dataclasses.replace(config, large_annotation=None)
     chosen = select_slices(slices, case, bundle, device=device)
@@ -76,8 +80,14 @@ def finetune_patient_model(
     if config.hard_negative_slices and slices == "all-lesion" and case.lesions is not None:
         base_prediction = network_mask(bundle, case, device)
         negatives = find_hard_negatives(base_prediction, case, config.hard_negative_slices)
-    data = prepare_finetune_data(bundle, case, sorted(chosen + negatives), config, allow_empty, device, base_prediction, negatives)
-    provenance = {"slices": chosen, "slice_selection": slices if isinstance(slices, str) else "explicit", "case": case.sources}
+    data = prepare_finetune_data(
+        bundle, case, sorted(chosen + negatives), config, allow_empty, device, base_prediction, negatives
+    )
+    provenance = {
+        "slices": chosen,
+        "slice_selection": slices if isinstance(slices, str) else "explicit",
+        "case": case.sources,
+    }
     if negatives:
         provenance["hard_negative_slices"] = negatives
     feature_cache = {}  # the backbone's outputs, computed once for the check's folds and the final model
@@ -105,7 +115,10 @@ def finetune_patient_model(
     model, losses, method, _ = train_patient_copy(
         bundle, data, config, device, final_progress, cancel, feature_cache=feature_cache, start_state=start_state
     )
-    return ModelBundle(model, derived_metadata(bundle, config, losses, method=method, pixel_fraction=config.pixel_fraction, **provenance))
+    return ModelBundle(
+        model,
+        derived_metadata(bundle, config, losses, method=method, pixel_fraction=config.pixel_fraction, **provenance),
+    )
 
 
 def _finetune_volume(bundle, case, slices, config: FinetuneConfig, device, progress, cancel) -> ModelBundle:

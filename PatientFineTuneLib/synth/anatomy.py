@@ -329,7 +329,9 @@ def grey_matter_foci(
     deep grey matter (gyral crowns, partial volume, vessels) and, in some volumes, CSF
     whose signal the inversion did not null (flow). Overlays (mask, tissue), never target:
     a white-matter lesion is told by where it is and its shape, not by brightness alone."""
-    grey = _tissue(codes, names, "cortex", "cerebellum_cortex", "thalamus", "caudate", "putamen", "hippocampus", "amygdala")
+    grey = _tissue(
+        codes, names, "cortex", "cerebellum_cortex", "thalamus", "caudate", "putamen", "hippocampus", "amygdala"
+    )
     spacing = np.asarray(spacing, dtype=np.float64)
     foci = np.zeros(codes.shape, bool)
     candidates = _Voxels(grey, centre_slices)
@@ -374,7 +376,9 @@ def insert_ms_lesions(
     # lesion loads from a few specks to confluent disease; a few volumes have none
     count = 0 if rng.random() < 0.05 else int(np.exp(rng.uniform(np.log(2), np.log(45))))
     for _ in range(count):
-        kind = rng.choice(["periventricular", "cap", "deep", "juxtacortical", "infratentorial"], p=[0.38, 0.1, 0.27, 0.15, 0.1])
+        kind = rng.choice(
+            ["periventricular", "cap", "deep", "juxtacortical", "infratentorial"], p=[0.38, 0.1, 0.27, 0.15, 0.1]
+        )
         reach_cortex = kind == "juxtacortical"
         if kind in ("periventricular", "cap"):
             wall = walls.draw(rng)
@@ -382,7 +386,9 @@ def insert_ms_lesions(
                 continue
             # outward normal: away from the ventricle voxels around the wall point
             lo = np.maximum(wall.astype(int) - 5, 0)
-            window = ventricle[lo[0] : wall[0].astype(int) + 6, lo[1] : wall[1].astype(int) + 6, lo[2] : wall[2].astype(int) + 6]
+            window = ventricle[
+                lo[0] : wall[0].astype(int) + 6, lo[1] : wall[1].astype(int) + 6, lo[2] : wall[2].astype(int) + 6
+            ]
             inner = np.array(np.nonzero(window), dtype=np.float64).mean(axis=1) + lo
             normal = (wall - inner) * spacing
             normal /= np.linalg.norm(normal) + 1e-6
@@ -408,7 +414,9 @@ def insert_ms_lesions(
     return lesions
 
 
-def _tubes(region: np.ndarray, count: int, spacing: np.ndarray, rng: np.random.Generator, centre_slices: slice) -> np.ndarray:
+def _tubes(
+    region: np.ndarray, count: int, spacing: np.ndarray, rng: np.random.Generator, centre_slices: slice
+) -> np.ndarray:
     """``count`` thin straight tubes (vessels: 0.5-1.2 mm radius, 8-40 mm long) starting in
     ``region``."""
     out = np.zeros(region.shape, bool)
@@ -481,7 +489,12 @@ def insert_tumour(
     overlays.append((_placed(codes.shape, obox, oedema), "oedema"))
     core = _placed(codes.shape, box, tumour)
     if rng.random() < 0.75 and radius > 8:
-        necrosis = _placed(codes.shape, *_ellipsoid(codes.shape, centre, radii * rng.uniform(0.4, 0.8), rotation, rng, spacing)) & core
+        necrosis = (
+            _placed(
+                codes.shape, *_ellipsoid(codes.shape, centre, radii * rng.uniform(0.4, 0.8), rotation, rng, spacing)
+            )
+            & core
+        )
         overlays.append((core & ~necrosis, "enhancing"))
         overlays.append((necrosis, "necrosis"))
     else:
@@ -554,7 +567,10 @@ def synthesize_slices(anatomy: AnatomyMap, settings: SynthesisSettings, rng: np.
     texture = 1.0 + rng.uniform(0.02, 0.08) * _coarse_field(rng, (max(2, depth // 4), 24, 24), codes.shape)
     # fine-grained texture (1-2 voxels): real tissue is never a flat plateau
     texture = texture * (
-        1.0 + rng.uniform(0.02, 0.1) * ndimage.gaussian_filter(rng.standard_normal(codes.shape).astype(np.float32), 0.8) * 2.0
+        1.0
+        + rng.uniform(0.02, 0.1)
+        * ndimage.gaussian_filter(rng.standard_normal(codes.shape).astype(np.float32), 0.8)
+        * 2.0
     )
     if settings.lesion_kind == "ms":
         lesion_ids, n_lesions = ndimage.label(lesions)
@@ -568,7 +584,11 @@ def synthesize_slices(anatomy: AnatomyMap, settings: SynthesisSettings, rng: np.
         for mask, name in overlays:
             volume = np.where(mask, rng.uniform(*PRIORS[sequence][name]) * texture, volume)
         if settings.lesion_kind == "ms":
-            lesion_value = values[anatomy.names.index("lesion")] if "lesion" in anatomy.names else rng.uniform(*PRIORS[sequence]["lesion"])
+            lesion_value = (
+                values[anatomy.names.index("lesion")]
+                if "lesion" in anatomy.names
+                else rng.uniform(*PRIORS[sequence]["lesion"])
+            )
             per_lesion = lesion_value * lesion_gain
             if sequence != "FLAIR":
                 per_lesion = np.minimum(per_lesion, 1.0)  # iso- to hypointense to white matter on T1
@@ -578,7 +598,9 @@ def synthesize_slices(anatomy: AnatomyMap, settings: SynthesisSettings, rng: np.
         bias = np.exp(rng.uniform(0.0, 0.35) * _coarse_field(rng, (settings.slices, 4, 4), slices.shape))
         slices = slices * bias
         noise = rng.uniform(0.005, 0.05)
-        slices = np.sqrt((slices + noise * rng.standard_normal(slices.shape)) ** 2 + (noise * rng.standard_normal(slices.shape)) ** 2)
+        slices = np.sqrt(
+            (slices + noise * rng.standard_normal(slices.shape)) ** 2 + (noise * rng.standard_normal(slices.shape)) ** 2
+        )
         slices = (slices / max(float(slices.max()), 1e-6)) ** np.exp(rng.normal(0.0, 0.2))
         images.append(slices.astype(np.float32))
     lesion_fraction = np.einsum("t,sthw->shw", profile, lesions[window].astype(np.float32))

@@ -89,7 +89,9 @@ class AnatomyPatches:
         self._volumes.move_to_end(key)
         return self._volumes[key]
 
-    def patches(self, n: int, patch_size: int, max_rotation_deg: float, iteration: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def patches(
+        self, n: int, patch_size: int, max_rotation_deg: float, iteration: int, rank: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` patches of ``iteration``: images (n, C, P, P) and labels (n, P, P) long."""
         rng = np.random.default_rng([self.seed, iteration, rank, 0xA5A8])
         newest = iteration // self.volume_every
@@ -115,5 +117,9 @@ def settings_for_preset(preset, size: int = 240) -> SynthesisSettings:
     """Anatomy synthesis settings of a brain preset (its sequences and training spacing)."""
     kinds = {"brain-wmh": "ms", "brain-tumor": "tumour"}
     if preset.name not in kinds:
-        raise ValueError(f"anatomy synthesis has no lesions for preset {preset.name!r} yet; it has them for {', '.join(kinds)}")
-    return SynthesisSettings(tuple(n for n, _ in preset.sequences), kinds[preset.name], tuple(preset.training_spacing_mm), size=size)
+        raise ValueError(
+            f"anatomy synthesis has no lesions for preset {preset.name!r} yet; it has them for {', '.join(kinds)}"
+        )
+    return SynthesisSettings(
+        tuple(n for n, _ in preset.sequences), kinds[preset.name], tuple(preset.training_spacing_mm), size=size
+    )

@@ -110,12 +110,20 @@ def _structures(p: BrainPatient) -> list[tuple[str, Blob]]:
     out = []
     for side in (-1, 1):
         eye = np.array([32 * side * sx, -78 * sy, -46])
-        out += [("orbit_fat", Blob(eye, np.array([17.0, 17, 14]), roughness=0)), ("eye", Blob(eye, np.array([12.0, 12, 11]), roughness=0))]
+        out += [
+            ("orbit_fat", Blob(eye, np.array([17.0, 17, 14]), roughness=0)),
+            ("eye", Blob(eye, np.array([12.0, 12, 11]), roughness=0)),
+        ]
         out += [
             ("deep_gm", Blob(np.array([10.0 * side, 8, 2]), np.array([9.0, 15, 9]), roughness=0.1)),
             ("deep_gm", Blob(np.array([22.0 * side, -6, 4]), np.array([7.0, 16, 9]), roughness=0.1)),
             # lateral ventricle: body, frontal horn and occipital horn; larger with atrophy
-            ("csf", Blob(np.array([(6 + 3 * a) * side, 2, 14]), np.array([3 + 4 * a, 24 + 4 * a, 7 + 3 * a]), roughness=0.15)),
+            (
+                "csf",
+                Blob(
+                    np.array([(6 + 3 * a) * side, 2, 14]), np.array([3 + 4 * a, 24 + 4 * a, 7 + 3 * a]), roughness=0.15
+                ),
+            ),
             ("csf", Blob(np.array([(8 + 3 * a) * side, -22, 8]), np.array([3 + 3 * a, 10, 7 + 2 * a]), roughness=0.15)),
             ("csf", Blob(np.array([(14 + 4 * a) * side, 30, 6]), np.array([3 + 3 * a, 12, 6 + 2 * a]), roughness=0.2)),
         ]
@@ -197,7 +205,9 @@ def _mimics(rng, kind: str, n: int) -> list[Blob]:
         if kind == "brain-wmh":
             r = 62 + rng.normal(0, 3)
             theta, phi = rng.uniform(0, 2 * np.pi), rng.uniform(-0.4, 0.9)
-            centre = np.array([r * np.cos(theta) * np.cos(phi) * 0.95, r * np.sin(theta) * np.cos(phi) * 1.2, r * np.sin(phi) * 0.8])
+            centre = np.array(
+                [r * np.cos(theta) * np.cos(phi) * 0.95, r * np.sin(theta) * np.cos(phi) * 1.2, r * np.sin(phi) * 0.8]
+            )
             out.append(Blob(centre, rng.uniform(1.5, 3.5) * rng.uniform(0.7, 1.3, 3), "mimic", 0, 0.3))
         else:
             side = rng.choice([-1, 1])
@@ -261,7 +271,9 @@ def make_patient(preset: str, seed: int) -> BrainPatient:
     )
 
 
-def render_visit(p: BrainPatient, blobs: list[Blob], intensities: dict, pose: Pose, rng, bias_mix: float, grid: Grid = BRAIN_GRID):
+def render_visit(
+    p: BrainPatient, blobs: list[Blob], intensities: dict, pose: Pose, rng, bias_mix: float, grid: Grid = BRAIN_GRID
+):
     """Images (C, z, y, x) float32, brain mask and lesion mask of one visit."""
     xyz = coordinates(grid, pose)
     f = p.fields.sample(xyz)

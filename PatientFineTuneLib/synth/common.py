@@ -173,7 +173,9 @@ def overlay(weights: dict[str, np.ndarray], name: str, occupancy: np.ndarray) ->
     weights[name] = weights.get(name, 0) + occupancy
 
 
-def render_channels(weights: dict[str, np.ndarray], values: list[dict[str, float]], texture: dict[str, np.ndarray]) -> np.ndarray:
+def render_channels(
+    weights: dict[str, np.ndarray], values: list[dict[str, float]], texture: dict[str, np.ndarray]
+) -> np.ndarray:
     """Noise-free signal of every channel, (C, z, y, x): for each channel the sum over
     tissues of fraction x intensity x (1 + texture). One matrix product for all channels
     (16 DCE phases cost little more than one); large buffers are filled in place, since
@@ -241,7 +243,9 @@ def to_image(array_zyx: np.ndarray, grid: Grid, pixel=sitk.sitkInt16) -> sitk.Im
     return image
 
 
-def evolve_blobs(blobs: list[Blob], rng: np.random.Generator, new_blob, growth=(1.0, 1.3)) -> tuple[list[Blob], list[dict]]:
+def evolve_blobs(
+    blobs: list[Blob], rng: np.random.Generator, new_blob, growth=(1.0, 1.3)
+) -> tuple[list[Blob], list[dict]]:
     """Follow-up lesions: most grow, a few grow a lot (confluence), some shrink, some
     resolve, and new ones appear. Guarantees at least one new and one resolved lesion
     when there are three or more, so every pair shows change. Returns the follow-up blobs

@@ -85,7 +85,9 @@ def make_patient(seed: int) -> dict:
     blobs = [_metastasis(rng, liver_centre, liver_axes, i + 1) for i in range(n)]
     for _ in range(int(rng.integers(0, 5))):
         b = _metastasis(rng, liver_centre, liver_axes)
-        blobs.append(Blob(b.centre, b.radii * rng.uniform(0.4, 0.8), rng.choice(["cyst", "cyst", "hemangioma"]), 0, 0.05))
+        blobs.append(
+            Blob(b.centre, b.radii * rng.uniform(0.4, 0.8), rng.choice(["cyst", "cyst", "hemangioma"]), 0, 0.05)
+        )
     tissues = {k: np.array(v, dtype=np.float64) for k, v in TISSUES.items()}
     if rng.random() < 0.3:
         tissues["lesion"] = np.array(HYPERVASCULAR_LESION)
@@ -106,7 +108,17 @@ def make_patient(seed: int) -> dict:
         "bias": rng.uniform(0.1, 0.35),
         "rim": rng.uniform(0.15, 0.35),
         "fields": NoiseFields(
-            rng, {"shape": 60.0, "vessels": 14.0, "vessels2": 9.0, "tex": 4.0, "bowel": 12.0, "rough": 6.0, "bias": 150.0, "bias2": 110.0}
+            rng,
+            {
+                "shape": 60.0,
+                "vessels": 14.0,
+                "vessels2": 9.0,
+                "tex": 4.0,
+                "bowel": 12.0,
+                "rough": 6.0,
+                "bias": 150.0,
+                "bias2": 110.0,
+            },
         ),
         "blobs": blobs,
     }
@@ -141,7 +153,13 @@ def render_visit(p: dict, blobs, tissues: dict, pose: Pose, rng, bias_mix: float
         ("kidney", soft(ellipsoid_phi(xyz, [68, 58, -40], [24, 30, 48]), w)),
         ("fat", soft(ellipsoid_phi(xyz, [-65, 60, -55], [8, 10, 20]), w)),
         ("fat", soft(ellipsoid_phi(xyz, [68, 58, -40], [8, 10, 20]), w)),
-        ("muscle", np.maximum(soft(_elliptic_cylinder(xyz, (-32, 90), (22, 28)), w), soft(_elliptic_cylinder(xyz, (32, 90), (22, 28)), w))),
+        (
+            "muscle",
+            np.maximum(
+                soft(_elliptic_cylinder(xyz, (-32, 90), (22, 28)), w),
+                soft(_elliptic_cylinder(xyz, (32, 90), (22, 28)), w),
+            ),
+        ),
         ("bone", soft(_elliptic_cylinder(xyz, (0, 72), (20, 17)), w)),
         ("csf", soft(_elliptic_cylinder(xyz, (0, 98), (7, 7)), w)),
         ("aorta", soft(_elliptic_cylinder(xyz, (12, 48), (11, 11)), w)),
@@ -155,17 +173,25 @@ def render_visit(p: dict, blobs, tissues: dict, pose: Pose, rng, bias_mix: float
     organ = (weights["liver"] + weights["vessel"] * (liver_phi < 0)) > 0.5
     inside = soft(liver_phi, w)
     lesions = render_blobs([b for b in blobs if b.kind == "lesion"], xyz, grid, pose, f["rough"], w) * inside
-    core = render_blobs([b.scaled(1 - p["rim"]) for b in blobs if b.kind == "lesion"], xyz, grid, pose, f["rough"], w) * inside
+    core = (
+        render_blobs([b.scaled(1 - p["rim"]) for b in blobs if b.kind == "lesion"], xyz, grid, pose, f["rough"], w)
+        * inside
+    )
     overlay(weights, "rim", lesions)
     overlay(weights, "lesion", core)
     for kind in ("cyst", "hemangioma"):
-        overlay(weights, kind, render_blobs([b for b in blobs if b.kind == kind], xyz, grid, pose, f["rough"], w) * inside)
+        overlay(
+            weights, kind, render_blobs([b for b in blobs if b.kind == kind], xyz, grid, pose, f["rough"], w) * inside
+        )
     lesion_mask = (lesions > 0.5) & organ
 
     # scanner gain: liver at ~1000 before contrast and at b ~ 0
     names = list(tissues)
     dce_gain, dwi_gain = 1000.0 / tissues["liver"][0], 1000.0 / tissues["liver"][4]
-    dce = [{n: dce_gain * tissues[n][0] * (1 + uptake(np.array([t]), *tissues[n][1:4], p["arrival"])[0]) for n in names} for t in DCE_TIMES]
+    dce = [
+        {n: dce_gain * tissues[n][0] * (1 + uptake(np.array([t]), *tissues[n][1:4], p["arrival"])[0]) for n in names}
+        for t in DCE_TIMES
+    ]
     dwi = [{n: dwi_gain * tissues[n][4] * np.exp(-b * tissues[n][5] * 1e-3) for n in names} for b in B_VALUES]
     fine, strong = 0.05 * f["tex"], 0.2 * f["tex"]
     texture = {n: fine for n in ("liver", "spleen", "kidney", "muscle", "bowel")} | {"lesion": strong, "rim": strong}
@@ -180,7 +206,9 @@ def render_visit(p: dict, blobs, tissues: dict, pose: Pose, rng, bias_mix: float
 def generate_pair(seed: int, grid: Grid = LIVER_GRID) -> dict:
     p = make_patient(seed)
     rng = np.random.default_rng([seed, 0x5EED])
-    follow_blobs, evolution = evolve_blobs(p["blobs"], rng, lambda r: _metastasis(r, p["liver_centre"], p["liver_axes"]), growth=(0.7, 1.4))
+    follow_blobs, evolution = evolve_blobs(
+        p["blobs"], rng, lambda r: _metastasis(r, p["liver_centre"], p["liver_axes"]), growth=(0.7, 1.4)
+    )
     visits = {}
     for name, blobs, drift in (("baseline", p["blobs"], 0.0), ("followup", follow_blobs, 0.03)):
         # breath-hold position differs between visits mostly along z

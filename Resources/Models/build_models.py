@@ -61,7 +61,10 @@ LICENCES = {
 PLANS = {
     "brain-wmh": {
         "synthetic_train": 8,
-        "real_train": [("ljubljana_ms_cross", p, {"FLAIR": "FLAIR", "T1": "T1", "lesions": "lesions"}) for p in ("patient07", "patient19")],
+        "real_train": [
+            ("ljubljana_ms_cross", p, {"FLAIR": "FLAIR", "T1": "T1", "lesions": "lesions"})
+            for p in ("patient07", "patient19")
+        ],
         "real_test": [("ljubljana_ms_cross", "patient26", {"FLAIR": "FLAIR", "T1": "T1", "lesions": "lesions"})],
         "longitudinal": ["patient01", "patient12"],
         "lesion_labels": None,
@@ -70,11 +73,19 @@ PLANS = {
     "brain-tumor": {
         "synthetic_train": 8,
         "real_train": [
-            ("brats2015_subset", f"brats_2013_pat000{i}_1", {"T1c": "T1c_subtrMeanDivStd", "lesions": "OTMultiClass", "organ": "brainmask"})
+            (
+                "brats2015_subset",
+                f"brats_2013_pat000{i}_1",
+                {"T1c": "T1c_subtrMeanDivStd", "lesions": "OTMultiClass", "organ": "brainmask"},
+            )
             for i in (1, 2, 3, 4)
         ],
         "real_test": [
-            ("brats2015_subset", f"brats_2013_pat000{i}_1", {"T1c": "T1c_subtrMeanDivStd", "lesions": "OTMultiClass", "organ": "brainmask"})
+            (
+                "brats2015_subset",
+                f"brats_2013_pat000{i}_1",
+                {"T1c": "T1c_subtrMeanDivStd", "lesions": "OTMultiClass", "organ": "brainmask"},
+            )
             for i in (5, 6)
         ]
         + [
@@ -133,13 +144,18 @@ def leave_out(plan: dict, case: str) -> dict:
     entries = plan["real_train"] + plan["real_test"]
     dataset = next((d for d, c, _ in entries if c == case), None)
     if dataset is None:
-        raise SystemExit(f"--leave-out {case}: not a real case of this preset (those are {', '.join(c for _, c, _ in entries) or 'none'})")
+        raise SystemExit(
+            f"--leave-out {case}: not a real case of this preset (those are {', '.join(c for _, c, _ in entries) or 'none'})"
+        )
     if not any(d == dataset for d, _, _ in plan["real_train"]):
         # e.g. the tumour pairs: both visits of one patient, and only ever a test set
-        raise SystemExit(f"--leave-out {case}: this preset never trains on {dataset}; leave out a case of a dataset it trains on")
+        raise SystemExit(
+            f"--leave-out {case}: this preset never trains on {dataset}; leave out a case of a dataset it trains on"
+        )
     return {
         **plan,
-        "real_train": [e for e in entries if e[0] == dataset and e[1] != case] + [e for e in plan["real_train"] if e[0] != dataset],
+        "real_train": [e for e in entries if e[0] == dataset and e[1] != case]
+        + [e for e in plan["real_train"] if e[0] != dataset],
         "real_test": [e for e in entries if e[1] == case] + [e for e in plan["real_test"] if e[0] != dataset],
         "suffix": f"-without-{case}",
     }
@@ -228,11 +244,18 @@ def evaluate_cases(bundle, preset, cases, device) -> list[dict]:
     results = []
     for name, kwargs in cases:
         case = prepare_case(
-            load_case(**kwargs, expected_channels=[c for _, c in preset.sequences], auto_organ=preset.auto_organ_mask, name=name)
+            load_case(
+                **kwargs,
+                expected_channels=[c for _, c in preset.sequences],
+                auto_organ=preset.auto_organ_mask,
+                name=name,
+            )
         )
         mask = _segment(bundle, case, preset, device)
         gt = case.lesions
-        metrics = evaluate_case(case.layout.from_slices(mask), case.layout.from_slices(gt), case.grid.GetSpacing()[::-1])
+        metrics = evaluate_case(
+            case.layout.from_slices(mask), case.layout.from_slices(gt), case.grid.GetSpacing()[::-1]
+        )
         print(
             f"  {name}: Dice {metrics['dice']:.3f}, AVD {metrics['avd_percent']:.1f}%, HD95 {metrics['hd95_mm']:.1f} mm, lesion F1 {metrics['lesion_f1']:.2f}"
         )
@@ -254,9 +277,7 @@ def summary_row(title: str, results: list[dict], note: str = "") -> dict:
 
 
 #: What the card says of the longitudinal studies :func:`longitudinal_coverage` segments.
-LONGITUDINAL_ABOUT = (
-    "Longitudinal MS studies (`ljubljana_ms_longitudinal`, FLAIR + T1W in native space, skull on, brain mask mapped from the common space)"
-)
+LONGITUDINAL_ABOUT = "Longitudinal MS studies (`ljubljana_ms_longitudinal`, FLAIR + T1W in native space, skull on, brain mask mapped from the common space)"
 
 
 def longitudinal_coverage(bundle, preset, data: Path, patient: str, device) -> dict:
@@ -290,7 +311,9 @@ def longitudinal_coverage(bundle, preset, data: Path, patient: str, device) -> d
             for name, image in (("FLAIR", flair), ("T1", t1), ("organ", brain)):
                 paths[name] = str(Path(tmp) / f"{study}_{name}.nii.gz")
                 sitk.WriteImage(image, paths[name])
-            case = prepare_case(load_case([paths["FLAIR"], paths["T1"]], organ_path=paths["organ"], name=f"{patient}/{study}"))
+            case = prepare_case(
+                load_case([paths["FLAIR"], paths["T1"]], organ_path=paths["organ"], name=f"{patient}/{study}")
+            )
             mask = case.layout.from_slices(_segment(bundle, case, preset, device))
             volumes[study] = float(mask.sum() * np.prod(flair.GetSpacing()) / 1000.0)
             image = sitk.GetImageFromArray(mask.astype(np.uint8))
@@ -368,7 +391,11 @@ def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, devic
     if plan["longitudinal"]:
         print("longitudinal MS studies (lesion-change masks):")
         longitudinal = [longitudinal_coverage(bundle, preset, data, p, device) for p in plan["longitudinal"]]
-    return {"evaluation": evaluation, "longitudinal": longitudinal, **({"longitudinal_about": LONGITUDINAL_ABOUT} if longitudinal else {})}
+    return {
+        "evaluation": evaluation,
+        "longitudinal": longitudinal,
+        **({"longitudinal_about": LONGITUDINAL_ABOUT} if longitudinal else {}),
+    }
 
 
 def leave_one_out_row(work: Path, preset, evaluation: list[dict]) -> dict | None:
@@ -378,30 +405,46 @@ def leave_one_out_row(work: Path, preset, evaluation: list[dict]) -> dict | None
     rows = []
     for path in sorted(work.glob(f"{preset.name}-without-*.json")):
         fold = json.loads(path.read_text())
-        rows += [r for entry in fold["evaluation"] for r in entry["per_case"] if r["case"].split("/", 1)[1] == fold["left_out"]]
+        rows += [
+            r
+            for entry in fold["evaluation"]
+            for r in entry["per_case"]
+            if r["case"].split("/", 1)[1] == fold["left_out"]
+        ]
     if not rows:
         return None
     dataset = rows[0]["case"].split("/")[0]
     in_folds = {r["case"] for r in rows}
-    rows += [r for entry in evaluation for r in entry["per_case"] if r["case"].startswith(dataset + "/") and r["case"] not in in_folds]
+    rows += [
+        r
+        for entry in evaluation
+        for r in entry["per_case"]
+        if r["case"].startswith(dataset + "/") and r["case"] not in in_folds
+    ]
     note = (
         f"each of {', '.join(sorted(r['case'].split('/', 1)[1] for r in rows))} scored by a model trained without it: "
         "the shipped model for its own held-out case, `--leave-out CASE` folds (same recipe) for the others"
     )
-    return summary_row(f"{dataset}, leave-one-out", sorted(rows, key=lambda r: r["case"]), note) | {"licence": LICENCES[dataset]}
+    return summary_row(f"{dataset}, leave-one-out", sorted(rows, key=lambda r: r["case"]), note) | {
+        "licence": LICENCES[dataset]
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", required=True, choices=list(PLANS))
-    parser.add_argument("--work", type=Path, required=True, help="scratch folder for synthetic data, manifests and checkpoints")
+    parser.add_argument(
+        "--work", type=Path, required=True, help="scratch folder for synthetic data, manifests and checkpoints"
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared real-data folder")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=10_000)
     parser.add_argument("--precision", choices=["fp32", "amp"], default="fp32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--evaluate-only", action="store_true", help="re-evaluate WORK/<preset>.pt and rewrite the card")
+    parser.add_argument(
+        "--evaluate-only", action="store_true", help="re-evaluate WORK/<preset>.pt and rewrite the card"
+    )
     parser.add_argument(
         "--leave-out",
         metavar="CASE",
@@ -418,7 +461,9 @@ def main() -> None:
         plan = leave_out(plan, args.leave_out)
     args.work.mkdir(parents=True, exist_ok=True)
     manifest, val = prepare_data(preset, plan, args.work, args.data)
-    model_path = args.work / f"{model_stem(preset, plan)}.pt" if args.evaluate_only else train(preset, plan, args, manifest, val)
+    model_path = (
+        args.work / f"{model_stem(preset, plan)}.pt" if args.evaluate_only else train(preset, plan, args, manifest, val)
+    )
     results = evaluate(model_path, preset, plan, args.work, args.data, args.device)
     if args.leave_out:
         from PatientFineTuneLib.files import atomic_write
@@ -458,7 +503,8 @@ def main() -> None:
         "min_lesion_voxels": preset.min_lesion_voxels,
         # the command that builds this model from scratch (a re-evaluation of the same
         # trained model, --evaluate-only, writes the same card)
-        "build_command": "python Resources/Models/build_models.py " + " ".join(a for a in sys.argv[1:] if a != "--evaluate-only"),
+        "build_command": "python Resources/Models/build_models.py "
+        + " ".join(a for a in sys.argv[1:] if a != "--evaluate-only"),
     }
     written = write_shipped_model(model_path, card, SHIPPED / f"{preset.name}.pt", SHIPPED / f"{preset.name}.md")
     print(json.dumps({"written": [str(p) for p in written]}))

@@ -54,11 +54,15 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="brain-wmh", choices=sorted(VALIDATION))
     parser.add_argument("--maps", type=Path, default=DEFAULT_DATA / "synthseg_label_maps")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--iterations", type=int, default=20_000, help="total iterations of the run (a resumed run continues to this)")
+    parser.add_argument(
+        "--iterations", type=int, default=20_000, help="total iterations of the run (a resumed run continues to this)"
+    )
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="amp", choices=["fp32", "amp"])
-    parser.add_argument("--sequence-dropout", type=float, default=0.2, help="probability of blanking every sequence after the first")
+    parser.add_argument(
+        "--sequence-dropout", type=float, default=0.2, help="probability of blanking every sequence after the first"
+    )
     parser.add_argument("--volume-every", type=int, default=4, help="iterations between new synthetic volumes")
     parser.add_argument("--checkpoint-every", type=int, default=300)
     parser.add_argument("--validate-every", type=int, default=1000)
@@ -67,7 +71,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="finished model (default training/<preset>-anatomy.pt)")
     parser.add_argument(
-        "--export", action="store_true", help="only write the model of the latest checkpoint to --out (to evaluate a run in progress)"
+        "--export",
+        action="store_true",
+        help="only write the model of the latest checkpoint to --out (to evaluate a run in progress)",
     )
     args = parser.parse_args(argv)
 
@@ -105,7 +111,9 @@ def main(argv=None) -> None:
     model = LesionNet([c for _, c in preset.sequences], width=args.width)
 
     # sequences blanked in training are optional for the model (one channel each here)
-    sequences = [{**s, "optional": i > 0 and config.sequence_dropout > 0} for i, s in enumerate(preset.sequence_dicts())]
+    sequences = [
+        {**s, "optional": i > 0 and config.sequence_dropout > 0} for i, s in enumerate(preset.sequence_dicts())
+    ]
 
     def write_model(iterations: int, final_loss, wall_s: float) -> None:
         metadata = make_metadata(
@@ -136,7 +144,9 @@ def main(argv=None) -> None:
     # the scans as a model trained with sequence dropout sees them without the later sequences
     first_only = (
         [
-            with_absent_sequences(dataclasses.replace(c, images=c.images[:1], name=c.name + " (first sequence only)"), n_channels)
+            with_absent_sequences(
+                dataclasses.replace(c, images=c.images[:1], name=c.name + " (first sequence only)"), n_channels
+            )
             for c in val_cases
         ]
         if n_channels > 1
@@ -152,7 +162,10 @@ def main(argv=None) -> None:
         entry = dict(entry)
         if first_only:
             alone = validation_scores(model, first_only, preset.training_spacing_mm, device, preset.name)
-            entry["val_dice_first_sequence_only"], entry["val_lesion_f1_first_sequence_only"] = alone["dice"], alone["lesion_f1"]
+            entry["val_dice_first_sequence_only"], entry["val_lesion_f1_first_sequence_only"] = (
+                alone["dice"],
+                alone["lesion_f1"],
+            )
             model.train()
         entry["wall_s"] = round(previous + time.monotonic() - started, 1)
         entry["width"] = args.width

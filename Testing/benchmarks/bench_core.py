@@ -80,7 +80,10 @@ def main() -> None:
 
     if not args.skip_memory:
         # its own process, so the peak resident memory is that of segmentation alone
-        subprocess.run([sys.executable, __file__, "--memory-only"] + (["--threads", str(args.threads)] if args.threads else []), check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--memory-only"] + (["--threads", str(args.threads)] if args.threads else []),
+            check=True,
+        )
 
 
 def memory_benchmark() -> None:

@@ -43,12 +43,16 @@ def main() -> None:
     case = visit_case(generate_pair("brain-wmh", 0), "baseline")
     torch.manual_seed(0)
     bundle = ModelBundle(LesionNet((1, 1), width=args.width).eval(), {"training_spacing_mm": [0.958, 0.958]})
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), width {args.width}, {args.iterations} iterations")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), width {args.width}, {args.iterations} iterations"
+    )
 
     lesion_slices = case.lesion_slices()
     # two slices with the most lesion: stands in for "2 suggested slices" (the choice does not change speed)
     two = sorted(lesion_slices, key=lambda s: -case.lesions[s].sum())[:2]
-    sets = [("2 slices", two)] + ([] if args.skip_all_lesion else [(f"all {len(lesion_slices)} lesion slices", lesion_slices)])
+    sets = [("2 slices", two)] + (
+        [] if args.skip_all_lesion else [(f"all {len(lesion_slices)} lesion slices", lesion_slices)]
+    )
     for name, slices in sets:
         times = {}
         # forcing the fast path on all lesion slices would cache every distinct input
@@ -62,7 +66,11 @@ def main() -> None:
         if len(slices) <= 2:  # the approximate mode, for reference (never the default)
             t = time.perf_counter()
             finetune_patient_model(
-                bundle, case, slices, FinetuneConfig(iterations=args.iterations, pixel_fraction=args.pixel_fraction), device="cpu"
+                bundle,
+                case,
+                slices,
+                FinetuneConfig(iterations=args.iterations, pixel_fraction=args.pixel_fraction),
+                device="cpu",
             )
             approximate = time.perf_counter() - t
             print(
@@ -81,21 +89,31 @@ def main() -> None:
         t = time.perf_counter()
         for _ in range(args.iterations):
             # as the fast path: the batch is copied out of the cache, the head works on the copy
-            loss = F.cross_entropy(net.head(batch.copy_(features), overwrite=True), target, weight=torch.tensor([1.0, 5.0]))
+            loss = F.cross_entropy(
+                net.head(batch.copy_(features), overwrite=True), target, weight=torch.tensor([1.0, 5.0])
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         floor = time.perf_counter() - t
         fast = times.get("fast", times["auto"])
         print(
-            f"fine-tune, {name}: " + ", ".join(f"{m} {t:.1f} s" for m, t in times.items()) + f", head-only floor {floor:.1f} s -> "
+            f"fine-tune, {name}: "
+            + ", ".join(f"{m} {t:.1f} s" for m, t in times.items())
+            + f", head-only floor {floor:.1f} s -> "
             f"naive/fast {times['naive'] / fast:.2f}x, fast/floor {fast / floor:.2f}x, naive/auto {times['naive'] / times['auto']:.2f}x "
             f"({len(data.images) * 5 * len(data.angles)} distinct patch inputs)"
         )
 
     organ_slices = np.flatnonzero(case.organ.any(axis=(1, 2)))
     keep = organ_slices[len(organ_slices) // 2 - args.mc_slices // 2 :][: args.mc_slices]
-    sub = Case(case.images, case.organ & np.isin(np.arange(case.organ.shape[0]), keep)[:, None, None], None, case.grid, case.layout)
+    sub = Case(
+        case.images,
+        case.organ & np.isin(np.arange(case.organ.shape[0]), keep)[:, None, None],
+        None,
+        case.grid,
+        case.layout,
+    )
     t = time.perf_counter()
     predict_probability(bundle, sub, device="cpu")
     one = time.perf_counter() - t

@@ -38,7 +38,15 @@ import time
 from functools import partial
 from pathlib import Path
 
-AIMS = {"startup": 2.0, "suggest": 5.0, "pass": 3.0, "mc_ratio": 3.0, "finetune": 10.0, "all_lesion_ms": 60.0, "all_lesion_tumour": 30.0}
+AIMS = {
+    "startup": 2.0,
+    "suggest": 5.0,
+    "pass": 3.0,
+    "mc_ratio": 3.0,
+    "finetune": 10.0,
+    "all_lesion_ms": 60.0,
+    "all_lesion_tumour": 30.0,
+}
 
 
 def wall(fn):
@@ -48,7 +56,11 @@ def wall(fn):
 
 
 def startup_times() -> tuple[float, float]:
-    help_s, _ = wall(lambda: subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "--help"], check=True, capture_output=True))
+    help_s, _ = wall(
+        lambda: subprocess.run(
+            [sys.executable, "-m", "PatientFineTuneLib.cli", "--help"], check=True, capture_output=True
+        )
+    )
     imports = (
         "import PatientFineTuneLib.cli, PatientFineTuneLib.inference, PatientFineTuneLib.finetune, "
         "PatientFineTuneLib.images, PatientFineTuneLib.modelfile, PatientFineTuneLib.outputs, PatientFineTuneLib.suggest"
@@ -66,8 +78,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-reuse-memory", action="store_true")
-    parser.add_argument("--real", action="store_true", help="also time the all-lesion route on two real scans (../shared/data)")
-    parser.add_argument("--previous-route", action="store_true", help="with --real: also the route shipped until 2026-12-06")
+    parser.add_argument(
+        "--real", action="store_true", help="also time the all-lesion route on two real scans (../shared/data)"
+    )
+    parser.add_argument(
+        "--previous-route", action="store_true", help="with --real: also the route shipped until 2026-12-06"
+    )
     args = parser.parse_args()
 
     import numpy as np
@@ -143,20 +159,42 @@ def main() -> None:
         )
     )
     kept = "fine-tuned kept" if checked.metadata["finetune"]["holdout_check"]["kept"] else "base model kept"
-    line("the shipped fine-tuning (weighting, check, 1/4 of the pixels)", check_s, "< 10 s", check_s < AIMS["finetune"], kept)
+    line(
+        "the shipped fine-tuning (weighting, check, 1/4 of the pixels)",
+        check_s,
+        "< 10 s",
+        check_s < AIMS["finetune"],
+        kept,
+    )
     every_s, every = wall(
         lambda: finetune_patient_model(
-            base, baseline, chosen, shipped_config(base, iterations=100, seed=0, pixel_fraction=1.0), device=device, allow_empty=True
+            base,
+            baseline,
+            chosen,
+            shipped_config(base, iterations=100, seed=0, pixel_fraction=1.0),
+            device=device,
+            allow_empty=True,
         )
     )
     kept = "fine-tuned kept" if every.metadata["finetune"]["holdout_check"]["kept"] else "base model kept"
     line("the same on every pixel", every_s, "-", True, f"{kept}; {every_s / check_s:.2f}x the shipped")
     naive_s, naive = wall(
         lambda: finetune_patient_model(
-            base, baseline, chosen, FinetuneConfig(iterations=100, seed=0, method="naive"), device=device, allow_empty=True
+            base,
+            baseline,
+            chosen,
+            FinetuneConfig(iterations=100, seed=0, method="naive"),
+            device=device,
+            allow_empty=True,
         )
     )
-    line("the naive loop (whole network every iteration)", naive_s, "-", True, f"fast path {naive_s / fast_s:.2f}x faster")
+    line(
+        "the naive loop (whole network every iteration)",
+        naive_s,
+        "-",
+        True,
+        f"fast path {naive_s / fast_s:.2f}x faster",
+    )
 
     if args.real:
         real_all_lesion_rows(device, args.previous_route)
@@ -176,7 +214,9 @@ def main() -> None:
         f"  MC-25 fast vs naive on {int(keep.sum())} slices: largest difference of the mean {np.abs(fast_mc.mean - naive_mc.mean).max():.2e}, "
         f"of the SD {np.abs(fast_mc.sd - naive_mc.sd).max():.2e}"
     )
-    print(f"  deterministic result of the MC run vs the pass: largest difference {np.abs(mc_probability - probability).max():.2e}")
+    print(
+        f"  deterministic result of the MC run vs the pass: largest difference {np.abs(mc_probability - probability).max():.2e}"
+    )
     stored = base.model.eval()
     with torch.no_grad():
         s = int(np.flatnonzero(followup.organ.any(axis=(1, 2)))[len(chosen) * 10])
@@ -211,7 +251,9 @@ def real_all_lesion_rows(device, previous_route: bool) -> None:
         case = load(spec, base)
         size = "x".join(map(str, (*case.images.shape[2:], case.images.shape[1])))
         segment_s, _ = wall(partial(predict_mask, base, case, device=device))
-        tuned_s, tuned = wall(partial(finetune_patient_model, base, case, "all-lesion", shipped_config(base), device=device))
+        tuned_s, tuned = wall(
+            partial(finetune_patient_model, base, case, "all-lesion", shipped_config(base), device=device)
+        )
         check = tuned.metadata["finetune"]["holdout_check"]
         outcome = f"{'fine-tuned kept' if check['kept'] else 'base model kept'}, {check['layers']} layers, {check['iterations']} iterations"
         line(

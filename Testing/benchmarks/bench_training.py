@@ -72,7 +72,12 @@ def main() -> None:
 
             def run(iterations, model=model, config=config, optimizer=optimizer):
                 return training_loop(
-                    patch_loss(model, pool, config, device), optimizer, iterations, seed=0, device=device, precision=config.precision
+                    patch_loss(model, pool, config, device),
+                    optimizer,
+                    iterations,
+                    seed=0,
+                    device=device,
+                    precision=config.precision,
                 )
 
             run(range(2))
@@ -96,7 +101,12 @@ def time_unet3d(case, width: int, iterations: int, device) -> None:
 
     from PatientFineTuneLib.inference import predict_probability
     from PatientFineTuneLib.modelfile import ModelBundle, make_metadata
-    from PatientFineTuneLib.volume_training import VolumeTrainingConfig, new_volume_model, train_volume_model, volume_model_metadata
+    from PatientFineTuneLib.volume_training import (
+        VolumeTrainingConfig,
+        new_volume_model,
+        train_volume_model,
+        volume_model_metadata,
+    )
 
     flair = replace(case, images=case.images[:1])
     config = VolumeTrainingConfig(iterations=iterations)
@@ -105,7 +115,8 @@ def time_unet3d(case, width: int, iterations: int, device) -> None:
     train_volume_model(model, [flair], config, device=device)
     rate = iterations / (time.perf_counter() - start)
     bundle = ModelBundle(
-        model, make_metadata(model, [{"name": "FLAIR", "channels": 1}], (2.0,) * 3, **volume_model_metadata(config, model))
+        model,
+        make_metadata(model, [{"name": "FLAIR", "channels": 1}], (2.0,) * 3, **volume_model_metadata(config, model)),
     )
     start = time.perf_counter()
     predict_probability(bundle, flair, device=device)

@@ -17,13 +17,17 @@ import os
 from pathlib import Path
 
 
-def write_tumor_progression_cohort(root: str | os.PathLike, manifest: str | os.PathLike, sequence_name: str = "T1c") -> Path:
+def write_tumor_progression_cohort(
+    root: str | os.PathLike, manifest: str | os.PathLike, sequence_name: str = "T1c"
+) -> Path:
     """A cohort manifest for TCIA Brain-Tumor-Progression as shipped in ``../shared/data``:
     ``NN/{Pre,Post}_Scan_T1.nii.gz`` (T1 post-contrast) with ``{Pre,Post}_Mask.nii.gz``
     (enhancing tumour); Pre is the baseline, Post the follow-up; no brain mask."""
     root, manifest = Path(root), Path(manifest)
     rows = []
-    for patient in sorted(p for p in root.iterdir() if (p / "Pre_Scan_T1.nii.gz").is_file() and (p / "Post_Scan_T1.nii.gz").is_file()):
+    for patient in sorted(
+        p for p in root.iterdir() if (p / "Pre_Scan_T1.nii.gz").is_file() and (p / "Post_Scan_T1.nii.gz").is_file()
+    ):
         for visit, prefix in (("baseline", "Pre"), ("followup", "Post")):
             rows.append(
                 {
@@ -50,12 +54,18 @@ COHORTS = {"tumor-progression": write_tumor_progression_cohort}
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "dataset", choices=sorted(COHORTS), help="tumor-progression: TCIA Brain-Tumor-Progression (NN/{Pre,Post}_Scan_T1.nii.gz)"
+        "dataset",
+        choices=sorted(COHORTS),
+        help="tumor-progression: TCIA Brain-Tumor-Progression (NN/{Pre,Post}_Scan_T1.nii.gz)",
     )
     parser.add_argument("root", type=Path, help="the data set's folder")
-    parser.add_argument("--out", type=Path, required=True, help="the manifest to write (CSV; paths in it are relative to its folder)")
     parser.add_argument(
-        "--sequence", default="T1c", help="the model's sequence name the scans are read as (default T1c, the brain-tumor preset's)"
+        "--out", type=Path, required=True, help="the manifest to write (CSV; paths in it are relative to its folder)"
+    )
+    parser.add_argument(
+        "--sequence",
+        default="T1c",
+        help="the model's sequence name the scans are read as (default T1c, the brain-tumor preset's)",
     )
     args = parser.parse_args(argv)
     print(COHORTS[args.dataset](args.root, args.out, args.sequence))

@@ -22,7 +22,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=400)
     parser.add_argument("--slices", default="all-lesion")
     parser.add_argument("--iterations", type=int, default=100)
-    parser.add_argument("--angles", type=int, default=8, help="fixed angle set size; 0 = continuous angles as in the paper")
+    parser.add_argument(
+        "--angles", type=int, default=8, help="fixed angle set size; 0 = continuous angles as in the paper"
+    )
     parser.add_argument(
         "--pixel-fraction",
         type=float,
@@ -48,8 +50,12 @@ def main() -> None:
         models = [("base", base)]
         for name, fraction in (("finetuned", 1.0), ("approximate", args.pixel_fraction)):
             if fraction:
-                config = FinetuneConfig(iterations=args.iterations, n_angles=args.angles, seed=0, pixel_fraction=fraction)
-                models.append((name, finetune_patient_model(base, baseline, args.slices, config, device="cpu", allow_empty=True)))
+                config = FinetuneConfig(
+                    iterations=args.iterations, n_angles=args.angles, seed=0, pixel_fraction=fraction
+                )
+                models.append(
+                    (name, finetune_patient_model(base, baseline, args.slices, config, device="cpu", allow_empty=True))
+                )
         spacing = followup.grid.GetSpacing()[::-1]
         line = [f"pair {seed}"]
         for name, bundle in models:
@@ -58,7 +64,9 @@ def main() -> None:
             rows[name].append({"case": seed, "model": name, **m})
             line.append(f"{name} Dice {m['dice']:.3f} AVD {m['avd_percent']:6.1f}% F1 {m['lesion_f1']:.3f}")
         print(", ".join(line) + f" ({time.perf_counter() - t:.0f} s)", flush=True)
-    print(f"\nfine-tuned ({args.slices}, {args.iterations} iterations) vs base on {args.pairs} synthetic brain-wmh pairs:")
+    print(
+        f"\nfine-tuned ({args.slices}, {args.iterations} iterations) vs base on {args.pairs} synthetic brain-wmh pairs:"
+    )
     for row in compare_cohorts(rows["finetuned"], rows["base"]):
         print(
             f"  {row['metric']}: {row['results']} vs {row['reference']} ({row['summary']}; {row['test']} p = {row['p']:.3g}, n = {row['n']})"

@@ -65,7 +65,11 @@ def evaluate(model_path: Path, cases: list[Path]) -> list[dict]:
     rows = []
     for folder in cases:
         case = prepare_case(
-            load_case([folder / "FLAIR.nii.gz", folder / "FLAIR_subtraction.nii.gz"], folder / "organ.nii.gz", folder / "lesions.nii.gz")
+            load_case(
+                [folder / "FLAIR.nii.gz", folder / "FLAIR_subtraction.nii.gz"],
+                folder / "organ.nii.gz",
+                folder / "lesions.nii.gz",
+            )
         )
         result = segment_case(bundle, case, device="cpu")
         pred, gt = case.layout.from_slices(result.mask), case.layout.from_slices(case.lesions)
@@ -75,7 +79,10 @@ def evaluate(model_path: Path, cases: list[Path]) -> list[dict]:
 
 
 def table(name: str, rows: list[dict]) -> str:
-    lines = [f"| {name} | Dice | reference lesions | found | sensitivity | predicted | PPV |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| {name} | Dice | reference lesions | found | sensitivity | predicted | PPV |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['dice']:.2f} | {r['gt_lesions']} | {r['detected_gt_lesions']} | {r['lesion_recall']:.2f} | "

@@ -151,7 +151,9 @@ def thicken(case, factor: int):
         raise ValueError(f"{case.name}: {case.images.shape[1]} slices cannot make slabs of {factor}")
 
     def slabs(a):
-        return a[..., : n * factor, :, :].reshape(*a.shape[:-3], n, factor, *a.shape[-2:]).astype(np.float32).mean(axis=-3)
+        return (
+            a[..., : n * factor, :, :].reshape(*a.shape[:-3], n, factor, *a.shape[-2:]).astype(np.float32).mean(axis=-3)
+        )
 
     axis = case.layout.axis
     size, spacing = list(case.grid.GetSize()), list(case.grid.GetSpacing())
@@ -184,7 +186,9 @@ def load_real_case(spec: dict, channels, scan_options: dict | None = None) -> tu
     return images.prepare_case(case), resample
 
 
-def evaluate(spec: dict, bundle, scan_options: dict | None = None, first_sequence_only: bool = False, thick: int = 1) -> dict:
+def evaluate(
+    spec: dict, bundle, scan_options: dict | None = None, first_sequence_only: bool = False, thick: int = 1
+) -> dict:
     """Segment one case with ``bundle`` and score it against its ground truth.
 
     Returns
@@ -226,7 +230,10 @@ def fmt(value: float) -> str:
 
 
 def print_row(row: dict) -> None:
-    print(f"{row['set']:<24} {row['case']:<22} {row['preset']:<12} " + " ".join(f"{fmt(row[k]):>9}" for k in COLUMNS), flush=True)
+    print(
+        f"{row['set']:<24} {row['case']:<22} {row['preset']:<12} " + " ".join(f"{fmt(row[k]):>9}" for k in COLUMNS),
+        flush=True,
+    )
 
 
 def print_means(rows: list[dict]) -> None:
@@ -234,7 +241,10 @@ def print_means(rows: list[dict]) -> None:
     print("-" * 120)
     for name in dict.fromkeys(r["set"] for r in rows):
         subset = [r for r in rows if r["set"] == name]
-        means = {k: float(np.nanmean([r[k] for r in subset])) if any(not math.isnan(r[k]) for r in subset) else math.nan for k in COLUMNS}
+        means = {
+            k: float(np.nanmean([r[k] for r in subset])) if any(not math.isnan(r[k]) for r in subset) else math.nan
+            for k in COLUMNS
+        }
         print_row({"set": name, "case": f"mean of {len(subset)}", "preset": subset[0]["preset"], **means})
 
 
@@ -244,15 +254,27 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--sets", help="comma-separated sets to run (default: all)")
-    parser.add_argument("--skull-stripped", choices=("auto", "yes", "no"), help="load_case's skull_stripped (default: the library's)")
-    parser.add_argument("--bias-correction", choices=("auto", "on", "off"), help="load_case's bias_correction (default: the library's)")
     parser.add_argument(
-        "--model", action="append", default=[], metavar="PRESET=FILE", help="score FILE instead of PRESET's shipped model (repeatable)"
+        "--skull-stripped", choices=("auto", "yes", "no"), help="load_case's skull_stripped (default: the library's)"
     )
     parser.add_argument(
-        "--first-sequence-only", action="store_true", help="blank every sequence after the first (FLAIR-only for brain-wmh)"
+        "--bias-correction", choices=("auto", "on", "off"), help="load_case's bias_correction (default: the library's)"
     )
-    parser.add_argument("--thick", type=int, default=1, metavar="N", help="average every N slices into one thick slice first")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="PRESET=FILE",
+        help="score FILE instead of PRESET's shipped model (repeatable)",
+    )
+    parser.add_argument(
+        "--first-sequence-only",
+        action="store_true",
+        help="blank every sequence after the first (FLAIR-only for brain-wmh)",
+    )
+    parser.add_argument(
+        "--thick", type=int, default=1, metavar="N", help="average every N slices into one thick slice first"
+    )
     args = parser.parse_args(argv)
     models = dict(m.split("=", 1) for m in args.model)
     if not args.data.is_dir():
@@ -265,16 +287,23 @@ def main(argv=None) -> int:
         + " ".join(f"{c[:9]:>9}" for c in ["Dice", "AVD %", "les F1", "les rec", "les prec", "seconds"])
     )
     bundles, rows = {}, []
-    scan_options = {k: v for k, v in (("skull_stripped", args.skull_stripped), ("bias_correction", args.bias_correction)) if v}
+    scan_options = {
+        k: v for k, v in (("skull_stripped", args.skull_stripped), ("bias_correction", args.bias_correction)) if v
+    }
     for spec in real_cases(args.data):
         if args.sets and spec["set"] not in args.sets.split(","):
             continue
         try:
             if spec["preset"] not in bundles:
-                bundles[spec["preset"]] = modelfile.load_model(modelcard.resolve_model_path(models.get(spec["preset"], spec["preset"])))
+                bundles[spec["preset"]] = modelfile.load_model(
+                    modelcard.resolve_model_path(models.get(spec["preset"], spec["preset"]))
+                )
             row = evaluate(spec, bundles[spec["preset"]], scan_options, args.first_sequence_only, args.thick)
         except Exception as error:  # noqa: BLE001 - report and go on to the next case
-            print(f"{spec['set']:<24} {spec['case']:<22} {spec['preset']:<12} FAILED: {type(error).__name__}: {error}", flush=True)
+            print(
+                f"{spec['set']:<24} {spec['case']:<22} {spec['preset']:<12} FAILED: {type(error).__name__}: {error}",
+                flush=True,
+            )
             continue
         rows.append(row)
         print_row(row)

@@ -56,7 +56,12 @@ def load(spec: dict, bundle) -> images.Case:
 
 
 def scores(
-    bundle, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_slices: np.ndarray | None = None, save_as: Path | None = None
+    bundle,
+    case: images.Case,
+    gt_stored: np.ndarray,
+    spacing_zyx,
+    keep_slices: np.ndarray | None = None,
+    save_as: Path | None = None,
 ) -> dict:
     """Dice, AVD and lesion F1 of ``bundle`` on ``case`` (only the slices in ``keep_slices``);
     the scored mask is written to ``save_as`` when given."""
@@ -73,7 +78,9 @@ def write_scored(case: images.Case, slices: np.ndarray, keep_slices: np.ndarray 
     images.write_image(case.to_image(slices.astype(np.uint8)), path, overwrite=True)
 
 
-def mask_scores(pred: np.ndarray, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_slices: np.ndarray | None = None) -> dict:
+def mask_scores(
+    pred: np.ndarray, case: images.Case, gt_stored: np.ndarray, spacing_zyx, keep_slices: np.ndarray | None = None
+) -> dict:
     """Dice, AVD and lesion F1 of the (slices, rows, cols) mask ``pred`` of ``case``."""
     gt = case.layout.to_slices(gt_stored)
     if keep_slices is not None:
@@ -129,7 +136,10 @@ def cross_time(base, specs: dict, routes: tuple[str, ...] = CROSS_TIME_ROUTES, m
 
 #: Single-visit real scans of the within-scan protocol, per shipped model (BraTS 01-04
 #: trained the brain-tumor model).
-WITHIN_SCAN = {"brain-wmh": ("patient07", "patient19", "patient26"), "brain-tumor": ("brats_2013_pat0005_1", "brats_2013_pat0006_1")}
+WITHIN_SCAN = {
+    "brain-wmh": ("patient07", "patient19", "patient26"),
+    "brain-tumor": ("brats_2013_pat0005_1", "brats_2013_pat0006_1"),
+}
 
 
 def annotated_slices(route: str, case: images.Case, base) -> list[int]:
@@ -171,11 +181,19 @@ def within_scan(
 
 
 def kept_masks(
-    folder: Path | None, name: str, route: str, case: images.Case, gt_stored: np.ndarray, keep_slices: np.ndarray | None = None
+    folder: Path | None,
+    name: str,
+    route: str,
+    case: images.Case,
+    gt_stored: np.ndarray,
+    keep_slices: np.ndarray | None = None,
 ) -> dict:
     """Where ``--masks`` keeps one run's base and fine-tuned masks (None: not kept); the
     scored reference is written there now."""
-    paths = {kind: None if folder is None else folder / f"{name}_{route}_{kind}.nii.gz" for kind in ("base", "finetuned", "reference")}
+    paths = {
+        kind: None if folder is None else folder / f"{name}_{route}_{kind}.nii.gz"
+        for kind in ("base", "finetuned", "reference")
+    }
     if folder is not None:
         write_scored(case, case.layout.to_slices(gt_stored), keep_slices, paths["reference"])
     return paths
@@ -218,7 +236,9 @@ def main(argv=None) -> int:
         metavar="NAME=VALUE",
         help="a FinetuneConfig setting to change, e.g. head_norm=frozen or iterations=200 (repeatable)",
     )
-    parser.add_argument("--protocols", nargs="+", choices=["cross-time", "within-scan"], default=["cross-time", "within-scan"])
+    parser.add_argument(
+        "--protocols", nargs="+", choices=["cross-time", "within-scan"], default=["cross-time", "within-scan"]
+    )
     parser.add_argument(
         "--routes",
         nargs="+",
@@ -226,7 +246,9 @@ def main(argv=None) -> int:
         default=list(ROUTES),
         help="the routes to run (default: all; all-lesion is cross-time only, every-other within-scan only)",
     )
-    parser.add_argument("--masks", type=Path, help="folder for each run's scored base, fine-tuned and reference masks (NIfTI)")
+    parser.add_argument(
+        "--masks", type=Path, help="folder for each run's scored base, fine-tuned and reference masks (NIfTI)"
+    )
     args = parser.parse_args(argv)
     for item in args.set:
         name, value = item.split("=", 1)
@@ -248,7 +270,9 @@ def main(argv=None) -> int:
     if "within-scan" in args.protocols:
         for model, names in WITHIN_SCAN.items():
             routes = tuple(r for r in WITHIN_SCAN_ROUTES if r in args.routes)
-            rows += within_scan(modelfile.load_model(modelcard.resolve_model_path(model)), specs, names, routes, args.masks)
+            rows += within_scan(
+                modelfile.load_model(modelcard.resolve_model_path(model)), specs, names, routes, args.masks
+            )
     summarise(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
@@ -267,7 +291,9 @@ def summarise(rows: list[dict]) -> None:
         t = metrics.paired_test(b, a, test)
         print(f"  {metric:<12} {fmt(a, 3)} -> {fmt(b, 3)}   {test} p = {t['p']:.3g}")
     promise = [
-        r for r in rows if r["finetuned"]["dice"] >= r["base"]["dice"] and r["finetuned"]["lesion_f1"] >= r["base"]["lesion_f1"] - 0.02
+        r
+        for r in rows
+        if r["finetuned"]["dice"] >= r["base"]["dice"] and r["finetuned"]["lesion_f1"] >= r["base"]["lesion_f1"] - 0.02
     ]
     room = [r for r in rows if r["base"]["dice"] < 0.85]
     gain = np.mean([r["finetuned"]["dice"] - r["base"]["dice"] for r in room]) if room else float("nan")

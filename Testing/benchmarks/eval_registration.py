@@ -57,7 +57,11 @@ def main(argv=None) -> int:
         to_common1 = sitk.ReadTransform(str(folder / "study1_FLAIR_to_common_space.txt"))
         to_common2 = sitk.ReadTransform(str(folder / "study2_FLAIR_to_common_space.txt"))
         judge = sitk.Resample(
-            sitk.ReadImage(str(folder / "brainmask_common.nii.gz")), study1, to_common1.GetInverse(), sitk.sitkNearestNeighbor, 0
+            sitk.ReadImage(str(folder / "brainmask_common.nii.gz")),
+            study1,
+            to_common1.GetInverse(),
+            sitk.sitkNearestNeighbor,
+            0,
         )
         supplied = sitk.CompositeTransform([to_common2, to_common1.GetInverse()])
         reference = masked_correlation(study1, sitk.Resample(study2, study1, supplied, sitk.sitkLinear, 0.0), judge)
@@ -75,7 +79,9 @@ def main(argv=None) -> int:
             result = register_followup(fixed, moving, mask)
             seconds = time.perf_counter() - start
             # judged on the raw FLAIRs, inside the reference brain, whatever the variant saw
-            after = masked_correlation(study1, sitk.Resample(study2, study1, result.transform, sitk.sitkLinear, 0.0), judge)
+            after = masked_correlation(
+                study1, sitk.Resample(study2, study1, result.transform, sitk.sitkLinear, 0.0), judge
+            )
             rows.append(
                 {
                     "patient": patient[-2:],

@@ -56,7 +56,11 @@ def scans(data: Path) -> list[dict]:
         for visit in ("Pre", "Post"):
             folder = data / "brain_tumor_progression" / n
             out.append(
-                {"name": f"BTP {n} {visit} T1c", "image": folder / f"{visit}_Scan_T1.nii.gz", "tumour": folder / f"{visit}_Mask.nii.gz"}
+                {
+                    "name": f"BTP {n} {visit} T1c",
+                    "image": folder / f"{visit}_Scan_T1.nii.gz",
+                    "tumour": folder / f"{visit}_Mask.nii.gz",
+                }
             )
     return out
 
@@ -68,14 +72,18 @@ def as_image(mask: np.ndarray, image: sitk.Image) -> sitk.Image:
 
 
 METHODS = {
-    "heuristic": lambda image: as_image(foreground_brain_mask(sitk.GetArrayFromImage(image), image.GetSpacing()[::-1]), image),
+    "heuristic": lambda image: as_image(
+        foreground_brain_mask(sitk.GetArrayFromImage(image), image.GetSpacing()[::-1]), image
+    ),
     "deepbet": lambda image: as_image(deepbet_brain_mask(image), image),
     "auto": lambda image: as_image(brain_mask(image).mask, image),
 }
 
 
 def onto(mask: sitk.Image, grid: sitk.Image, transform_file: Path) -> sitk.Image:
-    return sitk.Resample(mask, grid, sitk.ReadTransform(str(transform_file)), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.Resample(
+        mask, grid, sitk.ReadTransform(str(transform_file)), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
+    )
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -88,10 +96,17 @@ def score(scan: dict, mask: sitk.Image) -> dict:
             mask = onto(mask, sitk.ReadImage(str(scan["flair"])), scan["to_flair"])
         reference = sitk.ReadImage(str(scan["reference"]))
         common = onto(mask, reference, scan["to_common"])
-        return {"dice_to_reference": round(dice(sitk.GetArrayFromImage(common) > 0, sitk.GetArrayFromImage(reference) > 0), 4)}
+        return {
+            "dice_to_reference": round(
+                dice(sitk.GetArrayFromImage(common) > 0, sitk.GetArrayFromImage(reference) > 0), 4
+            )
+        }
     tumour = sitk.GetArrayFromImage(sitk.ReadImage(str(scan["tumour"]))) > 0
     inside = sitk.GetArrayFromImage(mask) > 0
-    return {"tumour_inside": round(float((tumour & inside).sum()) / max(1, int(tumour.sum())), 4), "mask_voxels": int(inside.sum())}
+    return {
+        "tumour_inside": round(float((tumour & inside).sum()) / max(1, int(tumour.sum())), 4),
+        "mask_voxels": int(inside.sum()),
+    }
 
 
 def main(argv=None) -> int:

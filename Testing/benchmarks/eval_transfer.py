@@ -57,7 +57,9 @@ def real_cases(folder: Path, pattern: tuple[str, str, str | None]):
 
     image, lesions, organ = pattern
     return [
-        prepare_case(load_case([p / image], organ_path=p / organ if organ else None, lesion_path=p / lesions, name=p.name))
+        prepare_case(
+            load_case([p / image], organ_path=p / organ if organ else None, lesion_path=p / lesions, name=p.name)
+        )
         for p in sorted(folder.iterdir())
         if (p / image).is_file()
     ]
@@ -97,14 +99,17 @@ def run_setting(name: str, source_cases, target_pool, test_cases, ns, args, writ
     sequences = [{"name": "input", "channels": 1}]
 
     def bundle_of(model):
-        return ModelBundle(model, make_metadata(model, sequences, (config.spacing_mm,) * 3, **volume_model_metadata(config, model)))
+        return ModelBundle(
+            model, make_metadata(model, sequences, (config.spacing_mm,) * 3, **volume_model_metadata(config, model))
+        )
 
     t = time.perf_counter()
     source = new_volume_model((1,), width=args.width, seed=args.seed)
     train_volume_model(source, source_cases, config, device="cpu")
     source = bundle_of(source)
     print(
-        f"[{name}] source model: {len(source_cases)} studies, {config.iterations} iterations, {time.perf_counter() - t:.0f} s", flush=True
+        f"[{name}] source model: {len(source_cases)} studies, {config.iterations} iterations, {time.perf_counter() - t:.0f} s",
+        flush=True,
     )
     rows = []
     target_config = replace(config, iterations=args.iterations)
@@ -121,7 +126,13 @@ def run_setting(name: str, source_cases, target_pool, test_cases, ns, args, writ
             else:
                 strategy_config = replace(target_config, strategy=arm, reset_last_layers=arm != "head")
                 model = finetune_volume_model(source, train, strategy_config, device="cpu")
-            row = {"setting": name, "n": n, "arm": arm, **evaluate(model, test_cases), "seconds": round(time.perf_counter() - t, 1)}
+            row = {
+                "setting": name,
+                "n": n,
+                "arm": arm,
+                **evaluate(model, test_cases),
+                "seconds": round(time.perf_counter() - t, 1),
+            }
             print(
                 f"[{name}] N={n} {arm:12s} Dice {row['dice']:.3f} sensitivity {row['sensitivity']:.3f} PPV {row['ppv']:.3f} ({row['seconds']} s)",
                 flush=True,
@@ -159,13 +170,18 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=5, help="held-out synthetic target studies")
     parser.add_argument("--source-studies", type=int, default=10, help="synthetic source studies")
     parser.add_argument("--source-iterations", type=int, default=600)
-    parser.add_argument("--iterations", type=int, default=200, help="iterations of every trained arm on the target studies")
+    parser.add_argument(
+        "--iterations", type=int, default=200, help="iterations of every trained arm on the target studies"
+    )
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--spacing-mm", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument(
-        "--lesion-weight", type=float, default=5.0, help="cross-entropy weight of the lesion class (Kaur et al. 2019: weighted)"
+        "--lesion-weight",
+        type=float,
+        default=5.0,
+        help="cross-entropy weight of the lesion class (Kaur et al. 2019: weighted)",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -179,15 +195,22 @@ def main() -> None:
             source = synthetic_cases("brain-wmh", range(600, 600 + args.source_studies), sequence=0)  # FLAIR
             pool = synthetic_cases("brain-tumor", range(700, 700 + max(args.ns)), sequence=0)  # T1c
             test = synthetic_cases("brain-tumor", range(800, 800 + args.test), sequence=0)
-            rows += run_setting("synthetic brain-wmh FLAIR -> brain-tumor T1c", source, pool, test, args.ns, args, writer)
+            rows += run_setting(
+                "synthetic brain-wmh FLAIR -> brain-tumor T1c", source, pool, test, args.ns, args, writer
+            )
         if "real" in args.settings:
             if not (DATA / "brats2015_subset").is_dir():
                 print(f"real setting skipped: {DATA} has no brats2015_subset")
             else:
                 source = real_cases(DATA / "ljubljana_ms_cross", ("FLAIR.nii.gz", "lesions.nii.gz", None))
-                brats = real_cases(DATA / "brats2015_subset", ("Flair_subtrMeanDivStd.nii.gz", "OTMultiClass.nii.gz", "brainmask.nii.gz"))
+                brats = real_cases(
+                    DATA / "brats2015_subset",
+                    ("Flair_subtrMeanDivStd.nii.gz", "OTMultiClass.nii.gz", "brainmask.nii.gz"),
+                )
                 test, pool = brats[:2], brats[2:]
-                rows += run_setting("real Ljubljana MS FLAIR -> BraTS FLAIR whole tumour", source, pool, test, [2, 4], args, writer)
+                rows += run_setting(
+                    "real Ljubljana MS FLAIR -> BraTS FLAIR whole tumour", source, pool, test, [2, 4], args, writer
+                )
     table = markdown(rows)
     (args.work / "results.md").write_text(table)
     print(table)

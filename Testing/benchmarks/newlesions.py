@@ -50,7 +50,9 @@ def new_lesion_mask(followup_lesions: np.ndarray, baseline_lesions: np.ndarray) 
     return (labels > 0) & ~np.isin(labels, old)
 
 
-def write_case(folder: str | os.PathLike, flair: sitk.Image, subtraction: sitk.Image, brain: sitk.Image, target: sitk.Image | None) -> Path:
+def write_case(
+    folder: str | os.PathLike, flair: sitk.Image, subtraction: sitk.Image, brain: sitk.Image, target: sitk.Image | None
+) -> Path:
     """A case folder of the ``brain-new-lesions`` preset: FLAIR, FLAIR_subtraction, organ
     and (when known) lesions = the new-lesion target."""
     folder = Path(folder)
@@ -61,7 +63,9 @@ def write_case(folder: str | os.PathLike, flair: sitk.Image, subtraction: sitk.I
 
 
 def _normalised(image: sitk.Image, brain: sitk.Image) -> sitk.Image:
-    z = sitk.GetImageFromArray(normalise(sitk.GetArrayFromImage(image)[None].astype(np.float32), sitk.GetArrayFromImage(brain) > 0)[0])
+    z = sitk.GetImageFromArray(
+        normalise(sitk.GetArrayFromImage(image)[None].astype(np.float32), sitk.GetArrayFromImage(brain) > 0)[0]
+    )
     z.CopyInformation(image)
     return z
 
@@ -81,9 +85,15 @@ def synthetic_pair_case(pair_folder: str | os.PathLike, out_folder: str | os.Pat
     brain, baseline_brain = read("followup", "organ"), read("baseline", "organ")
     # register the visits normalised inside their own brains (as the copy-forward reference
     # does): raw intensities of two visits need not share a scale
-    registration = register_followup(_normalised(followup, brain), _normalised(baseline, baseline_brain), brain, seed=seed)
-    baseline_on_followup = sitk.Resample(baseline, followup, registration.transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    baseline_lesions = sitk.GetArrayFromImage(resample_mask(read("baseline", "lesions"), followup, registration.transform)) > 0
+    registration = register_followup(
+        _normalised(followup, brain), _normalised(baseline, baseline_brain), brain, seed=seed
+    )
+    baseline_on_followup = sitk.Resample(
+        baseline, followup, registration.transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
+    baseline_lesions = (
+        sitk.GetArrayFromImage(resample_mask(read("baseline", "lesions"), followup, registration.transform)) > 0
+    )
     brain_array = sitk.GetArrayFromImage(brain) > 0
     subtraction = subtraction_image(followup, baseline_on_followup, brain_array)
     target = new_lesion_mask(sitk.GetArrayFromImage(read("followup", "lesions")) > 0, baseline_lesions)
@@ -113,4 +123,10 @@ def ljubljana_case(patient_folder: str | os.PathLike, out_folder: str | os.PathL
     brain.CopyInformation(reference)
     followup, baseline = flair_on_common(2), flair_on_common(1)
     subtraction = subtraction_image(followup, baseline, sitk.GetArrayFromImage(brain) > 0)
-    write_case(out_folder, followup, subtraction, sitk.Cast(brain > 0, sitk.sitkUInt8), sitk.Cast(reference > 0, sitk.sitkUInt8))
+    write_case(
+        out_folder,
+        followup,
+        subtraction,
+        sitk.Cast(brain > 0, sitk.sitkUInt8),
+        sitk.Cast(reference > 0, sitk.sitkUInt8),
+    )

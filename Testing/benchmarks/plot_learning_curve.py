@@ -36,7 +36,9 @@ def main(argv=None) -> int:
     print("|---" * (len(keys) + 2) + "|")
     for r in rows:
         print(
-            f"| {r['iteration']} | {r.get('wall_s', 0) / 3600:.2f} | " + " | ".join(f"{r[k]:.3f}" if k in r else "" for k, _ in keys) + " |"
+            f"| {r['iteration']} | {r.get('wall_s', 0) / 3600:.2f} | "
+            + " | ".join(f"{r[k]:.3f}" if k in r else "" for k, _ in keys)
+            + " |"
         )
     if args.out:
         import matplotlib

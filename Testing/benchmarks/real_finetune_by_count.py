@@ -30,7 +30,9 @@ from eval_real_finetune import WITHIN_SCAN, annotated_slices, load, mask_scores 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--case", default="brats_2013_pat0005_1", choices=[n for names in WITHIN_SCAN.values() for n in names])
+    parser.add_argument(
+        "--case", default="brats_2013_pat0005_1", choices=[n for names in WITHIN_SCAN.values() for n in names]
+    )
     parser.add_argument("--route", default="every-other", choices=["every-other", "suggested-2"])
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 200, 400])
     parser.add_argument("--threads", type=int, default=2)

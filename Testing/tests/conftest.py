@@ -14,7 +14,9 @@ from PatientFineTuneLib.model import LesionNet
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def write_volume(path: Path, array_zyx: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None) -> Path:
+def write_volume(
+    path: Path, array_zyx: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None
+) -> Path:
     image = sitk.GetImageFromArray(array_zyx)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)

@@ -24,7 +24,10 @@ def main(cases_dir: str, out: str) -> None:
     model = LesionNet((1, 1), width=4, head_width=8)
     config = TrainingConfig(iterations=3, patch_size=64, patches_per_slice=4)
     train_base_model(model, cases, (2.0, 2.0), config, device=device, progress=False, log=lambda m: None)
-    torch.save({"rank": rank, "world": world, "cases": [c.name for c in cases], "state": model.state_dict()}, Path(out) / f"rank{rank}.pt")
+    torch.save(
+        {"rank": rank, "world": world, "cases": [c.name for c in cases], "state": model.state_dict()},
+        Path(out) / f"rank{rank}.pt",
+    )
     torch.distributed.destroy_process_group()
 
 

@@ -16,7 +16,9 @@ from conftest import SHARED_DATA, tiny_model, write_volume
 
 #: LIA storage, as the SynthSeg label maps have: i -> left, j -> inferior, k -> anterior.
 LIA = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0)
-SETTINGS = SynthesisSettings(("FLAIR", "T1"), "ms", (1.5, 1.5), size=72, slices=3, slice_gap_mm=3.0, max_thickness_mm=4.0)
+SETTINGS = SynthesisSettings(
+    ("FLAIR", "T1"), "ms", (1.5, 1.5), size=72, slices=3, slice_gap_mm=3.0, max_thickness_mm=4.0
+)
 
 
 def _head(shape=(72, 72, 72)) -> np.ndarray:
@@ -107,7 +109,9 @@ def test_tumours_have_a_dark_core_in_a_bright_rim_beside_bright_structures_that_
     """T1c synthesis: the target is the tumour core (enhancing rim and necrosis); dura,
     vessels and choroid plexus enhance too but are never target."""
     anatomy = load_anatomy_map(label_map)
-    settings = SynthesisSettings(("T1c",), "tumour", (1.5, 1.5), size=72, slices=3, slice_gap_mm=3.0, max_thickness_mm=4.0)
+    settings = SynthesisSettings(
+        ("T1c",), "tumour", (1.5, 1.5), size=72, slices=3, slice_gap_mm=3.0, max_thickness_mm=4.0
+    )
     with_tumour = with_mimics = 0
     for seed in range(8):
         out = synthesize_slices(anatomy, settings, np.random.default_rng(seed))
@@ -126,7 +130,9 @@ def test_patch_source_draws_the_same_patches_in_a_fresh_process_and_mixes_as_con
     from PatientFineTuneLib.cases import find_cases
     from PatientFineTuneLib.images import load_case, prepare_case
 
-    config = TrainingConfig(patch_size=32, seed=3, synthetic_fraction=0.5, sequence_dropout=0.5, droppable_channels=(1,))
+    config = TrainingConfig(
+        patch_size=32, seed=3, synthetic_fraction=0.5, sequence_dropout=0.5, droppable_channels=(1,)
+    )
     first = AnatomyPatches([label_map], SETTINGS, seed=3, volume_every=2, bank=3)
     resumed = AnatomyPatches([label_map], SETTINGS, seed=3, volume_every=2, bank=3)  # as after a restart
     for iteration in (0, 1, 5):
@@ -180,14 +186,18 @@ def test_training_on_synthesis_alone_resumes_exactly(label_map, tmp_path):
     s1, s2 = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     with pytest.raises(ValueError, match="nothing to train on"):
-        train_base_model(tiny_model(), [], (1.5, 1.5), TrainingConfig(iterations=1), device="cpu", progress=False, log=lambda m: None)
+        train_base_model(
+            tiny_model(), [], (1.5, 1.5), TrainingConfig(iterations=1), device="cpu", progress=False, log=lambda m: None
+        )
 
 
 @pytest.mark.realdata
 def test_the_shared_label_maps_synthesise_brains_with_lesions():
     maps = sorted((SHARED_DATA / "synthseg_label_maps").glob("*.nii*"))
     if not maps:
-        pytest.skip(f"{SHARED_DATA / 'synthseg_label_maps'} is absent (real data lives in ../shared/data, outside the repository)")
+        pytest.skip(
+            f"{SHARED_DATA / 'synthseg_label_maps'} is absent (real data lives in ../shared/data, outside the repository)"
+        )
     anatomy = load_anatomy_map(maps[0])
     assert {"wm", "cortex", "lateral_ventricle", "thalamus", "brainstem"} <= set(anatomy.names)
     settings = SynthesisSettings(("FLAIR", "T1"), "ms", (0.958, 0.958))

@@ -21,7 +21,10 @@ from conftest import tiny_model, write_volume
 
 def cli(*args, timeout=300):
     return subprocess.run(
-        [sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -37,13 +40,17 @@ def _variant(src, dst, values):
 def test_a_blank_or_constant_sequence_is_refused_not_segmented(small_pair_dir, tmp_path, what, sequence):
     case = small_pair_dir / "baseline"
     shape = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{sequence}.nii.gz"))).shape
-    blank = _variant(case / f"{sequence}.nii.gz", tmp_path / f"{sequence}.nii.gz", np.full(shape, 0.0 if what == "zero" else 417.0))
+    blank = _variant(
+        case / f"{sequence}.nii.gz", tmp_path / f"{sequence}.nii.gz", np.full(shape, 0.0 if what == "zero" else 417.0)
+    )
     images = [blank if s == sequence else case / f"{s}.nii.gz" for s in ("FLAIR", "T1")]
     out = tmp_path / "out"
     proc = cli("segment", "--model", "brain-wmh", "--images", *images, "--organ", case / "organ.nii.gz", "--out", out)
     assert proc.returncode == 2, proc.stdout
     message = proc.stderr.strip()
-    assert len(message.splitlines()) == 1 and sequence in message and ("blank" in message or "constant" in message), message
+    assert len(message.splitlines()) == 1 and sequence in message and ("blank" in message or "constant" in message), (
+        message
+    )
     assert not out.exists()
 
 
@@ -76,7 +83,18 @@ def test_an_input_is_never_replaced_by_the_commands_output(small_pair_dir, tmp_p
     assert (case / "lesions.nii.gz").read_bytes() == before
     # a hard link to an input is the same file
     os.link(case / "lesions.nii.gz", tmp_path / "link.pt")
-    proc = cli("finetune", "--model", "brain-wmh", "--case", case, "--iterations", 2, "--out", tmp_path / "link.pt", "--overwrite")
+    proc = cli(
+        "finetune",
+        "--model",
+        "brain-wmh",
+        "--case",
+        case,
+        "--iterations",
+        2,
+        "--out",
+        tmp_path / "link.pt",
+        "--overwrite",
+    )
     assert proc.returncode == 2 and "input" in proc.stderr, proc.stderr
     assert (case / "lesions.nii.gz").read_bytes() == before
     # segment's output folder holding an input named like one of its outputs
@@ -103,8 +121,24 @@ def test_output_problems_are_found_before_any_work(small_pair_dir, tmp_path):
     case = small_pair_dir / "baseline"
     (tmp_path / "a-file").write_text("x")
     checks = [
-        (("finetune", "--model", "brain-wmh", "--case", case, "--iterations", 5000, "--out", tmp_path / "model"), ".pt"),
-        (("finetune", "--model", "brain-wmh", "--case", case, "--iterations", 5000, "--out", tmp_path / "a-file" / "m.pt"), "not a folder"),
+        (
+            ("finetune", "--model", "brain-wmh", "--case", case, "--iterations", 5000, "--out", tmp_path / "model"),
+            ".pt",
+        ),
+        (
+            (
+                "finetune",
+                "--model",
+                "brain-wmh",
+                "--case",
+                case,
+                "--iterations",
+                5000,
+                "--out",
+                tmp_path / "a-file" / "m.pt",
+            ),
+            "not a folder",
+        ),
         (("segment", "--model", "brain-wmh", "--case", case, "--out", tmp_path / "a-file"), "not a folder"),
         (("train-base", "--preset", "brain-wmh", "--train", small_pair_dir, "--out", tmp_path / "base"), ".pt"),
         (("evaluate", "--pred", case / "lesions.nii.gz", "--gt", case / "lesions.nii.gz", "--out", tmp_path), "folder"),
@@ -132,7 +166,13 @@ def test_output_problems_are_found_before_any_work(small_pair_dir, tmp_path):
     ],
 )
 def test_nonsense_counts_are_refused_by_the_parser(args, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", *args], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "PatientFineTuneLib.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "invalid" in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -182,7 +222,9 @@ def test_the_training_progress_bar_moves(small_pair_dir, tmp_path):
         tmp_path / "p.pt",
     )
     assert proc.returncode == 0, proc.stderr
-    counts = {int(part.split("/")[0].split()[-1]) for part in proc.stderr.replace("\r", "\n").splitlines() if "/12 " in part}
+    counts = {
+        int(part.split("/")[0].split()[-1]) for part in proc.stderr.replace("\r", "\n").splitlines() if "/12 " in part
+    }
     assert len(counts) >= 3 and max(counts) == 12, proc.stderr[-2000:]
 
 
@@ -206,7 +248,9 @@ def test_segment_overwrite_removes_what_the_earlier_run_wrote_and_this_one_does_
         ).returncode
         == 0
     )
-    assert {"organ_mask.nii.gz", "uncertainty_sd.nii.gz", "uncertainty.json", "suggestions.json"} <= {p.name for p in out.iterdir()}
+    assert {"organ_mask.nii.gz", "uncertainty_sd.nii.gz", "uncertainty.json", "suggestions.json"} <= {
+        p.name for p in out.iterdir()
+    }
     proc = cli(
         "segment",
         "--model",
@@ -221,7 +265,12 @@ def test_segment_overwrite_removes_what_the_earlier_run_wrote_and_this_one_does_
         "--overwrite",
     )
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["lesion_labels.nii.gz", "lesions.csv", "probability.nii.gz", "segmentation.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "lesion_labels.nii.gz",
+        "lesions.csv",
+        "probability.nii.gz",
+        "segmentation.nii.gz",
+    ]
 
 
 def test_evaluate_refuses_images_that_are_not_label_maps(small_pair_dir, tmp_path):
@@ -257,7 +306,9 @@ def test_a_model_file_with_a_malformed_body_is_refused_cleanly(tmp_path):
     from PatientFineTuneLib import modelfile
 
     for body in ({"metadata_json": "[1, 2]", "state_dict": {}}, {"metadata_json": "{}", "state_dict": [1, 2]}):
-        torch.save({"format": modelfile.FORMAT_NAME, "format_version": modelfile.FORMAT_VERSION, **body}, tmp_path / "m.pt")
+        torch.save(
+            {"format": modelfile.FORMAT_NAME, "format_version": modelfile.FORMAT_VERSION, **body}, tmp_path / "m.pt"
+        )
         with pytest.raises(ModelFileError, match="malformed"):
             load_model(tmp_path / "m.pt")
 
@@ -315,7 +366,9 @@ def test_dicom_series_folders_are_read_and_a_single_slice_or_an_empty_folder_ref
     image = read_image(tmp_path / "series")
     assert image.GetSize() == (24, 20, 6) and np.array_equal(sitk.GetArrayFromImage(image), volume)
     assert image.GetSpacing() == pytest.approx((0.9, 0.9, 3.0))
-    assert image.GetSpacing() == pytest.approx(written.GetSpacing()) and image.GetOrigin() == pytest.approx(written.GetOrigin())
+    assert image.GetSpacing() == pytest.approx(written.GetSpacing()) and image.GetOrigin() == pytest.approx(
+        written.GetOrigin()
+    )
     with pytest.raises(ImageError, match="single 2D DICOM image"):
         read_image(tmp_path / "series" / "slice000.dcm")
     (tmp_path / "empty").mkdir()
@@ -346,7 +399,9 @@ def test_a_study_folder_with_several_series_needs_series_uids_in_image_order(tmp
     assert assign_series_uids([study, single, study], [uid_flair, uid_t1]) == [uid_flair, None, uid_t1]
     with pytest.raises(ImageError, match="3 --series-uid given but only 2"):
         assign_series_uids([study, single, study], [uid_flair, uid_t1, uid_t1])
-    organ = write_volume(tmp_path / "organ.nii.gz", np.ones(flair.shape, np.uint8), (0.9, 0.9, 3.0), (-100.0, -120.0, -40.0))
+    organ = write_volume(
+        tmp_path / "organ.nii.gz", np.ones(flair.shape, np.uint8), (0.9, 0.9, 3.0), (-100.0, -120.0, -40.0)
+    )
     case = load_case([study, study], organ_path=organ, series_uids=[uid_flair, uid_t1])
     stored = case.layout.from_slices(case.images[1])
     assert np.array_equal(stored, t1.astype(np.float32))
@@ -377,7 +432,11 @@ def test_messages_name_options_not_python_and_case_with_images_is_refused(small_
     # a folder in the working directory named like a preset does not shadow the shipped model
     (tmp_path / "brain-wmh").mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "PatientFineTuneLib.cli", "info", "brain-wmh"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        [sys.executable, "-m", "PatientFineTuneLib.cli", "info", "brain-wmh"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 0 and '"preset": "brain-wmh"' in proc.stdout, proc.stderr
 
@@ -386,9 +445,15 @@ def test_a_failing_registration_is_one_line_not_itks_exception(tmp_path):
     box = np.zeros((20, 40, 40), np.uint8)
     box[5:15, 10:30, 10:30] = 1
     paths = {}
-    for name, values in (("baseline", np.full(box.shape, 5.0)), ("followup", np.full(box.shape, 5.0)), ("lesions", box)):
+    for name, values in (
+        ("baseline", np.full(box.shape, 5.0)),
+        ("followup", np.full(box.shape, 5.0)),
+        ("lesions", box),
+    ):
         paths[name] = tmp_path / f"{name}.nii.gz"
-        sitk.WriteImage(sitk.GetImageFromArray(values.astype(np.float32 if name != "lesions" else np.uint8)), str(paths[name]))
+        sitk.WriteImage(
+            sitk.GetImageFromArray(values.astype(np.float32 if name != "lesions" else np.uint8)), str(paths[name])
+        )
     proc = cli(
         "compare",
         "--baseline-image",
@@ -403,7 +468,9 @@ def test_a_failing_registration_is_one_line_not_itks_exception(tmp_path):
         tmp_path / "out",
         timeout=120,
     )
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "registering" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "registering" in proc.stderr, (
+        proc.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -421,24 +488,34 @@ def test_a_dicom_series_with_a_duplicate_missing_or_turned_slice_is_refused_nami
     duplicate = tmp_path / "duplicate"
     shutil.copytree(good, duplicate)
     _write_dicom_series(volume[2:3], tmp_path / "again", origin=(-100.0, -120.0, -40.0 + 2 * 3.0), prefix="again")
-    shutil.copy(tmp_path / "again" / "again000.dcm", duplicate / "resent.dcm")  # slice 2 again, with its own SOP instance UID
+    shutil.copy(
+        tmp_path / "again" / "again000.dcm", duplicate / "resent.dcm"
+    )  # slice 2 again, with its own SOP instance UID
     missing = tmp_path / "missing"
     shutil.copytree(good, missing)
     (missing / "slice003.dcm").unlink()
     turned = tmp_path / "turned"
     shutil.copytree(good, turned)
-    _write_dicom_series(volume[:3], turned, origin=(-100.0, -120.0, 50.0), prefix="coronal", orientation="1\\0\\0\\0\\0\\-1")
+    _write_dicom_series(
+        volume[:3], turned, origin=(-100.0, -120.0, 50.0), prefix="coronal", orientation="1\\0\\0\\0\\0\\-1"
+    )
     with pytest.raises(ImageError, match=r"resent\.dcm.*slice002\.dcm|slice002\.dcm.*resent\.dcm") as found:
         read_image(duplicate)
     assert "same position" in str(found.value) and "\n" not in str(found.value)
-    with pytest.raises(ImageError, match=r"slice002\.dcm and slice004\.dcm are 6(\.0+)? mm apart.*3(\.0+)? mm") as found:
+    with pytest.raises(
+        ImageError, match=r"slice002\.dcm and slice004\.dcm are 6(\.0+)? mm apart.*3(\.0+)? mm"
+    ) as found:
         read_image(missing)
     with pytest.raises(ImageError, match=r"coronal000\.dcm.*another orientation"):
         read_image(turned)
     assert read_image(good).GetSpacing() == pytest.approx((0.9, 0.9, 3.0))
     # the command line: one line, exit 2, before any work
-    proc = cli("segment", "--model", "brain-wmh", "--images", duplicate, duplicate, "--out", tmp_path / "o", timeout=120)
-    assert proc.returncode == 2 and "same position" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = cli(
+        "segment", "--model", "brain-wmh", "--images", duplicate, duplicate, "--out", tmp_path / "o", timeout=120
+    )
+    assert proc.returncode == 2 and "same position" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+        proc.stderr
+    )
 
 
 def _followup_variants(small_pair_dir, folder):
@@ -450,11 +527,22 @@ def _followup_variants(small_pair_dir, folder):
     for name in ("FLAIR", "T1"):
         image = sitk.ReadImage(str(small_pair_dir / "followup" / f"{name}.nii.gz"))
         coarse = sitk.Resample(
-            image, [10, 10, 12], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (19.2, 19.2, 3.0), image.GetDirection()
+            image,
+            [10, 10, 12],
+            sitk.Transform(),
+            sitk.sitkLinear,
+            image.GetOrigin(),
+            (19.2, 19.2, 3.0),
+            image.GetDirection(),
         )
         huge = sitk.GetImageFromArray(sitk.GetArrayFromImage(image).astype(np.float64) * 1e300)
         huge.CopyInformation(image)
-        for kind, variant in (("2d", image[:, :, 5]), ("one-slice", image[:, :, 5:6]), ("coarse", coarse), ("huge", huge)):
+        for kind, variant in (
+            ("2d", image[:, :, 5]),
+            ("one-slice", image[:, :, 5:6]),
+            ("coarse", coarse),
+            ("huge", huge),
+        ):
             sitk.WriteImage(variant, str(folder / f"{kind}-{name}.nii.gz"))
             made.setdefault(kind, []).append(folder / f"{kind}-{name}.nii.gz")
     return made
@@ -471,16 +559,24 @@ def test_what_the_libraries_would_say_unclearly_is_said_in_our_words_up_front(sm
         with pytest.raises(ValueError, match=words) as refused:  # ImageError, or brainmask's ValueError for N4
             load_case(variants[kind])
         message = str(refused.value)
-        assert "\n" not in message and not any(w in message for w in ("Input and output sizes", "Zero-valued", "NaN")), message
+        assert "\n" not in message and not any(
+            w in message for w in ("Input and output sizes", "Zero-valued", "NaN")
+        ), message
         assert kind in message or kind == "coarse", message  # the file is named (N4 sees the whole case)
-    proc = cli("segment", "--model", "brain-wmh", "--images", *variants["one-slice"], "--out", tmp_path / "o", timeout=120)
-    assert proc.returncode == 2 and "single slice" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = cli(
+        "segment", "--model", "brain-wmh", "--images", *variants["one-slice"], "--out", tmp_path / "o", timeout=120
+    )
+    assert proc.returncode == 2 and "single slice" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+        proc.stderr
+    )
 
 
 def test_a_folder_with_one_multi_frame_dicom_file_is_one_volume(tmp_path):
     """One file holding every slice (multi-frame) is a volume, not a single slice: read
     as 3D with its spacing (it was read as a 4D image before the series checks)."""
-    pytest.importorskip("pydicom", reason="pydicom comes with the web extra (trame-slicer), which the test extra installs")
+    pytest.importorskip(
+        "pydicom", reason="pydicom comes with the web extra (trame-slicer), which the test extra installs"
+    )
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

@@ -93,7 +93,8 @@ def test_the_mask_does_not_depend_on_how_the_scan_is_stored(head, head_mask, sto
         stored.SetDirection(
             tuple(
                 (
-                    np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.reshape(image.GetDirection(), (3, 3))
+                    np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+                    @ np.reshape(image.GetDirection(), (3, 3))
                 ).ravel()
             )
         )
@@ -118,7 +119,10 @@ def test_bias_correction_flattens_a_smooth_field_and_leaves_the_input_alone(head
     # how much of the imposed field is left: correlation of log(corrected/true) with log(field)
     left = np.log(np.maximum(corrected[inside], 1e-3) / np.maximum(volume[inside], 1e-3))
     imposed = np.log(field[inside])
-    assert np.corrcoef(left, imposed)[0, 1] < 0.5 * np.corrcoef(np.log(biased[inside] / np.maximum(volume[inside], 1e-3)), imposed)[0, 1]
+    assert (
+        np.corrcoef(left, imposed)[0, 1]
+        < 0.5 * np.corrcoef(np.log(biased[inside] / np.maximum(volume[inside], 1e-3)), imposed)[0, 1]
+    )
     # white-matter-like spread: the coefficient of variation inside the brain falls
     cv = lambda v: v[inside].std() / v[inside].mean()  # noqa: E731
     assert cv(corrected) < cv(biased) - 0.03
@@ -133,7 +137,9 @@ def test_load_case_masks_and_corrects_a_raw_head_but_not_a_given_organ(tmp_path,
     organ_image.CopyInformation(image)
     sitk.WriteImage(organ_image, str(organ))
     raw = load_case([path])
-    assert raw.sources["bias_corrected"] and raw.sources["organ"].startswith("automatic brain mask (deepbet; scan skull on")
+    assert raw.sources["bias_corrected"] and raw.sources["organ"].startswith(
+        "automatic brain mask (deepbet; scan skull on"
+    )
     given = load_case([path], organ_path=organ)
     assert not given.sources["bias_corrected"] and given.sources["organ"] == str(organ)
     assert not np.array_equal(raw.images, given.images)
@@ -184,9 +190,16 @@ def test_real_skull_on_scans_match_the_reference_brain_mask(sequence):
     mask.CopyInformation(image)
     flair = sitk.ReadImage(str(folder / "study1_FLAIR.nii.gz"))
     if sequence == "T1W":
-        mask = sitk.Resample(mask, flair, sitk.ReadTransform(str(folder / "study1_T1W_intrastudy_to_FLAIR.txt")), sitk.sitkNearestNeighbor)
+        mask = sitk.Resample(
+            mask,
+            flair,
+            sitk.ReadTransform(str(folder / "study1_T1W_intrastudy_to_FLAIR.txt")),
+            sitk.sitkNearestNeighbor,
+        )
     reference = sitk.ReadImage(str(folder / "brainmask_common.nii.gz"))
-    common = sitk.Resample(mask, reference, sitk.ReadTransform(str(folder / "study1_FLAIR_to_common_space.txt")), sitk.sitkNearestNeighbor)
+    common = sitk.Resample(
+        mask, reference, sitk.ReadTransform(str(folder / "study1_FLAIR_to_common_space.txt")), sitk.sitkNearestNeighbor
+    )
     assert dice(sitk.GetArrayFromImage(common) > 0, sitk.GetArrayFromImage(reference) > 0) >= 0.94
 
 
@@ -238,7 +251,22 @@ def test_segment_cli_masks_a_raw_head_and_says_how(tmp_path):
     from PatientFineTuneLib.jobs import CliJob
 
     job = CliJob(
-        [["segment", "--model", "brain-wmh", "--images", visit / "FLAIR.nii.gz", visit / "T1.nii.gz", "--out", tmp_path / "job"]]
+        [
+            [
+                "segment",
+                "--model",
+                "brain-wmh",
+                "--images",
+                visit / "FLAIR.nii.gz",
+                visit / "T1.nii.gz",
+                "--out",
+                tmp_path / "job",
+            ]
+        ]
     ).start()
     assert job.wait(300) and job.succeeded, job.error
-    assert len(job.notes) == 2 and job.notes[0].startswith("automatic brain mask (deepbet; scan skull on") and "N4" in job.notes[1]
+    assert (
+        len(job.notes) == 2
+        and job.notes[0].startswith("automatic brain mask (deepbet; scan skull on")
+        and "N4" in job.notes[1]
+    )

@@ -39,7 +39,9 @@ def test_every_category_on_hand_built_masks():
         and enlarged["change_mm3"] == 98.0
         and enlarged["change_relative"] == pytest.approx(98 / 27, abs=1e-4)
     )
-    assert summary["baseline_load_mm3"] == baseline.sum() and summary["load_change_mm3"] == followup.sum() - baseline.sum()
+    assert (
+        summary["baseline_load_mm3"] == baseline.sum() and summary["load_change_mm3"] == followup.sum() - baseline.sum()
+    )
     new = next(r for r in rows if r["change"] == "new")
     assert new["baseline_ids"] == "" and new["change_relative"] is None and new["centroid"] == [14.0, 50.0, 50.0]
 
@@ -81,7 +83,8 @@ def test_registration_recovers_a_known_rigid_plus_affine_transform_within_a_voxe
     result = register_followup(fixed, moving, mask)
     truth = known.GetInverse()
     points = [
-        fixed.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]]) for idx in np.argwhere(sitk.GetArrayFromImage(mask) > 0)[::997]
+        fixed.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]])
+        for idx in np.argwhere(sitk.GetArrayFromImage(mask) > 0)[::997]
     ]
     errors = np.abs([np.subtract(result.transform.TransformPoint(p), truth.TransformPoint(p)) for p in points])
     assert (errors.max(axis=0) < np.array(fixed.GetSpacing())).all(), errors.max(axis=0)
@@ -105,7 +108,11 @@ def test_real_longitudinal_pair_aligns_as_well_as_the_supplied_transforms(patien
     to_common1 = sitk.ReadTransform(str(folder / "study1_FLAIR_to_common_space.txt"))
     to_common2 = sitk.ReadTransform(str(folder / "study2_FLAIR_to_common_space.txt"))
     brain = sitk.Resample(
-        sitk.ReadImage(str(folder / "brainmask_common.nii.gz")), study1, to_common1.GetInverse(), sitk.sitkNearestNeighbor, 0
+        sitk.ReadImage(str(folder / "brainmask_common.nii.gz")),
+        study1,
+        to_common1.GetInverse(),
+        sitk.sitkNearestNeighbor,
+        0,
     )
     reference = sitk.CompositeTransform([to_common2, to_common1.GetInverse()])  # study1 -> common -> study2
     reference_corr = masked_correlation(study1, sitk.Resample(study2, study1, reference, sitk.sitkLinear, 0.0), brain)
@@ -136,9 +143,16 @@ def test_compare_cli_registers_and_writes_the_change_table(tmp_path):
     # the whole head has moved
     shift = sitk.TranslationTransform(3, (3.0, -1.5, 0.0))
     followup_img = sitk.Resample(baseline_img, baseline_img, shift, sitk.sitkLinear, 100.0)
-    followup_lesions = sitk.Resample(label_image(((12, 20, 20), 2), ((12, 10, 50), 1)), baseline_img, shift, sitk.sitkNearestNeighbor, 0)
+    followup_lesions = sitk.Resample(
+        label_image(((12, 20, 20), 2), ((12, 10, 50), 1)), baseline_img, shift, sitk.sitkNearestNeighbor, 0
+    )
     paths = {}
-    for name, image in (("b_img", baseline_img), ("f_img", followup_img), ("b_les", baseline_lesions), ("f_les", followup_lesions)):
+    for name, image in (
+        ("b_img", baseline_img),
+        ("f_img", followup_img),
+        ("b_les", baseline_lesions),
+        ("f_les", followup_lesions),
+    ):
         paths[name] = tmp_path / f"{name}.nii.gz"
         sitk.WriteImage(image, str(paths[name]))
     out = tmp_path / "out"

@@ -11,7 +11,9 @@ import SimpleITK as sitk
 
 
 def run(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)], capture_output=True, text=True
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -60,7 +62,9 @@ def test_synth_train_segment_evaluate(tmp_path):
     assert info["training"]["config"]["iterations"] == 3 and "train-base" in info["training"]["command"]
 
     baseline = data / "patient000" / "baseline"
-    suggested = json.loads(run("suggest", "--model", model, "--case", baseline, "-k", "2", "--candidates", "lesion").stdout)
+    suggested = json.loads(
+        run("suggest", "--model", model, "--case", baseline, "-k", "2", "--candidates", "lesion").stdout
+    )
     assert len(suggested) == 2 and {"slice", "score", "centre_ras_mm"} <= set(suggested[0])
     same = run("finetune", "--model", model, "--case", baseline, "--out", model, check=False)
     assert same.returncode == 2 and "never overwritten" in same.stderr
@@ -105,7 +109,15 @@ def test_synth_train_segment_evaluate(tmp_path):
     twice = run("segment", "--model", model, "--case", followup, "--out", out, check=False)
     assert twice.returncode == 2 and "--overwrite" in twice.stderr
 
-    ev = run("evaluate", "--pred", out / "segmentation.nii.gz", "--gt", followup / "lesions.nii.gz", "--out", tmp_path / "m.csv")
+    ev = run(
+        "evaluate",
+        "--pred",
+        out / "segmentation.nii.gz",
+        "--gt",
+        followup / "lesions.nii.gz",
+        "--out",
+        tmp_path / "m.csv",
+    )
     metrics = json.loads(ev.stdout.splitlines()[0])
     assert 0.0 <= metrics["dice"] <= 1.0
     with open(tmp_path / "m.csv") as f:
@@ -148,7 +160,11 @@ def test_unet3d_train_transfer_finetune_segment(tmp_path):
         "1",
     )
     info = json.loads(run("info", source).stdout)
-    assert info["architecture"]["type"] == "unet3d" and info["patch_voxels"] == 32 and info["training_spacing_mm"] == [2.0, 2.0, 2.0]
+    assert (
+        info["architecture"]["type"] == "unet3d"
+        and info["patch_voxels"] == 32
+        and info["training_spacing_mm"] == [2.0, 2.0, 2.0]
+    )
     card = run("info", source, "--card").stdout
     assert "3D U-Net (Wahlig et al. 2023): 4 down- and 4 up-sampling blocks" in card and "2.000 mm isotropic" in card
 
@@ -170,12 +186,39 @@ def test_unet3d_train_transfer_finetune_segment(tmp_path):
         target,
     )
     tuned = json.loads(run("info", target).stdout)["finetune"]
-    assert tuned["strategy"] == "decoder" and tuned["config"]["reset_last_layers"] and tuned["base_model_sha256"] == info["sha256"]
+    assert (
+        tuned["strategy"] == "decoder"
+        and tuned["config"]["reset_last_layers"]
+        and tuned["base_model_sha256"] == info["sha256"]
+    )
 
     baseline, followup = data / "patient000" / "baseline", data / "patient000" / "followup"
     patient = tmp_path / "patient.pt"
-    run("finetune", "--model", target, "--case", baseline, "--layers", "last-layers", "--iterations", "2", "--out", patient)
-    refused = run("finetune", "--model", target, "--case", baseline, "--slices", "suggested:2", "--out", tmp_path / "x.pt", check=False)
+    run(
+        "finetune",
+        "--model",
+        target,
+        "--case",
+        baseline,
+        "--layers",
+        "last-layers",
+        "--iterations",
+        "2",
+        "--out",
+        patient,
+    )
+    refused = run(
+        "finetune",
+        "--model",
+        target,
+        "--case",
+        baseline,
+        "--slices",
+        "suggested:2",
+        "--out",
+        tmp_path / "x.pt",
+        check=False,
+    )
     assert refused.returncode == 2 and "whole annotated baseline volume" in refused.stderr
     run("segment", "--model", patient, "--case", followup, "--out", tmp_path / "seg", "--mc-samples", "2")
     flair = sitk.ReadImage(str(followup / "FLAIR.nii.gz"))
@@ -241,7 +284,9 @@ def segmented(tmp_path_factory):
 def failure(*args):
     """Run a verb that must fail in JSON mode; returns (stderr, the error event)."""
     proc = run("--progress", "json", *args, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+        proc.stderr[-3000:]
+    )
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert events and events[-1]["event"] == "error" and events[-1]["message"] == proc.stderr.strip(), proc.stdout
     return proc.stderr
@@ -256,7 +301,10 @@ def test_errors_from_the_system_are_one_line_exit_2_and_an_error_event(segmented
     assert "Is a directory" in failure(*report, "--suggestions", tmp_path, "--out", tmp_path / "r.html")
     odd = tmp_path / "suggestions.json"
     odd.write_text(json.dumps([{"mean_probability": 0.5}]))
-    assert "suggestions.json" in failure(*report, "--suggestions", odd, "--out", tmp_path / "r.html") and not (tmp_path / "r.html").exists()
+    assert (
+        "suggestions.json" in failure(*report, "--suggestions", odd, "--out", tmp_path / "r.html")
+        and not (tmp_path / "r.html").exists()
+    )
     assert "/sys/x.html" in failure(*report, "--out", "/sys/x.html")
 
 
@@ -269,7 +317,9 @@ def test_a_reader_that_stops_early_gives_one_line_not_a_broken_pipe_traceback(se
         " | head -1; exit ${PIPESTATUS[0]}"
     )
     proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+        proc.stderr[-3000:]
+    )
     assert json.loads(proc.stdout)["event"] and not (tmp_path / "o").exists()
 
 
@@ -282,12 +332,29 @@ def test_a_damaged_lesion_table_is_named_not_an_invalid_literal(segmented, tmp_p
     table = damaged / "lesions.csv"
     header, first, *rest = table.read_text().splitlines()
     table.write_text("\n".join([header, "x" + first[first.index(",") :], *rest]) + "\n")
-    message = failure("report", "--followup-image", case / "FLAIR.nii.gz", "--results", f"base={damaged}", "--out", tmp_path / "r.html")
+    message = failure(
+        "report",
+        "--followup-image",
+        case / "FLAIR.nii.gz",
+        "--results",
+        f"base={damaged}",
+        "--out",
+        tmp_path / "r.html",
+    )
     assert str(table) in message and "invalid literal" not in message, message
     assert (
         "--lesion-labels"
         in run(
-            "train-base", "--preset", "brain-wmh", "--train", tmp_path, "--out", tmp_path / "m.pt", "--lesion-labels", "1,x", check=False
+            "train-base",
+            "--preset",
+            "brain-wmh",
+            "--train",
+            tmp_path,
+            "--out",
+            tmp_path / "m.pt",
+            "--lesion-labels",
+            "1,x",
+            check=False,
         ).stderr
     )
 
@@ -305,12 +372,22 @@ def test_options_of_the_2d_network_are_refused_for_a_3d_unet(segmented, tmp_path
         ModelBundle(
             net,
             make_metadata(
-                net, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0, 2.0), preset="brain-wmh", patch_voxels=32
+                net,
+                [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}],
+                (2.0, 2.0, 2.0),
+                preset="brain-wmh",
+                patch_voxels=32,
             ),
         ),
         unet,
     )
-    options = [("--method", "fast"), ("--angles", "0"), ("--hard-negatives", "2"), ("--check",), ("--pixel-fraction", "0.5")]
+    options = [
+        ("--method", "fast"),
+        ("--angles", "0"),
+        ("--hard-negatives", "2"),
+        ("--check",),
+        ("--pixel-fraction", "0.5"),
+    ]
     proc = run(
         "--progress",
         "none",
@@ -326,7 +403,9 @@ def test_options_of_the_2d_network_are_refused_for_a_3d_unet(segmented, tmp_path
         tmp_path / "p.pt",
         check=False,
     )
-    assert proc.returncode == 2 and "3D U-Net" in proc.stderr and all(o[0] in proc.stderr for o in options), proc.stderr[-2000:]
+    assert proc.returncode == 2 and "3D U-Net" in proc.stderr and all(o[0] in proc.stderr for o in options), (
+        proc.stderr[-2000:]
+    )
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.pt").exists()
 
 
@@ -364,7 +443,19 @@ def test_in_json_mode_every_stdout_line_is_an_event_and_each_verb_ends_with_resu
     assert [s["slice"] for s in found["suggest"]["suggestions"]] and found["evaluate"]["cases"][0]["dice"] >= 0
     # fine-tuning's progress names its phases (the check's folds, then the final model)
     tuned = json_events(
-        run("--progress", "json", "finetune", "--model", model, "--case", case, "--iterations", 2, "--out", tmp_path / "ft.pt")
+        run(
+            "--progress",
+            "json",
+            "finetune",
+            "--model",
+            model,
+            "--case",
+            case,
+            "--iterations",
+            2,
+            "--out",
+            tmp_path / "ft.pt",
+        )
     )
     phases = list(dict.fromkeys(e.get("phase") for e in tuned if e["event"] == "progress"))
     folds = int(phases[0].rsplit(" ", 1)[-1])  # 1 where the annotation is large (every layer trains), else 2
@@ -372,7 +463,11 @@ def test_in_json_mode_every_stdout_line_is_an_event_and_each_verb_ends_with_resu
         [] if tuned[-1]["base_model_kept"] else ["final model"]
     )
     proc = run("--progress", "json", "segment", "--model", model, check=False)  # --out missing: argparse's error
-    assert proc.returncode == 2 and json_events(proc)[-1]["event"] == "error" and "--out" in json_events(proc)[-1]["message"]
+    assert (
+        proc.returncode == 2
+        and json_events(proc)[-1]["event"] == "error"
+        and "--out" in json_events(proc)[-1]["message"]
+    )
 
 
 def test_a_cancelled_json_run_ends_with_a_cancelled_event(segmented, tmp_path):
@@ -400,11 +495,17 @@ def test_a_cancelled_json_run_ends_with_a_cancelled_event(segmented, tmp_path):
     )
     first = proc.stdout.readline()  # the device event: the run has started
     status = Path(f"/proc/{proc.pid}/status")
-    blocked = [line for line in status.read_text().splitlines() if line.startswith(("SigBlk", "SigIgn"))] if status.exists() else []
+    blocked = (
+        [line for line in status.read_text().splitlines() if line.startswith(("SigBlk", "SigIgn"))]
+        if status.exists()
+        else []
+    )
     proc.send_signal(signal.SIGTERM)
     rest, err = proc.communicate(timeout=120)
     events = [json.loads(line) for line in (first + rest).splitlines()]
-    assert proc.returncode == 130 and events[-1]["event"] == "cancelled" and "no partial output" in events[-1]["message"], (
+    assert (
+        proc.returncode == 130 and events[-1]["event"] == "cancelled" and "no partial output" in events[-1]["message"]
+    ), (
         events[-3:],
         err,
         blocked,
@@ -480,7 +581,10 @@ def test_a_model_trained_without_t1_segments_a_flair_only_scan_and_others_say_wh
         ModelBundle(
             net,
             make_metadata(
-                net, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1, "optional": True}], (2.0, 2.0), preset="brain-wmh"
+                net,
+                [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1, "optional": True}],
+                (2.0, 2.0),
+                preset="brain-wmh",
             ),
         ),
         optional,
@@ -498,6 +602,8 @@ def test_a_model_trained_without_t1_segments_a_flair_only_scan_and_others_say_wh
         assert seg.GetSize() == flair.GetSize() and seg.GetOrigin() == pytest.approx(flair.GetOrigin())
     refused = run("segment", "--model", needs_t1, "--case", flair_only, "--out", tmp_path / "no", check=False)
     assert refused.returncode == 2 and "no image for sequence(s) T1" in refused.stderr
-    refused = run("segment", "--model", needs_t1, "--images", case / "FLAIR.nii.gz", "--out", tmp_path / "no", check=False)
+    refused = run(
+        "segment", "--model", needs_t1, "--images", case / "FLAIR.nii.gz", "--out", tmp_path / "no", check=False
+    )
     assert refused.returncode == 2 and "needs 2 file(s) in the order FLAIR, T1; got 1" in refused.stderr
     assert not (tmp_path / "no").exists()

@@ -30,7 +30,9 @@ def test_processes_train_their_own_shard_and_stay_identical(small_pair_dir, tmp_
     assert (r0["world"], r1["world"]) == (2, 2)
     assert r0["cases"] == ["baseline"] and r1["cases"] == ["followup"]  # disjoint shards
     assert all(
-        torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"] if r0["state"][k].is_floating_point() and "running" not in k
+        torch.equal(r0["state"][k], r1["state"][k])
+        for k in r0["state"]
+        if r0["state"][k].is_floating_point() and "running" not in k
     )
 
     # Gradients were averaged across processes: rank 0 does not end where training on its
@@ -80,7 +82,9 @@ def test_train_base_cli_runs_unchanged_under_torchrun(small_pair_dir, tmp_path):
     assert model.is_file() and not model.with_name("base.pt.checkpoint").exists()
     assert not list(tmp_path.glob(".partial-*"))
     info = json.loads(
-        subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "info", model], capture_output=True, text=True, check=True).stdout
+        subprocess.run(
+            [sys.executable, "-m", "PatientFineTuneLib.cli", "info", model], capture_output=True, text=True, check=True
+        ).stdout
     )
     assert info["training"]["processes"] == 2
     assert info["training"]["train_cases"] == ["baseline", "followup"]

@@ -71,7 +71,10 @@ def test_small_experiment_runs_resumes_and_summarises(cohort_dir, tmp_path):
     path = tmp_path / "base.pt"
     save_model(
         ModelBundle(
-            model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0), preset="brain-wmh")
+            model,
+            make_metadata(
+                model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0), preset="brain-wmh"
+            ),
         ),
         path,
     )

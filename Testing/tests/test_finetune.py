@@ -46,7 +46,9 @@ def baseline(small_pair_dir):
 @pytest.fixture()
 def bundle():
     model = tiny_model(width=4)
-    meta = make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0), preset="brain-wmh")
+    meta = make_metadata(
+        model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0), preset="brain-wmh"
+    )
     return ModelBundle(model, meta)
 
 
@@ -55,7 +57,9 @@ CONFIG = dict(iterations=4, patch_size=64, n_angles=3)
 
 def test_only_the_last_two_layers_change(bundle, baseline):
     before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
-    patient = finetune_patient_model(bundle, baseline, baseline.lesion_slices()[:2], FinetuneConfig(**CONFIG), device="cpu")
+    patient = finetune_patient_model(
+        bundle, baseline, baseline.lesion_slices()[:2], FinetuneConfig(**CONFIG), device="cpu"
+    )
     after = patient.model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed and all(k.startswith("classifier.") for k in changed)
@@ -70,19 +74,29 @@ def test_only_the_last_two_layers_change(bundle, baseline):
 def test_all_layers_train_everything_but_the_backbone_statistics(bundle, baseline):
     before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
     patient = finetune_patient_model(
-        bundle, baseline, baseline.lesion_slices()[:2], FinetuneConfig(**CONFIG, layers="all", method="fast"), device="cpu"
+        bundle,
+        baseline,
+        baseline.lesion_slices()[:2],
+        FinetuneConfig(**CONFIG, layers="all", method="fast"),
+        device="cpu",
     )
     after = patient.model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     # every convolution and BatchNorm weight, backbone included, has trained
     assert all(n in changed for n, _ in patient.model.named_parameters() if n.endswith("weight"))
     # backbone BatchNorm statistics stay the base model's
-    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("pathways.") and ("running_" in k or "num_batches" in k))
+    assert all(
+        torch.equal(after[k], before[k])
+        for k in after
+        if k.startswith("pathways.") and ("running_" in k or "num_batches" in k)
+    )
     assert patient.metadata["finetune"]["method"] == "naive"  # nothing frozen, nothing to cache
     with pytest.raises(ValueError, match="layers"):
         FinetuneConfig(layers="encoder")
     with pytest.raises(ValueError, match="2D network has no decoder"):
-        finetune_patient_model(bundle, baseline, baseline.lesion_slices()[:2], FinetuneConfig(**CONFIG, layers="decoder"), device="cpu")
+        finetune_patient_model(
+            bundle, baseline, baseline.lesion_slices()[:2], FinetuneConfig(**CONFIG, layers="decoder"), device="cpu"
+        )
 
 
 def test_head_norm_sets_how_fast_the_heads_batchnorm_statistics_move(bundle, baseline):
@@ -95,7 +109,9 @@ def test_head_norm_sets_how_fast_the_heads_batchnorm_statistics_move(bundle, bas
     base = head_statistics(bundle.model).clone()
     moved = {
         norm: head_statistics(
-            finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**one_step, head_norm=norm), device="cpu").model
+            finetune_patient_model(
+                bundle, baseline, slices, FinetuneConfig(**one_step, head_norm=norm), device="cpu"
+            ).model
         )
         - base
         for norm in ("batch", "slow", "frozen")
@@ -125,7 +141,9 @@ def test_approximate_pixel_sampling_mode(bundle, baseline, weighting):
     config = dict(CONFIG, pixel_fraction=0.25, weighting=weighting)
     fast = finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**config, method="fast"), device="cpu")
     naive = finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**config, method="naive"), device="cpu")
-    exact = finetune_patient_model(bundle, baseline, slices, FinetuneConfig(**CONFIG, weighting=weighting, method="fast"), device="cpu")
+    exact = finetune_patient_model(
+        bundle, baseline, slices, FinetuneConfig(**CONFIG, weighting=weighting, method="fast"), device="cpu"
+    )
     a, b, c = fast.model.state_dict(), naive.model.state_dict(), exact.model.state_dict()
     # both paths sample the same pixels, only the head trains, and it differs from the exact loss's model
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
@@ -173,7 +191,12 @@ def test_pixel_sample_is_a_seeded_fraction_of_every_patch():
 def test_same_seed_same_model_and_progress_is_reported(bundle, baseline):
     calls = []
     a = finetune_patient_model(
-        bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG), device="cpu", progress=lambda i, loss: calls.append((i, loss))
+        bundle,
+        baseline,
+        "all-lesion",
+        FinetuneConfig(**CONFIG),
+        device="cpu",
+        progress=lambda i, loss: calls.append((i, loss)),
     )
     b = finetune_patient_model(bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG), device="cpu")
     assert all(torch.equal(a.model.state_dict()[k], b.model.state_dict()[k]) for k in a.model.state_dict())
@@ -182,7 +205,9 @@ def test_same_seed_same_model_and_progress_is_reported(bundle, baseline):
 
 def test_cancel_returns_nothing_and_writes_nothing(bundle, baseline, tmp_path):
     with pytest.raises(Cancelled):
-        finetune_patient_model(bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG), device="cpu", cancel=lambda: True)
+        finetune_patient_model(
+            bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG), device="cpu", cancel=lambda: True
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -229,7 +254,9 @@ def test_continuous_angles_give_every_draw_its_own_angle(bundle, baseline):
 
 def test_weighted_fine_tuning_runs(bundle, baseline):
     for scheme in ("segmentation", "detection"):
-        patient = finetune_patient_model(bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG, weighting=scheme), device="cpu")
+        patient = finetune_patient_model(
+            bundle, baseline, "all-lesion", FinetuneConfig(**CONFIG, weighting=scheme), device="cpu"
+        )
         assert patient.metadata["finetune"]["config"]["weighting"] == scheme
 
 
@@ -280,7 +307,9 @@ def test_mc_dropout_fast_equals_naive_and_has_spread(bundle, baseline):
     assert np.allclose(fast_p, predict_probability(bundle, baseline, device="cpu"), atol=1e-5)
     assert fast.sd.max() > 0 and np.all(fast.sd[~baseline.organ] == 0)
     # a tiled slice uses the slice's masks in every window: the same result
-    tiled_p, tiled = predict_with_uncertainty(bundle, baseline, n_samples=5, seed=3, device="cpu", memory_budget=200_000)
+    tiled_p, tiled = predict_with_uncertainty(
+        bundle, baseline, n_samples=5, seed=3, device="cpu", memory_budget=200_000
+    )
     assert np.allclose(tiled.mean, fast.mean, atol=1e-5) and np.allclose(tiled.sd, fast.sd, atol=1e-5)
 
 
@@ -306,7 +335,9 @@ def test_mc_samples_have_the_per_voxel_distribution_of_element_wise_dropout():
     rows = torch.randn(60, model.feature_channels) * 2
     with torch.no_grad():
         folded = inference_network(model, torch.device("cpu"))
-        deterministic, shared = mc_head_samples(folded, rows, mc_masks(folded, 2000, seed=1, slice_index=0, device="cpu"))
+        deterministic, shared = mc_head_samples(
+            folded, rows, mc_masks(folded, 2000, seed=1, slice_index=0, device="cpu")
+        )
         torch.manual_seed(0)
         with mc_dropout_mode(model):
             element_wise = torch.stack([torch.softmax(model.head_rows(rows), 1)[:, 1] for _ in range(2000)])
@@ -323,7 +354,9 @@ def test_mc_dropout_on_a_resampled_slice_matches_a_whole_slice_pass(baseline, mo
     # the head runs only where the result is kept: inside the organ the values must be
     # those of a whole-slice pass whether the model grid is finer or coarser
     model = tiny_model(width=4)
-    meta = make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (model_spacing, model_spacing))
+    meta = make_metadata(
+        model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (model_spacing, model_spacing)
+    )
     resampled = ModelBundle(model, meta)
     probability, _ = predict_with_uncertainty(resampled, baseline, n_samples=2, device="cpu")
     whole = predict_probability(resampled, baseline, device="cpu")
@@ -357,7 +390,9 @@ def test_auto_picks_the_cheaper_path():
     from PatientFineTuneLib.finetune import FinetuneData, choose_method
 
     def data(n_slices):
-        return FinetuneData(list(range(n_slices)), [None] * n_slices, [], None, [np.zeros((5, 2))] * n_slices, np.zeros(8), [])
+        return FinetuneData(
+            list(range(n_slices)), [None] * n_slices, [], None, [np.zeros((5, 2))] * n_slices, np.zeros(8), []
+        )
 
     config = FinetuneConfig(iterations=100)
     mb = 42 << 20  # one cached 640 x 128 x 128 float32 feature map
@@ -389,7 +424,9 @@ def test_a_harmful_finetuning_is_caught_and_the_base_model_returned(shipped_and_
     # a learning rate 100,000 times the paper's wrecks the head (held-out Dice 0.95 -> 0.84;
     # 10,000 times still helps: the head is robust): the check must notice
     harmful = FinetuneConfig(iterations=15, learning_rate=10.0, holdout_check=True)
-    result = finetune_patient_model(base, baseline, slices, harmful, device="cpu", progress=lambda i, loss: steps.append(i))
+    result = finetune_patient_model(
+        base, baseline, slices, harmful, device="cpu", progress=lambda i, loss: steps.append(i)
+    )
     check = result.metadata["finetune"]["holdout_check"]
     assert check["kept"] is False and check["dice_finetuned"] < check["dice_base"], check
     assert check["held_out_lesion_pixels"] > 0 and result.metadata["finetune"]["method"] == "base model kept"
@@ -406,7 +443,9 @@ def test_a_helpful_finetuning_passes_the_check_and_trains_on_the_whole_annotatio
     slices = sorted(baseline.lesion_slices(), key=lambda s: -baseline.lesions[s].sum())[:2]
     steps = []
     config = FinetuneConfig(iterations=8, holdout_check=True)
-    result = finetune_patient_model(base, baseline, slices, config, device="cpu", progress=lambda i, loss: steps.append(i))
+    result = finetune_patient_model(
+        base, baseline, slices, config, device="cpu", progress=lambda i, loss: steps.append(i)
+    )
     check = result.metadata["finetune"]["holdout_check"]
     # two folds: each slice held out whole in turn, the model trained on the other
     assert check["split"] == "slices" and check["folds"] == 2 and check["held_out_slices"] == sorted(slices)
@@ -496,7 +535,9 @@ def test_the_check_compares_iteration_counts_and_the_patient_model_trains_the_be
     assert len(gated["held_out_slices"]) == 2 and [c["iterations"] for c in gated["compared"]] == [3, 6]
     config = dataclasses.replace(config, extend_min_held_out_slices=1)
     assert config.progress_total() == 36  # 12 on each of the two folds, then at most 12
-    result = finetune_patient_model(base, baseline, slices, config, device="cpu", progress=lambda i, loss: steps.append(i))
+    result = finetune_patient_model(
+        base, baseline, slices, config, device="cpu", progress=lambda i, loss: steps.append(i)
+    )
     check = result.metadata["finetune"]["holdout_check"]
     compared = {c["iterations"]: c for c in check["compared"]}
     assert sorted(compared) == [3, 6, 12]
@@ -504,9 +545,12 @@ def test_the_check_compares_iteration_counts_and_the_patient_model_trains_the_be
     for c in compared.values():
         assert len(c["per_fold"]) == 2
         promise = [
-            f["dice"] >= b["dice"] - 0.02 and f["lesion_f1"] >= b["lesion_f1"] - 0.02 for f, b in zip(c["per_fold"], check["per_fold_base"])
+            f["dice"] >= b["dice"] - 0.02 and f["lesion_f1"] >= b["lesion_f1"] - 0.02
+            for f, b in zip(c["per_fold"], check["per_fold_base"])
         ]
-        assert c["passes"] == (c["dice"] >= check["dice_base"] and c["lesion_f1"] >= check["lesion_f1_base"] - 0.02 and all(promise))
+        assert c["passes"] == (
+            c["dice"] >= check["dice_base"] and c["lesion_f1"] >= check["lesion_f1_base"] - 0.02 and all(promise)
+        )
     passing = [c for c in compared.values() if c["passes"]]
     assert check["kept"] == bool(passing)
     if passing:
@@ -516,12 +560,16 @@ def test_the_check_compares_iteration_counts_and_the_patient_model_trains_the_be
         # the bar moves evenly to its end however many iterations the final model takes
         assert steps[:24] == list(range(1, 25)) and steps[-1] == 36 and len(steps) == 24 + best["iterations"]
         assert all(a <= b for a, b in zip(steps, steps[1:]))
-        plain = finetune_patient_model(base, baseline, slices, FinetuneConfig(iterations=best["iterations"]), device="cpu")
+        plain = finetune_patient_model(
+            base, baseline, slices, FinetuneConfig(iterations=best["iterations"]), device="cpu"
+        )
         for k, v in plain.model.state_dict().items():
             assert torch.allclose(v, result.model.state_dict()[k]), k
     # the check's model at a count is the plain run's model at that count: its held-out
     # Dice at 12 equals that of a check run with only 12 iterations
-    only = finetune_patient_model(base, baseline, slices, FinetuneConfig(iterations=12, holdout_check=True), device="cpu")
+    only = finetune_patient_model(
+        base, baseline, slices, FinetuneConfig(iterations=12, holdout_check=True), device="cpu"
+    )
     assert only.metadata["finetune"]["holdout_check"]["dice_finetuned"] == pytest.approx(compared[12]["dice"], abs=1e-9)
 
 
@@ -542,11 +590,22 @@ def test_the_shipped_fine_tuning_trains_every_layer_only_where_many_slices_are_a
     many = baseline.lesion_slices()[:6]
     phases, steps = [], []
     trained = finetune_patient_model(
-        bundle, baseline, many, config, device="cpu", phase=lambda *p: phases.append(p), progress=lambda i, loss: steps.append(i)
+        bundle,
+        baseline,
+        many,
+        config,
+        device="cpu",
+        phase=lambda *p: phases.append(p),
+        progress=lambda i, loss: steps.append(i),
     )
     check = trained.metadata["finetune"]["holdout_check"]
     # the large annotation's route: one fold (holding out 3 of the 6 slices), every layer
-    assert check["split"] == "slices" and check["folds"] == 1 and len(check["held_out_slices"]) == 3 and check["layers"] == "all"
+    assert (
+        check["split"] == "slices"
+        and check["folds"] == 1
+        and len(check["held_out_slices"]) == 3
+        and check["layers"] == "all"
+    )
     # progress names each phase and counts the route's own iterations (12 on the one fold,
     # then the patient model's 6: it continues the fold's model at the chosen count for half
     # as many), fewer than the bar's first estimate (the head's route)
@@ -557,7 +616,15 @@ def test_the_shipped_fine_tuning_trains_every_layer_only_where_many_slices_are_a
     assert record["continued_from_check_model"] and record["config"]["iterations"] == 6 and check["iterations"] == 12
     assert "12 iterations on the check's half of the annotation, then 6 iterations" in describe_patient_model(record)
     assert check["kept"], {
-        k: check[k] for k in ("dice_base", "dice_finetuned", "lesion_f1_base", "lesion_f1_finetuned", "per_fold_base", "per_fold_finetuned")
+        k: check[k]
+        for k in (
+            "dice_base",
+            "dice_finetuned",
+            "lesion_f1_base",
+            "lesion_f1_finetuned",
+            "per_fold_base",
+            "per_fold_finetuned",
+        )
     }  # deterministic (seed 0)
     changed = {k for k, v in trained.model.state_dict().items() if not torch.equal(v, before[k])}
     assert trained.metadata["finetune"]["config"]["layers"] == "all" and any(k.startswith("pathways.") for k in changed)
@@ -567,7 +634,11 @@ def test_the_shipped_fine_tuning_trains_every_layer_only_where_many_slices_are_a
     assert all(torch.equal(v, before[k]) for k, v in few.model.state_dict().items() if k.startswith("pathways."))
     # mixed precision cannot train every layer on a CPU: there the head trains
     amp = finetune_patient_model(
-        bundle, baseline, many, dataclasses.replace(config, precision="amp", holdout_iterations=(1,), iterations=1), device="cpu"
+        bundle,
+        baseline,
+        many,
+        dataclasses.replace(config, precision="amp", holdout_iterations=(1,), iterations=1),
+        device="cpu",
     )
     assert amp.metadata["finetune"]["holdout_check"]["layers"] == "head"
     # layers asked for train everywhere
@@ -638,12 +709,18 @@ def test_a_longer_count_replaces_a_failing_asked_count_only_by_a_clear_margin():
     )
     assert chosen["iterations"] == 400 and not rescued[0]["passes"] and rescued[1]["passes"]
     # the asked count helps: any longer count that beats the base model may be chosen
-    assert choose_iterations(counts((0.760, 0.300), (0.770, 0.320), (0.765, 0.330)), base, asked=100)[0]["iterations"] == 200
+    assert (
+        choose_iterations(counts((0.760, 0.300), (0.770, 0.320), (0.765, 0.330)), base, asked=100)[0]["iterations"]
+        == 200
+    )
     # only a count that beats the base model passes; a tie goes to fewer iterations
     chosen, mixed = choose_iterations(counts((0.750, 0.300), (0.740, 0.400), (0.750, 0.300)), base, asked=100)
     assert chosen["iterations"] == 100 and not mixed[1]["passes"]
     # the user asked for more than the first count: the largest count up to the asked one decides
-    assert choose_iterations(counts((0.700, 0.300), (0.750, 0.300), (0.760, 0.300)), base, asked=200)[0]["iterations"] == 400
+    assert (
+        choose_iterations(counts((0.700, 0.300), (0.750, 0.300), (0.760, 0.300)), base, asked=200)[0]["iterations"]
+        == 400
+    )
     # no count up to the asked one was compared: the counts stand alone
     assert choose_iterations(counts((0.750, 0.300)), base, asked=50)[0]["passes"]
 
@@ -656,7 +733,11 @@ def test_a_win_on_one_held_out_half_does_not_hide_a_loss_on_the_other():
     held out.)"""
     from PatientFineTuneLib.finetune import choose_iterations
 
-    base = {"dice": 0.822, "lesion_f1": 0.519, "per_fold": [{"dice": 0.853, "lesion_f1": 0.584}, {"dice": 0.784, "lesion_f1": 0.462}]}
+    base = {
+        "dice": 0.822,
+        "lesion_f1": 0.519,
+        "per_fold": [{"dice": 0.853, "lesion_f1": 0.584}, {"dice": 0.784, "lesion_f1": 0.462}],
+    }
     finetuned = {
         "iterations": 100,
         "dice": 0.836,
@@ -672,7 +753,11 @@ def test_a_win_on_one_held_out_half_does_not_hide_a_loss_on_the_other():
     assert not choose_iterations([worse_f1], base, asked=100)[0]["passes"]
     # a tie on one fold is no loss: Brain-Tumor-Progression 02 (fold Dice 0.504 vs 0.505;
     # the model gained 0.10 Dice on the follow-up)
-    tumour = {"dice": 0.514, "lesion_f1": 0.352, "per_fold": [{"dice": 0.519, "lesion_f1": 0.303}, {"dice": 0.505, "lesion_f1": 0.428}]}
+    tumour = {
+        "dice": 0.514,
+        "lesion_f1": 0.352,
+        "per_fold": [{"dice": 0.519, "lesion_f1": 0.303}, {"dice": 0.505, "lesion_f1": 0.428}],
+    }
     tie = {
         "iterations": 100,
         "dice": 0.563,
@@ -698,7 +783,9 @@ def test_hard_negatives_are_the_lesion_free_slices_the_base_model_errs_on_most(b
         prediction[s, rows[:n], cols[:n]] = True
     assert find_hard_negatives(prediction, baseline, 2) == sorted([empty[2], empty[3]])  # the two largest
     assert find_hard_negatives(prediction, baseline, 10) == sorted(area)  # only slices with a false positive
-    prediction[baseline.lesion_slices()[0]] = baseline.organ[baseline.lesion_slices()[0]] > 0  # over-segmenting a lesion slice
+    prediction[baseline.lesion_slices()[0]] = (
+        baseline.organ[baseline.lesion_slices()[0]] > 0
+    )  # over-segmenting a lesion slice
     assert find_hard_negatives(prediction, baseline, 10) == sorted(area)  # lesion slices are never negatives
 
 
@@ -711,10 +798,14 @@ def test_hard_negatives_train_with_the_annotation_and_are_never_held_out(bundle,
     assert len(negatives) == 2 and not any(baseline.lesions[s].any() for s in negatives)
     assert record["slices"] == baseline.lesion_slices()
     assert not set(negatives) & set(record["holdout_check"]["held_out_slices"])
-    data = prepare_finetune_data(bundle, baseline, sorted(baseline.lesion_slices() + negatives), config, negatives=negatives)
+    data = prepare_finetune_data(
+        bundle, baseline, sorted(baseline.lesion_slices() + negatives), config, negatives=negatives
+    )
     held, split = holdout_split(data, config)
     lesion_positions = [k for k, s in enumerate(data.slices) if s not in negatives]
-    assert split == "slices" and [bool(held[k].any()) for k in lesion_positions] == [k % 2 == 0 for k in range(len(lesion_positions))]
+    assert split == "slices" and [bool(held[k].any()) for k in lesion_positions] == [
+        k % 2 == 0 for k in range(len(lesion_positions))
+    ]
     assert not any(held[k].any() for k, s in enumerate(data.slices) if s in negatives)
     # a partial annotation (explicit slices) says nothing about the other slices: no negatives
     partial = finetune_patient_model(bundle, baseline, baseline.lesion_slices()[:2], config, device="cpu")
@@ -775,7 +866,9 @@ import torch
 assert not torch.equal(patient.model.classifier[1].weight, model.classifier[1].weight)  # it did train
 print("torch._dynamo" in sys.modules)
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
 

@@ -55,7 +55,9 @@ def test_resampled_images_and_back_resampled_outputs_stay_in_place(source, targe
     model_spacing = np.array(shape) * source / np.array(model_shape)
     rows, cols = np.mgrid[: shape[0], : shape[1]]
     for centre in [(30.3, 41.7), (40.0, 50.5), (25.5, 20.2)]:  # inside every field of view
-        blob = np.exp(-(((rows + 0.5) * source - centre[0]) ** 2 + ((cols + 0.5) * source - centre[1]) ** 2) / (2 * 6.0**2))
+        blob = np.exp(
+            -(((rows + 0.5) * source - centre[0]) ** 2 + ((cols + 0.5) * source - centre[1]) ** 2) / (2 * 6.0**2)
+        )
         resized = resample_array(torch.from_numpy(blob.astype(np.float32))[None, None], model_shape)[0, 0].numpy()
         grid = np.stack(np.mgrid[: model_shape[0], : model_shape[1]]).astype(float)
         weighted = [((grid[a] + 0.5) * model_spacing[a] * resized).sum() / resized.sum() for a in range(2)]
@@ -80,7 +82,10 @@ def test_volumes_resample_through_the_same_helper():
     model_spacing = np.array(shape) * np.array(spacing) / np.array(model_shape)
     shifts = []
     for box in _random_boxes(shape, 60, rng):
-        resized = resample_array(torch.from_numpy(box.astype(np.float32))[None, None], model_shape, label=True)[0, 0].numpy() > 0
+        resized = (
+            resample_array(torch.from_numpy(box.astype(np.float32))[None, None], model_shape, label=True)[0, 0].numpy()
+            > 0
+        )
         if not resized.any():
             continue
         shifts.append((_centroid_mm(resized, model_spacing) - _centroid_mm(box, np.array(spacing))) / model_spacing)
@@ -184,14 +189,20 @@ def test_storage_order_does_not_change_the_network_input_or_the_segmentation(tmp
             image = _stored_differently(arr, spacing, origin, direction, variant)
             paths[name, variant] = tmp_path / f"{name}-{variant}.nii.gz"
             sitk.WriteImage(image, str(paths[name, variant]))
-    cases = {v: prepare_case(load_case([paths["flair", v], paths["t1", v]], organ_path=paths["organ", v])) for v in ("stored", how)}
+    cases = {
+        v: prepare_case(load_case([paths["flair", v], paths["t1", v]], organ_path=paths["organ", v]))
+        for v in ("stored", how)
+    }
     # the network sees the same slices
     assert np.array_equal(cases["stored"].images, cases[how].images)
     assert cases["stored"].spacing == pytest.approx(cases[how].spacing)
     # and its result, written on each input's own grid, is the same physical image
     model = tiny_model()
     bundle = ModelBundle(
-        model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (1.0, 1.0), preset="brain-wmh")
+        model,
+        make_metadata(
+            model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (1.0, 1.0), preset="brain-wmh"
+        ),
     )
     results = {v: cases[v].to_image(predict_probability(bundle, cases[v])) for v in cases}
     moved = sitk.Resample(results[how], results["stored"], sitk.Transform(), sitk.sitkNearestNeighbor)

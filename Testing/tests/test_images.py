@@ -165,7 +165,9 @@ def test_sheared_voxel_axes_are_refused_alike_in_nrrd_nifti_and_metaimage(tmp_pa
     values = np.random.default_rng(0).random((6, 8, 10), dtype=np.float32)
     # SimpleITK's NIfTI writer makes the axes perpendicular on the way out: write that one with nibabel (x, y, z order, RAS)
     nibabel.save(
-        nibabel.Nifti1Image(values.T, np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.block([[direction, np.zeros((3, 1))], [0, 0, 0, 1]])),
+        nibabel.Nifti1Image(
+            values.T, np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.block([[direction, np.zeros((3, 1))], [0, 0, 0, 1]])
+        ),
         tmp_path / "sheared.nii.gz",
     )
     messages = []

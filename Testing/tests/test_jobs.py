@@ -122,8 +122,26 @@ def test_a_failing_job_surfaces_its_one_line_error_and_stops_the_chain(small_pai
 def test_commands_run_one_after_another(small_pair_dir, tmp_path):
     job = CliJob(
         [
-            ["segment", "--model", "brain-wmh", "--case", str(small_pair_dir / "baseline"), "--out", str(tmp_path / "a"), "--suggest", "2"],
-            ["segment", "--model", "brain-wmh", "--case", str(small_pair_dir / "followup"), "--out", str(tmp_path / "b")],
+            [
+                "segment",
+                "--model",
+                "brain-wmh",
+                "--case",
+                str(small_pair_dir / "baseline"),
+                "--out",
+                str(tmp_path / "a"),
+                "--suggest",
+                "2",
+            ],
+            [
+                "segment",
+                "--model",
+                "brain-wmh",
+                "--case",
+                str(small_pair_dir / "followup"),
+                "--out",
+                str(tmp_path / "b"),
+            ],
         ]
     ).start()
     assert job.wait(timeout=300), "the job did not finish"
@@ -229,7 +247,9 @@ def test_on_windows_the_console_window_is_hidden(monkeypatch):
         monkeypatch.undo()  # before any report: pytest itself reads os.name
     info = started.get("startupinfo")
     assert info is not None, f"no STARTUPINFO among the options {sorted(started)}"
-    assert info.dwFlags & 1 and info.wShowWindow == 0  # STARTF_USESHOWWINDOW, SW_HIDE: as slicer.util.launchConsoleProcess
+    assert (
+        info.dwFlags & 1 and info.wShowWindow == 0
+    )  # STARTF_USESHOWWINDOW, SW_HIDE: as slicer.util.launchConsoleProcess
     assert started["creationflags"] & 0x200  # CREATE_NEW_PROCESS_GROUP: Cancel still ends the whole tree
     assert "start_new_session" not in started
 

@@ -3,7 +3,14 @@ import pytest
 import torch
 from torch import nn
 
-from PatientFineTuneLib.model import PAPER_DILATIONS, ByteDropout, LesionNet, count_parameters, inference_copy, keep_mask
+from PatientFineTuneLib.model import (
+    PAPER_DILATIONS,
+    ByteDropout,
+    LesionNet,
+    count_parameters,
+    inference_copy,
+    keep_mask,
+)
 
 from conftest import tiny_model
 

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from PatientFineTuneLib.modelcard import file_sha256, read_registry, render_card, shipped_models, training_data_entries, write_shipped_model
+from PatientFineTuneLib.modelcard import (
+    file_sha256,
+    read_registry,
+    render_card,
+    shipped_models,
+    training_data_entries,
+    write_shipped_model,
+)
 from PatientFineTuneLib.modelfile import ModelBundle, load_model, make_metadata, save_model
 
 from conftest import tiny_model
@@ -65,7 +72,8 @@ def test_card_goes_into_the_file_and_next_to_it(trained_file, tmp_path):
     assert "| held out | 2 | 0.70 ± 0.14 |" in text
     assert shipped.metadata["sha256"] in text
     assert torch.equal(
-        shipped.model.state_dict()["classifier.5.weight"], load_model(trained_file).model.state_dict()["classifier.5.weight"]
+        shipped.model.state_dict()["classifier.5.weight"],
+        load_model(trained_file).model.state_dict()["classifier.5.weight"],
     )
     # entered in the registry next to it, which is what finds it by preset name
     assert shipped_models(out_pt.parent) == {"brain-wmh": out_pt}

@@ -98,7 +98,9 @@ def test_foreign_pickle_is_refused_without_running_code(tmp_path):
     with pytest.raises(ModelFileError, match="nothing from it was executed") as error:
         load_model(path)
     assert not marker.exists()
-    assert "weights_only" not in str(error.value) and "can still be loaded" not in str(error.value)  # never advise loading it
+    assert "weights_only" not in str(error.value) and "can still be loaded" not in str(
+        error.value
+    )  # never advise loading it
 
 
 def test_bare_state_dict_is_refused(tmp_path):
@@ -163,9 +165,14 @@ def test_a_model_with_zero_spacing_is_one_line_from_the_command_line(tmp_path):
 
     path = _resaved(_bundle(), tmp_path / "zero.pt", training_spacing_mm=[0.0, 0.0])
     proc = subprocess.run(
-        [sys.executable, "-m", "PatientFineTuneLib.cli", "--progress", "json", "info", path], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "PatientFineTuneLib.cli", "--progress", "json", "info", path],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert proc.returncode == 2 and "training_spacing_mm" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (
+        proc.returncode == 2 and "training_spacing_mm" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    ), proc.stderr
 
 
 def test_an_optional_sequence_is_kept_in_the_metadata_and_the_first_cannot_be_optional(tmp_path):
@@ -174,7 +181,9 @@ def test_an_optional_sequence_is_kept_in_the_metadata_and_the_first_cannot_be_op
     save_model(ModelBundle(net, make_metadata(net, sequences, (2.0, 2.0), preset="brain-wmh")), tmp_path / "m.pt")
     assert load_model(tmp_path / "m.pt").sequences == sequences
     with pytest.raises(ValueError, match="first sequence cannot be optional"):
-        make_metadata(net, [{"name": "FLAIR", "channels": 1, "optional": True}, {"name": "T1", "channels": 1}], (2.0, 2.0))
+        make_metadata(
+            net, [{"name": "FLAIR", "channels": 1, "optional": True}, {"name": "T1", "channels": 1}], (2.0, 2.0)
+        )
 
 
 def test_saving_leaves_the_callers_bundle_as_it_was(tmp_path):

@@ -114,10 +114,15 @@ def test_probability_and_uncertainty_volumes_are_displayed_as_maps(scene):
     values = np.abs(sitk.GetArrayFromImage(mrml.volume_to_image(reference))) / 10
     probability = mrml.add_probability_volume(scene, np.clip(values, 0, 1), reference)
     sd = mrml.add_uncertainty_volume(scene, values / 4, reference)
-    for node, top, colours in ((probability, 1.0, mrml.PROBABILITY_COLOURS), (sd, values.max() / 4, mrml.UNCERTAINTY_COLOURS)):
+    for node, top, colours in (
+        (probability, 1.0, mrml.PROBABILITY_COLOURS),
+        (sd, values.max() / 4, mrml.UNCERTAINTY_COLOURS),
+    ):
         display = node.GetDisplayNode()
         assert not display.GetAutoWindowLevel()
-        assert display.GetWindowLevelMin() == pytest.approx(0.0) and display.GetWindowLevelMax() == pytest.approx(top, rel=1e-6)
+        assert display.GetWindowLevelMin() == pytest.approx(0.0) and display.GetWindowLevelMax() == pytest.approx(
+            top, rel=1e-6
+        )
         assert display.GetColorNode().GetName() == colours
         assert np.allclose(mrml.ijk_to_ras_matrix(node), mrml.ijk_to_ras_matrix(reference))
     # the colour maps are created once per scene and run dark to bright
@@ -189,11 +194,15 @@ def test_maps_are_transparent_where_they_carry_no_information(scene):
     assert display.GetLowerThreshold() == pytest.approx(mrml.MAP_THRESHOLD_FRACTION * 0.2, rel=1e-6)
     assert display.GetUpperThreshold() >= 0.2
     probability = mrml.add_probability_volume(scene, sd * 5, reference).GetDisplayNode()
-    assert probability.GetApplyThreshold() and probability.GetLowerThreshold() == pytest.approx(mrml.MAP_THRESHOLD_FRACTION)
+    assert probability.GetApplyThreshold() and probability.GetLowerThreshold() == pytest.approx(
+        mrml.MAP_THRESHOLD_FRACTION
+    )
 
 
 @pytest.mark.parametrize(
-    "axis_order, view", [((0, 1, 2), "Red"), ((1, 2, 0), "Yellow"), ((0, 2, 1), "Green")], ids=["axial", "sagittal", "coronal"]
+    "axis_order, view",
+    [((0, 1, 2), "Red"), ((1, 2, 0), "Yellow"), ((0, 2, 1), "Green")],
+    ids=["axial", "sagittal", "coronal"],
 )
 def test_the_view_that_shows_the_slices_of_an_acquisition(scene, axis_order, view):
     # slices along index axis 2 of an axial, a sagittal and a coronal acquisition: the

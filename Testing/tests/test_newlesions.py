@@ -62,10 +62,13 @@ def test_synthetic_case_has_the_generator_s_new_lesions_bright_in_the_subtractio
     old = followup_lesions & ~target
     brain = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "organ.nii.gz"))) > 0
     # new lesions stand out in the subtraction; lesions present at baseline much less
-    assert subtraction[target].mean() > subtraction[old].mean() + 0.5 > subtraction[brain & ~followup_lesions].mean() + 0.5
+    assert (
+        subtraction[target].mean() > subtraction[old].mean() + 0.5 > subtraction[brain & ~followup_lesions].mean() + 0.5
+    )
     for name in ("FLAIR", "organ", "lesions"):
         assert (
-            sitk.ReadImage(str(out / f"{name}.nii.gz")).GetSize() == sitk.ReadImage(str(pair_dir / "followup" / "FLAIR.nii.gz")).GetSize()
+            sitk.ReadImage(str(out / f"{name}.nii.gz")).GetSize()
+            == sitk.ReadImage(str(pair_dir / "followup" / "FLAIR.nii.gz")).GetSize()
         )
 
 
@@ -95,9 +98,14 @@ def test_train_base_and_segment_read_the_subtraction_preset(new_lesion_case, tmp
     )
     assert train.returncode == 0, train.stderr[-2000:]
     bundle = load_model(model)
-    assert bundle.preset.name == "brain-new-lesions" and [s["name"] for s in bundle.sequences] == ["FLAIR", "FLAIR_subtraction"]
+    assert bundle.preset.name == "brain-new-lesions" and [s["name"] for s in bundle.sequences] == [
+        "FLAIR",
+        "FLAIR_subtraction",
+    ]
     segment = subprocess.run(
-        [*cli, "segment", "--model", str(model), "--case", str(out), "--out", str(tmp_path / "seg")], capture_output=True, text=True
+        [*cli, "segment", "--model", str(model), "--case", str(out), "--out", str(tmp_path / "seg")],
+        capture_output=True,
+        text=True,
     )
     assert segment.returncode == 0, segment.stderr[-2000:]
     segmentation = sitk.ReadImage(str(tmp_path / "seg" / "segmentation.nii.gz"))
@@ -115,4 +123,7 @@ def test_ljubljana_studies_meet_on_the_change_mask_grid(tmp_path):
     change = sitk.GetArrayFromImage(gt) > 0
     brain = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "p12" / "organ.nii.gz"))) > 0
     # the studies are aligned: the difference is small in the brain and stands out in the change voxels
-    assert np.abs(values[brain & ~change]).mean() < 0.6 and np.abs(values[change]).mean() > 2 * np.abs(values[brain & ~change]).mean()
+    assert (
+        np.abs(values[brain & ~change]).mean() < 0.6
+        and np.abs(values[change]).mean() > 2 * np.abs(values[brain & ~change]).mean()
+    )

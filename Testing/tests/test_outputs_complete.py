@@ -36,7 +36,9 @@ def limited(kilobytes: int, *args, cwd=None):
     """``patient-finetune ARGS`` in a shell whose file-size limit is ``kilobytes`` (a
     full disk as the process sees it: writes beyond it fail with EFBIG)."""
     command = " ".join(shlex.quote(str(a)) for a in (sys.executable, "-m", "PatientFineTuneLib.cli", *args))
-    return subprocess.run(["bash", "-c", f"ulimit -f {kilobytes}; exec {command}"], capture_output=True, text=True, timeout=300, cwd=cwd)
+    return subprocess.run(
+        ["bash", "-c", f"ulimit -f {kilobytes}; exec {command}"], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
 
 
 def events(stdout: str) -> list[dict]:
@@ -79,9 +81,23 @@ def test_finetune_and_report_on_a_full_disk_say_so_in_one_line(small_pair_dir, t
     case = small_pair_dir / "baseline"
     out = tmp_path / "models" / "patient.pt"  # a folder made for it goes again, too
     proc = limited(
-        1, "--progress", "none", "finetune", "--model", tiny_model_file, "--case", case, "--iterations", 2, "--no-check", "--out", out
+        1,
+        "--progress",
+        "none",
+        "finetune",
+        "--model",
+        tiny_model_file,
+        "--case",
+        case,
+        "--iterations",
+        2,
+        "--no-check",
+        "--out",
+        out,
     )
-    assert proc.returncode == 2 and "disk is full" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "disk is full" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+        proc.stderr[-2000:]
+    )
     assert files_under(tmp_path) == []
     seg = tmp_path / "seg"
     assert limited(10_000, *segment_args(small_pair_dir / "followup", tiny_model_file, seg)).returncode == 0
@@ -98,7 +114,9 @@ def test_finetune_and_report_on_a_full_disk_say_so_in_one_line(small_pair_dir, t
         "--out",
         report,
     )
-    assert proc.returncode == 2 and "disk is full" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "disk is full" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+        proc.stderr[-2000:]
+    )
     assert not report.exists() and not [f for f in files_under(tmp_path) if "report" in f]
 
 
@@ -137,7 +155,10 @@ def _cancel_when(args, changed):
     """Start ``patient-finetune ARGS`` and send it SIGTERM as soon as ``changed()``; returns
     the process once it has ended, or None when it finished first."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     while proc.poll() is None and not changed():
         time.sleep(0.001)
@@ -155,7 +176,9 @@ def _written_since(out, stamps: dict):
 
     def changed():
         try:
-            return any(p.name in SEGMENT_FILES.values() and stamps.get(p.name) != p.stat().st_mtime_ns for p in out.rglob("*"))
+            return any(
+                p.name in SEGMENT_FILES.values() and stamps.get(p.name) != p.stat().st_mtime_ns for p in out.rglob("*")
+            )
         except FileNotFoundError:  # a file renamed while listed: written
             return True
 
@@ -163,7 +186,9 @@ def _written_since(out, stamps: dict):
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_a_cancel_while_outputs_are_written_leaves_none_of_this_run(small_pair_dir, tiny_model_file, tmp_path, overwrite):
+def test_a_cancel_while_outputs_are_written_leaves_none_of_this_run(
+    small_pair_dir, tiny_model_file, tmp_path, overwrite
+):
     """SIGTERM (the Slicer job's Cancel) as the first output file gets its name: no new file is left,
     and with --overwrite the earlier run's files are all still there, unchanged."""
     case = small_pair_dir / "followup"

@@ -33,9 +33,27 @@ def wheel(tmp_path_factory):
     source = tmp_path_factory.mktemp("source")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, source / name)
-    shutil.copytree(ROOT / "PatientFineTuneLib", source / "PatientFineTuneLib", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        ROOT / "PatientFineTuneLib",
+        source / "PatientFineTuneLib",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     dist = tmp_path_factory.mktemp("dist")
-    run([sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", dist])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            source,
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            dist,
+        ]
+    )
     (path,) = dist.glob("*.whl")
     return path
 
@@ -43,7 +61,9 @@ def wheel(tmp_path_factory):
 def test_the_wheel_holds_the_shipped_models_their_cards_and_the_registry(wheel):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        expected = {f"{MODELS}/{name}{suffix}" for name in SHIPPED for suffix in (".pt", ".md")} | {f"{MODELS}/registry.json"}
+        expected = {f"{MODELS}/{name}{suffix}" for name in SHIPPED for suffix in (".pt", ".md")} | {
+            f"{MODELS}/registry.json"
+        }
         assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
         registry = json.loads(archive.read(f"{MODELS}/registry.json"))
         assert [entry["name"] for entry in registry["models"]] == SHIPPED
@@ -71,7 +91,10 @@ def test_a_non_editable_install_resolves_the_preset_to_its_own_model(wheel, tmp_
     assert Path(found["package"]) == package / "__init__.py"  # the installed copy ran
     assert Path(found["path"]) == package / "models" / "brain-wmh.pt"
     assert found["shipped"] == SHIPPED
-    assert found["metadata"]["preset"] == "brain-wmh" and [s["name"] for s in found["metadata"]["sequences"]] == ["FLAIR", "T1"]
+    assert found["metadata"]["preset"] == "brain-wmh" and [s["name"] for s in found["metadata"]["sequences"]] == [
+        "FLAIR",
+        "T1",
+    ]
     # the installed console script: load_model verifies the file's own sha256 as well
     info = json.loads(run([target / "bin" / "patient-finetune", "info", "brain-wmh"], cwd=elsewhere, env=env))
     assert info["preset"] == "brain-wmh" and info["sha256"] == found["metadata"]["sha256"]

@@ -3,7 +3,14 @@ import pytest
 import SimpleITK as sitk
 
 from PatientFineTuneLib.images import SliceLayout
-from PatientFineTuneLib.postprocess import close_cube, label_lesions, lesion_table, open_plus_per_slice, postprocess, remove_small_lesions
+from PatientFineTuneLib.postprocess import (
+    close_cube,
+    label_lesions,
+    lesion_table,
+    open_plus_per_slice,
+    postprocess,
+    remove_small_lesions,
+)
 
 
 def test_closing_fills_a_hole_and_keeps_lesions_on_the_border():
@@ -52,11 +59,15 @@ def test_lesion_table_volumes_and_physical_centroids():
     grid.SetOrigin((10.0, 20.0, 30.0))
     labels = np.zeros((6, 8, 10), np.int32)  # z, y, x with slices along z (axis 2)
     labels[1:3, 2, 4:6] = 1  # 4 voxels, centre index (x=4.5, y=2, z=1.5)
-    rows = lesion_table(labels, grid, SliceLayout(axis=2, row_axis=1, col_axis=0), extra_maps={"probability": labels * 0.7})
+    rows = lesion_table(
+        labels, grid, SliceLayout(axis=2, row_axis=1, col_axis=0), extra_maps={"probability": labels * 0.7}
+    )
     assert len(rows) == 1
     r = rows[0]
     assert r["voxels"] == 4 and r["volume_mm3"] == pytest.approx(4 * 0.5 * 2 * 3)
-    assert (r["centroid_x_mm"], r["centroid_y_mm"], r["centroid_z_mm"]) == pytest.approx((10 + 4.5 * 0.5, 20 + 2 * 2.0, 30 + 1.5 * 3))
+    assert (r["centroid_x_mm"], r["centroid_y_mm"], r["centroid_z_mm"]) == pytest.approx(
+        (10 + 4.5 * 0.5, 20 + 2 * 2.0, 30 + 1.5 * 3)
+    )
     assert r["mean_probability"] == pytest.approx(0.7)
 
 

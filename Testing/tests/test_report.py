@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 
 
 def cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "PatientFineTuneLib.cli", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -116,7 +118,9 @@ def test_the_report_opens_in_chromium_and_shows_what_a_radiologist_needs(small_p
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     changes = json.loads((out / "changes" / "changes.json").read_text())
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"]
+        )
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         requests = []
         page.on("request", lambda r: requests.append(r.url))
@@ -166,7 +170,9 @@ def test_an_incomplete_result_folder_is_refused_not_reported_as_no_lesions(small
     damage = {
         "lesions.csv": lambda f: f.unlink(),
         "an empty lesions.csv": lambda f: f.write_text(""),
-        "the lesion labels": lambda f: f.write_text(f.read_text().splitlines()[0] + "\n"),  # header only, labels show lesions
+        "the lesion labels": lambda f: f.write_text(
+            f.read_text().splitlines()[0] + "\n"
+        ),  # header only, labels show lesions
         "probability.nii.gz": lambda f: f.unlink(),
     }
     for words, spoil in damage.items():
@@ -193,5 +199,8 @@ def test_an_incomplete_result_folder_is_refused_not_reported_as_no_lesions(small
             text=True,
             timeout=300,
         )
-        assert proc.returncode == 2 and str(folder) in proc.stderr and words.split()[-1] in proc.stderr, (words, proc.stderr)
+        assert proc.returncode == 2 and str(folder) in proc.stderr and words.split()[-1] in proc.stderr, (
+            words,
+            proc.stderr,
+        )
         assert len(proc.stderr.strip().splitlines()) == 1 and not report.exists(), proc.stderr

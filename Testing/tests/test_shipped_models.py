@@ -104,10 +104,15 @@ def test_segments_a_generated_patient_of_its_preset(shipped):
 def test_cli_finds_shipped_models_by_preset_name():
     name = next(iter(shipped_models()))
     out = subprocess.run(
-        [sys.executable, "-m", "PatientFineTuneLib.cli", "info", name, "--card"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "PatientFineTuneLib.cli", "info", name, "--card"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert out.startswith(f"# Base model `{name}`") and "Held-out results" in out
-    missing = subprocess.run([sys.executable, "-m", "PatientFineTuneLib.cli", "info", "not-a-model.pt"], capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "PatientFineTuneLib.cli", "info", "not-a-model.pt"], capture_output=True, text=True
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
@@ -121,9 +126,7 @@ def test_shipped_probabilities_are_reproducible():
 
 def test_shipped_models_are_listed_without_torch():
     # the Slicer module lists them before PyTorch is installed
-    code = (
-        "import sys; sys.modules['torch'] = None; from PatientFineTuneLib.modelcard import shipped_models; print(sorted(shipped_models()))"
-    )
+    code = "import sys; sys.modules['torch'] = None; from PatientFineTuneLib.modelcard import shipped_models; print(sorted(shipped_models()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(sorted(SHIPPED))
 
@@ -193,8 +196,20 @@ def test_the_cards_leave_one_out_row_scores_each_case_by_the_fold_that_held_it_o
 
     build_models = _build_models_script()
     preset = PRESETS["brain-wmh"]
-    metrics = {"dice": 0.0, "avd_percent": 0.0, "hd95_mm": 1.0, "lesion_recall": 0.5, "lesion_precision": 0.5, "lesion_f1": 0.5}
-    shipped = [{"set": "ljubljana_ms_cross (held out)", "per_case": [{**metrics, "case": "ljubljana_ms_cross/patient26", "dice": 0.6}]}]
+    metrics = {
+        "dice": 0.0,
+        "avd_percent": 0.0,
+        "hd95_mm": 1.0,
+        "lesion_recall": 0.5,
+        "lesion_precision": 0.5,
+        "lesion_f1": 0.5,
+    }
+    shipped = [
+        {
+            "set": "ljubljana_ms_cross (held out)",
+            "per_case": [{**metrics, "case": "ljubljana_ms_cross/patient26", "dice": 0.6}],
+        }
+    ]
     assert build_models.leave_one_out_row(tmp_path, preset, shipped) is None
     for case, dice in (("patient07", 0.2), ("patient19", 0.4)):
         # a fold also scores the synthetic follow-ups; they are not part of the row
@@ -202,7 +217,9 @@ def test_the_cards_leave_one_out_row_scores_each_case_by_the_fold_that_held_it_o
             {"per_case": [{**metrics, "case": "synthetic/patient300/followup", "dice": 0.9}]},
             {"per_case": [{**metrics, "case": f"ljubljana_ms_cross/{case}", "dice": dice}]},
         ]
-        (tmp_path / f"brain-wmh-without-{case}.json").write_text(json.dumps({"left_out": case, "evaluation": evaluation}))
+        (tmp_path / f"brain-wmh-without-{case}.json").write_text(
+            json.dumps({"left_out": case, "evaluation": evaluation})
+        )
     row = build_models.leave_one_out_row(tmp_path, preset, shipped)
     assert row["cases"] == 3 and row["set"] == "ljubljana_ms_cross, leave-one-out"
     assert [r["case"] for r in row["per_case"]] == [f"ljubljana_ms_cross/patient{n}" for n in ("07", "19", "26")]

@@ -96,13 +96,19 @@ def test_parameter_bindings_name_parameters_of_the_parameter_node():
 
 def test_module_cmake_lists_existing_files():
     text = (ROOT / "PatientFineTune" / "CMakeLists.txt").read_text()
-    assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text and "slicer_add_python_unittest" in text
+    assert (
+        "slicerMacroBuildScriptedModule" in text
+        and "WITH_GENERIC_TESTS" in text
+        and "slicer_add_python_unittest" in text
+    )
     for listed in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui", "${MODULE_NAME}.py"):
         assert listed in text
         assert (ROOT / "PatientFineTune" / listed.replace("${MODULE_NAME}", "PatientFineTune")).is_file()
     top = (ROOT / "CMakeLists.txt").read_text()
     assert (
-        "add_subdirectory(PatientFineTune)" in top and 'EXTENSION_DEPENDS "PyTorch"' in top and 'EXTENSION_CATEGORY "Segmentation"' in top
+        "add_subdirectory(PatientFineTune)" in top
+        and 'EXTENSION_DEPENDS "PyTorch"' in top
+        and 'EXTENSION_CATEGORY "Segmentation"' in top
     )
 
 
@@ -111,7 +117,11 @@ def test_library_core_imports_neither_slicer_nor_qt():
     for path in (ROOT / "PatientFineTuneLib").rglob("*.py"):
         tree = ast.parse(path.read_text())
         names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+        names |= {
+            n.module.split(".")[0]
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module and n.level == 0
+        }
         assert "qt" not in names and "ctk" not in names, path
         if path.name not in bridge:
             assert "slicer" not in names, f"{path.name} imports slicer; only the MRML bridge may"
@@ -136,7 +146,11 @@ def node_classes(annotation: ast.expr) -> list[str] | None:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == annotation.id for t in node.targets):
                 return node_classes(node.value)
         return None
-    names = [n.attr for n in ast.walk(annotation) if isinstance(n, ast.Attribute) and getattr(n.value, "id", None) == "slicer"]
+    names = [
+        n.attr
+        for n in ast.walk(annotation)
+        if isinstance(n, ast.Attribute) and getattr(n.value, "id", None) == "slicer"
+    ]
     return names or None
 
 
@@ -159,7 +173,9 @@ def test_every_node_type_of_the_parameter_node_can_be_instantiated_and_matches_i
             assert node.GetClassName() == class_name
         widget = bound.get(name)
         if widget is not None and widget.get("class") == "qMRMLNodeComboBox":
-            node_types = [s.text for p in widget.findall("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
+            node_types = [
+                s.text for p in widget.findall("property") if p.get("name") == "nodeTypes" for s in p.iter("string")
+            ]
             assert node_types == classes, f"{widget.get('name')}: .ui nodeTypes {node_types}, parameter node {classes}"
 
 
@@ -174,13 +190,21 @@ def test_the_mc_sample_range_is_the_one_the_library_accepts():
     from conftest import tiny_model
 
     field = parameter_fields()["mcSamples"]
-    within = next(n for n in ast.walk(field.annotation) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "WithinRange")
+    within = next(
+        n
+        for n in ast.walk(field.annotation)
+        if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "WithinRange"
+    )
     low, high = (ast.literal_eval(a) for a in within.args)
     spin = next(w for w in ET.parse(UI).iter("widget") if w.get("name") == "mcSamplesSpinBox")
     assert int(spin.find("property[@name='minimum']/number").text) == low
     grid = sitk.Image(16, 16, 2, sitk.sitkFloat32)
     case = Case(
-        np.random.default_rng(0).normal(size=(2, 2, 16, 16)).astype(np.float32), np.ones((2, 16, 16), bool), None, grid, slice_layout(grid)
+        np.random.default_rng(0).normal(size=(2, 2, 16, 16)).astype(np.float32),
+        np.ones((2, 16, 16), bool),
+        None,
+        grid,
+        slice_layout(grid),
     )
     bundle = ModelBundle(tiny_model(), {"training_spacing_mm": [1.0, 1.0]})
     predict_with_uncertainty(bundle, case, n_samples=low)  # the lowest value the GUI allows works
@@ -214,8 +238,12 @@ def test_every_ctk_compile_call_passes_its_mandatory_install_dir():
         text = re.sub(r"#.*", "", path.read_text())
         for call in re.findall(r"ctkMacroCompilePythonScript\s*\((.*?)\)", text, flags=re.S):
             words = call.split()
-            assert "INSTALL_DIR" in words, f"{path}: ctkMacroCompilePythonScript without INSTALL_DIR stops the configuration"
-            assert "NO_INSTALL_SUBDIR" in words, f"{path}: without NO_INSTALL_SUBDIR the files install one folder too deep"
+            assert "INSTALL_DIR" in words, (
+                f"{path}: ctkMacroCompilePythonScript without INSTALL_DIR stops the configuration"
+            )
+            assert "NO_INSTALL_SUBDIR" in words, (
+                f"{path}: without NO_INSTALL_SUBDIR the files install one folder too deep"
+            )
         # the macro installs what it copies: no second install rule for the same files
         assert "install(DIRECTORY" not in text, path
 
@@ -339,7 +367,14 @@ def run_in_fresh_slicer(sources: str, code: str, *args, env: dict | None = None)
 fresh_slicer = pytest.mark.parametrize(
     "sources",
     SLICER_SOURCES
-    or [pytest.param(None, marks=pytest.mark.skip(reason="set PATIENTFINETUNE_SLICER_SOURCES to Slicer's Base/Python/slicer folder(s)"))],
+    or [
+        pytest.param(
+            None,
+            marks=pytest.mark.skip(
+                reason="set PATIENTFINETUNE_SLICER_SOURCES to Slicer's Base/Python/slicer folder(s)"
+            ),
+        )
+    ],
 )
 
 
@@ -459,7 +494,9 @@ def test_the_extension_description_meets_the_extensions_index_rules():
     assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
     assert re.search(r"set\(EXTENSION_LICENSE_FILE\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/LICENSE\)", text)
     assert re.search(r"set\(EXTENSION_README_FILE\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/README.md\)", text)
-    assert text.index("EXTENSION_LICENSE_FILE") < text.index("include(${Slicer_USE_FILE})")  # UseSlicer sets the default
+    assert text.index("EXTENSION_LICENSE_FILE") < text.index(
+        "include(${Slicer_USE_FILE})"
+    )  # UseSlicer sets the default
     # the checked-out repository stays under the index's 100 MB: what git tracks, not what a
     # build or a CI run leaves beside it in ignored folders (a virtual environment is GBs)
     assert tracked_bytes() < 100e6
@@ -506,7 +543,9 @@ def test_the_extension_description_has_its_public_urls():
     for name in ("HOMEPAGE", "ICONURL"):
         assert fields.get(name, "").startswith("https://"), f"EXTENSION_{name} is not set"
     screenshots = fields.get("SCREENSHOTURLS", "").split()
-    assert screenshots and all(url.startswith("https://") and url.endswith((".png", ".jpg", ".gif")) for url in screenshots)
+    assert screenshots and all(
+        url.startswith("https://") and url.endswith((".png", ".jpg", ".gif")) for url in screenshots
+    )
 
 
 @fresh_slicer

@@ -36,13 +36,21 @@ from test_mrml import scene  # noqa: F401  (the MRML scene fixture)
 def bundle():
     model = tiny_model()
     return ModelBundle(
-        model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0), preset="brain-wmh")
+        model,
+        make_metadata(
+            model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], (2.0, 2.0), preset="brain-wmh"
+        ),
     )
 
 
 def _nodes(scene, folder):  # noqa: F811
-    nodes = [mrml.image_to_volume(sitk.ReadImage(str(folder / f"{s}.nii.gz")), scene, f"{folder.name} {s}") for s in ("FLAIR", "T1")]
-    organ = mrml.image_to_volume(sitk.ReadImage(str(folder / "organ.nii.gz")), scene, "organ", node_class="vtkMRMLLabelMapVolumeNode")
+    nodes = [
+        mrml.image_to_volume(sitk.ReadImage(str(folder / f"{s}.nii.gz")), scene, f"{folder.name} {s}")
+        for s in ("FLAIR", "T1")
+    ]
+    organ = mrml.image_to_volume(
+        sitk.ReadImage(str(folder / "organ.nii.gz")), scene, "organ", node_class="vtkMRMLLabelMapVolumeNode"
+    )
     return nodes, MaskSource(organ)
 
 
@@ -99,7 +107,12 @@ def test_the_three_steps_as_jobs_round_trip_through_the_scene(scene, small_pair_
     selection = "suggested" if any(file_case.lesions[s.index].any() for s in analysis.suggestions) else "all-lesion"
     description = session.run_step(
         session.start_finetune(
-            baseline_nodes, organ, MaskSource(analysis.segmentation_node, analysis.segment_id), selection, iterations=5, device="cpu"
+            baseline_nodes,
+            organ,
+            MaskSource(analysis.segmentation_node, analysis.segment_id),
+            selection,
+            iterations=5,
+            device="cpu",
         )
     )
     assert "5 iterations on slices" in description and "held out in turn" in description
@@ -151,7 +164,11 @@ def test_a_step_of_the_previous_patient_never_reaches_the_next(scene, small_pair
     # so the user can), then the next patient: the scene gives the new volumes the IDs the
     # previous patient's had, so the step's results would land on the next patient. The
     # job here is a stand-in that prints a fine-tuning result (what the step would load)
-    result = {"event": "result", "outputs": {"model": str(tmp_path / "previous-patient.pt")}, "description": "fine-tuned 5 iterations"}
+    result = {
+        "event": "result",
+        "outputs": {"model": str(tmp_path / "previous-patient.pt")},
+        "description": "fine-tuned 5 iterations",
+    }
 
     def job_python(delay_s):
         script = tmp_path / f"python-{delay_s}"
@@ -162,7 +179,10 @@ def test_a_step_of_the_previous_patient_never_reaches_the_next(scene, small_pair
     def start(session):
         nodes, organ = _nodes(scene, small_pair_dir / "baseline")
         lesions = mrml.image_to_volume(
-            sitk.ReadImage(str(small_pair_dir / "baseline" / "lesions.nii.gz")), scene, "lesions", node_class="vtkMRMLLabelMapVolumeNode"
+            sitk.ReadImage(str(small_pair_dir / "baseline" / "lesions.nii.gz")),
+            scene,
+            "lesions",
+            node_class="vtkMRMLLabelMapVolumeNode",
         )
         return nodes, session.start_finetune(nodes, organ, MaskSource(lesions), "all-lesion", device="cpu")
 
@@ -231,12 +251,20 @@ def test_a_patient_model_is_described_for_both_networks():
         describe_patient_model({"config": {"iterations": 100}, "slices": [12, 20], "method": "fast"})
         == "fine-tuned 100 iterations on slices 12, 20 (fast path)"
     )
-    sampled = {"config": {"iterations": 100, "layers": "head", "pixel_fraction": 0.25}, "slices": [12, 20], "method": "fast"}
+    sampled = {
+        "config": {"iterations": 100, "layers": "head", "pixel_fraction": 0.25},
+        "slices": [12, 20],
+        "method": "fast",
+    }
     assert (
         describe_patient_model(sampled)
         == "fine-tuned 100 iterations on slices 12, 20 (fast path, 25% of each patch's pixels per iteration)"
     )
-    every = {**sampled, "config": {**sampled["config"], "layers": "all"}, "method": "naive"}  # every layer uses every pixel
+    every = {
+        **sampled,
+        "config": {**sampled["config"], "layers": "all"},
+        "method": "naive",
+    }  # every layer uses every pixel
     assert describe_patient_model(every) == "fine-tuned every layer, 100 iterations on slices 12, 20 (naive path)"
     unet = describe_patient_model({"config": {"iterations": 50, "layers": "decoder"}, "strategy": "decoder"})
     assert unet == "fine-tuned 50 iterations on the whole baseline volume (decoder layers)"
@@ -254,7 +282,9 @@ def test_a_patient_model_is_described_for_both_networks():
 def test_sequences_on_different_grids_are_resampled_onto_the_first(scene, small_pair_dir, tmp_path):  # noqa: F811
     # FLAIR and T1 from separate series: the T1 on a coarser, shifted grid, as a loaded
     # series would be; the organ mask a labelmap on the T1's grid
-    flair = mrml.image_to_volume(sitk.ReadImage(str(small_pair_dir / "baseline" / "FLAIR.nii.gz")), scene, "FLAIR series")
+    flair = mrml.image_to_volume(
+        sitk.ReadImage(str(small_pair_dir / "baseline" / "FLAIR.nii.gz")), scene, "FLAIR series"
+    )
     t1_image = sitk.ReadImage(str(small_pair_dir / "baseline" / "T1.nii.gz"))
     grid = sitk.Image([max(4, n * 3 // 4) for n in t1_image.GetSize()], sitk.sitkFloat32)
     grid.SetSpacing([s * 4 / 3 for s in t1_image.GetSpacing()])
@@ -262,7 +292,10 @@ def test_sequences_on_different_grids_are_resampled_onto_the_first(scene, small_
     grid.SetOrigin(t1_image.TransformContinuousIndexToPhysicalPoint([0.7, 0.4, 0.2]))
     t1 = mrml.image_to_volume(sitk.Resample(t1_image, grid, sitk.Transform(), sitk.sitkLinear), scene, "T1 series")
     organ_image = sitk.Resample(
-        sitk.ReadImage(str(small_pair_dir / "baseline" / "organ.nii.gz")), grid, sitk.Transform(), sitk.sitkNearestNeighbor
+        sitk.ReadImage(str(small_pair_dir / "baseline" / "organ.nii.gz")),
+        grid,
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
     )
     organ = mrml.image_to_volume(organ_image, scene, "brain", node_class="vtkMRMLLabelMapVolumeNode")
     assert not mrml.same_grid(flair, t1)

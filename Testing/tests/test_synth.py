@@ -21,7 +21,8 @@ def test_generator_is_deterministic_by_seed(preset):
 
 
 @pytest.mark.parametrize(
-    "preset,channels", [("brain-wmh", {"FLAIR": 1, "T1": 1}), ("brain-tumor", {"T1c": 1}), ("liver-metastases", {"DCE": 16, "DWI": 3})]
+    "preset,channels",
+    [("brain-wmh", {"FLAIR": 1, "T1": 1}), ("brain-tumor", {"T1c": 1}), ("liver-metastases", {"DCE": 16, "DWI": 3})],
 )
 def test_sequences_masks_and_lesions_in_the_organ(preset, channels):
     pair = generate_pair(preset, 1, small=True)

@@ -89,11 +89,21 @@ def test_validation_dice_is_reported_and_cancel_stops(cases):
     model = tiny_model().train()
     config = TrainingConfig(iterations=2, patch_size=64)
     history = train_base_model(
-        model, cases[:1], SPACING, config, val_cases=cases[1:], device="cpu", validate_every=2, progress=False, log=lambda m: None
+        model,
+        cases[:1],
+        SPACING,
+        config,
+        val_cases=cases[1:],
+        device="cpu",
+        validate_every=2,
+        progress=False,
+        log=lambda m: None,
     )
     assert 0.0 <= history[-1]["val_dice"] <= 1.0
     with pytest.raises(Cancelled):
-        train_base_model(model, cases, SPACING, config, device="cpu", progress=False, log=lambda m: None, cancel=lambda: True)
+        train_base_model(
+            model, cases, SPACING, config, device="cpu", progress=False, log=lambda m: None, cancel=lambda: True
+        )
 
 
 def test_validation_scores_post_process_as_the_preset_does(cases):
@@ -109,7 +119,9 @@ def test_validation_scores_post_process_as_the_preset_does(cases):
     case = cases[0]
     scored = {}
     for preset in ("liver-metastases", "brain-wmh"):
-        delivered = segment_case(ModelBundle(model, {"training_spacing_mm": list(SPACING), "preset": preset}), case, device="cpu").mask
+        delivered = segment_case(
+            ModelBundle(model, {"training_spacing_mm": list(SPACING), "preset": preset}), case, device="cpu"
+        ).mask
         scored[preset] = dice(delivered, case.lesions)
         scores = validation_scores(model, [case], SPACING, "cpu", preset=preset)
         assert scores["dice"] == pytest.approx(scored[preset], abs=1e-9)
@@ -190,13 +202,20 @@ def test_every_training_loop_stops_on_a_non_finite_loss_before_changing_weights(
     elif loop == "fine-tuning":
         model = tiny_model()
         before = copy.deepcopy(model.state_dict())
-        bundle = ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], SPACING))
-        run = lambda: finetune_patient_model(bundle, poisoned, "all-lesion", FinetuneConfig(iterations=2, method="naive"), device="cpu")  # noqa: E731
+        bundle = ModelBundle(
+            model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], SPACING)
+        )
+        run = lambda: finetune_patient_model(
+            bundle, poisoned, "all-lesion", FinetuneConfig(iterations=2, method="naive"), device="cpu"
+        )  # noqa: E731
     else:
         model = new_volume_model([1, 1], width=4, depth=2)
         before = copy.deepcopy(model.state_dict())
         run = lambda: train_volume_model(  # noqa: E731
-            model, [poisoned], VolumeTrainingConfig(iterations=2, batch_size=1, patch_mm=32.0, spacing_mm=4.0), device="cpu"
+            model,
+            [poisoned],
+            VolumeTrainingConfig(iterations=2, batch_size=1, patch_mm=32.0, spacing_mm=4.0),
+            device="cpu",
         )
     with pytest.raises(RuntimeError, match="training diverged \\(non-finite loss\\)"):
         run()
@@ -219,7 +238,9 @@ def test_fine_tuning_and_unet_training_run_in_mixed_precision_like_base_training
     def run(precision):
         if loop.startswith("fine-tuning"):
             model = tiny_model()
-            bundle = ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], SPACING))
+            bundle = ModelBundle(
+                model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], SPACING)
+            )
             method = "fast" if "cached" in loop else "naive"
             losses = []
             patient = finetune_patient_model(
@@ -252,7 +273,9 @@ def test_mixed_precision_through_the_channels_last_backbone_is_refused_on_cpu_be
     from PatientFineTuneLib.modelfile import ModelBundle, make_metadata
 
     model = tiny_model()
-    bundle = ModelBundle(model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], SPACING))
+    bundle = ModelBundle(
+        model, make_metadata(model, [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}], SPACING)
+    )
     calls = []
     with pytest.raises(ValueError, match="not supported on CPU"):
         finetune_patient_model(
@@ -295,7 +318,9 @@ def test_adam_takes_the_steps_of_torch_optim_adam_and_shares_its_checkpoints(cas
     for model, optimiser in (ours, theirs):
         train(model, optimiser, range(3))
     assert_same(ours[0], theirs[0])
-    assert torch.equal(ours[0].pathways[0].blocks[0][0][0].weight, tiny_model(seed=0).pathways[0].blocks[0][0][0].weight)
+    assert torch.equal(
+        ours[0].pathways[0].blocks[0][0][0].weight, tiny_model(seed=0).pathways[0].blocks[0][0][0].weight
+    )
     assert not torch.equal(ours[0].classifier[1].weight, tiny_model(seed=0).classifier[1].weight)
     # each continues from the other's checkpointed state (a copy, as torch.save writes it) exactly as from its own
     ours_from_theirs, theirs_from_ours = start(Adam, theirs[0]), start(torch.optim.Adam, ours[0])

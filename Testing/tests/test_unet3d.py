@@ -10,7 +10,14 @@ from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model
 from PatientFineTuneLib.images import load_case, prepare_case
 from PatientFineTuneLib.inference import predict_probability, predict_with_uncertainty, segment_case
 from PatientFineTuneLib.metrics import dice
-from PatientFineTuneLib.modelfile import ModelBundle, ModelFileError, build_network, load_model, make_metadata, save_model
+from PatientFineTuneLib.modelfile import (
+    ModelBundle,
+    ModelFileError,
+    build_network,
+    load_model,
+    make_metadata,
+    save_model,
+)
 from PatientFineTuneLib.unet3d import UNet3D
 from PatientFineTuneLib.volume_inference import window_starts
 from PatientFineTuneLib.volume_training import (
@@ -35,7 +42,9 @@ def baseline(small_pair_dir):
 
 
 def volume_bundle(model: UNet3D, config: VolumeTrainingConfig) -> ModelBundle:
-    meta = make_metadata(model, SEQUENCES, (config.spacing_mm,) * 3, preset="brain-wmh", **volume_model_metadata(config, model))
+    meta = make_metadata(
+        model, SEQUENCES, (config.spacing_mm,) * 3, preset="brain-wmh", **volume_model_metadata(config, model)
+    )
     return ModelBundle(model, meta)
 
 
@@ -136,7 +145,9 @@ def test_model_file_round_trip_and_mc_dropout(baseline, trained, tmp_path):
     save_model(bundle, tmp_path / "unet.pt")
     loaded = load_model(tmp_path / "unet.pt")
     assert loaded.is_volume_model and loaded.metadata["architecture"]["type"] == "unet3d"
-    assert np.array_equal(predict_probability(loaded, baseline, device="cpu"), predict_probability(bundle, baseline, device="cpu"))
+    assert np.array_equal(
+        predict_probability(loaded, baseline, device="cpu"), predict_probability(bundle, baseline, device="cpu")
+    )
     probability, uncertainty = predict_with_uncertainty(loaded, baseline, n_samples=3, seed=1, device="cpu")
     again = predict_with_uncertainty(loaded, baseline, n_samples=3, seed=1, device="cpu")[1]
     assert np.array_equal(uncertainty.sd, again.sd) and uncertainty.sd.max() > 0
@@ -154,7 +165,9 @@ def test_model_file_round_trip_and_mc_dropout(baseline, trained, tmp_path):
 def test_finetuning_a_unet_keeps_the_base_and_checks_the_selection(baseline, trained):
     bundle, _ = trained
     before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
-    patient = finetune_patient_model(bundle, baseline, config=FinetuneConfig(iterations=2, layers="decoder"), device="cpu")
+    patient = finetune_patient_model(
+        bundle, baseline, config=FinetuneConfig(iterations=2, layers="decoder"), device="cpu"
+    )
     assert patient.metadata["finetune"]["strategy"] == "decoder"
     assert all(torch.equal(bundle.model.state_dict()[k], v) for k, v in before.items())
     after = patient.model.state_dict()
@@ -163,11 +176,18 @@ def test_finetuning_a_unet_keeps_the_base_and_checks_the_selection(baseline, tra
     with pytest.raises(ValueError, match="whole annotated baseline volume"):
         finetune_patient_model(bundle, baseline, "suggested:2", FinetuneConfig(iterations=1), device="cpu")
     with pytest.raises(ValueError, match="without it"):
-        finetune_patient_model(bundle, baseline, config=FinetuneConfig(iterations=1, weighting="segmentation"), device="cpu")
+        finetune_patient_model(
+            bundle, baseline, config=FinetuneConfig(iterations=1, weighting="segmentation"), device="cpu"
+        )
     with pytest.raises(ValueError, match="every voxel"):  # the pixel fraction is the 2D head's
-        finetune_patient_model(bundle, baseline, config=FinetuneConfig(iterations=1, layers="decoder", pixel_fraction=0.25), device="cpu")
+        finetune_patient_model(
+            bundle, baseline, config=FinetuneConfig(iterations=1, layers="decoder", pixel_fraction=0.25), device="cpu"
+        )
     transferred = finetune_volume_model(
-        bundle, [baseline], VolumeTrainingConfig(iterations=1, strategy="all", reset_last_layers=True, spacing_mm=1.5), device="cpu"
+        bundle,
+        [baseline],
+        VolumeTrainingConfig(iterations=1, strategy="all", reset_last_layers=True, spacing_mm=1.5),
+        device="cpu",
     )
     # the model's own spacing and window win over the configuration's
     assert transferred.metadata["finetune"]["config"]["spacing_mm"] == 2.0

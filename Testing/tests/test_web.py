@@ -41,7 +41,9 @@ def _editor_with_views_created_after_paint():
     server = get_server(f"defect-{time.monotonic_ns()}", client_type="vue3")
     app = SlicerApp()
     register_rca_factories(app.view_manager, server)
-    volume = image_to_volume(sitk.GetImageFromArray(np.random.default_rng(0).random((8, 32, 32), dtype=np.float32)), app.scene, "volume")
+    volume = image_to_volume(
+        sitk.GetImageFromArray(np.random.default_rng(0).random((8, 32, 32), dtype=np.float32)), app.scene, "volume"
+    )
     segmentation = add_lesion_segmentation(app.scene, np.zeros((8, 32, 32), bool), volume, "lesions")
     editor = app.segmentation_editor
     editor.set_active_segmentation(segmentation, volume)
@@ -121,7 +123,18 @@ def web_server(tmp_path_factory):
     port = _free_port()
     log = open(work / "server.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "PatientFineTuneLib.cli", "web", "--port", str(port), "--work", str(work), "--device", "cpu"],
+        [
+            sys.executable,
+            "-m",
+            "PatientFineTuneLib.cli",
+            "web",
+            "--port",
+            str(port),
+            "--work",
+            str(work),
+            "--device",
+            "cpu",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -186,7 +199,10 @@ def test_whole_workflow_in_headless_chromium(web_server):
 
         step("open", lambda: page.goto(web_server), "#load-sample", 60)
         step(
-            "load-sample", lambda: page.click("#load-sample"), "() => document.querySelector('#status').innerText.startsWith('Loaded')", 120
+            "load-sample",
+            lambda: page.click("#load-sample"),
+            "() => document.querySelector('#status').innerText.startsWith('Loaded')",
+            120,
         )
         step("analyse-baseline", lambda: page.click("#analyse"), ".suggestion", 300)
         suggestion = page.locator(".suggestion").nth(0).inner_text().lower()
@@ -211,14 +227,23 @@ def test_whole_workflow_in_headless_chromium(web_server):
                 page.wait_for_timeout(40)
             page.mouse.up()
 
-        step("paint-stroke", stroke, f"() => parseInt(document.querySelector('#annotation-voxels').innerText) > {before}", 30)
+        step(
+            "paint-stroke",
+            stroke,
+            f"() => parseInt(document.querySelector('#annotation-voxels').innerText) > {before}",
+            30,
+        )
         after = int(page.inner_text("#annotation-voxels"))
         assert after > before
 
         page.fill("#iterations", "5000")
         step(
             "cancel",
-            lambda: (page.click("#finetune"), page.wait_for_selector("#progress", state="visible"), page.click("#cancel")),
+            lambda: (
+                page.click("#finetune"),
+                page.wait_for_selector("#progress", state="visible"),
+                page.click("#cancel"),
+            ),
             "() => document.querySelector('#status').innerText.includes('cancelled')",
             60,
         )
@@ -253,7 +278,9 @@ def test_whole_workflow_in_headless_chromium(web_server):
         assert "Never-worse check" in report.inner_text("body") and report.locator("img").count() >= 1
         report.screenshot(path=str(ARTIFACTS / f"{len(timings)}-report.png"), full_page=True)
         browser.close()
-    print(f"\nweb workflow step times (s): {timings}; annotation {before} -> {after} voxels; {rows} table rows; {result}")
+    print(
+        f"\nweb workflow step times (s): {timings}; annotation {before} -> {after} voxels; {rows} table rows; {result}"
+    )
     assert not outside, f"the page asked for outside hosts: {outside}"
 
 
@@ -268,7 +295,9 @@ def test_loading_a_study_checks_the_files_and_fills_both_views(small_pair_dir, t
         [small_pair_dir / "followup" / s for s in ("FLAIR.nii.gz", "T1.nii.gz")],
     )
     assert "missing.nii.gz" in app.state.error and not app.state.loaded
-    app.load_study(*[[small_pair_dir / visit / f"{s}.nii.gz" for s in ("FLAIR", "T1")] for visit in ("baseline", "followup")])
+    app.load_study(
+        *[[small_pair_dir / visit / f"{s}.nii.gz" for s in ("FLAIR", "T1")] for visit in ("baseline", "followup")]
+    )
     assert app.state.loaded and not app.state.error
     assert app.view(BASELINE_VIEW).get_background_volume_id() == app.volumes["baseline"][0].GetID()
     assert app.view(FOLLOWUP_VIEW).get_background_volume_id() == app.volumes["followup"][0].GetID()
@@ -355,7 +384,13 @@ def _hello(port, secret, origin):
                 return refused.status, None
             async with ws:
                 message = msgpack.packb(
-                    {"wslink": "1.0", "id": "system:c0:0", "method": "wslink.hello", "args": [{"secret": secret}], "kwargs": {}}
+                    {
+                        "wslink": "1.0",
+                        "id": "system:c0:0",
+                        "method": "wslink.hello",
+                        "args": [{"secret": secret}],
+                        "kwargs": {},
+                    }
                 )
                 for chunk in generate_chunks(message, 0):
                     await ws.send_bytes(chunk)
@@ -401,19 +436,28 @@ def test_only_files_in_the_data_folder_load_and_the_error_does_not_say_what_exis
     from PatientFineTuneLib.web import PatientFineTuneWeb
 
     app = PatientFineTuneWeb(server=f"scope-{time.monotonic_ns()}", work_dir=tmp_path, device="cpu")
-    inside = [",".join(str(small_pair_dir / visit / f"{s}.nii.gz") for s in ("FLAIR", "T1")) for visit in ("baseline", "followup")]
+    inside = [
+        ",".join(str(small_pair_dir / visit / f"{s}.nii.gz") for s in ("FLAIR", "T1"))
+        for visit in ("baseline", "followup")
+    ]
     errors = []
     for outside in (small_pair_dir / "baseline" / "FLAIR.nii.gz", Path("/etc/hostname"), Path("/no/such/file.nii.gz")):
-        app.state.update({"baseline_paths": f"{outside},{small_pair_dir / 'baseline' / 'T1.nii.gz'}", "followup_paths": inside[1]})
+        app.state.update(
+            {"baseline_paths": f"{outside},{small_pair_dir / 'baseline' / 'T1.nii.gz'}", "followup_paths": inside[1]}
+        )
         app.load_files()
         assert not app.state.loaded
         errors.append(app.state.error.replace(str(outside), "PATH"))
     assert len(set(errors)) == 1 and "only files inside" in errors[0], errors
-    (tmp_path / "link.nii.gz").symlink_to(small_pair_dir / "baseline" / "FLAIR.nii.gz")  # a link inside that leads outside
+    (tmp_path / "link.nii.gz").symlink_to(
+        small_pair_dir / "baseline" / "FLAIR.nii.gz"
+    )  # a link inside that leads outside
     app.state.update({"baseline_paths": f"link.nii.gz,{small_pair_dir / 'baseline' / 'T1.nii.gz'}"})
     app.load_files()
     assert not app.state.loaded and "only files inside" in app.state.error
-    app = PatientFineTuneWeb(server=f"scope-{time.monotonic_ns()}", work_dir=tmp_path, data_dir=small_pair_dir, device="cpu")
+    app = PatientFineTuneWeb(
+        server=f"scope-{time.monotonic_ns()}", work_dir=tmp_path, data_dir=small_pair_dir, device="cpu"
+    )
     app.state.update({"baseline_paths": inside[0], "followup_paths": inside[1]})
     app.load_files()
     assert app.state.loaded and not app.state.error
@@ -421,7 +465,12 @@ def test_only_files_in_the_data_folder_load_and_the_error_does_not_say_what_exis
 
 @pytest.mark.parametrize(
     "iterations, samples, words",
-    [(0, 25, "Iterations must be at least 1"), (100, 1, "MC samples must be 0"), ("ten", 25, "whole number"), (100, 2.5, "whole number")],
+    [
+        (0, 25, "Iterations must be at least 1"),
+        (100, 1, "MC samples must be 0"),
+        ("ten", 25, "whole number"),
+        (100, 2.5, "whole number"),
+    ],
 )
 def test_the_pages_numbers_are_checked_before_any_work(iterations, samples, words):
     """Iterations 0 gave an internal message, MC samples 1 was refused only after the
@@ -447,4 +496,6 @@ def test_the_status_line_says_when_a_long_step_failed(tmp_path):
         return read_image(tmp_path / "gone.nii.gz")  # a real failure of the step: the file is not there
 
     assert asyncio.run(app._run("Fine-tuning", work)) is None
-    assert app.state.error.startswith("Fine-tuning failed") and "failed" in app.state.status and not app.state.busy, app.state.status
+    assert app.state.error.startswith("Fine-tuning failed") and "failed" in app.state.status and not app.state.busy, (
+        app.state.status
+    )
