@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import METRIC_NAMES
+
 VISITS = ("baseline", "followup")
 
 
@@ -272,17 +274,7 @@ def save_patient_overlay(followup, out: str | os.PathLike, patient: str, arm_nam
 RESULT_COLUMNS = [
     "patient",
     "arm",
-    "dice",
-    "avd_percent",
-    "hd95_mm",
-    "lesion_recall",
-    "lesion_precision",
-    "lesion_f1",
-    "fp_count",
-    "gt_lesions",
-    "pred_lesions",
-    "volume_pred_ml",
-    "volume_gt_ml",
+    *METRIC_NAMES,
     "seconds",
     "mean_sd_in_lesions",
     "max_sd",
