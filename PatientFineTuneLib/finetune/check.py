@@ -17,6 +17,10 @@ from .config import FinetuneConfig
 from .data import FinetuneData
 from .head import progress_in_steps_of, train_patient_copy
 
+#: Edge (model pixels) of the checkerboard blocks the check holds out where it cannot hold
+#: out whole slices.
+HOLDOUT_BLOCK_PX = 32
+
 
 def holdout_mask(shape: Sequence[int], block_px: int, seed: int) -> torch.Tensor:
     """(H, W) bool: the held-out squares of a checkerboard of ``block_px`` blocks (which
@@ -34,7 +38,7 @@ def holdout_split(data: FinetuneData, config: FinetuneConfig, fold: int = 0) -> 
     follows the seed), when both halves hold an annotated lesion: the check then sees how
     the model does on slices it never trained on, lesions and false positives included.
     ``"blocks"``: otherwise (one slice, or the lesions all on one half) a checkerboard of
-    ``holdout_block_px`` blocks on every slice. A held-out half without a lesion could
+    ``HOLDOUT_BLOCK_PX`` blocks on every slice. A held-out half without a lesion could
     only show false positives: on a real MS scan (Ljubljana 19, a lesion slice and a
     lesion-free one) it passed a fine-tuned model that lost 0.14 Dice elsewhere.
     Hard negatives are never held out.
@@ -54,7 +58,7 @@ def holdout_split(data: FinetuneData, config: FinetuneConfig, fold: int = 0) -> 
     ):
         return [organ & h for organ, h in zip(data.organs, held)], "slices"
     return [
-        holdout_mask(o.shape, config.holdout_block_px, config.seed + fold) & o if r is not None else torch.zeros_like(o)
+        holdout_mask(o.shape, HOLDOUT_BLOCK_PX, config.seed + fold) & o if r is not None else torch.zeros_like(o)
         for r, o in zip(rank, data.organs)
     ], "blocks"
 
@@ -164,7 +168,7 @@ def never_worse_check(
         "split": split,
         "folds": len(folds),
         "held_out_slices": sorted(s for slices in held_out_slices for s in slices),
-        "block_px": config.holdout_block_px if split == "blocks" else None,
+        "block_px": HOLDOUT_BLOCK_PX if split == "blocks" else None,
         "held_out_pixels": int(sum(int(h.sum()) for held, _ in folds for h in held)),
         "held_out_lesion_pixels": int(
             sum(int((d[0] > 0.5)[h].sum()) for held, _ in folds for d, h in zip(data.labels, held))

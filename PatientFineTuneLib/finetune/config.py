@@ -42,8 +42,6 @@ class FinetuneConfig(PatchTrainingConfig):
     #: Never worse than the base model: check on held-out blocks of the annotation first
     #: (see the module docstring; twice the training time). The 2D network only.
     holdout_check: bool = False
-    #: Edge (model pixels) of the checkerboard blocks the check holds out.
-    holdout_block_px: int = 32
     #: Folds of the check: 2 holds each half of the annotation out in turn and pools the
     #: scores (the default); 1 holds out one half only. With 2 annotated slices one fold's
     #: verdict depends on which slice is held out (on a real MS scan one choice passed a
