@@ -16,6 +16,12 @@ with FLAIR + T1 and with FLAIR alone; each score goes as one JSON line to
 ``training/<preset>-anatomy.log.jsonl`` (the learning curve) with the wall time so far.
 When ``--iterations`` are done the model is written to ``--out`` (never over a shipped
 model).
+
+``--hold-out CASE`` makes it a leave-one-out fold of a real-and-synthetic mixture: the
+preset's other real validation scans train beside the synthesis (``--synthetic-fraction``
+of the patches synthesised), the held-out scan alone is scored, and the run has files of
+its own (``<preset>-anatomy-loo-<CASE>.*``). ``--init-from`` starts such a run from another
+run's checkpoint (e.g. the synthesis-only run's), recorded in the model's metadata.
 """
 
 from __future__ import annotations
@@ -71,6 +77,21 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="finished model (default training/<preset>-anatomy.pt)")
     parser.add_argument(
+        "--hold-out",
+        metavar="CASE",
+        help="leave-one-out: train on the preset's real validation scans except this one (e.g. patient07) mixed with "
+        "the synthesis, and score on it alone",
+    )
+    parser.add_argument(
+        "--synthetic-fraction", type=float, default=0.5, help="with --hold-out: the share of synthesised patches"
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from this checkpoint's model when the run has no checkpoint of its own yet",
+    )
+    parser.add_argument("--folder", type=Path, default=HERE / "training", help="where the checkpoint and the curve go")
+    parser.add_argument(
         "--export",
         action="store_true",
         help="only write the model of the latest checkpoint to --out (to evaluate a run in progress)",
@@ -91,11 +112,12 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
-    folder = HERE / "training"
-    folder.mkdir(exist_ok=True)
-    checkpoint = folder / f"{preset.name}-anatomy.checkpoint.pt"
-    curve = folder / f"{preset.name}-anatomy.log.jsonl"
-    out = args.out or folder / f"{preset.name}-anatomy.pt"
+    folder = args.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    run = f"{preset.name}-anatomy" + (f"-loo-{args.hold_out}" if args.hold_out else "")
+    checkpoint = folder / f"{run}.checkpoint.pt"
+    curve = folder / f"{run}.log.jsonl"
+    out = args.out or folder / f"{run}.pt"
     maps = sorted(args.maps.glob("*.nii*"))
     synthetic = AnatomyPatches(maps, settings_for_preset(preset), seed=args.seed, volume_every=args.volume_every)
     n_channels = sum(c for _, c in preset.sequences)
@@ -103,12 +125,16 @@ def main(argv=None) -> None:
         iterations=args.iterations,
         seed=args.seed,
         precision=args.precision,
+        synthetic_fraction=args.synthetic_fraction if args.hold_out else 0.0,
         sequence_dropout=args.sequence_dropout,
         droppable_channels=tuple(range(1, n_channels)),
     )
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model = LesionNet([c for _, c in preset.sequences], width=args.width)
+    if args.init_from and not checkpoint.exists():
+        model.load_state_dict(torch.load(args.init_from, map_location="cpu", weights_only=True)["model"])
+    real_cases, val_cases = [], []
 
     # sequences blanked in training are optional for the model (one channel each here)
     sequences = [
@@ -125,8 +151,9 @@ def main(argv=None) -> None:
                 "command": " ".join(["python", "Resources/Models/train_anatomy.py", *sys.argv[1:]]),
                 "config": config.identity() | {"iterations": iterations},
                 "anatomy_synthesis": synthetic.describe(),
-                "train_cases": [],
-                "held_out_sets": list(VALIDATION[preset.name]),
+                "train_cases": [c.name for c in real_cases],
+                "held_out_sets": [args.hold_out] if args.hold_out else list(VALIDATION[preset.name]),
+                **({"initialised_from": str(args.init_from)} if args.init_from else {}),
                 "final_loss": final_loss,
                 "wall_time_s": round(wall_s, 1),
             },
@@ -141,6 +168,14 @@ def main(argv=None) -> None:
         write_model(int(payload["iteration"]), None, max((r.get("wall_s", 0.0) for r in lines), default=0.0))
         return
     val_cases = load_validation(preset, args.data)
+    if args.hold_out:
+        held = [c for c in val_cases if c.name.rsplit("/", 1)[-1] == args.hold_out]
+        if not held:
+            raise SystemExit(
+                f"no real scan named {args.hold_out}; the preset's are {', '.join(c.name for c in val_cases)}"
+            )
+        real_cases = [c for c in val_cases if c is not held[0]]
+        val_cases = held
     # the scans as a model trained with sequence dropout sees them without the later sequences
     first_only = (
         [
@@ -177,7 +212,7 @@ def main(argv=None) -> None:
     try:
         history = train_base_model(
             model,
-            [],
+            real_cases,
             preset.training_spacing_mm,
             config,
             val_cases=val_cases,
