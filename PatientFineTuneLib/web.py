@@ -648,7 +648,12 @@ class PatientFineTuneWeb:
         self.session.discard_step(finetune)
         if description is None:
             return
-        followup = self.session.start_followup(self.volumes["followup"], mc_samples=mc_samples, device=self.device)
+        try:
+            followup = self.session.start_followup(self.volumes["followup"], mc_samples=mc_samples, device=self.device)
+        except Exception as error:  # e.g. the follow-up's volume cannot be written: say so on the page
+            with self.state:
+                self.state.error = str(error)
+            return
         try:
             runs = await self._run_step("Segmenting the follow-up with both models", followup)
             if runs is None:
