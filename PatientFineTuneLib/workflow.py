@@ -156,20 +156,25 @@ def run_job(
     Raises
     ------
     Cancelled
-        ``cancel()`` asked to stop (the job is terminated; it leaves no partial file).
+        ``cancel()`` asked to stop (the job is terminated; it leaves no partial file). An
+        exception raised meanwhile in this thread (Ctrl-C, ``progress`` failing) also
+        terminates the job before it goes on.
     RuntimeError
         The job failed: its one-line error message.
     """
     if job.step < 0:
         job.start()
-    while not job.finished:
-        job.poll()
-        if cancel is not None and cancel():
-            job.cancel()
-            raise Cancelled("stopped on request; no partial output was left behind")
-        if progress is not None:
-            progress(job.fraction(), (job.progress or {}).get("phase") or "")
-        time.sleep(interval)
+    try:
+        while not job.finished:
+            job.poll()
+            if cancel is not None and cancel():
+                raise Cancelled("stopped on request; no partial output was left behind")
+            if progress is not None:
+                progress(job.fraction(), (job.progress or {}).get("phase") or "")
+            time.sleep(interval)
+    except BaseException:  # cancelled, or the caller itself interrupted (Ctrl-C): the job ends with it
+        job.cancel()
+        raise
     if not job.succeeded:
         raise RuntimeError(job.error or "the job ended without a result")
     if progress is not None:

@@ -285,3 +285,38 @@ def test_a_job_does_not_outlive_the_application_that_started_it(small_pair_dir, 
             raise AssertionError("the job still runs a minute after the application that started it ended")
         time.sleep(0.1)
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("stop", ["cancel", "interrupt"])
+def test_a_job_run_by_the_workflow_never_outlives_its_caller(tmp_path, stop):
+    # run_job (the demo's and the web app's way) waits in the caller's thread: when the
+    # caller cancels, or is itself interrupted (Ctrl-C, a terminated demo), the job it
+    # started must end with it instead of running on in its own session
+    from PatientFineTuneLib.progress import Cancelled
+    from PatientFineTuneLib.workflow import run_job
+
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/bin/sh\n"
+        + shlex.join([sys.executable, "-c", "import os, time; print('pid', os.getpid(), flush=True); time.sleep(600)"])
+    )
+    python.chmod(0o755)
+    job = CliJob([["segment"]], python=str(python))
+    started = []
+
+    def progress(fraction, phase):
+        started.extend(job.log)
+        if started and stop == "interrupt":
+            raise KeyboardInterrupt
+
+    with pytest.raises(Cancelled if stop == "cancel" else KeyboardInterrupt):
+        run_job(job, progress, cancel=lambda: bool(started) and stop == "cancel", interval=0.02)
+    assert job.finished and job.cancelled
+    pid = int(started[0].split()[1])
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"the job's process still runs after the caller's {stop}")
