@@ -18,7 +18,9 @@ t-test for Dice and AVD, median [IQR] and Wilcoxon for lesion F1), the promise c
 the mean Dice gain. The case loading is that of ``eval_real_base_models.py``.
 ``--masks DIR`` keeps what was scored, for analysis after the run: per run
 ``<case>_<route>_{base,finetuned,reference}.nii.gz`` on the scan's grid, each limited to
-the scored slices (within-scan: the slices not annotated).
+the scored slices (within-scan: the slices not annotated). ``--pick`` changes how the
+2-slice route picks its lesion slices (:data:`PICKS`: the product's suggestion by default);
+every run prints the picked slices' mean lesion probability and lesion count.
 
     python Testing/benchmarks/eval_real_finetune.py --threads 2 --json real_finetune.json
 """
@@ -34,10 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from PatientFineTuneLib import caseload, images, inference, metrics, modelcard, modelfile  # noqa: E402
-from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model, select_slices, shipped_config  # noqa: E402
+from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model, shipped_config  # noqa: E402
+from PatientFineTuneLib.suggest import suggest_slices  # noqa: E402
 
 from eval_real_base_models import DATA, ground_truth, real_cases  # noqa: E402
 
@@ -142,11 +146,41 @@ WITHIN_SCAN = {
 }
 
 
+#: How the 2-slice route picks its slices among the lesion slices (``--pick``):
+#: "suggested" (the product's suggestion: the mean lesion probability nearest 0.5, the
+#: paper's rule), "entropy" (the most uncertain), "largest" (the most annotated lesion),
+#: "worst" (where the base model errs most: needs the whole annotation, an oracle).
+PICKS = ("suggested", "entropy", "largest", "worst")
+PICK = {"rule": "suggested"}
+
+
 def annotated_slices(route: str, case: images.Case, base) -> list[int]:
-    """The slices a within-scan run annotates: every other lesion slice, or the 2 suggested."""
+    """The slices a run annotates: every other lesion slice, or 2 lesion slices picked by
+    :data:`PICK`; the picked slices' facts are printed."""
     if route == "every-other":
         return case.lesion_slices()[::2]
-    return list(select_slices("suggested-lesion:2", case, base, device="cpu"))
+    rule = PICK["rule"]
+    probability = inference.predict_probability(base, case, device="cpu")
+    if rule in ("suggested", "entropy"):
+        ranking = "softmax" if rule == "suggested" else "entropy"
+        ranked = suggest_slices(base, case, k=2, candidates="lesion", ranking=ranking, probability=probability)
+        chosen = [s.index for s in ranked]
+    else:
+        lesion_slices = np.array(case.lesion_slices())
+        if rule == "largest":
+            amount = case.lesions[lesion_slices].sum(axis=(1, 2))
+        else:
+            errors = (probability[lesion_slices] >= 0.5) != case.lesions[lesion_slices].astype(bool)
+            amount = (errors & case.organ[lesion_slices]).sum(axis=(1, 2))
+        chosen = sorted(int(s) for s in lesion_slices[np.argsort(-amount, kind="stable")[:2]])
+    for s in chosen:
+        lesions = int(ndimage.label(case.lesions[s] > 0)[1])
+        print(
+            f"    picked ({rule}) slice {s}: mean lesion probability {probability[s][case.organ[s]].mean():.3f}, "
+            f"{lesions} lesion(s), {int((case.lesions[s] > 0).sum())} lesion pixels",
+            flush=True,
+        )
+    return chosen
 
 
 def within_scan(
@@ -249,7 +283,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--masks", type=Path, help="folder for each run's scored base, fine-tuned and reference masks (NIfTI)"
     )
+    parser.add_argument(
+        "--pick",
+        choices=PICKS,
+        default="suggested",
+        help="how the 2-slice route picks its lesion slices (default: the product's suggestion)",
+    )
     args = parser.parse_args(argv)
+    PICK["rule"] = args.pick
     for item in args.set:
         name, value = item.split("=", 1)
         default = getattr(FinetuneConfig(), name)
