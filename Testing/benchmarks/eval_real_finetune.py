@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import sys
 import time
@@ -97,7 +98,29 @@ def mask_scores(
 OVERRIDES: dict = {}
 
 
+#: ``--anchors K``: K evenly spaced unannotated organ slices join the annotated ones,
+#: labelled with the base model's own mask (the fine-tuned head is held to the base
+#: model's answer there; an experiment, not the product's route).
+ANCHORS = {"k": 0}
+
+
+def with_anchors(base, case: images.Case, slices):
+    """``case`` and ``slices`` with :data:`ANCHORS` anchor slices added (a new case; the
+    caller's is left as it is); unchanged for 0 anchors or a named selection."""
+    if ANCHORS["k"] == 0 or isinstance(slices, str):
+        return case, slices
+    free = [int(s) for s in np.flatnonzero(case.organ.any(axis=(1, 2))) if s not in set(slices)]
+    spaced = np.linspace(0, len(free) - 1, ANCHORS["k"] + 2)[1:-1].round().astype(int)
+    anchors = [free[i] for i in spaced]
+    own = inference.predict_mask(base, case, device="cpu")
+    lesions = case.lesions.copy()
+    lesions[anchors] = own[anchors]
+    print(f"    anchors {anchors}: base-model lesion pixels {[int(own[a].sum()) for a in anchors]}", flush=True)
+    return dataclasses.replace(case, lesions=lesions), list(slices) + anchors
+
+
 def finetune(base, case, slices):
+    case, slices = with_anchors(base, case, slices)
     config = shipped_config(base, **OVERRIDES)
     patient = finetune_patient_model(base, case, slices, config, device="cpu", allow_empty=True)
     # with the check off (--set holdout_check=False) the fine-tuned model is always kept
@@ -289,8 +312,16 @@ def main(argv=None) -> int:
         default="suggested",
         help="how the 2-slice route picks its lesion slices (default: the product's suggestion)",
     )
+    parser.add_argument(
+        "--anchors",
+        type=int,
+        default=0,
+        metavar="K",
+        help="experiment: add K unannotated organ slices labelled with the base model's own mask",
+    )
     args = parser.parse_args(argv)
     PICK["rule"] = args.pick
+    ANCHORS["k"] = args.anchors
     for item in args.set:
         name, value = item.split("=", 1)
         default = getattr(FinetuneConfig(), name)
