@@ -32,14 +32,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
 
 from .brainmask import BIAS_CORRECTION_CHOICES, SKULL_STRIPPED_CHOICES, brain_mask, correct_bias_field
 from .files import atomic_write, incomplete_output
+
+if TYPE_CHECKING:
+    import torch
 
 #: Relative in-plane spacing difference below which slices are not resampled.
 SPACING_TOLERANCE = 0.01
@@ -492,6 +494,8 @@ def resample_array(x: torch.Tensor, shape: Sequence[int], label: bool = False) -
     Plain ``nearest`` would floor ``j * n / m`` instead and shift labels by up to half a
     pixel towards the origin on every non-integer ratio.
     """
+    import torch.nn.functional as F  # here: reading and writing images needs no torch (evaluate, compare)
+
     shape = tuple(int(s) for s in shape)
     if tuple(x.shape[2:]) == shape:
         return x
@@ -575,6 +579,8 @@ class Case:
 
     def slice_tensor(self, s: int) -> torch.Tensor:
         """Slice ``s`` of every channel as a (C, H, W) float tensor."""
+        import torch
+
         return torch.from_numpy(np.ascontiguousarray(self.images[:, s]))
 
     def physical_point(self, s: int, row: float, col: float) -> tuple[float, float, float]:

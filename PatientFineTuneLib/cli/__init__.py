@@ -67,9 +67,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     _Parser.json_errors = _json_requested(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
-    from ..images import ImageError
-    from ..modelfile import ModelFileError
-    from ..runtime import Cancelled, keep_freed_memory_for_reuse
+    from ..heap import keep_freed_memory_for_reuse
+    from ..progress import Cancelled
 
     keep_freed_memory_for_reuse()
 
@@ -99,7 +98,7 @@ def main(argv=None) -> int:
             "the program reading this command's output closed it before the end; the run was stopped",
             events=False,
         )
-    except (ImageError, ModelFileError, OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # ImageError and ModelFileError are ValueErrors
         return _fail(args, _one_line(exc))
     except (
         Exception

@@ -23,7 +23,7 @@ aim < 60 s) and Brain-Tumor-Progression 01 Pre (T1c; aim < 30 s), each with one
 segmentation of the same scan as a ratio; ``--previous-route`` adds the route shipped
 until 2026-12-06 (two folds, every pixel, the paper's learning rate, 1/2/4x) as a ratio.
 
-The command line turns on :func:`~PatientFineTuneLib.runtime.keep_freed_memory_for_reuse`
+The command line turns on :func:`~PatientFineTuneLib.heap.keep_freed_memory_for_reuse`
 and so does this script, unless ``--no-reuse-memory`` (to measure what it is worth).
 """
 
@@ -92,10 +92,11 @@ def main() -> None:
     from PatientFineTuneLib.caseload import load_for_model
     from PatientFineTuneLib.cases import find_cases
     from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model, shipped_config
+    from PatientFineTuneLib.heap import keep_freed_memory_for_reuse
     from PatientFineTuneLib.inference import predict_probability, predict_with_uncertainty
     from PatientFineTuneLib.modelcard import resolve_model_path
     from PatientFineTuneLib.modelfile import load_model
-    from PatientFineTuneLib.runtime import describe_device, keep_freed_memory_for_reuse, resolve_device
+    from PatientFineTuneLib.runtime import describe_device, resolve_device
     from PatientFineTuneLib.suggest import suggest_slices
     from PatientFineTuneLib.synth import generate_pair, write_pair
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -266,6 +267,35 @@ def test_a_segment_or_fine_tune_run_imports_no_statistics_or_spatial_scipy():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_verbs_on_masks_import_no_torch(tmp_path):
+    """evaluate and compare read and write label maps only: importing torch (about 2 s of
+    every run) buys them nothing, nor the refusals of their bad input."""
+    gt = np.zeros((6, 16, 16), np.uint8)
+    gt[2:4, 4:8, 4:8] = 1
+    for name in ("gt", "pred"):
+        sitk.WriteImage(sitk.GetImageFromArray(gt), str(tmp_path / f"{name}.nii.gz"))
+    verbs = {
+        "evaluate": ["--pred", tmp_path / "pred.nii.gz", "--gt", tmp_path / "gt.nii.gz"],
+        "compare": [
+            "--baseline-lesions",
+            tmp_path / "gt.nii.gz",
+            "--followup-lesions",
+            tmp_path / "pred.nii.gz",
+            "--out",
+            tmp_path / "changes",
+        ],
+        "evaluate (refused)": ["--pred", tmp_path / "absent.nii.gz", "--gt", tmp_path / "gt.nii.gz"],
+    }
+    for verb, arguments in verbs.items():
+        script = (
+            "import sys\nfrom PatientFineTuneLib.cli import main\n"
+            f"code = main({[verb.split()[0], *map(str, arguments)]!r})\n"
+            "print('torch' in sys.modules, code)"
+        )
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip().splitlines()[-1] == f"False {2 if 'refused' in verb else 0}", (verb, done.stderr)
 
 
 @pytest.fixture(scope="module")
