@@ -134,7 +134,7 @@ def main(argv=None) -> None:
     model = LesionNet([c for _, c in preset.sequences], width=args.width)
     if args.init_from and not checkpoint.exists():
         model.load_state_dict(torch.load(args.init_from, map_location="cpu", weights_only=True)["model"])
-    real_cases, val_cases = [], []
+    real_cases = []  # the real scans that train beside the synthesis (--hold-out)
 
     # sequences blanked in training are optional for the model (one channel each here)
     sequences = [

@@ -109,7 +109,8 @@ def with_anchors(base, case: images.Case, slices):
     caller's is left as it is); unchanged for 0 anchors or a named selection."""
     if ANCHORS["k"] == 0 or isinstance(slices, str):
         return case, slices
-    free = [int(s) for s in np.flatnonzero(case.organ.any(axis=(1, 2))) if s not in set(slices)]
+    annotated = set(slices)
+    free = [int(s) for s in np.flatnonzero(case.organ.any(axis=(1, 2))) if s not in annotated]
     spaced = np.linspace(0, len(free) - 1, ANCHORS["k"] + 2)[1:-1].round().astype(int)
     anchors = [free[i] for i in spaced]
     own = inference.predict_mask(base, case, device="cpu")
