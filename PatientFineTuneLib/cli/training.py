@@ -195,6 +195,10 @@ def cmd_train_base(args) -> None:
     wall = time.perf_counter() - start
     if world > 1:
         train_names = _gather_names([c.name for c in train_cases])
+        # every rank's sends and receives complete before any rank tears gloo down: a rank
+        # that destroyed the group while another's last transfer was in flight aborted at
+        # exit (SIGABRT, "terminate called without an active exception"), now and then
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     else:
         train_names = [c.name for c in train_cases]
