@@ -67,6 +67,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="amp", choices=["fp32", "amp"])
     parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="Adam's learning rate (default: TrainingConfig's); another one names the run's files after it, "
+        "e.g. a late phase at a lower rate started with --init-from",
+    )
+    parser.add_argument(
         "--sequence-dropout", type=float, default=0.2, help="probability of blanking every sequence after the first"
     )
     parser.add_argument("--volume-every", type=int, default=4, help="iterations between new synthetic volumes")
@@ -114,7 +121,11 @@ def main(argv=None) -> None:
     preset = get_preset(args.preset)
     folder = args.folder
     folder.mkdir(parents=True, exist_ok=True)
-    run = f"{preset.name}-anatomy" + (f"-loo-{args.hold_out}" if args.hold_out else "")
+    run = (
+        f"{preset.name}-anatomy"
+        + (f"-loo-{args.hold_out}" if args.hold_out else "")
+        + (f"-lr{args.learning_rate:g}" if args.learning_rate is not None else "")
+    )
     checkpoint = folder / f"{run}.checkpoint.pt"
     curve = folder / f"{run}.log.jsonl"
     out = args.out or folder / f"{run}.pt"
@@ -125,6 +136,7 @@ def main(argv=None) -> None:
         iterations=args.iterations,
         seed=args.seed,
         precision=args.precision,
+        **({"learning_rate": args.learning_rate} if args.learning_rate is not None else {}),
         synthetic_fraction=args.synthetic_fraction if args.hold_out else 0.0,
         sequence_dropout=args.sequence_dropout,
         droppable_channels=tuple(range(1, n_channels)),
