@@ -53,7 +53,7 @@ class PatchTrainingConfig:
     patch_size: int = 128
     max_rotation_deg: float = 45.0
     seed: int = 0
-    #: "fp32", or "amp": mixed precision (see :data:`~PatientFineTuneLib.training_loop.PRECISIONS`).
+    #: "fp32", "amp" (mixed precision) or "auto" (see :data:`~PatientFineTuneLib.training_loop.PRECISIONS`).
     precision: str = "fp32"
 
     def __post_init__(self):
@@ -310,7 +310,6 @@ def train_base_model(
 
     config = config or TrainingConfig()
     device = resolve_device(device)
-    check_precision(config.precision, device, channels_last_backward=config.channels_last)
     rank, world = distributed_rank_and_size()
     model.to(device).train()
     optimizer = Adam(model.parameters(), lr=config.learning_rate)

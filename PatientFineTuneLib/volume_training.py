@@ -147,7 +147,6 @@ def train_volume_model(
     raises :class:`Cancelled` (the model is then half-trained: callers train a copy).
     """
     device = resolve_device(device)
-    check_precision(config.precision, device)
     patch = config.patch_voxels(model.size_multiple)
     spacing = (config.spacing_mm,) * 3
     volumes = prepare_volumes(cases, spacing, patch)

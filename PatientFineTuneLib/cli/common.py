@@ -160,13 +160,13 @@ def add_case_options(parser, lesions: bool = False) -> None:
     )
 
 
-def add_precision_option(parser) -> None:
-    # training_loop.PRECISIONS, spelled out so that --help does not import torch
+def add_precision_option(parser, default: str | None = "fp32", default_help: str = "fp32") -> None:
+    # training_loop.PRECISIONS less "auto", spelled out so that --help does not import torch
     parser.add_argument(
         "--precision",
         choices=("fp32", "amp"),
-        default="fp32",
-        help="amp: mixed precision (float16 on GPUs, bfloat16 on CPUs)",
+        default=default,
+        help=f"amp: mixed precision (float16 on GPUs, bfloat16 on CPUs); default: {default_help}",
     )
 
 

@@ -134,7 +134,11 @@ def register(sub) -> None:
         "3D U-Net only: decoder, last-layers (default: the head, and every layer where the never-worse check holds out "
         "at least 3 whole slices in each fold, i.e. about 6 or more annotated lesion slices)",
     )
-    add_precision_option(p)
+    add_precision_option(
+        p,
+        default=None,
+        default_help="fp32 for the head; where every layer trains, bfloat16 on a CPU with AMX and fp32 elsewhere",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
@@ -223,6 +227,7 @@ def finetune_settings(args) -> dict:
         "holdout_iterations": tuple(args.check_iterations) if args.check_iterations else None,
         "hard_negative_slices": args.hard_negatives,
         "pixel_fraction": args.pixel_fraction,
+        "precision": args.precision,
     }
     if args.weighting != "preset":
         chosen["weighting"] = None if args.weighting == "none" else args.weighting
@@ -269,7 +274,6 @@ def cmd_finetune(args) -> None:
         iterations=args.iterations,
         seed=args.seed,
         holdout_check=check,
-        precision=args.precision,
         **finetune_settings(args),
     )
     info, sha = train_and_save(

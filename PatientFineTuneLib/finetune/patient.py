@@ -13,7 +13,6 @@ import torch
 from ..images import Case
 from ..modelfile import ModelBundle, derived_metadata
 from ..runtime import resolve_device
-from ..training_loop import check_precision
 from .check import never_worse_check
 from .config import FinetuneConfig
 from .data import find_hard_negatives, network_mask, prepare_finetune_data, select_slices
@@ -60,21 +59,13 @@ def finetune_patient_model(
     """
     config = config or FinetuneConfig()
     device = resolve_device(device)
+    config = config.for_device(device)  # "auto" precision decided here, so the metadata says what ran
     if bundle.is_volume_model:
         return _finetune_volume(bundle, case, slices, config, device, progress, cancel)
     if config.layers not in ("head", "all"):
         raise ValueError(
             f"the 2D network has no decoder; fine-tune its 'head' (the paper's last two layers) or 'all' layers, not {config.layers!r}"
         )
-    # gradients reach the channels-last backbone only when every layer trains
-    check_precision(config.precision, device, channels_last_backward=config.layers == "all")
-    if (
-        (config.large_annotation or {}).get("layers") == "all"
-        and config.precision == "amp"
-        and torch.device(device).type == "cpu"
-    ):
-        # mixed precision cannot train every layer on a CPU (refused above for `layers`): a large annotation trains the head
-        config = dataclasses.replace(config, large_annotation=None)
     chosen = select_slices(slices, case, bundle, device=device)
     base_prediction, negatives = None, []
     if config.hard_negative_slices and slices == "all-lesion" and case.lesions is not None:

@@ -20,8 +20,10 @@ With ``--real`` (needs ../shared/data) it also times the all-lesion route as ``f
 runs it by default (every lesion slice of the baseline annotated, so every layer trains) on
 two real scans: Ljubljana MS 26 (FLAIR + T1, 182x218x182, 1 mm, the whole lesion mask;
 aim < 60 s) and Brain-Tumor-Progression 01 Pre (T1c; aim < 30 s), each with one
-segmentation of the same scan as a ratio; ``--previous-route`` adds the route shipped
-until 2026-12-06 (two folds, every pixel, the paper's learning rate, 1/2/4x) as a ratio.
+segmentation of the same scan as a ratio, and the same route in float32 as a ratio (the
+shipped route trains in bfloat16 on a CPU with AMX: ``training_loop.resolved_precision``);
+``--previous-route`` adds the route shipped until 2026-12-06 (two folds, every pixel, the
+paper's learning rate, 1/2/4x, float32) as a ratio. ``--real-only``: these rows alone.
 
 The command line turns on :func:`~PatientFineTuneLib.heap.keep_freed_memory_for_reuse`
 and so does this script, unless ``--no-reuse-memory`` (to measure what it is worth).
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument(
         "--previous-route", action="store_true", help="with --real: also the route shipped until 2026-12-06"
     )
+    parser.add_argument("--real-only", action="store_true", help="only the real scans' rows (implies --real)")
     args = parser.parse_args()
 
     import numpy as np
@@ -110,6 +113,9 @@ def main() -> None:
         f"freed memory kept for reuse: {reuse}"
     )
 
+    if args.real_only:
+        real_all_lesion_rows(device, args.previous_route)
+        return
     help_s, import_s = startup_times()
     line("CLI start-up: patient-finetune --help", help_s, "< 2 s", help_s < AIMS["startup"])
     line("CLI start-up: every module a segment/fine-tune run imports", import_s, "< 2 s", import_s < AIMS["startup"])
@@ -256,7 +262,11 @@ def real_all_lesion_rows(device, previous_route: bool) -> None:
             partial(finetune_patient_model, base, case, "all-lesion", shipped_config(base), device=device)
         )
         check = tuned.metadata["finetune"]["holdout_check"]
-        outcome = f"{'fine-tuned kept' if check['kept'] else 'base model kept'}, {check['layers']} layers, {check['iterations']} iterations"
+        precision = tuned.metadata["finetune"]["config"]["precision"]
+        outcome = (
+            f"{'fine-tuned kept' if check['kept'] else 'base model kept'}, {check['layers']} layers, "
+            f"{check['iterations']} iterations, {precision}"
+        )
         line(
             f"all-lesion fine-tuning, {spec['set']} {name} ({size})",
             tuned_s,
@@ -264,8 +274,24 @@ def real_all_lesion_rows(device, previous_route: bool) -> None:
             tuned_s < AIMS[aim],
             f"{outcome}; {tuned_s / segment_s:.1f}x one segmentation ({segment_s:.1f} s)",
         )
+        fp32_s, fp32 = wall(
+            partial(
+                finetune_patient_model, base, case, "all-lesion", shipped_config(base, precision="fp32"), device=device
+            )
+        )
+        check = fp32.metadata["finetune"]["holdout_check"]
+        line(
+            "  the same in float32",
+            fp32_s,
+            "-",
+            True,
+            f"{'fine-tuned kept' if check['kept'] else 'base model kept'}, {check['iterations']} iterations; "
+            f"{fp32_s / tuned_s:.2f}x the shipped",
+        )
         if previous_route:
-            before = shipped_config(base, large_annotation={"layers": "all", "pixel_fraction": 1.0})
+            before = shipped_config(
+                base, large_annotation={"layers": "all", "pixel_fraction": 1.0, "precision": "fp32"}
+            )
             before_s, _ = wall(partial(finetune_patient_model, base, case, "all-lesion", before, device=device))
             line(
                 "  the route shipped until 2026-12-06 (2 folds, every pixel, 1/2/4x)",

@@ -41,7 +41,7 @@ def main() -> None:
     from PatientFineTuneLib.runtime import resolve_device
     from PatientFineTuneLib.synth import generate_pair, visit_case
     from PatientFineTuneLib.training import TrainingConfig, build_patch_pool, patch_loss
-    from PatientFineTuneLib.training_loop import check_precision, training_loop
+    from PatientFineTuneLib.training_loop import training_loop
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,11 +63,6 @@ def main() -> None:
             label = precision + (" + channels-last" if channels_last else "")
             torch.manual_seed(0)
             model = LesionNet([c for _, c in preset.sequences], width=width).to(device).train()
-            try:
-                check_precision(precision, device, channels_last_backward=channels_last)
-            except ValueError as exc:
-                print(f"width {width:3d}  {label:24s} skipped: {exc}")
-                continue
             optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
 
             def run(iterations, model=model, config=config, optimizer=optimizer):

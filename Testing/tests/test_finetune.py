@@ -579,6 +579,7 @@ def test_the_shipped_fine_tuning_trains_every_layer_only_where_many_slices_are_a
     them)."""
     from PatientFineTuneLib.finetune import shipped_config
     from PatientFineTuneLib.modelcard import describe_patient_model
+    from PatientFineTuneLib.training_loop import resolved_precision
 
     before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
     assert shipped_config(bundle).large_annotation["layers"] == "all"
@@ -628,19 +629,24 @@ def test_the_shipped_fine_tuning_trains_every_layer_only_where_many_slices_are_a
     }  # deterministic (seed 0)
     changed = {k for k, v in trained.model.state_dict().items() if not torch.equal(v, before[k])}
     assert trained.metadata["finetune"]["config"]["layers"] == "all" and any(k.startswith("pathways.") for k in changed)
+    # the route's precision is decided for the device, and the model records what ran
+    assert config.large_annotation["precision"] == "auto"
+    assert record["config"]["precision"] == resolved_precision("auto", "cpu") != "auto"
     assert describe_patient_model(trained.metadata["finetune"]).startswith("fine-tuned every layer, ")
     few = finetune_patient_model(bundle, baseline, baseline.lesion_slices()[:2], config, device="cpu")
     assert few.metadata["finetune"]["holdout_check"]["layers"] == "head"
     assert all(torch.equal(v, before[k]) for k, v in few.model.state_dict().items() if k.startswith("pathways."))
-    # mixed precision cannot train every layer on a CPU: there the head trains
+    # mixed precision asked for holds on the route: every layer trains in bfloat16 on a CPU
     amp = finetune_patient_model(
         bundle,
         baseline,
         many,
-        dataclasses.replace(config, precision="amp", holdout_iterations=(1,), iterations=1),
+        shipped_config(bundle, **CONFIG, learning_rate=1e-2, holdout_iterations=(2,), precision="amp"),
         device="cpu",
     )
-    assert amp.metadata["finetune"]["holdout_check"]["layers"] == "head"
+    assert amp.metadata["finetune"]["holdout_check"]["layers"] == "all"
+    assert amp.metadata["finetune"]["config"]["precision"] == "amp"
+    assert all(torch.isfinite(v).all() for v in amp.model.state_dict().values() if v.is_floating_point())
     # layers asked for train everywhere
     assert shipped_config(bundle, layers="head").large_annotation is None
     # the route's settings are checked like any others, before any work

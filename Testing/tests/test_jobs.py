@@ -16,6 +16,7 @@ import pytest
 
 from PatientFineTuneLib.jobs import CliJob
 from PatientFineTuneLib.modelfile import load_model
+from PatientFineTuneLib.training_loop import resolved_precision
 
 
 def _finetune_args(case_dir, out, iterations):
@@ -63,6 +64,9 @@ def test_a_finetuning_job_reports_progress_and_its_patient_model_loads(small_pai
     compared = [c["iterations"] for c in check["compared"]]
     final = bundle.metadata["finetune"]["config"]["iterations"]
     assert check["folds"] == 1 and check["layers"] == "all" and compared == [asked // 2, asked, 2 * asked]
+    # no --precision: the route's own, decided for this machine (the command line's default
+    # used to override it with fp32)
+    assert bundle.metadata["finetune"]["config"]["precision"] == resolved_precision("auto", "cpu")
     # the patient model continues the check's model at the chosen count for half as many
     assert check["iterations"] in compared and final == check["iterations"] // 2
     training = [e for e in seen if e["step"] == "finetune" and "loss" in e]
