@@ -173,12 +173,6 @@ def main(argv=None) -> None:
         save_model(ModelBundle(model, metadata), out, overwrite=True)
         print(f"saved {out} ({iterations} iterations)")
 
-    if args.export:
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(payload["model"])
-        lines = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()] if curve.exists() else []
-        write_model(int(payload["iteration"]), None, max((r.get("wall_s", 0.0) for r in lines), default=0.0))
-        return
     val_cases = load_validation(preset, args.data)
     if args.hold_out:
         held = [c for c in val_cases if c.name.rsplit("/", 1)[-1] == args.hold_out]
@@ -188,6 +182,12 @@ def main(argv=None) -> None:
             )
         real_cases = [c for c in val_cases if c is not held[0]]
         val_cases = held
+    if args.export:  # after the split, so a fold's model names the real scans it trained on
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(payload["model"])
+        lines = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()] if curve.exists() else []
+        write_model(int(payload["iteration"]), None, max((r.get("wall_s", 0.0) for r in lines), default=0.0))
+        return
     # the scans as a model trained with sequence dropout sees them without the later sequences
     first_only = (
         [

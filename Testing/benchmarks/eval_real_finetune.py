@@ -120,10 +120,31 @@ def with_anchors(base, case: images.Case, slices):
     return dataclasses.replace(case, lesions=lesions), list(slices) + anchors
 
 
+#: ``--blend A``: the fine-tuned weights moved back towards the base model's,
+#: ``base + A * (fine-tuned - base)`` (a weight-space ensemble, as in Wortsman et al.
+#: 2022's WiSE-FT; an experiment, not the product's route). 1: the fine-tuned model.
+BLEND = {"a": 1.0}
+
+
+def blended(base, patient):
+    """``patient`` with its floating-point weights and statistics at :data:`BLEND` of the
+    way from the base model's (in place; the base model is left as it is)."""
+    a = BLEND["a"]
+    if a == 1.0:
+        return patient
+    reference = base.model.state_dict()
+    state = {
+        k: reference[k] + a * (v - reference[k]) if v.is_floating_point() else v
+        for k, v in patient.model.state_dict().items()
+    }
+    patient.model.load_state_dict(state)
+    return patient
+
+
 def finetune(base, case, slices):
     case, slices = with_anchors(base, case, slices)
     config = shipped_config(base, **OVERRIDES)
-    patient = finetune_patient_model(base, case, slices, config, device="cpu", allow_empty=True)
+    patient = blended(base, finetune_patient_model(base, case, slices, config, device="cpu", allow_empty=True))
     # with the check off (--set holdout_check=False) the fine-tuned model is always kept
     return patient, patient.metadata["finetune"].get("holdout_check", {"kept": True, "skipped": "the check is off"})
 
@@ -320,8 +341,16 @@ def main(argv=None) -> int:
         metavar="K",
         help="experiment: add K unannotated organ slices labelled with the base model's own mask",
     )
+    parser.add_argument(
+        "--blend",
+        type=float,
+        default=1.0,
+        metavar="A",
+        help="experiment: the fine-tuned weights at A of the way from the base model's (after the check)",
+    )
     args = parser.parse_args(argv)
     PICK["rule"] = args.pick
+    BLEND["a"] = args.blend
     ANCHORS["k"] = args.anchors
     for item in args.set:
         name, value = item.split("=", 1)
