@@ -401,6 +401,8 @@ def describe_patient_model(finetune: dict) -> str:
     )
     how = [f"{finetune['method']} path"] if "method" in finetune else []
     how += [f"{fraction:.0%} of each patch's pixels per iteration"] if fraction < 1 else []
+    share = finetune.get("config", {}).get("finetuned_share", 1.0)
+    how += [f"the weights {share:.0%} of the way from the base model's"] if share < 1 else []
     if (
         finetune.get("continued_from_check_model") and check
     ):  # the check's model at its chosen count, trained on further

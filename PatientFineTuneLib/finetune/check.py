@@ -111,7 +111,10 @@ def never_worse_check(
     ``per_fold_*`` for each fold) and ``kept``: the fine-tuned model is kept when its
     pooled held-out Dice is at least the base model's, its lesion F1 is not lower by more
     than 0.02 (the product's promise), and no fold is worse beyond the tolerances
-    (:func:`choose_iterations`); the record is ``{"skipped": reason, "kept": True}`` when
+    (:func:`choose_iterations`), or, where each fold holds out fewer than
+    ``config.extend_min_held_out_slices`` whole slices and
+    ``config.few_slice_dice_tolerance`` is set, when its pooled held-out Dice is not lower
+    by more than that (``dice_tolerance`` in the record); the record is ``{"skipped": reason, "kept": True}`` when
     the annotated organ is too small to split (nothing is held out, and fine-tuning goes
     on without the check).
     """
@@ -163,7 +166,9 @@ def never_worse_check(
             finetuned[count].add(model, data, held, fold)
     base_scores = base.scores()
     compared = [{"iterations": count, **finetuned[count].scores()} for count in counts]
-    best, compared = choose_iterations(compared, base_scores, config.iterations)
+    # one held-out slice per fold: only a clear loss of Dice is evidence there
+    tolerance = config.few_slice_dice_tolerance if fewest_held_out < config.extend_min_held_out_slices else None
+    best, compared = choose_iterations(compared, base_scores, config.iterations, tolerance)
     record = {
         "split": split,
         "folds": len(folds),
@@ -183,6 +188,7 @@ def never_worse_check(
         "layers": config.layers,
         "learning_rate": config.learning_rate,
         "fewest_held_out_slices": fewest_held_out,
+        "dice_tolerance": tolerance,
         "compared": compared if len(compared) > 1 else None,
         "kept": best["passes"],
         "final_loss": losses[-1] if losses else None,
@@ -210,7 +216,9 @@ FOLD_DICE_TOLERANCE = 0.02
 RESCUE_DICE_MARGIN = 0.05
 
 
-def choose_iterations(compared: Sequence[dict], base: dict, asked: int) -> tuple[dict, list[dict]]:
+def choose_iterations(
+    compared: Sequence[dict], base: dict, asked: int, dice_tolerance: float | None = None
+) -> tuple[dict, list[dict]]:
     """The iteration count the patient model trains, from the check's held-out scores.
 
     Parameters
@@ -220,6 +228,9 @@ def choose_iterations(compared: Sequence[dict], base: dict, asked: int) -> tuple
         numbers on each fold's held-out half.
     base : the base model's ``{"dice", "lesion_f1"}`` there (and ``per_fold``).
     asked : the iterations the user asked for (``FinetuneConfig.iterations``).
+    dice_tolerance : where the held-out part is too small for the promise's lesion F1
+        (``FinetuneConfig.few_slice_dice_tolerance``): a count beats the base model when
+        its pooled held-out Dice is not lower by more than this, nothing else judged.
 
     Returns
     -------
@@ -255,7 +266,10 @@ def choose_iterations(compared: Sequence[dict], base: dict, asked: int) -> tuple
             keeps_promise(f, b, FOLD_DICE_TOLERANCE) for f, b in zip(c.get("per_fold", []), base.get("per_fold", []))
         )
 
-    judged = [{**c, "beats_base": keeps_promise(c, base) and no_fold_worse(c)} for c in compared]
+    if dice_tolerance is None:
+        judged = [{**c, "beats_base": keeps_promise(c, base) and no_fold_worse(c)} for c in compared]
+    else:
+        judged = [{**c, "beats_base": c["dice"] >= base["dice"] - dice_tolerance} for c in compared]
     up_to_asked = [c for c in judged if c["iterations"] <= asked]
     asked_helps = up_to_asked[-1]["beats_base"] if up_to_asked else True
     for c in judged:

@@ -237,7 +237,7 @@ def train_patient_copy(
 
     def after_step(done: int, loss: float) -> None:
         if done in keep_states_at:
-            states[done] = copy.deepcopy(model.state_dict())
+            states[done] = toward_base(bundle, model.state_dict(), config.finetuned_share)
         if progress is not None:
             progress(done, loss)
 
@@ -252,7 +252,22 @@ def train_patient_copy(
         cancel=cancel,
         what="fine-tuning",
     )
+    model.load_state_dict(toward_base(bundle, model.state_dict(), config.finetuned_share))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, losses, method, states
+
+
+def toward_base(bundle: ModelBundle, state: dict, share: float) -> dict:
+    """A copy of the fine-tuned ``state`` at ``share`` of the way from the base model's
+    weights and BatchNorm statistics (``base + share * (state - base)``; integer entries,
+    the batch counters, are the fine-tuned model's): the patient model as
+    ``FinetuneConfig.finetuned_share`` asks."""
+    if share == 1:
+        return copy.deepcopy(state)
+    base = bundle.model.state_dict()
+    return {
+        k: torch.lerp(base[k].to(v.device, v.dtype), v, share) if v.is_floating_point() else v.clone()
+        for k, v in state.items()
+    }
