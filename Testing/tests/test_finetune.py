@@ -780,6 +780,12 @@ def test_a_longer_count_replaces_a_failing_asked_count_only_by_a_clear_margin():
     assert choose_iterations(counts((0.750, 0.300)), base, asked=50)[0]["passes"]
 
 
+def held_out_scores(pooled, *folds, iterations=None) -> dict:
+    """The check's held-out (Dice, lesion F1), pooled and per fold, as choose_iterations takes them."""
+    scores = {"dice": pooled[0], "lesion_f1": pooled[1], "per_fold": [{"dice": d, "lesion_f1": f} for d, f in folds]}
+    return scores if iterations is None else {"iterations": iterations, **scores}
+
+
 def test_a_win_on_one_held_out_half_does_not_hide_a_loss_on_the_other():
     """Ljubljana 19 with its 2 suggested slices annotated: holding out one slice, fine-tuning
     gains (Dice 0.784 -> 0.858); holding out the other, it loses (0.853 -> 0.818). Pooled,
@@ -788,17 +794,8 @@ def test_a_win_on_one_held_out_half_does_not_hide_a_loss_on_the_other():
     held out.)"""
     from PatientFineTuneLib.finetune import choose_iterations
 
-    base = {
-        "dice": 0.822,
-        "lesion_f1": 0.519,
-        "per_fold": [{"dice": 0.853, "lesion_f1": 0.584}, {"dice": 0.784, "lesion_f1": 0.462}],
-    }
-    finetuned = {
-        "iterations": 100,
-        "dice": 0.836,
-        "lesion_f1": 0.754,
-        "per_fold": [{"dice": 0.818, "lesion_f1": 0.857}, {"dice": 0.858, "lesion_f1": 0.636}],
-    }
+    base = held_out_scores((0.822, 0.519), (0.853, 0.584), (0.784, 0.462))
+    finetuned = held_out_scores((0.836, 0.754), (0.818, 0.857), (0.858, 0.636), iterations=100)
     chosen, _ = choose_iterations([finetuned], base, asked=100)
     assert not chosen["passes"]
     both = {**finetuned, "per_fold": [{"dice": 0.860, "lesion_f1": 0.857}, {"dice": 0.858, "lesion_f1": 0.636}]}
@@ -808,17 +805,8 @@ def test_a_win_on_one_held_out_half_does_not_hide_a_loss_on_the_other():
     assert not choose_iterations([worse_f1], base, asked=100)[0]["passes"]
     # a tie on one fold is no loss: Brain-Tumor-Progression 02 (fold Dice 0.504 vs 0.505;
     # the model gained 0.10 Dice on the follow-up)
-    tumour = {
-        "dice": 0.514,
-        "lesion_f1": 0.352,
-        "per_fold": [{"dice": 0.519, "lesion_f1": 0.303}, {"dice": 0.505, "lesion_f1": 0.428}],
-    }
-    tie = {
-        "iterations": 100,
-        "dice": 0.563,
-        "lesion_f1": 0.371,
-        "per_fold": [{"dice": 0.604, "lesion_f1": 0.317}, {"dice": 0.504, "lesion_f1": 0.428}],
-    }
+    tumour = held_out_scores((0.514, 0.352), (0.519, 0.303), (0.505, 0.428))
+    tie = held_out_scores((0.563, 0.371), (0.604, 0.317), (0.504, 0.428), iterations=100)
     assert choose_iterations([tie], tumour, asked=100)[0]["passes"]
 
 
@@ -829,17 +817,8 @@ def test_with_one_held_out_slice_per_fold_only_a_clear_loss_of_dice_refuses():
     few-slice tolerance only the pooled held-out Dice is judged."""
     from PatientFineTuneLib.finetune import choose_iterations
 
-    base = {
-        "dice": 0.080,
-        "lesion_f1": 0.160,
-        "per_fold": [{"dice": 0.095, "lesion_f1": 0.182}, {"dice": 0.044, "lesion_f1": 0.143}],
-    }
-    finetuned = {
-        "iterations": 100,
-        "dice": 0.250,
-        "lesion_f1": 0.150,
-        "per_fold": [{"dice": 0.308, "lesion_f1": 0.143}, {"dice": 0.063, "lesion_f1": 0.167}],
-    }
+    base = held_out_scores((0.080, 0.160), (0.095, 0.182), (0.044, 0.143))
+    finetuned = held_out_scores((0.250, 0.150), (0.308, 0.143), (0.063, 0.167), iterations=100)
     assert not choose_iterations([finetuned], base, asked=100)[0]["passes"]  # the full promise refuses it
     assert choose_iterations([finetuned], base, asked=100, dice_tolerance=0.05)[0]["passes"]
     # a loss of Dice beyond the tolerance still refuses, whatever lesion F1 says
