@@ -252,7 +252,8 @@ def train_patient_copy(
         cancel=cancel,
         what="fine-tuning",
     )
-    model.load_state_dict(toward_base(bundle, model.state_dict(), config.finetuned_share))
+    if config.finetuned_share != 1:
+        model.load_state_dict(toward_base(bundle, model.state_dict(), config.finetuned_share))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
