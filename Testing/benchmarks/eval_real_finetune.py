@@ -42,6 +42,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from PatientFineTuneLib import caseload, images, inference, metrics, modelcard, modelfile  # noqa: E402
 from PatientFineTuneLib.finetune import FinetuneConfig, finetune_patient_model, shipped_config  # noqa: E402
+from PatientFineTuneLib.finetune.head import toward_base  # noqa: E402
 from PatientFineTuneLib.suggest import suggest_slices  # noqa: E402
 
 from eval_real_base_models import DATA, ground_truth, real_cases  # noqa: E402
@@ -129,15 +130,8 @@ BLEND = {"a": 1.0}
 def blended(base, patient):
     """``patient`` with its floating-point weights and statistics at :data:`BLEND` of the
     way from the base model's (in place; the base model is left as it is)."""
-    a = BLEND["a"]
-    if a == 1.0:
-        return patient
-    reference = base.model.state_dict()
-    state = {
-        k: reference[k] + a * (v - reference[k]) if v.is_floating_point() else v
-        for k, v in patient.model.state_dict().items()
-    }
-    patient.model.load_state_dict(state)
+    if BLEND["a"] != 1.0:
+        patient.model.load_state_dict(toward_base(base, patient.model.state_dict(), BLEND["a"]))
     return patient
 
 
