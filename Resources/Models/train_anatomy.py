@@ -17,10 +17,11 @@ with FLAIR + T1 and with FLAIR alone; each score goes as one JSON line to
 When ``--iterations`` are done the model is written to ``--out`` (never over a shipped
 model).
 
-``--hold-out CASE`` makes it a leave-one-out fold of a real-and-synthetic mixture: the
+``--hold-out CASES`` makes it a leave-out fold of a real-and-synthetic mixture: the
 preset's other real validation scans train beside the synthesis (``--synthetic-fraction``
-of the patches synthesised), the held-out scan alone is scored, and the run has files of
-its own (``<preset>-anatomy-loo-<CASE>.*``). ``--init-from`` starts such a run from another
+of the patches synthesised), the held-out scans alone are scored, and the run has files of
+its own (``<preset>-anatomy-loo-<CASES>.*``, commas as ``+``). A patient's name holds out
+all of its visits (``03``: Brain-Tumor-Progression 03 Pre and Post). ``--init-from`` starts such a run from another
 run's checkpoint (e.g. the synthesis-only run's), recorded in the model's metadata.
 """
 
@@ -55,6 +56,27 @@ def load_validation(preset, data: Path):
     return [load_real_case(spec, [c for _, c in preset.sequences])[0] for spec in specs]
 
 
+def split_hold_out(cases: list, hold_out: str) -> tuple[list, list]:
+    """(training cases, held-out cases) of a leave-out fold.
+
+    ``hold_out`` is a comma-separated list of short case names (``patient07``,
+    ``brats_2013_pat0005_1``) or patients: ``01`` holds out both visits ``01_Pre`` and
+    ``01_Post``, so that no patient sits on both sides of a fold.
+    """
+    wanted = [name.strip() for name in hold_out.split(",") if name.strip()]
+
+    def short(case) -> str:
+        return case.name.rsplit("/", 1)[-1]
+
+    held = [c for c in cases if any(short(c) == w or short(c).startswith(w + "_") for w in wanted)]
+    unknown = [w for w in wanted if not any(short(c) == w or short(c).startswith(w + "_") for c in cases)]
+    if unknown or not held:
+        raise SystemExit(
+            f"no real scan named {', '.join(unknown) or hold_out!r}; the preset's are {', '.join(short(c) for c in cases)}"
+        )
+    return [c for c in cases if all(c is not h for h in held)], held
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="brain-wmh", choices=sorted(VALIDATION))
@@ -86,8 +108,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--hold-out",
         metavar="CASE",
-        help="leave-one-out: train on the preset's real validation scans except this one (e.g. patient07) mixed with "
-        "the synthesis, and score on it alone",
+        help="leave-out fold: train on the preset's real validation scans except these (comma-separated, e.g. "
+        "patient07, or brats_2013_pat0005_1,03 where 03 is both visits of that patient) mixed with the synthesis, "
+        "and score on them alone",
     )
     parser.add_argument(
         "--synthetic-fraction", type=float, default=0.5, help="with --hold-out: the share of synthesised patches"
@@ -123,7 +146,7 @@ def main(argv=None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     run = (
         f"{preset.name}-anatomy"
-        + (f"-loo-{args.hold_out}" if args.hold_out else "")
+        + (f"-loo-{args.hold_out.replace(',', '+')}" if args.hold_out else "")
         + (f"-lr{args.learning_rate:g}" if args.learning_rate is not None else "")
     )
     checkpoint = folder / f"{run}.checkpoint.pt"
@@ -175,13 +198,7 @@ def main(argv=None) -> None:
 
     val_cases = load_validation(preset, args.data)
     if args.hold_out:
-        held = [c for c in val_cases if c.name.rsplit("/", 1)[-1] == args.hold_out]
-        if not held:
-            raise SystemExit(
-                f"no real scan named {args.hold_out}; the preset's are {', '.join(c.name for c in val_cases)}"
-            )
-        real_cases = [c for c in val_cases if c is not held[0]]
-        val_cases = held
+        real_cases, val_cases = split_hold_out(val_cases, args.hold_out)
     if args.export:  # after the split, so a fold's model names the real scans it trained on
         payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["model"])
