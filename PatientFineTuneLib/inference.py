@@ -6,17 +6,20 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
-from .images import Case, resample_array, resampled_shape
+from .arrays import resample_array, resampled_shape
 from .model import LesionNet, inference_copy
 from .modelfile import ModelBundle
 from .postprocess import label_lesions, lesion_table, postprocess
 from .runtime import Cancelled, Uncertainty, resolve_device
 from .volume_inference import predict_volume
+
+if TYPE_CHECKING:
+    from .images import Case  # reading images needs SimpleITK; running a network does not
 
 #: Default activation memory allowed for one forward pass (bytes).
 DEFAULT_MEMORY_BUDGET = 1 << 30

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 from .files import atomic_write
 
 if TYPE_CHECKING:  # annotations only: the Slicer module reads results without PyTorch
+    import SimpleITK as sitk  # annotations only: labelling and tabulating lesions needs no image I/O
+
     from .images import SliceLayout
 
 CUBE_3x3x3 = np.ones((3, 3, 3), dtype=bool)

@@ -23,20 +23,21 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import Case, resample_array, resampled_shape
-from .inference import predict_mask
-from .metrics import dice, lesion_detection
+from .arrays import resample_array, resampled_shape
 from .model import LesionNet
 from .modelfile import ModelBundle, write_torch_file
 from .patches import extract_patches, random_patch_centres
 from .runtime import resolve_device
 from .training_loop import Adam, check_precision, training_loop
+
+if TYPE_CHECKING:
+    from .images import Case
 
 CHECKPOINT_FORMAT = "PatientFineTune-checkpoint"
 
@@ -102,29 +103,44 @@ class PatchPool:
         return len(self.images)
 
 
+def case_training_slices(case: Case, training_spacing: Sequence[float]) -> list[tuple[torch.Tensor, ...]]:
+    """The lesion-containing slices of a normalised case that base training draws patches
+    from, resampled in-plane to ``training_spacing``: (image (C, H, W), lesion (H, W), organ
+    (H, W)) float tensors, slices without organ left out."""
+    if case.lesions is None:
+        raise ValueError(f"case {case.name or '?'} has no lesion mask; base training needs one")
+    size = resampled_shape(case.images.shape[-2:], case.spacing, training_spacing)
+    slices = []
+    for s in case.lesion_slices():
+        image = resample_array(case.slice_tensor(s)[None], size)[0]
+        masks = torch.from_numpy(np.stack([case.lesions[s], case.organ[s]]).astype(np.float32))[None]
+        label, organ = resample_array(masks, size, label=True)[0]
+        if organ.any():
+            slices.append((image, label, organ))
+    return slices
+
+
+def pool_of_slices(slices: Sequence[tuple[torch.Tensor, ...]], patches_per_slice: int, seed: int) -> PatchPool:
+    """A :class:`PatchPool` of :func:`case_training_slices`' slices, each with
+    ``patches_per_slice`` random centres inside its organ."""
+    if not slices:
+        raise ValueError("no lesion-containing organ slices in the training cases; nothing to train on")
+    rng = np.random.default_rng([seed, 0x9A7C4])
+    pool = PatchPool([], [], [])
+    for image, label, organ in slices:
+        pool.images.append(image)
+        pool.labels.append(label[None])
+        pool.centres.append(random_patch_centres(organ.numpy() > 0, patches_per_slice, rng))
+    return pool
+
+
 def build_patch_pool(
     cases: Sequence[Case], training_spacing: Sequence[float], patches_per_slice: int, seed: int
 ) -> PatchPool:
     """Lesion-containing slices of normalised cases, resampled in-plane to
     ``training_spacing``, each with ``patches_per_slice`` centres inside the organ."""
-    rng = np.random.default_rng([seed, 0x9A7C4])
-    pool = PatchPool([], [], [])
-    for case in cases:
-        if case.lesions is None:
-            raise ValueError(f"case {case.name or '?'} has no lesion mask; base training needs one")
-        size = resampled_shape(case.images.shape[-2:], case.spacing, training_spacing)
-        for s in case.lesion_slices():
-            image = resample_array(case.slice_tensor(s)[None], size)[0]
-            masks = torch.from_numpy(np.stack([case.lesions[s], case.organ[s]]).astype(np.float32))[None]
-            label, organ = resample_array(masks, size, label=True)[0]
-            if not organ.any():
-                continue
-            pool.images.append(image)
-            pool.labels.append(label[None])
-            pool.centres.append(random_patch_centres(organ.numpy() > 0, patches_per_slice, rng))
-    if not pool.images:
-        raise ValueError("no lesion-containing organ slices in the training cases; nothing to train on")
-    return pool
+    slices = [s for case in cases for s in case_training_slices(case, training_spacing)]
+    return pool_of_slices(slices, patches_per_slice, seed)
 
 
 def sample_batch(
@@ -172,6 +188,39 @@ def draw_batch(
     return x, y
 
 
+class BatchStream(torch.utils.data.IterableDataset):
+    """The batches of iterations ``start`` to ``config.iterations`` as ``(iteration, x, y)``,
+    in order, drawn by :func:`draw_batch` in DataLoader worker processes.
+
+    Worker ``k`` of ``n`` draws the chunks ``k, k + n, ...`` of ``chunk`` consecutive
+    iterations, consecutive so that the synthetic volumes a chunk's batches share are
+    made once per worker; the DataLoader takes one chunk from each worker in turn, which
+    is their order. A batch depends only on its iteration, so the stream is exactly the
+    batches the training loop would draw itself.
+    """
+
+    def __init__(self, pool, synthetic, config: TrainingConfig, start: int, rank: int = 0, chunk: int = 64):
+        self.pool, self.synthetic, self.config = pool, synthetic, config
+        self.start, self.rank, self.chunk = int(start), int(rank), int(chunk)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        first = self.start // self.chunk
+        for c in range(first + worker, -(-self.config.iterations // self.chunk), workers):
+            iterations = range(max(self.start, c * self.chunk), min((c + 1) * self.chunk, self.config.iterations))
+            yield [(i, *draw_batch(self.pool, self.synthetic, self.config, i, self.rank)) for i in iterations]
+
+
+def prefetched_batches(pool, synthetic, config: TrainingConfig, start: int, rank: int, workers: int):
+    """An iterator over :class:`BatchStream`'s batches, one at a time, drawn ahead by
+    ``workers`` processes (base training on a GPU outruns one CPU core's synthesis)."""
+    loader = torch.utils.data.DataLoader(
+        BatchStream(pool, synthetic, config, start, rank), batch_size=None, num_workers=workers, prefetch_factor=2
+    )
+    return (batch for chunk in loader for batch in chunk)
+
+
 def distributed_rank_and_size() -> tuple[int, int]:
     """(rank, world size) of the initialised process group, or (0, 1)."""
     import torch.distributed as dist
@@ -207,9 +256,11 @@ def patch_loss(
     device: torch.device,
     rank: int = 0,
     synthetic=None,
+    batches=None,
 ) -> Callable[[int], torch.Tensor]:
     """The loss of base training's iteration ``i`` as a function of ``i``: weighted
-    cross-entropy of ``network`` on :func:`draw_batch`'s patches. Shared with the
+    cross-entropy of ``network`` on :func:`draw_batch`'s patches (taken from ``batches``,
+    an iterator of :func:`prefetched_batches`, when given). Shared with the
     throughput benchmark, so what it times is what training runs. ``network`` may be a
     DistributedDataParallel wrapper; it is put in the config's memory format here (a
     network loaded for inference is channels-last already)."""
@@ -218,7 +269,12 @@ def patch_loss(
     network.to(memory_format=memory_format)
 
     def loss_of(iteration: int) -> torch.Tensor:
-        x, y = draw_batch(pool, synthetic, config, iteration, rank)
+        if batches is None:
+            x, y = draw_batch(pool, synthetic, config, iteration, rank)
+        else:
+            drawn, x, y = next(batches)
+            if drawn != iteration:
+                raise RuntimeError(f"prefetched batch of iteration {drawn} arrived for iteration {iteration}")
         logits = network(x.to(device, memory_format=memory_format))
         return F.cross_entropy(logits.float(), y.to(device), weight=weights)
 
@@ -260,6 +316,11 @@ def validation_scores(
     """Mean Dice and lesion F1 of whole-volume segmentation over validation cases (model
     left in eval), post-processed as the model will be used (``preset``'s opening and
     smallest lesion)."""
+    # imported here: scoring needs SimpleITK (lesion labelling, image I/O), training does
+    # not, so a machine with torch and numpy alone can train (Resources/Models/gpu_training.py)
+    from .inference import predict_mask
+    from .metrics import dice, lesion_detection
+
     bundle = ModelBundle(model, {"training_spacing_mm": list(training_spacing), "preset": preset})
     masks = [predict_mask(bundle, case, device=device) for case in cases]
     if not masks:
@@ -272,7 +333,7 @@ def validation_scores(
 
 def train_base_model(
     model: LesionNet,
-    train_cases: Sequence[Case],
+    train_cases: Sequence[Case] | PatchPool,
     training_spacing: Sequence[float],
     config: TrainingConfig | None = None,
     val_cases: Sequence[Case] = (),
@@ -287,10 +348,14 @@ def train_base_model(
     preset: str | None = None,
     synthetic=None,
     on_validation: Callable[[dict], None] | None = None,
+    on_step: Callable[[dict], None] | None = None,
+    workers: int = 0,
 ) -> list[dict]:
     """Train ``model`` in place on normalised cases and/or ``synthetic`` patches (an
     :class:`~PatientFineTuneLib.synth.anatomy_patches.AnatomyPatches`, mixed in as
-    ``config.synthetic_fraction`` says); returns the history.
+    ``config.synthetic_fraction`` says); returns the history. ``train_cases`` may also be
+    a ready :class:`PatchPool` (:func:`pool_of_slices` of slices packed where the cases
+    could be read, for a machine without image I/O).
 
     Checkpoints (model, optimiser, iteration) are written atomically every
     ``checkpoint_every`` iterations; ``resume=True`` continues from ``checkpoint_path``.
@@ -300,7 +365,11 @@ def train_base_model(
     checkpoint stays valid).
 
     ``on_validation(record)`` receives each validated history record as it is made (a
-    long run's learning curve survives its process).
+    long run's learning curve survives its process); ``on_step(record)`` every record
+    (iteration and loss), also of a run that is then cancelled.
+
+    ``workers`` > 0 draws the batches ahead in that many processes
+    (:func:`prefetched_batches`); the batches, and so the model, are the same as with 0.
 
     Inside an initialised process group (see :func:`init_distributed`) ``train_cases``
     is this process's shard; the model is trained with DistributedDataParallel and only
@@ -323,11 +392,14 @@ def train_base_model(
         log(f"resumed from {checkpoint_path} at iteration {start}")
     if not train_cases and synthetic is None:
         raise ValueError("nothing to train on: give training cases, anatomy synthesis, or both")
-    pool = (
-        build_patch_pool(train_cases, training_spacing, config.patches_per_slice, config.seed + rank)
-        if train_cases
-        else None
-    )
+    if isinstance(train_cases, PatchPool):
+        pool = train_cases
+    else:
+        pool = (
+            build_patch_pool(train_cases, training_spacing, config.patches_per_slice, config.seed + rank)
+            if train_cases
+            else None
+        )
     where = f"process {rank} of {world}, " if world > 1 else ""
     real = f"{len(pool)} lesion slices x {config.patches_per_slice} patches" if pool is not None else "no real cases"
     share = 1.0 if pool is None else config.synthetic_fraction if synthetic is not None else 0.0
@@ -348,6 +420,8 @@ def train_base_model(
         history.append(record)
         bar.update()
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if on_step is not None:
+            on_step(record)
         if rank > 0:
             return
         if checkpoint_path is not None and (done % checkpoint_every == 0 or done == config.iterations):
@@ -362,9 +436,10 @@ def train_base_model(
             if on_validation is not None:
                 on_validation(record)
 
+    batches = prefetched_batches(pool, synthetic, config, start, rank, workers) if workers > 0 else None
     try:
         training_loop(
-            patch_loss(network, pool, config, device, rank, synthetic),
+            patch_loss(network, pool, config, device, rank, synthetic, batches),
             optimizer,
             range(start, config.iterations),
             seed=config.seed,

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import Case, resample_array, resampled_shape
+from .arrays import resample_array, resampled_shape
 from .modelfile import ModelBundle
 from .runtime import Cancelled, Uncertainty, mc_dropout_mode, private_rng, reseed
+
+if TYPE_CHECKING:
+    from .images import Case  # reading images needs SimpleITK; running a network does not
 
 
 def case_on_model_grid(case: Case, spacing: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

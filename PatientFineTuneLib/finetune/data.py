@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..images import Case, resample_array, resampled_shape
+from ..arrays import resample_array, resampled_shape
+from ..images import Case
 from ..inference import predict_mask
 from ..modelfile import ModelBundle
 from ..patches import corner_and_centre_patch_centres, extract_patches

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 #: Changes whenever the same map, settings and seed would give other slices; recorded with
@@ -188,6 +187,8 @@ def _brain_codes(names: Sequence[str]) -> np.ndarray:
 
 def load_anatomy_map(path: str | Path) -> AnatomyMap:
     """Read a FreeSurfer-labelled whole-head map (any orientation) as an :class:`AnatomyMap`."""
+    import SimpleITK as sitk  # here: a packed map (gpu_training.py) is synthesised from without SimpleITK
+
     image = sitk.ReadImage(str(path))
     labels = sitk.GetArrayFromImage(image)
     if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):

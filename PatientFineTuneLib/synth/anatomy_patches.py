@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..images import normalise
+from ..arrays import normalise
 from ..patches import extract_patches
 from .anatomy import SYNTHESIS_VERSION, AnatomyMap, SynthesisSettings, load_anatomy_map, synthesize_slices
 
@@ -27,8 +27,9 @@ class AnatomyPatches:
 
     Parameters
     ----------
-    map_paths : label maps (FreeSurfer labels) to synthesise from; all are kept in memory
-        as uint8 codes (16 MB each at 256^3).
+    maps : label maps (FreeSurfer labels) to synthesise from, as files or as loaded
+        :class:`~.anatomy.AnatomyMap` s (e.g. from a pack, where no SimpleITK reads
+        files); all are kept in memory as uint8 codes (16 MB each at 256^3).
     settings : the preset's sequences, lesions and output spacing.
     seed : seeds every volume and patch draw.
     volume_every : iterations between new volumes (generation costs about as much as one
@@ -40,16 +41,16 @@ class AnatomyPatches:
 
     def __init__(
         self,
-        map_paths: Sequence[str | Path],
+        maps: Sequence[str | Path | AnatomyMap],
         settings: SynthesisSettings,
         seed: int = 0,
         volume_every: int = 4,
         bank: int = 8,
         lesion_centred: float = 0.5,
     ):
-        if not map_paths:
+        if not maps:
             raise ValueError("no anatomy label maps given; pass the folder of synthseg_label_maps")
-        self.map_paths = [Path(p) for p in map_paths]
+        self.maps = [m if isinstance(m, AnatomyMap) else Path(m) for m in maps]
         self.settings = settings
         self.seed = int(seed)
         self.volume_every = int(volume_every)
@@ -62,7 +63,7 @@ class AnatomyPatches:
         """What a model's metadata records about this data."""
         return {
             "synthesis_version": SYNTHESIS_VERSION,
-            "label_maps": [p.name for p in self.map_paths],
+            "label_maps": [m.name for m in self.maps],
             "sequences": list(self.settings.sequences),
             "lesions": self.settings.lesion_kind,
             "volume_every": self.volume_every,
@@ -71,8 +72,10 @@ class AnatomyPatches:
         }
 
     def _map(self, k: int) -> AnatomyMap:
+        if isinstance(self.maps[k], AnatomyMap):
+            return self.maps[k]
         if k not in self._maps:
-            self._maps[k] = load_anatomy_map(self.map_paths[k])
+            self._maps[k] = load_anatomy_map(self.maps[k])
         return self._maps[k]
 
     def volume(self, v: int, rank: int = 0) -> dict:
@@ -80,7 +83,7 @@ class AnatomyPatches:
         key = (v, rank)
         if key not in self._volumes:
             rng = np.random.default_rng([self.seed, v, rank, 0xA5A7])
-            anatomy = self._map(int(rng.integers(len(self.map_paths))))
+            anatomy = self._map(int(rng.integers(len(self.maps))))
             out = synthesize_slices(anatomy, self.settings, rng)
             out["images"] = normalise(out["images"], out["organ"])
             self._volumes[key] = out

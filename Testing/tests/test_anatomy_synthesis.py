@@ -4,6 +4,8 @@ draws from: deterministic, resumable, mixed with real patches as configured."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -204,3 +206,90 @@ def test_the_shared_label_maps_synthesise_brains_with_lesions():
     out = synthesize_slices(anatomy, settings, np.random.default_rng(0))
     assert out["images"].shape == (2, 4, 240, 240)
     assert out["organ"].sum() > 4 * 5000 and out["lesions"].sum() > 0
+
+
+def _small_cases(small_pair_dir):
+    from PatientFineTuneLib.cases import find_cases
+    from PatientFineTuneLib.images import load_case, prepare_case
+
+    files = find_cases(small_pair_dir, ["FLAIR", "T1"])
+    return [prepare_case(load_case(f.sequences, f.organ, f.lesions, name=f.name)) for f in files]
+
+
+def test_batches_drawn_ahead_by_worker_processes_are_the_loops_own(label_map, small_pair_dir):
+    from torch.utils.data import DataLoader
+
+    from PatientFineTuneLib.training import BatchStream
+
+    pool = build_patch_pool(_small_cases(small_pair_dir), (2.0, 2.0), 5, seed=0)
+    config = TrainingConfig(
+        iterations=7, patch_size=32, seed=3, synthetic_fraction=0.5, sequence_dropout=0.5, droppable_channels=(1,)
+    )
+    stream = BatchStream(
+        pool, AnatomyPatches([label_map], SETTINGS, seed=3, volume_every=2, bank=2), config, 1, chunk=2
+    )
+    drawn = [batch for chunk in DataLoader(stream, batch_size=None, num_workers=2) for batch in chunk]
+    assert [i for i, _, _ in drawn] == list(range(1, 7))  # in order, though two processes drew them
+    in_loop = AnatomyPatches([label_map], SETTINGS, seed=3, volume_every=2, bank=2)
+    for i, x, y in drawn:
+        x_loop, y_loop = draw_batch(pool, in_loop, config, i)
+        assert torch.equal(x, x_loop) and torch.equal(y, y_loop)
+
+    def trained(workers):
+        model = tiny_model().train()
+        train_base_model(
+            model,
+            pool,  # a ready pool trains as its cases would
+            (2.0, 2.0),
+            TrainingConfig(iterations=4, patch_size=32, seed=1, synthetic_fraction=0.5),
+            device="cpu",
+            progress=False,
+            log=lambda m: None,
+            synthetic=AnatomyPatches([label_map], SETTINGS, seed=1, volume_every=2, bank=2),
+            workers=workers,
+        )
+        return model.state_dict()
+
+    alone, ahead = trained(0), trained(2)
+    assert all(torch.equal(alone[k], ahead[k]) for k in alone)
+
+
+def test_a_gpu_pack_trains_where_simpleitk_is_absent(label_map, small_pair_dir, tmp_path):
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    from PatientFineTuneLib.modelfile import load_model
+    from PatientFineTuneLib.presets import get_preset
+
+    script = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "gpu_training.py"
+    spec = importlib.util.spec_from_file_location("gpu_training", script)
+    gpu_training = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_training)
+    cases = _small_cases(small_pair_dir)
+    arrays = gpu_training.pack_arrays(get_preset("brain-wmh"), [load_anatomy_map(label_map)], cases)
+    with pytest.raises(SystemExit, match="over 0.01 MB"):
+        gpu_training.write_pack(arrays, tmp_path / "big.npz", max_mb=0.01)
+    assert not list(tmp_path.iterdir())  # refused without leaving a file
+    pack = tmp_path / "brain-wmh.npz"
+    gpu_training.write_pack(arrays, pack)
+
+    held = cases[0].name.rsplit("/", 1)[-1]
+    out = tmp_path / "out"
+    argv = ["train", "--pack", str(pack), "--out", str(out), "--minutes", "5", "--iterations", "3", "--width", "4"]
+    argv += ["--batch-size", "2", "--hold-out", held, "--workers", "1", "--timing-slices", "2", "--threads", "1"]
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['SimpleITK'] = None  # as on the GPU machine: importing it fails\n"
+        f"sys.argv = ['gpu_training.py', *{argv!r}]\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300)
+    model = load_model(out / f"brain-wmh-gpu-loo-{held}.pt")
+    training = model.metadata["training"]
+    assert training["config"]["iterations"] == 3 and training["held_out"] == [cases[0].name]
+    assert training["train_cases"] == [c.name for c in cases[1:]]
+    log = [json.loads(line) for line in (out / f"brain-wmh-gpu-loo-{held}.log.jsonl").read_text().splitlines()]
+    assert log[0]["event"] == "start" and log[-1]["event"] == "end" and log[-1]["iterations"] == 3
+    assert log[-1]["inference_2_slices_s"] > 0 and log[-1]["finetune_step_batch4_width16_s"] > 0
