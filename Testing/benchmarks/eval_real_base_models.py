@@ -12,8 +12,8 @@ from its file in stored (z, y, x) order with ``metrics.evaluate_case``:
   brain_tumor_progression  brain-tumor  01-03 Pre and Post: *_Scan_T1 (T1c, skull on),
                                         *_Mask, automatic brain mask
 
-Prints one row per case (Dice, AVD %, lesion F1 / recall / precision, wall time) and the
-mean of each set; ``--json`` also writes the rows. Works with the current library and
+Prints one row per case (Dice, AVD %, lesion F1 / recall / precision, the false-positive
+lesions at the brain's edge and inside it, wall time) and the mean of each set; ``--json`` also writes the rows. Works with the current library and
 with older versions whose ``Case`` has no ``layout`` (``PYTHONPATH`` pointing at an old
 checkout), so the two can be compared:
 
@@ -26,6 +26,12 @@ a model trained with sequence dropout): the FLAIR-only MS follow-up. ``--thick N
 turns every N consecutive slices into one thick slice (their mean; the masks where at
 least half the slab is inside) before segmenting and scores against the thick lesion
 mask: the 1-mm Ljubljana scans as the 5-mm 2D FLAIR a routine MS follow-up often is.
+
+A false-positive lesion (one that touches no true lesion) is "at the brain's edge" when
+most of it lies within 5 mm of the brain mask's surface or outside the mask: there lie the
+dura and the venous sinuses, which enhance on T1c; the others ("inside") are deep vessels,
+choroid plexus, grey matter. ``--figure FILE.png`` draws, for each case, the slice with the
+most false-positive voxels with the true lesions and both kinds outlined.
 
 The ljubljana_ms_longitudinal set is left out: its ``gt.nii.gz`` is a lesion change
 mask, not a full lesion mask. The brain_tumor_progression header spacing (1 mm) is not
@@ -49,7 +55,10 @@ import PatientFineTuneLib
 from PatientFineTuneLib import images, inference, metrics, modelcard, modelfile
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-COLUMNS = ["dice", "avd_percent", "lesion_f1", "lesion_recall", "lesion_precision", "seconds"]
+COLUMNS = ["dice", "avd_percent", "lesion_f1", "lesion_recall", "lesion_precision", "fp_edge", "fp_inside", "seconds"]
+#: A false-positive lesion lies "at the brain's edge" when most of it is within this many mm
+#: of the brain mask's surface: where the dura and the venous sinuses are.
+EDGE_MM = 5.0
 
 
 def real_cases(data: Path) -> list[dict]:
@@ -187,9 +196,15 @@ def load_real_case(spec: dict, channels, scan_options: dict | None = None) -> tu
 
 
 def evaluate(
-    spec: dict, bundle, scan_options: dict | None = None, first_sequence_only: bool = False, thick: int = 1
+    spec: dict,
+    bundle,
+    scan_options: dict | None = None,
+    first_sequence_only: bool = False,
+    thick: int = 1,
+    panel: dict | None = None,
 ) -> dict:
-    """Segment one case with ``bundle`` and score it against its ground truth.
+    """Segment one case with ``bundle`` and score it against its ground truth (and fill
+    ``panel``, when given, with the slice of :func:`false_positive_figure`).
 
     Returns
     -------
@@ -212,11 +227,78 @@ def evaluate(
     else:
         gt, spacing_zyx = ground_truth(spec, case.grid if resample else None)
     scores = metrics.evaluate_case(pred, gt, spacing_zyx)
+    # where the false positives lie, on the slice-first arrays (radiological order, for the
+    # figure); an old library's Case has no layout to give their spacing
+    sites = (
+        false_positive_sites(seg.mask.astype(bool), case.lesions.astype(bool), case.organ, case.volume_spacing)
+        if hasattr(case, "layout")
+        else {"fp_edge": math.nan, "fp_inside": math.nan}
+    )
+    scores.update(fp_edge=sites["fp_edge"], fp_inside=sites["fp_inside"])
     row = {k: spec[k] for k in ("set", "case", "preset")}
     row.update({k: float(v) if isinstance(v, (float, np.floating)) else int(v) for k, v in scores.items()})
     row["resampled"] = resample
     row["seconds"] = time.perf_counter() - start
+    if panel is not None and "edge" in sites:
+        s = int(np.argmax((sites["edge"] | sites["inside"]).sum(axis=(1, 2))))
+        panel.update(
+            image=case.images[0, s],
+            truth=case.lesions[s],
+            edge=sites["edge"][s],
+            inside=sites["inside"][s],
+            title=f"{spec['case']} (slice {s}): {sites['fp_edge']} edge, {sites['fp_inside']} inside",
+        )
     return row
+
+
+def false_positive_sites(pred: np.ndarray, truth: np.ndarray, organ: np.ndarray, spacing) -> dict:
+    """The predicted lesions that touch no true lesion, split by where they lie: at the
+    brain's edge (most voxels within ``EDGE_MM`` of the brain mask's surface: dura, venous
+    sinuses, cortical veins on the surface) or inside (deep vessels, choroid plexus, grey
+    matter). Arrays on one grid, ``spacing`` its (axis 0, 1, 2) spacing in mm.
+
+    Returns
+    -------
+    dict with ``fp_edge`` and ``fp_inside`` (counts) and the masks ``edge`` and ``inside``.
+    """
+    from scipy import ndimage
+
+    from PatientFineTuneLib.postprocess import label_lesions
+
+    depth = ndimage.distance_transform_edt(organ, sampling=spacing)
+    near_edge = organ & (depth <= EDGE_MM) | ~organ
+    labels, n = label_lesions(pred)
+    hit = np.unique(labels[truth & (labels > 0)])
+    false = np.setdiff1d(np.arange(1, n + 1), hit)
+    share = ndimage.mean(near_edge, labels, false) if false.size else np.zeros(0)
+    edge_ids, inside_ids = false[share > 0.5], false[share <= 0.5]
+    return {
+        "fp_edge": int(edge_ids.size),
+        "fp_inside": int(inside_ids.size),
+        "edge": np.isin(labels, edge_ids),
+        "inside": np.isin(labels, inside_ids),
+    }
+
+
+def false_positive_figure(panels: list[dict], path: Path, columns: int = 6) -> None:
+    """One panel per case: the slice with the most false-positive voxels, the true lesions
+    and the false positives at the brain's edge and inside outlined."""
+    from PatientFineTuneLib import plots
+
+    for start in range(0, len(panels), columns):
+        row = panels[start : start + columns]
+        figure = plots.outline_figure(
+            [p["image"] for p in row],
+            {
+                "truth": [p["truth"] for p in row],
+                "false positive, brain edge": [p["edge"] for p in row],
+                "false positive, inside": [p["inside"] for p in row],
+            },
+            [p["title"] for p in row],
+        )
+        target = path if len(panels) <= columns else path.with_name(f"{path.stem}-{start // columns + 1}{path.suffix}")
+        figure.savefig(target, dpi=100)
+        print(f"wrote {target}")
 
 
 def fmt(value: float) -> str:
@@ -275,6 +357,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--thick", type=int, default=1, metavar="N", help="average every N slices into one thick slice first"
     )
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        help="also draw each case's slice with the most false-positive voxels into this PNG (6 cases a file)",
+    )
     args = parser.parse_args(argv)
     models = dict(m.split("=", 1) for m in args.model)
     if not args.data.is_dir():
@@ -284,9 +371,11 @@ def main(argv=None) -> int:
     print(f"PatientFineTuneLib from {Path(PatientFineTuneLib.__file__).parent}")
     print(
         f"{'set':<24} {'case':<22} {'preset':<12} "
-        + " ".join(f"{c[:9]:>9}" for c in ["Dice", "AVD %", "les F1", "les rec", "les prec", "seconds"])
+        + " ".join(
+            f"{c[:9]:>9}" for c in ["Dice", "AVD %", "les F1", "les rec", "les prec", "FP edge", "FP inside", "seconds"]
+        )
     )
-    bundles, rows = {}, []
+    bundles, rows, panels = {}, [], []
     scan_options = {
         k: v for k, v in (("skull_stripped", args.skull_stripped), ("bias_correction", args.bias_correction)) if v
     }
@@ -298,7 +387,10 @@ def main(argv=None) -> int:
                 bundles[spec["preset"]] = modelfile.load_model(
                     modelcard.resolve_model_path(models.get(spec["preset"], spec["preset"]))
                 )
-            row = evaluate(spec, bundles[spec["preset"]], scan_options, args.first_sequence_only, args.thick)
+            panel = {} if args.figure else None
+            row = evaluate(spec, bundles[spec["preset"]], scan_options, args.first_sequence_only, args.thick, panel)
+            if panel:
+                panels.append(panel)
         except Exception as error:  # noqa: BLE001 - report and go on to the next case
             print(
                 f"{spec['set']:<24} {spec['case']:<22} {spec['preset']:<12} FAILED: {type(error).__name__}: {error}",
@@ -309,6 +401,8 @@ def main(argv=None) -> int:
         print_row(row)
     if rows:
         print_means(rows)
+    if panels:
+        false_positive_figure(panels, args.figure)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.json}")
