@@ -21,7 +21,9 @@ model).
 preset's other real validation scans train beside the synthesis (``--synthetic-fraction``
 of the patches synthesised), the held-out scans alone are scored, and the run has files of
 its own (``<preset>-anatomy-loo-<CASES>.*``, commas as ``+``). A patient's name holds out
-all of its visits (``03``: Brain-Tumor-Progression 03 Pre and Post). ``--init-from`` starts such a run from another
+all of its visits (``03``: Brain-Tumor-Progression 03 Pre and Post). ``--all-real`` trains
+on every real scan beside the synthesis (the candidate to ship, once the folds have judged
+the recipe); its validation numbers are then in-sample. ``--init-from`` starts such a run from another
 run's checkpoint (e.g. the synthesis-only run's), recorded in the model's metadata.
 """
 
@@ -113,6 +115,12 @@ def main(argv=None) -> None:
         "and score on them alone",
     )
     parser.add_argument(
+        "--all-real",
+        action="store_true",
+        help="train on every real validation scan beside the synthesis, holding none out: the model to ship once the "
+        "leave-out folds have judged the recipe (its validation numbers are in-sample; files <preset>-anatomy-all-real.*)",
+    )
+    parser.add_argument(
         "--synthetic-fraction", type=float, default=0.5, help="with --hold-out: the share of synthesised patches"
     )
     parser.add_argument(
@@ -127,6 +135,8 @@ def main(argv=None) -> None:
         help="only write the model of the latest checkpoint to --out (to evaluate a run in progress)",
     )
     args = parser.parse_args(argv)
+    if args.hold_out and args.all_real:
+        parser.error("--all-real trains on every real scan; it cannot also hold some out (--hold-out)")
 
     import torch
 
@@ -147,6 +157,7 @@ def main(argv=None) -> None:
     run = (
         f"{preset.name}-anatomy"
         + (f"-loo-{args.hold_out.replace(',', '+')}" if args.hold_out else "")
+        + ("-all-real" if args.all_real else "")
         + (f"-lr{args.learning_rate:g}" if args.learning_rate is not None else "")
     )
     checkpoint = folder / f"{run}.checkpoint.pt"
@@ -160,7 +171,7 @@ def main(argv=None) -> None:
         seed=args.seed,
         precision=args.precision,
         **({"learning_rate": args.learning_rate} if args.learning_rate is not None else {}),
-        synthetic_fraction=args.synthetic_fraction if args.hold_out else 0.0,
+        synthetic_fraction=args.synthetic_fraction if args.hold_out or args.all_real else 0.0,
         sequence_dropout=args.sequence_dropout,
         droppable_channels=tuple(range(1, n_channels)),
     )
@@ -187,7 +198,11 @@ def main(argv=None) -> None:
                 "config": config.identity() | {"iterations": iterations},
                 "anatomy_synthesis": synthetic.describe(),
                 "train_cases": [c.name for c in real_cases],
-                "held_out_sets": [args.hold_out] if args.hold_out else list(VALIDATION[preset.name]),
+                "held_out_sets": [args.hold_out]
+                if args.hold_out
+                else []
+                if args.all_real
+                else list(VALIDATION[preset.name]),
                 **({"initialised_from": str(args.init_from)} if args.init_from else {}),
                 "final_loss": final_loss,
                 "wall_time_s": round(wall_s, 1),
@@ -199,6 +214,8 @@ def main(argv=None) -> None:
     val_cases = load_validation(preset, args.data)
     if args.hold_out:
         real_cases, val_cases = split_hold_out(val_cases, args.hold_out)
+    elif args.all_real:  # nothing is held out: its validation scores the scans it trains on
+        real_cases = list(val_cases)
     if args.export:  # after the split, so a fold's model names the real scans it trained on
         payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["model"])

@@ -337,6 +337,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--sets", help="comma-separated sets to run (default: all)")
     parser.add_argument(
+        "--cases",
+        help="comma-separated cases to run (default: all of the sets), e.g. a leave-out fold's held-out scans: "
+        "patient07, or brats_2013_pat0005_1,03 where 03 is both visits of that patient",
+    )
+    parser.add_argument(
         "--skull-stripped", choices=("auto", "yes", "no"), help="load_case's skull_stripped (default: the library's)"
     )
     parser.add_argument(
@@ -381,6 +386,10 @@ def main(argv=None) -> int:
     }
     for spec in real_cases(args.data):
         if args.sets and spec["set"] not in args.sets.split(","):
+            continue
+        if args.cases and not any(
+            spec["case"] == name or spec["case"].startswith(name + "_") for name in args.cases.split(",")
+        ):
             continue
         try:
             if spec["preset"] not in bundles:
