@@ -4,7 +4,7 @@
 # paper's width 64, from gpu_pack/PRESET.npz (made beforehand on a machine with SimpleITK:
 # `python Resources/Models/gpu_training.py pack --preset PRESET --out gpu_pack/PRESET.npz`).
 # Through the device tool, with about 15 minutes of device time:
-#   run(command="bash Resources/Models/gpu_run.sh brain-wmh 2.5", carry=["gpu_pack"], timeout_s=600)
+#   run(command="bash Resources/Models/gpu_run.sh brain-wmh 2.5", carry=["gpu_pack/brain-wmh.npz"], timeout_s=600)
 # Brings back, in $OUT, each fold's model and log (6 files; the checkpoints stay behind: a
 # lent machine may return at most 8). Score them here with eval_real_base_models.py
 # --model PRESET=FILE on the fold's held-out scans; keep them only if they beat the CPU's.
