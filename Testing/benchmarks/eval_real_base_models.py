@@ -246,7 +246,7 @@ def evaluate(
             truth=case.lesions[s],
             edge=sites["edge"][s],
             inside=sites["inside"][s],
-            title=f"{spec['case']} (slice {s}): {sites['fp_edge']} edge, {sites['fp_inside']} inside",
+            title=f"{spec['case']}, slice {s}\n{sites['fp_edge']} at the edge, {sites['fp_inside']} inside",
         )
     return row
 
