@@ -196,14 +196,14 @@ def train(args) -> dict:
     import torch
 
     from PatientFineTuneLib.model import LesionNet
-    from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
+    from PatientFineTuneLib.modelfile import ModelBundle, save_model
     from PatientFineTuneLib.presets import get_preset
     from PatientFineTuneLib.runtime import Cancelled, describe_device, resolve_device
     from PatientFineTuneLib.synth.anatomy_patches import AnatomyPatches, settings_for_preset
     from PatientFineTuneLib.training import TrainingConfig, pool_of_slices, train_base_model
 
     sys.path.insert(0, str(HERE))
-    from train_anatomy import split_hold_out
+    from train_anatomy import anatomy_model_metadata, split_hold_out
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -280,20 +280,16 @@ def train(args) -> dict:
     except Cancelled:  # the minutes are up: the model in memory is the run's
         pass
     seconds = time.monotonic() - started
-    metadata = make_metadata(
+    metadata = anatomy_model_metadata(
         model,
-        [{**s, "optional": i > 0 and config.sequence_dropout > 0} for i, s in enumerate(preset.sequence_dicts())],
-        preset.training_spacing_mm,
-        preset=preset.name,
-        training={
-            "command": " ".join(["python", "Resources/Models/gpu_training.py", *sys.argv[1:]]),
-            "config": config.identity() | {"iterations": done},
-            "anatomy_synthesis": synthetic.describe(),
-            "train_cases": [c.name for c in real],
-            "held_out": [c.name for c in held],
-            "device": describe_device(device),
-            "wall_time_s": round(seconds, 1),
-        },
+        preset,
+        config,
+        synthetic,
+        done,
+        train_cases=[c.name for c in real],
+        held_out=[c.name for c in held],
+        device=describe_device(device),
+        wall_time_s=round(seconds, 1),
     )
     model.eval()
     save_model(ModelBundle(model, metadata), model_path, overwrite=True)

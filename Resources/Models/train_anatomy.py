@@ -79,6 +79,29 @@ def split_hold_out(cases: list, hold_out: str) -> tuple[list, list]:
     return [c for c in cases if all(c is not h for h in held)], held
 
 
+def anatomy_model_metadata(model, preset, config, synthetic, iterations: int, **training) -> dict:
+    """The metadata of a model trained on anatomy synthesis (and real scans): the sequences
+    after the first are optional when sequence dropout trained it to do without them; the
+    command, the settings, the iterations and the synthesis are recorded, with ``training``."""
+    from PatientFineTuneLib.modelfile import make_metadata
+
+    sequences = [
+        {**s, "optional": i > 0 and config.sequence_dropout > 0} for i, s in enumerate(preset.sequence_dicts())
+    ]
+    return make_metadata(
+        model,
+        sequences,
+        preset.training_spacing_mm,
+        preset=preset.name,
+        training={
+            "command": " ".join(["python", f"Resources/Models/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+            "config": config.identity() | {"iterations": iterations},
+            "anatomy_synthesis": synthetic.describe(),
+            **training,
+        },
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="brain-wmh", choices=sorted(VALIDATION))
@@ -142,7 +165,7 @@ def main(argv=None) -> None:
 
     from PatientFineTuneLib.images import with_absent_sequences
     from PatientFineTuneLib.model import LesionNet
-    from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
+    from PatientFineTuneLib.modelfile import ModelBundle, save_model
     from PatientFineTuneLib.presets import get_preset
     from PatientFineTuneLib.runtime import Cancelled, resolve_device
     from PatientFineTuneLib.synth.anatomy import SYNTHESIS_VERSION
@@ -182,31 +205,18 @@ def main(argv=None) -> None:
         model.load_state_dict(torch.load(args.init_from, map_location="cpu", weights_only=True)["model"])
     real_cases = []  # the real scans that train beside the synthesis (--hold-out)
 
-    # sequences blanked in training are optional for the model (one channel each here)
-    sequences = [
-        {**s, "optional": i > 0 and config.sequence_dropout > 0} for i, s in enumerate(preset.sequence_dicts())
-    ]
-
     def write_model(iterations: int, final_loss, wall_s: float) -> None:
-        metadata = make_metadata(
+        metadata = anatomy_model_metadata(
             model,
-            sequences,
-            preset.training_spacing_mm,
-            preset=preset.name,
-            training={
-                "command": " ".join(["python", "Resources/Models/train_anatomy.py", *sys.argv[1:]]),
-                "config": config.identity() | {"iterations": iterations},
-                "anatomy_synthesis": synthetic.describe(),
-                "train_cases": [c.name for c in real_cases],
-                "held_out_sets": [args.hold_out]
-                if args.hold_out
-                else []
-                if args.all_real
-                else list(VALIDATION[preset.name]),
-                **({"initialised_from": str(args.init_from)} if args.init_from else {}),
-                "final_loss": final_loss,
-                "wall_time_s": round(wall_s, 1),
-            },
+            preset,
+            config,
+            synthetic,
+            iterations,
+            train_cases=[c.name for c in real_cases],
+            held_out_sets=[args.hold_out] if args.hold_out else [] if args.all_real else list(VALIDATION[preset.name]),
+            **({"initialised_from": str(args.init_from)} if args.init_from else {}),
+            final_loss=final_loss,
+            wall_time_s=round(wall_s, 1),
         )
         save_model(ModelBundle(model, metadata), out, overwrite=True)
         print(f"saved {out} ({iterations} iterations)")
