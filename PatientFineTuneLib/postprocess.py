@@ -16,8 +16,8 @@ from scipy import ndimage
 
 from .files import atomic_write
 
-if TYPE_CHECKING:  # annotations only: the Slicer module reads results without PyTorch
-    import SimpleITK as sitk  # annotations only: labelling and tabulating lesions needs no image I/O
+if TYPE_CHECKING:  # annotations only: labelling and tabulating lesions needs neither PyTorch nor image I/O
+    import SimpleITK as sitk
 
     from .images import SliceLayout
 

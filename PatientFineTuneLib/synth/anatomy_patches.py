@@ -28,7 +28,7 @@ class AnatomyPatches:
     Parameters
     ----------
     maps : label maps (FreeSurfer labels) to synthesise from, as files or as loaded
-        :class:`~.anatomy.AnatomyMap` s (e.g. from a pack, where no SimpleITK reads
+        :class:`~.anatomy.AnatomyMap` objects (e.g. from a pack, where no SimpleITK reads
         files); all are kept in memory as uint8 codes (16 MB each at 256^3).
     settings : the preset's sequences, lesions and output spacing.
     seed : seeds every volume and patch draw.
