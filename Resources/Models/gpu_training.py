@@ -2,7 +2,7 @@
 
 A GPU is lent for short stretches (about 15 minutes of an H100): it has torch, numpy and
 scipy but no SimpleITK, nibabel or network, and at most 64 MiB travel with the repository
-(which itself takes about 28). So everything training needs is packed on a machine that
+(which itself takes 38.5 of them on 2026-12-07). So everything training needs is packed on a machine that
 reads images, into one file of under 60 MB, and the GPU trains from the pack alone:
 
     # here (CPU): the label maps and the real scans' training slices
@@ -41,8 +41,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1].parent / "shared" / "data"
 PACK_FORMAT = "PatientFineTune-gpu-pack-1"
-#: The pack and the repository travel together within 64 MiB.
+#: The issue's bound on a pack; what actually travels is the pack and the repository together,
+#: within ``DEVICE_CARRY_MIB`` (``pack`` reports both).
 MAX_PACK_MB = 60.0
+DEVICE_CARRY_MIB = 64
 #: AnatomyMap's fields, as packed.
 MAP_FIELDS = ("codes", "names", "origin", "inverse", "brain_cells", "name")
 
@@ -104,7 +106,28 @@ def pack(preset_name: str, maps_folder: Path, data: Path, out: Path) -> dict:
         raise SystemExit(f"no label maps in {maps_folder}; pass --maps (the shared synthseg_label_maps)")
     cases = load_validation(preset, data)
     size_mb = write_pack(pack_arrays(preset, [load_anatomy_map(p) for p in map_paths], cases), out)
-    return {"pack": str(out), "mb": round(size_mb, 1), "maps": len(map_paths), "cases": [c.name for c in cases]}
+    summary = {"pack": str(out), "mb": round(size_mb, 1), "maps": len(map_paths), "cases": [c.name for c in cases]}
+    travels = repository_mib() + out.stat().st_size / 2**20
+    summary["travels_with_the_repository_mib"] = round(travels, 1)
+    if travels > DEVICE_CARRY_MIB:
+        print(
+            f"warning: the pack and the repository's files come to {travels:.1f} MiB, over the {DEVICE_CARRY_MIB} MiB "
+            "a device call carries; leave out checkpoints that are no longer needed",
+            file=sys.stderr,
+        )
+    return summary
+
+
+def repository_mib() -> float:
+    """MiB of the repository's tracked files (what a device call sends besides ``carry``)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, check=True, text=True).stdout
+
+    root = Path(git("rev-parse", "--show-toplevel").strip())
+    names = [n for n in git("ls-files", "-z", "--full-name", str(root)).split("\0") if n]
+    return sum((root / n).stat().st_size for n in names if (root / n).is_file()) / 2**20
 
 
 def read_pack(path: Path) -> SimpleNamespace:
