@@ -19,7 +19,7 @@ on :class:`~PatientFineTuneLib.synth.anatomy_patches.AnatomyPatches` of the pack
 mixed half and half with patches of the packed real scans except the held-out ones (as
 ``train_anatomy.py --hold-out`` does), with the synthesis drawn ahead in worker processes
 so the GPU is not left waiting for one CPU core. It stops cleanly at ``--minutes`` and
-writes, into ``--out``: the model (``<preset>-gpu[-loo-<CASES>].pt``, loadable with
+writes, into ``--out``: the model (``<preset>-gpu[-loo-<CASES joined by ->].pt``, loadable with
 ``torch.load(weights_only=True)``), its checkpoint (to continue on another lent GPU with
 ``--resume``), and ``<...>.log.jsonl``: the loss every 50 iterations, iterations per
 second, the device, and the timings of inference (a 240 x 240 slice stack) and of a
@@ -233,7 +233,8 @@ def train(args) -> dict:
     packed = read_pack(args.pack)
     preset = get_preset(packed.preset)
     real, held = split_hold_out(packed.cases, args.hold_out) if args.hold_out else (packed.cases, [])
-    run = f"{preset.name}-gpu" + (f"-loo-{args.hold_out.replace(',', '+')}" if args.hold_out else "")
+    # only letters, digits, '.', '_' and '-' come back from a device call's $OUT: no '+'
+    run = f"{preset.name}-gpu" + (f"-loo-{args.hold_out.replace(',', '-')}" if args.hold_out else "")
     args.out.mkdir(parents=True, exist_ok=True)
     model_path, log_path = args.out / f"{run}.pt", args.out / f"{run}.log.jsonl"
     checkpoint = (args.checkpoint_dir or args.out) / f"{run}.checkpoint.pt"
