@@ -316,8 +316,8 @@ def validation_scores(
     """Mean Dice and lesion F1 of whole-volume segmentation over validation cases (model
     left in eval), post-processed as the model will be used (``preset``'s opening and
     smallest lesion)."""
-    # imported here: scoring needs SimpleITK (lesion labelling, image I/O), training does
-    # not, so a machine with torch and numpy alone can train (Resources/Models/gpu_training.py)
+    # imported here: the metrics module needs SimpleITK, training does not, so a machine
+    # without it can train (Resources/Models/gpu_training.py)
     from .inference import predict_mask
     from .metrics import dice, lesion_detection
 

@@ -70,8 +70,11 @@ def split_hold_out(cases: list, hold_out: str) -> tuple[list, list]:
     def short(case) -> str:
         return case.name.rsplit("/", 1)[-1]
 
-    held = [c for c in cases if any(short(c) == w or short(c).startswith(w + "_") for w in wanted)]
-    unknown = [w for w in wanted if not any(short(c) == w or short(c).startswith(w + "_") for c in cases)]
+    def named(case, name: str) -> bool:
+        return short(case) == name or short(case).startswith(name + "_")
+
+    held = [c for c in cases if any(named(c, w) for w in wanted)]
+    unknown = [w for w in wanted if not any(named(c, w) for c in cases)]
     if unknown or not held:
         raise SystemExit(
             f"no real scan named {', '.join(unknown) or hold_out!r}; the preset's are {', '.join(short(c) for c in cases)}"
