@@ -22,6 +22,12 @@ the scored slices (within-scan: the slices not annotated). ``--pick`` changes ho
 2-slice route picks its lesion slices (:data:`PICKS`: the product's suggestion by default);
 every run prints the picked slices' mean lesion probability and lesion count.
 
+``--model PRESET=FILE`` (repeatable) replaces a preset's shipped base model; given several
+files for a preset (the leave-out folds of ``Resources/Models/train_anatomy.py``), each
+case is fine-tuned from the one whose training scans leave it out (its metadata's
+``train_cases``), so the base model never saw the scan it is scored on. A case every
+candidate trained on still runs, marked ``base_in_sample`` in its row and its printout.
+
     python Testing/benchmarks/eval_real_finetune.py --threads 2 --json real_finetune.json
 """
 
@@ -150,10 +156,31 @@ CROSS_TIME_ROUTES = ("all-lesion", "suggested-2")
 ROUTES = ("all-lesion", "every-other", "suggested-2")
 
 
-def cross_time(base, specs: dict, routes: tuple[str, ...] = CROSS_TIME_ROUTES, masks: Path | None = None) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class BaseModels:
+    """A preset's candidate base-model files; :meth:`for_cases` picks the one that never
+    trained on the scans a run scores."""
+
+    files: tuple[Path, ...]
+
+    def for_cases(self, *cases: str):
+        """The base model for a run on ``cases`` (folder names such as ``02_Post``), loaded,
+        and whether it trained on one of them (only where every candidate did)."""
+        for path in self.files:
+            model = modelfile.load_model(path)
+            trained = {c.rsplit("/", 1)[-1] for c in model.metadata.get("training", {}).get("train_cases", [])}
+            if not trained & set(cases):
+                return model, False
+        return modelfile.load_model(self.files[0]), True
+
+
+def cross_time(
+    bases: BaseModels, specs: dict, routes: tuple[str, ...] = CROSS_TIME_ROUTES, masks: Path | None = None
+) -> list[dict]:
     rows = []
     for n, route in [(n, route) for n in ("01", "02", "03") for route in routes]:
         pre, post = specs[f"{n}_Pre"], specs[f"{n}_Post"]
+        base, in_sample = bases.for_cases(f"{n}_Pre", f"{n}_Post")
         baseline = load(pre, base)
         chosen = "all-lesion" if route == "all-lesion" else annotated_slices(route, baseline, base)
         start = time.perf_counter()
@@ -165,6 +192,8 @@ def cross_time(base, specs: dict, routes: tuple[str, ...] = CROSS_TIME_ROUTES, m
             "protocol": "cross-time",
             "case": n,
             "route": route,
+            "base_model": base.metadata.get("sha256", "")[:8],
+            "base_in_sample": in_sample,
             "base": scores(base, follow, gt, spacing, save_as=saved["base"]),
             "finetuned": scores(patient, follow, gt, spacing, save_as=saved["finetuned"]),
             "kept": check["kept"],
@@ -223,11 +252,16 @@ def annotated_slices(route: str, case: images.Case, base) -> list[int]:
 
 
 def within_scan(
-    base, specs: dict, names: tuple[str, ...], routes: tuple[str, ...] = WITHIN_SCAN_ROUTES, masks: Path | None = None
+    bases: BaseModels,
+    specs: dict,
+    names: tuple[str, ...],
+    routes: tuple[str, ...] = WITHIN_SCAN_ROUTES,
+    masks: Path | None = None,
 ) -> list[dict]:
     rows = []
     for name in names:
         spec = specs[name]
+        base, in_sample = bases.for_cases(name)
         case = load(spec, base)
         gt, spacing = ground_truth(spec)
         for route in routes:
@@ -241,6 +275,8 @@ def within_scan(
                 "protocol": "within-scan",
                 "case": name,
                 "route": route,
+                "base_model": base.metadata.get("sha256", "")[:8],
+                "base_in_sample": in_sample,
                 "slices": len(chosen),
                 "base": scores(base, case, gt, spacing, keep, saved["base"]),
                 "finetuned": scores(patient, case, gt, spacing, keep, saved["finetuned"]),
@@ -277,7 +313,8 @@ def report(row: dict) -> None:
     print(
         f"{row['protocol']:<12} {row['case']:<10} {row['route']:<12} Dice {b['dice']:.3f} -> {f['dice']:.3f}  "
         f"lesion F1 {b['lesion_f1']:.3f} -> {f['lesion_f1']:.3f}  "
-        f"{'fine-tuned kept' if row['kept'] else 'BASE kept'}  {row['seconds']:.0f} s",
+        f"{'fine-tuned kept' if row['kept'] else 'BASE kept'}  {row['seconds']:.0f} s  "
+        f"base {row['base_model']}{' (trained on this scan)' if row['base_in_sample'] else ''}",
         flush=True,
     )
     check = row["check"]
@@ -342,7 +379,26 @@ def main(argv=None) -> int:
         metavar="A",
         help="experiment: the fine-tuned weights at A of the way from the base model's (after the check)",
     )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="PRESET=FILE",
+        help="a base model instead of the preset's shipped one (repeatable: several files for a preset are "
+        "leave-out folds, each case runs from the one that never trained on it)",
+    )
     args = parser.parse_args(argv)
+    files: dict[str, list[Path]] = {}
+    for item in args.model:
+        preset, _, file = item.partition("=")
+        if preset not in WITHIN_SCAN or not Path(file).is_file():
+            parser.error(
+                f"--model {item}: give PRESET=FILE with PRESET one of {sorted(WITHIN_SCAN)} and an existing file"
+            )
+        files.setdefault(preset, []).append(Path(file))
+    bases = {
+        preset: BaseModels(tuple(files.get(preset, [modelcard.resolve_model_path(preset)]))) for preset in WITHIN_SCAN
+    }
     PICK["rule"] = args.pick
     BLEND["a"] = args.blend
     ANCHORS["k"] = args.anchors
@@ -362,13 +418,11 @@ def main(argv=None) -> int:
     rows = []
     if "cross-time" in args.protocols:
         routes = tuple(r for r in CROSS_TIME_ROUTES if r in args.routes)
-        rows += cross_time(modelfile.load_model(modelcard.resolve_model_path("brain-tumor")), specs, routes, args.masks)
+        rows += cross_time(bases["brain-tumor"], specs, routes, args.masks)
     if "within-scan" in args.protocols:
         for model, names in WITHIN_SCAN.items():
             routes = tuple(r for r in WITHIN_SCAN_ROUTES if r in args.routes)
-            rows += within_scan(
-                modelfile.load_model(modelcard.resolve_model_path(model)), specs, names, routes, args.masks
-            )
+            rows += within_scan(bases[model], specs, names, routes, args.masks)
     summarise(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
