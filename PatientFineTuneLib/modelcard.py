@@ -207,7 +207,8 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
     # cards written before segmentations had a minimum lesion size record none: every lesion kept
     measured_min = card.get("min_lesion_voxels", 1)
     inputs = ", ".join(
-        f"{i + 1}. {s['name']} ({s['channels']} channel{'s' if s['channels'] > 1 else ''})"
+        f"{i + 1}. {s['name']} ({s['channels']} channel{'s' if s['channels'] > 1 else ''}"
+        f"{'; optional: trained to read scans without it' if s.get('optional') else ''})"
         for i, s in enumerate(metadata["sequences"])
     )
     lines = [f"# Base model `{metadata.get('preset')}`", ""]
@@ -218,6 +219,16 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
             f"> **Reduced configuration.** Trained at {metadata['training_spacing_mm'][0]} mm voxels, first-level width "
             f"{arch['width']}, {config.get('iterations')} iterations of batch {config.get('batch_size')} "
             "(Wahlig et al. 2023: 1 mm voxels, 30 epochs of 180 augmented patches per study, elastic deformations).",
+            "",
+        ]
+    elif card.get("training_runs"):
+        runs = card["training_runs"]
+        lines += [
+            f"> **Reduced configuration.** Trained on a CPU with width {arch['width']}: "
+            f"{sum(r['iterations'] for r in runs):,} iterations of batch {config.get('batch_size')} over {len(runs)} "
+            f"runs, {sum(r['wall_time_s'] for r in runs) / 3600:.1f} h, instead of the paper's width {PAPER_WIDTH} "
+            f"and {PAPER_ITERATIONS:,} iterations. `Resources/Models/gpu_run.sh` trains width "
+            f"{PAPER_WIDTH} when a GPU is at hand.",
             "",
         ]
     elif not is_paper_configuration(metadata):
@@ -252,10 +263,27 @@ def render_card(metadata: dict, parameters: int | None = None) -> str:
         "## Training",
         "",
         f"- Build command: `{card.get('build_command', 'n/a')}`",
-        f"- Training command: `{training.get('command', 'n/a')}`",
-        f"- Configuration: {json.dumps(config, sort_keys=True)}",
-        f"- Hardware: {training.get('hardware', 'n/a')}; wall time {training.get('wall_time_s', 0) / 60:.1f} min",
-        f"- Final training loss {training.get('final_loss', float('nan')):.4f}; validation Dice {training.get('final_val_dice') or float('nan'):.3f} (one synthetic follow-up)",
+    ]
+    if card.get("training_runs"):
+        lines += [
+            "- Training runs, in order (each started from the one before; curves in `Resources/Models/training/`):"
+        ]
+        lines += [
+            f"  {k + 1}. `{r['command']}`: {r['iterations']:,} iterations, {r['wall_time_s'] / 60:.0f} min"
+            for k, r in enumerate(card["training_runs"])
+        ]
+        lines += [
+            f"- Export of the last run: `{training.get('command', 'n/a')}`",
+            f"- Configuration of the last run: {json.dumps(config, sort_keys=True)}",
+        ]
+    else:
+        lines += [
+            f"- Training command: `{training.get('command', 'n/a')}`",
+            f"- Configuration: {json.dumps(config, sort_keys=True)}",
+            f"- Hardware: {training.get('hardware', 'n/a')}; wall time {training.get('wall_time_s', 0) / 60:.1f} min",
+            f"- Final training loss {training.get('final_loss', float('nan')):.4f}; validation Dice {training.get('final_val_dice') or float('nan'):.3f} (one synthetic follow-up)",
+        ]
+    lines += [
         "",
         "| training data | cases | licence |",
         "|---|---|---|",

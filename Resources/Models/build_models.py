@@ -27,6 +27,14 @@ out (the plan's other real cases keep their roles). The model goes to
 and nothing shipped is written. Run it once per case for a held-out number on every real
 scan of the dataset.
 
+``--from-anatomy`` ships a model of the anatomy-synthesis runs instead
+(``Resources/Models/train_anatomy.py``, hours of resumable training whose checkpoints are
+committed under ``training/``; docs/base-training.md): it exports the last run of
+:data:`ANATOMY` (trained on every real scan, ``--all-real``) and the leave-out folds of
+the same recipe, scores the synthetic follow-ups and the longitudinal studies with the
+model, and **each real scan with the fold that never trained on it**, and writes the card
+with every training run's command and wall time. Nothing trains.
+
 The defaults are the paper's configuration (width 64, 10,000 iterations, fp32); the
 shipped files say which configuration produced them.
 """
@@ -118,6 +126,71 @@ PLANS = {
 }
 SYNTHETIC_TEST = 5
 
+#: The anatomy-synthesis runs behind a shipped model (``--from-anatomy``), in order: the
+#: run's files in ``training/`` (``<run>.checkpoint.pt``, ``<run>.log.jsonl``), the
+#: iteration it ended at for the next run, and its command. ``export`` names the last run
+#: to ``train_anatomy.py --export``; ``folds`` name the leave-out folds of the same recipe
+#: whose held-out scans the card reports.
+ANATOMY = {
+    "brain-wmh": {
+        "runs": [
+            (
+                "brain-wmh-anatomy",
+                6000,
+                "python Resources/Models/train_anatomy.py --preset brain-wmh --iterations 20000 --width 32 --threads 1 "
+                "--hours 2 --validate-every 1000 (synthesis alone, resumed across sessions; its checkpoint at 6,000 "
+                "starts the next run)",
+            ),
+            (
+                "brain-wmh-anatomy-all-real",
+                2400,
+                "python Resources/Models/train_anatomy.py --preset brain-wmh --width 32 --threads 1 --iterations 2400 "
+                "--validate-every 600 --checkpoint-every 300 --all-real --init-from <brain-wmh-anatomy at 6,000>",
+            ),
+            (
+                "brain-wmh-anatomy-all-real-lr1e-05",
+                1000,
+                "python Resources/Models/train_anatomy.py --preset brain-wmh --width 32 --threads 1 --iterations 1000 "
+                "--validate-every 500 --checkpoint-every 250 --all-real --learning-rate 1e-5 "
+                "--init-from <brain-wmh-anatomy-all-real at 2,400>",
+            ),
+        ],
+        "export": ["--all-real", "--learning-rate", "1e-5", "--iterations", "1000"],
+        "folds": [["--hold-out", p, "--learning-rate", "1e-5"] for p in ("patient07", "patient19", "patient26")],
+        "recipe": "each fold: the synthesis run's checkpoint at 5,100, 2,100-2,500 iterations at 1e-4 with the other "
+        "two scans, then 1,000 at 1e-5 (docs/base-training.md)",
+    },
+    "brain-tumor": {
+        "runs": [
+            (
+                "brain-tumor-anatomy",
+                7800,
+                "python Resources/Models/train_anatomy.py --preset brain-tumor --iterations 20000 --width 32 --threads 1 "
+                "--hours 2 --validate-every 1000 --volume-every 8 (synthesis alone, resumed across sessions; its "
+                "checkpoint at 7,800 starts the next run)",
+            ),
+            (
+                "brain-tumor-anatomy-all-real",
+                3000,
+                "python Resources/Models/train_anatomy.py --preset brain-tumor --width 32 --threads 1 --iterations 3000 "
+                "--validate-every 1000 --checkpoint-every 250 --volume-every 8 --all-real "
+                "--init-from <brain-tumor-anatomy at 7,800>",
+            ),
+        ],
+        "export": ["--all-real", "--volume-every", "8", "--iterations", "3000"],
+        "folds": [
+            ["--hold-out", fold, "--volume-every", "8"]
+            for fold in (
+                "brats_2013_pat0001_1,brats_2013_pat0002_1,01",
+                "brats_2013_pat0003_1,brats_2013_pat0004_1,02",
+                "brats_2013_pat0005_1,brats_2013_pat0006_1,03",
+            )
+        ],
+        "recipe": "each fold: the synthesis run's checkpoint at 7,800, then 3,000 iterations with the other patients' scans",
+    },
+}
+TRAINING = HERE / "training"
+
 
 def cli(*args: str) -> None:
     """Run ``patient-finetune`` with this interpreter; raise if it fails."""
@@ -161,12 +234,21 @@ def leave_out(plan: dict, case: str) -> dict:
     }
 
 
-def prepare_data(preset, plan: dict, work: Path, data: Path) -> tuple[Path, Path]:
-    """Synthetic patients and the training manifest; returns (manifest, validation folder)."""
+def synthesise(preset, work: Path, parts: tuple[tuple[int, int, str], ...]) -> Path:
+    """Generate the preset's synthetic patients ``(first seed, count, part)`` not yet in
+    ``work``; returns their folder."""
     synth = work / f"synthetic-{preset.name}"
-    for first, count, part in ((100, plan["synthetic_train"], "train"), (200, 1, "val"), (300, SYNTHETIC_TEST, "test")):
+    for first, count, part in parts:
         if not (synth / part).exists():
             cli("synth", "--preset", preset.name, "--patients", count, "--seed", first, "--out", synth / part)
+    return synth
+
+
+def prepare_data(preset, plan: dict, work: Path, data: Path) -> tuple[Path, Path]:
+    """Synthetic patients and the training manifest; returns (manifest, validation folder)."""
+    synth = synthesise(
+        preset, work, ((100, plan["synthetic_train"], "train"), (200, 1, "val"), (300, SYNTHETIC_TEST, "test"))
+    )
     names = [n for n, _ in preset.sequences]
     rows = []
     for patient in sorted((synth / "train").glob("patient*")):
@@ -335,7 +417,10 @@ def longitudinal_coverage(bundle, preset, data: Path, patient: str, device) -> d
     return result
 
 
-def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, device) -> dict:
+def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, device, real_models=None) -> dict:
+    """The card's held-out evaluation of ``model_path``: the synthetic test follow-ups, the
+    plan's real test cases and its longitudinal studies. ``real_models`` (from
+    :func:`held_out_models`) scores each real case with the model it names instead."""
     from PatientFineTuneLib.modelfile import load_model
 
     bundle = load_model(model_path)
@@ -377,7 +462,17 @@ def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, devic
                 )
             )
         for dataset, cases in by_dataset.items():
-            results = evaluate_cases(bundle, preset, cases, device)
+            if real_models is None:
+                results = evaluate_cases(bundle, preset, cases, device)
+            else:  # each case by the fold that held it out, in the plan's order
+                scored = {
+                    r["case"]: r
+                    for fold in {real_models[name] for name, _ in cases}
+                    for r in evaluate_cases(
+                        load_model(fold), preset, [c for c in cases if real_models[c[0]] == fold], device
+                    )
+                }
+                results = [scored[name] for name, _ in cases]
             note = (
                 ""
                 if dataset != "brain_tumor_progression"
@@ -386,6 +481,12 @@ def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, devic
                     "true spacing; masks are enhancing tumour only"
                 )
             )
+            if real_models is not None:
+                note = "; ".join(
+                    n
+                    for n in (note, "each scan scored by the leave-out fold (same recipe) that never trained on it")
+                    if n
+                )
             evaluation.append(summary_row(f"{dataset} (held out)", results, note) | {"licence": LICENCES[dataset]})
     longitudinal = []
     if plan["longitudinal"]:
@@ -396,6 +497,94 @@ def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, devic
         "longitudinal": longitudinal,
         **({"longitudinal_about": LONGITUDINAL_ABOUT} if longitudinal else {}),
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Shipping a model of the anatomy-synthesis runs (--from-anatomy)
+
+
+def export_anatomy(preset, run_args: list[str], out: Path, data: Path) -> Path:
+    """Write the model of a committed ``train_anatomy.py`` checkpoint to ``out``."""
+    subprocess.run(
+        [sys.executable, str(HERE / "train_anatomy.py"), "--preset", preset.name, "--data", str(data), *run_args]
+        + ["--export", "--out", str(out)],
+        check=True,
+    )
+    return out
+
+
+def held_out_models(folds: list[Path], cases: list[str]) -> dict[str, Path]:
+    """For each real case (``dataset/case``, a visit as ``01/Pre``), the fold model whose
+    training scans (its metadata's ``train_cases``) leave it out."""
+    from PatientFineTuneLib.modelcard import read_model_metadata
+
+    trained = {fold: set(read_model_metadata(fold)["training"].get("train_cases", [])) for fold in folds}
+    chosen = {}
+    for case in cases:
+        dataset, _, rest = case.partition("/")
+        name = f"{dataset}/{rest.replace('/', '_')}"  # as train_anatomy.py names it: brain_tumor_progression/01_Pre
+        fold = next((f for f in folds if name not in trained[f]), None)
+        if fold is None:
+            raise SystemExit(
+                f"every fold trained on {case}: no held-out number for it; train the fold that leaves it out"
+            )
+        chosen[case] = fold
+    return chosen
+
+
+def anatomy_runs(preset) -> list[dict]:
+    """The card's training runs: each run's command, the iteration it ended at and its wall
+    time from the committed curve (the last validation at or before that iteration)."""
+    runs = []
+    for run, iterations, command in ANATOMY[preset.name]["runs"]:
+        lines = [json.loads(line) for line in (TRAINING / f"{run}.log.jsonl").read_text().splitlines() if line.strip()]
+        wall = max((r.get("wall_s", 0.0) for r in lines if r["iteration"] <= iterations), default=0.0)
+        runs.append({"run": run, "iterations": iterations, "wall_time_s": wall, "command": command})
+    return runs
+
+
+def ship_from_anatomy(preset, args) -> None:
+    """Export the anatomy runs' model and folds, score them held out and ship the model."""
+    recipe = ANATOMY[preset.name]
+    plan = PLANS[preset.name]
+    plan = {**plan, "real_test": plan["real_train"] + plan["real_test"], "real_train": []}
+    synthesise(preset, args.work, ((300, SYNTHETIC_TEST, "test"),))
+    model_path = export_anatomy(preset, recipe["export"], args.work / f"{preset.name}-anatomy.pt", args.data)
+    folds = [
+        export_anatomy(preset, fold, args.work / f"{preset.name}-anatomy-fold{k + 1}.pt", args.data)
+        for k, fold in enumerate(recipe["folds"])
+    ]
+    real_models = held_out_models(folds, [f"{d}/{c}" for d, c, _ in plan["real_test"]])
+    results = evaluate(model_path, preset, plan, args.work, args.data, args.device, real_models)
+
+    from PatientFineTuneLib.modelcard import read_model_metadata, training_data_entries, write_shipped_model
+
+    trained = read_model_metadata(model_path)["training"]
+    training_data = training_data_entries(
+        [
+            (
+                "synthseg_label_maps",
+                f"{len(trained['anatomy_synthesis']['label_maps'])} whole-head label maps under random contrast, "
+                "deformation, resolution and inserted lesions (anatomy synthesis)",
+                "Apache-2.0, SynthSeg (Billot et al. 2023)",
+            )
+        ]
+        + [(c.split("/")[0], c.split("/", 1)[1], LICENCES[c.split("/")[0]]) for c in trained["train_cases"]]
+    )
+    card = {
+        "training_data": training_data,
+        **results,
+        "notes": plan["notes"]
+        + [
+            "Trained on real anatomy: synthesised from the SynthSeg label maps and mixed with every real scan listed "
+            f"below. The real scans' held-out numbers come from leave-out folds of the same recipe ({recipe['recipe']}).",
+        ],
+        "training_runs": anatomy_runs(preset),
+        "min_lesion_voxels": preset.min_lesion_voxels,
+        "build_command": "python Resources/Models/build_models.py " + " ".join(sys.argv[1:]),
+    }
+    written = write_shipped_model(model_path, card, SHIPPED / f"{preset.name}.pt", SHIPPED / f"{preset.name}.md")
+    print(json.dumps({"written": [str(p) for p in written]}))
 
 
 def leave_one_out_row(work: Path, preset, evaluation: list[dict]) -> dict | None:
@@ -451,15 +640,28 @@ def main() -> None:
         help="one fold of leave-one-out over CASE's dataset: the plan's other "
         "cases of that dataset train, CASE is held out; writes WORK/<preset>-without-CASE.pt and .json, ships nothing",
     )
+    parser.add_argument(
+        "--from-anatomy",
+        action="store_true",
+        help="ship the model of the committed anatomy-synthesis runs (ANATOMY), each real scan scored by the "
+        "leave-out fold that never trained on it; nothing trains",
+    )
     args = parser.parse_args()
 
     from PatientFineTuneLib.presets import get_preset
 
     preset = get_preset(args.preset)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.from_anatomy:
+        if preset.name not in ANATOMY:
+            parser.error(
+                f"--from-anatomy: no anatomy-synthesis runs for {preset.name} (those are {', '.join(ANATOMY)})"
+            )
+        ship_from_anatomy(preset, args)
+        return
     plan = PLANS[preset.name]
     if args.leave_out:
         plan = leave_out(plan, args.leave_out)
-    args.work.mkdir(parents=True, exist_ok=True)
     manifest, val = prepare_data(preset, plan, args.work, args.data)
     model_path = (
         args.work / f"{model_stem(preset, plan)}.pt" if args.evaluate_only else train(preset, plan, args, manifest, val)

@@ -117,3 +117,27 @@ def test_longitudinal_rows_are_described_by_the_card_not_the_library(trained_fil
     plain = render_card({**metadata, "card": {**_card([0.7]), "longitudinal": [row]}})
     assert "Longitudinal studies. Their reference marks only lesion *change*" in plain
     assert "Longitudinal" not in render_card({**metadata, "card": _card([0.7])})
+
+
+def test_a_card_of_the_anatomy_runs_lists_every_run_with_its_time_and_the_optional_sequence(trained_file):
+    """A model shipped from several training runs (``build_models.py --from-anatomy``)
+    says each run's command and wall time, the total, and which sequence it reads without."""
+    metadata = load_model(trained_file).metadata
+    metadata = {
+        **metadata,
+        "sequences": [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1, "optional": True}],
+        "card": {
+            **_card([0.7]),
+            "training_runs": [
+                {"run": "a", "iterations": 6000, "wall_time_s": 5400.0, "command": "python train_anatomy.py --first"},
+                {"run": "b", "iterations": 1000, "wall_time_s": 1800.0, "command": "python train_anatomy.py --second"},
+            ],
+        },
+    }
+    text = render_card(metadata)
+    assert "  1. `python train_anatomy.py --first`: 6,000 iterations, 90 min" in text
+    assert "  2. `python train_anatomy.py --second`: 1,000 iterations, 30 min" in text
+    assert "7,000 iterations of batch" in text and "over 2 runs, 2.0 h" in text
+    assert "2. T1 (1 channel; optional: trained to read scans without it)" in text
+    assert "Export of the last run: `patient-finetune train-base --preset brain-wmh`" in text
+    assert "validation Dice" not in text  # no single synthetic validation case stands for these runs

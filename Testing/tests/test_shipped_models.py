@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from PatientFineTuneLib.inference import segment_case
 from PatientFineTuneLib.metrics import lesion_detection
@@ -48,7 +49,11 @@ def test_metadata_matches_the_preset_and_the_network(shipped):
     assert meta["receptive_field_px"] == bundle.model.receptive_field() == 123
     assert tuple(meta["training_spacing_mm"]) == preset.training_spacing_mm
     assert path.stat().st_size < 10 * 2**20
-    assert meta["training"]["command"].startswith("patient-finetune train-base")
+    if meta["card"].get("training_runs"):  # shipped from the anatomy-synthesis runs: the export's command
+        assert meta["training"]["command"].startswith("python Resources/Models/train_anatomy.py")
+        assert "--export" in meta["training"]["command"]
+    else:
+        assert meta["training"]["command"].startswith("patient-finetune train-base")
 
 
 def test_card_has_held_out_results_and_matches_the_file(shipped):
@@ -224,3 +229,55 @@ def test_the_cards_leave_one_out_row_scores_each_case_by_the_fold_that_held_it_o
     assert row["cases"] == 3 and row["set"] == "ljubljana_ms_cross, leave-one-out"
     assert [r["case"] for r in row["per_case"]] == [f"ljubljana_ms_cross/patient{n}" for n in ("07", "19", "26")]
     assert abs(row["metrics"]["dice"]["mean"] - 0.4) < 1e-9
+
+
+def test_each_real_scan_of_an_anatomy_model_is_scored_by_the_fold_that_never_trained_on_it(tmp_path):
+    """``build_models.py --from-anatomy``: every real case gets the fold model whose
+    recorded training scans leave it out (a tumour-pair visit named ``01/Pre`` in the plan,
+    ``01_Pre`` in the fold's metadata), and a case every fold trained on is refused."""
+    from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
+
+    from conftest import tiny_model
+
+    build_models = _build_models_script()
+    scans = [
+        "brats2015_subset/brats_2013_pat0001_1",
+        "brain_tumor_progression/01_Pre",
+        "brain_tumor_progression/01_Post",
+    ]
+    folds = []
+    for k in range(len(scans)):
+        net = tiny_model(in_channels=(1,))
+        path = tmp_path / f"fold{k}.pt"
+        meta = make_metadata(
+            net, [{"name": "T1c", "channels": 1}], (0.958, 0.958), training={"train_cases": scans[:k] + scans[k + 1 :]}
+        )
+        save_model(ModelBundle(net, meta), path)
+        folds.append(path)
+    chosen = build_models.held_out_models(
+        folds,
+        ["brats2015_subset/brats_2013_pat0001_1", "brain_tumor_progression/01/Pre", "brain_tumor_progression/01/Post"],
+    )
+    assert list(chosen.values()) == folds
+    with pytest.raises(SystemExit, match="every fold trained on brats2015_subset/brats_2013_pat0001_1"):
+        build_models.held_out_models(folds[1:], ["brats2015_subset/brats_2013_pat0001_1"])
+
+
+def test_the_anatomy_recipe_names_committed_checkpoints_and_curves_at_its_iterations():
+    """The runs ``--from-anatomy`` ships from are in the repository, so the model can be
+    rebuilt on any machine: each run's curve, and the last run's and every fold's checkpoint
+    at the iterations the recipe says; the card's runs carry their wall time."""
+    build_models = _build_models_script()
+    for name, recipe in build_models.ANATOMY.items():
+        runs = build_models.anatomy_runs(PRESETS[name])
+        assert [r["run"] for r in runs] == [run for run, _, _ in recipe["runs"]]
+        assert all(
+            r["wall_time_s"] > 0 and r["command"].startswith("python Resources/Models/train_anatomy.py") for r in runs
+        )
+        last, iterations, _ = recipe["runs"][-1]
+        payload = torch.load(build_models.TRAINING / f"{last}.checkpoint.pt", map_location="cpu", weights_only=True)
+        assert payload["iteration"] == iterations
+        for fold in recipe["folds"]:
+            hold_out = fold[fold.index("--hold-out") + 1].replace(",", "+")
+            rate = f"-lr{float(fold[fold.index('--learning-rate') + 1]):g}" if "--learning-rate" in fold else ""
+            assert (build_models.TRAINING / f"{name}-anatomy-loo-{hold_out}{rate}.checkpoint.pt").is_file()
