@@ -158,7 +158,7 @@ ANATOMY = {
         "export": ["--all-real", "--learning-rate", "1e-5", "--iterations", "1000"],
         "folds": [["--hold-out", p, "--learning-rate", "1e-5"] for p in ("patient07", "patient19", "patient26")],
         "recipe": "each fold: the synthesis run's checkpoint at 5,100, 2,100-2,500 iterations at 1e-4 with the other "
-        "two scans, then 1,000 at 1e-5 (docs/base-training.md)",
+        "two scans, then 1,000 at 1e-5; docs/base-training.md",
     },
     "brain-tumor": {
         "runs": [
@@ -319,20 +319,26 @@ def _segment(bundle, case, preset, device):
     return segment_case(bundle, case, opening=preset.opening, device=device).mask
 
 
-def evaluate_cases(bundle, preset, cases, device) -> list[dict]:
-    from PatientFineTuneLib.images import load_case, prepare_case
+def evaluate_cases(bundle, preset, cases, device, first_only: bool = False) -> list[dict]:
+    """Segment and score ``cases`` (name, ``load_case`` arguments); ``first_only`` reads
+    the first sequence alone, the later ones absent as sequence dropout trained the model."""
+    from PatientFineTuneLib.images import load_case, prepare_case, with_absent_sequences
     from PatientFineTuneLib.metrics import evaluate_case
 
+    channels = [c for _, c in preset.sequences]
     results = []
     for name, kwargs in cases:
+        if first_only:
+            kwargs = {**kwargs, "sequence_paths": kwargs["sequence_paths"][:1]}
         case = prepare_case(
             load_case(
                 **kwargs,
-                expected_channels=[c for _, c in preset.sequences],
+                expected_channels=channels[:1] if first_only else channels,
                 auto_organ=preset.auto_organ_mask,
                 name=name,
             )
         )
+        case = with_absent_sequences(case, sum(channels))
         mask = _segment(bundle, case, preset, device)
         gt = case.lesions
         metrics = evaluate_case(
@@ -461,18 +467,23 @@ def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, devic
                     },
                 )
             )
-        for dataset, cases in by_dataset.items():
+
+        def score(cases, first_only=False):
             if real_models is None:
-                results = evaluate_cases(bundle, preset, cases, device)
-            else:  # each case by the fold that held it out, in the plan's order
-                scored = {
-                    r["case"]: r
-                    for fold in {real_models[name] for name, _ in cases}
-                    for r in evaluate_cases(
-                        load_model(fold), preset, [c for c in cases if real_models[c[0]] == fold], device
-                    )
-                }
-                results = [scored[name] for name, _ in cases]
+                return evaluate_cases(bundle, preset, cases, device, first_only)
+            scored = {  # each case by the fold that held it out, in the plan's order
+                r["case"]: r
+                for fold in sorted({real_models[name] for name, _ in cases})
+                for r in evaluate_cases(
+                    load_model(fold), preset, [c for c in cases if real_models[c[0]] == fold], device, first_only
+                )
+            }
+            return [scored[name] for name, _ in cases]
+
+        # a model trained to do without its later sequences is scored without them too
+        first_alone = len(names) > 1 and all(s.get("optional") for s in bundle.metadata["sequences"][1:])
+        for dataset, cases in by_dataset.items():
+            results = score(cases)
             note = (
                 ""
                 if dataset != "brain_tumor_progression"
@@ -488,6 +499,12 @@ def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, devic
                     if n
                 )
             evaluation.append(summary_row(f"{dataset} (held out)", results, note) | {"licence": LICENCES[dataset]})
+            if first_alone:
+                print(f"  the same, {names[0]} alone:")
+                evaluation.append(
+                    summary_row(f"{dataset}, {names[0]} alone (held out)", score(cases, first_only=True), note)
+                    | {"licence": LICENCES[dataset]}
+                )
     longitudinal = []
     if plan["longitudinal"]:
         print("longitudinal MS studies (lesion-change masks):")
@@ -506,7 +523,8 @@ def evaluate(model_path: Path, preset, plan: dict, work: Path, data: Path, devic
 def export_anatomy(preset, run_args: list[str], out: Path, data: Path) -> Path:
     """Write the model of a committed ``train_anatomy.py`` checkpoint to ``out``."""
     subprocess.run(
-        [sys.executable, str(HERE / "train_anatomy.py"), "--preset", preset.name, "--data", str(data), *run_args]
+        [sys.executable, str(HERE / "train_anatomy.py"), "--preset", preset.name, *run_args]
+        + ([] if data == DEFAULT_DATA else ["--data", str(data)])
         + ["--export", "--out", str(out)],
         check=True,
     )
@@ -577,7 +595,7 @@ def ship_from_anatomy(preset, args) -> None:
         "notes": plan["notes"]
         + [
             "Trained on real anatomy: synthesised from the SynthSeg label maps and mixed with every real scan listed "
-            f"below. The real scans' held-out numbers come from leave-out folds of the same recipe ({recipe['recipe']}).",
+            f"below. The real scans' held-out numbers come from leave-out folds of the same recipe: {recipe['recipe']}.",
         ],
         "training_runs": anatomy_runs(preset),
         "min_lesion_voxels": preset.min_lesion_voxels,

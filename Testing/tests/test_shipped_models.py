@@ -166,6 +166,10 @@ def test_the_build_scripts_evaluation_scores_a_case_in_stored_order(tmp_path):
     # the shipped model finds the lesions of its own preset's patient: a score taken with
     # prediction and truth in different voxel orders would be near 0
     assert row["case"] == "small" and row["dice"] > 0.5 and row["lesion_recall"] > 0.5
+    # its T1 is optional (sequence dropout), and the card scores it on the FLAIR alone too
+    assert bundle.metadata["sequences"][1].get("optional")
+    (alone,) = build_models.evaluate_cases(bundle, preset, [("small", files)], "cpu", first_only=True)
+    assert alone["dice"] > 0.25 and alone["dice"] != row["dice"]  # the synthetic patients are cartoon-like: 0.39
 
 
 def test_leave_one_out_folds_hold_out_each_real_case_of_its_dataset_once():
