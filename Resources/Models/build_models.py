@@ -126,7 +126,8 @@ PLANS = {
 }
 SYNTHETIC_TEST = 5
 
-#: The anatomy-synthesis runs behind a shipped model (``--from-anatomy``), in order: the
+#: The anatomy-synthesis runs a preset's model ships from (``--from-anatomy``; brain-wmh
+#: since 2026-12-07, brain-tumor once its recipe beats the shipped model), in order: the
 #: run's files in ``training/`` (``<run>.checkpoint.pt``, ``<run>.log.jsonl``), the
 #: iteration it ended at for the next run, and its command. ``export`` names the last run
 #: to ``train_anatomy.py --export``; ``folds`` name the leave-out folds of the same recipe

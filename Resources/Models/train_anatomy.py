@@ -82,6 +82,23 @@ def split_hold_out(cases: list, hold_out: str) -> tuple[list, list]:
     return [c for c in cases if all(c is not h for h in held)], held
 
 
+#: The width the committed runs have; a run of another width is named after it.
+DEFAULT_WIDTH = 32
+
+
+def run_name(preset: str, width: int, hold_out: str | None, all_real: bool, learning_rate: float | None) -> str:
+    """The name of a run's files in ``training/`` (``<name>.checkpoint.pt``,
+    ``<name>.log.jsonl``): what makes its weights differ from another run's, so that a run
+    resumes only its own checkpoint (a width-16 run never loads a width-32 one)."""
+    return (
+        f"{preset}-anatomy"
+        + (f"-w{width}" if width != DEFAULT_WIDTH else "")
+        + (f"-loo-{hold_out.replace(',', '+')}" if hold_out else "")
+        + ("-all-real" if all_real else "")
+        + (f"-lr{learning_rate:g}" if learning_rate is not None else "")
+    )
+
+
 def anatomy_model_metadata(model, preset, config, synthetic, iterations: int, **training) -> dict:
     """The metadata of a model trained on anatomy synthesis (and real scans): the sequences
     after the first are optional when sequence dropout trained it to do without them; the
@@ -113,7 +130,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--iterations", type=int, default=20_000, help="total iterations of the run (a resumed run continues to this)"
     )
-    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--width", type=int, default=DEFAULT_WIDTH)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="amp", choices=["fp32", "amp"])
     parser.add_argument(
@@ -180,12 +197,7 @@ def main(argv=None) -> None:
     preset = get_preset(args.preset)
     folder = args.folder
     folder.mkdir(parents=True, exist_ok=True)
-    run = (
-        f"{preset.name}-anatomy"
-        + (f"-loo-{args.hold_out.replace(',', '+')}" if args.hold_out else "")
-        + ("-all-real" if args.all_real else "")
-        + (f"-lr{args.learning_rate:g}" if args.learning_rate is not None else "")
-    )
+    run = run_name(preset.name, args.width, args.hold_out, args.all_real, args.learning_rate)
     checkpoint = folder / f"{run}.checkpoint.pt"
     curve = folder / f"{run}.log.jsonl"
     out = args.out or folder / f"{run}.pt"

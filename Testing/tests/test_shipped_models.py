@@ -285,3 +285,22 @@ def test_the_anatomy_recipe_names_committed_checkpoints_and_curves_at_its_iterat
             hold_out = fold[fold.index("--hold-out") + 1].replace(",", "+")
             rate = f"-lr{float(fold[fold.index('--learning-rate') + 1]):g}" if "--learning-rate" in fold else ""
             assert (build_models.TRAINING / f"{name}-anatomy-loo-{hold_out}{rate}.checkpoint.pt").is_file()
+
+
+def test_an_anatomy_run_of_another_width_has_files_of_its_own():
+    """A width-16 run of the anatomy recipe must not resume (or overwrite) the committed
+    width-32 run's checkpoint: the width is in the name of every other width's files, and
+    the committed runs keep theirs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_anatomy", BUILD_MODELS.with_name("train_anatomy.py"))
+    train_anatomy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_anatomy)
+    assert train_anatomy.run_name("brain-wmh", 32, None, True, 1e-5) == "brain-wmh-anatomy-all-real-lr1e-05"
+    assert train_anatomy.run_name("brain-wmh", 16, None, True, 1e-5) == "brain-wmh-anatomy-w16-all-real-lr1e-05"
+    assert train_anatomy.run_name("brain-tumor", 16, "brats_2013_pat0001_1,01", False, None) == (
+        "brain-tumor-anatomy-w16-loo-brats_2013_pat0001_1+01"
+    )
+    build_models = _build_models_script()
+    for recipe in build_models.ANATOMY.values():
+        assert all((build_models.TRAINING / f"{run}.checkpoint.pt").is_file() for run, _, _ in recipe["runs"])
