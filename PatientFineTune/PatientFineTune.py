@@ -299,8 +299,10 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         busy = self._job is not None
         sequences = self.logic.sequenceNames()
         ready = p is not None and bool(sequences)
-        baseline = ready and all(getattr(p, f"baselineVolume{i + 1}") for i in range(len(sequences)))
-        followup = ready and all(getattr(p, f"followupVolume{i + 1}") for i in range(len(sequences)))
+        # a model's trailing optional sequences (a T1 it can do without) may stay empty
+        required = self.logic.requiredSequenceCount()
+        baseline = ready and all(getattr(p, f"baselineVolume{i + 1}") for i in range(required))
+        followup = ready and all(getattr(p, f"followupVolume{i + 1}") for i in range(required))
         for button, enabled in (
             (self.ui.analyseButton, baseline),
             (self.ui.editSegmentButton, ready and p.baselineSegmentation is not None),
@@ -328,11 +330,13 @@ class PatientFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except (OSError, ValueError) as exc:  # shown in the panel: this runs whenever the panel opens
             self.ui.modelInfoLabel.text = _("Cannot use this model: {error}").format(error=exc)
         sequences = self.logic.sequenceNames()
+        required = self.logic.requiredSequenceCount()
         for i in range(1, MAX_SEQUENCES + 1):
             used = i <= len(sequences)
             for visit in ("baseline", "followup"):
                 label = getattr(self.ui, f"{visit}Volume{i}Label")
-                label.text = f"{visit.capitalize()} {sequences[i - 1]}:" if used else ""
+                optional = _(" (optional)") if i > required else ""
+                label.text = f"{visit.capitalize()} {sequences[i - 1]}{optional}:" if used else ""
                 label.visible = used
                 getattr(self.ui, f"{visit}Volume{i}Selector").visible = used
         self.ui.patientModelLabel.text = self.logic.patientModelText()
@@ -689,6 +693,10 @@ class PatientFineTuneLogic(ScriptedLoadableModuleLogic):
 
     def sequenceNames(self) -> list:
         return self.session.sequence_names()
+
+    def requiredSequenceCount(self) -> int:
+        """How many of the sequences a visit must have (a FLAIR alone where T1 is optional)."""
+        return self.session.required_sequence_count()
 
     def patientModelText(self) -> str:
         if self.models.patient_model is None:

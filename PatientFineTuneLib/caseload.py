@@ -18,6 +18,7 @@ from typing import Callable
 
 from .cases import CaseFiles, find_cases, find_image
 from .images import Case, load_case, prepare_case, with_absent_sequences
+from .modelcard import describe_sequences, required_sequences
 
 
 @dataclass(frozen=True)
@@ -38,23 +39,6 @@ class LoadedCase:
 
     case: Case
     notes: tuple[str, ...] = ()
-
-
-def required_sequences(sequences: Sequence[dict]) -> int:
-    """How many of a model's sequences a scan must have: a model trained with sequence
-    dropout reads scans without its trailing optional sequences (a FLAIR-only follow-up to a
-    FLAIR + T1 model)."""
-    needed = len(sequences)
-    while needed > 1 and sequences[needed - 1].get("optional"):
-        needed -= 1
-    return needed
-
-
-def describe_sequences(sequences: Sequence[dict]) -> str:
-    """ "FLAIR, T1 (T1 optional)": the order a model reads its sequences in."""
-    names = [s["name"] for s in sequences]
-    optional = names[required_sequences(sequences) :]
-    return ", ".join(names) + (f" ({', '.join(optional)} optional)" if optional else "")
 
 
 def load_for_model(

@@ -378,6 +378,23 @@ def _postprocessing(preset, min_lesion_voxels: int) -> str:
     return ", ".join(steps + ([_smallest_lesion(min_lesion_voxels)] if min_lesion_voxels > 1 else []))
 
 
+def required_sequences(sequences: Sequence[dict]) -> int:
+    """How many of a model's sequences a scan must have: a model trained with sequence
+    dropout reads scans without its trailing optional sequences (a FLAIR-only follow-up to a
+    FLAIR + T1 model)."""
+    needed = len(sequences)
+    while needed > 1 and sequences[needed - 1].get("optional"):
+        needed -= 1
+    return needed
+
+
+def describe_sequences(sequences: Sequence[dict]) -> str:
+    """ "FLAIR, T1 (T1 optional)": the order a model reads its sequences in."""
+    names = [s["name"] for s in sequences]
+    optional = names[required_sequences(sequences) :]
+    return ", ".join(names) + (f" ({', '.join(optional)} optional)" if optional else "")
+
+
 def describe_base_model(metadata: dict, name: str) -> str:
     """One line for the model chooser: preset, sequences read and the card's first
     held-out Dice."""

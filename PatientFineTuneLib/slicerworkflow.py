@@ -200,15 +200,17 @@ def write_job_inputs(
     sequence_names: Sequence[str],
     organ: MaskSource | None = None,
     lesions: MaskSource | None = None,
+    required: int | None = None,
 ) -> dict:
-    """Write what a job reads (main thread): one NIfTI per sequence, in the model's order,
+    """Write what a job reads (main thread): one NIfTI per sequence given, in the model's
+    order (the trailing optional ones may be absent: ``required``, see :func:`check_volumes`),
     and the organ and lesion masks (a segment exported onto the first volume's grid, a
     labelmap as it is). The job resamples every other sequence and a labelmap onto the
     first volume's grid (``--resample-to``): sequences from separate series are rarely on
     one grid. Returns the command-line arguments (``arguments``: ``--images``, ``--organ``,
     ``--lesions``, ``--resample-to``), the sequences' files (``images``), the ``folder``
     and the ``notes`` to show the user (which volumes are resampled)."""
-    check_volumes(volume_nodes, sequence_names)
+    volume_nodes = check_volumes(volume_nodes, sequence_names, required=required)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     images = []
@@ -230,13 +232,26 @@ def write_job_inputs(
     return {"arguments": input_arguments(images, **masks), "images": images, "folder": folder, "notes": notes}
 
 
-def check_volumes(volume_nodes: Sequence, sequence_names: Sequence[str], other_visit: Sequence = ()) -> None:
-    """Refuse a missing volume, one volume selected for two sequences, and a volume of the
-    other visit (``other_visit``: e.g. the baseline volumes when segmenting the follow-up)."""
-    if len(volume_nodes) != len(sequence_names) or any(n is None for n in volume_nodes):
+def check_volumes(
+    volume_nodes: Sequence, sequence_names: Sequence[str], other_visit: Sequence = (), required: int | None = None
+) -> list:
+    """The volumes given, in the model's order: refuse a missing volume, one volume
+    selected for two sequences, and a volume of the other visit (``other_visit``: e.g. the
+    baseline volumes when segmenting the follow-up). Only the first ``required`` sequences
+    must be given (all by default): a model trained to read scans without its trailing
+    optional sequences (``modelcard.required_sequences``) takes a FLAIR-only visit."""
+    required = len(sequence_names) if required is None else required
+    given = list(volume_nodes) + [None] * (len(sequence_names) - len(volume_nodes))
+    count = next((i for i, node in enumerate(given) if node is None), len(given))
+    if len(given) != len(sequence_names) or count < required or any(n is not None for n in given[count:]):
+        optional = list(sequence_names[required:])
         raise ValueError(
             f"the model reads {len(sequence_names)} sequence(s) ({', '.join(sequence_names)}); select a volume for each"
+            if not optional
+            else f"the model reads {', '.join(sequence_names)} ({', '.join(optional)} optional); select a volume for "
+            f"{', '.join(sequence_names[:required])}, and for {', '.join(optional)} only after it"
         )
+    volume_nodes = given[:count]
     seen = {}
     for name, node in zip(sequence_names, volume_nodes):
         if node.GetID() in seen:
@@ -248,6 +263,7 @@ def check_volumes(volume_nodes: Sequence, sequence_names: Sequence[str], other_v
     for name, node in zip(sequence_names, volume_nodes):
         if node.GetID() in earlier:
             raise ValueError(f"{node.GetName()} ({name}) is a volume of the other visit; select this visit's scan")
+    return volume_nodes
 
 
 def _write_nifti(image: sitk.Image, path: Path) -> None:
@@ -406,6 +422,13 @@ class PatientSession:
     def sequence_names(self) -> list[str]:
         return [s["name"] for s in self.base_metadata["sequences"]] if self.base_metadata else []
 
+    def required_sequence_count(self) -> int:
+        """How many of the base model's sequences a visit must have (a FLAIR alone where the
+        model's T1 is optional)."""
+        from .modelcard import required_sequences
+
+        return required_sequences(self.base_metadata["sequences"]) if self.base_metadata else 0
+
     # -- the three steps as jobs -------------------------------------------------------------
 
     def _start(
@@ -420,10 +443,11 @@ class PatientSession:
     ) -> RunningStep:
         """Write the inputs into a new step folder and start ``make_job(inputs, folder)``;
         the folder is removed if either fails."""
-        check_volumes(volume_nodes, self.sequence_names(), other_visit)
+        required = self.required_sequence_count()
+        volume_nodes = check_volumes(volume_nodes, self.sequence_names(), other_visit, required)
         folder = Path(tempfile.mkdtemp(prefix=f"PatientFineTune-{kind}-"))
         try:
-            inputs = write_job_inputs(folder / "inputs", volume_nodes, self.sequence_names(), organ, lesions)
+            inputs = write_job_inputs(folder / "inputs", volume_nodes, self.sequence_names(), organ, lesions, required)
             job = make_job(inputs, folder).start()
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)

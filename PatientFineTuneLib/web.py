@@ -148,15 +148,17 @@ class PatientFineTuneWeb:
     # -- state and layout ----------------------------------------------------------------
 
     def _set_initial_state(self):
-        names = [s["name"] for s in self.sequences]
+        from .modelcard import describe_sequences
+
+        names = describe_sequences(self.sequences)  # "FLAIR, T1 (T1 optional)"
         self.state.update(
             {
                 "trame__title": "PatientFineTune",
                 "trame__favicon": None,  # the stock favicon points at an outside host
-                "model_info": f"{self.session.base_metadata.get('preset') or 'model'}: reads {', '.join(names)}",
+                "model_info": f"{self.session.base_metadata.get('preset') or 'model'}: reads {names}",
                 "baseline_paths": "",
                 "followup_paths": "",
-                "sequence_names": ", ".join(names),
+                "sequence_names": names,
                 "status": "Load the sample patient or a study.",
                 "error": "",
                 "loaded": False,
@@ -428,14 +430,17 @@ class PatientFineTuneWeb:
     def load_study(self, baseline: Sequence, followup: Sequence, name: str = ""):
         """Read both visits into the scene (a new scene each time)."""
         from .images import read_image
+        from .modelcard import required_sequences
         from .mrml import image_to_volume
 
         self.state.error = ""
-        n = len(self.sequences)
+        n, required = len(self.sequences), required_sequences(self.sequences)
         try:
-            if len(baseline) != n or len(followup) != n:
+            # a model's trailing optional sequences may be left out (a FLAIR-only visit)
+            if not (required <= len(baseline) <= n and required <= len(followup) <= n):
+                count = f"{n}" if required == n else f"{required} to {n}"
                 raise ValueError(
-                    f"the model reads {n} sequence(s) ({self.state.sequence_names}); give that many files for each visit, in that order"
+                    f"the model reads {n} sequence(s) ({self.state.sequence_names}); give {count} file(s) for each visit, in that order"
                 )
             images = {
                 visit: [read_image(p) for p in paths]

@@ -64,8 +64,11 @@ def test_bad_selections_are_refused_before_a_job_starts(scene, small_pair_dir, t
     session = PatientSession(scene)
     session.choose_base_model("brain-wmh")
     nodes, organ = _nodes(scene, small_pair_dir / "baseline")
-    with pytest.raises(ValueError, match="select a volume for each"):
-        session.start_analyse(nodes[:1], organ, device="cpu")
+    # the shipped model's T1 is optional: the FLAIR is not, nor a T1 without it
+    with pytest.raises(ValueError, match=r"\(T1 optional\); select a volume for FLAIR, and for T1 only after it"):
+        session.start_analyse([None, nodes[1]], organ, device="cpu")
+    with pytest.raises(ValueError, match="select a volume for FLAIR"):
+        session.start_analyse([], organ, device="cpu")
     with pytest.raises(ValueError, match="select one volume per sequence"):
         session.start_analyse([nodes[0], nodes[0]], organ, device="cpu")
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
@@ -75,6 +78,35 @@ def test_bad_selections_are_refused_before_a_job_starts(scene, small_pair_dir, t
         session.start_finetune(nodes, organ, MaskSource(empty), "suggested", device="cpu")
     assert not list(tmp_path.glob("PatientFineTune-*-*/inputs"))  # no step folder is left behind
     session.close()
+
+
+def test_a_flair_only_visit_runs_where_the_models_t1_is_optional(scene, small_pair_dir, tmp_path, bundle):  # noqa: F811
+    """The commonest MS follow-up is a FLAIR alone. With the shipped brain-wmh model (T1
+    optional) the Slicer module takes a visit whose T1 selector is empty: the job reads
+    the FLAIR alone and segments it on the FLAIR's grid. A model that needs T1 refuses the
+    same selection before any job starts."""
+    nodes, organ = _nodes(scene, small_pair_dir / "baseline")
+    session = PatientSession(scene)
+    session.choose_base_model("brain-wmh")
+    assert session.required_sequence_count() == 1
+    inputs = write_job_inputs(tmp_path / "in", [nodes[0], None], ["FLAIR", "T1"], organ, required=1)
+    assert [p.rsplit("/", 1)[1] for p in inputs["images"]] == ["FLAIR.nii.gz"]
+    analysis = session.run_step(session.start_analyse([nodes[0], None], organ, k=2, device="cpu"))
+    segment = mrml.segment_to_array(analysis.segmentation_node, analysis.segment_id, nodes[0])
+    assert segment.shape == sitk.GetArrayFromImage(mrml.volume_to_image(nodes[0])).shape and segment.any()
+    assert len(analysis.suggestions) == 2
+    session.close()
+
+    needs_t1 = tmp_path / "needs-t1.pt"
+    from PatientFineTuneLib.modelfile import save_model
+
+    save_model(bundle, needs_t1)
+    strict = PatientSession(scene)
+    strict.choose_base_model(str(needs_t1))
+    assert strict.required_sequence_count() == 2
+    with pytest.raises(ValueError, match=r"reads 2 sequence\(s\) \(FLAIR, T1\); select a volume for each"):
+        strict.start_analyse([nodes[0], None], organ, device="cpu")
+    strict.close()
 
 
 # ---------------------------------------------------------------------------------------

@@ -288,13 +288,18 @@ def test_loading_a_study_checks_the_files_and_fills_both_views(small_pair_dir, t
     from PatientFineTuneLib.web import BASELINE_VIEW, FOLLOWUP_VIEW, PatientFineTuneWeb
 
     app = PatientFineTuneWeb(server=f"load-{time.monotonic_ns()}", work_dir=tmp_path, device="cpu")
-    app.load_study([small_pair_dir / "baseline" / "FLAIR.nii.gz"], [small_pair_dir / "followup" / "FLAIR.nii.gz"])
-    assert "2 sequence(s) (FLAIR, T1)" in app.state.error and not app.state.loaded
+    flair, t1 = (small_pair_dir / "baseline" / f"{s}.nii.gz" for s in ("FLAIR", "T1"))
+    app.load_study([flair, t1, t1], [flair, t1])
+    assert "give 1 to 2 file(s) for each visit" in app.state.error and not app.state.loaded
     app.load_study(
         [small_pair_dir / "baseline" / "FLAIR.nii.gz", tmp_path / "missing.nii.gz"],
         [small_pair_dir / "followup" / s for s in ("FLAIR.nii.gz", "T1.nii.gz")],
     )
     assert "missing.nii.gz" in app.state.error and not app.state.loaded
+    # the shipped brain-wmh model's T1 is optional: a FLAIR-only study loads
+    assert "FLAIR, T1 (T1 optional)" in app.state.model_info
+    app.load_study([small_pair_dir / "baseline" / "FLAIR.nii.gz"], [small_pair_dir / "followup" / "FLAIR.nii.gz"])
+    assert app.state.loaded and not app.state.error and [len(v) for v in app.volumes.values()] == [1, 1]
     app.load_study(
         *[[small_pair_dir / visit / f"{s}.nii.gz" for s in ("FLAIR", "T1")] for visit in ("baseline", "followup")]
     )
