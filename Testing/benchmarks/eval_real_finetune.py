@@ -166,11 +166,10 @@ class BaseModels:
     def for_cases(self, *cases: str):
         """The base model for a run on ``cases`` (folder names such as ``02_Post``), loaded,
         and whether it trained on one of them (only where every candidate did)."""
-        for path in self.files:
-            model = modelfile.load_model(path)
-            trained = {c.rsplit("/", 1)[-1] for c in model.metadata.get("training", {}).get("train_cases", [])}
-            if not trained & set(cases):
-                return model, False
+        for path in self.files:  # the metadata alone says which scans a file trained on
+            trained = modelcard.read_model_metadata(path).get("training", {}).get("train_cases", [])
+            if not {c.rsplit("/", 1)[-1] for c in trained} & set(cases):
+                return modelfile.load_model(path), False
         return modelfile.load_model(self.files[0]), True
 
 
