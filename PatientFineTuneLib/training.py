@@ -306,8 +306,26 @@ def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig) -> in
             "settings (only --iterations may change) or delete the checkpoint to start over"
         )
     model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    return int(payload["iteration"])
+    iteration = int(payload["iteration"])
+    if payload["optimizer"] is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    elif iteration < config.iterations:
+        raise ValueError(
+            f"checkpoint {path} is a finished run's ({iteration} iterations; its optimiser state was dropped), "
+            f"so it cannot go on exactly; start a new run from its model with --init-from {path}"
+        )
+    return iteration
+
+
+def finish_checkpoint(path: Path) -> None:
+    """Rewrite a finished run's checkpoint without its optimiser state (Adam's two moments
+    per weight: two thirds of the file), atomically. The model, its export and a new run's
+    ``--init-from`` need only the weights; the run itself can no longer go on exactly, and
+    resuming it past its iteration is refused."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a PatientFineTune training checkpoint")
+    write_torch_file({**payload, "optimizer": None}, Path(path), overwrite=True)
 
 
 def validation_scores(

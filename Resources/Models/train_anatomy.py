@@ -25,6 +25,11 @@ all of its visits (``03``: Brain-Tumor-Progression 03 Pre and Post). ``--all-rea
 on every real scan beside the synthesis (the candidate to ship, once the folds have judged
 the recipe); its validation numbers are then in-sample. ``--init-from`` starts such a run from another
 run's checkpoint (e.g. the synthesis-only run's), recorded in the model's metadata.
+
+``--finish``, given the run's command with ``--iterations`` where the run ended, drops the
+optimiser state from its finished checkpoint (a third of the size), so that the committed
+checkpoints leave room for a GPU call's pack; the model, ``--export`` and ``--init-from``
+need only the weights.
 """
 
 from __future__ import annotations
@@ -96,6 +101,28 @@ def run_name(preset: str, width: int, hold_out: str | None, all_real: bool, lear
         + (f"-loo-{hold_out.replace(',', '+')}" if hold_out else "")
         + ("-all-real" if all_real else "")
         + (f"-lr{learning_rate:g}" if learning_rate is not None else "")
+    )
+
+
+def finish_run(checkpoint: Path, iterations: int) -> None:
+    """Drop the optimiser state of a run's checkpoint, refused unless the run stands at
+    ``iterations`` (so a run still under way is never cut short by mistake)."""
+    import torch
+
+    from PatientFineTuneLib.training import finish_checkpoint
+
+    if not checkpoint.is_file():
+        raise SystemExit(f"--finish: no checkpoint {checkpoint}; give the run's own command (preset, width, fold)")
+    reached = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["iteration"])
+    if reached != iterations:
+        raise SystemExit(
+            f"--finish: {checkpoint.name} stands at {reached} iterations, not --iterations {iterations}; "
+            f"give --iterations {reached} to finish it where it stands"
+        )
+    before = checkpoint.stat().st_size
+    finish_checkpoint(checkpoint)
+    print(
+        f"finished {checkpoint.name} at {reached} iterations: {before / 1e6:.1f} -> {checkpoint.stat().st_size / 1e6:.1f} MB"
     )
 
 
@@ -177,6 +204,11 @@ def main(argv=None) -> None:
         action="store_true",
         help="only write the model of the latest checkpoint to --out (to evaluate a run in progress)",
     )
+    parser.add_argument(
+        "--finish",
+        action="store_true",
+        help="the run is done at --iterations: drop its checkpoint's optimiser state (two thirds of the file)",
+    )
     args = parser.parse_args(argv)
     if args.hold_out and args.all_real:
         parser.error("--all-real trains on every real scan; it cannot also hold some out (--hold-out)")
@@ -200,6 +232,9 @@ def main(argv=None) -> None:
     run = run_name(preset.name, args.width, args.hold_out, args.all_real, args.learning_rate)
     checkpoint = folder / f"{run}.checkpoint.pt"
     curve = folder / f"{run}.log.jsonl"
+    if args.finish:
+        finish_run(checkpoint, args.iterations)
+        return
     out = args.out or folder / f"{run}.pt"
     maps = sorted(args.maps.glob("*.nii*"))
     synthetic = AnatomyPatches(maps, settings_for_preset(preset), seed=args.seed, volume_every=args.volume_every)

@@ -4,6 +4,8 @@ draws from: deterministic, resumable, mixed with real patches as configured."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ from PatientFineTuneLib.synth.anatomy_patches import AnatomyPatches
 from PatientFineTuneLib.training import TrainingConfig, build_patch_pool, draw_batch, sample_batch, train_base_model
 
 from conftest import SHARED_DATA, tiny_model, write_volume
+
+GPU_TRAINING = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "gpu_training.py"
 
 #: LIA storage, as the SynthSeg label maps have: i -> left, j -> inferior, k -> anterior.
 LIA = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0)
@@ -193,6 +197,43 @@ def test_training_on_synthesis_alone_resumes_exactly(label_map, tmp_path):
         )
 
 
+def test_finishing_a_run_drops_its_optimiser_state_only_where_the_run_ended(label_map, tmp_path):
+    """``train_anatomy.py --finish`` shrinks the run's own checkpoint, and refuses one that
+    stands elsewhere than ``--iterations`` (a run still under way), leaving it untouched."""
+    model = tiny_model().train()
+    source = AnatomyPatches([label_map], SETTINGS, seed=1, volume_every=2, bank=2)
+    checkpoint = tmp_path / "brain-wmh-anatomy-w4.checkpoint.pt"
+    config = TrainingConfig(iterations=2, patch_size=32, seed=1)
+    train_base_model(
+        model,
+        [],
+        (1.5, 1.5),
+        config,
+        device="cpu",
+        checkpoint_path=checkpoint,
+        progress=False,
+        log=lambda m: None,
+        synthetic=source,
+    )
+    script = GPU_TRAINING.with_name("train_anatomy.py")
+
+    def finish(iterations: int) -> subprocess.CompletedProcess:
+        argv = ["--preset", "brain-wmh", "--width", "4", "--folder", str(tmp_path), "--iterations", str(iterations)]
+        return subprocess.run(
+            [sys.executable, str(script), *argv, "--finish"], capture_output=True, text=True, timeout=120
+        )
+
+    full = checkpoint.read_bytes()
+    refused = finish(3)
+    assert refused.returncode != 0 and "stands at 2 iterations, not --iterations 3" in refused.stderr
+    assert checkpoint.read_bytes() == full
+    done = finish(2)
+    assert done.returncode == 0, done.stderr
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert payload["optimizer"] is None and checkpoint.stat().st_size < len(full) / 2
+    assert all(torch.equal(payload["model"][k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.realdata
 def test_the_shared_label_maps_synthesise_brains_with_lesions():
     maps = sorted((SHARED_DATA / "synthseg_label_maps").glob("*.nii*"))
@@ -254,19 +295,23 @@ def test_batches_drawn_ahead_by_worker_processes_are_the_loops_own(label_map, sm
     assert all(torch.equal(alone[k], ahead[k]) for k in alone)
 
 
-def test_a_gpu_pack_trains_where_simpleitk_is_absent(label_map, small_pair_dir, tmp_path):
+def _gpu_training():
+    """Resources/Models/gpu_training.py as a module (a script, not part of the package)."""
     import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_training", GPU_TRAINING)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_gpu_pack_trains_where_simpleitk_is_absent(label_map, small_pair_dir, tmp_path):
     import json
-    import subprocess
-    import sys
 
     from PatientFineTuneLib.modelfile import load_model
     from PatientFineTuneLib.presets import get_preset
 
-    script = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "gpu_training.py"
-    spec = importlib.util.spec_from_file_location("gpu_training", script)
-    gpu_training = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_training)
+    gpu_training = _gpu_training()
     cases = _small_cases(small_pair_dir)
     arrays = gpu_training.pack_arrays(get_preset("brain-wmh"), [load_anatomy_map(label_map)], cases)
     with pytest.raises(SystemExit, match="over 0.01 MB"):
@@ -283,7 +328,7 @@ def test_a_gpu_pack_trains_where_simpleitk_is_absent(label_map, small_pair_dir, 
         "import runpy, sys\n"
         "sys.modules['SimpleITK'] = None  # as on the GPU machine: importing it fails\n"
         f"sys.argv = ['gpu_training.py', *{argv!r}]\n"
-        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        f"runpy.run_path({str(GPU_TRAINING)!r}, run_name='__main__')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300)
     model = load_model(out / f"brain-wmh-gpu-loo-{held}.pt")
@@ -293,3 +338,16 @@ def test_a_gpu_pack_trains_where_simpleitk_is_absent(label_map, small_pair_dir, 
     log = [json.loads(line) for line in (out / f"brain-wmh-gpu-loo-{held}.log.jsonl").read_text().splitlines()]
     assert log[0]["event"] == "start" and log[-1]["event"] == "end" and log[-1]["iterations"] == 3
     assert log[-1]["inference_2_slices_s"] > 0 and log[-1]["finetune_step_batch4_width16_s"] > 0
+
+
+def test_the_repository_leaves_room_for_a_gpu_runs_pack():
+    """A device call sends the tracked files and the carried pack within 64 MiB, so the
+    committed checkpoints must leave room for the larger pack and a margin: finished runs
+    keep their weights without Adam's moments (``train_anatomy.py --finish``)."""
+    gpu_training = _gpu_training()
+    try:
+        tracked = gpu_training.repository_mib()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: the tracked files cannot be listed")
+    room = gpu_training.DEVICE_CARRY_MIB - gpu_training.LARGEST_PACK_MIB - gpu_training.GROWTH_MARGIN_MIB
+    assert tracked <= room, f"the tracked files are {tracked:.1f} MiB; a device call leaves them {room:.1f} MiB"

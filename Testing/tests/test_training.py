@@ -349,3 +349,25 @@ def test_adam_steps_through_the_gradient_scaler_of_float16_training():
     scaler.step(optimiser)
     scaler.update()
     assert torch.equal(layer.weight, before) and scaler.get_scale() == 512.0
+
+
+def test_a_finished_checkpoint_keeps_its_model_at_a_third_of_the_size_and_refuses_to_go_on(cases, tmp_path):
+    """A run's checkpoint, once the run is done, drops Adam's moments (two tensors per
+    weight) so the committed checkpoints leave room for a GPU call's data: its model is
+    unchanged, a resume that has nothing left to do still works, and one that would go on
+    is refused with what to do instead (it could no longer continue exactly)."""
+    from PatientFineTuneLib.training import finish_checkpoint
+
+    trained, _ = _train(cases, 2, tmp_path)
+    ckpt = tmp_path / "ckpt.pt"
+    full = ckpt.stat().st_size
+    finish_checkpoint(ckpt)
+    assert ckpt.stat().st_size < 0.5 * full
+    payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert payload["iteration"] == 2 and payload["optimizer"] is None
+    assert all(torch.equal(payload["model"][k], v) for k, v in trained.state_dict().items())
+
+    again, history = _train(cases, 2, tmp_path, resume=True)
+    assert history == [] and all(torch.equal(again.state_dict()[k], v) for k, v in trained.state_dict().items())
+    with pytest.raises(ValueError, match="finished run.*--init-from"):
+        _train(cases, 4, tmp_path, resume=True)
