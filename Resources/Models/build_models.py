@@ -158,8 +158,8 @@ ANATOMY = {
         ],
         "export": ["--all-real", "--learning-rate", "1e-5", "--iterations", "1000"],
         "folds": [["--hold-out", p, "--learning-rate", "1e-5"] for p in ("patient07", "patient19", "patient26")],
-        "recipe": "each fold: the synthesis run's checkpoint at 5,100, 2,100-2,500 iterations at 1e-4 with the other "
-        "two scans, then 1,000 at 1e-5; docs/base-training.md",
+        "recipe": "each fold: the synthesis run's checkpoint at 5,100, 2,100-2,700 iterations at 1e-4 with the other "
+        "two scans (26: 2,100; 19: 2,400; 07: 2,700), then 1,000 at 1e-5; docs/base-training.md",
     },
     "brain-tumor": {
         "runs": [
