@@ -305,27 +305,51 @@ def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig) -> in
             f"checkpoint {path} was written with different settings; resume with the same "
             "settings (only --iterations may change) or delete the checkpoint to start over"
         )
-    model.load_state_dict(payload["model"])
     iteration = int(payload["iteration"])
+    if payload["optimizer"] is None and iteration < config.iterations:
+        raise ValueError(
+            f"checkpoint {path} is a finished run's ({iteration} iterations, its optimiser state dropped), so it "
+            "cannot go on exactly; train on in a new run started from its weights"
+        )
+    model.load_state_dict(payload["model"])
     if payload["optimizer"] is not None:
         optimizer.load_state_dict(payload["optimizer"])
-    elif iteration < config.iterations:
-        raise ValueError(
-            f"checkpoint {path} is a finished run's ({iteration} iterations; its optimiser state was dropped), "
-            f"so it cannot go on exactly; start a new run from its model with --init-from {path}"
-        )
     return iteration
 
 
-def finish_checkpoint(path: Path) -> None:
-    """Rewrite a finished run's checkpoint without its optimiser state (Adam's two moments
-    per weight: two thirds of the file), atomically. The model, its export and a new run's
-    ``--init-from`` need only the weights; the run itself can no longer go on exactly, and
-    resuming it past its iteration is refused."""
+def finish_checkpoint(path: Path, iteration: int | None = None) -> int:
+    """Rewrite a finished run's checkpoint without its optimiser state, atomically.
+
+    Adam's two moments per weight are two thirds of the file; the weights alone are what
+    a model export and a new run initialised from the checkpoint need. The run itself can
+    no longer go on exactly: resuming it past its iteration is refused.
+
+    Parameters
+    ----------
+    path : Path
+        The run's checkpoint (written by :func:`train_base_model`).
+    iteration : int, optional
+        Where the run ended; a checkpoint that stands elsewhere (a run still under way) is
+        refused and left as it is.
+
+    Returns
+    -------
+    int
+        The checkpoint's iteration.
+
+    Raises
+    ------
+    ValueError
+        When ``path`` is not a training checkpoint or stands at another iteration.
+    """
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a PatientFineTune training checkpoint")
+    reached = int(payload["iteration"])
+    if iteration is not None and reached != iteration:
+        raise ValueError(f"{Path(path).name} stands at {reached} iterations, not {iteration}")
     write_torch_file({**payload, "optimizer": None}, Path(path), overwrite=True)
+    return reached
 
 
 def validation_scores(

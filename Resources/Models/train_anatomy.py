@@ -27,7 +27,7 @@ the recipe); its validation numbers are then in-sample. ``--init-from`` starts s
 run's checkpoint (e.g. the synthesis-only run's), recorded in the model's metadata.
 
 ``--finish``, given the run's command with ``--iterations`` where the run ended, drops the
-optimiser state from its finished checkpoint (a third of the size), so that the committed
+optimiser state from its finished checkpoint (leaving a third of the size), so that the committed
 checkpoints leave room for a GPU call's pack; the model, ``--export`` and ``--init-from``
 need only the weights.
 """
@@ -107,23 +107,37 @@ def run_name(preset: str, width: int, hold_out: str | None, all_real: bool, lear
 def finish_run(checkpoint: Path, iterations: int) -> None:
     """Drop the optimiser state of a run's checkpoint, refused unless the run stands at
     ``iterations`` (so a run still under way is never cut short by mistake)."""
-    import torch
-
     from PatientFineTuneLib.training import finish_checkpoint
 
     if not checkpoint.is_file():
-        raise SystemExit(f"--finish: no checkpoint {checkpoint}; give the run's own command (preset, width, fold)")
-    reached = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["iteration"])
-    if reached != iterations:
         raise SystemExit(
-            f"--finish: {checkpoint.name} stands at {reached} iterations, not --iterations {iterations}; "
-            f"give --iterations {reached} to finish it where it stands"
+            f"--finish: no checkpoint {checkpoint}; give the run's own --preset, --width, --hold-out or --all-real, "
+            "and --learning-rate"
         )
     before = checkpoint.stat().st_size
-    finish_checkpoint(checkpoint)
+    try:
+        reached = finish_checkpoint(checkpoint, iterations)
+    except ValueError as error:
+        raise SystemExit(f"--finish: {error}; give --iterations where the run ended") from None
     print(
         f"finished {checkpoint.name} at {reached} iterations: {before / 1e6:.1f} -> {checkpoint.stat().st_size / 1e6:.1f} MB"
     )
+
+
+def refuse_a_finished_run(checkpoint: Path, iterations: int) -> None:
+    """Stop, before any data loads, a command that would go on with a finished run's
+    checkpoint (which has no optimiser state left to go on exactly)."""
+    import torch
+
+    if not checkpoint.is_file():
+        return
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    reached = int(payload["iteration"])
+    if payload.get("optimizer", {}) is None and reached < iterations:
+        raise SystemExit(
+            f"{checkpoint.name} is finished at {reached} iterations; to train on from it, start a run of another "
+            f"name (another --folder or --learning-rate) with --init-from {checkpoint}"
+        )
 
 
 def anatomy_model_metadata(model, preset, config, synthetic, iterations: int, **training) -> dict:
@@ -212,6 +226,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.hold_out and args.all_real:
         parser.error("--all-real trains on every real scan; it cannot also hold some out (--hold-out)")
+    if args.finish and (args.export or args.init_from):
+        parser.error("--finish only rewrites the run's checkpoint; give it without --export and --init-from")
 
     import torch
 
@@ -235,6 +251,8 @@ def main(argv=None) -> None:
     if args.finish:
         finish_run(checkpoint, args.iterations)
         return
+    if not args.export:
+        refuse_a_finished_run(checkpoint, args.iterations)
     out = args.out or folder / f"{run}.pt"
     maps = sorted(args.maps.glob("*.nii*"))
     synthetic = AnatomyPatches(maps, settings_for_preset(preset), seed=args.seed, volume_every=args.volume_every)

@@ -217,21 +217,26 @@ def test_finishing_a_run_drops_its_optimiser_state_only_where_the_run_ended(labe
     )
     script = GPU_TRAINING.with_name("train_anatomy.py")
 
-    def finish(iterations: int) -> subprocess.CompletedProcess:
+    def train_anatomy(iterations: int, *flags: str) -> subprocess.CompletedProcess:
         argv = ["--preset", "brain-wmh", "--width", "4", "--folder", str(tmp_path), "--iterations", str(iterations)]
-        return subprocess.run(
-            [sys.executable, str(script), *argv, "--finish"], capture_output=True, text=True, timeout=120
-        )
+        return subprocess.run([sys.executable, str(script), *argv, *flags], capture_output=True, text=True, timeout=120)
+
+    def finish(iterations: int) -> subprocess.CompletedProcess:
+        return train_anatomy(iterations, "--finish")
 
     full = checkpoint.read_bytes()
     refused = finish(3)
-    assert refused.returncode != 0 and "stands at 2 iterations, not --iterations 3" in refused.stderr
+    assert refused.returncode != 0 and "stands at 2 iterations, not 3; give --iterations where" in refused.stderr
     assert checkpoint.read_bytes() == full
     done = finish(2)
     assert done.returncode == 0, done.stderr
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert payload["optimizer"] is None and checkpoint.stat().st_size < len(full) / 2
     assert all(torch.equal(payload["model"][k], v) for k, v in model.state_dict().items())
+    # going on from it is refused at once, before the label maps and scans load
+    going_on = train_anatomy(4, "--maps", str(tmp_path / "no-maps"))
+    assert going_on.returncode != 0 and "is finished at 2 iterations" in going_on.stderr
+    assert len(going_on.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.realdata

@@ -351,7 +351,7 @@ def test_adam_steps_through_the_gradient_scaler_of_float16_training():
     assert torch.equal(layer.weight, before) and scaler.get_scale() == 512.0
 
 
-def test_a_finished_checkpoint_keeps_its_model_at_a_third_of_the_size_and_refuses_to_go_on(cases, tmp_path):
+def test_a_finished_checkpoint_keeps_its_model_in_under_half_the_size_and_refuses_to_go_on(cases, tmp_path):
     """A run's checkpoint, once the run is done, drops Adam's moments (two tensors per
     weight) so the committed checkpoints leave room for a GPU call's data: its model is
     unchanged, a resume that has nothing left to do still works, and one that would go on
@@ -369,5 +369,8 @@ def test_a_finished_checkpoint_keeps_its_model_at_a_third_of_the_size_and_refuse
 
     again, history = _train(cases, 2, tmp_path, resume=True)
     assert history == [] and all(torch.equal(again.state_dict()[k], v) for k, v in trained.state_dict().items())
-    with pytest.raises(ValueError, match="finished run.*--init-from"):
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["optimizer"] is None  # not saved again
+    with pytest.raises(ValueError, match="finished run.*new run started from its weights"):
         _train(cases, 4, tmp_path, resume=True)
+    with pytest.raises(ValueError, match="stands at 2 iterations, not 4"):
+        finish_checkpoint(ckpt, 4)
