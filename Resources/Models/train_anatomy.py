@@ -89,18 +89,30 @@ def split_hold_out(cases: list, hold_out: str) -> tuple[list, list]:
 
 #: The width the committed runs have; a run of another width is named after it.
 DEFAULT_WIDTH = 32
+#: The share of synthesised patches in a mixture with real scans (--hold-out, --all-real).
+DEFAULT_SYNTHETIC_FRACTION = 0.5
 
 
-def run_name(preset: str, width: int, hold_out: str | None, all_real: bool, learning_rate: float | None) -> str:
+def run_name(
+    preset: str,
+    width: int,
+    hold_out: str | None,
+    all_real: bool,
+    learning_rate: float | None,
+    synthetic_fraction: float = DEFAULT_SYNTHETIC_FRACTION,
+) -> str:
     """The name of a run's files in ``training/`` (``<name>.checkpoint.pt``,
     ``<name>.log.jsonl``): what makes its weights differ from another run's, so that a run
-    resumes only its own checkpoint (a width-16 run never loads a width-32 one)."""
+    resumes only its own checkpoint (a width-16 run never loads a width-32 one, a mixture
+    of another synthetic share never the default mixture's)."""
+    mixed = hold_out or all_real
     return (
         f"{preset}-anatomy"
         + (f"-w{width}" if width != DEFAULT_WIDTH else "")
         + (f"-loo-{hold_out.replace(',', '+')}" if hold_out else "")
         + ("-all-real" if all_real else "")
         + (f"-lr{learning_rate:g}" if learning_rate is not None else "")
+        + (f"-synthetic{synthetic_fraction:g}" if mixed and synthetic_fraction != DEFAULT_SYNTHETIC_FRACTION else "")
     )
 
 
@@ -205,7 +217,10 @@ def main(argv=None) -> None:
         "leave-out folds have judged the recipe (its validation numbers are in-sample; files <preset>-anatomy-all-real.*)",
     )
     parser.add_argument(
-        "--synthetic-fraction", type=float, default=0.5, help="with --hold-out: the share of synthesised patches"
+        "--synthetic-fraction",
+        type=float,
+        default=DEFAULT_SYNTHETIC_FRACTION,
+        help="with --hold-out or --all-real: the share of synthesised patches (another share names the run's files after it)",
     )
     parser.add_argument(
         "--init-from",
@@ -245,7 +260,7 @@ def main(argv=None) -> None:
     preset = get_preset(args.preset)
     folder = args.folder
     folder.mkdir(parents=True, exist_ok=True)
-    run = run_name(preset.name, args.width, args.hold_out, args.all_real, args.learning_rate)
+    run = run_name(preset.name, args.width, args.hold_out, args.all_real, args.learning_rate, args.synthetic_fraction)
     checkpoint = folder / f"{run}.checkpoint.pt"
     curve = folder / f"{run}.log.jsonl"
     if args.finish:

@@ -301,6 +301,13 @@ def test_an_anatomy_run_of_another_width_has_files_of_its_own():
     assert train_anatomy.run_name("brain-tumor", 16, "brats_2013_pat0001_1,01", False, None) == (
         "brain-tumor-anatomy-w16-loo-brats_2013_pat0001_1+01"
     )
+    # a mixture with another share of synthesised patches has its own files; the synthesis
+    # alone has no share to name
+    assert (
+        train_anatomy.run_name("brain-tumor", 32, "03", False, None, 0.25) == "brain-tumor-anatomy-loo-03-synthetic0.25"
+    )
+    assert train_anatomy.run_name("brain-tumor", 32, "03", False, None, 0.5) == "brain-tumor-anatomy-loo-03"
+    assert train_anatomy.run_name("brain-tumor", 32, None, False, None, 0.25) == "brain-tumor-anatomy"
     build_models = _build_models_script()
     for recipe in build_models.ANATOMY.values():
         assert all((build_models.TRAINING / f"{run}.checkpoint.pt").is_file() for run, _, _ in recipe["runs"])
