@@ -112,13 +112,14 @@ def pack(preset_name: str, maps_folder: Path, data: Path, out: Path) -> dict:
     cases = load_validation(preset, data)
     size_mb = write_pack(pack_arrays(preset, [load_anatomy_map(p) for p in map_paths], cases), out)
     summary = {"pack": str(out), "mb": round(size_mb, 1), "maps": len(map_paths), "cases": [c.name for c in cases]}
-    if out.stat().st_size / 2**20 > LARGEST_PACK_MIB:
+    pack_mib = size_mb * 1e6 / 2**20
+    if pack_mib > LARGEST_PACK_MIB:
         print(
-            f"warning: the pack is {out.stat().st_size / 2**20:.1f} MiB, larger than LARGEST_PACK_MIB "
+            f"warning: the pack is {pack_mib:.1f} MiB, larger than LARGEST_PACK_MIB "
             f"({LARGEST_PACK_MIB} MiB); raise it, so that the repository's size test keeps room for this pack",
             file=sys.stderr,
         )
-    travels = repository_mib() + out.stat().st_size / 2**20
+    travels = repository_mib() + pack_mib
     summary["travels_with_the_repository_mib"] = round(travels, 1)
     if travels > DEVICE_CARRY_MIB:
         print(
