@@ -175,7 +175,8 @@ def anatomy_model_metadata(model, preset, config, synthetic, iterations: int, **
     )
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked before torch loads (so a refusal is instant)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="brain-wmh", choices=sorted(VALIDATION))
     parser.add_argument("--maps", type=Path, default=DEFAULT_DATA / "synthseg_label_maps")
@@ -185,7 +186,13 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--width", type=int, default=DEFAULT_WIDTH)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", default="amp", choices=["fp32", "amp"])
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "amp"],
+        help="auto: bfloat16 mixed precision on a CPU with AMX tiles, float32 elsewhere (bfloat16 is emulated, "
+        "several times slower, on other CPUs); the resolved choice is part of the run's settings",
+    )
     parser.add_argument(
         "--learning-rate",
         type=float,
@@ -243,6 +250,30 @@ def main(argv=None) -> None:
         parser.error("--all-real trains on every real scan; it cannot also hold some out (--hold-out)")
     if args.finish and (args.export or args.init_from):
         parser.error("--finish only rewrites the run's checkpoint; give it without --export and --init-from")
+    return args
+
+
+def training_config(args: argparse.Namespace, n_channels: int, device):
+    """The run's :class:`~PatientFineTuneLib.training.TrainingConfig`, its precision
+    decided for ``device`` ("auto" stays out of the checkpoint: a run resumed on a machine
+    that would decide otherwise is refused as a run of other settings, since it could not
+    go on to the same result)."""
+    from PatientFineTuneLib.training import TrainingConfig
+    from PatientFineTuneLib.training_loop import resolved_precision
+
+    return TrainingConfig(
+        iterations=args.iterations,
+        seed=args.seed,
+        precision=resolved_precision(args.precision, device),
+        **({"learning_rate": args.learning_rate} if args.learning_rate is not None else {}),
+        synthetic_fraction=args.synthetic_fraction if args.hold_out or args.all_real else 0.0,
+        sequence_dropout=args.sequence_dropout,
+        droppable_channels=tuple(range(1, n_channels)),
+    )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     import torch
 
@@ -253,7 +284,7 @@ def main(argv=None) -> None:
     from PatientFineTuneLib.runtime import Cancelled, resolve_device
     from PatientFineTuneLib.synth.anatomy import SYNTHESIS_VERSION
     from PatientFineTuneLib.synth.anatomy_patches import AnatomyPatches, settings_for_preset
-    from PatientFineTuneLib.training import TrainingConfig, train_base_model, validation_scores
+    from PatientFineTuneLib.training import train_base_model, validation_scores
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -272,16 +303,8 @@ def main(argv=None) -> None:
     maps = sorted(args.maps.glob("*.nii*"))
     synthetic = AnatomyPatches(maps, settings_for_preset(preset), seed=args.seed, volume_every=args.volume_every)
     n_channels = sum(c for _, c in preset.sequences)
-    config = TrainingConfig(
-        iterations=args.iterations,
-        seed=args.seed,
-        precision=args.precision,
-        **({"learning_rate": args.learning_rate} if args.learning_rate is not None else {}),
-        synthetic_fraction=args.synthetic_fraction if args.hold_out or args.all_real else 0.0,
-        sequence_dropout=args.sequence_dropout,
-        droppable_channels=tuple(range(1, n_channels)),
-    )
     device = resolve_device(args.device)
+    config = training_config(args, n_channels, device)
     torch.manual_seed(args.seed)
     model = LesionNet([c for _, c in preset.sequences], width=args.width)
     if args.init_from and not checkpoint.exists():
