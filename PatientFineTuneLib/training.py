@@ -293,17 +293,25 @@ def _save_checkpoint(path: Path, model, optimizer, iteration: int, config: Train
     write_torch_file(payload, path, overwrite=True)
 
 
+def _setting_differences(stored: dict, now: dict) -> list[str]:
+    """The settings that differ, as "name: <stored> in the checkpoint, <now> now"."""
+    return [
+        f"{key}: {stored.get(key)!r} in the checkpoint, {now.get(key)!r} now"
+        for key in sorted(stored.keys() | now.keys())
+        if stored.get(key) != now.get(key)
+    ]
+
+
 def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig) -> int:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a PatientFineTune training checkpoint")
-    if (
-        json.loads(payload["config_json"]) != config.identity()
-        or json.loads(payload["architecture_json"]) != model.architecture()
-    ):
+    differences = _setting_differences(json.loads(payload["config_json"]), config.identity())
+    differences += _setting_differences(json.loads(payload["architecture_json"]), model.architecture())
+    if differences:
         raise ValueError(
-            f"checkpoint {path} was written with different settings; resume with the same "
-            "settings (only --iterations may change) or delete the checkpoint to start over"
+            f"checkpoint {path} was written with different settings ({'; '.join(differences)}); resume with the "
+            "same settings (only --iterations may change) or delete the checkpoint to start over"
         )
     iteration = int(payload["iteration"])
     if payload["optimizer"] is None and iteration < config.iterations:

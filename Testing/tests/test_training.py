@@ -81,8 +81,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(cases, tmp_path):
 
 def test_resume_with_other_settings_is_refused(cases, tmp_path):
     _train(cases, 2, tmp_path)
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match="different settings") as refused:
         _train(cases, 4, tmp_path, resume=True, seed=1)
+    # the refusal names the setting, so the user knows which option to give back
+    assert "seed: 0 in the checkpoint, 1 now" in str(refused.value)
 
 
 def test_validation_dice_is_reported_and_cancel_stops(cases):
@@ -186,7 +188,7 @@ def test_resume_with_other_precision_is_refused(cases, tmp_path):
     _train(cases, 2, tmp_path)
     model = tiny_model().train()
     config = TrainingConfig(iterations=4, patch_size=64, precision="amp")
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match="precision: 'fp32' in the checkpoint, 'amp' now"):
         train_base_model(
             model,
             cases,
