@@ -293,21 +293,43 @@ def _save_checkpoint(path: Path, model, optimizer, iteration: int, config: Train
     write_torch_file(payload, path, overwrite=True)
 
 
-def _setting_differences(stored: dict, now: dict) -> list[str]:
-    """The settings that differ, as "name: <stored> in the checkpoint, <now> now"."""
-    return [
-        f"{key}: {stored.get(key)!r} in the checkpoint, {now.get(key)!r} now"
-        for key in sorted(stored.keys() | now.keys())
-        if stored.get(key) != now.get(key)
-    ]
+def checkpoint_setting_differences(payload: dict, config: TrainingConfig, model) -> list[str]:
+    """What keeps a checkpoint's run from going on with ``config`` and ``model``.
+
+    Parameters
+    ----------
+    payload : dict
+        A checkpoint written by :func:`train_base_model`, as ``torch.load`` returns it.
+    config, model
+        The settings and the network a resumed run would use.
+
+    Returns
+    -------
+    list of str : one "name: <stored> in the checkpoint, <now> now" per setting that
+    differs (empty when the run can go on).
+    """
+
+    def show(settings: dict, key: str) -> str:
+        return repr(settings[key]) if key in settings else "(not recorded)"
+
+    differences = []
+    for stored, now in (
+        (json.loads(payload["config_json"]), config.identity()),
+        (json.loads(payload["architecture_json"]), model.architecture()),
+    ):
+        differences += [
+            f"{key}: {show(stored, key)} in the checkpoint, {show(now, key)} now"
+            for key in sorted(stored.keys() | now.keys())
+            if key not in stored or key not in now or stored[key] != now[key]
+        ]
+    return differences
 
 
 def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig) -> int:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a PatientFineTune training checkpoint")
-    differences = _setting_differences(json.loads(payload["config_json"]), config.identity())
-    differences += _setting_differences(json.loads(payload["architecture_json"]), model.architecture())
+    differences = checkpoint_setting_differences(payload, config, model)
     if differences:
         raise ValueError(
             f"checkpoint {path} was written with different settings ({'; '.join(differences)}); resume with the "

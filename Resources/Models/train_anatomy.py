@@ -136,19 +136,25 @@ def finish_run(checkpoint: Path, iterations: int) -> None:
     )
 
 
-def refuse_a_finished_run(checkpoint: Path, iterations: int) -> None:
-    """Stop, before any data loads, a command that would go on with a finished run's
-    checkpoint (which has no optimiser state left to go on exactly)."""
-    import torch
+def refuse_a_run_that_cannot_go_on(checkpoint: Path, payload: dict | None, config, model, iterations: int) -> None:
+    """Stop, before any data loads, a command whose run has a checkpoint it cannot go on
+    from: a finished run's (no optimiser state left to go on exactly), or one written with
+    other settings."""
+    from PatientFineTuneLib.training import checkpoint_setting_differences
 
-    if not checkpoint.is_file():
+    if payload is None:
         return
-    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     reached = int(payload["iteration"])
     if payload.get("optimizer", {}) is None and reached < iterations:
         raise SystemExit(
             f"{checkpoint.name} is finished at {reached} iterations; to train on from it, start a run of another "
             f"name (another --folder or --learning-rate) with --init-from {checkpoint}"
+        )
+    differences = checkpoint_setting_differences(payload, config, model)
+    if differences:
+        raise SystemExit(
+            f"{checkpoint.name} was trained with other settings ({'; '.join(differences)}); give the run's own "
+            "options (only --iterations may change), or another --folder for a new run"
         )
 
 
@@ -253,18 +259,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def training_config(args: argparse.Namespace, n_channels: int, device):
-    """The run's :class:`~PatientFineTuneLib.training.TrainingConfig`, its precision
-    decided for ``device`` ("auto" stays out of the checkpoint: a run resumed on a machine
-    that would decide otherwise is refused as a run of other settings, since it could not
-    go on to the same result)."""
+def training_config(args: argparse.Namespace, n_channels: int, device, checkpoint_payload: dict | None = None):
+    """The run's :class:`~PatientFineTuneLib.training.TrainingConfig`.
+
+    ``--precision auto`` becomes the precision of the run's checkpoint
+    (``checkpoint_payload``) where it has one, so the same command goes on with a run on
+    any machine; a new run gets bfloat16 autocast on a CPU with AMX tiles, float32 on other
+    CPUs (where bfloat16 is emulated, many times slower) and float16 autocast on a GPU.
+    """
+    import torch
+
     from PatientFineTuneLib.training import TrainingConfig
     from PatientFineTuneLib.training_loop import resolved_precision
 
+    precision = args.precision
+    if precision == "auto" and checkpoint_payload is not None:
+        precision = json.loads(checkpoint_payload["config_json"])["precision"]
+    elif precision == "auto":
+        precision = resolved_precision("auto", device) if torch.device(device).type == "cpu" else "amp"
     return TrainingConfig(
         iterations=args.iterations,
         seed=args.seed,
-        precision=resolved_precision(args.precision, device),
+        precision=precision,
         **({"learning_rate": args.learning_rate} if args.learning_rate is not None else {}),
         synthetic_fraction=args.synthetic_fraction if args.hold_out or args.all_real else 0.0,
         sequence_dropout=args.sequence_dropout,
@@ -297,16 +313,19 @@ def main(argv=None) -> None:
     if args.finish:
         finish_run(checkpoint, args.iterations)
         return
-    if not args.export:
-        refuse_a_finished_run(checkpoint, args.iterations)
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint.is_file() else None
+    if args.export and payload is None:
+        raise SystemExit(f"--export: no checkpoint {checkpoint}; give the run's own options")
+    n_channels = sum(c for _, c in preset.sequences)
+    device = resolve_device(args.device)
+    config = training_config(args, n_channels, device, payload)
+    torch.manual_seed(args.seed)
+    model = LesionNet([c for _, c in preset.sequences], width=args.width)
+    # an export is checked too: its model card records these settings as the run's
+    refuse_a_run_that_cannot_go_on(checkpoint, payload, config, model, 0 if args.export else args.iterations)
     out = args.out or folder / f"{run}.pt"
     maps = sorted(args.maps.glob("*.nii*"))
     synthetic = AnatomyPatches(maps, settings_for_preset(preset), seed=args.seed, volume_every=args.volume_every)
-    n_channels = sum(c for _, c in preset.sequences)
-    device = resolve_device(args.device)
-    config = training_config(args, n_channels, device)
-    torch.manual_seed(args.seed)
-    model = LesionNet([c for _, c in preset.sequences], width=args.width)
     if args.init_from and not checkpoint.exists():
         model.load_state_dict(torch.load(args.init_from, map_location="cpu", weights_only=True)["model"])
     real_cases = []  # the real scans that train beside the synthesis (--hold-out)
@@ -333,7 +352,6 @@ def main(argv=None) -> None:
     elif args.all_real:  # nothing is held out: its validation scores the scans it trains on
         real_cases = list(val_cases)
     if args.export:  # after the split, so a fold's model names the real scans it trained on
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["model"])
         lines = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()] if curve.exists() else []
         write_model(int(payload["iteration"]), None, max((r.get("wall_s", 0.0) for r in lines), default=0.0))

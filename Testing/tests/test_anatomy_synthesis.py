@@ -4,6 +4,7 @@ draws from: deterministic, resumable, mixed with real patches as configured."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -239,25 +240,71 @@ def test_finishing_a_run_drops_its_optimiser_state_only_where_the_run_ended(labe
     assert len(going_on.stderr.strip().splitlines()) == 1
 
 
-def test_the_long_trainer_uses_bfloat16_only_where_the_cpu_multiplies_it():
-    """``train_anatomy.py`` left to itself trains in float32 on a CPU without AMX tiles,
-    where bfloat16 is emulated: on the 2-core AMD machine one brain-tumor iteration took
-    45 s in bfloat16 against 1.7 s in float32. A precision asked for is kept."""
+def _script_module(name: str):
+    """Resources/Models/<name>.py as a module (a script, not part of the package)."""
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location(name, GPU_TRAINING.with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_long_trainer_uses_bfloat16_only_where_the_hardware_multiplies_it_and_goes_on_in_a_runs_own(
+    label_map, tmp_path
+):
+    """``train_anatomy.py`` left to itself starts a run in float32 on a CPU without AMX
+    tiles, where bfloat16 is emulated (on a 2-core AMD EPYC, 38-48 s per brain-tumor
+    iteration in bfloat16 against 1.6-1.8 s in float32), and in mixed precision on a GPU;
+    it goes on with a run in the run's own precision, and refuses at once, in one line
+    naming the setting, a precision asked for that differs from the run's."""
+    from PatientFineTuneLib.model import LesionNet
     from PatientFineTuneLib.training_loop import resolved_precision
 
-    spec = importlib.util.spec_from_file_location("train_anatomy", GPU_TRAINING.with_name("train_anatomy.py"))
-    train_anatomy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_anatomy)
+    train_anatomy = _script_module("train_anatomy")
     cpu = torch.device("cpu")
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    default = train_anatomy.training_config(train_anatomy.parse_args(["--preset", "brain-wmh"]), 2, cpu)
-    assert default.precision == ("amp" if amx else "fp32") == resolved_precision("auto", cpu)
-    for asked in ("amp", "fp32"):
-        config = train_anatomy.training_config(train_anatomy.parse_args(["--precision", asked]), 2, cpu)
-        assert config.precision == asked
-        assert config.identity()["precision"] == asked  # a resume must match it, not "auto"
+
+    def config(*argv, device=cpu, payload=None):
+        return train_anatomy.training_config(
+            train_anatomy.parse_args(["--preset", "brain-wmh", *argv]), 2, device, payload
+        )
+
+    assert config().precision == resolved_precision("auto", cpu)  # fp32 without AMX, amp with it
+    assert config(device=torch.device("cuda")).precision == "amp"
+    assert config("--precision", "fp32").precision == "fp32"
+    # a run trained in bfloat16, as the committed runs were on a machine with AMX
+    amp = dataclasses.replace(config("--precision", "amp"), iterations=2)
+    checkpoint = tmp_path / "brain-wmh-anatomy-w4.checkpoint.pt"
+    train_base_model(
+        LesionNet([1, 1], width=4).train(),
+        [],
+        (1.5, 1.5),
+        amp,
+        device="cpu",
+        checkpoint_path=checkpoint,
+        progress=False,
+        log=lambda m: None,
+        synthetic=AnatomyPatches([label_map], SETTINGS, seed=1, volume_every=2, bank=2),
+    )
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert (
+        config(payload=payload).precision == "amp"
+        and config("--precision", "fp32", payload=payload).precision == "fp32"
+    )
+
+    def go_on(*flags: str) -> subprocess.CompletedProcess:
+        argv = ["--preset", "brain-wmh", "--width", "4", "--folder", str(tmp_path), "--iterations", "4"]
+        argv += ["--maps", str(tmp_path / "no-maps"), *flags]  # the label maps would load next
+        script = GPU_TRAINING.with_name("train_anatomy.py")
+        return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+
+    refused = go_on("--precision", "fp32", "--seed", "3")
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
+    assert "precision: 'amp' in the checkpoint, 'fp32' now" in refused.stderr
+    assert "seed: 0 in the checkpoint, 3 now" in refused.stderr  # every setting that differs
+    # the same command without --precision gets past every check, to the label maps
+    going_on = go_on()
+    assert "other settings" not in going_on.stderr and "no anatomy label maps given" in going_on.stderr
 
 
 @pytest.mark.realdata
@@ -321,23 +368,13 @@ def test_batches_drawn_ahead_by_worker_processes_are_the_loops_own(label_map, sm
     assert all(torch.equal(alone[k], ahead[k]) for k in alone)
 
 
-def _gpu_training():
-    """Resources/Models/gpu_training.py as a module (a script, not part of the package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_training", GPU_TRAINING)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_gpu_pack_trains_where_simpleitk_is_absent(label_map, small_pair_dir, tmp_path):
     import json
 
     from PatientFineTuneLib.modelfile import load_model
     from PatientFineTuneLib.presets import get_preset
 
-    gpu_training = _gpu_training()
+    gpu_training = _script_module("gpu_training")
     cases = _small_cases(small_pair_dir)
     arrays = gpu_training.pack_arrays(get_preset("brain-wmh"), [load_anatomy_map(label_map)], cases)
     with pytest.raises(SystemExit, match="over 0.01 MB"):
@@ -370,7 +407,7 @@ def test_the_repository_leaves_room_for_a_gpu_runs_pack():
     """A device call sends the tracked files and the carried pack within 64 MiB, so the
     committed checkpoints must leave room for the larger pack and a margin: finished runs
     keep their weights without Adam's moments (``train_anatomy.py --finish``)."""
-    gpu_training = _gpu_training()
+    gpu_training = _script_module("gpu_training")
     try:
         tracked = gpu_training.repository_mib()
     except (OSError, subprocess.CalledProcessError):
