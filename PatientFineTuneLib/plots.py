@@ -102,7 +102,9 @@ def outline_figure(
     if row_title:
         axes[0].set_ylabel(row_title, fontsize=10)
     handles = [Line2D([0], [0], color=c, lw=2, label=name) for name, c in colours.items()]
-    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9, frameon=False)
+    # one entry per panel's width at most: a one-slice figure stacks its entries
+    columns = max(1, min(len(handles), len(anatomy)))
+    figure.legend(handles=handles, loc="outside lower center", ncols=columns, fontsize=9, frameon=False)
     return figure
 
 

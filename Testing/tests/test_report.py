@@ -204,3 +204,24 @@ def test_an_incomplete_result_folder_is_refused_not_reported_as_no_lesions(small
             proc.stderr,
         )
         assert len(proc.stderr.strip().splitlines()) == 1 and not report.exists(), proc.stderr
+
+
+@pytest.mark.parametrize("n_slices", [1, 3])
+def test_an_outline_figures_legend_stays_inside_the_figure(n_slices):
+    """A follow-up with lesions on one slice gets a one-panel figure; its legend of three
+    outlines must not run off the figure's edges (it did: one row of three entries is
+    wider than one panel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from PatientFineTuneLib.plots import outline_figure
+
+    image = np.zeros((64, 64), np.float32)
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 20:40] = True
+    names = ["base model, lesions", "fine-tuned model, lesions", "reference lesions"]
+    figure = outline_figure([image] * n_slices, {n: [mask] * n_slices for n in names}, ["slice"] * n_slices)
+    figure.canvas.draw()
+    box = figure.legends[0].get_window_extent()
+    width, height = figure.canvas.get_width_height()
+    assert box.x0 >= 0 and box.x1 <= width and box.y0 >= 0 and box.y1 <= height, (box, width, height)
