@@ -196,8 +196,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--precision",
         default="auto",
         choices=["auto", "fp32", "amp"],
-        help="auto: bfloat16 mixed precision on a CPU with AMX tiles, float32 elsewhere (bfloat16 is emulated, "
-        "several times slower, on other CPUs); the resolved choice is part of the run's settings",
+        help="auto: the precision of the run's checkpoint where it has one; for a new run, bfloat16 autocast on a "
+        "CPU with AMX tiles, float32 on other CPUs (bfloat16 is emulated there, many times slower), float16 "
+        "autocast on a GPU; the resolved choice is part of the run's settings",
     )
     parser.add_argument(
         "--learning-rate",
@@ -265,7 +266,9 @@ def training_config(args: argparse.Namespace, n_channels: int, device, checkpoin
     ``--precision auto`` becomes the precision of the run's checkpoint
     (``checkpoint_payload``) where it has one, so the same command goes on with a run on
     any machine; a new run gets bfloat16 autocast on a CPU with AMX tiles, float32 on other
-    CPUs (where bfloat16 is emulated, many times slower) and float16 autocast on a GPU.
+    CPUs (where bfloat16 is emulated, many times slower) and float16 autocast on a GPU (as
+    this script always did there; the library's ``resolved_precision`` keeps float32 on a
+    GPU until one is measured).
     """
     import torch
 
@@ -325,6 +328,8 @@ def main(argv=None) -> None:
     refuse_a_run_that_cannot_go_on(checkpoint, payload, config, model, 0 if args.export else args.iterations)
     out = args.out or folder / f"{run}.pt"
     maps = sorted(args.maps.glob("*.nii*"))
+    if not maps:
+        raise SystemExit(f"no label maps (*.nii, *.nii.gz) in {args.maps}; give --maps the synthseg_label_maps folder")
     synthetic = AnatomyPatches(maps, settings_for_preset(preset), seed=args.seed, volume_every=args.volume_every)
     if args.init_from and not checkpoint.exists():
         model.load_state_dict(torch.load(args.init_from, map_location="cpu", weights_only=True)["model"])

@@ -5,6 +5,7 @@ draws from: deterministic, resumable, mixed with real patches as configured."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -286,6 +287,9 @@ def test_the_long_trainer_uses_bfloat16_only_where_the_hardware_multiplies_it_an
         log=lambda m: None,
         synthetic=AnatomyPatches([label_map], SETTINGS, seed=1, volume_every=2, bank=2),
     )
+    # whatever this machine would choose for a new run, a run goes on in its own precision
+    for own in ("amp", "fp32"):
+        assert config(payload={"config_json": json.dumps({"precision": own})}).precision == own
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert (
         config(payload=payload).precision == "amp"
@@ -294,7 +298,7 @@ def test_the_long_trainer_uses_bfloat16_only_where_the_hardware_multiplies_it_an
 
     def go_on(*flags: str) -> subprocess.CompletedProcess:
         argv = ["--preset", "brain-wmh", "--width", "4", "--folder", str(tmp_path), "--iterations", "4"]
-        argv += ["--maps", str(tmp_path / "no-maps"), *flags]  # the label maps would load next
+        argv += ["--maps", str(tmp_path / "no-maps"), *flags]  # refused last: after every check of the run
         script = GPU_TRAINING.with_name("train_anatomy.py")
         return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
 
@@ -304,7 +308,9 @@ def test_the_long_trainer_uses_bfloat16_only_where_the_hardware_multiplies_it_an
     assert "seed: 0 in the checkpoint, 3 now" in refused.stderr  # every setting that differs
     # the same command without --precision gets past every check, to the label maps
     going_on = go_on()
-    assert "other settings" not in going_on.stderr and "no anatomy label maps given" in going_on.stderr
+    assert going_on.returncode != 0 and going_on.stderr.strip().splitlines() == [
+        f"no label maps (*.nii, *.nii.gz) in {tmp_path / 'no-maps'}; give --maps the synthseg_label_maps folder"
+    ]
 
 
 @pytest.mark.realdata

@@ -287,6 +287,35 @@ def test_the_anatomy_recipe_names_committed_checkpoints_and_curves_at_its_iterat
             assert (build_models.TRAINING / f"{name}-anatomy-loo-{hold_out}{rate}.checkpoint.pt").is_file()
 
 
+def test_every_export_the_build_makes_passes_the_runs_own_settings_check():
+    """``build_models.py --from-anatomy`` exports the committed runs through
+    ``train_anatomy.py --export``, which refuses a checkpoint whose settings differ from the
+    options given (the card records them). Each export's options must name its run's
+    checkpoint and match it on every setting, on any machine (``--precision auto`` takes
+    the run's own)."""
+    import importlib.util
+
+    from PatientFineTuneLib.model import LesionNet
+    from PatientFineTuneLib.training import checkpoint_setting_differences
+
+    spec = importlib.util.spec_from_file_location("train_anatomy", BUILD_MODELS.with_name("train_anatomy.py"))
+    train_anatomy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_anatomy)
+    build_models = _build_models_script()
+    for name, recipe in build_models.ANATOMY.items():
+        preset = PRESETS[name]
+        for options in [recipe["export"], *recipe["folds"]]:
+            args = train_anatomy.parse_args(["--preset", name, *options, "--export"])
+            run = train_anatomy.run_name(
+                name, args.width, args.hold_out, args.all_real, args.learning_rate, args.synthetic_fraction
+            )
+            payload = torch.load(build_models.TRAINING / f"{run}.checkpoint.pt", map_location="cpu", weights_only=True)
+            channels = [c for _, c in preset.sequences]
+            config = train_anatomy.training_config(args, sum(channels), torch.device("cpu"), payload)
+            model = LesionNet(channels, width=args.width)
+            assert checkpoint_setting_differences(payload, config, model) == [], (name, options)
+
+
 def test_an_anatomy_run_of_another_width_has_files_of_its_own():
     """A width-16 run of the anatomy recipe must not resume (or overwrite) the committed
     width-32 run's checkpoint: the width is in the name of every other width's files, and
