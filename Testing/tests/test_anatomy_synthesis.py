@@ -199,13 +199,10 @@ def test_training_on_synthesis_alone_resumes_exactly(label_map, tmp_path):
         )
 
 
-def test_finishing_a_run_drops_its_optimiser_state_only_where_the_run_ended(label_map, tmp_path):
-    """``train_anatomy.py --finish`` shrinks the run's own checkpoint, and refuses one that
-    stands elsewhere than ``--iterations`` (a run still under way), leaving it untouched."""
-    model = tiny_model().train()
-    source = AnatomyPatches([label_map], SETTINGS, seed=1, volume_every=2, bank=2)
-    checkpoint = tmp_path / "brain-wmh-anatomy-w4.checkpoint.pt"
-    config = TrainingConfig(iterations=2, patch_size=32, seed=1)
+def _anatomy_run_checkpoint(folder: Path, label_map: Path, model, config: TrainingConfig) -> Path:
+    """Train ``model`` on the tiny head for ``config``'s iterations, its checkpoint where
+    ``train_anatomy.py --preset brain-wmh --width 4 --folder folder`` looks for its run's."""
+    checkpoint = folder / "brain-wmh-anatomy-w4.checkpoint.pt"
     train_base_model(
         model,
         [],
@@ -215,7 +212,17 @@ def test_finishing_a_run_drops_its_optimiser_state_only_where_the_run_ended(labe
         checkpoint_path=checkpoint,
         progress=False,
         log=lambda m: None,
-        synthetic=source,
+        synthetic=AnatomyPatches([label_map], SETTINGS, seed=1, volume_every=2, bank=2),
+    )
+    return checkpoint
+
+
+def test_finishing_a_run_drops_its_optimiser_state_only_where_the_run_ended(label_map, tmp_path):
+    """``train_anatomy.py --finish`` shrinks the run's own checkpoint, and refuses one that
+    stands elsewhere than ``--iterations`` (a run still under way), leaving it untouched."""
+    model = tiny_model().train()
+    checkpoint = _anatomy_run_checkpoint(
+        tmp_path, label_map, model, TrainingConfig(iterations=2, patch_size=32, seed=1)
     )
     script = GPU_TRAINING.with_name("train_anatomy.py")
 
@@ -275,18 +282,7 @@ def test_the_long_trainer_uses_bfloat16_only_where_the_hardware_multiplies_it_an
     assert config("--precision", "fp32").precision == "fp32"
     # a run trained in bfloat16, as the committed runs were on a machine with AMX
     amp = dataclasses.replace(config("--precision", "amp"), iterations=2)
-    checkpoint = tmp_path / "brain-wmh-anatomy-w4.checkpoint.pt"
-    train_base_model(
-        LesionNet([1, 1], width=4).train(),
-        [],
-        (1.5, 1.5),
-        amp,
-        device="cpu",
-        checkpoint_path=checkpoint,
-        progress=False,
-        log=lambda m: None,
-        synthetic=AnatomyPatches([label_map], SETTINGS, seed=1, volume_every=2, bank=2),
-    )
+    checkpoint = _anatomy_run_checkpoint(tmp_path, label_map, LesionNet([1, 1], width=4).train(), amp)
     # whatever this machine would choose for a new run, a run goes on in its own precision
     for own in ("amp", "fp32"):
         assert config(payload={"config_json": json.dumps({"precision": own})}).precision == own
