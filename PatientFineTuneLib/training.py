@@ -294,7 +294,7 @@ def _save_checkpoint(path: Path, model, optimizer, iteration: int, config: Train
 
 
 def checkpoint_setting_differences(payload: dict, config: TrainingConfig, model) -> list[str]:
-    """What keeps a checkpoint's run from going on with ``config`` and ``model``.
+    """The settings in which a checkpoint's run differs from ``config`` and ``model``.
 
     Parameters
     ----------
@@ -306,7 +306,7 @@ def checkpoint_setting_differences(payload: dict, config: TrainingConfig, model)
     Returns
     -------
     list of str : one "name: <stored> in the checkpoint, <now> now" per setting that
-    differs (empty when the run can go on).
+    differs (empty when they all agree).
     """
 
     def show(settings: dict, key: str) -> str:
@@ -325,26 +325,34 @@ def checkpoint_setting_differences(payload: dict, config: TrainingConfig, model)
     return differences
 
 
-def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig) -> int:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+def check_checkpoint_can_go_on(path: Path, payload: dict, config: TrainingConfig, model) -> None:
+    """Raise ValueError, in one line, when the run of the checkpoint at ``path``
+    (``payload``) cannot go on to ``config.iterations`` with ``config`` and ``model``: it is
+    finished (its optimiser state dropped) short of them, or it has other settings (each
+    named)."""
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a PatientFineTune training checkpoint")
+    iteration = int(payload["iteration"])
+    if payload["optimizer"] is None and iteration < config.iterations:
+        raise ValueError(
+            f"checkpoint {path} is finished at {iteration} iterations (a finished run's: its optimiser state "
+            "dropped), so it cannot go on exactly; train on in a new run started from its weights"
+        )
     differences = checkpoint_setting_differences(payload, config, model)
     if differences:
         raise ValueError(
             f"checkpoint {path} was written with different settings ({'; '.join(differences)}); resume with the "
             "same settings (only --iterations may change) or delete the checkpoint to start over"
         )
-    iteration = int(payload["iteration"])
-    if payload["optimizer"] is None and iteration < config.iterations:
-        raise ValueError(
-            f"checkpoint {path} is a finished run's ({iteration} iterations, its optimiser state dropped), so it "
-            "cannot go on exactly; train on in a new run started from its weights"
-        )
+
+
+def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig) -> int:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    check_checkpoint_can_go_on(path, payload, config, model)
     model.load_state_dict(payload["model"])
     if payload["optimizer"] is not None:
         optimizer.load_state_dict(payload["optimizer"])
-    return iteration
+    return int(payload["iteration"])
 
 
 def finish_checkpoint(path: Path, iteration: int | None = None) -> int:

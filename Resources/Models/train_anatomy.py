@@ -136,26 +136,20 @@ def finish_run(checkpoint: Path, iterations: int) -> None:
     )
 
 
-def refuse_a_run_that_cannot_go_on(checkpoint: Path, payload: dict | None, config, model, iterations: int) -> None:
-    """Stop, before any data loads, a command whose run has a checkpoint it cannot go on
-    from: a finished run's (no optimiser state left to go on exactly), or one written with
-    other settings."""
-    from PatientFineTuneLib.training import checkpoint_setting_differences
+def refuse_a_run_that_cannot_go_on(checkpoint: Path, payload: dict | None, config, model) -> None:
+    """Stop, before any data loads and in one line, a command whose run has a checkpoint
+    it cannot go on from (the library's check, with what to give instead)."""
+    from PatientFineTuneLib.training import check_checkpoint_can_go_on
 
     if payload is None:
         return
-    reached = int(payload["iteration"])
-    if payload.get("optimizer", {}) is None and reached < iterations:
+    try:
+        check_checkpoint_can_go_on(checkpoint, payload, config, model)
+    except ValueError as error:
         raise SystemExit(
-            f"{checkpoint.name} is finished at {reached} iterations; to train on from it, start a run of another "
-            f"name (another --folder or --learning-rate) with --init-from {checkpoint}"
-        )
-    differences = checkpoint_setting_differences(payload, config, model)
-    if differences:
-        raise SystemExit(
-            f"{checkpoint.name} was trained with other settings ({'; '.join(differences)}); give the run's own "
-            "options (only --iterations may change), or another --folder for a new run"
-        )
+            f"{error} (here: give the run's own options, or start a run of another name, with another --folder "
+            f"or --learning-rate, and --init-from {checkpoint})"
+        ) from None
 
 
 def anatomy_model_metadata(model, preset, config, synthetic, iterations: int, **training) -> dict:
@@ -324,8 +318,10 @@ def main(argv=None) -> None:
     config = training_config(args, n_channels, device, payload)
     torch.manual_seed(args.seed)
     model = LesionNet([c for _, c in preset.sequences], width=args.width)
-    # an export is checked too: its model card records these settings as the run's
-    refuse_a_run_that_cannot_go_on(checkpoint, payload, config, model, 0 if args.export else args.iterations)
+    # an export is checked too (for settings only): its model card records them as the run's
+    refuse_a_run_that_cannot_go_on(
+        checkpoint, payload, dataclasses.replace(config, iterations=0) if args.export else config, model
+    )
     out = args.out or folder / f"{run}.pt"
     maps = sorted(args.maps.glob("*.nii*"))
     if not maps:
