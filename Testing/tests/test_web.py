@@ -26,10 +26,19 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("PFT_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts" / "web"))
 
 
-def _editor_with_views_created_after_paint():
+@pytest.fixture
+def editor_with_views_created_after_paint():
     """A trame-slicer scene whose Paint parameters exist before its slice view: the order
-    that leaves the pipeline without a view in trame-slicer 2.0.0."""
+    that leaves the pipeline without a view in trame-slicer 2.0.0. Yields (app, Paint's
+    effect type).
+
+    These are the suite's only OpenGL contexts in its own process (Mesa's EGL). At the end
+    the view's context is released and trame's registry forgets the server: left for the
+    interpreter's teardown, a context is destroyed in no set order after the libraries it
+    needs, which can crash the process after every test passed.
+    """
     from trame.app import get_server
+    from trame.app.core import AVAILABLE_SERVERS
     from trame.ui.vuetify3 import SinglePageLayout
     from trame_slicer.core import LayoutManager, SlicerApp
     from trame_slicer.rca_view import register_rca_factories
@@ -38,7 +47,8 @@ def _editor_with_views_created_after_paint():
 
     from PatientFineTuneLib.mrml import add_lesion_segmentation, image_to_volume
 
-    server = get_server(f"defect-{time.monotonic_ns()}", client_type="vue3")
+    server_name = f"defect-{time.monotonic_ns()}"
+    server = get_server(server_name, client_type="vue3")
     app = SlicerApp()
     register_rca_factories(app.view_manager, server)
     volume = image_to_volume(
@@ -54,20 +64,22 @@ def _editor_with_views_created_after_paint():
     layouts.set_layout("axial")
     with SinglePageLayout(server) as ui, ui.content:
         layouts.initialize_layout_grid(ui)  # the view, and Paint's pipeline for it, appear now
-    return app, SegmentationEffectPaint
+    yield app, SegmentationEffectPaint
+    app.view_manager.get_view(ViewLayoutDefinition.axial_view().singleton_tag).finalize()
+    AVAILABLE_SERVERS.pop(server_name)
 
 
-def test_upstream_paint_defect_is_still_there():
+def test_upstream_paint_defect_is_still_there(editor_with_views_created_after_paint):
     """When this fails, trame-slicer has fixed the defect: drop reattach_effect_pipelines."""
-    app, paint = _editor_with_views_created_after_paint()
+    app, paint = editor_with_views_created_after_paint
     with pytest.raises(AttributeError, match="paint_interaction_stopped"):
         app.segmentation_editor.set_active_effect_type(paint)
 
 
-def test_reattaching_the_pipelines_makes_paint_work():
+def test_reattaching_the_pipelines_makes_paint_work(editor_with_views_created_after_paint):
     from PatientFineTuneLib.web import reattach_effect_pipelines
 
-    app, paint = _editor_with_views_created_after_paint()
+    app, paint = editor_with_views_created_after_paint
     assert reattach_effect_pipelines(app) == 1
     effect = app.segmentation_editor.set_active_effect_type(paint)
     pipelines = [p() for p in effect.pipelines if p() is not None]
