@@ -106,10 +106,12 @@ def test_synthesis_is_seeded_and_puts_bright_lesions_in_white_matter(label_map):
         white = np.isin(out["tissue"], anatomy.codes_of("wm")) & organ & ~lesions
         flair_ratios.append(flair[lesions].mean() / np.median(flair[white]))
         t1_ratios.append(t1[lesions].mean() / np.median(t1[white]))
-    # FLAIR-bright in every volume; on T1 iso- to hypointense (bias fields and partial
-    # volume move single volumes either way)
+    # FLAIR-bright in every volume, and typically as bright as real lesions: 1.39-1.42 x
+    # white matter over the whole masks of the Ljubljana scans, 1.46-1.65 in their cores
+    # (docs/base-training.md); on T1 iso- to hypointense (bias fields and partial volume
+    # move single volumes either way)
     assert len(flair_ratios) >= 6
-    assert min(flair_ratios) > 1.2
+    assert min(flair_ratios) > 1.1 and 1.3 < np.median(flair_ratios) < 1.7
     assert np.mean(t1_ratios) < 0.9 and max(t1_ratios) < 1.2
 
 
