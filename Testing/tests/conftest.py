@@ -12,6 +12,18 @@ import torch
 from PatientFineTuneLib.model import LesionNet
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+MODEL_SCRIPTS = Path(__file__).resolve().parents[2] / "Resources" / "Models"
+
+
+def model_script(name: str):
+    """``Resources/Models/<name>.py`` as a module: the model-building scripts are not part
+    of the package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, MODEL_SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_volume(

@@ -18,7 +18,7 @@ from PatientFineTuneLib.synth.anatomy import SynthesisSettings, load_anatomy_map
 from PatientFineTuneLib.synth.anatomy_patches import AnatomyPatches
 from PatientFineTuneLib.training import TrainingConfig, build_patch_pool, draw_batch, sample_batch, train_base_model
 
-from conftest import SHARED_DATA, tiny_model, write_volume
+from conftest import SHARED_DATA, model_script, tiny_model, write_volume
 
 GPU_TRAINING = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "gpu_training.py"
 
@@ -250,16 +250,6 @@ def test_finishing_a_run_drops_its_optimiser_state_only_where_the_run_ended(labe
     assert len(going_on.stderr.strip().splitlines()) == 1
 
 
-def _script_module(name: str):
-    """Resources/Models/<name>.py as a module (a script, not part of the package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, GPU_TRAINING.with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_long_trainer_uses_bfloat16_only_where_the_hardware_multiplies_it_and_goes_on_in_a_runs_own(
     label_map, tmp_path
 ):
@@ -271,7 +261,7 @@ def test_the_long_trainer_uses_bfloat16_only_where_the_hardware_multiplies_it_an
     from PatientFineTuneLib.model import LesionNet
     from PatientFineTuneLib.training_loop import resolved_precision
 
-    train_anatomy = _script_module("train_anatomy")
+    train_anatomy = model_script("train_anatomy")
     cpu = torch.device("cpu")
 
     def config(*argv, device=cpu, payload=None):
@@ -378,7 +368,7 @@ def test_a_gpu_pack_trains_where_simpleitk_is_absent(label_map, small_pair_dir, 
     from PatientFineTuneLib.modelfile import load_model
     from PatientFineTuneLib.presets import get_preset
 
-    gpu_training = _script_module("gpu_training")
+    gpu_training = model_script("gpu_training")
     cases = _small_cases(small_pair_dir)
     arrays = gpu_training.pack_arrays(get_preset("brain-wmh"), [load_anatomy_map(label_map)], cases)
     with pytest.raises(SystemExit, match="over 0.01 MB"):
@@ -411,7 +401,7 @@ def test_the_repository_leaves_room_for_a_gpu_runs_pack():
     """A device call sends the tracked files and the carried pack within 64 MiB, so the
     committed checkpoints must leave room for the larger pack and a margin: finished runs
     keep their weights without Adam's moments (``train_anatomy.py --finish``)."""
-    gpu_training = _script_module("gpu_training")
+    gpu_training = model_script("gpu_training")
     try:
         tracked = gpu_training.repository_mib()
     except (OSError, subprocess.CalledProcessError):

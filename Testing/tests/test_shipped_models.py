@@ -5,7 +5,6 @@ generated patient of their preset."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,8 +27,9 @@ from PatientFineTuneLib.modelfile import load_model
 from PatientFineTuneLib.presets import PRESETS
 from PatientFineTuneLib.synth import generate_pair, visit_case
 
+from conftest import model_script
+
 SHIPPED = [name for name, preset in PRESETS.items() if preset.ships_base_model]
-BUILD_MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "build_models.py"
 
 
 @pytest.fixture(scope="module", params=SHIPPED)
@@ -136,15 +136,6 @@ def test_shipped_models_are_listed_without_torch():
     assert out.strip() == str(sorted(SHIPPED))
 
 
-def _build_models_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("build_models", BUILD_MODELS)
-    build_models = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_models)
-    return build_models
-
-
 def test_the_build_scripts_evaluation_scores_a_case_in_stored_order(tmp_path):
     """build_models.py's evaluation (it writes the cards' held-out tables) runs on the
     current library: a generated patient written to disk, segmented and scored against
@@ -152,7 +143,7 @@ def test_the_build_scripts_evaluation_scores_a_case_in_stored_order(tmp_path):
     the geometry fixes removed.)"""
     from PatientFineTuneLib.synth import write_pair
 
-    build_models = _build_models_script()
+    build_models = model_script("build_models")
     write_pair(generate_pair("brain-wmh", 7, small=True), tmp_path / "pair", preview=False)
     visit = tmp_path / "pair" / "followup"
     files = {
@@ -175,7 +166,7 @@ def test_the_build_scripts_evaluation_scores_a_case_in_stored_order(tmp_path):
 def test_leave_one_out_folds_hold_out_each_real_case_of_its_dataset_once():
     """``build_models.py --leave-out CASE``: CASE is held out, the other cases of its
     dataset train (the shipped held-out one included), other datasets keep their roles."""
-    build_models = _build_models_script()
+    build_models = model_script("build_models")
     for preset, dataset in (("brain-wmh", "ljubljana_ms_cross"), ("brain-tumor", "brats2015_subset")):
         plan = build_models.PLANS[preset]
         cases = [c for d, c, _ in plan["real_train"] + plan["real_test"] if d == dataset]
@@ -203,7 +194,7 @@ def test_the_cards_leave_one_out_row_scores_each_case_by_the_fold_that_held_it_o
     the dataset, and no fold means no row."""
     import json
 
-    build_models = _build_models_script()
+    build_models = model_script("build_models")
     preset = PRESETS["brain-wmh"]
     metrics = {
         "dice": 0.0,
@@ -243,7 +234,7 @@ def test_each_real_scan_of_an_anatomy_model_is_scored_by_the_fold_that_never_tra
 
     from conftest import tiny_model
 
-    build_models = _build_models_script()
+    build_models = model_script("build_models")
     scans = [
         "brats2015_subset/brats_2013_pat0001_1",
         "brain_tumor_progression/01_Pre",
@@ -271,7 +262,7 @@ def test_the_anatomy_recipe_names_committed_checkpoints_and_curves_at_its_iterat
     """The runs ``--from-anatomy`` ships from are in the repository, so the model can be
     rebuilt on any machine: each run's curve, and the last run's and every fold's checkpoint
     at the iterations the recipe says; the card's runs carry their wall time."""
-    build_models = _build_models_script()
+    build_models = model_script("build_models")
     for name, recipe in build_models.ANATOMY.items():
         runs = build_models.anatomy_runs(PRESETS[name])
         assert [r["run"] for r in runs] == [run for run, _, _ in recipe["runs"]]
@@ -293,15 +284,11 @@ def test_every_export_the_build_makes_passes_the_runs_own_settings_check():
     options given (the card records them). Each export's options must name its run's
     checkpoint and match it on every setting, on any machine (``--precision auto`` takes
     the run's own)."""
-    import importlib.util
-
     from PatientFineTuneLib.model import LesionNet
     from PatientFineTuneLib.training import checkpoint_setting_differences
 
-    spec = importlib.util.spec_from_file_location("train_anatomy", BUILD_MODELS.with_name("train_anatomy.py"))
-    train_anatomy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_anatomy)
-    build_models = _build_models_script()
+    train_anatomy = model_script("train_anatomy")
+    build_models = model_script("build_models")
     for name, recipe in build_models.ANATOMY.items():
         preset = PRESETS[name]
         for options in [recipe["export"], *recipe["folds"]]:
@@ -320,11 +307,7 @@ def test_an_anatomy_run_of_another_width_has_files_of_its_own():
     """A width-16 run of the anatomy recipe must not resume (or overwrite) the committed
     width-32 run's checkpoint: the width is in the name of every other width's files, and
     the committed runs keep theirs."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_anatomy", BUILD_MODELS.with_name("train_anatomy.py"))
-    train_anatomy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_anatomy)
+    train_anatomy = model_script("train_anatomy")
     assert train_anatomy.run_name("brain-wmh", 32, None, True, 1e-5) == "brain-wmh-anatomy-all-real-lr1e-05"
     assert train_anatomy.run_name("brain-wmh", 16, None, True, 1e-5) == "brain-wmh-anatomy-w16-all-real-lr1e-05"
     assert train_anatomy.run_name("brain-tumor", 16, "brats_2013_pat0001_1,01", False, None) == (
@@ -337,6 +320,6 @@ def test_an_anatomy_run_of_another_width_has_files_of_its_own():
     )
     assert train_anatomy.run_name("brain-tumor", 32, "03", False, None, 0.5) == "brain-tumor-anatomy-loo-03"
     assert train_anatomy.run_name("brain-tumor", 32, None, False, None, 0.25) == "brain-tumor-anatomy"
-    build_models = _build_models_script()
+    build_models = model_script("build_models")
     for recipe in build_models.ANATOMY.values():
         assert all((build_models.TRAINING / f"{run}.checkpoint.pt").is_file() for run, _, _ in recipe["runs"])
