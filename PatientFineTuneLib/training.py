@@ -33,7 +33,7 @@ from .arrays import resample_array, resampled_shape
 from .model import LesionNet
 from .modelfile import ModelBundle, write_torch_file
 from .patches import extract_patches, random_patch_centres
-from .runtime import resolve_device
+from .runtime import Cancelled, resolve_device
 from .training_loop import Adam, check_precision, training_loop
 
 if TYPE_CHECKING:
@@ -441,8 +441,8 @@ def train_base_model(
     ``checkpoint_every`` iterations; ``resume=True`` continues from ``checkpoint_path``.
     Validation Dice and lesion F1 on ``val_cases`` are logged every ``validate_every``
     iterations and at the end, post-processed as ``preset`` says (:func:`validation_scores`). ``cancel()``
-    returning True stops at the next iteration with :class:`Cancelled` (the last
-    checkpoint stays valid).
+    returning True stops at the next iteration with :class:`Cancelled`, after
+    checkpointing the steps taken since the last checkpoint (a resumed run goes on from there).
 
     ``on_validation(record)`` receives each validated history record as it is made (a
     long run's learning curve survives its process); ``on_step(record)`` every record
@@ -530,6 +530,12 @@ def train_base_model(
             after_step=after_step,
             cancel=cancel,
         )
+    except Cancelled:
+        # a deadline rarely falls on a checkpoint: keep the steps taken since the last one
+        done = history[-1]["iteration"] if history else start
+        if checkpoint_path is not None and rank == 0 and done > start and done % checkpoint_every:
+            _save_checkpoint(checkpoint_path, model, optimizer, done, config)
+        raise
     finally:
         bar.close()
     model.eval()

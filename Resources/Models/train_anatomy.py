@@ -8,7 +8,8 @@ Run it in the background (``nohup ... &``); run the same command again, in this 
 on another machine, to continue: it resumes from the committed checkpoint
 ``Resources/Models/training/<preset>-anatomy.checkpoint.pt`` (one file, replaced atomically
 every ``--checkpoint-every`` iterations, so a kill at any moment loses at most that much).
-``--hours`` stops it cleanly after that much wall time (at the last checkpoint).
+``--hours`` stops it cleanly after that much wall time, checkpointing the iteration it
+reached.
 
 Every ``--validate-every`` iterations the model segments the real held-out scans (the three
 Ljubljana MS scans for brain-wmh: none of them trains, so every real number is held out)
@@ -409,7 +410,7 @@ def main(argv=None) -> None:
         )
     except Cancelled:
         print(
-            f"stopped after {args.hours} h; the checkpoint {checkpoint} holds the last {args.checkpoint_every}-iteration step; "
+            f"stopped after {args.hours} h; the checkpoint {checkpoint} holds the iteration it reached; "
             "run the same command to continue",
             flush=True,
         )

@@ -41,7 +41,7 @@ def test_batches_are_reproducible_and_labels_follow_images(cases):
         assert flair[y1 == 1].mean() > flair[(y1 == 0) & (flair != 0)].mean()
 
 
-def _train(cases, iterations, tmp_path=None, resume=False, seed=0):
+def _train(cases, iterations, tmp_path=None, resume=False, seed=0, cancel=None):
     model = tiny_model(seed=seed).train()
     config = TrainingConfig(iterations=iterations, patch_size=64, seed=seed)
     ckpt = tmp_path / "ckpt.pt" if tmp_path else None
@@ -56,6 +56,7 @@ def _train(cases, iterations, tmp_path=None, resume=False, seed=0):
         resume=resume,
         progress=False,
         log=lambda m: None,
+        cancel=cancel,
     )
     return model, history
 
@@ -75,6 +76,19 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(cases, tmp_path):
     _train(cases, 2, tmp_path)
     resumed, history = _train(cases, 4, tmp_path, resume=True)
     assert [h["iteration"] for h in history] == [3, 4]
+    s1, s2 = straight.state_dict(), resumed.state_dict()
+    assert all(torch.allclose(s1[k].float(), s2[k].float(), atol=1e-6) for k in s1)
+
+
+def test_a_cancelled_run_keeps_its_steps_since_the_last_checkpoint(cases, tmp_path):
+    # a deadline (train_anatomy.py --hours) falls between checkpoints: the run stops after
+    # 3 steps with checkpoints every 2, and its resumption starts at step 3, not 2
+    straight, _ = _train(cases, 4)
+    cancel_before = iter([False, False, False, True])
+    with pytest.raises(Cancelled):
+        _train(cases, 4, tmp_path, cancel=lambda: next(cancel_before))
+    resumed, history = _train(cases, 4, tmp_path, resume=True)
+    assert [h["iteration"] for h in history] == [4]
     s1, s2 = straight.state_dict(), resumed.state_dict()
     assert all(torch.allclose(s1[k].float(), s2[k].float(), atol=1e-6) for k in s1)
 
