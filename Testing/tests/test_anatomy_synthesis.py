@@ -18,9 +18,7 @@ from PatientFineTuneLib.synth.anatomy import SynthesisSettings, load_anatomy_map
 from PatientFineTuneLib.synth.anatomy_patches import AnatomyPatches
 from PatientFineTuneLib.training import TrainingConfig, build_patch_pool, draw_batch, sample_batch, train_base_model
 
-from conftest import SHARED_DATA, model_script, tiny_model, write_volume
-
-GPU_TRAINING = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "gpu_training.py"
+from conftest import MODEL_SCRIPTS, SHARED_DATA, model_script, tiny_model, write_volume
 
 #: LIA storage, as the SynthSeg label maps have: i -> left, j -> inferior, k -> anterior.
 LIA = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0)
@@ -226,7 +224,7 @@ def test_finishing_a_run_drops_its_optimiser_state_only_where_the_run_ended(labe
     checkpoint = _anatomy_run_checkpoint(
         tmp_path, label_map, model, TrainingConfig(iterations=2, patch_size=32, seed=1)
     )
-    script = GPU_TRAINING.with_name("train_anatomy.py")
+    script = MODEL_SCRIPTS / "train_anatomy.py"
 
     def train_anatomy(iterations: int, *flags: str) -> subprocess.CompletedProcess:
         argv = ["--preset", "brain-wmh", "--width", "4", "--folder", str(tmp_path), "--iterations", str(iterations)]
@@ -287,7 +285,7 @@ def test_the_long_trainer_uses_bfloat16_only_where_the_hardware_multiplies_it_an
     def go_on(*flags: str) -> subprocess.CompletedProcess:
         argv = ["--preset", "brain-wmh", "--width", "4", "--folder", str(tmp_path), "--iterations", "4"]
         argv += ["--maps", str(tmp_path / "no-maps"), *flags]  # refused last: after every check of the run
-        script = GPU_TRAINING.with_name("train_anatomy.py")
+        script = MODEL_SCRIPTS / "train_anatomy.py"
         return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
 
     refused = go_on("--precision", "fp32", "--seed", "3")
@@ -385,7 +383,7 @@ def test_a_gpu_pack_trains_where_simpleitk_is_absent(label_map, small_pair_dir, 
         "import runpy, sys\n"
         "sys.modules['SimpleITK'] = None  # as on the GPU machine: importing it fails\n"
         f"sys.argv = ['gpu_training.py', *{argv!r}]\n"
-        f"runpy.run_path({str(GPU_TRAINING)!r}, run_name='__main__')\n"
+        f"runpy.run_path({str(MODEL_SCRIPTS / 'gpu_training.py')!r}, run_name='__main__')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300)
     model = load_model(out / f"brain-wmh-gpu-loo-{held}.pt")
