@@ -17,6 +17,7 @@ rank 0 logs, validates and writes checkpoints.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -76,16 +77,26 @@ class TrainingConfig(PatchTrainingConfig):
     #: without T1, the commonest MS follow-up).
     sequence_dropout: float = 0.0
     droppable_channels: tuple[int, ...] = ()
+    #: Decay ``d`` of an exponential moving average of the weights (avg <- d * avg +
+    #: (1 - d) * weights after every step; 0 keeps none). Validation scores the average and
+    #: the run's model is the average: a model taken at one iteration moves by more between
+    #: validations than recipes differ (docs/base-training.md), an average of the last
+    #: ~1 / (1 - d) steps much less.
+    weight_average_decay: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.synthetic_fraction <= 1.0 or not 0.0 <= self.sequence_dropout <= 1.0:
             raise ValueError("synthetic_fraction and sequence_dropout are probabilities between 0 and 1")
+        if not 0.0 <= self.weight_average_decay < 1.0:
+            raise ValueError("weight_average_decay must be between 0 and 1 (0: no average; 1 would never move)")
 
     def identity(self) -> dict:
         """Settings a resumed run must share with the run that wrote the checkpoint."""
         d = dataclasses.asdict(self)
         d.pop("iterations")
+        if not d["weight_average_decay"]:  # as checkpoints written before the setting existed, so they resume
+            d.pop("weight_average_decay")
         d["class_weights"] = list(d["class_weights"])
         d["droppable_channels"] = list(d["droppable_channels"])
         return d
@@ -281,7 +292,25 @@ def patch_loss(
     return loss_of
 
 
-def _save_checkpoint(path: Path, model, optimizer, iteration: int, config: TrainingConfig) -> None:
+def update_weight_average(averaged: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``averaged`` <- ``decay`` * ``averaged`` + (1 - ``decay``) * ``model``, in place, for
+    every floating-point weight and buffer (BatchNorm's running statistics too, so the
+    average is a network whose statistics match its weights); counters are copied."""
+    with torch.no_grad():
+        for mean, now in zip(averaged.state_dict().values(), model.state_dict().values()):
+            if mean.is_floating_point():
+                mean.lerp_(now, 1.0 - decay)
+            else:
+                mean.copy_(now)
+
+
+def checkpoint_weights(payload: dict) -> dict:
+    """The weights a training checkpoint stands for: its weight average where the run kept
+    one (what it validates and exports), else its model."""
+    return payload.get("averaged_model") or payload["model"]
+
+
+def _save_checkpoint(path: Path, model, optimizer, iteration: int, config: TrainingConfig, averaged=None) -> None:
     payload = {
         "format": CHECKPOINT_FORMAT,
         "iteration": iteration,
@@ -290,6 +319,8 @@ def _save_checkpoint(path: Path, model, optimizer, iteration: int, config: Train
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
     }
+    if averaged is not None:
+        payload["averaged_model"] = {k: v.detach().cpu() for k, v in averaged.state_dict().items()}
     write_torch_file(payload, path, overwrite=True)
 
 
@@ -346,10 +377,12 @@ def check_checkpoint_can_go_on(path: Path, payload: dict, config: TrainingConfig
         )
 
 
-def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig) -> int:
+def _load_checkpoint(path: Path, model, optimizer, config: TrainingConfig, averaged=None) -> int:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     check_checkpoint_can_go_on(path, payload, config, model)
     model.load_state_dict(payload["model"])
+    if averaged is not None:
+        averaged.load_state_dict(payload["averaged_model"])
     if payload["optimizer"] is not None:
         optimizer.load_state_dict(payload["optimizer"])
     return int(payload["iteration"])
@@ -445,8 +478,13 @@ def train_base_model(
     checkpointing the steps taken since the last checkpoint (a resumed run goes on from there).
 
     ``on_validation(record)`` receives each validated history record as it is made (a
-    long run's learning curve survives its process); ``on_step(record)`` every record
-    (iteration and loss), also of a run that is then cancelled.
+    long run's learning curve survives its process), while ``model`` holds the weights
+    validated; ``on_step(record)`` every record (iteration and loss), also of a run that is
+    then cancelled.
+
+    With ``config.weight_average_decay`` the run keeps an exponential moving average of the
+    weights (:func:`update_weight_average`, in the checkpoint beside the weights it resumes
+    from): validation scores the average, and ``model`` ends holding it, also when cancelled.
 
     ``workers`` > 0 draws the batches ahead in that many processes
     (:func:`prefetched_batches`); the batches, and so the model, are the same as with 0.
@@ -462,13 +500,17 @@ def train_base_model(
     rank, world = distributed_rank_and_size()
     model.to(device).train()
     optimizer = Adam(model.parameters(), lr=config.learning_rate)
+    # starts from the weights the run starts from (a new run's initial or --init-from weights)
+    averaged = copy.deepcopy(model) if config.weight_average_decay else None
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     start = 0
     if resume:
         if checkpoint_path is None or not checkpoint_path.is_file():
             raise FileNotFoundError(f"cannot resume: checkpoint {checkpoint_path} does not exist")
-        start = _load_checkpoint(checkpoint_path, model, optimizer, config)
+        start = _load_checkpoint(checkpoint_path, model, optimizer, config, averaged)
         model.to(device)
+        if averaged is not None:
+            averaged.to(device)
         log(f"resumed from {checkpoint_path} at iteration {start}")
     if not train_cases and synthetic is None:
         raise ValueError("nothing to train on: give training cases, anatomy synthesis, or both")
@@ -500,13 +542,18 @@ def train_base_model(
         history.append(record)
         bar.update()
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if averaged is not None:
+            update_weight_average(averaged, model, config.weight_average_decay)
         if on_step is not None:
             on_step(record)
         if rank > 0:
             return
         if checkpoint_path is not None and (done % checkpoint_every == 0 or done == config.iterations):
-            _save_checkpoint(checkpoint_path, model, optimizer, done, config)
+            _save_checkpoint(checkpoint_path, model, optimizer, done, config, averaged)
         if val_cases and (done % validate_every == 0 or done == config.iterations):
+            training_weights = None if averaged is None else copy.deepcopy(model.state_dict())
+            if averaged is not None:
+                model.load_state_dict(averaged.state_dict())
             scores = validation_scores(model, val_cases, training_spacing, device, preset)
             record["val_dice"], record["val_lesion_f1"] = scores["dice"], scores["lesion_f1"]
             model.train()
@@ -515,6 +562,8 @@ def train_base_model(
             )
             if on_validation is not None:
                 on_validation(record)
+            if training_weights is not None:
+                model.load_state_dict(training_weights)
 
     batches = prefetched_batches(pool, synthetic, config, start, rank, workers) if workers > 0 else None
     try:
@@ -534,9 +583,13 @@ def train_base_model(
         # a deadline rarely falls on a checkpoint: keep the steps taken since the last one
         done = history[-1]["iteration"] if history else start
         if checkpoint_path is not None and rank == 0 and done > start and done % checkpoint_every:
-            _save_checkpoint(checkpoint_path, model, optimizer, done, config)
+            _save_checkpoint(checkpoint_path, model, optimizer, done, config, averaged)
+        if averaged is not None:
+            model.load_state_dict(averaged.state_dict())
         raise
     finally:
         bar.close()
+    if averaged is not None:
+        model.load_state_dict(averaged.state_dict())
     model.eval()
     return history

@@ -101,6 +101,7 @@ def run_name(
     all_real: bool,
     learning_rate: float | None,
     synthetic_fraction: float = DEFAULT_SYNTHETIC_FRACTION,
+    weight_average_decay: float = 0.0,
 ) -> str:
     """The name of a run's files in ``training/`` (``<name>.checkpoint.pt``,
     ``<name>.log.jsonl``): what makes its weights differ from another run's, so that a run
@@ -114,6 +115,7 @@ def run_name(
         + ("-all-real" if all_real else "")
         + (f"-lr{learning_rate:g}" if learning_rate is not None else "")
         + (f"-synthetic{synthetic_fraction:g}" if mixed and synthetic_fraction != DEFAULT_SYNTHETIC_FRACTION else "")
+        + (f"-average{weight_average_decay:g}" if weight_average_decay else "")
     )
 
 
@@ -205,6 +207,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--sequence-dropout", type=float, default=0.2, help="probability of blanking every sequence after the first"
     )
+    parser.add_argument(
+        "--weight-average-decay",
+        type=float,
+        default=0.0,
+        help="keep an exponential moving average of the weights with this decay (e.g. 0.995: about the last 200 "
+        "steps), validate and export it (default 0: none); a nonzero decay names the run's files after it",
+    )
     parser.add_argument("--volume-every", type=int, default=4, help="iterations between new synthetic volumes")
     parser.add_argument("--checkpoint-every", type=int, default=300)
     parser.add_argument("--validate-every", type=int, default=1000)
@@ -283,6 +292,7 @@ def training_config(args: argparse.Namespace, n_channels: int, device, checkpoin
         synthetic_fraction=args.synthetic_fraction if args.hold_out or args.all_real else 0.0,
         sequence_dropout=args.sequence_dropout,
         droppable_channels=tuple(range(1, n_channels)),
+        weight_average_decay=args.weight_average_decay,
     )
 
 
@@ -298,14 +308,22 @@ def main(argv=None) -> None:
     from PatientFineTuneLib.runtime import Cancelled, resolve_device
     from PatientFineTuneLib.synth.anatomy import SYNTHESIS_VERSION
     from PatientFineTuneLib.synth.anatomy_patches import AnatomyPatches, settings_for_preset
-    from PatientFineTuneLib.training import train_base_model, validation_scores
+    from PatientFineTuneLib.training import checkpoint_weights, train_base_model, validation_scores
 
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
     folder = args.folder
     folder.mkdir(parents=True, exist_ok=True)
-    run = run_name(preset.name, args.width, args.hold_out, args.all_real, args.learning_rate, args.synthetic_fraction)
+    run = run_name(
+        preset.name,
+        args.width,
+        args.hold_out,
+        args.all_real,
+        args.learning_rate,
+        args.synthetic_fraction,
+        args.weight_average_decay,
+    )
     checkpoint = folder / f"{run}.checkpoint.pt"
     curve = folder / f"{run}.log.jsonl"
     if args.finish:
@@ -329,7 +347,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"no label maps (*.nii, *.nii.gz) in {args.maps}; give --maps the synthseg_label_maps folder")
     synthetic = AnatomyPatches(maps, settings_for_preset(preset), seed=args.seed, volume_every=args.volume_every)
     if args.init_from and not checkpoint.exists():
-        model.load_state_dict(torch.load(args.init_from, map_location="cpu", weights_only=True)["model"])
+        model.load_state_dict(checkpoint_weights(torch.load(args.init_from, map_location="cpu", weights_only=True)))
     real_cases = []  # the real scans that train beside the synthesis (--hold-out)
 
     def write_model(iterations: int, final_loss, wall_s: float) -> None:
@@ -354,7 +372,7 @@ def main(argv=None) -> None:
     elif args.all_real:  # nothing is held out: its validation scores the scans it trains on
         real_cases = list(val_cases)
     if args.export:  # after the split, so a fold's model names the real scans it trained on
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(checkpoint_weights(payload))
         lines = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()] if curve.exists() else []
         write_model(int(payload["iteration"]), None, max((r.get("wall_s", 0.0) for r in lines), default=0.0))
         return

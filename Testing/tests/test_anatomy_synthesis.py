@@ -248,6 +248,17 @@ def test_finishing_a_run_drops_its_optimiser_state_only_where_the_run_ended(labe
     assert len(going_on.stderr.strip().splitlines()) == 1
 
 
+def test_a_weight_averaged_run_is_a_run_of_its_own():
+    """``--weight-average-decay`` reaches the run's settings and names its files, so an
+    averaged run never resumes (or is taken for) the plain run of the same fold."""
+    train_anatomy = model_script("train_anatomy")
+    args = train_anatomy.parse_args(["--preset", "brain-wmh", "--weight-average-decay", "0.995"])
+    assert train_anatomy.training_config(args, 2, torch.device("cpu")).weight_average_decay == 0.995
+    fold = ("brain-wmh", train_anatomy.DEFAULT_WIDTH, "patient07", False, None)
+    assert train_anatomy.run_name(*fold) == "brain-wmh-anatomy-loo-patient07"
+    assert train_anatomy.run_name(*fold, weight_average_decay=0.995) == "brain-wmh-anatomy-loo-patient07-average0.995"
+
+
 def test_the_long_trainer_uses_bfloat16_only_where_the_hardware_multiplies_it_and_goes_on_in_a_runs_own(
     label_map, tmp_path
 ):

@@ -7,7 +7,13 @@ import torch
 from PatientFineTuneLib.cases import find_cases
 from PatientFineTuneLib.images import load_case, prepare_case
 from PatientFineTuneLib.runtime import Cancelled
-from PatientFineTuneLib.training import TrainingConfig, build_patch_pool, sample_batch, train_base_model
+from PatientFineTuneLib.training import (
+    TrainingConfig,
+    build_patch_pool,
+    checkpoint_weights,
+    sample_batch,
+    train_base_model,
+)
 
 from conftest import tiny_model
 
@@ -41,9 +47,9 @@ def test_batches_are_reproducible_and_labels_follow_images(cases):
         assert flair[y1 == 1].mean() > flair[(y1 == 0) & (flair != 0)].mean()
 
 
-def _train(cases, iterations, tmp_path=None, resume=False, seed=0, cancel=None):
+def _train(cases, iterations, tmp_path=None, resume=False, seed=0, cancel=None, weight_average_decay=0.0):
     model = tiny_model(seed=seed).train()
-    config = TrainingConfig(iterations=iterations, patch_size=64, seed=seed)
+    config = TrainingConfig(iterations=iterations, patch_size=64, seed=seed, weight_average_decay=weight_average_decay)
     ckpt = tmp_path / "ckpt.pt" if tmp_path else None
     history = train_base_model(
         model,
@@ -91,6 +97,63 @@ def test_a_cancelled_run_keeps_its_steps_since_the_last_checkpoint(cases, tmp_pa
     assert [h["iteration"] for h in history] == [4]
     s1, s2 = straight.state_dict(), resumed.state_dict()
     assert all(torch.allclose(s1[k].float(), s2[k].float(), atol=1e-6) for k in s1)
+
+
+def test_weight_averaging_keeps_an_exponential_average_and_validates_it(cases):
+    """With ``weight_average_decay`` the run keeps avg <- d * avg + (1 - d) * weights after
+    every step, starting from the weights it starts with; validation scores the average (the
+    model holds it while ``on_validation`` runs) and the trained model ends holding it."""
+    model = tiny_model().train()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    after_each_step, validated = [], []
+    history = train_base_model(
+        model,
+        cases,
+        SPACING,
+        TrainingConfig(iterations=3, patch_size=64, weight_average_decay=0.5),
+        val_cases=cases[:1],
+        device="cpu",
+        validate_every=3,
+        progress=False,
+        log=lambda m: None,
+        on_step=lambda r: after_each_step.append({k: v.clone() for k, v in model.state_dict().items()}),
+        on_validation=lambda r: validated.append({k: v.clone() for k, v in model.state_dict().items()}),
+    )
+    expected = dict(start)
+    for weights in after_each_step:
+        expected = {k: 0.5 * expected[k] + 0.5 * w if w.is_floating_point() else w for k, w in weights.items()}
+    floating = [k for k in expected if expected[k].is_floating_point()]
+    ended = model.state_dict()
+    assert all(torch.allclose(ended[k], expected[k], atol=1e-6) for k in expected)
+    assert len(validated) == 1 and all(torch.allclose(validated[0][k], expected[k], atol=1e-6) for k in expected)
+    # the average is not the last step's weights, and validation did not disturb the training
+    assert any(not torch.allclose(after_each_step[-1][k], expected[k], atol=1e-6) for k in floating)
+    assert "val_dice" in history[-1]
+
+
+def test_a_weight_averaged_run_resumes_exactly_from_any_stop(cases, tmp_path):
+    straight, _ = _train(cases, 4, weight_average_decay=0.5)
+    cancel_before = iter([False, False, False, True])
+    with pytest.raises(Cancelled):
+        _train(cases, 4, tmp_path, cancel=lambda: next(cancel_before), weight_average_decay=0.5)
+    payload = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert payload["iteration"] == 3 and set(payload["averaged_model"]) == set(payload["model"])
+    # what the run stands for (its export, a new run's --init-from) is the average
+    assert checkpoint_weights(payload) is payload["averaged_model"]
+    resumed, history = _train(cases, 4, tmp_path, resume=True, weight_average_decay=0.5)
+    assert [h["iteration"] for h in history] == [4]
+    s1, s2 = straight.state_dict(), resumed.state_dict()
+    assert all(torch.allclose(s1[k].float(), s2[k].float(), atol=1e-6) for k in s1)
+
+
+def test_weight_averaging_is_a_setting_of_the_run_and_old_checkpoints_still_resume(cases, tmp_path):
+    # a run without averaging records no such setting, as checkpoints from before it existed
+    assert "weight_average_decay" not in TrainingConfig().identity()
+    _train(cases, 2, tmp_path)
+    with pytest.raises(ValueError, match=r"weight_average_decay: \(not recorded\) in the checkpoint, 0.5 now"):
+        _train(cases, 4, tmp_path, resume=True, weight_average_decay=0.5)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        TrainingConfig(weight_average_decay=1.0)
 
 
 def test_resume_with_other_settings_is_refused(cases, tmp_path):
