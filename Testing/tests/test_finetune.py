@@ -446,6 +446,10 @@ def test_auto_picks_the_cheaper_path():
 
 @pytest.fixture(scope="module")
 def shipped_and_patient():
+    """The shipped brain-wmh model and a full-size synthetic baseline. The check's tests
+    below fine-tune on the fast path (the backbone's features computed once per patch and
+    angle, not every iteration): the same models as the naive path to float rounding
+    (test_fast_and_naive_paths_agree) at a third of these tests' time."""
     from PatientFineTuneLib.modelcard import shipped_models
     from PatientFineTuneLib.modelfile import load_model
     from PatientFineTuneLib.synth import generate_pair, visit_case
@@ -461,7 +465,7 @@ def test_a_harmful_finetuning_is_caught_and_the_base_model_returned(shipped_and_
     steps = []
     # a learning rate 100,000 times the paper's wrecks the head (held-out Dice 0.95 -> 0.84;
     # 10,000 times still helps: the head is robust): the check must notice
-    harmful = FinetuneConfig(iterations=15, learning_rate=10.0, holdout_check=True)
+    harmful = FinetuneConfig(iterations=15, learning_rate=10.0, holdout_check=True, method="fast")
     result = finetune_patient_model(
         base, baseline, slices, harmful, device="cpu", progress=lambda i, loss: steps.append(i)
     )
@@ -480,7 +484,7 @@ def test_a_helpful_finetuning_passes_the_check_and_trains_on_the_whole_annotatio
     base, baseline = shipped_and_patient
     slices = sorted(baseline.lesion_slices(), key=lambda s: -baseline.lesions[s].sum())[:2]
     steps = []
-    config = FinetuneConfig(iterations=8, holdout_check=True)
+    config = FinetuneConfig(iterations=8, holdout_check=True, method="fast")
     result = finetune_patient_model(
         base, baseline, slices, config, device="cpu", progress=lambda i, loss: steps.append(i)
     )
@@ -500,7 +504,9 @@ def test_a_helpful_finetuning_passes_the_check_and_trains_on_the_whole_annotatio
     if check["kept"]:
         assert steps == list(range(1, 25))  # the check's 8 iterations on each fold, then the final model's
         # the final model is the one trained on everything: the same as without the check
-        plain = finetune_patient_model(base, baseline, slices, FinetuneConfig(iterations=8), device="cpu")
+        plain = finetune_patient_model(
+            base, baseline, slices, FinetuneConfig(iterations=8, method="fast"), device="cpu"
+        )
         for k, v in plain.model.state_dict().items():
             assert torch.allclose(v, result.model.state_dict()[k]), k
     else:
@@ -568,7 +574,7 @@ def test_the_check_compares_iteration_counts_and_the_patient_model_trains_the_be
     slices = sorted(baseline.lesion_slices(), key=lambda s: -baseline.lesions[s].sum())[:2]
     steps = []
     # 2 slices: each fold holds out one, too little to train longer than asked on
-    config = FinetuneConfig(iterations=6, holdout_iterations=(3, 6, 12), holdout_check=True)
+    config = FinetuneConfig(iterations=6, holdout_iterations=(3, 6, 12), holdout_check=True, method="fast")
     gated = finetune_patient_model(base, baseline, slices, config, device="cpu").metadata["finetune"]["holdout_check"]
     assert len(gated["held_out_slices"]) == 2 and [c["iterations"] for c in gated["compared"]] == [3, 6]
     config = dataclasses.replace(config, extend_min_held_out_slices=1)
@@ -599,14 +605,14 @@ def test_the_check_compares_iteration_counts_and_the_patient_model_trains_the_be
         assert steps[:24] == list(range(1, 25)) and steps[-1] == 36 and len(steps) == 24 + best["iterations"]
         assert all(a <= b for a, b in zip(steps, steps[1:]))
         plain = finetune_patient_model(
-            base, baseline, slices, FinetuneConfig(iterations=best["iterations"]), device="cpu"
+            base, baseline, slices, FinetuneConfig(iterations=best["iterations"], method="fast"), device="cpu"
         )
         for k, v in plain.model.state_dict().items():
             assert torch.allclose(v, result.model.state_dict()[k]), k
     # the check's model at a count is the plain run's model at that count: its held-out
     # Dice at 12 equals that of a check run with only 12 iterations
     only = finetune_patient_model(
-        base, baseline, slices, FinetuneConfig(iterations=12, holdout_check=True), device="cpu"
+        base, baseline, slices, FinetuneConfig(iterations=12, holdout_check=True, method="fast"), device="cpu"
     )
     assert only.metadata["finetune"]["holdout_check"]["dice_finetuned"] == pytest.approx(compared[12]["dice"], abs=1e-9)
 
@@ -713,7 +719,9 @@ def test_no_count_that_keeps_the_promise_returns_the_base_model(shipped_and_pati
     base, baseline = shipped_and_patient
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     slices = sorted(baseline.lesion_slices(), key=lambda s: -baseline.lesions[s].sum())[:2]
-    harmful = FinetuneConfig(iterations=15, learning_rate=10.0, holdout_iterations=(10, 15), holdout_check=True)
+    harmful = FinetuneConfig(
+        iterations=15, learning_rate=10.0, holdout_iterations=(10, 15), holdout_check=True, method="fast"
+    )
     result = finetune_patient_model(base, baseline, slices, harmful, device="cpu")
     check = result.metadata["finetune"]["holdout_check"]
     assert not check["kept"] and not any(c["passes"] for c in check["compared"])

@@ -125,13 +125,17 @@ def _printed_url(log: Path, port: int) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def web_server(tmp_path_factory):
+def web_server(tmp_path_factory, small_pair_dir):
     if not Path(CHROMIUM).is_file():
         if os.environ.get("PFT_REQUIRE_BROWSER") == "1":
             pytest.fail(f"no Chromium at {CHROMIUM}: install the Debian package chromium")
         pytest.skip("no system Chromium (apt-get install chromium); CI runs this test")
     pytest.importorskip("playwright")
     work = tmp_path_factory.mktemp("web")
+    # "Load sample patient" loads the sample where it finds one: the small pair of the same
+    # seed, so that every step runs on a sixth of the pixels (the button generating a full
+    # one: test_the_sample_patient_is_generated_once)
+    shutil.copytree(small_pair_dir, work / "sample-wmh-0")
     port = _free_port()
     log = open(work / "server.log", "w")
     server = subprocess.Popen(
@@ -294,6 +298,20 @@ def test_whole_workflow_in_headless_chromium(web_server):
         f"\nweb workflow step times (s): {timings}; annotation {before} -> {after} voxels; {rows} table rows; {result}"
     )
     assert not outside, f"the page asked for outside hosts: {outside}"
+
+
+def test_the_sample_patient_is_generated_once(tmp_path):
+    """The sample behind "Load sample patient": a brain-wmh pair, FLAIR and T1 per visit,
+    generated into the work folder the first time and read from there after."""
+    from PatientFineTuneLib.images import read_image
+    from PatientFineTuneLib.web import sample_patient
+
+    files = sample_patient(tmp_path)
+    assert [[f.name for f in files[v]] for v in ("baseline", "followup")] == [["FLAIR.nii.gz", "T1.nii.gz"]] * 2
+    written = {f: f.stat().st_mtime_ns for visit in files.values() for f in visit}
+    assert read_image(files["baseline"][0]).GetSize() == read_image(files["followup"][1]).GetSize()
+    assert sample_patient(tmp_path) == files
+    assert {f: f.stat().st_mtime_ns for f in written} == written
 
 
 def test_loading_a_study_checks_the_files_and_fills_both_views(small_pair_dir, tmp_path):
