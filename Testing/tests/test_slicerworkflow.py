@@ -156,9 +156,15 @@ def test_the_three_steps_as_jobs_round_trip_through_the_scene(scene, small_pair_
         session.start_followup([baseline_nodes[0], followup_nodes[1]], followup_organ, device="cpu")
     with pytest.raises(ValueError, match="selected for both FLAIR and T1; select one volume per sequence"):
         session.start_followup([followup_nodes[0], followup_nodes[0]], followup_organ, device="cpu")
-    runs = []
-    for _ in range(2):  # the radiologist segments the follow-up twice
-        runs += session.run_step(session.start_followup(followup_nodes, followup_organ, mc_samples=2, device="cpu"))
+    # the radiologist segments the follow-up twice: one job's results loaded twice take the
+    # same path onto the scene as a second job's would (a second job is started and loaded
+    # after Close Scene below)
+    step = session.start_followup(followup_nodes, followup_organ, mc_samples=2, device="cpu")
+    try:
+        assert step.job.wait(300) and step.job.succeeded, step.job.error
+        runs = session.finish_step(step) + session.finish_step(step)
+    finally:
+        session.discard_step(step)
     assert [r.label for r in runs] == ["base", "fine-tuned", "base", "fine-tuned"]
     assert runs[2].segmentation.GetName() != runs[0].segmentation.GetName()  # a unique-name suffix ...
     main = show_followup_results(runs, "fine-tuned")  # ... does not hide the second run's results
