@@ -51,6 +51,18 @@ def tiny_model(in_channels=(1, 1), width=4, seed=0) -> LesionNet:
     return LesionNet(in_channels, width=width, head_width=8).eval()
 
 
+def save_tiny_model(path: Path, seed: int = 0) -> Path:
+    """A real brain-wmh model file (FLAIR and T1, 2 mm) with a tiny network: segments the
+    small synthetic patient in a fraction of a second. For tests of what runs around the
+    network (files, events, notes, job mechanics), not of what it segments."""
+    from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
+
+    model = tiny_model(seed=seed)
+    sequences = [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}]
+    save_model(ModelBundle(model, make_metadata(model, sequences, (2.0, 2.0), preset="brain-wmh")), path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def small_pair_dir(tmp_path_factory) -> Path:
     """One small synthetic brain-wmh patient pair on disk."""

@@ -19,7 +19,7 @@ from PatientFineTuneLib.images import load_case
 from PatientFineTuneLib.synth import generate_pair
 from PatientFineTuneLib.synth.common import to_image
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, save_tiny_model
 
 
 def dice(a, b):
@@ -247,7 +247,9 @@ def test_segment_cli_masks_a_raw_head_and_says_how(tmp_path):
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "organ_mask.nii.gz"))) > 0
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(visit / "organ.nii.gz"))) > 0
     assert dice(mask, truth) > 0.93
-    # as a job (what the Slicer module runs): the same two facts arrive as note events
+    # as a job (what the Slicer module runs): the same two facts arrive as note events. The
+    # notes come from the model's preset and sequences, not its weights: a tiny brain-wmh
+    # model spares a second full-size pass of the shipped network
     from PatientFineTuneLib.jobs import CliJob
 
     job = CliJob(
@@ -255,7 +257,7 @@ def test_segment_cli_masks_a_raw_head_and_says_how(tmp_path):
             [
                 "segment",
                 "--model",
-                "brain-wmh",
+                save_tiny_model(tmp_path / "tiny.pt"),
                 "--images",
                 visit / "FLAIR.nii.gz",
                 visit / "T1.nii.gz",

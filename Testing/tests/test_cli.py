@@ -301,7 +301,7 @@ def test_verbs_on_masks_import_no_torch(tmp_path):
 @pytest.fixture(scope="module")
 def segmented(tmp_path_factory):
     """A small synthetic patient and its follow-up segmented by a tiny real model."""
-    from test_outputs_complete import save_tiny_model
+    from conftest import save_tiny_model
 
     root = tmp_path_factory.mktemp("segmented")
     run("synth", "--preset", "brain-wmh", "--small", "--out", root / "data")

@@ -11,20 +11,9 @@ import time
 
 import pytest
 
-from PatientFineTuneLib.modelfile import ModelBundle, make_metadata, save_model
 from PatientFineTuneLib.outputs import SEGMENT_FILES
 
-from conftest import tiny_model
-
-SEQUENCES = [{"name": "FLAIR", "channels": 1}, {"name": "T1", "channels": 1}]
-
-
-def save_tiny_model(path, seed=0):
-    """A real brain-wmh model file with a tiny network: segments the small synthetic
-    patient in a fraction of a second."""
-    model = tiny_model(seed=seed)
-    save_model(ModelBundle(model, make_metadata(model, SEQUENCES, (2.0, 2.0), preset="brain-wmh")), path)
-    return path
+from conftest import save_tiny_model
 
 
 @pytest.fixture(scope="module")
