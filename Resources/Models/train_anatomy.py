@@ -259,6 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.hold_out and args.all_real:
         parser.error("--all-real trains on every real scan; it cannot also hold some out (--hold-out)")
+    if not 0.0 <= args.weight_average_decay < 1.0:
+        parser.error("--weight-average-decay must be at least 0 and below 1 (0: no average; 0.995: about 200 steps)")
     if args.finish and (args.export or args.init_from):
         parser.error("--finish only rewrites the run's checkpoint; give it without --export and --init-from")
     return args

@@ -257,6 +257,8 @@ def test_a_weight_averaged_run_is_a_run_of_its_own():
     fold = ("brain-wmh", train_anatomy.DEFAULT_WIDTH, "patient07", False, None)
     assert train_anatomy.run_name(*fold) == "brain-wmh-anatomy-loo-patient07"
     assert train_anatomy.run_name(*fold, weight_average_decay=0.995) == "brain-wmh-anatomy-loo-patient07-average0.995"
+    with pytest.raises(SystemExit):  # refused before torch loads, in one line
+        train_anatomy.parse_args(["--preset", "brain-wmh", "--weight-average-decay", "1"])
 
 
 def test_the_long_trainer_uses_bfloat16_only_where_the_hardware_multiplies_it_and_goes_on_in_a_runs_own(
