@@ -132,9 +132,10 @@ def web_server(tmp_path_factory, small_pair_dir):
         pytest.skip("no system Chromium (apt-get install chromium); CI runs this test")
     pytest.importorskip("playwright")
     work = tmp_path_factory.mktemp("web")
-    # "Load sample patient" loads the sample where it finds one: the small pair of the same
-    # seed, so that every step runs on a sixth of the pixels (the button generating a full
-    # one: test_the_sample_patient_is_generated_once)
+    # "Load sample patient" loads the sample it finds in the work folder: here the small
+    # pair of the same seed, so that every step runs on about a sixth of the pixels
+    # (generating the full-size sample is tested on its own:
+    # test_the_sample_patient_is_generated_once)
     shutil.copytree(small_pair_dir, work / "sample-wmh-0")
     port = _free_port()
     log = open(work / "server.log", "w")
