@@ -551,8 +551,9 @@ def train_base_model(
         if checkpoint_path is not None and (done % checkpoint_every == 0 or done == config.iterations):
             _save_checkpoint(checkpoint_path, model, optimizer, done, config, averaged)
         if val_cases and (done % validate_every == 0 or done == config.iterations):
-            training_weights = None if averaged is None else copy.deepcopy(model.state_dict())
-            if averaged is not None:
+            training_weights = None
+            if averaged is not None:  # validate the average; training goes on from its own weights
+                training_weights = copy.deepcopy(model.state_dict())
                 model.load_state_dict(averaged.state_dict())
             scores = validation_scores(model, val_cases, training_spacing, device, preset)
             record["val_dice"], record["val_lesion_f1"] = scores["dice"], scores["lesion_f1"]
@@ -584,12 +585,10 @@ def train_base_model(
         done = history[-1]["iteration"] if history else start
         if checkpoint_path is not None and rank == 0 and done > start and done % checkpoint_every:
             _save_checkpoint(checkpoint_path, model, optimizer, done, config, averaged)
-        if averaged is not None:
-            model.load_state_dict(averaged.state_dict())
         raise
     finally:
         bar.close()
-    if averaged is not None:
-        model.load_state_dict(averaged.state_dict())
+        if averaged is not None:  # the run's model is its average, also when it stops early
+            model.load_state_dict(averaged.state_dict())
     model.eval()
     return history

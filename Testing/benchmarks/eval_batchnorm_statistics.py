@@ -23,20 +23,13 @@ many batches is steadier, and where it lands.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-SCRIPT = HERE.parents[1] / "Resources" / "Models" / "train_anatomy.py"
-
-
-def load_train_anatomy():
-    spec = importlib.util.spec_from_file_location("train_anatomy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# the fold's data, settings and held-out split exactly as the trainer makes them
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "Resources" / "Models"))
 
 
 def main(argv=None) -> None:
@@ -56,6 +49,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import torch
+    import train_anatomy
 
     from PatientFineTuneLib.model import LesionNet
     from PatientFineTuneLib.presets import get_preset
@@ -67,7 +61,6 @@ def main(argv=None) -> None:
         validation_scores,
     )
 
-    train_anatomy = load_train_anatomy()
     if args.threads:
         torch.set_num_threads(args.threads)
     data = args.data or train_anatomy.DEFAULT_DATA
@@ -75,10 +68,11 @@ def main(argv=None) -> None:
     preset = get_preset(args.preset)
     n_channels = sum(c for _, c in preset.sequences)
     options = ["--preset", preset.name, "--hold-out", args.hold_out, "--width", str(args.width)]
-    config = train_anatomy.training_config(train_anatomy.parse_args(options), n_channels, torch.device("cpu"))
+    fold = train_anatomy.parse_args(options)
+    config = train_anatomy.training_config(fold, n_channels, torch.device("cpu"))
     real, held = train_anatomy.split_hold_out(train_anatomy.load_validation(preset, data), args.hold_out)
     pool = build_patch_pool(real, preset.training_spacing_mm, config.patches_per_slice, config.seed)
-    synthetic = AnatomyPatches(maps, settings_for_preset(preset), seed=config.seed, volume_every=4)
+    synthetic = AnatomyPatches(maps, settings_for_preset(preset), seed=config.seed, volume_every=fold.volume_every)
     model = LesionNet([c for _, c in preset.sequences], width=args.width)
     payload = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     stored = checkpoint_weights(payload)
